@@ -1,0 +1,1 @@
+"""skyferry.netplane: the WireGuard overlay, container addresses and route cutover."""

@@ -1,0 +1,1 @@
+"""skyferry.pipeline: plans, stages and drivers that move a running container between hosts."""

@@ -1,0 +1,1 @@
+"""skyferry agent commands (being written)."""

@@ -1,0 +1,1 @@
+"""skyferry containers commands (being written)."""

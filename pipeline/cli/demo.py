@@ -1,0 +1,1 @@
+"""skyferry demo commands (being written)."""

@@ -1,0 +1,1 @@
+"""skyferry doctor commands (being written)."""

@@ -1,0 +1,1 @@
+"""skyferry hosts commands (being written)."""

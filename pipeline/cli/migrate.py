@@ -1,0 +1,1 @@
+"""skyferry migrate commands (being written)."""

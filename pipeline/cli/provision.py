@@ -1,0 +1,1 @@
+"""skyferry provision commands (being written)."""

@@ -1,0 +1,1 @@
+"""skyferry.providers: where hosts come from (local namespaces, AWS, GCP)."""

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Make this machine a skyferry host: apt packages, CRIU >= 4.2, pycriu sources, kernel knobs.
+# Idempotent: a second run only checks and finishes in seconds.
+#
+#   usage: scripts/bootstrap-host.sh            (Debian 12 or Ubuntu 24.04+, as root)
+#
+# CRIU: the distro's when it is >= 4.2; otherwise built from Debian unstable's source tarball,
+# fetched through apt with a private sources list that reuses this machine's configured mirror URIs
+# (the system's own apt sources are not changed). Installed to /usr/local/sbin/criu; the source tree
+# stays in $SKYFERRY_CACHE so `make venv` can install pycriu from the same version.
+set -euo pipefail
+
+CRIU_VERSION=4.2.1
+CRIU_DEB_VERSION=4.2.1-1
+CACHE=${SKYFERRY_CACHE:-/var/cache/skyferry}
+CRIU_SRC=$CACHE/criu-$CRIU_VERSION
+PIPE_MAX=4194304
+
+say() { printf '[bootstrap] %s\n' "$*" >&2; }
+die() { printf '[bootstrap] error: %s\n' "$*" >&2; exit 1; }
+
+# --- refuse what we cannot handle, before touching anything ---
+[ "$(id -u)" = 0 ] || die "run as root (it installs packages and sets kernel parameters); nothing was changed"
+[ -r /etc/os-release ] || die "cannot read /etc/os-release; supported: Debian 12, Ubuntu 24.04 or newer; nothing was changed"
+. /etc/os-release
+case "${ID}:${VERSION_ID:-}" in
+  debian:12|debian:13) ;;
+  ubuntu:24.04|ubuntu:24.10|ubuntu:25.*|ubuntu:26.*) ;;
+  *) die "unsupported OS '${PRETTY_NAME:-$ID}'; supported: Debian 12, Ubuntu 24.04 or newer; nothing was changed" ;;
+esac
+command -v apt-get >/dev/null || die "apt-get not found; nothing was changed"
+
+RUNTIME_PKGS=(runc wireguard-tools wireguard-go iproute2 iptables nftables iperf3 kmod procps
+              python3 python3-venv python3-dev git make gcc cloud-init busybox-static)
+BUILD_PKGS=(libbsd-dev libcap-dev libgnutls28-dev libnet1-dev libnftables-dev libnl-3-dev
+            libprotobuf-c-dev libprotobuf-dev pkgconf protobuf-c-compiler protobuf-compiler
+            python3-protobuf uuid-dev dpkg-dev xz-utils)
+
+missing=()
+for p in "${RUNTIME_PKGS[@]}" "${BUILD_PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing ${#missing[@]} apt packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  # busybox-static conflicts with busybox; only pull it when nothing else owns /bin/busybox.
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+criu_ok() {  # true when $1 is a criu binary of version >= 4.2
+  local v; v=$("$1" --version 2>/dev/null | awk '/^Version:/{print $2}') || return 1
+  [ -n "$v" ] && dpkg --compare-versions "$v" ge 4.2
+}
+
+fetch_criu_source() {
+  [ -f "$CRIU_SRC/Makefile" ] && return 0
+  mkdir -p "$CACHE/apt/lists/partial" "$CACHE/dl"
+  local uris
+  uris=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+  [ -n "$uris" ] || uris=$(awk '$1=="deb" && $0 !~ /security/ {print ($2 ~ /^\[/ ? $3 : $2); exit}' /etc/apt/sources.list 2>/dev/null || true)
+  [ -n "$uris" ] || die "no Debian mirror URI found in /etc/apt/sources.list.d/debian.sources or /etc/apt/sources.list"
+  cat > "$CACHE/apt/sid-src.sources" <<SRC
+Types: deb-src
+URIs: $uris
+Suites: sid
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+  local aptopts=(-o "Dir::Etc::sourcelist=$CACHE/apt/sid-src.sources" -o "Dir::Etc::sourceparts=-"
+                 -o "Dir::State::Lists=$CACHE/apt/lists" -o "APT::Get::List-Cleanup=0")
+  say "fetching CRIU $CRIU_DEB_VERSION source from Debian unstable (mirror: $uris)"
+  apt-get "${aptopts[@]}" update -qq
+  # The .dsc may be missing on the mirror; the orig tarball is all we need, and apt checks it
+  # against the signed Sources index either way.
+  (cd "$CACHE/dl" && apt-get "${aptopts[@]}" source --download-only -qq "criu=$CRIU_DEB_VERSION" >/dev/null 2>&1) || true
+  [ -f "$CACHE/dl/criu_$CRIU_VERSION.orig.tar.xz" ] || die "could not download criu_$CRIU_VERSION.orig.tar.xz from $uris"
+  local want got
+  want=$(awk -v f="criu_$CRIU_VERSION.orig.tar.xz" '
+    /^Package: /{pkg=$2} /^Version: /{ver=$2} /^Checksums-Sha256:/{c=1; next} /^[^ ]/{c=0}
+    c && $3==f && pkg=="criu" {print $1; exit}' \
+    <(/usr/lib/apt/apt-helper cat-file "$CACHE"/apt/lists/*_sid_main_source_Sources* 2>/dev/null) || true)
+  got=$(sha256sum "$CACHE/dl/criu_$CRIU_VERSION.orig.tar.xz" | cut -d' ' -f1)
+  [ -n "$want" ] && [ "$want" = "$got" ] || die "checksum of criu_$CRIU_VERSION.orig.tar.xz does not match Debian's signed index"
+  rm -rf "$CRIU_SRC.tmp"; mkdir -p "$CRIU_SRC.tmp"
+  tar -xJf "$CACHE/dl/criu_$CRIU_VERSION.orig.tar.xz" -C "$CRIU_SRC.tmp" --strip-components=1
+  mv "$CRIU_SRC.tmp" "$CRIU_SRC"
+}
+
+if criu_ok /usr/local/sbin/criu && [ -f "$CRIU_SRC/lib/pycriu/rpc_pb2.py" ]; then
+  :
+elif [ -x /usr/sbin/criu ] && criu_ok /usr/sbin/criu; then
+  say "distro CRIU is new enough: $(/usr/sbin/criu --version | head -1)"
+  fetch_criu_source  # still needed for a matching pycriu
+  make -C "$CRIU_SRC" -s lib >/dev/null
+else
+  fetch_criu_source
+  say "building CRIU $CRIU_VERSION (about 20 s on 2 cores)"
+  make -C "$CRIU_SRC" -s -j"$(nproc)" criu >"$CACHE/criu-build.log" 2>&1 || die "CRIU build failed, see $CACHE/criu-build.log"
+  make -C "$CRIU_SRC" -s lib >>"$CACHE/criu-build.log" 2>&1 || die "pycriu generation failed, see $CACHE/criu-build.log"
+  install -m 0755 "$CRIU_SRC/criu/criu" /usr/local/sbin/criu
+  say "installed $(/usr/local/sbin/criu --version | head -1) to /usr/local/sbin/criu"
+fi
+# runc and the agents look criu up on PATH; make sure the new one wins over any distro copy.
+if [ -x /usr/sbin/criu ] && ! criu_ok /usr/sbin/criu; then
+  say "note: the distro's /usr/sbin/criu is too old; /usr/local/sbin/criu takes precedence on PATH"
+fi
+
+# Lazy pages move pages through pipes of up to 4 MiB; root without CAP_SYS_RESOURCE cannot exceed this.
+if [ "$(cat /proc/sys/fs/pipe-max-size)" -lt $PIPE_MAX ]; then
+  echo $PIPE_MAX > /proc/sys/fs/pipe-max-size
+  say "set fs.pipe-max-size=$PIPE_MAX"
+fi
+mkdir -p /etc/sysctl.d
+echo "fs.pipe-max-size = $PIPE_MAX" > /etc/sysctl.d/60-skyferry.conf
+
+mkdir -p /run/netns /var/run/wireguard
+say "host ready: $(criu --version 2>/dev/null | head -1), runc $(runc --version 2>/dev/null | awk 'NR==1{print $3}'), $(wg --version 2>/dev/null | awk '{print $1, $2}')"
