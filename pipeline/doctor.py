@@ -26,6 +26,7 @@ CAP_SYS_RESOURCE = 24
 TCP_REPAIR = 19  # linux/tcp.h; the socket module does not export it
 CLONE_NEWNET = 0x40000000
 BOOTSTRAP = "run `make host` (scripts/bootstrap-host.sh) as root"
+UNCHECKED_FIX = "run `skyferry doctor` as root once CRIU 4.2 is installed (`make host`)"
 
 
 class Status(StrEnum):
@@ -143,16 +144,26 @@ def tcp_repair_result(err: int | None) -> CheckResult:
     return CheckResult(name, Status.FAIL, f"TCP_REPAIR failed: {os.strerror(err)}", "run as root")
 
 
+def _unchecked(output: Output | None) -> str | None:
+    """Why CRIU could not answer a feature question at all (not installed, not root, too old)."""
+    if output is None:
+        return "criu is not installed"
+    if "CAP_SYS_ADMIN" in output.text or "kernel features detection" in output.text:
+        return output.first_line.rstrip(":")
+    return None
+
+
 def lazy_pages_result(output: Output | None) -> CheckResult:
     """`output` is `criu check --feature uffd-noncoop`."""
     name = "lazy pages (userfaultfd)"
     if output is not None and output.rc == 0:
         return CheckResult(name, Status.PASS, "userfaultfd works: post-copy (lazy pages) is available")
-    why = output.first_line if output else "criu is not installed"
+    if why := _unchecked(output):
+        return CheckResult(name, Status.WARN, f"unknown, CRIU could not check: {why}", UNCHECKED_FIX)
     return CheckResult(
         name,
         Status.WARN,
-        f"no post-copy, migrations copy all memory before the restore ({why})",
+        f"no post-copy, migrations copy all memory before the restore ({output.first_line})",
         "use a kernel with CONFIG_USERFAULTFD=y",
     )
 
@@ -160,12 +171,14 @@ def lazy_pages_result(output: Output | None) -> CheckResult:
 def precopy_result(output: Output | None) -> CheckResult:
     """`output` is `criu check --feature mem_dirty_track`; it decides which pre-copy runs."""
     name = "pre-copy (soft-dirty)"
+    if why := _unchecked(output):
+        return CheckResult(name, Status.WARN, f"unknown, CRIU could not check: {why}", UNCHECKED_FIX)
     soft_dirty = output is not None and output.rc == 0
     method = precopy_method({"mem_track": soft_dirty})
     if soft_dirty:
         return CheckResult(name, Status.PASS, f"soft-dirty tracking works; pre-copy: {method}", value=method)
     # CRIU says "Warn  (criu/cr-check.c:824): Dirty tracking is OFF. Memory snapshot will not work."
-    why = re.sub(r"^\w+\s+\([^)]*\):\s*", "", output.first_line).split(".")[0] if output else "no criu"
+    why = re.sub(r"^\w+\s+\([^)]*\):\s*", "", output.first_line).split(".")[0] if output else ""
     return CheckResult(
         name,
         Status.WARN,

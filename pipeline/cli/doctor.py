@@ -41,6 +41,8 @@ def doctor(json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTIO
                     f"      {'':<{width}}  [dim]fix:[/dim] {escape(r.fix)}", highlight=False, soft_wrap=True
                 )
         output.console.print(
-            f"\npre-copy method on this host: [bold]{precopy}[/bold]", highlight=False, soft_wrap=True
+            f"\npre-copy method on this host: [bold]{precopy or 'unknown'}[/bold]",
+            highlight=False,
+            soft_wrap=True,
         )
     raise typer.Exit(1 if checks.failed(results) else 0)
