@@ -14,6 +14,7 @@ CRIU_VERSION=4.2.1
 CRIU_DEB_VERSION=4.2.1-1
 CACHE=${SKYFERRY_CACHE:-/var/cache/skyferry}
 CRIU_SRC=$CACHE/criu-$CRIU_VERSION
+OS_RELEASE=${SKYFERRY_OS_RELEASE:-/etc/os-release}  # tests point this at other distributions' files
 PIPE_MAX=4194304
 
 say() { printf '[bootstrap] %s\n' "$*" >&2; }
@@ -21,8 +22,8 @@ die() { printf '[bootstrap] error: %s\n' "$*" >&2; exit 1; }
 
 # --- refuse what we cannot handle, before touching anything ---
 [ "$(id -u)" = 0 ] || die "run as root (it installs packages and sets kernel parameters); nothing was changed"
-[ -r /etc/os-release ] || die "cannot read /etc/os-release; supported: Debian 12, Ubuntu 24.04 or newer; nothing was changed"
-. /etc/os-release
+[ -r "$OS_RELEASE" ] || die "cannot read $OS_RELEASE; supported: Debian 12, Ubuntu 24.04 or newer; nothing was changed"
+. "$OS_RELEASE"
 case "${ID}:${VERSION_ID:-}" in
   debian:12|debian:13) ;;
   ubuntu:24.04|ubuntu:24.10|ubuntu:25.*|ubuntu:26.*) ;;
@@ -111,8 +112,11 @@ if [ "$(cat /proc/sys/fs/pipe-max-size)" -lt $PIPE_MAX ]; then
   echo $PIPE_MAX > /proc/sys/fs/pipe-max-size
   say "set fs.pipe-max-size=$PIPE_MAX"
 fi
-mkdir -p /etc/sysctl.d
-echo "fs.pipe-max-size = $PIPE_MAX" > /etc/sysctl.d/60-skyferry.conf
+SYSCTL_CONF="fs.pipe-max-size = $PIPE_MAX"
+if [ "$(cat /etc/sysctl.d/60-skyferry.conf 2>/dev/null)" != "$SYSCTL_CONF" ]; then
+  mkdir -p /etc/sysctl.d
+  echo "$SYSCTL_CONF" > /etc/sysctl.d/60-skyferry.conf
+fi
 
 mkdir -p /run/netns /var/run/wireguard
 say "host ready: $(criu --version 2>/dev/null | head -1), runc $(runc --version 2>/dev/null | awk 'NR==1{print $3}'), $(wg --version 2>/dev/null | awk '{print $1, $2}')"
