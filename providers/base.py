@@ -31,8 +31,13 @@ class Provider(Protocol):
     name: str
 
     def provision(
-        self, plan: str, count: int, size: str | None = None, region: str | None = None,
-        image: str | None = None, user_data: str | None = None,
+        self,
+        plan: str,
+        count: int,
+        size: str | None = None,
+        region: str | None = None,
+        image: str | None = None,
+        user_data: str | None = None,
     ) -> list[Host]:
         """Ensure `count` hosts tagged with `plan` exist; returns them, creating only what is missing."""
         ...

@@ -4,7 +4,6 @@ import sys
 
 import click
 import typer
-
 from skyferry.netplane.errors import NetplaneError
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.providers.errors import ProviderError

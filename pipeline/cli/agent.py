@@ -1,1 +1,29 @@
-"""skyferry agent commands (being written)."""
+"""`skyferry agent`: the per-host daemon (the local provider starts one in each host namespace)."""
+
+import logging
+from pathlib import Path
+
+import typer
+from skyferry.pipeline.agent import AGENT_PORT, identity_for, serve
+from skyferry.pipeline.host import HostConfig
+
+from .app import app
+
+
+@app.command(rich_help_panel="Internals")
+def agent(
+    host: str = typer.Option(..., help="This host's name in the mesh."),
+    mesh: str = typer.Option(..., help="The mesh's id (prefix of every kernel object it owns)."),
+    state_root: Path = typer.Option(..., help="This host's own state root (TLS material in tls/)."),
+    listen: str = typer.Option(..., help="This host's overlay address; the agent binds nowhere else."),
+    port: int = typer.Option(AGENT_PORT, help="TCP port."),
+    mtu: int = typer.Option(1420, help="Overlay MTU, for container interfaces."),
+) -> None:
+    """Run the host agent: checkpoint, restore, image transfer and netns work for this host.
+
+    It serves HTTPS with mutual TLS on LISTEN:PORT and accepts only certificates signed by the mesh CA.
+    Normally started for you by `skyferry hosts up` (local) or a systemd unit (cloud hosts).
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = HostConfig(name=host, mesh=mesh, state_root=state_root, overlay_ip=listen, mtu=mtu)
+    serve(cfg, identity_for(state_root), listen, port)

@@ -1,1 +1,145 @@
-"""skyferry migrate commands (being written)."""
+"""`skyferry migrate` and `skyferry migrations ls|show|resume|rollback`."""
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import typer
+from skyferry.pipeline import migration
+from skyferry.pipeline.journal import Journal
+from skyferry.pipeline.state import state_dir
+
+from . import output
+from .app import app
+
+PANEL = "Migration"
+migrations_app = typer.Typer(no_args_is_help=True, help="The migration journal: list, inspect, resume, roll back.")
+app.add_typer(migrations_app, name="migrations", rich_help_panel=PANEL)
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[Callable[[str], None]]:
+    """A live status line on a terminal; silent when piped or with --json."""
+    if not enabled or not sys.stderr.isatty():
+        yield lambda _: None
+        return
+    with output.err_console.status("starting") as status:
+        yield lambda stage: status.update(f"[bold]{stage}[/bold]")
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    rows = [
+        ["migration", report["id"]],
+        ["container", f"{report['container']}: {report['source']} -> {report['target']} ({report['mode']})"],
+        ["state", report["state"]],
+        ["freeze", f"{report['freeze_ms']} ms" if report["freeze_ms"] is not None else "-"],
+        ["total", f"{report['total_ms']} ms"],
+        ["bytes on the wire", _size(report.get("bytes_wire"))],
+        ["image + rootfs", _size(report.get("bytes_raw"))],
+    ]
+    rows += [[f"  {name}", f"{secs * 1000:.1f} ms"] for name, secs in report["stages_s"].items()]
+    if report.get("error"):
+        rows.append(["error", report["error"]])
+    output.print_table(None, ["", ""], rows)
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n} B"
+
+
+@app.command(rich_help_panel=PANEL)
+def migrate(
+    name: str = typer.Argument(..., help="Container to move."),
+    to: str = typer.Option(..., "--to", help="Target host."),
+    mode: str = typer.Option("stop-copy", "--mode", help="stop-copy: freeze, checkpoint, move, restore."),
+    json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP),
+) -> None:
+    """Live-migrate a running container to another host; its IP and TCP connections survive.
+
+    Stages: check, prepare, checkpoint, transfer, restore, cutover, confirm, cleanup. A failure before
+    confirm rolls back: the container keeps running on the source, exactly once.
+
+    Example: skyferry migrate web --to local-2
+    """
+    with _progress(not json_out) as progress:
+        report = migration.migrate(state_dir(), name, to, mode, progress)
+    output.print_json(report) if json_out else _print_report(report)
+
+
+@migrations_app.command("ls")
+def ls(json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP)) -> None:
+    """Every migration in the journal, oldest first."""
+    migs = Journal(state_dir()).all()
+    if json_out:
+        output.print_json([m.to_dict() for m in migs])
+        return
+    output.print_table(
+        None,
+        ["ID", "CONTAINER", "FROM", "TO", "MODE", "STATE", "FREEZE"],
+        [
+            [
+                m.id,
+                m.container,
+                m.source,
+                m.target,
+                m.mode,
+                m.state,
+                f"{m.report['freeze_ms']} ms" if m.report and m.report.get("freeze_ms") is not None else "-",
+            ]
+            for m in migs
+        ],
+    )
+
+
+@migrations_app.command("show")
+def show(
+    mig_id: str = typer.Argument(..., metavar="ID"),
+    json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP),
+) -> None:
+    """One migration with every stage transition."""
+    journal = Journal(state_dir())
+    mig = journal.get(mig_id)
+    transitions = journal.transitions(mig_id)
+    if json_out:
+        output.print_json({**mig.to_dict(), "transitions": transitions})
+        return
+    output.console.print(f"{mig.id}: {mig.container} {mig.source} -> {mig.target} [{mig.state}]")
+    if mig.error:
+        output.console.print(f"error: {mig.error}", highlight=False)
+    t0 = mig.started
+    output.print_table(
+        None,
+        ["+ms", "STAGE", "STATUS", "DETAIL"],
+        [[f"{(t['at'] - t0) * 1000:.0f}", t["stage"], t["status"], _brief(t["detail"])] for t in transitions],
+    )
+
+
+def _brief(detail: Any) -> str:
+    if not detail:
+        return ""
+    return ", ".join(f"{k}={v}" for k, v in detail.items() if k != "sha256")[:100]
+
+
+@migrations_app.command("resume")
+def resume(
+    mig_id: str = typer.Argument(..., metavar="ID"),
+    json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP),
+) -> None:
+    """Finish a migration whose controller died, from its first unfinished stage."""
+    with _progress(not json_out) as progress:
+        report = migration.resume(state_dir(), mig_id, progress)
+    output.print_json(report) if json_out else _print_report(report)
+
+
+@migrations_app.command("rollback")
+def rollback(
+    mig_id: str = typer.Argument(..., metavar="ID"),
+    json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP),
+) -> None:
+    """Undo an unfinished migration: the container runs on its source again. Refused after confirm."""
+    with _progress(not json_out) as progress:
+        report = migration.rollback(state_dir(), mig_id, progress)
+    output.print_json(report) if json_out else _print_report(report)

@@ -1,0 +1,276 @@
+"""The host agent: HTTPS with mutual TLS on the host's overlay address, in front of HostOps.
+
+Routes (JSON in, JSON out; errors are {"error", "hint"} with 4xx/5xx):
+  GET    /v1/facts                          kernel, CRIU version and features, CPU flags
+  GET    /v1/containers                     list
+  POST   /v1/containers                     run a ContainerSpec
+  GET    /v1/containers/NAME                one container
+  GET    /v1/containers/NAME/logs           raw log bytes
+  DELETE /v1/containers/NAME                stop and remove
+  POST   /v1/containers/NAME/route          {"present": bool}: this host's /32 route to the container
+  POST   /v1/migrations/ID/OP               OP in prepare, checkpoint, send, restore, rollback-source,
+                                            confirm-source, abort-target, finish-target
+  PUT    /v1/migrations/ID/receive?name=N   the image stream from the source agent (chunked)
+"""
+
+import json
+import logging
+import os
+import re
+import signal
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from skyferry.pipeline import facts, faults, wire
+from skyferry.pipeline.client import AgentClient
+from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.host import HostConfig, HostOps
+from skyferry.pipeline.pki import Identity
+from skyferry.pipeline.runc import ContainerSpec
+
+AGENT_PORT = 7420
+log = logging.getLogger("skyferry.agent")
+
+
+class _ChunkedReader:
+    """Decodes an HTTP/1.1 chunked request body from the handler's rfile."""
+
+    def __init__(self, rfile: Any) -> None:
+        self.rfile = rfile
+        self.left = 0
+        self.done = False
+
+    def read(self, size: int = -1) -> bytes:
+        if self.done:
+            return b""
+        if self.left == 0:
+            line = self.rfile.readline(65537)
+            if not line:
+                raise SkyferryError("image stream ended early (connection lost)")
+            self.left = int(line.split(b";")[0].strip(), 16)
+            if self.left == 0:
+                while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                self.done = True
+                return b""
+        want = self.left if size is None or size < 0 else min(size, self.left)
+        data = self.rfile.read(want)
+        if not data:
+            raise SkyferryError("image stream ended early (connection lost)")
+        self.left -= len(data)
+        if self.left == 0:
+            self.rfile.readline(3)  # CRLF after each chunk
+        return data
+
+
+class Agent:
+    def __init__(self, ops: HostOps, identity: Identity) -> None:
+        self.ops = ops
+        self.identity = identity
+        self.peer_ctx = identity.client_context()
+
+    def handle(self, method: str, path: str, query: dict[str, list[str]], body: Any) -> Any:
+        parts = [p for p in path.split("/") if p][1:]  # drop "v1"
+        ops = self.ops
+        match method, parts:
+            case "GET", ["facts"]:
+                return facts.collect(ops.cfg.name)
+            case "GET", ["containers"]:
+                return ops.list()
+            case "POST", ["containers"]:
+                spec = ContainerSpec.from_dict(body)
+                with ops.lock(spec.name):
+                    return ops.run(spec)
+            case "GET", ["containers", name]:
+                return ops.info(name)
+            case "GET", ["containers", name, "logs"]:
+                return ops.logs(name)
+            case "DELETE", ["containers", name]:
+                with ops.lock(name):
+                    ops.remove(name)
+                return {"removed": name}
+            case "POST", ["containers", name, "route"]:
+                ops.set_route(name, bool(body["present"]))
+                return {"ok": True}
+            case "POST", ["migrations", mig, op]:
+                return self._migration_op(mig, op, body)
+        raise _NotFound(f"no route {method} {path}")
+
+    def _migration_op(self, mig: str, op: str, body: dict[str, Any]) -> Any:
+        ops = self.ops
+        name = body["name"]
+        faults.check(ops.cfg.state_root, op)
+        with ops.lock(name):
+            match op:
+                case "prepare":
+                    ops.prepare(mig, ContainerSpec.from_dict(body["spec"]))
+                    return {"ok": True}
+                case "checkpoint":
+                    return ops.checkpoint(mig, name)
+                case "send":
+                    return self._send(mig, name, body["target"])
+                case "restore":
+                    return ops.restore(mig, name)
+                case "rollback-source":
+                    return ops.rollback_source(mig, name)
+                case "confirm-source":
+                    ops.confirm_source(mig, name)
+                    return {"ok": True}
+                case "abort-target":
+                    ops.abort_target(mig, name)
+                    return {"ok": True}
+                case "finish-target":
+                    ops.finish_target(mig)
+                    return {"ok": True}
+        raise _NotFound(f"no migration operation {op!r}")
+
+    def _send(self, mig: str, name: str, target: dict[str, Any]) -> dict[str, Any]:
+        """Stream images and rootfs straight to the target agent; both ends' digests must agree."""
+        stats = wire.StreamStats()
+        t0 = time.monotonic()
+        peer = AgentClient(target["address"], int(target.get("port", AGENT_PORT)), self.peer_ctx)
+        received = peer.upload(f"/v1/migrations/{mig}/receive?name={name}", self.ops.stream_out(mig, name, stats))
+        seconds = time.monotonic() - t0
+        if received.get("sha256") != stats.sha256:
+            raise SkyferryError(
+                f"image stream for {name!r} arrived corrupted (digest mismatch); nothing was restored",
+                hint="the migration rolls back; check the link and retry",
+            )
+        return {
+            "bytes_raw": stats.bytes_raw,
+            "bytes_wire": stats.bytes_wire,
+            "seconds": seconds,
+            "sha256": stats.sha256,
+        }
+
+    def receive(self, mig: str, query: dict[str, list[str]], reader: Any) -> Any:
+        name = query["name"][0]
+        faults.check(self.ops.cfg.state_root, "receive")
+        with self.ops.lock(name):
+            stats = self.ops.receive(mig, name, reader)
+        return {"bytes_wire": stats.bytes_wire, "sha256": stats.sha256}
+
+
+class _NotFound(Exception):
+    pass
+
+
+def _handler(agent: Agent) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "skyferry-agent"
+
+        def log_message(self, fmt: str, *args: Any) -> None:
+            log.info("%s %s", self.client_address[0], fmt % args)
+
+        def _reply(self, status: int, payload: Any) -> None:
+            if isinstance(payload, bytes):
+                data, ctype = payload, "application/octet-stream"
+            else:
+                data, ctype = json.dumps(payload, default=str).encode(), "application/json"
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _dispatch(self, fn: Callable[[], Any]) -> None:
+            try:
+                self._reply(HTTPStatus.OK, fn())
+            except _NotFound as exc:
+                self._reply(HTTPStatus.NOT_FOUND, {"error": str(exc), "hint": None})
+            except SkyferryError as exc:
+                log.warning("%s %s: %s", self.command, self.path, exc)
+                self._reply(HTTPStatus.CONFLICT, {"error": str(exc), "hint": exc.hint})
+            except (KeyError, ValueError, TypeError) as exc:
+                self._reply(HTTPStatus.BAD_REQUEST, {"error": f"bad request: {exc!r}", "hint": None})
+                self.close_connection = True
+            except Exception as exc:  # an agent bug must not kill the agent
+                log.exception("%s %s failed", self.command, self.path)
+                self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"agent error: {exc!r}", "hint": None})
+
+        def _json_body(self) -> Any:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > 1 << 20:
+                raise ValueError("request body too large")
+            return json.loads(self.rfile.read(length)) if length else {}
+
+        def _route(self) -> None:
+            url = urlsplit(self.path)
+            if not re.fullmatch(r"/v1(/[A-Za-z0-9._-]+)+", url.path):
+                self._reply(HTTPStatus.NOT_FOUND, {"error": "not found", "hint": None})
+                return
+            query = parse_qs(url.query)
+            m = re.fullmatch(r"/v1/migrations/([A-Za-z0-9_-]+)/receive", url.path)
+            if self.command == "PUT" and m:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    reader: Any = _ChunkedReader(self.rfile)
+                else:
+                    reader = _LimitedReader(self.rfile, int(self.headers.get("Content-Length") or 0))
+                self._dispatch(lambda: agent.receive(m.group(1), query, reader))
+                return
+            self._dispatch(lambda: agent.handle(self.command, url.path, query, self._json_body()))
+
+        do_GET = do_POST = do_DELETE = do_PUT = _route
+
+    return Handler
+
+
+class _LimitedReader:
+    def __init__(self, rfile: Any, length: int) -> None:
+        self.rfile, self.left = rfile, length
+
+    def read(self, size: int = -1) -> bytes:
+        n = self.left if size is None or size < 0 else min(size, self.left)
+        data = self.rfile.read(n) if n else b""
+        self.left -= len(data)
+        return data
+
+
+class _TLSServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], ctx: ssl.SSLContext) -> None:
+        super().__init__(address, handler)
+        self.ctx = ctx
+
+    def get_request(self) -> tuple[Any, Any]:
+        sock, addr = self.socket.accept()
+        sock.settimeout(600)
+        # The handshake happens in the worker thread, so a slow or hostile client cannot block accept().
+        return self.ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), addr
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        try:
+            request.do_handshake()
+        except (ssl.SSLError, OSError) as exc:
+            log.warning("refused %s: %s", client_address[0], exc)
+            return
+        super().finish_request(request, client_address)
+
+
+def serve(cfg: HostConfig, identity: Identity, listen: str, port: int = AGENT_PORT) -> None:
+    """Run until SIGTERM. `listen` is the host's overlay address: the agent never binds elsewhere."""
+    ops = HostOps(cfg)
+    agent = Agent(ops, identity)
+    server = _TLSServer((listen, port), _handler(agent), identity.server_context())
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+    log.info("agent for %s listening on %s:%d (pid %d)", cfg.name, listen, port, os.getpid())
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+        ops.shutdown()
+
+
+def identity_for(state_root: Path) -> Identity:
+    tls = state_root / "tls"
+    return Identity(ca=tls / "ca.pem", cert=tls / "cert.pem", key=tls / "key.pem")

@@ -1,0 +1,113 @@
+"""Talking to a host agent: HTTPS with the caller's mesh certificate, from a chosen network namespace."""
+
+import http.client
+import json
+import socket
+import ssl
+from collections.abc import Iterable
+from typing import Any
+
+from skyferry.netplane.netns import in_netns
+from skyferry.pipeline.errors import SkyferryError
+from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponential
+
+CONNECT_TIMEOUT = 10.0
+CALL_TIMEOUT = 900.0  # a checkpoint or stream of a large container takes minutes on a slow link
+
+
+class _Connection(http.client.HTTPSConnection):
+    def __init__(self, host: str, port: int, context: ssl.SSLContext, netns: str | None) -> None:
+        super().__init__(host, port, context=context, timeout=CALL_TIMEOUT)
+        self.netns = netns
+
+    def connect(self) -> None:
+        with in_netns(self.netns):
+            sock = socket.create_connection((self.host, self.port), CONNECT_TIMEOUT)
+        sock.settimeout(CALL_TIMEOUT)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Large send buffer: the bandwidth-delay product of 1 Gbit/s x 30 ms is ~4 MiB.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
+
+
+class AgentUnreachable(SkyferryError):
+    pass
+
+
+def _transient(exc: BaseException) -> bool:
+    # A refused certificate will not fix itself; a refused or timed-out connection may.
+    return isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError)
+
+
+class AgentClient:
+    """One agent. Calls are retried only while the connection cannot be made (bounded by tenacity);
+    a request that reached the agent is never blindly repeated by the transport."""
+
+    def __init__(
+        self,
+        address: str,
+        port: int,
+        context: ssl.SSLContext,
+        netns: str | None = None,
+        label: str | None = None,
+    ) -> None:
+        self.address, self.port, self.context, self.netns = address, port, context, netns
+        self.label = label or address
+
+    def call(self, method: str, path: str, body: Any = None, retry_for: float = 5.0) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        return self._request(method, path, data, headers, retry_for)
+
+    def upload(self, path: str, chunks: Iterable[bytes]) -> Any:
+        """PUT a stream with chunked encoding (size unknown up front)."""
+        return self._request("PUT", path, chunks, {"Content-Type": "application/octet-stream"}, 5.0, chunked=True)
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        headers: dict[str, str],
+        retry_for: float,
+        chunked: bool = False,
+    ) -> Any:
+        conn = self._connect(retry_for)
+        try:
+            conn.request(method, path, body=body, headers=headers, encode_chunked=chunked)
+            resp = conn.getresponse()
+            payload = resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise AgentUnreachable(f"agent {self.label}: connection lost during {method} {path}: {exc}") from exc
+        finally:
+            conn.close()
+        if resp.getheader("Content-Type") == "application/octet-stream":
+            return payload
+        result = json.loads(payload or b"null")
+        if resp.status >= 400:
+            error = result.get("error", "?") if isinstance(result, dict) else str(result)
+            hint = result.get("hint") if isinstance(result, dict) else None
+            raise SkyferryError(f"{self.label}: {error}", hint=hint)
+        return result
+
+    def _connect(self, retry_for: float) -> _Connection:
+        @retry(
+            retry=retry_if_exception(_transient),
+            stop=stop_after_delay(retry_for),
+            wait=wait_exponential(multiplier=0.05, max=1.0),
+            reraise=True,
+        )
+        def attempt() -> _Connection:
+            conn = _Connection(self.address, self.port, self.context, self.netns)
+            conn.connect()
+            return conn
+
+        try:
+            return attempt()
+        except ssl.SSLError as exc:
+            raise AgentUnreachable(f"agent {self.label} refused our certificate or we refused its: {exc}") from exc
+        except OSError as exc:
+            raise AgentUnreachable(
+                f"agent {self.label} ({self.address}:{self.port}) is unreachable: {exc}",
+                hint="is the host up? `skyferry hosts ls`; the agent log is in the host's state root",
+            ) from exc

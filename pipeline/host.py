@@ -1,0 +1,199 @@
+"""What an agent does on its own host: containers, and each side of a migration.
+
+Every method is idempotent, so a controller that crashed and resumed can call it again. Checkpoint
+images live on tmpfs only (they hold every secret in the container's memory) and are wiped when the
+migration ends either way.
+"""
+
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from skyferry.netplane import attach
+from skyferry.pipeline import netlock, wire
+from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.runc import ContainerSpec, Runc
+
+IMAGES_TMPFS = Path("/dev/shm/skyferry")
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    name: str
+    mesh: str
+    state_root: Path
+    overlay_ip: str
+    mtu: int = 1420
+
+
+class HostOps:
+    def __init__(self, cfg: HostConfig) -> None:
+        self.cfg = cfg
+        self.runc = Runc(cfg.state_root, f"/skyferry/{cfg.mesh}/{cfg.name}")
+        self.images_root = IMAGES_TMPFS / cfg.mesh / cfg.name
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def lock(self, name: str) -> threading.Lock:
+        """One operation at a time per container."""
+        with self._guard:
+            return self._locks.setdefault(name, threading.Lock())
+
+    def netns(self, name: str) -> str:
+        return f"{self.cfg.mesh}-{self.cfg.name}-{name}"
+
+    def netns_path(self, name: str) -> str:
+        return f"/run/netns/{self.netns(name)}"
+
+    def mig_dir(self, mig: str) -> Path:
+        return self.images_root / mig
+
+    # --- containers ------------------------------------------------------------------------------
+
+    def run(self, spec: ContainerSpec) -> dict[str, Any]:
+        state = self.runc.state(spec.name)
+        if state is not None:
+            if state["status"] in ("running", "paused"):
+                return self.info(spec.name)  # already there: idempotent
+            self.runc.delete(spec.name)
+        attach.attach(self.netns(spec.name), spec.ip, mtu=self.cfg.mtu)
+        try:
+            self.runc.create_bundle(spec, self.netns_path(spec.name))
+            self.runc.run(spec.name)
+        except Exception:
+            self.runc.remove_bundle(spec.name)
+            attach.detach(self.netns(spec.name))
+            raise
+        return self.info(spec.name)
+
+    def info(self, name: str) -> dict[str, Any]:
+        spec = self.runc.spec(name)
+        state = self.runc.state(name) or {}
+        return {
+            "name": name,
+            "host": self.cfg.name,
+            "ip": spec.ip,
+            "args": spec.args,
+            "state": state.get("status", "stopped"),
+            "pid": state.get("pid") or None,
+            "frozen_for_migration": netlock.is_locked(self.netns(name)) if state else False,
+        }
+
+    def list(self) -> list[dict[str, Any]]:
+        return [self.info(name) for name in self.runc.names()]
+
+    def logs(self, name: str) -> bytes:
+        self.runc.spec(name)  # raises for an unknown container
+        return self.runc.logs(name)
+
+    def remove(self, name: str) -> None:
+        self.runc.delete(name)
+        attach.detach(self.netns(name))
+        self.runc.remove_bundle(name)
+
+    # --- source side of a migration --------------------------------------------------------------
+
+    def checkpoint(self, mig: str, name: str) -> dict[str, Any]:
+        """Freeze, silence and dump the container; it stays frozen here until confirm or rollback."""
+        state = self.runc.state(name)
+        if state is None or state["status"] not in ("running", "paused"):
+            raise SkyferryError(f"container {name!r} is not running on {self.cfg.name}")
+        images = self.mig_dir(mig) / "images"
+        t0 = time.monotonic()
+        if state["status"] == "running":
+            self.runc.pause(name)
+        netlock.lock(self.netns(name))
+        t_frozen = time.monotonic()
+        wire.wipe(images)  # a retried checkpoint starts clean
+        self.runc.checkpoint(name, images, self.mig_dir(mig) / "work")
+        return {"pause_s": t_frozen - t0, "dump_s": time.monotonic() - t_frozen, "image_bytes": _du(images)}
+
+    def stream_out(self, mig: str, name: str, stats: wire.StreamStats) -> Iterator[bytes]:
+        images = self.mig_dir(mig) / "images"
+        if not images.exists():
+            raise SkyferryError(f"migration {mig}: no checkpoint of {name!r} on {self.cfg.name}")
+        return wire.encode({"images": images, "rootfs": self.runc.rootfs(name)}, stats)
+
+    def rollback_source(self, mig: str, name: str) -> dict[str, Any]:
+        """Resume the frozen source: unlock its network, thaw it. Safe to call at any point before confirm."""
+        state = self.runc.state(name)
+        if state is None:
+            raise SkyferryError(f"container {name!r} is gone from {self.cfg.name}; cannot resume it here")
+        netlock.unlock(self.netns(name))
+        if state["status"] == "paused":
+            self.runc.resume(name)
+        wire.wipe(self.mig_dir(mig))
+        return self.info(name)
+
+    def confirm_source(self, mig: str, name: str) -> None:
+        """The target runs and is routed: end the frozen copy and everything it held here."""
+        if self.runc.state(name) is not None:
+            self.runc.delete(name)
+        attach.detach(self.netns(name))
+        self.runc.remove_bundle(name)
+        wire.wipe(self.mig_dir(mig))
+
+    # --- target side of a migration --------------------------------------------------------------
+
+    def prepare(self, mig: str, spec: ContainerSpec) -> None:
+        """The same netns and IP as on the source, no route yet, and an empty bundle."""
+        state = self.runc.state(spec.name)
+        if state is not None:
+            raise SkyferryError(f"a container named {spec.name!r} already runs on {self.cfg.name}")
+        attach.attach(self.netns(spec.name), spec.ip, route=False, mtu=self.cfg.mtu)
+        self.runc.create_bundle(spec, self.netns_path(spec.name), fill_rootfs=False)
+        self.mig_dir(mig).mkdir(parents=True, exist_ok=True)
+
+    def receive(self, mig: str, name: str, body: BinaryIO) -> wire.StreamStats:
+        self.runc.spec(name)  # prepared?
+        images = self.mig_dir(mig) / "images"
+        wire.wipe(images)
+        stats = wire.StreamStats()
+        wire.decode(body, {"images": images, "rootfs": self.runc.rootfs(name)}, stats)
+        return stats
+
+    def restore(self, mig: str, name: str) -> dict[str, Any]:
+        state = self.runc.state(name)
+        if state is not None and state["status"] == "running":
+            return {"restore_s": 0.0}  # already restored: idempotent
+        if state is not None:
+            self.runc.delete(name)
+        t0 = time.monotonic()
+        # Right after a failed attempt CRIU can hit "Can't fork for PID: File exists" until the old
+        # PID is reaped; one retry after a short wait covers it.
+        for attempt in (1, 2):
+            try:
+                self.runc.restore(name, self.mig_dir(mig) / "images", self.mig_dir(mig) / f"work{attempt}")
+                break
+            except SkyferryError:
+                if attempt == 2 or self.runc.state(name) is not None:
+                    raise
+                time.sleep(0.2)
+        return {"restore_s": time.monotonic() - t0}
+
+    def set_route(self, name: str, present: bool) -> None:
+        spec = self.runc.spec(name)
+        attach.set_route(self.netns(name), spec.ip, present)
+
+    def abort_target(self, mig: str, name: str) -> None:
+        """Undo prepare/receive/restore: nothing of the container stays on the target."""
+        if self.runc.state(name) is not None:
+            self.runc.delete(name)
+        attach.detach(self.netns(name))
+        self.runc.remove_bundle(name)
+        wire.wipe(self.mig_dir(mig))
+
+    def finish_target(self, mig: str) -> None:
+        wire.wipe(self.mig_dir(mig))
+
+    def shutdown(self) -> None:
+        """Remove this host's tmpfs images and empty cgroup parents (the agent is stopping)."""
+        shutil.rmtree(self.images_root, ignore_errors=True)
+
+
+def _du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
