@@ -20,6 +20,8 @@ from skyferry.pipeline import pki
 from skyferry.pipeline.agent import AGENT_PORT
 from skyferry.pipeline.client import AgentClient
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.registry import Registry
+from skyferry.pipeline.runc import Runc
 
 PIDS = "agents.json"
 
@@ -115,7 +117,22 @@ def _wait_ready(state: Path, mesh: Mesh, host: MeshHost, timeout: float = 20.0) 
 
 
 def stop_agents(mesh: Mesh, state: Path, hosts: list[str] | None = None) -> None:
-    """SIGTERM the agents we started (all, or `hosts`), then SIGKILL whatever is left after 5 s."""
+    """Tear down local hosts' workloads and agents (all hosts, or `hosts`).
+
+    Containers go down with their hosts: each one is deleted through runc with that host's own runc
+    root (an agent restart alone never touches containers). Then the agents get SIGTERM, and SIGKILL
+    after 5 s.
+    """
+    registry = Registry(state)
+    for host in mesh.hosts.values():
+        if host.netns is None or (hosts is not None and host.name not in hosts):
+            continue
+        runc = Runc(Path(host.state_root), f"/skyferry/{mesh.name}/{host.name}")
+        for name in runc.names():
+            runc.delete(name)
+        for entry in registry.all():
+            if entry.host == host.name:
+                registry.remove(entry.name)
     pids = _pids(state)
     victims = {h: p for h, p in pids.items() if hosts is None or h in hosts}
     for pid in victims.values():

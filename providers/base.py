@@ -1,5 +1,6 @@
 """The narrow protocol every provider implements, in the spirit of libcloud's NodeDriver."""
 
+import builtins
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -44,9 +45,9 @@ class Provider(Protocol):
 
     def list(self, plan: str | None = None) -> list[Host]: ...
 
-    def wait_ready(self, hosts: list[Host], timeout: float = 600.0) -> list[Host]: ...
+    def wait_ready(self, hosts: builtins.list[Host], timeout: float = 600.0) -> builtins.list[Host]: ...
 
-    def destroy(self, plan: str) -> list[str]:
+    def destroy(self, plan: str) -> builtins.list[str]:
         """Remove every resource tagged with `plan`; returns the ids removed. Safe to run twice."""
         ...
 
