@@ -71,9 +71,7 @@ def find_binary() -> str:
     /usr/local/sbin, ahead of any distro copy)."""
     path = os.environ.get("SKYFERRY_CRIU") or shutil.which("criu")
     if not path or not os.access(path, os.X_OK):
-        raise SkyferryError(
-            "CRIU is not installed", hint="run `make host` (scripts/bootstrap-host.sh) as root"
-        )
+        raise SkyferryError("CRIU is not installed", hint="run `make host` (scripts/bootstrap-host.sh) as root")
     return path
 
 
@@ -177,10 +175,12 @@ class Criu:
         """Checkpoint the process tree rooted at `pid` into `images_dir`; kills it unless `leave_running`.
 
         `external` entries like `external_netns(path)` leave namespaces to be re-attached on restore.
-        `parent_image` is the previous image dir relative to `images_dir` (e.g. "../round1"); pages
-        unchanged since then are referenced instead of written. With `lazy_pages` and `page_server`,
-        memory is left to be pulled by the target's `criu lazy-pages` daemon; CRIU writes a byte to
-        `status_fd` once the tree is frozen and the pages are ready to serve.
+        `parent_image` is the previous round's dir relative to `images_dir` (e.g. "../pre1"); pages
+        unchanged since then are referenced instead of written. CRIU accepts only a parent made with
+        memory tracking (`pre_dump`, or `dump(track_mem=True)`), which needs soft-dirty.
+        With `lazy_pages` and `page_server`, memory is left to be pulled by the target's
+        `criu lazy-pages` daemon; CRIU writes a byte to `status_fd` once the tree is frozen and the
+        pages are ready to serve.
         """
         with ExitStack() as stack:
             opts = self._opts(stack, images_dir, work_dir, log_file, log_level)
@@ -198,9 +198,7 @@ class Criu:
                 opts.ps.address, opts.ps.port = page_server.address, page_server.port
             if status_fd is not None:
                 opts.status_fd = status_fd  # CRIU reopens it through /proc/<our pid>/fd
-            self._call(
-                rpc.criu_req(type=rpc.DUMP, opts=opts), "dump", self._log(images_dir, work_dir, log_file)
-            )
+            self._call(rpc.criu_req(type=rpc.DUMP, opts=opts), "dump", self._log(images_dir, work_dir, log_file))
 
     def pre_dump(
         self,
@@ -281,9 +279,7 @@ class Criu:
         log_file: str,
         log_level: int,
     ) -> rpc.criu_opts:
-        opts = rpc.criu_opts(
-            images_dir_fd=_open_dir(stack, images_dir), log_file=log_file, log_level=log_level
-        )
+        opts = rpc.criu_opts(images_dir_fd=_open_dir(stack, images_dir), log_file=log_file, log_level=log_level)
         if work_dir is not None:
             opts.work_dir_fd = _open_dir(stack, work_dir)
         return opts
@@ -316,9 +312,7 @@ class Criu:
             opts.root = root
 
     @staticmethod
-    def _log(
-        images_dir: str | os.PathLike[str], work_dir: str | os.PathLike[str] | None, log_file: str
-    ) -> Path:
+    def _log(images_dir: str | os.PathLike[str], work_dir: str | os.PathLike[str] | None, log_file: str) -> Path:
         return Path(work_dir if work_dir is not None else images_dir) / log_file
 
     def _call(self, req: rpc.criu_req, what: str, log: Path | None = None) -> rpc.criu_resp:
@@ -335,9 +329,7 @@ class Criu:
         # The first real error line names the cause; later ones are CRIU unwinding.
         first = log_errors(log)[:1] if log else []
         errmsg = "" if _HARMLESS in resp.cr_errmsg else resp.cr_errmsg.strip()
-        reason = (first[0] if first else errmsg) or (
-            os.strerror(resp.cr_errno) if resp.cr_errno else "unknown"
-        )
+        reason = (first[0] if first else errmsg) or os.strerror(resp.cr_errno or errno.EIO)
         hint = log_tail(log) if log else f"run `{self.binary} check` for details"
         raise SkyferryError(f"criu {what} failed: {reason}", hint=hint)
 

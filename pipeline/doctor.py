@@ -114,9 +114,7 @@ def pycriu_result(pycriu_version: str | None, criu_version: str | None) -> Check
         return CheckResult(name, Status.FAIL, "pycriu is not importable", "run `make venv`")
     if criu_version and pycriu_version.split(".")[:2] != criu_version.split(".")[:2]:
         detail = f"pycriu {pycriu_version} does not match CRIU {criu_version}; RPC fields may differ"
-        return CheckResult(
-            name, Status.WARN, detail, "reinstall pycriu from the CRIU source tree: `make venv`"
-        )
+        return CheckResult(name, Status.WARN, detail, "reinstall pycriu from the CRIU source tree: `make venv`")
     return CheckResult(name, Status.PASS, f"pycriu {pycriu_version}", value=pycriu_version)
 
 
@@ -350,9 +348,7 @@ def run_checks() -> list[CheckResult]:
         return run([criu, "check", "--feature", name])
 
     def wireguard() -> CheckResult:
-        return wireguard_result(
-            probe_wireguard_module(), run(["wireguard-go", "--version"]), run(["wg", "--version"])
-        )
+        return wireguard_result(probe_wireguard_module(), run(["wireguard-go", "--version"]), run(["wg", "--version"]))
 
     checks: list[Callable[[], CheckResult]] = [
         lambda: root_result(os.geteuid()),

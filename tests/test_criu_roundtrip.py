@@ -109,20 +109,24 @@ def exchange(sock: socket.socket, line: bytes) -> bytes:
     return reply.rstrip(b"\n")
 
 
-def test_tcp_connection_survives_dump_and_restore(netns: str, children: list[int], tmp_path: Path) -> None:
-    images = tmp_path / "images"
-    images.mkdir()
+def start_server(netns: str, cwd: Path) -> subprocess.Popen[bytes]:
     # nsenter switches only the network namespace (`ip netns exec` would add a mount namespace).
     # Stdio points at /dev/null and the server leads its own session: CRIU dumps a closed tree.
-    server = subprocess.Popen(
+    return subprocess.Popen(
         ["nsenter", f"--net={netns}", sys.executable, "-c", SERVER],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         close_fds=True,
         start_new_session=True,
-        cwd=tmp_path,
+        cwd=cwd,
     )
+
+
+def test_tcp_connection_survives_dump_and_restore(netns: str, children: list[int], tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    server = start_server(netns, tmp_path)
     children.append(server.pid)
     with connect_in_netns(netns) as client:
         assert exchange(client, b"before") == b"1:before"
@@ -155,6 +159,57 @@ def test_tcp_connection_survives_dump_and_restore(netns: str, children: list[int
             reply += client.recv(4096)
         assert reply == b"2:during\n"  # sent while the server was gone, answered by the restored one
         assert exchange(client, b"after") == b"3:after"
+
+
+def test_leave_running_then_final_dump_restores(netns: str, children: list[int], tmp_path: Path) -> None:
+    """A dump that leaves the tree serving, then the final dump, then a restore with its own work dir."""
+    first, final, work = tmp_path / "first", tmp_path / "final", tmp_path / "work"
+    for path in (first, final, work):
+        path.mkdir()
+    server = start_server(netns, tmp_path)
+    children.append(server.pid)
+    criu = Criu()
+    opts = {"tcp_established": True, "network_lock": "nftables"}
+    ext = [external_netns(netns)]
+    with connect_in_netns(netns) as client:
+        assert exchange(client, b"a") == b"1:a"
+        criu.dump(server.pid, first, leave_running=True, external=ext, **opts)
+        assert server.poll() is None
+        assert exchange(client, b"b") == b"2:b"  # still serving: the lock was lifted
+
+        criu.dump(server.pid, final, external=ext, **opts)
+        server.wait(timeout=10)
+        with open_netns(netns) as fd:
+            pid = criu.restore(final, work_dir=work, inherit_fds={EXTNET: fd}, sibling=True, **opts)
+        children.append(pid)
+        assert (work / "restore.log").exists()
+        assert exchange(client, b"c") == b"3:c"
+
+
+def test_pre_dump_needs_soft_dirty(netns: str, children: list[int], tmp_path: Path) -> None:
+    """Where soft-dirty exists, pre-dump rounds chain into the final dump as parent images; where it
+    does not (this machine), pre_dump fails with CRIU's reason instead of CRIU's BUG()."""
+    rounds, work = [tmp_path / "pre1", tmp_path / "final"], tmp_path / "work"
+    for path in [*rounds, work]:
+        path.mkdir()
+    server = start_server(netns, tmp_path)
+    children.append(server.pid)
+    criu = Criu()
+    with connect_in_netns(netns) as client:
+        assert exchange(client, b"a") == b"1:a"
+        if not criu.feature_check()["mem_track"]:
+            with pytest.raises(SkyferryError, match="Tracking memory is not available"):
+                criu.pre_dump(server.pid, rounds[0])
+            assert exchange(client, b"b") == b"2:b"  # the failed pre-dump left the server running
+            return
+        criu.pre_dump(server.pid, rounds[0])
+        opts = {"tcp_established": True, "network_lock": "nftables"}
+        criu.dump(server.pid, rounds[1], parent_image="../pre1", external=[external_netns(netns)], **opts)
+        server.wait(timeout=10)
+        with open_netns(netns) as fd:
+            pid = criu.restore(rounds[1], work_dir=work, inherit_fds={EXTNET: fd}, sibling=True, **opts)
+        children.append(pid)
+        assert exchange(client, b"b") == b"2:b"
 
 
 def test_dump_failure_names_the_cause(tmp_path: Path) -> None:

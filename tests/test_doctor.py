@@ -120,9 +120,7 @@ def test_runtimes() -> None:
     assert (podman.status, podman.value) == (Status.PASS, "4.3.1")
     client_only = doctor.docker_result(Output(0, DOCKER_CLIENT), None)
     assert client_only.status is Status.WARN and "28.2.2" in client_only.detail
-    daemon = doctor.docker_result(
-        Output(0, DOCKER_CLIENT), Output(0, "Docker version 20.10.24+dfsg1, build 297e128")
-    )
+    daemon = doctor.docker_result(Output(0, DOCKER_CLIENT), Output(0, "Docker version 20.10.24+dfsg1, build 297e128"))
     assert (daemon.status, daemon.value) == (Status.PASS, "20.10.24+dfsg1")
 
 
@@ -185,9 +183,7 @@ def test_probes_on_this_machine() -> None:
     assert doctor.probe_tcp_repair() is None
     # ... and not as nobody, who cannot even make the netns.
     probe = "from skyferry.pipeline.doctor import probe_tcp_repair; print(probe_tcp_repair())"
-    nobody = subprocess.run(
-        [*NOBODY, sys.executable, "-c", probe], capture_output=True, text=True, check=True
-    )
+    nobody = subprocess.run([*NOBODY, sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert doctor.tcp_repair_result(int(nobody.stdout)).status is Status.FAIL
 
     assert doctor.probe_netns() is None
@@ -198,9 +194,7 @@ def test_probes_on_this_machine() -> None:
 @pytest.mark.integration
 @needs_root()
 def test_doctor_as_nobody_fails_on_root() -> None:
-    proc = subprocess.run(
-        [*NOBODY, SKYFERRY, "doctor", "--json"], capture_output=True, text=True, timeout=120
-    )
+    proc = subprocess.run([*NOBODY, SKYFERRY, "doctor", "--json"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     checks = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
     assert checks["root"]["status"] == "FAIL"

@@ -33,9 +33,7 @@ def doctor(json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTIO
         width = max(len(r.name) for r in results)
         for r in results:
             status = f"[{_STYLE[r.status]}]{r.status}[/]"
-            output.console.print(
-                f"{status}  {r.name:<{width}}  {escape(r.detail)}", highlight=False, soft_wrap=True
-            )
+            output.console.print(f"{status}  {r.name:<{width}}  {escape(r.detail)}", highlight=False, soft_wrap=True)
             if r.fix:
                 output.console.print(
                     f"      {'':<{width}}  [dim]fix:[/dim] {escape(r.fix)}", highlight=False, soft_wrap=True
