@@ -5,6 +5,7 @@ Everything runs in a network namespace made for this test, so CRIU's network loc
 root namespace.
 """
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -55,17 +56,34 @@ def netns(run_id: str) -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
+class Children:
+    """Processes this test started, and restored trees (restored with `sibling=True`, so they are our
+    children too). Killed and reaped at the end, whatever happened. A pid is only signalled while it
+    is our unreaped child, so it cannot have been reused by anyone else's process."""
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen[bytes]] = []
+        self.restored: list[int] = []
+
+    def cleanup(self) -> None:
+        for proc in self.started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for pid in self.restored:
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG) == (0, 0):  # still running
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+
+
 @pytest.fixture
-def children() -> Iterator[list[int]]:
-    """Pids this test started (and restored); killed and reaped at the end, whatever happened."""
-    pids: list[int] = []
-    yield pids
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
+def children() -> Iterator[Children]:
+    kids = Children()
+    try:
+        yield kids
+    finally:
+        kids.cleanup()
 
 
 def connect_in_netns(netns_path: str, timeout: float = 10.0) -> socket.socket:
@@ -123,11 +141,11 @@ def start_server(netns: str, cwd: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def test_tcp_connection_survives_dump_and_restore(netns: str, children: list[int], tmp_path: Path) -> None:
+def test_tcp_connection_survives_dump_and_restore(netns: str, children: Children, tmp_path: Path) -> None:
     images = tmp_path / "images"
     images.mkdir()
     server = start_server(netns, tmp_path)
-    children.append(server.pid)
+    children.started.append(server)
     with connect_in_netns(netns) as client:
         assert exchange(client, b"before") == b"1:before"
 
@@ -151,7 +169,7 @@ def test_tcp_connection_survives_dump_and_restore(netns: str, children: list[int
                 network_lock="nftables",
                 sibling=True,  # the restored server becomes our child, so `children` can reap it
             )
-        children.append(pid)
+        children.restored.append(pid)
         assert pid == server.pid
 
         reply = b""
@@ -161,13 +179,13 @@ def test_tcp_connection_survives_dump_and_restore(netns: str, children: list[int
         assert exchange(client, b"after") == b"3:after"
 
 
-def test_leave_running_then_final_dump_restores(netns: str, children: list[int], tmp_path: Path) -> None:
+def test_leave_running_then_final_dump_restores(netns: str, children: Children, tmp_path: Path) -> None:
     """A dump that leaves the tree serving, then the final dump, then a restore with its own work dir."""
     first, final, work = tmp_path / "first", tmp_path / "final", tmp_path / "work"
     for path in (first, final, work):
         path.mkdir()
     server = start_server(netns, tmp_path)
-    children.append(server.pid)
+    children.started.append(server)
     criu = Criu()
     opts = {"tcp_established": True, "network_lock": "nftables"}
     ext = [external_netns(netns)]
@@ -181,19 +199,19 @@ def test_leave_running_then_final_dump_restores(netns: str, children: list[int],
         server.wait(timeout=10)
         with open_netns(netns) as fd:
             pid = criu.restore(final, work_dir=work, inherit_fds={EXTNET: fd}, sibling=True, **opts)
-        children.append(pid)
+        children.restored.append(pid)
         assert (work / "restore.log").exists()
         assert exchange(client, b"c") == b"3:c"
 
 
-def test_pre_dump_needs_soft_dirty(netns: str, children: list[int], tmp_path: Path) -> None:
+def test_pre_dump_needs_soft_dirty(netns: str, children: Children, tmp_path: Path) -> None:
     """Where soft-dirty exists, pre-dump rounds chain into the final dump as parent images; where it
     does not (this machine), pre_dump fails with CRIU's reason instead of CRIU's BUG()."""
     rounds, work = [tmp_path / "pre1", tmp_path / "final"], tmp_path / "work"
     for path in [*rounds, work]:
         path.mkdir()
     server = start_server(netns, tmp_path)
-    children.append(server.pid)
+    children.started.append(server)
     criu = Criu()
     with connect_in_netns(netns) as client:
         assert exchange(client, b"a") == b"1:a"
@@ -208,7 +226,7 @@ def test_pre_dump_needs_soft_dirty(netns: str, children: list[int], tmp_path: Pa
         server.wait(timeout=10)
         with open_netns(netns) as fd:
             pid = criu.restore(rounds[1], work_dir=work, inherit_fds={EXTNET: fd}, sibling=True, **opts)
-        children.append(pid)
+        children.restored.append(pid)
         assert exchange(client, b"b") == b"2:b"
 
 
