@@ -1,0 +1,139 @@
+"""WireGuard through the `wg` tool: keys, the backend (kernel module or wireguard-go), peer updates."""
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from pyroute2 import IPRoute, NetlinkError
+
+from . import netns
+from .errors import NetplaneError
+
+SOCKET_DIR = Path("/var/run/wireguard")
+KERNEL = "kernel"
+USERSPACE = "wireguard-go"
+
+
+def _run(argv: list[str], *, input: str | None = None) -> str:
+    try:
+        done = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        raise NetplaneError(f"{argv[0]} not found", hint="install wireguard-tools (make host)") from None
+    if done.returncode != 0:
+        raise NetplaneError(f"{' '.join(argv[:6])} failed: {done.stderr.strip() or done.stdout.strip()}")
+    return done.stdout
+
+
+def genkey(directory: Path) -> str:
+    """Write a new private key to `directory`/private.key (0600) and return the public key."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private = _run(["wg", "genkey"]).strip()
+    key_file = directory / "private.key"
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(private + "\n")
+    return _run(["wg", "pubkey"], input=private).strip()
+
+
+def wireguard_go() -> str | None:
+    """The wireguard-go binary ($SKYFERRY_WIREGUARD_GO overrides the name), if it is installed."""
+    return shutil.which(os.environ.get("SKYFERRY_WIREGUARD_GO", "wireguard-go"))
+
+
+def choose_backend(probe_netns: str) -> str:
+    """The kernel module if a wireguard link can be made (probed inside `probe_netns`), else wireguard-go."""
+    with IPRoute(netns=probe_netns) as ipr:
+        try:
+            ipr.link("add", ifname="wgprobe", kind="wireguard")
+        except NetlinkError:
+            pass
+        else:
+            ipr.link("del", index=ipr.link_lookup(ifname="wgprobe")[0])
+            return KERNEL
+    if wireguard_go():
+        return USERSPACE
+    raise NetplaneError(
+        "no WireGuard backend: the kernel has no wireguard module and wireguard-go is not installed",
+        hint="apt-get install wireguard-go wireguard-tools (or load the wireguard kernel module)",
+    )
+
+
+def start_interface(backend: str, ifname: str, netns_name: str, timeout: float = 10.0) -> int | None:
+    """Create WireGuard interface `ifname` in `netns_name`; returns wireguard-go's pid (None for kernel)."""
+    if len(ifname) > 15:
+        raise NetplaneError(f"interface name {ifname} is longer than 15 characters")
+    if backend == KERNEL:
+        with IPRoute(netns=netns_name) as ipr:
+            ipr.link("add", ifname=ifname, kind="wireguard")
+        return None
+    sock = SOCKET_DIR / f"{ifname}.sock"
+    if sock.exists():
+        raise NetplaneError(
+            f"a wireguard-go control socket for {ifname} already exists ({sock})",
+            hint="another mesh uses this interface name; pick another --name",
+        )
+    binary = wireguard_go()
+    if binary is None:
+        raise NetplaneError("wireguard-go is not installed", hint="apt-get install wireguard-go")
+    # Foreground mode keeps wireguard-go as our own child, so `down` can kill exactly this pid.
+    proc = subprocess.Popen(
+        netns.command(netns_name, [binary, ifname]),
+        env={**os.environ, "WG_PROCESS_FOREGROUND": "1", "LOG_LEVEL": "error"},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + timeout
+    while not sock.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_process(proc.pid, ifname)
+            raise NetplaneError(f"wireguard-go did not bring up {ifname} (exit code {proc.returncode})")
+        time.sleep(0.005)
+    return proc.pid
+
+
+def process_matches(pid: int, marker: str) -> bool:
+    """True if `pid` is alive and its command line mentions `marker` (guards against reused pids)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return marker.encode() in cmdline
+
+
+def stop_process(pid: int | None, marker: str, timeout: float = 5.0) -> bool:
+    """SIGTERM then SIGKILL the process `pid` if it is still the one we started; True if it was running."""
+    if pid is None or not process_matches(pid, marker):
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while process_matches(pid, marker):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+        _reap(pid)
+        time.sleep(0.01)
+    _reap(pid)
+    return True
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def remove_socket(ifname: str) -> bool:
+    sock = SOCKET_DIR / f"{ifname}.sock"
+    if sock.exists():
+        sock.unlink()
+        return True
+    return False
+
+
+def wg(netns_name: str | None, *args: str) -> str:
+    """Run `wg ARGS` as seen from `netns_name` (needed for kernel interfaces; harmless for wireguard-go)."""
+    return _run(netns.command(netns_name, ["wg", *args]))
