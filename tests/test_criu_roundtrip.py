@@ -230,6 +230,30 @@ def test_pre_dump_needs_soft_dirty(netns: str, children: Children, tmp_path: Pat
         assert exchange(client, b"b") == b"2:b"
 
 
+def test_restore_waits_for_the_old_pid(netns: str, children: Children, tmp_path: Path) -> None:
+    """Restoring before the dumped process is reaped meets "Can't fork for <pid>: File exists";
+    restore() retries until the pid is free."""
+    server = start_server(netns, tmp_path)
+    children.started.append(server)
+    criu = Criu()
+    opts = {"tcp_established": True, "network_lock": "nftables"}
+    with connect_in_netns(netns) as client, open_netns(netns) as fd:
+        assert exchange(client, b"a") == b"1:a"
+        criu.dump(server.pid, tmp_path, external=[external_netns(netns)], **opts)
+        # The killed server is a zombie until we reap it, so its pid is taken.
+        with pytest.raises(SkyferryError, match="Can't fork for"):
+            criu.restore(tmp_path, inherit_fds={EXTNET: fd}, pid_busy_timeout=0, **opts)
+        reaper = threading.Timer(0.3, server.wait)
+        reaper.start()
+        try:
+            pid = criu.restore(tmp_path, inherit_fds={EXTNET: fd}, sibling=True, **opts)
+        finally:
+            reaper.join()
+        children.restored.append(pid)
+        assert pid == server.pid
+        assert exchange(client, b"b") == b"2:b"
+
+
 def test_dump_failure_names_the_cause(tmp_path: Path) -> None:
     """A failed dump becomes a SkyferryError whose hint is the tail of CRIU's log."""
     with pytest.raises(SkyferryError) as info:
