@@ -8,6 +8,7 @@ so stopping them kills exactly what was started.
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from skyferry.pipeline import pki
 from skyferry.pipeline.agent import AGENT_PORT
 from skyferry.pipeline.client import AgentClient
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.host import IMAGES_TMPFS
 from skyferry.pipeline.registry import Registry
 from skyferry.pipeline.runc import Runc
 
@@ -151,6 +153,8 @@ def stop_agents(mesh: Mesh, state: Path, hosts: list[str] | None = None) -> None
     if hosts is None:
         (state / PIDS).unlink(missing_ok=True)
         _remove_cgroups(mesh.name)
+        shutil.rmtree(IMAGES_TMPFS / mesh.name, ignore_errors=True)
+        _rmdir(IMAGES_TMPFS)
 
 
 def _reap(pid: int) -> None:
@@ -168,6 +172,7 @@ def _remove_cgroups(mesh_name: str) -> None:
             if d.is_dir():
                 _rmdir(d)
         _rmdir(top)
+        _rmdir(top.parent)  # only if no other mesh uses it
 
 
 def _rmdir(path: Path) -> None:

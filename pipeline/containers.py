@@ -1,0 +1,98 @@
+"""Containers on mesh hosts, as the controller sees them: run, list, logs, remove."""
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from skyferry.netplane import routes
+from skyferry.netplane.ipam import Ipam
+from skyferry.netplane.mesh import Mesh
+from skyferry.pipeline import agentctl
+from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.registry import Registry
+from skyferry.pipeline.runc import ContainerSpec
+
+
+def run(
+    state: Path, host: str, name: str, args: list[str], *, rootfs: Path | None = None,
+    image: Path | None = None, env: dict[str, str] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Start `args` in a new container on `host` with its own overlay /32; idempotent per (name, host)."""
+    if not args:
+        raise SkyferryError("no command given", hint="skyferry run --host H --name N -- CMD ARGS…")
+    if rootfs and image:
+        raise SkyferryError("give --rootfs or --image, not both")
+    if rootfs and not rootfs.is_dir():
+        raise SkyferryError(f"--rootfs {rootfs} is not a directory")
+    if image and not image.is_file():
+        raise SkyferryError(f"--image {image} is not a file")
+    mesh = Mesh.load(state)
+    mesh.host(host)
+    registry = Registry(state)
+    existing = registry.find(name)
+    if existing and existing.host != host:
+        raise SkyferryError(
+            f"container {name!r} already exists on {existing.host}", hint=f"skyferry rm {name}, or pick another name"
+        )
+    ipam = Ipam(state)
+    owner = f"container:{name}"
+    ip = ipam.lookup(owner) or ipam.allocate(owner)
+    spec = ContainerSpec(
+        name=name, args=list(args), ip=ip, env=dict(env or {}),
+        rootfs=str(rootfs.resolve()) if rootfs else None, image=str(image.resolve()) if image else None,
+    )  # fmt: skip
+    try:
+        info = agentctl.client(state, mesh, host).call("POST", "/v1/containers", spec.to_dict())
+        routes.publish(mesh, ip, host)
+    except Exception:
+        if not existing:
+            ipam.release(ip)
+        raise
+    registry.add(spec, host)
+    return info
+
+
+def live(state: Path) -> list[dict[str, Any]]:
+    """The registry joined with each host agent's live view; an unreachable host shows as such."""
+    mesh = Mesh.load(state)
+    entries = Registry(state).all()
+
+    def host_view(host: str) -> dict[str, dict[str, Any]] | str:
+        try:
+            return {c["name"]: c for c in agentctl.client(state, mesh, host).call("GET", "/v1/containers")}
+        except SkyferryError as exc:
+            return f"unreachable: {exc}"
+
+    hosts = sorted({e.host for e in entries})
+    with ThreadPoolExecutor(max_workers=max(1, len(hosts))) as pool:
+        views = dict(zip(hosts, pool.map(host_view, hosts), strict=True))
+    rows = []
+    for e in entries:
+        view = views[e.host]
+        current = view.get(e.name, {}) if isinstance(view, dict) else {}
+        status = current.get("state", "missing") if isinstance(view, dict) else "unknown (host unreachable)"
+        if current.get("frozen_for_migration"):
+            status = "frozen (migrating)"
+        rows.append({"name": e.name, "host": e.host, "ip": e.ip, "state": status, "pid": current.get("pid"),
+                     "runtime": "runc", "command": " ".join(e.spec.args)})  # fmt: skip
+    return rows
+
+
+def logs(state: Path, name: str) -> bytes:
+    entry = Registry(state).get(name)
+    data = agentctl.client(state, Mesh.load(state), entry.host).call("GET", f"/v1/containers/{name}/logs")
+    return data if isinstance(data, bytes) else str(data).encode()
+
+
+def remove(state: Path, name: str) -> bool:
+    """Stop and remove `name` and release its IP; False if there was no such container."""
+    registry = Registry(state)
+    entry = registry.find(name)
+    if entry is None:
+        return False
+    mesh = Mesh.load(state)
+    agentctl.client(state, mesh, entry.host).call("DELETE", f"/v1/containers/{name}")
+    routes.withdraw(mesh, entry.ip)
+    Ipam(state).release(entry.ip)
+    registry.remove(name)
+    return True

@@ -1,0 +1,114 @@
+"""A TCP counter service and its client: the workload the demo, tests and benchmark migrate.
+
+Standard library only: it is copied into containers and run by the host's python3. The server answers
+each request line `SEQ` with `SEQ COUNT`, COUNT being how many requests this connection has served, so the
+client can prove that nothing was lost or repeated across a migration. Optionally it holds N MiB of
+non-trivial memory and dirties some of it every second, like a real service.
+
+  python3 workload_counter.py serve PORT [--memory-mib N] [--dirty-mb-s R]
+  python3 workload_counter.py client HOST PORT --interval 0.05 --out RESULT.json [--stop-file F] [--duration S]
+"""
+
+import argparse
+import json
+import os
+import random
+import socket
+import sys
+import threading
+import time
+
+
+def serve(port: int, memory_mib: int, dirty_mb_s: float) -> None:
+    if memory_mib:
+        threading.Thread(target=_hold_memory, args=(memory_mib, dirty_mb_s), daemon=True).start()
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", port))
+    srv.listen()
+    while True:
+        conn, _ = srv.accept()
+        threading.Thread(target=_serve_one, args=(conn,), daemon=True).start()
+
+
+def _serve_one(conn: socket.socket) -> None:
+    count = 0
+    with conn, conn.makefile("rwb") as f:
+        for line in f:
+            count += 1
+            f.write(line.strip() + b" %d\n" % count)
+            f.flush()
+
+
+def _hold_memory(mib: int, dirty_mb_s: float) -> None:
+    """Realistic memory: random-ish pages (compressible ~3x, like a heap), some of it rewritten each tick."""
+    page = 4096
+    pool = [os.urandom(page // 3) * 3 + b"\0" * (page % 3) for _ in range(256)]
+    buf = bytearray(b"".join(pool[random.randrange(256)] for _ in range(mib * 256)))
+    per_tick = int(dirty_mb_s * 1e6 / 10 / page)
+    while True:
+        for _ in range(per_tick):
+            off = random.randrange(len(buf) // page) * page
+            buf[off : off + 16] = os.urandom(16)
+        time.sleep(0.1)
+
+
+def client(host: str, port: int, interval: float, out: str, stop_file: str | None, duration: float) -> None:
+    """Send SEQ every `interval` on one connection; the largest gap is the longest wait for an answer."""
+    result = {"requests": 0, "max_gap_ms": 0.0, "errors": [], "survived": True, "gaps_over_200ms": []}
+    start = time.monotonic()
+    try:
+        conn = socket.create_connection((host, port), timeout=60)
+        f = conn.makefile("rwb")
+        seq = 0
+        while time.monotonic() - start < duration and not (stop_file and os.path.exists(stop_file)):
+            seq += 1
+            sent = time.monotonic()
+            f.write(b"%d\n" % seq)
+            f.flush()
+            reply = f.readline().split()
+            now = time.monotonic()
+            if len(reply) != 2 or int(reply[0]) != seq or int(reply[1]) != seq:
+                result["errors"].append(f"request {seq}: got {reply!r}")
+                result["survived"] = False
+                break
+            gap = (now - sent) * 1000
+            if gap > 200:
+                result["gaps_over_200ms"].append(round(gap, 1))
+            result["max_gap_ms"] = max(result["max_gap_ms"], round(gap, 1))
+            result["requests"] = seq
+            if seq == 1:
+                open(out + ".ready", "w").close()  # tells whoever started us that the connection works
+            time.sleep(max(0.0, interval - (time.monotonic() - now)))
+    except (OSError, ValueError) as exc:
+        result["errors"].append(f"{type(exc).__name__}: {exc}")
+        result["survived"] = False
+    tmp = out + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(result, fh)
+    os.replace(tmp, out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve")
+    s.add_argument("port", type=int)
+    s.add_argument("--memory-mib", type=int, default=0)
+    s.add_argument("--dirty-mb-s", type=float, default=0.0)
+    c = sub.add_parser("client")
+    c.add_argument("host")
+    c.add_argument("port", type=int)
+    c.add_argument("--interval", type=float, default=0.05)
+    c.add_argument("--out", required=True)
+    c.add_argument("--stop-file")
+    c.add_argument("--duration", type=float, default=3600)
+    args = parser.parse_args()
+    if args.cmd == "serve":
+        serve(args.port, args.memory_mib, args.dirty_mb_s)
+    else:
+        client(args.host, args.port, args.interval, args.out, args.stop_file, args.duration)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
