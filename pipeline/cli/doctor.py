@@ -14,16 +14,16 @@ _STYLE = {checks.Status.PASS: "green", checks.Status.WARN: "yellow", checks.Stat
 def doctor(json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP)) -> None:
     """Check this host: CRIU, TCP repair, lazy pages, soft-dirty, WireGuard, runtimes, namespaces.
 
-    Each check prints [green]PASS[/green], [yellow]WARN[/yellow] (works, but slower or with a feature
-    off) or [red]FAIL[/red] (migrations will fail), with a one-line fix. Exits 1 when anything FAILs,
-    so scripts can gate on it. It also says which pre-copy method migrations from this host will use.
+    Each check prints [green]PASS[/green], [yellow]WARN[/yellow] (works, but slower or with a feature off) or [red]FAIL[/red] (migrations will fail), with a one-line fix.
+
+    Exits 1 when anything FAILs, so scripts can gate on it. The last line says which pre-copy method migrations from this host use: CRIU's iterative pre-dump where the kernel has soft-dirty tracking, content-based pre-copy where it does not.
 
     Examples:
 
         skyferry doctor
 
         skyferry doctor --json | jq -r '.checks[] | select(.status != "PASS") | .fix'
-    """
+    """  # noqa: E501  (Typer keeps line breaks in rich help, so each paragraph is one line)
     results = checks.run_checks()
     precopy = next((r.value for r in results if r.name.startswith("pre-copy")), None)
     if json_out:
