@@ -260,7 +260,8 @@ class Criu:
                     ext_unix_sk, file_locks, lazy_pages,
                 )  # fmt: skip
                 for key, fd in (inherit_fds or {}).items():
-                    os.set_inheritable(fd, True)
+                    os.set_inheritable(fd, True)  # for criu swrk only; the caller keeps owning it
+                    stack.callback(os.set_inheritable, fd, False)
                     opts.inherit_fd.add(key=key, fd=fd)
                 try:
                     return self._call(rpc.criu_req(type=rpc.RESTORE, opts=opts), "restore", log).restore.pid
