@@ -18,11 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import needs_root
 from skyferry.pipeline.criu import EXTNET, Criu, external_netns, open_netns
 from skyferry.pipeline.errors import SkyferryError
 
-pytestmark = [pytest.mark.integration, needs_root()]
+# Not imported from conftest.py: with several conftest.py files that module name is ambiguous.
+NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+pytestmark = [pytest.mark.integration, NEEDS_ROOT]
 
 PORT = 7001
 CLONE_NEWNET = 0x40000000

@@ -11,10 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import needs_root
 from skyferry.pipeline import doctor
 from skyferry.pipeline.criu import PRECOPY_CONTENT, PRECOPY_CRIU
 from skyferry.pipeline.doctor import Output, Status
+
+# Not imported from conftest.py: with several conftest.py files that module name is ambiguous.
+NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 SKYFERRY = str(Path(sys.executable).with_name("skyferry"))
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
@@ -150,7 +152,7 @@ def kernel_config() -> str:
 
 
 @pytest.mark.integration
-@needs_root()
+@NEEDS_ROOT
 def test_doctor_tells_the_truth_about_this_machine() -> None:
     proc = subprocess.run([SKYFERRY, "doctor", "--json"], capture_output=True, text=True, timeout=120)
     report = json.loads(proc.stdout)
@@ -177,7 +179,7 @@ def test_doctor_tells_the_truth_about_this_machine() -> None:
 
 
 @pytest.mark.integration
-@needs_root()
+@NEEDS_ROOT
 def test_probes_on_this_machine() -> None:
     # A socket in a fresh netns accepts TCP_REPAIR as root ...
     assert doctor.probe_tcp_repair() is None
@@ -192,7 +194,7 @@ def test_probes_on_this_machine() -> None:
 
 
 @pytest.mark.integration
-@needs_root()
+@NEEDS_ROOT
 def test_doctor_as_nobody_fails_on_root() -> None:
     proc = subprocess.run([*NOBODY, SKYFERRY, "doctor", "--json"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
