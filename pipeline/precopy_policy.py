@@ -1,0 +1,83 @@
+"""When to stop pre-copy rounds and freeze: a small pure object over the rounds' numbers.
+
+Stop when the last delta is small enough to send inside the freeze budget, when memory is being
+dirtied nearly as fast as the link can carry it (more rounds cannot shrink the delta), when the
+delta grows, or at a round or time limit. P.Haul's rules are the model: <= 64 pages, > 10% growth,
+8 rounds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+PAGE = 4096
+
+
+@dataclass
+class RoundStats:
+    """What one stream carried. `started` is time.monotonic() when its scan began."""
+
+    kind: str  # "round" or "final"
+    seq: int
+    started: float
+    duration: float = 0.0
+    processes: int = 0
+    pages_scanned: int = 0  # pages read live (round) or found in the dump (final)
+    pages_changed: int = 0  # pages the target did not have: sent as data or as zero runs
+    pages_zero: int = 0  # of those, all-zero pages sent as runs without data
+    pages_parent: int = 0  # final only: pages the target already has, marked in-parent
+    bytes_raw: int = 0  # uncompressed page data in the stream
+    bytes_out: int = 0  # the whole stream as sent
+    bytes_files: int = 0  # final only: the non-page image files
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Decision:
+    stop: bool
+    reason: str  # continue | converged | not-converging | growing | round-limit | time-limit
+    detail: str
+
+
+@dataclass(frozen=True)
+class ConvergencePolicy:
+    max_delta_bytes: int = 64 * PAGE  # a delta this small goes inside the freeze
+    max_rounds: int = 8
+    max_seconds: float = 300.0
+    growth: float = 0.10  # stop when a delta is this much larger than the one before
+    bandwidth: float | None = None  # bytes/s the link carries, measured; None: unknown
+    dirty_ratio: float = 0.8  # dirty rate / bandwidth at which rounds stop paying off
+
+    def decide(self, rounds: Sequence[RoundStats]) -> Decision:
+        """Whether to stop after the last of `rounds` (all kind "round", oldest first)."""
+        if not rounds:
+            return Decision(False, "continue", "no round yet")
+        last = rounds[-1]
+        n = len(rounds)
+        if last.bytes_out <= self.max_delta_bytes:
+            return Decision(True, "converged", f"round {n} sent {last.bytes_out} B <= {self.max_delta_bytes} B")
+        if n >= 2:
+            prev = rounds[-2]
+            interval = max(last.started - prev.started, 1e-6)
+            rate = last.bytes_out / interval
+            if self.bandwidth and rate >= self.dirty_ratio * self.bandwidth:
+                return Decision(
+                    True,
+                    "not-converging",
+                    f"memory changes at {rate / 1e6:.1f} MB/s, >= {self.dirty_ratio:.0%} of the link's "
+                    f"{self.bandwidth / 1e6:.1f} MB/s",
+                )
+            if last.bytes_out > (1 + self.growth) * prev.bytes_out:
+                return Decision(
+                    True, "growing", f"round {n} sent {last.bytes_out} B, more than {prev.bytes_out} B before"
+                )
+        if n >= self.max_rounds:
+            return Decision(True, "round-limit", f"{n} rounds")
+        elapsed = last.started + last.duration - rounds[0].started
+        if elapsed >= self.max_seconds:
+            return Decision(True, "time-limit", f"{elapsed:.1f} s of rounds")
+        return Decision(False, "continue", f"round {n} sent {last.bytes_out} B")

@@ -1,0 +1,386 @@
+"""Content-based pre-copy against real processes and real CRIU 4.2.1.
+
+The workload is a Python process in its own network namespace that holds non-trivial memory
+(random pages, text pages, explicit zero pages), keeps dirtying a hot part of it, and on SIGUSR1
+stops dirtying and writes a sha256 of its buffer. Its memory crosses only as streams: the target
+builds its image in its own directory and never reads the source's dump directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import needs_root
+from skyferry.pipeline import memimage
+from skyferry.pipeline.precopy import SourceEngine, TargetStore
+from skyferry.pipeline.precopy_policy import ConvergencePolicy, RoundStats
+from skyferry.pipeline.precopy_stream import FrameWriter, StreamError, read_frames
+
+CRIU = "/usr/local/sbin/criu"
+CLONE_NEWNET = 0x40000000
+
+WORKLOAD = r"""
+import hashlib, os, random, signal, sys, time
+size_mib, rate, hot_frac, reply = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+PAGE = 4096
+n = size_mib * 256
+buf = bytearray(n * PAGE)
+rng = random.Random(7)
+for i in range(n):
+    kind = i % 10
+    if kind < 4:
+        buf[i * PAGE:(i + 1) * PAGE] = rng.randbytes(PAGE)
+    elif kind < 8:
+        buf[i * PAGE:(i + 1) * PAGE] = ((b"record %08d: value=%d; " % (i, i * 7919)) * 200)[:PAGE]
+    elif kind == 8:
+        buf[i * PAGE:(i + 1) * PAGE] = bytes(PAGE)  # written, present, all zero
+    # kind 9: never touched, not present
+paused = False
+reports = 0
+
+def report(signum, frame):
+    global paused, reports
+    paused = True
+    reports += 1
+    with open(reply + ".tmp", "w") as f:
+        f.write(f"{reports} {hashlib.sha256(buf).hexdigest()}\n")
+    os.replace(reply + ".tmp", reply)
+
+signal.signal(signal.SIGUSR1, report)
+with open(reply + ".tmp", "w") as f:
+    f.write("0 ready\n")
+os.replace(reply + ".tmp", reply)
+hot = max(1, int(n * hot_frac))
+acc = 0.0
+while True:
+    time.sleep(0.01)
+    if paused:
+        continue
+    acc += rate / 100
+    while acc >= 1:
+        acc -= 1
+        off = rng.randrange(hot) * PAGE + rng.randrange(PAGE - 64)
+        buf[off:off + 64] = rng.randbytes(64)
+"""
+
+
+@dataclass
+class Workload:
+    proc: subprocess.Popen[bytes]
+    reply: Path
+    netns: str
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+def wait_reply(reply: Path, number: int, timeout: float = 30.0) -> str:
+    """The workload's numbered report ("0 ready", then "<n> <sha256>")."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if reply.exists():
+            n, text = reply.read_text().split()
+            if int(n) == number:
+                return text
+        time.sleep(0.02)
+    raise AssertionError(f"workload did not write report {number}")
+
+
+@pytest.fixture
+def netns(run_id: str) -> Iterator[str]:
+    name = f"{run_id}-precopy"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.fixture
+def spawn(tmp_path: Path, netns: str) -> Iterator:
+    """Start workloads (size MiB, dirty pages/s, hot fraction); kills every one, restored ones too."""
+    started: list[int] = []
+    script = tmp_path / "workload.py"
+    script.write_text(WORKLOAD)
+
+    def enter_netns() -> None:
+        import ctypes
+
+        fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+        if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
+            os._exit(97)
+        os.close(fd)
+
+    def start(size_mib: int, rate: float, hot: float = 0.25) -> Workload:
+        reply = tmp_path / f"reply-{len(started)}"
+        proc = subprocess.Popen(
+            ["/usr/bin/python3", str(script), str(size_mib), str(rate), str(hot), str(reply)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            close_fds=True,
+            cwd=tmp_path,
+            start_new_session=True,
+            preexec_fn=enter_netns,
+        )
+        started.append(proc.pid)
+        w = Workload(proc, reply, netns)
+        wait_reply(reply, 0, timeout=60)
+        return w
+
+    start.adopt = started.append  # type: ignore[attr-defined]
+    try:
+        yield start
+    finally:
+        for pid in started:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            for _ in range(100):
+                with contextlib.suppress(ChildProcessError):  # a restored process is init's child
+                    os.waitpid(pid, os.WNOHANG)
+                if not Path(f"/proc/{pid}").exists() or _state(pid) == "Z":
+                    break
+                time.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return "gone"
+
+
+def criu_dump(w: Workload, dump_dir: Path) -> float:
+    """Freeze with SIGSTOP, dump to dump_dir (the process is killed), reap it; returns seconds."""
+    os.kill(w.pid, signal.SIGSTOP)
+    ino = os.stat(f"/run/netns/{w.netns}").st_ino
+    dump_dir.mkdir()
+    external = ["--external", f"net[{ino}]:extnet"]
+    t = time.monotonic()
+    r = subprocess.run(
+        [CRIU, "dump", "-t", str(w.pid), "-D", str(dump_dir), "-o", "dump.log", "-v2", *external],
+        capture_output=True,
+        text=True,
+    )
+    took = time.monotonic() - t
+    assert r.returncode == 0, (dump_dir / "dump.log").read_text()[-3000:]
+    w.proc.wait(timeout=10)
+    return took
+
+
+def criu_restore(image_dir: Path, netns: str) -> tuple[int, float]:
+    """Restore detached with the netns passed in; retries while the old pid is still being reaped."""
+    fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+    inherit = ["--inherit-fd", f"fd[{fd}]:extnet", "--pidfile", str(image_dir / "restored.pid")]
+    try:
+        for _ in range(40):
+            t = time.monotonic()
+            r = subprocess.run(
+                [CRIU, "restore", "-D", str(image_dir), "-d", "-o", "restore.log", "-v2", *inherit],
+                capture_output=True,
+                text=True,
+                pass_fds=(fd,),
+            )
+            took = time.monotonic() - t
+            if r.returncode == 0:
+                return int((image_dir / "restored.pid").read_text()), took
+            log = (image_dir / "restore.log").read_text()
+            if "File exists" not in log:
+                raise AssertionError(log[-3000:])
+            time.sleep(0.25)
+        raise AssertionError("restore kept failing with 'File exists'")
+    finally:
+        os.close(fd)
+
+
+def run_rounds(engine: SourceEngine, store: TargetStore, policy: ConvergencePolicy) -> str:
+    """Pre-copy rounds until the policy stops them; returns the reason."""
+    while True:
+        store.apply(engine.round())
+        decision = policy.decide(engine.history)
+        if decision.stop:
+            return decision.reason
+
+
+def image_digest(image_dir: Path) -> dict[int, str]:
+    """sha256 over (vaddr, bytes) of every page each task would get from the image."""
+    out = {}
+    for pid in memimage.task_pagemaps(image_dir):
+        h = hashlib.sha256()
+        for vaddr, data in memimage.image_pages(image_dir, pid):
+            for i in range(0, len(data), 4096):  # per page: the two images split runs differently
+                h.update((vaddr + i).to_bytes(8, "little"))
+                h.update(data[i : i + 4096])
+        out[pid] = h.hexdigest()
+    return out
+
+
+def flip(chunks: list[bytes], at: int) -> list[bytes]:
+    blob = bytearray(b"".join(chunks))
+    blob[at] ^= 0x40
+    return [bytes(blob)]
+
+
+# --- pure pieces -----------------------------------------------------------------------------------
+
+
+def stats(seq: int, started: float, bytes_out: int) -> RoundStats:
+    return RoundStats("round", seq, started, duration=0.5, bytes_out=bytes_out)
+
+
+def test_policy_reasons() -> None:
+    p = ConvergencePolicy(max_delta_bytes=100_000, max_rounds=4, bandwidth=10e6, growth=0.1)
+    assert p.decide([]).reason == "continue"
+    assert p.decide([stats(1, 0, 50_000_000)]).reason == "continue"
+    assert p.decide([stats(1, 0, 50_000_000), stats(2, 5, 80_000)]).reason == "converged"
+    # 9 MB dirtied in 1 s on a 10 MB/s link: rounds will not shrink
+    assert p.decide([stats(1, 0, 50_000_000), stats(2, 1, 9_000_000)]).reason == "not-converging"
+    assert p.decide([stats(1, 0, 50e6), stats(2, 5, 2e6), stats(3, 10, 3e6)]).reason == "growing"
+    rounds = [stats(1, 0, 50e6), stats(2, 5, 4e6), stats(3, 10, 3e6), stats(4, 15, 2e6)]
+    assert p.decide(rounds).reason == "round-limit"
+    assert ConvergencePolicy(max_seconds=8).decide(rounds[:3]).reason == "time-limit"
+
+
+def test_stream_survives_any_chunking_and_rejects_damage() -> None:
+    w = FrameWriter()
+    frames = [w.head("round", "s1", 1), w.frame(b"PAGE", os.urandom(5000)), w.frame(b"PAGE", b"x" * 9000)]
+    frames.append(w.end({}))
+    blob = b"".join(frames)
+    for size in (1, 7, 4096, len(blob)):
+        got = list(read_frames(blob[i : i + size] for i in range(0, len(blob), size)))
+        assert [t for t, _ in got] == [b"HEAD", b"PAGE", b"PAGE"]
+        assert got[2][1] == b"x" * 9000
+    with pytest.raises(StreamError, match="truncated"):
+        list(read_frames([blob[:-5]]))
+    with pytest.raises(StreamError, match="out of order"):
+        list(read_frames([frames[0] + frames[2] + frames[1] + frames[3]]))
+    for at in (3, 30, len(frames[0]) + 30, len(blob) - 10):
+        with pytest.raises(StreamError):
+            list(read_frames(flip(frames, at)))
+
+
+# --- real processes --------------------------------------------------------------------------------
+
+
+@needs_root()
+@pytest.mark.integration
+def test_rounds_converge_on_modest_dirty_rate(spawn, tmp_path: Path) -> None:
+    w = spawn(64, rate=100)
+    engine, store = SourceEngine(w.pid), TargetStore(tmp_path / "store")
+    policy = ConvergencePolicy(max_delta_bytes=256 << 10, max_rounds=8, bandwidth=100e6)
+    reason = run_rounds(engine, store, policy)
+    rounds = engine.history
+    print(json.dumps([r.as_dict() for r in rounds], indent=1))
+    assert reason == "converged"
+    assert len(rounds) >= 2
+    assert rounds[-1].pages_changed < rounds[0].pages_changed / 20
+    assert rounds[0].pages_scanned >= 64 * 256 * 8 // 10  # 80% of the buffer is present
+    assert rounds[0].pages_zero >= 64 * 256 // 10 * 9 // 10  # the written zero pages travel as runs
+    assert rounds[0].bytes_out < rounds[0].pages_scanned * 4096  # compressed and zero-elided
+
+
+@needs_root()
+@pytest.mark.integration
+def test_policy_sees_dirtying_faster_than_the_link(spawn, tmp_path: Path) -> None:
+    w = spawn(32, rate=4000, hot=0.5)
+    engine, store = SourceEngine(w.pid), TargetStore(tmp_path / "store")
+    policy = ConvergencePolicy(max_delta_bytes=64 << 10, max_rounds=8, bandwidth=2e6)
+    reason = run_rounds(engine, store, policy)
+    print(json.dumps([r.as_dict() for r in engine.history], indent=1))
+    assert reason == "not-converging"
+    assert len(engine.history) == 2
+
+
+@needs_root()
+@pytest.mark.integration
+@pytest.mark.slow
+def test_end_to_end_restore_is_byte_identical(spawn, tmp_path: Path) -> None:
+    w = spawn(96, rate=300)
+    engine, store = SourceEngine(w.pid), TargetStore(tmp_path / "target" / "store")
+    reason = run_rounds(engine, store, ConvergencePolicy(max_delta_bytes=256 << 10, max_rounds=6))
+    before = wait_reply_after_signal(w, 1)
+
+    dump_dir = tmp_path / "source" / "dump"
+    dump_dir.parent.mkdir()
+    t_dump = criu_dump(w, dump_dir)
+    t = time.monotonic()
+    final = engine.final(dump_dir)
+    chunks = list(final)
+    t_final = time.monotonic() - t
+    image_dir = tmp_path / "target" / "image"
+    t = time.monotonic()
+    built = store.build_image(iter(chunks), image_dir)
+    t_build = time.monotonic() - t
+
+    # Every page the restore will write equals the plain dump's page, parents resolved.
+    assert image_digest(image_dir) == image_digest(dump_dir)
+    dump_pages = sum(p.stat().st_size for p in dump_dir.glob("pages-*.img"))
+    final_bytes = sum(map(len, chunks))
+    assert final_bytes < dump_pages / 10
+    assert built.pages_parent > 0.9 * final.stats.pages_scanned
+
+    pid, t_restore = criu_restore(image_dir, w.netns)
+    spawn.adopt(pid)
+    os.kill(pid, signal.SIGUSR1)
+    os.kill(pid, signal.SIGCONT)
+    after = wait_reply(w.reply, 2)
+    assert after == before
+    report = {
+        "stop_reason": reason,
+        "rounds": [r.as_dict() for r in engine.history],
+        "final": final.stats.as_dict(),
+        "dump_pages_bytes": dump_pages,
+        "dump_s": t_dump,
+        "final_stream_s": t_final,
+        "build_image_s": t_build,
+        "restore_s": t_restore,
+    }
+    print(json.dumps(report, indent=1))
+
+
+def wait_reply_after_signal(w: Workload, number: int) -> str:
+    os.kill(w.pid, signal.SIGUSR1)
+    return wait_reply(w.reply, number)
+
+
+@needs_root()
+@pytest.mark.integration
+def test_corrupted_streams_are_rejected_before_restore(spawn, tmp_path: Path) -> None:
+    w = spawn(16, rate=50)
+    engine, store = SourceEngine(w.pid), TargetStore(tmp_path / "store")
+    good = list(engine.round())
+    with pytest.raises(StreamError, match=r"checksum|damaged"):
+        store.apply(flip(good, len(good[0]) + 100))
+    assert store.session is None and not list(store.dir.iterdir())  # the store dropped everything
+    with pytest.raises(StreamError, match=r"another migration|round 1"):
+        store.apply(engine.round())  # the source still thinks round 1 landed
+    engine.reset()
+    store.apply(engine.round())
+
+    wait_reply_after_signal(w, 1)
+    dump_dir = tmp_path / "dump"
+    criu_dump(w, dump_dir)
+    chunks = list(engine.final(dump_dir))
+    image_dir = tmp_path / "image"
+    for at in (len(chunks[0]) + 10, sum(map(len, chunks)) // 2, sum(map(len, chunks)) - 30):
+        with pytest.raises(StreamError):
+            store.build_image(flip(chunks, at), image_dir)
+        assert not image_dir.exists()
+    with pytest.raises(StreamError, match="truncated"):
+        store.build_image(chunks[:-1], image_dir)
+    assert not image_dir.exists()
+    store.build_image(iter(chunks), image_dir)
+    assert image_digest(image_dir) == image_digest(dump_dir)
