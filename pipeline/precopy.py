@@ -490,12 +490,16 @@ class TargetStore:
         return session, seq
 
     def apply(self, chunks: Iterable[bytes]) -> RoundStats:
-        """Apply one round's stream. A rejected stream empties the store (see StreamError's hint)."""
+        """Apply one round's stream.
+
+        A stream from another session or out of sequence is refused untouched; one damaged after
+        some of its pages were applied empties the store (see StreamError's hint).
+        """
         stats = RoundStats("round", 0, time.monotonic())
+        frames = read_frames(_counted(chunks, stats))
+        _, head = next(frames)
+        session, stats.seq = self._check_head(head, "round")  # refused before any change
         try:
-            frames = read_frames(_counted(chunks, stats))
-            _, head = next(frames)
-            session, stats.seq = self._check_head(head, "round")
             for tag, payload in frames:
                 if tag != b"PAGE":
                     raise StreamError(f"a round stream cannot hold a {tag.decode()} frame")
