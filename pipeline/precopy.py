@@ -625,6 +625,7 @@ class _FinalPages:
         self.vpid = vpid
         self.starts = starts
         self.lens = lens
+        self.kinds = kinds
         self.offsets = (np.cumsum(lens) - lens) * np.uint64(PAGE)
         self.missing = int(lens[kinds == KIND_DATA].sum())
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -633,12 +634,17 @@ class _FinalPages:
     def write(self, starts: np.ndarray, lens: np.ndarray, data: memoryview) -> None:
         pos = 0
         for start, n in zip(starts.tolist(), lens.tolist(), strict=True):
-            i = int(np.searchsorted(self.starts, start, "right")) - 1
-            if i < 0 or start + n > int(self.starts[i] + self.lens[i]):
-                raise StreamError(f"pages for pid {self.vpid} at {start << 12:#x} are outside its pagemap")
-            os.pwrite(self.fd, data[pos : pos + n * PAGE], int(self.offsets[i]) + (start - int(self.starts[i])) * PAGE)
-            pos += n * PAGE
-            self.missing -= n
+            while n:  # a run of data may span adjacent pagemap runs (adjacent dump entries)
+                i = int(np.searchsorted(self.starts, start, "right")) - 1
+                if i < 0 or start >= int(self.starts[i] + self.lens[i]) or self.kinds[i] != KIND_DATA:
+                    raise StreamError(f"pages for pid {self.vpid} at {start << 12:#x} are not due in its pagemap")
+                k = min(n, int(self.starts[i] + self.lens[i]) - start)
+                off = int(self.offsets[i]) + (start - int(self.starts[i])) * PAGE
+                os.pwrite(self.fd, data[pos : pos + k * PAGE], off)
+                pos += k * PAGE
+                start += k
+                n -= k
+                self.missing -= k
 
     def finish(self) -> None:
         if self.missing:
