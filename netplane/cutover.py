@@ -19,9 +19,11 @@ def _ipr(host: MeshHost) -> IPRoute:
     return IPRoute(netns=host.netns) if host.netns else IPRoute()
 
 
-def _host_routes(ipr: IPRoute, ip: str) -> list[int]:
-    """Output interfaces of the /32 routes for `ip` in the main table."""
-    return [r.get("RTA_OIF") for r in ipr.get_routes(family=2, dst=ip, dst_len=32, table=254)]
+def host_routes(ipr: IPRoute, ip: str) -> list[int]:
+    """Output interfaces of the /32 routes for `ip` in the main table (a dump: `dst=` would do a lookup)."""
+    return [
+        r.get("RTA_OIF") for r in ipr.get_routes(family=2, table=254) if r["dst_len"] == 32 and r.get("RTA_DST") == ip
+    ]
 
 
 def cutover(mesh: Mesh, ip: str, source: str, target: str) -> float:
@@ -35,13 +37,13 @@ def cutover(mesh: Mesh, ip: str, source: str, target: str) -> float:
         )
     with _ipr(tgt) as t_ipr, _ipr(src) as s_ipr:
         started = time.perf_counter()
-        if not _host_routes(t_ipr, ip):
+        if not host_routes(t_ipr, ip):
             raise NetplaneError(
                 f"{target} has no host route for {ip}; nothing there would receive its packets",
                 hint="attach the container on the target (attach.attach or attach.set_route) first",
             )
         routes.publish(mesh, ip, target)
-        for oif in _host_routes(s_ipr, ip):
+        for oif in host_routes(s_ipr, ip):
             try:
                 s_ipr.route("del", dst=f"{ip}/32", oif=oif)
             except NetlinkError as exc:

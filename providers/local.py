@@ -239,7 +239,9 @@ class LocalProvider:
             _wireguard(mesh, m, ipaddress.ip_network(mesh.cidr).prefixlen)
         if self.wan_spec and mesh.wan:
             self._wan(mesh, self.wan_spec)
-        routes.apply(mesh)
+        routes.apply(mesh, keepalive=False)
+        routes.apply(mesh)  # now every member knows every peer: start the handshakes
+        routes.wait_handshakes(mesh)
         mesh.persist()
 
     def _wan(self, mesh: Mesh, spec: WanSpec) -> None:

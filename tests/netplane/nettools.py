@@ -1,0 +1,170 @@
+"""Traffic probes for netplane tests: ICMP echo and a TCP stream, each opened inside a network namespace."""
+
+import itertools
+import socket
+import statistics
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from skyferry.netplane.netns import in_netns
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return ~total & 0xFFFF
+
+
+class Pinger:
+    """ICMP echo from netns `ns` to `dst` (no ping binary on this machine); one request per `interval`."""
+
+    def __init__(self, ns: str, dst: str, interval: float) -> None:
+        with in_netns(ns):
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        self.dst, self.interval = dst, interval
+        self.ident = threading.get_native_id() & 0xFFFF
+        self.sent: dict[int, float] = {}
+        self.rtts: dict[int, float] = {}
+        self._stop = threading.Event()  # no more requests
+        self._done = threading.Event()  # no more waiting for replies
+        self._threads = [threading.Thread(target=self._send), threading.Thread(target=self._receive)]
+
+    def once(self, seq: int) -> None:
+        payload = struct.pack("!d", time.perf_counter()) + b"x" * 48
+        header = struct.pack("!BBHHH", 8, 0, 0, self.ident, seq & 0xFFFF)
+        packet = struct.pack("!BBHHH", 8, 0, _checksum(header + payload), self.ident, seq & 0xFFFF) + payload
+        self.sent[seq] = time.perf_counter()
+        self.sock.sendto(packet, (self.dst, 0))
+
+    def _send(self) -> None:
+        seq = 0
+        while not self._stop.is_set():
+            self.once(seq)
+            seq += 1
+            self._stop.wait(self.interval)
+
+    def _receive(self) -> None:
+        self.sock.settimeout(0.05)
+        while not self._done.is_set():
+            try:
+                data = self.sock.recv(2048)
+            except TimeoutError:
+                continue
+            ihl = (data[0] & 0x0F) * 4
+            kind, _, _, ident, seq = struct.unpack("!BBHHH", data[ihl : ihl + 8])
+            if kind == 0 and ident == self.ident and seq in self.sent:
+                self.rtts.setdefault(seq, time.perf_counter() - self.sent[seq])
+
+    def start(self) -> "Pinger":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self, grace: float = 2.0) -> None:
+        self._stop.set()
+        self._threads[0].join()
+        deadline = time.monotonic() + grace
+        while len(self.rtts) < len(self.sent) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self._done.set()
+        self._threads[1].join()
+        self.sock.close()
+
+    @property
+    def lost(self) -> list[int]:
+        return sorted(set(self.sent) - set(self.rtts))
+
+    def median_rtt(self) -> float:
+        return statistics.median(self.rtts.values())
+
+
+def rtt(ns: str, dst: str, count: int, interval: float = 0.05) -> Pinger:
+    """Send `count` echoes and wait for the answers."""
+    p = Pinger(ns, dst, interval)
+    p._threads[0] = threading.Thread(target=lambda: [p.once(s) or time.sleep(interval) for s in range(count)])
+    p.start()
+    p.stop()
+    return p
+
+
+@dataclass
+class Stream:
+    """A TCP client in one netns that sends a numbered line every `interval` and reads the echo back."""
+
+    sock: socket.socket
+    interval: float
+    sent: int = 0
+    echoed: list[tuple[int, float]] = field(default_factory=list)  # (number, when it came back)
+    error: BaseException | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        reader = self.sock.makefile("rb")
+        try:
+            while not self.stop.is_set():
+                self.sock.sendall(f"{self.sent}\n".encode())
+                self.sent += 1
+                line = reader.readline()
+                if not line:
+                    raise ConnectionError("server closed the stream")
+                self.echoed.append((int(line), time.monotonic()))
+                self.stop.wait(self.interval)
+        except BaseException as exc:
+            self.error = exc
+
+    def max_gap(self) -> float:
+        times = [t for _, t in self.echoed]
+        return max(b - a for a, b in itertools.pairwise(times))
+
+
+@contextmanager
+def echo_server(ns: str, address: str, port: int) -> Iterator[None]:
+    """A line echo server listening on address:port inside netns `ns` (a stand-in container process)."""
+    with in_netns(ns):
+        listener = socket.create_server((address, port))
+    stop = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=echo, args=(conn,), daemon=True).start()
+
+    def echo(conn: socket.socket) -> None:
+        with conn:
+            for line in conn.makefile("rb"):
+                conn.sendall(line)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+
+
+@contextmanager
+def stream(ns: str, address: str, port: int, interval: float) -> Iterator[Stream]:
+    with in_netns(ns):
+        sock = socket.create_connection((address, port), timeout=10)
+    s = Stream(sock, interval)
+    thread = threading.Thread(target=s.run, daemon=True)
+    thread.start()
+    try:
+        yield s
+    finally:
+        s.stop.set()
+        thread.join(timeout=15)
+        sock.close()
