@@ -8,7 +8,7 @@ Routes (JSON in, JSON out; errors are {"error", "hint"} with 4xx/5xx):
   GET    /v1/containers/NAME/logs           raw log bytes
   DELETE /v1/containers/NAME                stop and remove
   POST   /v1/containers/NAME/route          {"present": bool}: this host's /32 route to the container
-  POST   /v1/migrations/ID/OP               OP in prepare, checkpoint, send, restore, rollback-source,
+  POST   /v1/migrations/ID/OP               OP in prepare, checkpoint, send, restore, go-live, rollback-source,
                                             confirm-source, abort-target, finish-target
   PUT    /v1/migrations/ID/receive?name=N   the image stream from the source agent (chunked)
 """
@@ -118,6 +118,9 @@ class Agent:
                     return self._send(mig, name, body["target"])
                 case "restore":
                     return ops.restore(mig, name)
+                case "go-live":
+                    ops.go_live(mig, name)
+                    return {"ok": True}
                 case "rollback-source":
                     return ops.rollback_source(mig, name)
                 case "confirm-source":

@@ -1,5 +1,6 @@
 """Containers on mesh hosts, as the controller sees them: run, list, logs, remove."""
 
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -12,12 +13,19 @@ from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.registry import Registry
 from skyferry.pipeline.runc import ContainerSpec
 
+NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")
+
 
 def run(
     state: Path, host: str, name: str, args: list[str], *, rootfs: Path | None = None,
     image: Path | None = None, env: dict[str, str] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Start `args` in a new container on `host` with its own overlay /32; idempotent per (name, host)."""
+    if not NAME.fullmatch(name):
+        raise SkyferryError(
+            f"bad container name {name!r}",
+            hint="use 1-40 of a-z, 0-9, '-' and '_', starting with a letter or digit (it names kernel objects)",
+        )
     if not args:
         raise SkyferryError("no command given", hint="skyferry run --host H --name N -- CMD ARGS…")
     if rootfs and image:

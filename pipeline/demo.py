@@ -82,16 +82,30 @@ class CounterClient:
         self.out.unlink(missing_ok=True)
         argv = [PYTHON, workload_counter.__file__, "client", self.ip, str(PORT), "--interval", str(self.interval),
                 "--out", str(self.out), "--stop-file", str(self.stop_file)]  # fmt: skip
-        ready = Path(f"{self.out}.ready")
-        ready.unlink(missing_ok=True)
+        self.progress_file.unlink(missing_ok=True)
         self.proc = subprocess.Popen(netns.command(self.host_netns, argv), stdin=subprocess.DEVNULL, close_fds=True)
-        deadline = time.monotonic() + 15.0
-        while not ready.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise SkyferryError(f"the counter client could not talk to {self.ip}: {self.result()}")
-            time.sleep(0.02)
+        self.wait_for(1)
         return self
+
+    @property
+    def progress_file(self) -> Path:
+        return Path(f"{self.out}.progress")
+
+    def progress(self) -> int:
+        """Requests answered so far, on the one connection."""
+        try:
+            return int(self.progress_file.read_text() or 0)
+        except FileNotFoundError:
+            return 0
+
+    def wait_for(self, requests: int, timeout: float = 15.0) -> None:
+        """Block until `requests` have been answered; raises if the client died or got stuck."""
+        deadline = time.monotonic() + timeout
+        while self.progress() < requests:
+            if (self.proc is not None and self.proc.poll() is not None) or time.monotonic() > deadline:
+                self.stop()
+                raise SkyferryError(f"the counter client stalled talking to {self.ip}: {self.result()}")
+            time.sleep(0.02)
 
     def stop(self) -> dict[str, Any]:
         self.stop_file.touch()

@@ -140,11 +140,16 @@ class HostOps:
     # --- target side of a migration --------------------------------------------------------------
 
     def prepare(self, mig: str, spec: ContainerSpec) -> None:
-        """The same netns and IP as on the source, no route yet, and an empty bundle."""
+        """The same netns and IP as on the source, locked, no route yet, and an empty bundle.
+
+        The lock keeps the restored copy from talking to anyone until go-live: until then it has
+        diverged from the frozen source in nothing the outside world saw, so rolling back is safe.
+        """
         state = self.runc.state(spec.name)
         if state is not None:
             raise SkyferryError(f"a container named {spec.name!r} already runs on {self.cfg.name}")
         attach.attach(self.netns(spec.name), spec.ip, route=False, mtu=self.cfg.mtu)
+        netlock.lock(self.netns(spec.name))
         self.runc.create_bundle(spec, self.netns_path(spec.name), fill_rootfs=False)
         self.mig_dir(mig).mkdir(parents=True, exist_ok=True)
 
@@ -174,6 +179,13 @@ class HostOps:
                     raise
                 time.sleep(0.2)
         return {"restore_s": time.monotonic() - t0}
+
+    def go_live(self, mig: str, name: str) -> None:
+        """Let the restored copy talk: from here on it is the container, and the source is history."""
+        state = self.runc.state(name)
+        if state is None or state["status"] != "running":
+            raise SkyferryError(f"{name!r} is not running on {self.cfg.name}; cannot go live")
+        netlock.unlock(self.netns(name))
 
     def set_route(self, name: str, present: bool) -> None:
         spec = self.runc.spec(name)

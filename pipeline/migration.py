@@ -1,7 +1,8 @@
 """Drive a migration through its stages, journalling each transition; resume or roll back from the journal.
 
-A failure before the point of no return (confirm) rolls back at once: the stages that started are undone
-in reverse, and the container runs on the source again. If an undo itself fails, the rollback stops
+A failure before the point of no return (go-live: the target's copy may talk) rolls back at once: the
+stages that started are undone in reverse, and the container runs on the source again. From go-live on,
+the only way is forward: a failure there is finished by `migrations resume`. If an undo itself fails, the rollback stops
 there (thawing the source while the target's copy might still run would make two copies), the migration
 is marked `failed`, and `skyferry migrations rollback ID` retries from the same point.
 """
@@ -61,7 +62,7 @@ def rollback(state: Path, mig_id: str, progress: Progress = _quiet) -> dict[str,
     mig = journal.get(mig_id)
     if mig.state == "rolled-back":
         return _report(journal, mig)
-    if mig.state == "done" or journal.stage_status(mig_id).get(POINT_OF_NO_RETURN) == "done":
+    if mig.state == "done" or POINT_OF_NO_RETURN in journal.stage_status(mig_id):
         raise SkyferryError(
             f"migration {mig_id} is past the point of no return: {mig.container} runs on {mig.target}",
             hint=f"migrate it back: skyferry migrate {mig.container} --to {mig.source}",
@@ -115,7 +116,7 @@ def _drive(ctx: Context, journal: Journal, stages: list[Stage], progress: Progre
         detail["seconds"] = round(time.monotonic() - t0, 4)
         journal.transition(ctx.mig_id, stage.name, "done", detail)
         if stage.name == POINT_OF_NO_RETURN:
-            Registry(ctx.state).move(ctx.entry.name, ctx.target)
+            Registry(ctx.state).move(ctx.entry.name, ctx.target)  # from here on it lives there
         faults.crash_point(stage.name)
     mig = journal.get(ctx.mig_id)
     report = _report(journal, mig)

@@ -150,8 +150,23 @@ class Cutover:
             ctx.dst.call("POST", f"/v1/containers/{name}/route", {"present": False})
 
 
+class GoLive:
+    """The point of no return: the target's copy may talk. Once it has, the frozen source is stale."""
+
+    name = "go-live"
+
+    def run(self, ctx: Context) -> None:
+        ctx.mig_call(ctx.dst, "go-live")
+
+    def undo(self, ctx: Context) -> None:
+        raise SkyferryError(
+            "the target copy is live; thawing the older source copy would lose what it acknowledged",
+            hint=f"finish it (skyferry migrations resume), then: skyferry migrate {ctx.entry.name} --to {ctx.source}",
+        )
+
+
 class Confirm:
-    """The point of no return: the frozen source copy is ended."""
+    """End the frozen source copy and free what it held."""
 
     name = "confirm"
 
@@ -159,10 +174,7 @@ class Confirm:
         ctx.mig_call(ctx.src, "confirm-source")
 
     def undo(self, ctx: Context) -> None:
-        raise SkyferryError(
-            "the source copy is already gone; a confirmed migration cannot be undone",
-            hint="migrate the container back instead",
-        )
+        raise SkyferryError("the source copy is already gone; a confirmed migration cannot be undone")
 
 
 class Cleanup:
@@ -176,17 +188,10 @@ class Cleanup:
 
 
 STOP_COPY: list[Stage] = [
-    Check(),
-    Prepare(),
-    Checkpoint(),
-    Transfer(),
-    Restore(),
-    Cutover(),
-    Confirm(),
-    Cleanup(),
-]
-POINT_OF_NO_RETURN = "confirm"
-FREEZE_FROM, FREEZE_TO = "checkpoint", "cutover"
+    Check(), Prepare(), Checkpoint(), Transfer(), Restore(), Cutover(), GoLive(), Confirm(), Cleanup(),
+]  # fmt: skip
+POINT_OF_NO_RETURN = "go-live"
+FREEZE_FROM, FREEZE_TO = "checkpoint", "go-live"
 
 
 def _version(v: str) -> tuple[int, ...]:

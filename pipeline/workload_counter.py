@@ -77,8 +77,8 @@ def client(host: str, port: int, interval: float, out: str, stop_file: str | Non
                 result["gaps_over_200ms"].append(round(gap, 1))
             result["max_gap_ms"] = max(result["max_gap_ms"], round(gap, 1))
             result["requests"] = seq
-            if seq == 1:
-                open(out + ".ready", "w").close()  # tells whoever started us that the connection works
+            with open(out + ".progress", "w") as fh:  # how far we got, for whoever started us
+                fh.write(str(seq))
             time.sleep(max(0.0, interval - (time.monotonic() - now)))
     except (OSError, ValueError) as exc:
         result["errors"].append(f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,210 @@
+"""Live migration end to end on real local hosts: runc, CRIU, wireguard-go, network namespaces.
+
+One mesh of three hosts serves the whole module; every test starts its own counter container with a
+client on local-3 that fails on any lost or repeated request, and removes the container afterwards.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from skyferry.netplane import netns
+from skyferry.netplane.errors import NetplaneError
+from skyferry.netplane.mesh import Mesh
+from skyferry.pipeline import agentctl, containers, migration
+from skyferry.pipeline import demo as scenario
+from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.journal import Journal
+from skyferry.pipeline.registry import Registry
+from skyferry.pipeline.runc import Runc
+
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
+SKYFERRY = str(Path(sys.executable).parent / "skyferry")
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Mesh]]:
+    state = tmp_path_factory.mktemp("state")
+    state.chmod(0o700)
+    old = os.environ.get("SKYFERRY_STATE")
+    os.environ["SKYFERRY_STATE"] = str(state)
+    try:
+        yield state, scenario.mesh_up(state, 3, name="t" + os.urandom(2).hex())
+    finally:
+        scenario.mesh_down(state)
+        if old is None:
+            os.environ.pop("SKYFERRY_STATE", None)
+        else:
+            os.environ["SKYFERRY_STATE"] = old
+
+
+@pytest.fixture
+def counter(mesh: tuple[Path, Mesh], tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[dict]:
+    """A counter container on local-1 and a client on local-3 holding one connection to it."""
+    state, m = mesh
+    name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[-30:].strip("-")
+    info = scenario.start_counter(state, "local-1", name, tmp_path)
+    client = scenario.CounterClient(m.hosts["local-3"].netns or "", info["ip"], tmp_path).start()
+    try:
+        yield {"name": name, "ip": info["ip"], "client": client, "state": state, "mesh": m}
+    finally:
+        client.stop()
+        containers.remove(state, name)
+
+
+def where(state: Path, name: str) -> dict:
+    return {r["name"]: r for r in containers.live(state)}[name]
+
+
+def host_containers(state: Path, m: Mesh, host: str) -> list[str]:
+    return [c["name"] for c in agentctl.client(state, m, host).call("GET", "/v1/containers")]
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([SKYFERRY, *args], capture_output=True, text=True, env={**os.environ, **(env or {})})
+
+
+def test_migration_keeps_ip_and_connection_there_and_back(counter: dict) -> None:
+    state, name, m = counter["state"], counter["name"], counter["mesh"]
+    report = migration.migrate(state, name, "local-2")
+    assert report["state"] == "done" and report["freeze_ms"] > 0 and report["bytes_wire"] > 0
+    assert list(report["stages_s"]) == ["check", "prepare", "checkpoint", "transfer", "restore", "cutover",
+                                        "go-live", "confirm", "cleanup"]  # fmt: skip
+    now = where(state, name)
+    assert (now["host"], now["ip"], now["state"]) == ("local-2", counter["ip"], "running")
+    assert name not in host_containers(state, m, "local-1")
+    assert not netns.exists(f"{m.name}-local-1-{name}"), "the source's netns must be gone after confirm"
+    assert Mesh.load(state).homes[counter["ip"]] == "local-2"
+
+    client = counter["client"]
+    client.wait_for(client.progress() + 5)  # the same connection carries requests after the move
+    back = migration.migrate(state, name, "local-1")
+    assert back["state"] == "done"
+    client.wait_for(client.progress() + 5)
+    seen = client.stop()
+    assert seen["survived"], seen["errors"]
+    assert where(state, name)["host"] == "local-1"
+    assert not list(Path("/dev/shm/skyferry", m.name).rglob("*.img")), "checkpoint images must be wiped"
+
+
+def test_restore_failure_rolls_back_to_the_source(counter: dict) -> None:
+    state, name, m = counter["state"], counter["name"], counter["mesh"]
+    faults = Path(m.hosts["local-2"].state_root) / "faults"
+    faults.write_text("restore\n")
+    try:
+        with pytest.raises(SkyferryError, match=r"failed at restore.*Rolled back"):
+            migration.migrate(state, name, "local-2")
+    finally:
+        faults.unlink()
+    now = where(state, name)
+    assert (now["host"], now["state"]) == ("local-1", "running")
+    assert name not in host_containers(state, m, "local-2")
+    assert not netns.exists(f"{m.name}-local-2-{name}")
+    assert Journal(state).all()[-1].state == "rolled-back"
+    seen = counter["client"].stop()
+    assert seen["survived"], seen["errors"]
+
+
+@pytest.mark.parametrize("crash_after", ["checkpoint", "transfer", "cutover", "go-live"])
+def test_controller_crash_then_resume(counter: dict, crash_after: str) -> None:
+    state, name = counter["state"], counter["name"]
+    proc = cli("migrate", name, "--to", "local-2", "--json", env={"SKYFERRY_CRASH_AFTER": crash_after})
+    assert proc.returncode == 137, proc.stderr
+    mig = Journal(state).active_for(name)
+    assert mig is not None and mig.state == "running"
+    assert where(state, name)["state"] == ("running" if crash_after == "go-live" else "frozen (migrating)")
+    resumed = cli("migrations", "resume", mig.id, "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["state"] == "done"
+    assert where(state, name)["host"] == "local-2"
+    seen = counter["client"].stop()
+    assert seen["survived"], seen["errors"]
+
+
+@pytest.mark.parametrize("crash_after", ["prepare", "restore", "cutover"])
+def test_controller_crash_then_rollback(counter: dict, crash_after: str) -> None:
+    state, name, m = counter["state"], counter["name"], counter["mesh"]
+    proc = cli("migrate", name, "--to", "local-2", env={"SKYFERRY_CRASH_AFTER": crash_after})
+    assert proc.returncode == 137, proc.stderr
+    mig = Journal(state).active_for(name)
+    assert mig is not None
+    undone = cli("migrations", "rollback", mig.id, "--json")
+    assert undone.returncode == 0, undone.stderr
+    assert json.loads(undone.stdout)["state"] == "rolled-back"
+    now = where(state, name)
+    assert (now["host"], now["state"]) == ("local-1", "running")
+    assert name not in host_containers(state, m, "local-2")
+    assert Mesh.load(state).homes[counter["ip"]] == "local-1"
+    seen = counter["client"].stop()
+    assert seen["survived"], seen["errors"]
+    again = cli("migrations", "rollback", mig.id, "--json")  # idempotent
+    assert again.returncode == 0 and json.loads(again.stdout)["state"] == "rolled-back"
+
+
+def test_rollback_is_refused_after_the_point_of_no_return(counter: dict) -> None:
+    state, name = counter["state"], counter["name"]
+    proc = cli("migrate", name, "--to", "local-2", env={"SKYFERRY_CRASH_AFTER": "go-live"})
+    assert proc.returncode == 137
+    mig = Journal(state).active_for(name)
+    assert mig is not None
+    refused = cli("migrations", "rollback", mig.id)
+    assert refused.returncode == 2 and "point of no return" in refused.stderr
+    assert where(state, name)["host"] == "local-2"
+    assert cli("migrations", "resume", mig.id).returncode == 0
+    seen = counter["client"].stop()
+    assert seen["survived"], seen["errors"]
+
+
+def test_bad_input_changes_nothing(counter: dict) -> None:
+    state, name = counter["state"], counter["name"]
+    with pytest.raises(SkyferryError, match="unknown container 'nope'"):
+        migration.migrate(state, "nope", "local-2")
+    with pytest.raises(NetplaneError, match="unknown host 'local-9'"):
+        migration.migrate(state, name, "local-9")
+    with pytest.raises(SkyferryError, match="already runs on local-1"):
+        migration.migrate(state, name, "local-1")
+    with pytest.raises(SkyferryError, match="bad container name"):
+        containers.run(state, "local-2", "Bad/Name", ["true"])
+    proc = cli("migrate", name, "--to", "local-9")
+    assert proc.returncode == 2 and "unknown host 'local-9'" in proc.stderr and "Traceback" not in proc.stderr
+    assert where(state, name)["host"] == "local-1" and where(state, name)["state"] == "running"
+    seen = counter["client"].stop()
+    assert seen["survived"], seen["errors"]
+
+
+def test_target_without_criu_is_refused(counter: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    state, name, m = counter["state"], counter["name"], counter["mesh"]
+    agentctl.stop_agents(m, state, hosts=["local-2"])
+    monkeypatch.setenv("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")  # CRIU lives in /usr/local/sbin
+    agentctl.start_agents(m, state)
+    try:
+        with pytest.raises(SkyferryError, match="local-2 has no CRIU"):
+            migration.migrate(state, name, "local-2")
+    finally:
+        agentctl.stop_agents(m, state, hosts=["local-2"])
+        monkeypatch.undo()
+        agentctl.start_agents(m, state)
+    assert where(state, name)["state"] == "running"
+    assert Journal(state).all()[-1].state == "rolled-back"
+
+
+def test_a_stopped_container_is_refused(mesh: tuple[Path, Mesh], tmp_path: Path) -> None:
+    state, m = mesh
+    scenario.start_counter(state, "local-1", "stopped", tmp_path)
+    try:
+        runc = Runc(Path(m.hosts["local-1"].state_root), f"/skyferry/{m.name}/local-1")
+        subprocess.run(["runc", "--root", str(runc.root), "kill", "stopped", "KILL"], check=True)
+        for _ in range(50):
+            if (runc.state("stopped") or {}).get("status") == "stopped":
+                break
+            subprocess.run(["sleep", "0.1"])
+        with pytest.raises(SkyferryError, match="is stopped on local-1, not running"):
+            migration.migrate(state, "stopped", "local-2")
+        assert Registry(state).get("stopped").host == "local-1"
+    finally:
+        containers.remove(state, "stopped")
