@@ -56,6 +56,7 @@ PAGES_HEAD = struct.Struct("<III")  # vpid, data runs, zero runs
 PMAP_HEAD = struct.Struct("<IIQI")  # vpid, pages_id, digest of in-parent page hashes, runs
 FILE_HEAD = struct.Struct("<HQ")  # name length, offset
 IMAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+STORE_FILE = re.compile(r"(pagemap|pages)-\d+\.img(\.tmp)?")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
@@ -149,8 +150,12 @@ class Transfer:
         self.stats = stats
         self._frames = frames
         self._on_done = on_done
+        self._used = False
 
     def __iter__(self) -> Iterator[bytes]:
+        if self._used:
+            raise SkyferryError("a pre-copy stream can be sent only once", hint="start a new round")
+        self._used = True
         yield from self._frames
         self.stats.duration = time.monotonic() - self.stats.started
         self._on_done()
@@ -455,6 +460,7 @@ class TargetStore:
         self.session: str | None = None
         self.seq = 0
         self.procs: dict[int, _StoredProcess] = {}
+        self._clear_files()  # a left-over store from an earlier migration is never a parent
 
     def reset(self) -> None:
         """Drop everything; the next stream must be round 1 of a new session."""
@@ -462,8 +468,12 @@ class TargetStore:
             p.close()
         self.procs.clear()
         self.session, self.seq = None, 0
+        self._clear_files()
+
+    def _clear_files(self) -> None:
         for path in self.dir.iterdir():
-            path.unlink()
+            if STORE_FILE.fullmatch(path.name):
+                path.unlink()
 
     def close(self) -> None:
         for p in self.procs.values():
@@ -526,7 +536,10 @@ class TargetStore:
         image_dir behind; the store is untouched, so a fresh final stream may be sent again.
         """
         stats = RoundStats("final", 0, time.monotonic())
-        image_dir.mkdir(parents=True)
+        try:
+            image_dir.mkdir(parents=True)
+        except FileExistsError:
+            raise SkyferryError(f"{image_dir} already exists", hint="build each image into a new directory") from None
         try:
             self._build(chunks, image_dir, stats)
         except BaseException:
