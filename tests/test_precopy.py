@@ -26,6 +26,7 @@ import pytest
 from skyferry.pipeline import memimage
 from skyferry.pipeline.precopy import SourceEngine, TargetStore, encode_pages
 from skyferry.pipeline.precopy_policy import ConvergencePolicy, RoundStats
+from skyferry.pipeline.precopy_procmem import process_tree
 from skyferry.pipeline.precopy_stream import FrameWriter, StreamError, read_frames
 
 CRIU = "/usr/local/sbin/criu"
@@ -324,6 +325,29 @@ def test_store_is_a_parent_image_across_new_mappings(tmp_path: Path) -> None:
 
 
 # --- real processes --------------------------------------------------------------------------------
+
+
+@NEEDS_ROOT
+@pytest.mark.integration
+def test_processes_are_named_by_their_pid_inside_the_container() -> None:
+    """In a new pid namespace the tree's processes get CRIU's names: 1, 2, ... as seen inside."""
+    code = "import os, time\nif os.fork() == 0:\n    time.sleep(30)\ntime.sleep(30)"
+    proc = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--kill-child", "/usr/bin/python3", "-c", code],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        close_fds=True,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while len(tree := process_tree(proc.pid)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [p.vpid for p in tree] == [proc.pid, 1, 2]
+        assert tree[0].pid == proc.pid and tree[1].pid != 1
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 @NEEDS_ROOT
