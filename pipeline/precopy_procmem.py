@@ -124,9 +124,10 @@ def runs_of(vpns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class MemReader:
     """Reads pages of one live process into a reusable buffer, CHUNK_PAGES at a time."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, buf: np.ndarray | None = None) -> None:
         self.pid = pid
-        self._buf = np.empty((CHUNK_PAGES, PAGE), dtype=np.uint8)
+        # Pass a buffer kept across rounds: fresh memory is slow to touch on VMs that return it to the host.
+        self._buf = np.empty((CHUNK_PAGES, PAGE), dtype=np.uint8) if buf is None else buf
         self._iov = np.empty((IOV_MAX, 2), dtype=np.uint64)
 
     def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
