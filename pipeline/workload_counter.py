@@ -58,7 +58,7 @@ def client(host: str, port: int, interval: float, out: str, stop_file: str | Non
     result = {"requests": 0, "max_gap_ms": 0.0, "errors": [], "survived": True, "gaps_over_200ms": []}
     start = time.monotonic()
     try:
-        conn = socket.create_connection((host, port), timeout=60)
+        conn = _connect(host, port, deadline=time.monotonic() + 20)
         f = conn.makefile("rwb")
         seq = 0
         while time.monotonic() - start < duration and not (stop_file and os.path.exists(stop_file)):
@@ -87,6 +87,17 @@ def client(host: str, port: int, interval: float, out: str, stop_file: str | Non
     with open(tmp, "w") as fh:
         json.dump(result, fh)
     os.replace(tmp, out)
+
+
+def _connect(host: str, port: int, deadline: float) -> socket.socket:
+    """The first connection only: the service may still be starting. A migration never reconnects."""
+    while True:
+        try:
+            return socket.create_connection((host, port), timeout=60)
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def main() -> None:
