@@ -170,6 +170,11 @@ class MemReader:
                 err = ctypes.get_errno()
                 if err == errno.ESRCH:
                     raise ProcessLookupError(self.pid)
+                if err == errno.EPERM:
+                    raise SkyferryError(
+                        f"not allowed to read the memory of process {self.pid}",
+                        hint="run the agent as root with CAP_SYS_PTRACE (kernel.yama.ptrace_scope <= 1)",
+                    )
                 if err != errno.EFAULT:
                     raise OSError(err, f"process_vm_readv({self.pid}): {os.strerror(err)}")
                 got = 0
