@@ -372,7 +372,7 @@ def test_rounds_converge_on_modest_dirty_rate(spawn, tmp_path: Path) -> None:
 def test_policy_sees_dirtying_faster_than_the_link(spawn, tmp_path: Path) -> None:
     w = spawn(32, rate=4000, hot=0.5)
     engine, store = SourceEngine(w.pid), TargetStore(tmp_path / "store")
-    policy = ConvergencePolicy(max_delta_bytes=64 << 10, max_rounds=8, bandwidth=2e6)
+    policy = ConvergencePolicy(max_delta_bytes=64 << 10, max_rounds=8, bandwidth=1e6)
     reason = run_rounds(engine, store, policy)
     print(json.dumps([r.as_dict() for r in engine.history], indent=1))
     assert reason == "not-converging"
