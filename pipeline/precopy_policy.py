@@ -49,7 +49,7 @@ class ConvergencePolicy:
     max_rounds: int = 8
     max_seconds: float = 300.0
     growth: float = 0.10  # stop when a delta is this much larger than the one before
-    bandwidth: float | None = None  # bytes/s the link carries, measured; None: unknown
+    bandwidth: float | None = None  # bytes/s the link carries; None: round 1's throughput
     dirty_ratio: float = 0.8  # dirty rate / bandwidth at which rounds stop paying off
 
     def decide(self, rounds: Sequence[RoundStats]) -> Decision:
@@ -64,12 +64,15 @@ class ConvergencePolicy:
             prev = rounds[-2]
             interval = max(last.started - prev.started, 1e-6)
             rate = last.bytes_out / interval
-            if self.bandwidth and rate >= self.dirty_ratio * self.bandwidth:
+            # Round 1 moves all memory, so whatever limits it (link, compression, disk) is the pipeline's
+            # throughput: the best estimate when nobody measured the link.
+            bandwidth = self.bandwidth or rounds[0].bytes_out / max(rounds[0].duration, 1e-6)
+            if rate >= self.dirty_ratio * bandwidth:
                 return Decision(
                     True,
                     "not-converging",
-                    f"memory changes at {rate / 1e6:.1f} MB/s, >= {self.dirty_ratio:.0%} of the link's "
-                    f"{self.bandwidth / 1e6:.1f} MB/s",
+                    f"memory changes at {rate / 1e6:.1f} MB/s, >= {self.dirty_ratio:.0%} of the "
+                    f"{bandwidth / 1e6:.1f} MB/s the streams move",
                 )
             if last.bytes_out > (1 + self.growth) * prev.bytes_out:
                 return Decision(

@@ -273,6 +273,10 @@ def test_policy_reasons() -> None:
     rounds = [stats(1, 0, 50e6), stats(2, 5, 4e6), stats(3, 10, 3e6), stats(4, 15, 2e6)]
     assert p.decide(rounds).reason == "round-limit"
     assert ConvergencePolicy(max_seconds=8).decide(rounds[:3]).reason == "time-limit"
+    # No bandwidth given: round 1 moved 50 MB in 0.5 s, so 100 MB/s is what the streams carry.
+    unknown = ConvergencePolicy(max_delta_bytes=100_000)
+    assert unknown.decide([stats(1, 0, 50e6), stats(2, 1, 90e6)]).reason == "not-converging"
+    assert unknown.decide([stats(1, 0, 50e6), stats(2, 1, 5e6)]).reason == "continue"
 
 
 def test_stream_survives_any_chunking_and_rejects_damage() -> None:
