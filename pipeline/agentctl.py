@@ -23,7 +23,7 @@ from skyferry.pipeline.client import AgentClient
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.host import IMAGES_TMPFS
 from skyferry.pipeline.registry import Registry
-from skyferry.pipeline.runc import Runc
+from skyferry.pipeline.runtime import runtimes
 
 PIDS = "agents.json"
 
@@ -121,17 +121,17 @@ def _wait_ready(state: Path, mesh: Mesh, host: MeshHost, timeout: float = 20.0) 
 def stop_agents(mesh: Mesh, state: Path, hosts: list[str] | None = None) -> None:
     """Tear down local hosts' workloads and agents (all hosts, or `hosts`).
 
-    Containers go down with their hosts: each one is deleted through runc with that host's own runc
-    root (an agent restart alone never touches containers). Then the agents get SIGTERM, and SIGKILL
+    Containers go down with their hosts: each one is removed through its engine with that host's own
+    state (an agent restart alone never touches containers). Then the agents get SIGTERM, and SIGKILL
     after 5 s.
     """
     registry = Registry(state)
     for host in mesh.hosts.values():
         if host.netns is None or (hosts is not None and host.name not in hosts):
             continue
-        runc = Runc(Path(host.state_root), f"/skyferry/{mesh.name}/{host.name}")
-        for name in runc.names():
-            runc.delete(name)
+        for runtime in runtimes(Path(host.state_root), f"/skyferry/{mesh.name}/{host.name}").values():
+            for name in runtime.names():
+                runtime.remove(name)
         for entry in registry.all():
             if entry.host == host.name:
                 registry.remove(entry.name)

@@ -82,7 +82,7 @@ def live(state: Path) -> list[dict[str, Any]]:
         if current.get("frozen_for_migration"):
             status = "frozen (migrating)"
         rows.append({"name": e.name, "host": e.host, "ip": e.ip, "state": status, "pid": current.get("pid"),
-                     "runtime": "runc", "command": " ".join(e.spec.args)})  # fmt: skip
+                     "runtime": e.spec.runtime, "command": " ".join(e.spec.args)})  # fmt: skip
     return rows
 
 

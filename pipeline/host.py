@@ -16,7 +16,8 @@ from typing import Any, BinaryIO
 from skyferry.netplane import attach
 from skyferry.pipeline import netlock, wire
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.runc import ContainerSpec, Runc
+from skyferry.pipeline.runc import ContainerSpec
+from skyferry.pipeline.runtime import Runtime, runtimes
 
 IMAGES_TMPFS = Path("/dev/shm/skyferry")
 
@@ -33,7 +34,7 @@ class HostConfig:
 class HostOps:
     def __init__(self, cfg: HostConfig) -> None:
         self.cfg = cfg
-        self.runc = Runc(cfg.state_root, f"/skyferry/{cfg.mesh}/{cfg.name}")
+        self.runtimes = runtimes(cfg.state_root, f"/skyferry/{cfg.mesh}/{cfg.name}")
         self.images_root = IMAGES_TMPFS / cfg.mesh / cfg.name
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
@@ -42,6 +43,27 @@ class HostOps:
         """One operation at a time per container."""
         with self._guard:
             return self._locks.setdefault(name, threading.Lock())
+
+    def rt(self, name: str) -> Runtime:
+        """The engine that holds container `name` on this host."""
+        for runtime in self.runtimes.values():
+            if runtime.owns(name):
+                return runtime
+        raise SkyferryError(f"no container named {name!r} on {self.cfg.name}")
+
+    def engine(self, spec: ContainerSpec) -> Runtime:
+        if spec.runtime not in self.runtimes:
+            raise SkyferryError(
+                f"{self.cfg.name} has no {spec.runtime} runtime", hint=f"available: {', '.join(self.runtimes)}"
+            )
+        return self.runtimes[spec.runtime]
+
+    def _state(self, name: str) -> dict[str, Any] | None:
+        """The engine's view of `name`, or None when no engine here has it."""
+        for runtime in self.runtimes.values():
+            if runtime.owns(name):
+                return runtime.state(name)
+        return None
 
     def netns(self, name: str) -> str:
         return f"{self.cfg.mesh}-{self.cfg.name}-{name}"
@@ -55,86 +77,85 @@ class HostOps:
     # --- containers ------------------------------------------------------------------------------
 
     def run(self, spec: ContainerSpec) -> dict[str, Any]:
-        state = self.runc.state(spec.name)
+        runtime = self.engine(spec)
+        state = self._state(spec.name)
         if state is not None:
             if state["status"] in ("running", "paused"):
                 return self.info(spec.name)  # already there: idempotent
-            self.runc.delete(spec.name)
+            self.rt(spec.name).remove(spec.name)
         attach.attach(self.netns(spec.name), spec.ip, mtu=self.cfg.mtu)
         try:
-            self.runc.create_bundle(spec, self.netns_path(spec.name))
-            self.runc.run(spec.name)
+            runtime.run(spec, self.netns_path(spec.name))
         except Exception:
-            self.runc.remove_bundle(spec.name)
             attach.detach(self.netns(spec.name))
             raise
         return self.info(spec.name)
 
     def info(self, name: str) -> dict[str, Any]:
-        spec = self.runc.spec(name)
-        state = self.runc.state(name) or {}
+        runtime = self.rt(name)
+        spec = runtime.spec(name)
+        state = runtime.state(name) or {}
         return {
             "name": name,
             "host": self.cfg.name,
             "ip": spec.ip,
             "args": spec.args,
+            "runtime": runtime.name,
             "state": state.get("status", "stopped"),
             "pid": state.get("pid") or None,
             "frozen_for_migration": netlock.is_locked(self.netns(name)) if state else False,
         }
 
     def list(self) -> list[dict[str, Any]]:
-        return [self.info(name) for name in self.runc.names()]
+        return [self.info(name) for runtime in self.runtimes.values() for name in runtime.names()]
 
     def logs(self, name: str) -> bytes:
-        self.runc.spec(name)  # raises for an unknown container
-        return self.runc.logs(name)
+        return self.rt(name).logs(name)
 
     def remove(self, name: str) -> None:
-        self.runc.delete(name)
+        self.rt(name).remove(name)
         attach.detach(self.netns(name))
-        self.runc.remove_bundle(name)
 
     # --- source side of a migration --------------------------------------------------------------
 
     def checkpoint(self, mig: str, name: str) -> dict[str, Any]:
         """Freeze, silence and dump the container; it stays frozen here until confirm or rollback."""
-        state = self.runc.state(name)
+        runtime = self.rt(name)
+        state = runtime.state(name)
         if state is None or state["status"] not in ("running", "paused"):
             raise SkyferryError(f"container {name!r} is not running on {self.cfg.name}")
         images = self.mig_dir(mig) / "images"
         t0 = time.monotonic()
         if state["status"] == "running":
-            self.runc.pause(name)
+            runtime.pause(name)
         netlock.lock(self.netns(name))
         t_frozen = time.monotonic()
         wire.wipe(images)  # a retried checkpoint starts clean
-        self.runc.checkpoint(name, images, self.mig_dir(mig) / "work")
+        runtime.checkpoint(name, images, self.mig_dir(mig) / "work")
         return {"pause_s": t_frozen - t0, "dump_s": time.monotonic() - t_frozen, "image_bytes": _du(images)}
 
     def stream_out(self, mig: str, name: str, stats: wire.StreamStats) -> Iterator[bytes]:
         images = self.mig_dir(mig) / "images"
         if not images.exists():
             raise SkyferryError(f"migration {mig}: no checkpoint of {name!r} on {self.cfg.name}")
-        return wire.encode({"images": images, "rootfs": self.runc.rootfs(name)}, stats)
+        return wire.encode({"images": images, **self.rt(name).payload(name)}, stats)
 
     def rollback_source(self, mig: str, name: str) -> dict[str, Any]:
         """Resume the frozen source: unlock its network, thaw it. Safe to call at any point before confirm."""
-        state = self.runc.state(name)
+        state = self._state(name)
         if state is None:
             raise SkyferryError(f"container {name!r} is gone from {self.cfg.name}; cannot resume it here")
         netlock.unlock(self.netns(name))
         if state["status"] == "paused":
-            self.runc.resume(name)
+            self.rt(name).resume(name)
         wire.wipe(self.mig_dir(mig))
         return self.info(name)
 
     def confirm_source(self, mig: str, name: str) -> None:
         """The target runs and is routed: end the frozen copy and everything it held here."""
-        if self.runc.state(name) is not None:
-            self.runc.delete(name)
+        if self._state(name) is not None:
+            self.rt(name).remove(name)
         attach.detach(self.netns(name))
-        self.runc.remove_bundle(name)
         wire.wipe(self.mig_dir(mig))
 
     # --- target side of a migration --------------------------------------------------------------
@@ -145,58 +166,57 @@ class HostOps:
         The lock keeps the restored copy from talking to anyone until go-live: until then it has
         diverged from the frozen source in nothing the outside world saw, so rolling back is safe.
         """
-        state = self.runc.state(spec.name)
-        if state is not None:
+        runtime = self.engine(spec)
+        if self._state(spec.name) is not None:
             raise SkyferryError(f"a container named {spec.name!r} already runs on {self.cfg.name}")
         attach.attach(self.netns(spec.name), spec.ip, route=False, mtu=self.cfg.mtu)
         netlock.lock(self.netns(spec.name))
-        self.runc.create_bundle(spec, self.netns_path(spec.name), fill_rootfs=False)
+        runtime.prepare(spec, self.netns_path(spec.name))
         self.mig_dir(mig).mkdir(parents=True, exist_ok=True)
 
     def receive(self, mig: str, name: str, body: BinaryIO) -> wire.StreamStats:
-        self.runc.spec(name)  # prepared?
+        payload = self.rt(name).payload(name)  # raises unless prepared
         images = self.mig_dir(mig) / "images"
         wire.wipe(images)
         stats = wire.StreamStats()
-        wire.decode(body, {"images": images, "rootfs": self.runc.rootfs(name)}, stats)
+        wire.decode(body, {"images": images, **payload}, stats)
         return stats
 
     def restore(self, mig: str, name: str) -> dict[str, Any]:
-        state = self.runc.state(name)
+        runtime = self.rt(name)
+        state = runtime.state(name)
         if state is not None and state["status"] == "running":
             return {"restore_s": 0.0}  # already restored: idempotent
-        if state is not None:
-            self.runc.delete(name)
         t0 = time.monotonic()
         # Right after a failed attempt CRIU can hit "Can't fork for PID: File exists" until the old
         # PID is reaped; one retry after a short wait covers it.
         for attempt in (1, 2):
             try:
-                self.runc.restore(name, self.mig_dir(mig) / "images", self.mig_dir(mig) / f"work{attempt}")
+                runtime.restore(name, self.mig_dir(mig) / "images", self.mig_dir(mig) / f"work{attempt}")
                 break
             except SkyferryError:
-                if attempt == 2 or self.runc.state(name) is not None:
+                if attempt == 2 or runtime.state(name) is not None:
                     raise
                 time.sleep(0.2)
         return {"restore_s": time.monotonic() - t0}
 
     def go_live(self, mig: str, name: str) -> None:
         """Let the restored copy talk: from here on it is the container, and the source is history."""
-        state = self.runc.state(name)
+        state = self._state(name)
         if state is None or state["status"] != "running":
             raise SkyferryError(f"{name!r} is not running on {self.cfg.name}; cannot go live")
         netlock.unlock(self.netns(name))
 
     def set_route(self, name: str, present: bool) -> None:
-        spec = self.runc.spec(name)
+        spec = self.rt(name).spec(name)
         attach.set_route(self.netns(name), spec.ip, present)
 
     def abort_target(self, mig: str, name: str) -> None:
         """Undo prepare/receive/restore: nothing of the container stays on the target."""
-        if self.runc.state(name) is not None:
-            self.runc.delete(name)
+        for runtime in self.runtimes.values():
+            if runtime.owns(name):
+                runtime.remove(name)
         attach.detach(self.netns(name))
-        self.runc.remove_bundle(name)
         wire.wipe(self.mig_dir(mig))
 
     def finish_target(self, mig: str) -> None:

@@ -33,6 +33,7 @@ class ContainerSpec:
     env: dict[str, str] = field(default_factory=dict)
     rootfs: str | None = None  # a directory copied into the bundle at `run`
     image: str | None = None  # an OCI or `docker save` tarball unpacked at `run`
+    runtime: str = "runc"  # which adapter runs it (pipeline/runtime.py)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -44,6 +45,8 @@ class ContainerSpec:
 
 class Runc:
     """runc for one host: `state_root` is the host's own state root, `cgroup_prefix` its cgroup parent."""
+
+    name = "runc"
 
     def __init__(self, state_root: Path, cgroup_prefix: str) -> None:
         self.root = state_root / "runc"
@@ -63,6 +66,9 @@ class Runc:
         if not path.exists():
             raise SkyferryError(f"no container named {name!r} on this host")
         return ContainerSpec.from_dict(json.loads(path.read_text()))
+
+    def owns(self, name: str) -> bool:
+        return (self.bundle(name) / "spec.json").exists()
 
     def names(self) -> list[str]:
         if not self.bundles.exists():
@@ -101,12 +107,27 @@ class Runc:
         path = self.rootfs(name) / LOG_IN_CONTAINER.lstrip("/")
         return path.read_bytes() if path.exists() else b""
 
+    def payload(self, name: str) -> dict[str, Path]:
+        return {"rootfs": self.rootfs(name)}
+
     # --- lifecycle -------------------------------------------------------------------------------
 
-    def run(self, name: str) -> None:
-        # -d: runc exits once the container runs; its stderr goes to a file, never a pipe the
-        # container would inherit and keep open.
-        self._runc("run", "-d", "--bundle", str(self.bundle(name)), name)
+    def run(self, spec: ContainerSpec, netns_path: str) -> None:
+        self.create_bundle(spec, netns_path)
+        try:
+            # -d: runc exits once the container runs; its stderr goes to a file, never a pipe the
+            # container would inherit and keep open.
+            self._runc("run", "-d", "--bundle", str(self.bundle(spec.name)), spec.name)
+        except SkyferryError:
+            self.remove(spec.name)
+            raise
+
+    def prepare(self, spec: ContainerSpec, netns_path: str) -> None:
+        self.create_bundle(spec, netns_path, fill_rootfs=False)
+
+    def remove(self, name: str) -> None:
+        self.delete(name)
+        self.remove_bundle(name)
 
     def state(self, name: str) -> dict[str, Any] | None:
         """runc's view (status, pid), or None if runc does not know the container."""
