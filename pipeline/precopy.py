@@ -41,7 +41,7 @@ import xxhash
 from skyferry.pipeline import memimage
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.precopy_policy import RoundStats
-from skyferry.pipeline.precopy_procmem import CHUNK_PAGES, PAGE, MemReader, process_tree, runs_of
+from skyferry.pipeline.precopy_procmem import PAGE, MemReader, process_tree, read_buffers, runs_of
 from skyferry.pipeline.precopy_stream import FrameWriter, StreamError, read_frames
 
 SLAB_SHIFT = 18  # 2^18 pages = 1 GiB of address space per slab
@@ -199,7 +199,7 @@ class SourceEngine:
         self.seq = 0
         self.tables: dict[int, HashTable] = {}  # by vpid: what the target holds
         self.history: list[RoundStats] = []
-        self._buf = np.empty((CHUNK_PAGES, PAGE), np.uint8)
+        self._bufs = read_buffers()
 
     def reset(self) -> None:
         """Forget what the target holds (after it rejected a stream); the next round is full."""
@@ -231,7 +231,7 @@ class SourceEngine:
             stats.processes += 1
             table = self.tables.get(proc.vpid, HashTable())
             batch = _Batch(proc.vpid)
-            for vpns, pages in MemReader(proc.pid, self._buf).chunks():
+            for vpns, pages in MemReader(proc.pid, self._bufs).chunks():
                 stats.pages_scanned += len(vpns)
                 hashes = page_hashes(pages)
                 idx = np.flatnonzero(hashes != table.get(vpns))

@@ -8,9 +8,12 @@ CRIU dump is the authority on what the frozen tree holds.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
+import queue
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,13 +124,22 @@ def runs_of(vpns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return vpns[starts], (ends - starts).astype(np.uint64)
 
 
-class MemReader:
-    """Reads pages of one live process into a reusable buffer, CHUNK_PAGES at a time."""
+def read_buffers() -> tuple[np.ndarray, np.ndarray]:
+    """The two batch buffers a MemReader alternates between; keep them across rounds."""
+    return np.empty((CHUNK_PAGES, PAGE), np.uint8), np.empty((CHUNK_PAGES, PAGE), np.uint8)
 
-    def __init__(self, pid: int, buf: np.ndarray | None = None) -> None:
+
+class MemReader:
+    """Reads pages of one live process, CHUNK_PAGES at a time, one batch ahead of its caller.
+
+    process_vm_readv runs without the GIL, so a reader thread fills one buffer while the caller
+    hashes the other.
+    """
+
+    def __init__(self, pid: int, buffers: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         self.pid = pid
-        # Pass a buffer kept across rounds: fresh memory is slow to touch on VMs that return it to the host.
-        self._buf = np.empty((CHUNK_PAGES, PAGE), dtype=np.uint8) if buf is None else buf
+        # Pass buffers kept across rounds: fresh memory is slow to touch on VMs that return it to the host.
+        self._bufs = buffers or read_buffers()
         self._iov = np.empty((IOV_MAX, 2), dtype=np.uint64)
 
     def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -135,28 +147,69 @@ class MemReader:
 
         The pages array is a view of an internal buffer, valid until the next item.
         """
+        free: queue.Queue[np.ndarray] = queue.Queue()
+        for b in self._bufs:
+            free.put(b)
+        ready: queue.Queue[tuple[np.ndarray, np.ndarray] | BaseException | None] = queue.Queue()
+        stop = threading.Event()
+        reader = threading.Thread(target=self._produce, args=(free, ready, stop), daemon=True)
+        reader.start()
+        held: np.ndarray | None = None
+        try:
+            while (item := ready.get()) is not None:
+                if held is not None:
+                    free.put(held)  # the caller is done with the previous batch
+                    held = None
+                if isinstance(item, BaseException):
+                    raise item
+                vpns, pages = item
+                held = pages.base if pages.base is not None else pages
+                yield vpns, pages
+        finally:
+            stop.set()
+            if held is not None:
+                free.put(held)
+            reader.join()
+
+    def _produce(
+        self,
+        free: queue.Queue[np.ndarray],
+        ready: queue.Queue[tuple[np.ndarray, np.ndarray] | BaseException | None],
+        stop: threading.Event,
+    ) -> None:
         try:
             fd = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY)
         except FileNotFoundError:
+            ready.put(None)
             return
         try:
             for m in private_mappings(self.pid):
                 vpns = dumpable_pages(fd, m)
                 for off in range(0, len(vpns), CHUNK_PAGES):
-                    want = vpns[off : off + CHUNK_PAGES]
-                    got = self._read(want)
+                    buf = None
+                    while buf is None:
+                        if stop.is_set():
+                            return
+                        with contextlib.suppress(queue.Empty):
+                            buf = free.get(timeout=0.1)
+                    got = self._read(vpns[off : off + CHUNK_PAGES], buf)
                     if len(got):
-                        yield got, self._buf[: len(got)]
+                        ready.put((got, buf[: len(got)]))
+                    else:
+                        free.put(buf)
+            ready.put(None)
         except (FileNotFoundError, ProcessLookupError):
-            return  # the process exited during the round
+            ready.put(None)  # the process exited during the round
+        except BaseException as e:
+            ready.put(e)
         finally:
             os.close(fd)
 
-    def _read(self, vpns: np.ndarray) -> np.ndarray:
-        """Read `vpns` into the buffer, packed; returns the page numbers actually read."""
+    def _read(self, vpns: np.ndarray, buf: np.ndarray) -> np.ndarray:
+        """Read `vpns` into `buf`, packed; returns the page numbers actually read."""
         starts, lens = runs_of(vpns)
         ok = np.ones(len(starts), dtype=bool)
-        base = self._buf.ctypes.data
+        base = buf.ctypes.data
         out_pages = 0
         i = 0
         while i < len(starts):
