@@ -1,9 +1,11 @@
 """Fixtures for the provider tests: moto's real HTTP server (AWS) and a stateful fake of GCE's REST API."""
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-
+from gce_fake import GceFake, new_service_account
 from moto_server import PatchedMotoServer
 
 
@@ -39,3 +41,24 @@ def aws_env(moto_server: PatchedMotoServer, monkeypatch: pytest.MonkeyPatch) -> 
 def plan(run_id: str) -> str:
     """A plan name unique to this test: moto's state lives as long as the session."""
     return f"p{run_id}"
+
+
+@pytest.fixture
+def gce(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_id: str) -> Iterator[GceFake]:
+    """A fresh GCE fake and a service-account key it trusts, exported the way users export theirs."""
+    project = f"skyferry-{run_id}"
+    fake = GceFake(project).start()
+    info, public_key = new_service_account(project, token_uri=f"{fake.url}/token")
+    fake.trust(info["client_email"], public_key)
+    key_file = tmp_path / "sa.json"
+    key_file.write_text(json.dumps(info))
+    key_file.chmod(0o600)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(key_file))
+    monkeypatch.setenv("SKYFERRY_GCE_ENDPOINT_URL", fake.url)
+    monkeypatch.setenv("HOME", str(tmp_path))  # libcloud caches tokens under ~
+    for key in ("SKYFERRY_GCP_PROJECT", "GOOGLE_CLOUD_PROJECT", "SKYFERRY_GCP_ZONE"):
+        monkeypatch.delenv(key, raising=False)
+    try:
+        yield fake
+    finally:
+        fake.stop()
