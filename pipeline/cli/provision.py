@@ -1,1 +1,214 @@
-"""skyferry provision commands (being written)."""
+"""`skyferry provision`, `skyferry decommission` and `skyferry inventory import`: hosts from clouds.
+
+A cloud host joins the mesh in `$SKYFERRY_STATE`: the controller gives it a WireGuard key, an overlay
+address and a TLS identity in its cloud-init user-data, and records it in mesh.toml once it has an
+address. docs/providers.md explains the choices.
+"""
+
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import typer
+from skyferry.netplane.ipam import Ipam
+from skyferry.netplane.mesh import Mesh
+from skyferry.pipeline import pki
+from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.state import state_dir
+from skyferry.providers import inventory
+from skyferry.providers.base import Host
+from skyferry.providers.cloudinit import HostBootstrap, Peer, new_wireguard_key, render_user_data
+from skyferry.providers.registry import NAMES, get_provider
+
+from . import output
+from .app import app
+
+DEFAULT_PLAN = "skyferry"
+HELP_PROVIDER = "Where the hosts come from: aws, gcp or local."
+HELP_ENDPOINT = (
+    "Send every API call here instead of the public cloud (a local moto or GCE fake, or a private endpoint). "
+    "Also read from SKYFERRY_AWS_ENDPOINT_URL / SKYFERRY_GCE_ENDPOINT_URL."
+)
+
+
+def _cloud(provider: str, state: Path, region: str | None, endpoint_url: str | None) -> Any:
+    if provider not in NAMES:
+        raise SkyferryError(f"unknown provider {provider!r}", hint=f"use one of: {', '.join(NAMES)}")
+    if provider == "aws":
+        return get_provider("aws", region=region, endpoint_url=endpoint_url, key_dir=state / "keys")
+    return get_provider("gcp", region=region, endpoint_url=endpoint_url, cache_dir=state / "cache")
+
+
+def _print_hosts(title: str, hosts: list[dict[str, Any]]) -> None:
+    cols = ["name", "provider", "id", "address", "overlay_ip", "state", "region", "size"]
+    output.print_table(title, cols, [[h.get(c) for c in cols] for h in hosts])
+
+
+class _Bootstrapper:
+    """Renders each new host's user-data: a fresh WireGuard key, an overlay address, a TLS identity and
+    the mesh's members as peers. Remembers what it handed out so the CLI can record or release it."""
+
+    def __init__(self, state: Path, mesh: Mesh) -> None:
+        self.state, self.mesh = state, mesh
+        self.keys: dict[str, str] = {}  # host name -> WireGuard public key
+        self.addresses: dict[str, str] = {}
+
+    def __call__(self, name: str) -> str:
+        private, public = new_wireguard_key()
+        ip = Ipam(self.state).allocate(f"host:{name}")
+        self.keys[name], self.addresses[name] = public, ip
+        ca = self.state / "ca"
+        pki.ensure_ca(ca, self.mesh.name)
+        with tempfile.TemporaryDirectory(prefix="skyferry-tls-") as tmp:
+            ident = pki.issue(ca, Path(tmp), name, [ip])
+            ca_pem, cert_pem, key_pem = (p.read_text() for p in (ident.ca, ident.cert, ident.key))
+        peers = [
+            Peer(m.public_key, m.endpoint, self.mesh.allowed_ips(m))
+            for m in self.mesh.members
+            if m.public_key and m.name != name
+        ]
+        return render_user_data(
+            HostBootstrap(
+                name=name, mesh=self.mesh.name, overlay_ip=ip, private_key=private, peers=peers,
+                listen_port=self.mesh.listen_port, mtu=self.mesh.mtu,
+                ca_pem=ca_pem, cert_pem=cert_pem, key_pem=key_pem,
+            )
+        )  # fmt: skip
+
+    def release(self) -> None:
+        ipam = Ipam(self.state)
+        for ip in self.addresses.values():
+            ipam.release(ip)
+
+
+@app.command(rich_help_panel="Hosts")
+def provision(
+    provider: str = typer.Option(..., "--provider", help=HELP_PROVIDER),
+    count: int = typer.Option(1, "--count", "-n", min=1, help="How many hosts the plan should have."),
+    size: str | None = typer.Option(None, "--size", help="Instance type / machine type (t3.medium, e2-medium)."),
+    region: str | None = typer.Option(None, "--region", help="AWS region, or GCE zone (us-central1-a)."),
+    image: str | None = typer.Option(None, "--image", help="Image id or URL; default: Debian 12."),
+    plan: str | None = typer.Option(
+        None, "--plan", help=f"Name tagging everything made (default {DEFAULT_PLAN}; for local, the mesh id)."
+    ),
+    endpoint_url: str | None = typer.Option(None, "--endpoint-url", help=HELP_ENDPOINT),
+    timeout: float = typer.Option(600, "--timeout", help="Seconds to wait for the hosts to run."),
+    json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP),
+) -> None:
+    """Make sure a plan has COUNT hosts, bootstrapped by cloud-init into mesh members.
+
+    Idempotent: hosts are tagged skyferry-plan=PLAN, and a second run creates only what is missing.
+    A failed run removes what it created. Credentials come from the usual places (AWS_* variables or
+    profiles; GOOGLE_APPLICATION_CREDENTIALS for a service-account key) and are never printed.
+
+      skyferry provision --provider aws --count 2 --region eu-central-1 --plan exit1
+
+      skyferry provision --provider gcp --count 2 --size e2-standard-2 --region europe-west1-b
+
+      skyferry provision --provider aws --count 2 --endpoint-url http://127.0.0.1:5000 --json
+    """
+    state = state_dir()
+    if provider == "local":
+        hosts = get_provider("local", state=state).provision(plan or "", count)
+        result = [h.to_dict() for h in hosts]
+    else:
+        plan = plan or DEFAULT_PLAN
+        mesh = Mesh.load(state)  # a clear NetplaneError when there is none
+        cloud = _cloud(provider, state, region, endpoint_url)
+        boot = _Bootstrapper(state, mesh)
+        try:
+            hosts = cloud.provision(plan, count, size=size, image=image, user_data=boot)
+            hosts = cloud.wait_ready(hosts, timeout=timeout)
+            new = [inventory.Member(h, boot.keys[h.name], mesh.listen_port) for h in hosts if h.name in boot.keys]
+            inventory.join(state, new)
+        except BaseException:
+            boot.release()
+            raise
+        overlay = {name: m.overlay_ip for name, m in Mesh.load(state).hosts.items()}
+        result = [{**h.to_dict(), "overlay_ip": overlay.get(h.name)} for h in hosts]
+    if json_out:
+        output.print_json({"plan": plan, "provider": provider, "hosts": result})
+    else:
+        _print_hosts(f"plan {plan} on {provider}: {len(result)} host(s)", result)
+
+
+@app.command(rich_help_panel="Hosts")
+def decommission(
+    plan: str = typer.Option(..., "--plan", help="The plan whose hosts, firewall rules and keys go."),
+    provider: str | None = typer.Option(
+        None, "--provider", help="aws, gcp or local; default: the provider of the plan's hosts in the mesh."
+    ),
+    region: str | None = typer.Option(None, "--region", help="AWS region, or GCE zone."),
+    endpoint_url: str | None = typer.Option(None, "--endpoint-url", help=HELP_ENDPOINT),
+    json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP),
+) -> None:
+    """Remove everything a plan made and take its hosts out of the mesh. Safe to run twice.
+
+      skyferry decommission --plan exit1
+
+      skyferry decommission --plan exit1 --provider gcp --region europe-west1-b --json
+    """
+    state = state_dir()
+    mine = re.compile(rf"{re.escape(plan)}-\d+")
+    if provider is None:
+        mesh = Mesh.load(state) if Mesh.exists(state) else None
+        found = {m.provider for n, m in (mesh.hosts.items() if mesh else []) if mine.fullmatch(n)}
+        if len(found) != 1:
+            raise SkyferryError(f"cannot tell which provider plan {plan!r} is on", hint="pass --provider")
+        provider = found.pop()
+    if provider == "local":
+        removed = get_provider("local", state=state).destroy(plan)
+        left: list[str] = []
+    else:
+        cloud = _cloud(provider, state, region, endpoint_url)
+        names = [h.name for h in cloud.list(plan)]
+        removed = cloud.destroy(plan)
+        mesh = Mesh.load(state) if Mesh.exists(state) else None
+        strays = [n for n, m in (mesh.hosts.items() if mesh else []) if mine.fullmatch(n) and m.provider == provider]
+        left = inventory.leave(state, sorted(set(names) | set(strays)))
+    if json_out:
+        output.print_json({"plan": plan, "provider": provider, "removed": removed, "left_mesh": left})
+    else:
+        what = ", ".join(removed) or "nothing (already gone)"
+        output.console.print(f"plan {plan} on {provider}: removed {what}; left the mesh: {', '.join(left) or '-'}")
+
+
+inventory_app = typer.Typer(
+    no_args_is_help=True,
+    help=(
+        "Hosts made outside skyferry, added to the mesh.\n\n"
+        "  terraform -chdir=terraform/examples/aws-and-gcp output -json > hosts.json\n\n"
+        "  skyferry inventory import --terraform hosts.json"
+    ),
+)
+app.add_typer(inventory_app, name="inventory", rich_help_panel="Hosts")
+
+
+@inventory_app.command("import")
+def import_(
+    terraform: Path = typer.Option(
+        ..., "--terraform", help="`terraform output -json` saved to a file, or a directory holding terraform-output.json."
+    ),
+    json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP),
+) -> None:
+    """Add the hosts of a Terraform environment (its skyferry_hosts output) to the mesh. Idempotent.
+
+      skyferry inventory import --terraform terraform/examples/aws-and-gcp
+
+      skyferry inventory import --terraform hosts.json --json
+    """
+    state = state_dir()
+    members = inventory.parse_outputs(inventory.read_outputs(terraform), origin=str(terraform))
+    changed = inventory.join(state, members)
+    mesh = Mesh.load(state)
+    rows = [_row(m.host, mesh, m.host.name in changed) for m in members]
+    if json_out:
+        output.print_json({"mesh": mesh.name, "hosts": rows})
+    else:
+        _print_hosts(f"mesh {mesh.name}: {len(changed)} of {len(rows)} host(s) added or updated", rows)
+
+
+def _row(host: Host, mesh: Mesh, changed: bool) -> dict[str, Any]:
+    member = mesh.hosts[host.name]
+    return {**host.to_dict(), "overlay_ip": member.overlay_ip, "endpoint": member.endpoint, "changed": changed}

@@ -1,0 +1,118 @@
+"""The real `skyferry` CLI end to end: provision against moto / the GCE fake, run twice, decommission."""
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import pytest
+from cloudinit_check import assert_valid
+from gce_fake import GceFake
+from moto_server import PatchedMotoServer
+
+from skyferry.netplane.ipam import Ipam
+from skyferry.netplane.mesh import Mesh, MeshHost
+from skyferry.providers.cloudinit import new_wireguard_key
+from skyferry.providers.naming import PLAN_TAG
+
+pytestmark = pytest.mark.integration
+SKYFERRY = str(Path(sys.executable).with_name("skyferry"))
+
+
+@pytest.fixture
+def mesh(state: Path, run_id: str) -> Mesh:
+    """A mesh whose controller is a remote machine (no netns here): joining only edits mesh.toml."""
+    _, public = new_wireguard_key()
+    controller = MeshHost(
+        name="controller", overlay_ip=Ipam(state).allocate("host:controller"), endpoint="203.0.113.1:51820",
+        public_key=public, interface="wg0", netns=None, state_root=str(state), provider="controller",
+    )  # fmt: skip
+    m = Mesh(name=run_id, cidr=Ipam(state).cidr, controller=controller)
+    m.save(state)
+    return m
+
+
+def skyferry(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([SKYFERRY, *args], capture_output=True, text=True, timeout=180, env=os.environ.copy())
+    if ok:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def test_aws_provision_twice_then_decommission(
+    aws_env: str, moto_server: PatchedMotoServer, mesh: Mesh, state: Path, plan: str
+) -> None:
+    args = ["--provider", "aws", "--count", "2", "--size", "t3.micro", "--image", "ami-785db401"]
+    out = json.loads(skyferry("provision", *args, "--plan", plan, "--endpoint-url", aws_env, "--json").stdout)
+    hosts = out["hosts"]
+    assert sorted(h["name"] for h in hosts) == [f"{plan}-0", f"{plan}-1"]
+
+    client = boto3.client("ec2", endpoint_url=aws_env, region_name="us-east-1")
+    flt = [{"Name": f"tag:{PLAN_TAG}", "Values": [plan]}, {"Name": "instance-state-name", "Values": ["running"]}]
+    instances = [i for r in client.describe_instances(Filters=flt)["Reservations"] for i in r["Instances"]]
+    assert {i["InstanceId"] for i in instances} == {h["id"] for h in hosts}
+    for inst in instances:
+        raw = client.describe_instance_attribute(InstanceId=inst["InstanceId"], Attribute="userData")
+        user_data = base64.b64decode(raw["UserData"]["Value"]).decode()
+        assert_valid(user_data)
+        name = {t["Key"]: t["Value"] for t in inst["Tags"]}["skyferry-host"]
+        assert f"hostname: {name}\n" in user_data
+    joined = Mesh.load(state)
+    for h in hosts:
+        member = joined.hosts[h["name"]]
+        assert member.endpoint == f"{h['address']}:51820" and member.overlay_ip == h["overlay_ip"]
+        assert member.provider == "aws" and len(member.public_key) == 44
+
+    # Twice: same hosts, no RunInstances, mesh unchanged.
+    runs = moto_server.quirks.actions.count("RunInstances")
+    again = json.loads(skyferry("provision", *args, "--plan", plan, "--json").stdout)  # endpoint from env
+    assert {h["id"] for h in again["hosts"]} == {h["id"] for h in hosts}
+    assert moto_server.quirks.actions.count("RunInstances") == runs
+    assert Mesh.load(state).hosts == joined.hosts
+
+    gone = json.loads(skyferry("decommission", "--plan", plan, "--json").stdout)  # provider from the mesh
+    assert gone["provider"] == "aws" and {h["id"] for h in hosts} <= set(gone["removed"])
+    assert sorted(gone["left_mesh"]) == [f"{plan}-0", f"{plan}-1"]
+    assert not [i for r in client.describe_instances(Filters=flt)["Reservations"] for i in r["Instances"]]
+    assert Mesh.load(state).hosts == {}
+    assert set(Ipam(state).allocations().values()) == {"host:controller"}
+    assert json.loads(skyferry("decommission", "--plan", plan, "--provider", "aws", "--json").stdout)["removed"] == []
+
+
+def test_gcp_provision_twice_then_decommission(gce: GceFake, mesh: Mesh, state: Path, plan: str) -> None:
+    args = ["--provider", "gcp", "--count", "2", "--size", "e2-small", "--plan", plan, "--json"]
+    hosts = json.loads(skyferry("provision", *args).stdout)["hosts"]
+    assert sorted(h["name"] for h in hosts) == [f"{plan}-0", f"{plan}-1"]
+    assert sorted(gce.instances) == [f"{plan}-0", f"{plan}-1"]
+    for inst in gce.instances.values():
+        assert inst["labels"][PLAN_TAG] == plan
+        meta = {i["key"]: i["value"] for i in inst["metadata"]["items"]}
+        assert_valid(meta["user-data"])
+        assert f"hostname: {inst['name']}" in meta["user-data"]
+    assert sorted(Mesh.load(state).hosts) == [f"{plan}-0", f"{plan}-1"]
+
+    start = len(gce.requests)
+    again = json.loads(skyferry("provision", *args).stdout)["hosts"]
+    assert {h["id"] for h in again} == {h["id"] for h in hosts}
+    assert not [c for c in gce.calls(start) if c.startswith("POST") and "token" not in c]
+
+    gone = json.loads(skyferry("decommission", "--plan", plan, "--provider", "gcp", "--json").stdout)
+    assert set(gone["removed"]) == {h["id"] for h in hosts} | {f"skyferry-{plan}-wg"}
+    assert gce.instances == {} and gce.firewalls == {} and Mesh.load(state).hosts == {}
+
+
+def test_errors_are_one_line_with_a_hint(aws_env: str, mesh: Mesh, plan: str) -> None:
+    bad = skyferry("provision", "--provider", "aws", "--region", "us-nowhere-9", "--plan", plan, ok=False)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "unknown AWS region 'us-nowhere-9'" in bad.stderr and "hint:" in bad.stderr
+    as_json = skyferry("provision", "--provider", "aws", "--size", "t3.mediun", "--plan", plan, "--json", ok=False)
+    err = json.loads(as_json.stdout)
+    assert as_json.returncode == 2 and "unknown AWS instance size" in err["error"] and "t3.medium" in err["hint"]
+
+
+def test_provision_needs_a_mesh(aws_env: str, state: Path, plan: str) -> None:
+    result = skyferry("provision", "--provider", "aws", "--plan", plan, ok=False)
+    assert result.returncode == 2 and "no mesh" in result.stderr and "Traceback" not in result.stderr
