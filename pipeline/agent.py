@@ -8,9 +8,12 @@ Routes (JSON in, JSON out; errors are {"error", "hint"} with 4xx/5xx):
   GET    /v1/containers/NAME/logs           raw log bytes
   DELETE /v1/containers/NAME                stop and remove
   POST   /v1/containers/NAME/route          {"present": bool}: this host's /32 route to the container
-  POST   /v1/migrations/ID/OP               OP in prepare, checkpoint, send, restore, go-live, rollback-source,
-                                            confirm-source, abort-target, finish-target
-  PUT    /v1/migrations/ID/receive?name=N   the image stream from the source agent (chunked)
+  POST   /v1/migrations/ID/OP               OP in prepare, precopy, precopy-reset, checkpoint, send, restore,
+                                            go-live, rollback-source, confirm-source, abort-target,
+                                            finish-target
+  PUT    /v1/migrations/ID/STREAM?name=N    from the source agent (chunked): STREAM is `receive` (images
+                                            and payload; `&images=0`: payload only), `precopy-round`, or
+                                            `precopy-final` (builds the image from the pre-copied store)
 """
 
 import json
@@ -33,6 +36,7 @@ from skyferry.pipeline.client import AgentClient
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.host import HostConfig, HostOps
 from skyferry.pipeline.pki import Identity
+from skyferry.pipeline.precopy_policy import ConvergencePolicy
 from skyferry.pipeline.runc import ContainerSpec
 
 AGENT_PORT = 7420
@@ -114,6 +118,11 @@ class Agent:
                     return {"ok": True}
                 case "checkpoint":
                     return ops.checkpoint(mig, name)
+                case "precopy":
+                    return self._precopy(mig, name, body["target"], body.get("policy", {}))
+                case "precopy-reset":
+                    ops.precopy_reset(mig, name)
+                    return {"ok": True}
                 case "send":
                     return self._send(mig, name, body["target"])
                 case "restore":
@@ -134,31 +143,60 @@ class Agent:
                     return {"ok": True}
         raise _NotFound(f"no migration operation {op!r}")
 
+    def _peer(self, target: dict[str, Any]) -> AgentClient:
+        return AgentClient(target["address"], int(target.get("port", AGENT_PORT)), self.peer_ctx)
+
+    def _precopy(self, mig: str, name: str, target: dict[str, Any], policy: dict[str, Any]) -> dict[str, Any]:
+        """Memory rounds streamed straight to the target agent's store while the container runs."""
+        peer = self._peer(target)
+        peer.call("POST", f"/v1/migrations/{mig}/precopy-reset", {"name": name})
+        path = f"/v1/migrations/{mig}/precopy-round?name={name}"
+        return self.ops.precopy(mig, name, lambda chunks: peer.upload(path, chunks), ConvergencePolicy(**policy))
+
     def _send(self, mig: str, name: str, target: dict[str, Any]) -> dict[str, Any]:
-        """Stream images and rootfs straight to the target agent; both ends' digests must agree."""
-        stats = wire.StreamStats()
+        """Stream the checkpoint and the payload straight to the target agent. With pre-copy rounds
+        behind it only the final delta of memory goes; the payload's digests must agree at both ends."""
+        peer = self._peer(target)
         t0 = time.monotonic()
-        peer = AgentClient(target["address"], int(target.get("port", AGENT_PORT)), self.peer_ctx)
-        received = peer.upload(f"/v1/migrations/{mig}/receive?name={name}", self.ops.stream_out(mig, name, stats))
-        seconds = time.monotonic() - t0
+        result: dict[str, Any] = {}
+        stats = wire.StreamStats()
+        final = self.ops.final_out(mig, name)
+        if final is not None:
+            chunks, final_stats = final
+            peer.upload(f"/v1/migrations/{mig}/precopy-final?name={name}", chunks)
+            result["final"] = final_stats.as_dict()
+            payload = self.ops.payload_out(mig, name, stats)
+            received = peer.upload(f"/v1/migrations/{mig}/receive?name={name}&images=0", payload)
+        else:
+            received = peer.upload(f"/v1/migrations/{mig}/receive?name={name}", self.ops.stream_out(mig, name, stats))
         if received.get("sha256") != stats.sha256:
             raise SkyferryError(
                 f"image stream for {name!r} arrived corrupted (digest mismatch); nothing was restored",
                 hint="the migration rolls back; check the link and retry",
             )
+        final_bytes = result.get("final", {}).get("bytes_out", 0)
         return {
+            **result,
             "bytes_raw": stats.bytes_raw,
-            "bytes_wire": stats.bytes_wire,
-            "seconds": seconds,
+            "bytes_wire": stats.bytes_wire + final_bytes,
+            "seconds": time.monotonic() - t0,
             "sha256": stats.sha256,
         }
 
-    def receive(self, mig: str, query: dict[str, list[str]], reader: Any) -> Any:
+    def stream_in(self, mig: str, kind: str, query: dict[str, list[str]], reader: Any) -> Any:
         name = query["name"][0]
-        faults.check(self.ops.cfg.state_root, "receive")
+        faults.check(self.ops.cfg.state_root, kind)
         with self.ops.lock(name):
-            stats = self.ops.receive(mig, name, reader)
-        return {"bytes_wire": stats.bytes_wire, "sha256": stats.sha256}
+            match kind:
+                case "receive":
+                    with_images = query.get("images", ["1"])[0] != "0"
+                    stats = self.ops.receive(mig, name, reader, with_images=with_images)
+                    return {"bytes_wire": stats.bytes_wire, "sha256": stats.sha256}
+                case "precopy-round":
+                    return self.ops.precopy_apply(mig, reader)
+                case "precopy-final":
+                    return self.ops.precopy_build(mig, reader)
+        raise _NotFound(f"no stream {kind!r}")
 
 
 class _NotFound(Exception):
@@ -211,13 +249,13 @@ def _handler(agent: Agent) -> type[BaseHTTPRequestHandler]:
                 self._reply(HTTPStatus.NOT_FOUND, {"error": "not found", "hint": None})
                 return
             query = parse_qs(url.query)
-            m = re.fullmatch(r"/v1/migrations/([A-Za-z0-9_-]+)/receive", url.path)
+            m = re.fullmatch(r"/v1/migrations/([A-Za-z0-9_-]+)/(receive|precopy-round|precopy-final)", url.path)
             if self.command == "PUT" and m:
                 if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
                     reader: Any = _ChunkedReader(self.rfile)
                 else:
                     reader = _LimitedReader(self.rfile, int(self.headers.get("Content-Length") or 0))
-                self._dispatch(lambda: agent.receive(m.group(1), query, reader))
+                self._dispatch(lambda: agent.stream_in(m.group(1), m.group(2), query, reader))
                 return
             self._dispatch(lambda: agent.handle(self.command, url.path, query, self._json_body()))
 

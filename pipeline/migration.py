@@ -17,9 +17,11 @@ from skyferry.pipeline import agentctl, faults
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.journal import Journal, Migration
 from skyferry.pipeline.registry import Registry
-from skyferry.pipeline.stages import FREEZE_FROM, FREEZE_TO, POINT_OF_NO_RETURN, STOP_COPY, Context, Stage
+from skyferry.pipeline.stages import FREEZE_FROM, FREEZE_TO, POINT_OF_NO_RETURN, PRECOPY, STOP_COPY, Context, Stage
 
-MODES = {"stop-copy": STOP_COPY}
+# precopy: content-based memory rounds (works without soft-dirty); stop-copy: the baseline.
+MODES = {"precopy": PRECOPY, "stop-copy": STOP_COPY}
+DEFAULT_MODE = "precopy"
 Progress = Callable[[str], None]
 
 
@@ -28,7 +30,7 @@ def _quiet(_: str) -> None:
 
 
 def migrate(
-    state: Path, name: str, target: str, mode: str = "stop-copy", progress: Progress = _quiet
+    state: Path, name: str, target: str, mode: str = DEFAULT_MODE, progress: Progress = _quiet
 ) -> dict[str, Any]:
     """Move container `name` to host `target`; returns the report. Raises SkyferryError after rolling back."""
     if mode not in MODES:
@@ -145,20 +147,28 @@ def _undo(ctx: Context, journal: Journal, stages: list[Stage], progress: Progres
 
 
 def _report(journal: Journal, mig: Migration) -> dict[str, Any]:
-    """Freeze = checkpoint started .. cutover done; per-stage seconds; bytes on the wire."""
+    """Freeze = checkpoint started .. go-live done; per-stage seconds; pre-copy rounds; bytes on the wire
+    (rounds, final delta and payload)."""
     transitions = journal.transitions(mig.id)
     stages: dict[str, float] = {}
     started: dict[str, float] = {}
     finished: dict[str, float] = {}
-    transfer: dict[str, Any] = {}
+    detail: dict[str, dict[str, Any]] = {}
     for t in transitions:
         if t["status"] == "started":
             started.setdefault(t["stage"], t["at"])
         elif t["status"] == "done":
             finished[t["stage"]] = t["at"]
-            stages[t["stage"]] = (t["detail"] or {}).get("seconds", 0.0)
-            if t["stage"] == "transfer":
-                transfer = t["detail"] or {}
+            detail[t["stage"]] = t["detail"] or {}
+            stages[t["stage"]] = detail[t["stage"]].get("seconds", 0.0)
+    transfer, precopy = detail.get("transfer", {}), detail.get("precopy", {})
+    rounds = [
+        {k: r[k] for k in ("seq", "duration", "pages_scanned", "pages_changed", "pages_zero", "bytes_out")}
+        for r in precopy.get("rounds", [])
+    ]
+    bytes_wire = None
+    if "bytes_wire" in transfer:
+        bytes_wire = transfer["bytes_wire"] + sum(r["bytes_out"] for r in rounds)
     freeze = None
     if FREEZE_FROM in started and FREEZE_TO in finished:
         freeze = round((finished[FREEZE_TO] - started[FREEZE_FROM]) * 1000, 1)
@@ -173,7 +183,9 @@ def _report(journal: Journal, mig: Migration) -> dict[str, Any]:
         "error": mig.error,
         "freeze_ms": freeze,
         "total_ms": round((end - mig.started) * 1000, 1),
-        "bytes_wire": transfer.get("bytes_wire"),
-        "bytes_raw": transfer.get("bytes_raw"),
+        "bytes_wire": bytes_wire,
+        "bytes_at_freeze": transfer.get("bytes_wire"),
+        "rounds": rounds,
+        "precopy_stop": precopy.get("stop"),
         "stages_s": stages,
     }

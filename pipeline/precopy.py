@@ -588,7 +588,11 @@ class TargetStore:
             for fp in pending.values():
                 fp.close()
         if stats.pages_parent:
-            (image_dir / "parent").symlink_to(self.dir.resolve())
+            # Relative: CRIU's restored tasks read their pagemap after entering the container's root,
+            # where an absolute host path does not exist; a relative link resolves through the image
+            # directory's fd.
+            rel = os.path.relpath(self.dir.resolve(), image_dir.resolve())
+            (image_dir / "parent").symlink_to(rel)
         stats.processes = len(pending)
 
     def _final_pagemap(self, payload: bytes, image_dir: Path, stats: RoundStats) -> _FinalPages:

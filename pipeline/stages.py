@@ -93,6 +93,23 @@ class Prepare:
         ctx.mig_call(ctx.dst, "abort-target")
 
 
+class PreCopy:
+    """Memory rounds while the container runs; the freeze then only moves what changed since."""
+
+    name = "precopy"
+    # A final delta this small costs ~10 ms at 1 Gbit/s: not worth another round.
+    policy = {"max_delta_bytes": 1 << 20}
+
+    def run(self, ctx: Context) -> dict[str, Any]:
+        target = ctx.mesh.host(ctx.target)
+        return ctx.mig_call(
+            ctx.src, "precopy", target={"address": target.overlay_ip, "port": AGENT_PORT}, policy=self.policy
+        )
+
+    def undo(self, ctx: Context) -> None:
+        pass  # the target's store goes with Prepare's undo; the source's engine with Checkpoint's
+
+
 class Checkpoint:
     """Freeze, lock the network, dump. The source stays frozen, not killed, until confirm."""
 
@@ -189,6 +206,9 @@ class Cleanup:
 
 STOP_COPY: list[Stage] = [
     Check(), Prepare(), Checkpoint(), Transfer(), Restore(), Cutover(), GoLive(), Confirm(), Cleanup(),
+]  # fmt: skip
+PRECOPY: list[Stage] = [
+    Check(), Prepare(), PreCopy(), Checkpoint(), Transfer(), Restore(), Cutover(), GoLive(), Confirm(), Cleanup(),
 ]  # fmt: skip
 POINT_OF_NO_RETURN = "go-live"
 FREEZE_FROM, FREEZE_TO = "checkpoint", "go-live"

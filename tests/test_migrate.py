@@ -73,8 +73,10 @@ def test_migration_keeps_ip_and_connection_there_and_back(counter: dict) -> None
     state, name, m = counter["state"], counter["name"], counter["mesh"]
     report = migration.migrate(state, name, "local-2")
     assert report["state"] == "done" and report["freeze_ms"] > 0 and report["bytes_wire"] > 0
-    assert list(report["stages_s"]) == ["check", "prepare", "checkpoint", "transfer", "restore", "cutover",
-                                        "go-live", "confirm", "cleanup"]  # fmt: skip
+    assert report["mode"] == "precopy"  # the default
+    assert list(report["stages_s"]) == ["check", "prepare", "precopy", "checkpoint", "transfer", "restore",
+                                        "cutover", "go-live", "confirm", "cleanup"]  # fmt: skip
+    assert report["rounds"] and report["bytes_at_freeze"] < report["rounds"][0]["bytes_out"]
     now = where(state, name)
     assert (now["host"], now["ip"], now["state"]) == ("local-2", counter["ip"], "running")
     assert name not in host_containers(state, m, "local-1")
@@ -83,8 +85,8 @@ def test_migration_keeps_ip_and_connection_there_and_back(counter: dict) -> None
 
     client = counter["client"]
     client.wait_for(client.progress() + 5)  # the same connection carries requests after the move
-    back = migration.migrate(state, name, "local-1")
-    assert back["state"] == "done"
+    back = migration.migrate(state, name, "local-1", mode="stop-copy")
+    assert back["state"] == "done" and back["rounds"] == []
     client.wait_for(client.progress() + 5)
     seen = client.stop()
     assert seen["survived"], seen["errors"]
@@ -110,14 +112,15 @@ def test_restore_failure_rolls_back_to_the_source(counter: dict) -> None:
     assert seen["survived"], seen["errors"]
 
 
-@pytest.mark.parametrize("crash_after", ["checkpoint", "transfer", "cutover", "go-live"])
+@pytest.mark.parametrize("crash_after", ["precopy", "checkpoint", "transfer", "cutover", "go-live"])
 def test_controller_crash_then_resume(counter: dict, crash_after: str) -> None:
     state, name = counter["state"], counter["name"]
     proc = cli("migrate", name, "--to", "local-2", "--json", env={"SKYFERRY_CRASH_AFTER": crash_after})
     assert proc.returncode == 137, proc.stderr
     mig = Journal(state).active_for(name)
     assert mig is not None and mig.state == "running"
-    assert where(state, name)["state"] == ("running" if crash_after == "go-live" else "frozen (migrating)")
+    frozen = crash_after in ("checkpoint", "transfer", "cutover")  # before: not yet; after go-live: the target
+    assert where(state, name)["state"] == ("frozen (migrating)" if frozen else "running")
     resumed = cli("migrations", "resume", mig.id, "--json")
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["state"] == "done"

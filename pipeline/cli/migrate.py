@@ -36,8 +36,14 @@ def _print_report(report: dict[str, Any]) -> None:
         ["freeze", f"{report['freeze_ms']} ms" if report["freeze_ms"] is not None else "-"],
         ["total", f"{report['total_ms']} ms"],
         ["bytes on the wire", _size(report.get("bytes_wire"))],
-        ["image + rootfs", _size(report.get("bytes_raw"))],
+        ["  inside the freeze", _size(report.get("bytes_at_freeze"))],
     ]
+    for r in report.get("rounds", []):
+        rows.append(
+            [f"  round {r['seq']}", f"{r['pages_changed']} pages, {_size(r['bytes_out'])}, {r['duration']:.2f} s"]
+        )
+    if report.get("precopy_stop"):
+        rows.append(["  rounds stopped", report["precopy_stop"]])
     rows += [[f"  {name}", f"{secs * 1000:.1f} ms"] for name, secs in report["stages_s"].items()]
     if report.get("error"):
         rows.append(["error", report["error"]])
@@ -54,16 +60,29 @@ def _size(n: int | None) -> str:
 def migrate(
     name: str = typer.Argument(..., help="Container to move."),
     to: str = typer.Option(..., "--to", help="Target host."),
-    mode: str = typer.Option("stop-copy", "--mode", help="stop-copy: freeze, checkpoint, move, restore."),
+    mode: str = typer.Option(
+        migration.DEFAULT_MODE,
+        "--mode",
+        help="precopy: memory rounds while it runs, then a short freeze (default); "
+        "stop-copy: freeze, checkpoint, move everything, restore.",
+    ),
     json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP),
-) -> None:
+    test: bool = typer.Option(False, "--test", help="Test cutover: a clone restored on the target, isolated, "
+                              "checked and discarded; the source keeps running (docs/runbooks.md)."),
+    check: str | None = typer.Option(None, "--check", help="With --test: shell health check run in the clone's "
+                                     "netns ($SKYFERRY_IP set); exit 0 means healthy."),
+) -> None:  # fmt: skip
     """Live-migrate a running container to another host; its IP and TCP connections survive.
 
-    Stages: check, prepare, checkpoint, transfer, restore, cutover, confirm, cleanup. A failure before
-    confirm rolls back: the container keeps running on the source, exactly once.
+    Stages: check, prepare, [precopy,] checkpoint, transfer, restore, cutover, go-live, confirm, cleanup.
+    A failure before go-live rolls back: the container keeps running on the source, exactly once.
 
     Example: skyferry migrate web --to local-2
     """
+    if test or check:
+        from .runbooks import test_cutover
+
+        return test_cutover(name, to, test, check, json_out)
     with _progress(not json_out) as progress:
         report = migration.migrate(state_dir(), name, to, mode, progress)
     output.print_json(report) if json_out else _print_report(report)
