@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from skyferry.pipeline import facts, faults, wire
+from skyferry.pipeline import capacity, clone, facts, faults, wire
 from skyferry.pipeline.client import AgentClient
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.host import HostConfig, HostOps
@@ -86,6 +86,8 @@ class Agent:
         match method, parts:
             case "GET", ["facts"]:
                 return facts.collect(ops.cfg.name)
+            case "GET", ["capacity"]:
+                return capacity.collect(ops)
             case "GET", ["containers"]:
                 return ops.list()
             case "POST", ["containers"]:
@@ -141,6 +143,8 @@ class Agent:
                 case "finish-target":
                     ops.finish_target(mig)
                     return {"ok": True}
+                case op if op in clone.OPS:
+                    return clone.dispatch(self, mig, op, body)
         raise _NotFound(f"no migration operation {op!r}")
 
     def _peer(self, target: dict[str, Any]) -> AgentClient:

@@ -18,7 +18,7 @@ NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")
 
 def run(
     state: Path, host: str, name: str, args: list[str], *, rootfs: Path | None = None,
-    image: Path | None = None, env: dict[str, str] | None = None,
+    image: Path | None = None, env: dict[str, str] | None = None, labels: dict[str, str] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Start `args` in a new container on `host` with its own overlay /32; idempotent per (name, host)."""
     if not NAME.fullmatch(name):
@@ -48,6 +48,7 @@ def run(
     spec = ContainerSpec(
         name=name, args=list(args), ip=ip, env=dict(env or {}),
         rootfs=str(rootfs.resolve()) if rootfs else None, image=str(image.resolve()) if image else None,
+        labels=dict(labels or {}),
     )  # fmt: skip
     try:
         info = agentctl.client(state, mesh, host).call("POST", "/v1/containers", spec.to_dict())

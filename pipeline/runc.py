@@ -34,6 +34,7 @@ class ContainerSpec:
     rootfs: str | None = None  # a directory copied into the bundle at `run`
     image: str | None = None  # an OCI or `docker save` tarball unpacked at `run`
     runtime: str = "runc"  # which adapter runs it (pipeline/runtime.py)
+    labels: dict[str, str] = field(default_factory=dict)  # operator metadata: priority, ingress (docs/runbooks.md)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

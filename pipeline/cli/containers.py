@@ -22,6 +22,9 @@ def run(
     rootfs: Path | None = typer.Option(None, help="A directory to copy as the container's rootfs."),
     image: Path | None = typer.Option(None, help="An OCI-layout or `docker save` tarball to unpack as rootfs."),
     env: list[str] = typer.Option([], "--env", "-e", help="KEY=VALUE, repeatable."),
+    label: list[str] = typer.Option(
+        [], "--label", "-l", help="k=v metadata, repeatable: priority=10, ingress=gateway (docs/runbooks.md)."
+    ),
     json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP),
 ) -> None:
     """Start a runc container on HOST with its own netns and overlay IP.
@@ -31,18 +34,19 @@ def run(
 
     Example: skyferry run --host local-1 --name web -- python3 -m http.server 8080
     """
-    environment = dict(_kv(e) for e in env)
-    info = containers.run(state_dir(), host, name, command, rootfs=rootfs, image=image, env=environment)
+    environment = dict(_kv(e, "--env") for e in env)
+    labels = dict(_kv(item, "--label") for item in label)
+    info = containers.run(state_dir(), host, name, command, rootfs=rootfs, image=image, env=environment, labels=labels)
     if json_out:
         output.print_json(info)
     else:
         output.console.print(f"{name} running on {host} at {info['ip']} (pid {info.get('pid')})")
 
 
-def _kv(text: str) -> tuple[str, str]:
+def _kv(text: str, option: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise SkyferryError(f"--env {text!r} is not KEY=VALUE")
+        raise SkyferryError(f"{option} {text!r} is not KEY=VALUE")
     return key, value
 
 

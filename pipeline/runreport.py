@@ -1,0 +1,83 @@
+"""What a runbook command leaves behind: `<state>/reports/<run>/` with summary.json and, per migration,
+`<migration>.json` and `<migration>.png` (bytes sent in each pre-copy round and inside the freeze, and
+the stage timeline with the freeze shaded). Rendered with matplotlib's Agg backend: no display needed."""
+
+import json
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+REPORTS = "reports"
+
+
+def new_run_id(kind: str) -> str:
+    return f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def write(state: Path, run_id: str, summary: dict[str, Any], migrations: list[dict[str, Any]]) -> Path:
+    """Write the run's summary and one report file (+ plot) per migration; returns the run's directory."""
+    folder = Path(state) / REPORTS / run_id
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    files = []
+    for report in migrations:
+        if not report.get("id"):
+            continue
+        path = folder / f"{report['id']}.json"
+        path.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+        files.append(str(path))
+        try:
+            plot(report, folder / f"{report['id']}.png")
+            files.append(str(folder / f"{report['id']}.png"))
+        except ImportError:
+            pass  # matplotlib missing: the JSON report still stands
+    summary = {**summary, "report_dir": str(folder), "files": files}
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    return folder
+
+
+def rounds(report: dict[str, Any]) -> list[tuple[str, int]]:
+    """(label, bytes) per transfer: each pre-copy round, then what was sent inside the freeze."""
+    history = report.get("rounds") or []
+    bars = [(f"round {r.get('seq', i + 1)}", int(r.get("bytes_out") or 0)) for i, r in enumerate(history)]
+    at_freeze = report.get("bytes_at_freeze")
+    if at_freeze is None:
+        at_freeze = report.get("bytes_wire") if not bars else None
+    if at_freeze is not None:
+        bars.append(("freeze", int(at_freeze)))
+    return bars
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (bytes_ax, time_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+    bars = rounds(report)
+    labels = [b[0] for b in bars] or ["-"]
+    values = [b[1] / 1e6 for b in bars] or [0.0]
+    colors = ["tab:red" if label == "freeze" else "tab:blue" for label in labels]
+    bytes_ax.bar(labels, values, color=colors)
+    bytes_ax.set_ylabel("MB on the wire")
+    bytes_ax.set_title("bytes per pre-copy round and in the freeze")
+
+    start = 0.0
+    freeze = report.get("freeze_ms")
+    for stage, seconds in (report.get("stages_s") or {}).items():
+        time_ax.barh(0, seconds * 1000, left=start, height=0.5, label=stage)
+        start += seconds * 1000
+    time_ax.set_yticks([])
+    time_ax.set_xlabel("ms")
+    time_ax.set_title(f"stages; freeze {freeze} ms" if freeze is not None else "stages")
+    if report.get("stages_s"):
+        time_ax.legend(fontsize=6, ncol=3, loc="upper left")
+    fig.suptitle(
+        f"{report.get('container')}: {report.get('source')} -> {report.get('target')} "
+        f"({report.get('mode')}, {report.get('state')})",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
