@@ -14,13 +14,47 @@ from skyferry.pipeline.registry import Registry
 from skyferry.pipeline.runc import ContainerSpec
 
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")
+RUNTIMES = ("runc", "podman", "docker")
+
+
+def split_name(text: str) -> tuple[str | None, str]:
+    """`podman:web` -> ("podman", "web"); a bare name names no engine."""
+    engine, sep, name = text.partition(":")
+    if not sep:
+        return None, text
+    if engine not in RUNTIMES:
+        raise SkyferryError(f"unknown runtime {engine!r} in {text!r}", hint=f"runtimes: {', '.join(RUNTIMES)}")
+    return engine, name
+
+
+def resolve(state: Path, text: str) -> str:
+    """The container name in `text` (NAME or ENGINE:NAME), checked against the engine it runs in."""
+    engine, name = split_name(text)
+    entry = Registry(state).get(name)
+    if engine is not None and entry.spec.runtime != engine:
+        raise SkyferryError(
+            f"container {name!r} runs in {entry.spec.runtime}, not {engine}", hint=f"{entry.spec.runtime}:{name}"
+        )
+    return name
 
 
 def run(
     state: Path, host: str, name: str, args: list[str], *, rootfs: Path | None = None,
-    image: Path | None = None, env: dict[str, str] | None = None, labels: dict[str, str] | None = None,
+    image: Path | None = None, env: dict[str, str] | None = None, runtime: str | None = None,
+    labels: dict[str, str] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Start `args` in a new container on `host` with its own overlay /32; idempotent per (name, host)."""
+    """Start `args` in a new container on `host` with its own overlay /32; idempotent per (name, host).
+
+    `runtime` is runc (default), podman or docker; it may also prefix the name: `podman:web`.
+    """
+    prefixed, name = split_name(name)
+    if prefixed and runtime and prefixed != runtime:
+        raise SkyferryError(f"--runtime {runtime} contradicts the name {prefixed}:{name}")
+    runtime = prefixed or runtime or "runc"
+    if runtime not in RUNTIMES:
+        raise SkyferryError(f"unknown runtime {runtime!r}", hint=f"runtimes: {', '.join(RUNTIMES)}")
+    if runtime != "runc" and not image:
+        raise SkyferryError(f"a {runtime} container needs --image", hint="a rootfs tarball or a `docker save` archive")
     if not NAME.fullmatch(name):
         raise SkyferryError(
             f"bad container name {name!r}",
@@ -48,6 +82,7 @@ def run(
     spec = ContainerSpec(
         name=name, args=list(args), ip=ip, env=dict(env or {}),
         rootfs=str(rootfs.resolve()) if rootfs else None, image=str(image.resolve()) if image else None,
+        runtime=runtime,
         labels=dict(labels or {}),
     )  # fmt: skip
     try:

@@ -6,9 +6,12 @@ checkpoint leaves the container frozen; `payload` names the directories that tra
 images (rootfs, writable layer, engine metadata); `prepare` on the target returns where they land.
 """
 
+import shutil
 from pathlib import Path
 from typing import Any, Protocol
 
+from skyferry.pipeline.docker import DOCKER, Docker
+from skyferry.pipeline.podman import PODMAN, Podman
 from skyferry.pipeline.runc import ContainerSpec, Runc
 
 
@@ -55,5 +58,14 @@ class Runtime(Protocol):
 
 
 def runtimes(state_root: Path, cgroup_prefix: str) -> dict[str, Runtime]:
-    """The engines this host can use, by name."""
-    return {"runc": Runc(state_root, cgroup_prefix)}
+    """The engines this host can use, by name: runc always, Podman and Docker where installed.
+
+    Docker's daemon is this host's own (pipeline/docker.py); until it runs, the adapter lists nothing
+    and refuses to run or receive a container with a clear error.
+    """
+    found: dict[str, Runtime] = {"runc": Runc(state_root, cgroup_prefix)}
+    if shutil.which(PODMAN):
+        found["podman"] = Podman(state_root, cgroup_prefix)
+    if shutil.which(DOCKER) and shutil.which("dockerd"):
+        found["docker"] = Docker(state_root, cgroup_prefix)
+    return found

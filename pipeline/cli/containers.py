@@ -22,25 +22,35 @@ def run(
     rootfs: Path | None = typer.Option(None, help="A directory to copy as the container's rootfs."),
     image: Path | None = typer.Option(None, help="An OCI-layout or `docker save` tarball to unpack as rootfs."),
     env: list[str] = typer.Option([], "--env", "-e", help="KEY=VALUE, repeatable."),
+    runtime: str | None = typer.Option(
+        None, "--runtime", help="runc (default), podman or docker; or prefix the name: --name podman:web."
+    ),
     label: list[str] = typer.Option(
         [], "--label", "-l", help="k=v metadata, repeatable: priority=10, ingress=gateway (docs/runbooks.md)."
     ),
     json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP),
 ) -> None:
-    """Start a runc container on HOST with its own netns and overlay IP.
+    """Start a container (runc, Podman or Docker) on HOST with its own netns and overlay IP.
 
     With neither --rootfs nor --image the container sees the host's /usr and /etc read-only, so host
     programs such as python3 work inside. Stdio goes to a log (`skyferry logs NAME`).
 
+    Podman and Docker containers need --image (a rootfs tarball, imported, or a `docker save` archive).
+
     Example: skyferry run --host local-1 --name web -- python3 -m http.server 8080
+
+    Example: skyferry run --host local-1 --name podman:db --image rootfs.tar -- /app/serve
     """
     environment = dict(_kv(e, "--env") for e in env)
     labels = dict(_kv(item, "--label") for item in label)
-    info = containers.run(state_dir(), host, name, command, rootfs=rootfs, image=image, env=environment, labels=labels)
+    info = containers.run(
+        state_dir(), host, name, command, rootfs=rootfs, image=image, env=environment, labels=labels, runtime=runtime
+    )
     if json_out:
         output.print_json(info)
     else:
-        output.console.print(f"{name} running on {host} at {info['ip']} (pid {info.get('pid')})")
+        who = f"{info['name']} ({info['runtime']})"
+        output.console.print(f"{who} running on {host} at {info['ip']} (pid {info.get('pid')})")
 
 
 def _kv(text: str, option: str) -> tuple[str, str]:
@@ -52,15 +62,15 @@ def _kv(text: str, option: str) -> tuple[str, str]:
 
 @app.command(rich_help_panel=PANEL)
 def ps(json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP)) -> None:
-    """List containers: name, host, overlay IP, state and PID (asks each host's agent)."""
+    """List containers of every engine (runc, Podman, Docker): name, runtime, host, IP, state, PID."""
     rows = containers.live(state_dir())
     if json_out:
         output.print_json(rows)
         return
     output.print_table(
         None,
-        ["NAME", "HOST", "IP", "STATE", "PID", "COMMAND"],
-        [[r["name"], r["host"], r["ip"], r["state"], r["pid"], r["command"]] for r in rows],
+        ["NAME", "RUNTIME", "HOST", "IP", "STATE", "PID", "COMMAND"],
+        [[r["name"], r["runtime"], r["host"], r["ip"], r["state"], r["pid"], r["command"]] for r in rows],
     )
 
 

@@ -6,8 +6,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import typer
-from skyferry.pipeline import migration
+from skyferry.pipeline import containers, migration
 from skyferry.pipeline.journal import Journal
+from skyferry.pipeline.registry import Registry
 from skyferry.pipeline.state import state_dir
 
 from . import output
@@ -58,13 +59,13 @@ def _size(n: int | None) -> str:
 
 @app.command(rich_help_panel=PANEL)
 def migrate(
-    name: str = typer.Argument(..., help="Container to move."),
+    name: str = typer.Argument(..., help="Container to move: NAME, or podman:NAME / docker:NAME."),
     to: str = typer.Option(..., "--to", help="Target host."),
-    mode: str = typer.Option(
-        migration.DEFAULT_MODE,
+    mode: str | None = typer.Option(
+        None,
         "--mode",
-        help="precopy: memory rounds while it runs, then a short freeze (default); "
-        "stop-copy: freeze, checkpoint, move everything, restore.",
+        help="precopy: memory rounds while it runs, then a short freeze (default for runc); "
+        "stop-copy: freeze, checkpoint, move everything, restore (default for podman and docker).",
     ),
     json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP),
     test: bool = typer.Option(False, "--test", help="Test cutover: a clone restored on the target, isolated, "
@@ -77,8 +78,12 @@ def migrate(
     Stages: check, prepare, [precopy,] checkpoint, transfer, restore, cutover, go-live, confirm, cleanup.
     A failure before go-live rolls back: the container keeps running on the source, exactly once.
 
-    Example: skyferry migrate web --to local-2
+    Examples: skyferry migrate web --to local-2; skyferry migrate podman:db --to local-3
     """
+    name = containers.resolve(state_dir(), name)
+    if mode is None:  # engines other than runc checkpoint through their own CLI: no pre-copy rounds
+        runtime = Registry(state_dir()).get(name).spec.runtime
+        mode = migration.DEFAULT_MODE if runtime == "runc" else "stop-copy"
     if test or check:
         from .runbooks import test_cutover
 

@@ -1,0 +1,268 @@
+"""What the Podman and Docker adapters share: engine commands, CRIU's TCP switch, busybox images, daemons.
+
+Every local host has its own engine instance below its own state root (`<state root>/podman`,
+`<state root>/docker`), so two simulated hosts on one machine never see each other's containers,
+images or layers, and a migration really copies them through the agents' stream.
+"""
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from skyferry.pipeline.errors import SkyferryError
+
+LABEL = "skyferry.spec"  # the ContainerSpec as JSON, on every container skyferry runs in an engine
+BUSYBOX = Path("/bin/busybox")  # busybox-static (scripts/bootstrap-host.sh); it runs in any rootfs
+RUNC_CONF = Path("/etc/criu/runc.conf")
+RUNC_CONF_LOCK = Path("/run/lock/skyferry-criu-runc-conf.lock")
+MARK = "# written by skyferry for one checkpoint or restore; removed right after\n"
+
+
+def run(argv: list[str], what: str, *, timeout: float = 120, env: dict[str, str] | None = None) -> str:
+    """Run an engine command; a failure becomes one clear line naming `what` failed."""
+    try:
+        proc = subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False, env=env
+        )
+    except FileNotFoundError:
+        raise SkyferryError(f"{what}: {argv[0]} is not installed", hint="run scripts/bootstrap-host.sh") from None
+    except subprocess.TimeoutExpired:
+        raise SkyferryError(f"{what}: {argv[0]} did not answer within {timeout:.0f} s") from None
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()] or [f"exit status {proc.returncode}"]
+        raise SkyferryError(f"{what} failed: {lines[-1].strip()[-300:]}")
+    return proc.stdout
+
+
+@contextlib.contextmanager
+def tcp_established() -> Iterator[None]:
+    """Let CRIU checkpoint and restore established TCP connections for the runc calls made inside.
+
+    Docker has no flag for it; runc hands CRIU `/etc/criu/runc.conf`, which overrides the RPC options.
+    The file exists only while one checkpoint or restore runs, under a machine-wide lock, so it never
+    changes anything else; an operator's own runc.conf is used as it is, never rewritten.
+    """
+    RUNC_CONF_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with open(RUNC_CONF_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if RUNC_CONF.exists():
+            text = RUNC_CONF.read_text()
+            if "tcp-established" not in text.split("#")[0] and MARK not in text:
+                raise SkyferryError(
+                    f"{RUNC_CONF} exists without tcp-established",
+                    hint="add a line `tcp-established` to it, or remove it; skyferry leaves operators' files alone",
+                )
+            yield
+            return
+        RUNC_CONF.parent.mkdir(parents=True, exist_ok=True)
+        RUNC_CONF.write_text(MARK + "tcp-established\n")
+        try:
+            yield
+        finally:
+            RUNC_CONF.unlink(missing_ok=True)
+
+
+def image_ref(tarball: Path) -> str:
+    """The engine image name for a rootfs tarball: the same content gives the same name on every host."""
+    digest = hashlib.sha256()
+    with open(tarball, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return f"localhost/skyferry/img:{digest.hexdigest()[:16]}"
+
+
+def is_image_archive(tarball: Path) -> bool:
+    """True for a `docker save` or OCI archive (to load), False for a plain rootfs tarball (to import)."""
+    try:
+        with tarfile.open(tarball) as tar:
+            names = set(tar.getnames())
+    except tarfile.TarError as exc:
+        raise SkyferryError(f"image {tarball} is not a readable tarball: {exc}") from exc
+    return bool(names & {"manifest.json", "./manifest.json", "index.json", "./index.json"})
+
+
+def loaded_name(output: str) -> str:
+    """The image name `podman load` / `docker load` printed."""
+    for line in output.splitlines():
+        for prefix in ("Loaded image: ", "Loaded image(s): ", "Loaded image ID: "):
+            if line.startswith(prefix):
+                return line[len(prefix) :].split(",")[0].strip()
+    raise SkyferryError(f"could not tell which image was loaded: {output.strip()[-200:]!r}")
+
+
+def busybox_rootfs_tar(dest: Path, files: dict[str, str] | None = None) -> Path:
+    """A rootfs tarball holding static busybox (with applet links) plus `files` (path -> text, executable)."""
+    if not BUSYBOX.exists() or b"ld-linux" in BUSYBOX.read_bytes()[:4096]:
+        raise SkyferryError(f"{BUSYBOX} is missing or not static", hint="apt-get install busybox-static")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(dest, "w") as tar:
+        for d in ("bin", "tmp", "etc", "app", "proc", "sys", "dev"):
+            info = tarfile.TarInfo(d)
+            info.type, info.mode = tarfile.DIRTYPE, 0o1777 if d == "tmp" else 0o755
+            tar.addfile(info)
+        tar.add(BUSYBOX, arcname="bin/busybox")
+        for applet in ("sh", "nc", "sleep", "nsenter", "cat", "echo", "ls", "true"):
+            link = tarfile.TarInfo(f"bin/{applet}")
+            link.type, link.linkname = tarfile.SYMTYPE, "busybox"
+            tar.addfile(link)
+        for path, text in (files or {}).items():
+            data = text.encode()
+            info = tarfile.TarInfo(path.lstrip("/"))
+            info.size, info.mode = len(data), 0o755
+            tar.addfile(info, io.BytesIO(data))
+    return dest
+
+
+# A TCP counter speaking workload_counter's protocol in busybox sh: each request line SEQ is answered
+# with "SEQ COUNT", COUNT counted per connection in the shell's memory (it must survive a migration),
+# and appended to /app/served in the writable layer (it must move with the container).
+COUNTER_SERVE = """#!/bin/sh
+count=0
+while read -r seq; do
+  count=$((count + 1))
+  echo "$seq $count" >> /app/served
+  echo "$seq $count"
+done
+"""
+COUNTER_ARGS = ["nc", "-ll", "-p", "9000", "-e", "/app/serve.sh"]
+
+
+def counter_image(dest: Path) -> Path:
+    """A busybox rootfs tarball whose /app/serve.sh is the counter service; run it with COUNTER_ARGS."""
+    return busybox_rootfs_tar(dest, {"/app/serve.sh": COUNTER_SERVE})
+
+
+def unmount_below(path: Path) -> None:
+    """Unmount everything mounted at or below `path`, deepest first (engines leave overlay and shm mounts)."""
+    root = str(path.resolve())
+    mounts = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4].replace("\\040", " ")
+            if point == root or point.startswith(root + "/"):
+                mounts.append(point)
+    for point in sorted(set(mounts), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+
+
+def remove_tree(path: Path) -> None:
+    unmount_below(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def new_entries(before: set[Path], pattern: str, dirs: list[Path]) -> list[Path]:
+    return [p for d in dirs for p in d.glob(pattern) if p not in before]
+
+
+class DockerDaemon:
+    """A private dockerd (and the containerd it starts) for one host: own data root, exec root, socket.
+
+    It runs inside the host's network namespace with ip forwarding, iptables and the bridge off, so it
+    changes nothing in any other namespace. `stop` removes its containers, ends dockerd and containerd,
+    and deletes every file it made.
+    """
+
+    def __init__(self, home: Path, netns: str | None, cgroup_parent: str, experimental: bool = True) -> None:
+        self.home = home
+        self.netns = netns
+        self.cgroup_parent = cgroup_parent
+        self.experimental = experimental
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket(self) -> Path:
+        return self.home / "docker.sock"
+
+    def start(self, timeout: float = 60) -> "DockerDaemon":
+        for d in ("data", "exec", "tmp"):
+            (self.home / d).mkdir(parents=True, exist_ok=True)
+        (self.home / "daemon.json").write_text("{}\n")  # never the machine's /etc/docker/daemon.json
+        argv = [
+            "dockerd", "--config-file", str(self.home / "daemon.json"),
+            "--data-root", str(self.home / "data"), "--exec-root", str(self.home / "exec"),
+            "-H", f"unix://{self.socket}", "--pidfile", str(self.home / "docker.pid"),
+            "--ip-forward=false", "--iptables=false", "--ip6tables=false", "--bridge=none",
+            "--userland-proxy=false", "--exec-opt", "native.cgroupdriver=cgroupfs",
+            "--cgroup-parent", self.cgroup_parent, "--log-level", "warn",
+        ]  # fmt: skip
+        if self.experimental:
+            argv.append("--experimental")
+        if self.netns:
+            argv = ["nsenter", f"--net=/run/netns/{self.netns}", "--", *argv]
+        # containerd's temporary checkpoint copies (ctrd-checkpoint*) land here, not in the shared /tmp.
+        env = {**os.environ, "TMPDIR": str(self.home / "tmp")}
+        with open(self.home / "dockerd.log", "wb") as log:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
+        deadline = time.monotonic() + timeout
+        while True:
+            ping = subprocess.run(
+                ["/usr/bin/docker", "-H", f"unix://{self.socket}", "version", "--format", "{{.Server.Version}}"],
+                capture_output=True,
+                check=False,
+            )
+            if ping.returncode == 0:
+                return self
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = (self.home / "dockerd.log").read_text(errors="replace")[-400:]
+                self.stop()
+                raise SkyferryError(f"dockerd for {self.home} did not start: {tail}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            docker = ["/usr/bin/docker", "-H", f"unix://{self.socket}"]
+            ids = subprocess.run([*docker, "ps", "-aq"], capture_output=True, text=True, check=False).stdout.split()
+            if ids:
+                subprocess.run([*docker, "rm", "-f", *ids], capture_output=True, check=False)
+            containerd = _child_pids(self.proc.pid)
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            for pid in containerd:  # dockerd stops its containerd; make sure, by pid, never by name
+                _wait_or_kill(pid)
+        remove_tree(self.home)
+
+
+def _child_pids(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def _wait_or_kill(pid: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGKILL)
+
+
+def spec_label(spec_json: str) -> dict[str, str]:
+    return {LABEL: spec_json}
+
+
+def labels_of(inspect: dict) -> dict[str, str]:  # type: ignore[type-arg]
+    return (inspect.get("Config") or {}).get("Labels") or {}
+
+
+def parse_json(text: str, what: str) -> list:  # type: ignore[type-arg]
+    try:
+        return json.loads(text or "[]")
+    except json.JSONDecodeError as exc:
+        raise SkyferryError(f"{what}: unreadable output: {exc}") from exc
