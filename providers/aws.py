@@ -103,9 +103,7 @@ class AwsProvider:
     ) -> list[Host]:
         check_plan(plan)
         if region and region != self.region:
-            raise ProviderError(
-                f"this AWS provider is bound to {self.region}, not {region}", hint="pass --region once"
-            )
+            raise ProviderError(f"this AWS provider is bound to {self.region}, not {region}", hint="pass --region once")
         size = size or DEFAULT_SIZE
         node_size = self._size(size)
         alive = self.list(plan)

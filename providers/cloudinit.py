@@ -108,9 +108,7 @@ def render_user_data(b: HostBootstrap) -> str:
     ]
     tls = {"ca.pem": b.ca_pem, "cert.pem": b.cert_pem, "key.pem": b.key_pem}
     files += [
-        {"path": f"{HOST_STATE}/tls/{name}", "permissions": "0600", "content": pem}
-        for name, pem in tls.items()
-        if pem
+        {"path": f"{HOST_STATE}/tls/{name}", "permissions": "0600", "content": pem} for name, pem in tls.items() if pem
     ]
     pip = f"{VENV}/bin/pip"
     doc = {

@@ -44,8 +44,7 @@ def translate(exc: Exception, what: str) -> ProviderError:
     if isinstance(exc, QuotaExceededError) or code == "QUOTA_EXCEEDED" or "Quota '" in text:
         return ProviderError(
             f"GCE quota reached while {what}: {text}",
-            hint="ask for a quota increase in the console, or use a smaller --count or --size; "
-            "nothing was left behind",
+            hint="ask for a quota increase in the console, or use a smaller --count or --size; nothing was left behind",
         )
     status = getattr(exc, "http_code", None) or getattr(exc, "code", None)
     if status in (401, 403) or isinstance(exc, gexc.Unauthorized | gexc.Forbidden) or "invalid_grant" in text:
@@ -110,9 +109,7 @@ class GcpProvider:
             )  # fmt: skip
         except GoogleBaseError as exc:
             if exc.http_code in (400, 401, 403):  # the token request: a key GCE does not accept
-                raise ProviderError(
-                    f"GCE refused the credentials of {email}: {exc.value}", hint=_CRED_HINT
-                ) from None
+                raise ProviderError(f"GCE refused the credentials of {email}: {exc.value}", hint=_CRED_HINT) from None
             raise translate(exc, f"connecting to project {self.project}") from None
         except Exception as exc:
             raise translate(exc, f"connecting to project {self.project}") from None
@@ -140,7 +137,9 @@ class GcpProvider:
     ) -> list[Host]:
         check_plan(plan)
         if region and region != self.zone:
-            raise ProviderError(f"this GCP provider is bound to zone {self.zone}, not {region}", hint="pass --region once")
+            raise ProviderError(
+                f"this GCP provider is bound to zone {self.zone}, not {region}", hint="pass --region once"
+            )
         size = size or DEFAULT_SIZE
         try:
             node_size = self.driver.ex_get_size(size, self.zone)

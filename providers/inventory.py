@@ -63,7 +63,9 @@ def read_outputs(source: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ProviderError(f"{path} is not JSON: {exc}", hint="it must be the output of terraform output -json") from None
+        raise ProviderError(
+            f"{path} is not JSON: {exc}", hint="it must be the output of terraform output -json"
+        ) from None
     if not isinstance(data, dict):
         raise ProviderError(f"{path} is not a terraform output -json document (expected an object)")
     return data

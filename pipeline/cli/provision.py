@@ -146,9 +146,9 @@ def decommission(
 ) -> None:
     """Remove everything a plan made and take its hosts out of the mesh. Safe to run twice.
 
-      skyferry decommission --plan exit1
+    skyferry decommission --plan exit1
 
-      skyferry decommission --plan exit1 --provider gcp --region europe-west1-b --json
+    skyferry decommission --plan exit1 --provider gcp --region europe-west1-b --json
     """
     state = state_dir()
     mine = re.compile(rf"{re.escape(plan)}-\d+")
@@ -190,15 +190,17 @@ app.add_typer(inventory_app, name="inventory", rich_help_panel="Hosts")
 @inventory_app.command("import")
 def import_(
     terraform: Path = typer.Option(
-        ..., "--terraform", help="`terraform output -json` saved to a file, or a directory holding terraform-output.json."
+        ...,
+        "--terraform",
+        help="`terraform output -json` saved to a file, or a directory holding terraform-output.json.",
     ),
     json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP),
 ) -> None:
     """Add the hosts of a Terraform environment (its skyferry_hosts output) to the mesh. Idempotent.
 
-      skyferry inventory import --terraform terraform/examples/aws-and-gcp
+    skyferry inventory import --terraform terraform/examples/aws-and-gcp
 
-      skyferry inventory import --terraform hosts.json --json
+    skyferry inventory import --terraform hosts.json --json
     """
     state = state_dir()
     members = inventory.parse_outputs(inventory.read_outputs(terraform), origin=str(terraform))
@@ -213,7 +215,9 @@ def import_(
 
 @inventory_app.command("tfvars")
 def tfvars(
-    plan: str = typer.Option(..., "--plan", help="Plan name; hosts are PLAN-0 … PLAN-(COUNT-1), as the modules name them."),
+    plan: str = typer.Option(
+        ..., "--plan", help="Plan name; hosts are PLAN-0 … PLAN-(COUNT-1), as the modules name them."
+    ),
     count: int = typer.Option(1, "--count", "-n", min=1, help="How many hosts the module will make."),
 ) -> None:
     """Print per-host cloud-init user-data and WireGuard public keys as JSON, for terraform/modules/*.

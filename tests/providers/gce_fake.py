@@ -190,9 +190,7 @@ class GceFake:
                     "network": self._link("global/networks/default"),
                     "networkIP": f"10.128.0.{n}",
                     "name": "nic0",
-                    "accessConfigs": [
-                        {"type": "ONE_TO_ONE_NAT", "name": "External NAT", "natIP": f"198.51.100.{n}"}
-                    ],
+                    "accessConfigs": [{"type": "ONE_TO_ONE_NAT", "name": "External NAT", "natIP": f"198.51.100.{n}"}],
                 }
             ],
             "disks": [
@@ -269,7 +267,7 @@ class GceFake:
             data = json.loads(body) if body else {}
             return self._route(method, rel, data)
 
-    def _route(self, method: str, rel: str, data: dict[str, Any]) -> tuple[int, dict[str, Any]]:  # noqa: C901
+    def _route(self, method: str, rel: str, data: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         def not_found(what: str) -> tuple[int, dict[str, Any]]:
             return 404, error(404, f"The resource '{what}' was not found", "notFound", "NOT_FOUND")
 

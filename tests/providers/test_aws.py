@@ -3,7 +3,6 @@
 import boto3
 import pytest
 from moto_server import PatchedMotoServer
-
 from skyferry.providers.aws import AwsProvider
 from skyferry.providers.base import WIREGUARD_PORT
 from skyferry.providers.errors import ProviderError
@@ -13,7 +12,7 @@ pytestmark = pytest.mark.integration
 IMAGE = "ami-785db401"  # an Ubuntu AMI moto ships; real runs find Debian 12 by itself
 
 
-def ec2(url: str):  # noqa: ANN201  boto3 clients have no static type
+def ec2(url: str):
     return boto3.client("ec2", endpoint_url=url, region_name="us-east-1")
 
 
@@ -45,9 +44,9 @@ def test_full_ec2_cycle(aws_env: str, plan: str, tmp_path) -> None:
     removed = aws.destroy(plan)
     assert {h.id for h in hosts} <= set(removed)
     assert aws.list(plan) == []
-    assert not client.describe_security_groups(
-        Filters=[{"Name": "group-name", "Values": [f"skyferry-{plan}"]}]
-    )["SecurityGroups"]
+    assert not client.describe_security_groups(Filters=[{"Name": "group-name", "Values": [f"skyferry-{plan}"]}])[
+        "SecurityGroups"
+    ]
     assert aws.destroy(plan) == []
 
 
@@ -69,7 +68,7 @@ def test_elastic_ip_moves_between_instances(aws_env: str, plan: str) -> None:
         aws.destroy(plan)
 
 
-def _eip_instance(client, allocation_id: str) -> str:  # noqa: ANN001
+def _eip_instance(client, allocation_id: str) -> str:
     return client.describe_addresses(AllocationIds=[allocation_id])["Addresses"][0].get("InstanceId")
 
 
@@ -122,7 +121,7 @@ def test_quota_error_cleans_up(aws_env: str, moto_server: PatchedMotoServer, pla
             )
         return f"#cloud-config\nhostname: {name}\n"
 
-    with pytest.raises(ProviderError, match="AWS quota reached.*InstanceLimitExceeded") as exc:
+    with pytest.raises(ProviderError, match=r"AWS quota reached.*InstanceLimitExceeded") as exc:
         aws.provision(plan, 3, size="t3.micro", image=IMAGE, user_data=user_data)
     assert "nothing was left behind" in (exc.value.hint or "")
     assert rendered == [f"{plan}-0", f"{plan}-1"]  # one instance was made before the error
@@ -135,14 +134,14 @@ def test_unknown_region(aws_env: str) -> None:
 
 
 def test_unknown_size(aws_env: str, plan: str) -> None:
-    with pytest.raises(ProviderError, match="unknown AWS instance size 't3.mediun'") as exc:
+    with pytest.raises(ProviderError, match=r"unknown AWS instance size 't3.mediun'") as exc:
         AwsProvider(endpoint_url=aws_env).provision(plan, 1, size="t3.mediun", image=IMAGE)
     assert "t3.medium" in (exc.value.hint or "")
     assert _leftovers(aws_env, plan) == []
 
 
 def test_unknown_image(aws_env: str, plan: str) -> None:
-    with pytest.raises(ProviderError, match="AWS image not found.*InvalidAMIID"):
+    with pytest.raises(ProviderError, match=r"AWS image not found.*InvalidAMIID"):
         AwsProvider(endpoint_url=aws_env).provision(plan, 1, size="t3.micro", image="ami-00000000")
     assert _leftovers(aws_env, plan) == []
 

@@ -12,7 +12,6 @@ import pytest
 from cloudinit_check import assert_valid
 from gce_fake import GceFake
 from moto_server import PatchedMotoServer
-
 from skyferry.netplane.ipam import Ipam
 from skyferry.netplane.mesh import Mesh, MeshHost
 from skyferry.providers.cloudinit import new_wireguard_key

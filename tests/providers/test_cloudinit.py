@@ -2,7 +2,6 @@
 
 import yaml
 from cloudinit_check import assert_valid, schema_check
-
 from skyferry.providers.cloudinit import HostBootstrap, Peer, new_wireguard_key, render_user_data
 
 

