@@ -21,6 +21,7 @@ stream changes nothing and a half-applied round never leaves a torn file.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import io
@@ -51,6 +52,7 @@ MAX_BLOCK = 64 << 20
 CHUNK = 1 << 20
 ZSTD_LEVEL = 1
 MANIFEST = "@manifest"  # the first tar member; no "/" so it can never name a path in a directory
+XATTR = "SKYFERRY.xattr."  # PAX keys carrying extended attributes, base64
 STAGING = ".skyferry-fsync-"  # the applier's scratch directory inside each destination
 CLOCK_REALTIME_COARSE = 5  # Linux; file timestamps come from this clock (or a finer one)
 TAR_ENCODING = "utf-8"
@@ -143,6 +145,7 @@ class FsTracker:
         stats.bytes_wire += len(MAGIC)
         yield from out.add(_info(MANIFEST, tarfile.REGTYPE, size=0), json.dumps(manifest).encode())
         pending: dict[tuple[str, str], _Held] = {}
+        links: dict[tuple[int, int], tuple[str, str]] = {}  # (st_dev, st_ino) of files sent -> their key
         for key, (st, link) in current.items():
             held = self.held.get(key)
             sig = _sig(st, link)
@@ -150,8 +153,14 @@ class FsTracker:
             if held is not None and held.sig == sig and not held.racy and not force:
                 continue
             name = f"{key[0]}/{key[1]}"
-            if stat.S_ISREG(st.st_mode):
-                yield from self._file(out, name, self.dirs[key[0]] / key[1], held, force, key, pending)
+            first = links.get((st.st_dev, st.st_ino)) if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 else None
+            if first is not None and first[0] == key[0]:
+                # Another name of a file this stream already carries: the target links it, as here.
+                pending[key] = pending[first]
+                stats.files_sent += 1
+                yield from out.add(_info(name, tarfile.LNKTYPE, st=st, link=first[1]))
+            elif stat.S_ISREG(st.st_mode):
+                yield from self._file(out, name, self.dirs[key[0]] / key[1], held, force, key, pending, links)
             else:
                 # A directory that changes in the tick of its lstat could keep its mtime: resend it next round.
                 # A symlink never changes in place.
@@ -161,7 +170,9 @@ class FsTracker:
                     stats.dirs_sent += 1
                 else:
                     stats.files_sent += 1
-                yield from out.add(_info(name, tarfile.DIRTYPE if is_dir else tarfile.SYMTYPE, st=st, link=link))
+                path = self.dirs[key[0]] / key[1]
+                kind_ = tarfile.DIRTYPE if is_dir else tarfile.SYMTYPE
+                yield from out.add(_info(name, kind_, st=st, link=link, xattrs=_xattrs(path)))
         yield from out.close()
         # Exhausted: the target has all of it (or will refuse it and ask for a full round).
         for key in deleted:
@@ -179,6 +190,7 @@ class FsTracker:
         force: bool,
         key: tuple[str, str],
         pending: dict[tuple[str, str], _Held],
+        links: dict[tuple[int, int], tuple[str, str]],
     ) -> Iterator[bytes]:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -201,10 +213,12 @@ class FsTracker:
                 f.seek(0)
             hasher = xxhash.xxh3_128()
             reader = _Exact(f, st.st_size, hasher)
-            yield from out.add(_info(name, tarfile.REGTYPE, st=st), reader)
+            yield from out.add(_info(name, tarfile.REGTYPE, st=st, xattrs=_xattrs(fd)), reader)
             out.stats.files_sent += 1
             out.stats.bytes_raw += st.st_size
             pending[key] = _Held(sig, racy, hasher.digest()) if reader.complete else DIRTY
+            if st.st_nlink > 1:
+                links[(st.st_dev, st.st_ino)] = key
 
 
 class FsApplier:
@@ -240,6 +254,7 @@ class FsApplier:
         """Extract the stream into staging and check its digest; nothing in place changes here."""
         members: list[tuple[str, str, tarfile.TarInfo]] = []
         seen: set[tuple[str, str]] = set()
+        regular: set[tuple[str, str]] = set()
         try:
             unzstd = zstandard.ZstdDecompressor().stream_reader(reader, read_across_frames=True)
             with tarfile.open(fileobj=unzstd, mode="r|", encoding=TAR_ENCODING) as tar:  # type: ignore[call-overload]
@@ -258,8 +273,12 @@ class FsApplier:
                     if member.isreg() or member.issym():
                         member.name = str(len(members))  # staged under its index: no nesting, no clashes
                         extract_member(tar, member, staging[arc])
+                        if member.isreg():
+                            regular.add((arc, rel))
                         stats.files_sent += 1
                         stats.bytes_raw += member.size
+                    elif member.islnk() and (arc, member.linkname) in regular:
+                        stats.files_sent += 1  # a hard link to a file earlier in this stream
                     elif member.isdir():
                         stats.dirs_sent += 1
                     else:
@@ -312,9 +331,14 @@ class FsApplier:
                 path.mkdir(exist_ok=True)
                 os.chown(path, member.uid, member.gid)
                 os.chmod(path, member.mode)
+                _set_xattrs(path, member)
                 dirs.append((path, member))
                 continue
             staged = staging[arc] / str(index)
+            if member.islnk():
+                os.link(self._inside(arc, member.linkname), staged, follow_symlinks=False)
+            else:
+                _set_xattrs(staged, member)
             mtime = int(member.pax_headers.get("SKYFERRY.mtime_ns", int(member.mtime * 1e9)))
             os.utime(staged, ns=(mtime, mtime), follow_symlinks=False)
             if path.is_dir() and not path.is_symlink():
@@ -548,7 +572,12 @@ def _sig(st: os.stat_result, link: str | None) -> Sig:
 
 
 def _info(
-    name: str, kind: bytes, st: os.stat_result | None = None, link: str | None = None, size: int = 0
+    name: str,
+    kind: bytes,
+    st: os.stat_result | None = None,
+    link: str | None = None,
+    size: int = 0,
+    xattrs: dict[str, bytes] | None = None,
 ) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type = kind
@@ -558,11 +587,38 @@ def _info(
         info.uid, info.gid = st.st_uid, st.st_gid
         info.mtime = st.st_mtime_ns // 1_000_000_000
         info.pax_headers = {"SKYFERRY.mtime_ns": str(st.st_mtime_ns)}
+        for key, value in (xattrs or {}).items():
+            info.pax_headers[XATTR + key] = base64.b64encode(value).decode()
         if kind == tarfile.REGTYPE:
             info.size = st.st_size
     if link is not None:
         info.linkname = link
     return info
+
+
+def _xattrs(target: int | Path) -> dict[str, bytes]:
+    """Extended attributes (file capabilities, ACLs, user.*) of an open file, or of a path not followed."""
+    follow = isinstance(target, int)
+    try:
+        return {
+            name: os.getxattr(target, name, follow_symlinks=follow)
+            for name in os.listxattr(target, follow_symlinks=follow)
+        }
+    except OSError:
+        return {}  # gone, or a file system without them
+
+
+def _set_xattrs(path: Path, member: tarfile.TarInfo) -> None:
+    """After chown, which clears security.capability."""
+    for key, value in member.pax_headers.items():
+        if key.startswith(XATTR):
+            try:
+                os.setxattr(path, key[len(XATTR) :], base64.b64decode(value), follow_symlinks=False)
+            except OSError as exc:
+                raise SkyferryError(
+                    f"cannot set {key[len(XATTR) :]} on {path}: {exc.strerror}",
+                    hint="the target's file system must support the source's extended attributes",
+                ) from exc
 
 
 def _hash(f: BinaryIO, size: int) -> tuple[bytes, bool]:

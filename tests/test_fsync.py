@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import tarfile
@@ -25,17 +26,21 @@ MB = 1 << 20
 
 
 def tree(root: Path) -> dict[str, tuple[object, ...]]:
-    """Everything below root: type, mode, owner, mtime, and the sha256 of contents or the symlink target."""
+    """Everything below root: type, mode, owner, mtime, xattrs, and the symlink target or size, links and sha256."""
     out: dict[str, tuple[object, ...]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             path = Path(dirpath) / name
             st = path.lstat()
-            common = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns)
+            xattrs = sorted(
+                (k, os.getxattr(path, k, follow_symlinks=False)) for k in os.listxattr(path, follow_symlinks=False)
+            )
+            common = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns, xattrs)
             if stat.S_ISLNK(st.st_mode):
                 out[str(path.relative_to(root))] = (*common, os.readlink(path))
             elif stat.S_ISREG(st.st_mode):
-                out[str(path.relative_to(root))] = (*common, st.st_size, hashlib.sha256(path.read_bytes()).hexdigest())
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                out[str(path.relative_to(root))] = (*common, st.st_size, st.st_nlink, digest)
             else:
                 out[str(path.relative_to(root))] = common
     return out
@@ -69,8 +74,12 @@ def make_rootfs(root: Path) -> None:
     for i in range(20):
         (root / f"var/lib/app/cache/{i:02}").write_bytes(os.urandom(1000 + i))
     (root / "tmp").chmod(0o1777)
+    os.setxattr(root / "var/log", "user.note", b"\x00\xffbinary")
     if os.geteuid() == 0:
         os.chown(root / "etc/passwd", 1234, 5678)
+        os.chown(root / "usr/bin/tool", 0, 1234)
+        # A file capability (cap_net_raw, effective): chown clears it, so the target must set it after.
+        os.setxattr(root / "usr/bin/tool", "security.capability", struct.pack("<5I", 0x02000001, 1 << 13, 0, 0, 0))
 
 
 def test_rounds_send_only_what_changed(pair: tuple[Path, Path, FsTracker, FsApplier]) -> None:
@@ -124,6 +133,29 @@ def test_deletions_and_type_changes(pair: tuple[Path, Path, FsTracker, FsApplier
     stats = sync(tracker, applier)
     assert tree(dst) == tree(src)
     assert stats.deletions == 1 + 3 + 20  # becomes_file/child; var/lib, app, cache; 20 cache files
+
+
+def test_hard_links_stay_links(pair: tuple[Path, Path, FsTracker, FsApplier]) -> None:
+    src, dst, tracker, applier = pair
+    make_rootfs(src)
+    (src / "usr/bin/tool2").hardlink_to(src / "usr/bin/tool")
+    (src / "etc/tool3").hardlink_to(src / "usr/bin/tool")
+    first = sync(tracker, applier)
+    assert (
+        first.bytes_raw
+        == sum(p.stat().st_size for p in src.rglob("*") if p.is_file() and not p.is_symlink()) - 2 * 200_000
+    )
+    assert tree(dst) == tree(src)
+    assert (dst / "usr/bin/tool").stat().st_ino == (dst / "etc/tool3").stat().st_ino
+
+    with (src / "etc/tool3").open("r+b") as f:  # a write through one name changes all three
+        f.write(b"patched")
+    again = sync(tracker, applier)
+    assert (again.files_sent, again.bytes_raw) == (3, 200_000)
+    (src / "usr/bin/tool2").unlink()  # the others' link count (ctime) changes: they are sent again, once
+    last = sync(tracker, applier)
+    assert (last.files_sent, last.bytes_raw, last.deletions) == (2, 200_000, 1)
+    assert tree(dst) == tree(src)
 
 
 def test_big_file_rewritten_in_the_middle_is_resent(pair: tuple[Path, Path, FsTracker, FsApplier]) -> None:
