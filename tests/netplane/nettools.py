@@ -1,5 +1,6 @@
-"""Traffic probes for netplane tests: ICMP echo and a TCP stream, each opened inside a network namespace."""
+"""Helpers for netplane tests: ICMP and TCP probes inside namespaces, a local mesh that always comes down."""
 
+import ipaddress
 import itertools
 import socket
 import statistics
@@ -9,8 +10,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from pyroute2 import IPRoute
+from skyferry.netplane import netns, wg
+from skyferry.netplane.mesh import Mesh
 from skyferry.netplane.netns import in_netns
+from skyferry.netplane.wan import WanSpec
+from skyferry.providers.local import UNDERLAY, LocalProvider
 
 
 def _checksum(data: bytes) -> int:
@@ -168,3 +175,34 @@ def stream(ns: str, address: str, port: int, interval: float) -> Iterator[Stream
         s.stop.set()
         thread.join(timeout=15)
         sock.close()
+
+
+def leftovers(run_id: str, cidr: str = "100.64.0.0/16") -> list[str]:
+    """Every trace of mesh `run_id` on this machine: namespaces, sockets, processes, root interfaces/routes."""
+    found = [f"netns {p.name}" for p in netns.RUN_DIR.glob(f"{run_id}-*")] if netns.RUN_DIR.exists() else []
+    found += [f"socket {p}" for p in wg.SOCKET_DIR.glob(f"{run_id}-*")] if wg.SOCKET_DIR.exists() else []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(run_id.encode() in a for a in argv) and b"pytest" not in b" ".join(argv):
+            found.append(f"process {proc.name}: {b' '.join(argv).decode(errors='replace')}")
+    with IPRoute() as ipr:
+        found += [f"root link {n}" for n in (link.get("ifname") for link in ipr.get_links()) if run_id in n]
+        for r in ipr.get_routes(family=2, table=254):
+            dst = r.get("RTA_DST")
+            if dst and any(ipaddress.ip_address(dst) in ipaddress.ip_network(n) for n in (cidr, UNDERLAY)):
+                found.append(f"root route {dst}/{r['dst_len']}")
+    return found
+
+
+@contextmanager
+def mesh_up(state: Path, run_id: str, count: int, wan: str | None = None, cidr: str | None = None) -> Iterator[Mesh]:
+    provider = LocalProvider(state, cidr=cidr, wan_spec=WanSpec.parse(wan) if wan else None)
+    try:
+        mesh, created = provider.up(count, run_id)
+        assert created
+        yield mesh
+    finally:
+        provider.down()
