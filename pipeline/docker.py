@@ -12,9 +12,11 @@ xattrs kept) into the new container before `docker start --checkpoint`. Establis
 checkpoint and the restore.
 """
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -184,20 +186,27 @@ class Docker:
         staged.mkdir(parents=True)
         shutil.rmtree(images, ignore_errors=True)  # docker creates <checkpoint-dir>/<name> itself
         images.parent.mkdir(parents=True, exist_ok=True)
+        with self._criu_call():
+            self._docker(
+                "checkpoint", "create", "--leave-running", "--checkpoint-dir", str(images.parent),
+                name, images.name, what="checkpoint create",
+            )  # fmt: skip
+        upper = Path(info["GraphDriver"]["Data"]["UpperDir"])
+        engines.run(["tar", *TAR_XATTRS, "-C", str(upper), "-cf", str(staged / LAYER_TAR), "."], "writable layer")
+        self._docker("save", "-o", str(staged / IMAGE_TAR), info["Config"]["Image"], what="save")
+
+    @contextlib.contextmanager
+    def _criu_call(self) -> Iterator[None]:
+        """A checkpoint or restore: TCP allowed, and containerd's copies of the images cleaned afterwards
+        (ctrd-checkpoint* in its TMPDIR: ours for engines.DockerDaemon, else /tmp)."""
         tmps = [self.home / "tmp", Path("/tmp")]
         before = {p for d in tmps for p in d.glob("ctrd-checkpoint*")}
         try:
             with engines.tcp_established():
-                self._docker(
-                    "checkpoint", "create", "--leave-running", "--checkpoint-dir", str(images.parent),
-                    name, images.name, what="checkpoint create",
-                )  # fmt: skip
+                yield
         finally:
             for leftover in engines.new_entries(before, "ctrd-checkpoint*", tmps):
-                shutil.rmtree(leftover, ignore_errors=True)  # containerd's copy of the checkpoint
-        upper = Path(info["GraphDriver"]["Data"]["UpperDir"])
-        engines.run(["tar", *TAR_XATTRS, "-C", str(upper), "-cf", str(staged / LAYER_TAR), "."], "writable layer")
-        self._docker("save", "-o", str(staged / IMAGE_TAR), info["Config"]["Image"], what="save")
+                shutil.rmtree(leftover, ignore_errors=True)
 
     def payload(self, name: str) -> dict[str, Path]:
         return {"docker": self._staged(name)}
@@ -233,7 +242,7 @@ class Docker:
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(images, target)  # restoring from --checkpoint-dir is unsupported in Docker
         try:
-            with engines.tcp_established():
+            with self._criu_call():
                 self._docker("start", "--checkpoint", CHECKPOINT, name, what="start --checkpoint")
         finally:
             shutil.rmtree(target, ignore_errors=True)

@@ -1,0 +1,152 @@
+"""Docker containers migrate live between local hosts: real dockerd/containerd, runc, CRIU, wireguard-go.
+
+local-1 and local-2 each get a private dockerd (own data root, exec root, socket; inside the host's netns,
+no iptables, no ip forwarding, no bridge), started and stopped here. local-3 has no Docker at all and
+holds the counter client. The container is a busybox TCP counter imported from a rootfs tarball made
+here (no registry). Everything, daemons included, is removed afterwards.
+"""
+
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from skyferry.netplane.mesh import Mesh
+from skyferry.pipeline import containers, engines, migration
+from skyferry.pipeline import demo as scenario
+from skyferry.pipeline.docker import Docker
+from skyferry.pipeline.errors import SkyferryError
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
+    pytest.mark.skipif(
+        shutil.which("dockerd") is None, reason="docker.io is not installed (scripts/bootstrap-host.sh)"
+    ),
+]
+KEY = Path("/etc/docker/key.json")  # dockerd 20.10 writes its trust key here whatever its data root
+
+
+def docker_of(m: Mesh, host: str) -> Docker:
+    """The Docker adapter of `host`, as its agent builds it."""
+    return Docker(Path(m.hosts[host].state_root), f"/skyferry/{m.name}/{host}")
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Mesh]]:
+    state = tmp_path_factory.mktemp("state")
+    state.chmod(0o700)
+    old = os.environ.get("SKYFERRY_STATE")
+    os.environ["SKYFERRY_STATE"] = str(state)
+    key_existed = KEY.exists()
+    daemons: list[engines.DockerDaemon] = []
+    try:
+        m = scenario.mesh_up(state, 3, name="t" + os.urandom(2).hex())
+        for host in ("local-1", "local-2"):
+            daemons.append(docker_of(m, host).daemon(m.hosts[host].netns).start())
+        yield state, m
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+        if not key_existed:
+            KEY.unlink(missing_ok=True)
+        scenario.mesh_down(state)
+        if old is None:
+            os.environ.pop("SKYFERRY_STATE", None)
+        else:
+            os.environ["SKYFERRY_STATE"] = old
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return engines.counter_image(tmp_path_factory.mktemp("image") / "counter-rootfs.tar")
+
+
+@pytest.fixture
+def counter(mesh: tuple[Path, Mesh], image: Path, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[dict]:
+    """A Docker counter container on local-1 and a client on local-3 holding one connection to it."""
+    state, m = mesh
+    name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[-30:].strip("-")
+    info = containers.run(state, "local-1", name, engines.COUNTER_ARGS, image=image, runtime="docker")
+    client = scenario.CounterClient(m.hosts["local-3"].netns or "", info["ip"], tmp_path).start()
+    try:
+        yield {"name": name, "ip": info["ip"], "client": client, "state": state, "mesh": m}
+    finally:
+        client.stop()
+        containers.remove(state, name)
+
+
+def where(state: Path, name: str) -> dict:
+    return {r["name"]: r for r in containers.live(state)}[name]
+
+
+def test_docker_container_migrates_live_there_and_back(counter: dict) -> None:
+    state, name, m, client = counter["state"], counter["name"], counter["mesh"], counter["client"]
+    assert where(state, name)["runtime"] == "docker"
+    client.wait_for(5)
+    before = client.progress()
+
+    report = migration.migrate(state, containers.resolve(state, f"docker:{name}"), "local-2", mode="stop-copy")
+    assert report["state"] == "done" and report["bytes_wire"] > 0
+    print(f"\ndocker local-1 -> local-2: freeze {report['freeze_ms']} ms, stages {report['stages_s']}")
+    now = where(state, name)
+    assert (now["host"], now["ip"], now["state"], now["runtime"]) == ("local-2", counter["ip"], "running", "docker")
+    assert name not in docker_of(m, "local-1").names(), "the source's container must be gone after confirm"
+    client.wait_for(client.progress() + 5)  # the same connection, the same per-connection counter
+    served = docker_of(m, "local-2").exec(name, ["cat", "/app/served"]).split()
+    assert str(before) in served[::2], "the writable layer must move with the container"
+
+    back = migration.migrate(state, name, "local-1", mode="stop-copy")
+    assert back["state"] == "done"
+    print(f"docker local-2 -> local-1: freeze {back['freeze_ms']} ms, stages {back['stages_s']}")
+    client.wait_for(client.progress() + 5)
+    seen = client.stop()
+    assert seen["survived"], seen["errors"]
+    print(f"client: {seen['requests']} requests on one connection, max gap {seen['max_gap_ms']} ms")
+    assert where(state, name)["host"] == "local-1"
+    assert name not in docker_of(m, "local-2").names()
+    assert not engines.RUNC_CONF.exists() or engines.MARK not in engines.RUNC_CONF.read_text()
+    leftovers = list((docker_of(m, "local-1").home / "tmp").glob("ctrd-checkpoint*"))
+    assert not leftovers, f"containerd's checkpoint copies must be cleaned: {leftovers}"
+
+
+def test_target_without_docker_is_refused_and_the_source_runs_on(counter: dict) -> None:
+    state, name, m, client = counter["state"], counter["name"], counter["mesh"], counter["client"]
+    with pytest.raises(SkyferryError, match=r"failed at prepare.*no Docker daemon for this host"):
+        migration.migrate(state, name, "local-3", mode="stop-copy")
+    assert where(state, name)["host"] == "local-1" and where(state, name)["state"] == "running"
+    with pytest.raises(SkyferryError, match="unknown container 'nope'"):
+        containers.resolve(state, "docker:nope")
+    with pytest.raises(SkyferryError, match=f"container '{name}' runs in docker, not podman"):
+        containers.resolve(state, f"podman:{name}")
+    client.wait_for(client.progress() + 3)
+    seen = client.stop()
+    assert seen["survived"], seen["errors"]
+    assert not docker_of(m, "local-3").staging.exists() or not any(docker_of(m, "local-3").staging.iterdir())
+
+
+def test_docker_without_checkpoint_support_is_refused_before_the_freeze(
+    mesh: tuple[Path, Mesh], image: Path, tmp_path: Path
+) -> None:
+    """local-3 gets a dockerd without experimental features: its containers run but cannot checkpoint."""
+    state, m = mesh
+    daemon = docker_of(m, "local-3").daemon(m.hosts["local-3"].netns, experimental=False).start()
+    try:
+        info = containers.run(state, "local-3", "docker:nockpt", engines.COUNTER_ARGS, image=image)
+        client = scenario.CounterClient(m.hosts["local-1"].netns or "", info["ip"], tmp_path).start()
+        try:
+            with pytest.raises(SkyferryError, match="cannot checkpoint: experimental features are off"):
+                migration.migrate(state, "nockpt", "local-2", mode="stop-copy")
+            assert where(state, "nockpt")["host"] == "local-3" and where(state, "nockpt")["state"] == "running"
+            assert "nockpt" not in docker_of(m, "local-2").names()
+            client.wait_for(client.progress() + 3)
+            seen = client.stop()
+            assert seen["survived"], seen["errors"]
+        finally:
+            client.stop()
+            containers.remove(state, "nockpt")
+    finally:
+        daemon.stop()
