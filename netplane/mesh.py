@@ -87,7 +87,7 @@ class Mesh:
         if name == self.controller.name:
             return self.controller
         if name not in self.hosts:
-            known = ", ".join(self.hosts) or "none"
+            known = ", ".join([*self.hosts, self.controller.name])
             raise NetplaneError(f"unknown host {name!r} in mesh {self.name}", hint=f"known hosts: {known}")
         return self.hosts[name]
 

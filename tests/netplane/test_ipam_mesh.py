@@ -105,7 +105,7 @@ def test_mesh_load_and_host_errors_are_actionable(tmp_path: Path) -> None:
     ).save(tmp_path)
     with pytest.raises(NetplaneError, match="unknown host 'local-9'") as exc:
         Mesh.load(tmp_path).host("local-9")
-    assert exc.value.hint == "known hosts: local-1"
+    assert exc.value.hint == "known hosts: local-1, controller"
 
 
 def test_wan_spec_parses_and_rejects() -> None:
