@@ -162,3 +162,11 @@ def test_rejected_credentials_are_not_echoed(aws_env: str, moto_server: PatchedM
     with pytest.raises(ProviderError, match="AWS rejected the credentials") as exc:
         aws.list(plan)
     assert "testing" not in str(exc.value) + str(exc.value.hint)  # the key id and secret are both "testing"
+
+
+def test_throttling_is_retried(aws_env: str, moto_server: PatchedMotoServer, plan: str) -> None:
+    aws = AwsProvider(endpoint_url=aws_env)
+    before = moto_server.quirks.actions.count("DescribeInstances")
+    moto_server.quirks.fail_next("DescribeInstances", 503, "RequestLimitExceeded", "Request limit exceeded.", times=2)
+    assert aws.list(plan) == []
+    assert moto_server.quirks.actions.count("DescribeInstances") - before == 3  # two throttled, one answered

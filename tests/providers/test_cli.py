@@ -173,3 +173,24 @@ def test_inventory_import_bad_file(mesh: Mesh, tmp_path: Path) -> None:
     assert result.returncode == 2 and "lacks provider, public_ip, wireguard_public_key" in result.stderr
     missing = skyferry("inventory", "import", "--terraform", str(tmp_path), ok=False)
     assert missing.returncode == 2 and "no Terraform outputs" in missing.stderr and "terraform" in missing.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: local hosts are network namespaces")
+def test_local_provision_and_decommission(state: Path, run_id: str) -> None:
+    from skyferry.netplane import netns
+    from skyferry.providers.local import LocalProvider
+
+    try:
+        out = json.loads(
+            skyferry("provision", "--provider", "local", "--count", "1", "--plan", run_id, "--json").stdout
+        )
+        assert [h["provider"] for h in out["hosts"]] == ["local"]
+        assert netns.exists(out["hosts"][0]["id"])
+        again = json.loads(
+            skyferry("provision", "--provider", "local", "--count", "1", "--plan", run_id, "--json").stdout
+        )
+        assert again["hosts"] == out["hosts"]
+        gone = json.loads(skyferry("decommission", "--plan", run_id, "--provider", "local", "--json").stdout)
+        assert gone["removed"] and not netns.exists(out["hosts"][0]["id"])
+    finally:
+        LocalProvider(state).down()
