@@ -116,8 +116,8 @@ class FsTracker:
     def final(self, stats: FsStats, pids: Iterable[int] = ()) -> Iterator[bytes]:
         """The delta inside the freeze. `pids`: the frozen processes (host view).
 
-        Files they map shared and writable are sent whatever their signature says: a store to an
-        already-dirty mapped page does not update mtime, so only their contents can tell.
+        Files they map shared and writable are re-read whatever their signature says, and sent when
+        their contents differ: a store to an already-dirty mapped page does not update mtime.
         """
         return self._stream("final", stats, _shared_writable(pids))
 
@@ -204,7 +204,7 @@ class FsTracker:
                 return
             sig = _sig(st, None)
             racy = max(st.st_mtime_ns, st.st_ctime_ns) >= now
-            if held is not None and held.racy and held.sig == sig and not force:
+            if held is not None and (held.racy or force) and held.sig == sig:  # maybe unchanged: compare contents
                 digest, complete = _hash(f, st.st_size)
                 if complete and digest == held.digest:
                     out.stats.rechecked += 1
@@ -257,7 +257,8 @@ class FsApplier:
         regular: set[tuple[str, str]] = set()
         try:
             unzstd = zstandard.ZstdDecompressor().stream_reader(reader, read_across_frames=True)
-            with tarfile.open(fileobj=unzstd, mode="r|", encoding=TAR_ENCODING) as tar:  # type: ignore[call-overload]
+            options: dict[str, Any] = {"encoding": TAR_ENCODING, "copybufsize": CHUNK}
+            with tarfile.open(fileobj=unzstd, mode="r|", **options) as tar:
                 first = tar.next()
                 if first is None or first.name != MANIFEST or not first.isreg():
                     raise SkyferryError("file-system stream does not start with its manifest")

@@ -393,3 +393,45 @@ def test_live_writer_then_freeze_target_equals_source(tmp_path: Path) -> None:
     finally:
         writer.kill()
         writer.wait()
+
+
+MAPPER = r"""
+import mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+mapped = mmap.mmap(fd, 1 << 16, mmap.MAP_SHARED)
+for line in sys.stdin:                  # each line: store it at offset 0 of the shared mapping, then ack
+    mapped[: len(line)] = line.encode()
+    print("ok", flush=True)
+"""
+
+
+@pytest.mark.integration
+def test_stores_to_a_shared_mapping_reach_the_final(pair: tuple[Path, Path, FsTracker, FsApplier]) -> None:
+    """A store to an already-dirty mapped page leaves mtime alone; the final reads such files regardless."""
+    src, dst, tracker, applier = pair
+    (src / "db").write_bytes(bytes(1 << 16))
+    mapper = subprocess.Popen(
+        [sys.executable, "-c", MAPPER, str(src / "db")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert mapper.stdin is not None and mapper.stdout is not None
+
+        def store(text: str) -> None:
+            mapper.stdin.write(text + "\n")  # type: ignore[union-attr]
+            mapper.stdin.flush()  # type: ignore[union-attr]
+            assert mapper.stdout.readline() == "ok\n"  # type: ignore[union-attr]
+
+        store("first")
+        time.sleep(0.05)  # the round below sees a settled mtime (not one from its own clock tick)
+        sync(tracker, applier)
+        time.sleep(0.05)
+        store("second, same page")
+        os.kill(mapper.pid, signal.SIGSTOP)
+        wait_stopped(mapper.pid)
+        final = sync(tracker, applier, "final", pids=(mapper.pid,))
+        assert final.files_sent == 1
+        assert (dst / "db").read_bytes() == (src / "db").read_bytes()
+        assert (dst / "db").read_bytes().startswith(b"second, same page")
+    finally:
+        mapper.kill()
+        mapper.wait()
