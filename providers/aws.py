@@ -29,6 +29,7 @@ from .retry import is_transient, transient, until
 
 DEFAULT_REGION = "us-east-1"
 DEFAULT_SIZE = "t3.medium"
+USER_DATA_LIMIT = 16384  # bytes, before base64
 # Debian's own account publishes debian-12-amd64-<date>-<build> in every region.
 DEBIAN_OWNER, DEBIAN_IMAGE = "136693071363", "debian-12-amd64-*"
 _ALIVE = ["pending", "running", "stopping", "stopped"]
@@ -119,12 +120,18 @@ class AwsProvider:
             key_name = self._ensure_key_pair(plan, made)
             token = uuid.uuid4().hex[:16]  # one per call: a retried RunInstances returns the same node
             for name in names:
+                document = user_data_for(user_data, name)
+                if document and len(document.encode()) > USER_DATA_LIMIT:
+                    raise ProviderError(
+                        f"user-data for {name} is {len(document.encode())} bytes; EC2 takes {USER_DATA_LIMIT}",
+                        hint="the mesh has too many peers to list in user-data",
+                    )
                 node = transient(self.driver.create_node)(
                     name=name,
                     size=node_size,
                     image=node_image,
                     ex_keyname=key_name,
-                    ex_userdata=user_data_for(user_data, name),
+                    ex_userdata=document,
                     ex_metadata={PLAN_TAG: plan, HOST_TAG: name},
                     ex_security_group_ids=[group_id],
                     ex_subnet=subnet,  # EC2 wants a subnet whenever security groups are given by id

@@ -170,3 +170,9 @@ def test_throttling_is_retried(aws_env: str, moto_server: PatchedMotoServer, pla
     moto_server.quirks.fail_next("DescribeInstances", 503, "RequestLimitExceeded", "Request limit exceeded.", times=2)
     assert aws.list(plan) == []
     assert moto_server.quirks.actions.count("DescribeInstances") - before == 3  # two throttled, one answered
+
+
+def test_oversized_user_data_is_refused_before_anything_is_left(aws_env: str, plan: str) -> None:
+    with pytest.raises(ProviderError, match="EC2 takes 16384"):
+        AwsProvider(endpoint_url=aws_env).provision(plan, 1, size="t3.micro", image=IMAGE, user_data="#" * 20000)
+    assert _leftovers(aws_env, plan) == []
