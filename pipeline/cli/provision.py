@@ -179,8 +179,8 @@ inventory_app = typer.Typer(
     no_args_is_help=True,
     help=(
         "Hosts made outside skyferry, added to the mesh.\n\n"
-        "  terraform -chdir=terraform/examples/aws-and-gcp output -json > hosts.json\n\n"
         "  skyferry inventory tfvars --plan tfaws --count 2 > aws.json\n\n"
+        "  terraform -chdir=terraform/examples/aws-and-gcp output -json > hosts.json\n\n"
         "  skyferry inventory import --terraform hosts.json"
     ),
 )
