@@ -125,6 +125,9 @@ class FsTracker:
         started = time.monotonic()
         seq = self.seq + 1
         stats.kind, stats.seq = kind, seq
+        for arc, root in self.dirs.items():
+            if not root.is_dir():  # never read a missing directory as "everything was deleted"
+                raise SkyferryError(f"{arc} directory {root} is missing", hint="is the container still there?")
         scan_start = time.clock_gettime_ns(CLOCK_REALTIME_COARSE)
         current = {(arc, rel): (st, link) for arc, root in self.dirs.items() for rel, st, link in _scan(root)}
         stats.files_scanned = len(current)
