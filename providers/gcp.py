@@ -19,7 +19,7 @@ from google.api_core import exceptions as gexc
 from google.api_core.client_options import ClientOptions
 from google.cloud import compute_v1
 from google.oauth2 import service_account
-from libcloud.common.google import GoogleBaseError, QuotaExceededError, ResourceNotFoundError
+from libcloud.common.google import GoogleBaseError, QuotaExceededError, ResourceExistsError, ResourceNotFoundError
 from libcloud.compute.drivers.gce import GCEConnection, GCENodeDriver
 from libcloud.compute.types import NodeState
 
@@ -158,7 +158,7 @@ class GcpProvider:
             made["firewall"] = self._ensure_firewall(plan, WIREGUARD_PORT)
             for name in names:
                 metadata = {"user-data": user_data_for(user_data, name)} if user_data else None
-                node = self.driver.create_node(
+                node = transient(self._create)(
                     name, node_size, image or DEFAULT_IMAGE, location=self.zone,
                     ex_metadata=metadata, ex_tags=[f"skyferry-{plan}"],
                     ex_labels={PLAN_TAG: plan, HOST_TAG: name},
@@ -227,6 +227,13 @@ class GcpProvider:
             size=node.size,
             tags=dict(labels),
         )
+
+    def _create(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """create_node, where a retry that meets the instance made by the try before it takes that one."""
+        try:
+            return self.driver.create_node(name, *args, **kwargs)
+        except ResourceExistsError:
+            return self.driver.ex_get_node(name, self.zone)
 
     def _wait(self, operation: Any) -> None:
         """google-cloud-compute's op.result() polls the public host whatever client_options say: wait

@@ -15,7 +15,8 @@ TRANSIENT_MARKERS = (
 
 
 def is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, ConnectionError) or any(m in str(exc) for m in TRANSIENT_MARKERS)
+    text = f"{exc} {getattr(exc, 'code', '')}"  # libcloud's Google errors keep the reason in .code
+    return isinstance(exc, ConnectionError) or any(m in text for m in TRANSIENT_MARKERS)
 
 
 def transient(

@@ -72,6 +72,7 @@ class GceFake:
         self.firewalls: dict[str, dict[str, Any]] = {}
         self.operations: dict[str, dict[str, Any]] = {}
         self.cpu_quota = 8  # per project, like GCE's regional CPUS quota
+        self.faults: list[tuple[str, int, str, str]] = []  # (request prefix, status, reason, message)
         self._ids = itertools.count(1000000000000000000 + secrets.randbelow(10**15))
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -92,6 +93,10 @@ class GceFake:
 
     def trust(self, email: str, public_key: rsa.RSAPublicKey) -> None:
         self.trusted[email] = public_key
+
+    def fail_next(self, request: str, status: int, reason: str, message: str, times: int = 1) -> None:
+        """Answer the next `times` requests starting with `request` ("POST zones/…") with this error."""
+        self.faults.extend([(request, status, reason, message)] * times)
 
     def calls(self, since: int = 0) -> list[str]:
         return [f"{m} {p}" for m, p in self.requests[since:]]
@@ -264,6 +269,10 @@ class GceFake:
                     403, f"Required 'compute.instances.list' permission for 'projects/{other}'", "forbidden",
                     "PERMISSION_DENIED",
                 )  # fmt: skip
+            for fault in self.faults:
+                if f"{method} {rel}".startswith(fault[0]):
+                    self.faults.remove(fault)
+                    return fault[1], error(fault[1], fault[3], fault[2], "RESOURCE_EXHAUSTED")
             data = json.loads(body) if body else {}
             return self._route(method, rel, data)
 

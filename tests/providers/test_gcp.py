@@ -111,3 +111,14 @@ def test_untrusted_key_is_refused_and_never_echoed(gce: GceFake, tmp_path: Path,
         GcpProvider()
     assert "PRIVATE KEY" not in str(exc.value) and info["private_key_id"] not in str(exc.value)
     assert gce.instances == {}
+
+
+def test_rate_limit_is_retried(gce: GceFake, plan: str) -> None:
+    gcp = GcpProvider()
+    msg = "Rate Limit Exceeded"
+    gce.fail_next("POST zones/us-central1-a/instances", 403, "rateLimitExceeded", msg, times=2)
+    gce.fail_next("GET zones/us-central1-a/instances", 429, "rateLimitExceeded", msg)
+    hosts = gcp.provision(plan, 1, size="e2-small")
+    assert [h.name for h in hosts] == [f"{plan}-0"] and gce.faults == []
+    assert sum(c == "POST zones/us-central1-a/instances" for c in gce.calls()) == 3
+    gcp.destroy(plan)
