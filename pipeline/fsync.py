@@ -245,6 +245,10 @@ class FsApplier:
                 staging[arc] = Path(tempfile.mkdtemp(prefix=STAGING, dir=root))
             manifest, members = self._receive(reader, staging, stats)
             self._commit(manifest, members, staging, stats)
+        except OSError as exc:  # disk full, a target tree changed behind our back
+            raise SkyferryError(
+                f"applying a file-system stream failed: {exc}", hint="call FsTracker.reset(); its next round is full"
+            ) from exc
         finally:
             for path in staging.values():
                 shutil.rmtree(path, ignore_errors=True)

@@ -268,6 +268,28 @@ def test_a_lost_round_needs_a_full_round(pair: tuple[Path, Path, FsTracker, FsAp
     assert tree(dst) == tree(src)  # the stray file is gone too
 
 
+def test_a_failed_commit_needs_a_full_round(pair: tuple[Path, Path, FsTracker, FsApplier]) -> None:
+    src, dst, tracker, applier = pair
+    make_rootfs(src)
+    time.sleep(0.05)  # past the clock tick: the round records var/log as settled and will not resend it
+    sync(tracker, applier)
+    for p in (dst / "var/log").iterdir():  # the target's tree changed behind the applier's back
+        p.unlink()
+    (dst / "var/log").rmdir()
+    with (src / "var/log/app.log").open("a") as f:
+        f.write("more\n")
+    (src / "etc/hostname").write_text("changed\n")
+    with pytest.raises(SkyferryError, match="failed") as err:
+        applier.apply(tracker.round(FsStats()))
+    assert "reset" in (err.value.hint or "")
+    (src / "etc/new").write_text("new\n")
+    with pytest.raises(SkyferryError, match="out of sequence"):  # half-applied: only a full round will do
+        applier.apply(tracker.round(FsStats()))
+    tracker.reset()
+    sync(tracker, applier)
+    assert tree(dst) == tree(src)
+
+
 def crafted(entries: list[tuple[tarfile.TarInfo, bytes]], deleted: list[list[str]] | None = None) -> bytes:
     stats = FsStats()
     out = _Writer(stats, 1)
