@@ -176,3 +176,16 @@ def test_oversized_user_data_is_refused_before_anything_is_left(aws_env: str, pl
     with pytest.raises(ProviderError, match="EC2 takes 16384"):
         AwsProvider(endpoint_url=aws_env).provision(plan, 1, size="t3.micro", image=IMAGE, user_data="#" * 20000)
     assert _leftovers(aws_env, plan) == []
+
+
+def test_credentials_from_a_profile(aws_env: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    creds = tmp_path / "credentials"
+    creds.write_text("[skyferry-test]\naws_access_key_id = testing\naws_secret_access_key = testing\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_PROFILE", "skyferry-test")
+    assert AwsProvider(endpoint_url=aws_env).list("nothing") == []
+    monkeypatch.setenv("AWS_PROFILE", "nope")
+    with pytest.raises(ProviderError, match="AWS profile not found"):
+        AwsProvider(endpoint_url=aws_env)
