@@ -8,6 +8,7 @@ Everything a plan owns carries the tag skyferry-plan=<plan> (instances) or the n
 from __future__ import annotations  # the method named `list` shadows the builtin in annotations
 
 import contextlib
+import difflib
 import os
 import time
 import uuid
@@ -267,8 +268,6 @@ class AwsProvider:
     def _size(self, size: str) -> NodeSize:
         sizes = {s.id: s for s in self.driver.list_sizes()}  # libcloud's own per-region table, no API call
         if size not in sizes:
-            import difflib
-
             close = difflib.get_close_matches(size, sizes, n=3)
             raise ProviderError(
                 f"unknown AWS instance size {size!r} in {self.region}",

@@ -46,7 +46,9 @@ def translate(exc: Exception, what: str) -> ProviderError:
             f"GCE quota reached while {what}: {text}",
             hint="ask for a quota increase in the console, or use a smaller --count or --size; nothing was left behind",
         )
-    status = getattr(exc, "http_code", None) or getattr(exc, "code", None)
+    status = getattr(exc, "http_code", None) or code
+    if code in ("rateLimitExceeded", "userRateLimitExceeded"):
+        return ProviderError(f"GCE kept rate-limiting while {what}: {text}", hint="try again in a minute")
     if status in (401, 403) or isinstance(exc, gexc.Unauthorized | gexc.Forbidden) or "invalid_grant" in text:
         return ProviderError(f"GCE refused the credentials while {what}: {text}", hint=_CRED_HINT)
     if isinstance(exc, ResourceNotFoundError | gexc.NotFound):
