@@ -7,9 +7,8 @@ Routes (JSON in, JSON out; errors are {"error", "hint"} with 4xx/5xx):
   GET    /v1/containers/NAME                one container
   GET    /v1/containers/NAME/logs           raw log bytes
   DELETE /v1/containers/NAME                stop and remove
-  POST   /v1/containers/NAME/route          {"present": bool}: this host's /32 route to the container
   POST   /v1/migrations/ID/OP               OP in prepare, precopy, precopy-reset, checkpoint, send, restore,
-                                            go-live, rollback-source, confirm-source, abort-target,
+                                            rollback-source, confirm-source, abort-target,
                                             finish-target
   PUT    /v1/migrations/ID/STREAM?name=N    from the source agent (chunked): STREAM is `receive` (images
                                             and payload; `&images=0`: payload only), `precopy-round`, or
@@ -79,6 +78,8 @@ class Agent:
         self.ops = ops
         self.identity = identity
         self.peer_ctx = identity.client_context()
+        self._peers: dict[tuple[str, int], AgentClient] = {}
+        self._peers_lock = threading.Lock()
 
     def handle(self, method: str, path: str, query: dict[str, list[str]], body: Any) -> Any:
         parts = [p for p in path.split("/") if p][1:]  # drop "v1"
@@ -102,9 +103,6 @@ class Agent:
                 with ops.lock(name):
                     ops.remove(name)
                 return {"removed": name}
-            case "POST", ["containers", name, "route"]:
-                ops.set_route(name, bool(body["present"]))
-                return {"ok": True}
             case "POST", ["migrations", mig, op]:
                 return self._migration_op(mig, op, body)
         raise _NotFound(f"no route {method} {path}")
@@ -129,9 +127,6 @@ class Agent:
                     return self._send(mig, name, body["target"])
                 case "restore":
                     return ops.restore(mig, name)
-                case "go-live":
-                    ops.go_live(mig, name)
-                    return {"ok": True}
                 case "rollback-source":
                     return ops.rollback_source(mig, name)
                 case "confirm-source":
@@ -148,7 +143,13 @@ class Agent:
         raise _NotFound(f"no migration operation {op!r}")
 
     def _peer(self, target: dict[str, Any]) -> AgentClient:
-        return AgentClient(target["address"], int(target.get("port", AGENT_PORT)), self.peer_ctx)
+        """One kept-alive client per peer agent: the connection warmed by the pre-copy rounds carries the
+        final delta inside the freeze without a new TCP and TLS handshake across the WAN."""
+        key = (target["address"], int(target.get("port", AGENT_PORT)))
+        with self._peers_lock:
+            if key not in self._peers:
+                self._peers[key] = AgentClient(key[0], key[1], self.peer_ctx)
+            return self._peers[key]
 
     def _precopy(self, mig: str, name: str, target: dict[str, Any], policy: dict[str, Any]) -> dict[str, Any]:
         """Memory rounds streamed straight to the target agent's store while the container runs."""

@@ -2,8 +2,10 @@
 
 import http.client
 import json
+import select
 import socket
 import ssl
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -40,8 +42,9 @@ def _transient(exc: BaseException) -> bool:
 
 
 class AgentClient:
-    """One agent. Calls are retried only while the connection cannot be made (bounded by tenacity);
-    a request that reached the agent is never blindly repeated by the transport."""
+    """One agent, over one kept-alive connection (a TLS handshake per call would add round trips to
+    every stage, and several stages run inside the freeze). Calls are retried only while the connection
+    cannot be made (bounded by tenacity); a request that reached the agent is never repeated."""
 
     def __init__(
         self,
@@ -53,6 +56,8 @@ class AgentClient:
     ) -> None:
         self.address, self.port, self.context, self.netns = address, port, context, netns
         self.label = label or address
+        self._conn: _Connection | None = None
+        self._lock = threading.Lock()  # one request at a time on the shared connection
 
     def call(self, method: str, path: str, body: Any = None, retry_for: float = 5.0) -> Any:
         data = json.dumps(body).encode() if body is not None else None
@@ -63,6 +68,22 @@ class AgentClient:
         """PUT a stream with chunked encoding (size unknown up front)."""
         return self._request("PUT", path, chunks, {"Content-Type": "application/octet-stream"}, 5.0, chunked=True)
 
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _reusable(self, retry_for: float) -> _Connection:
+        """The kept-alive connection, unless the agent closed it while idle (readable = EOF or alert)."""
+        conn = self._conn
+        if conn is not None and conn.sock is not None:
+            readable, _, _ = select.select([conn.sock], [], [], 0)
+            if not readable:
+                return conn
+        self.close()
+        self._conn = self._connect(retry_for)
+        return self._conn
+
     def _request(
         self,
         method: str,
@@ -72,15 +93,17 @@ class AgentClient:
         retry_for: float,
         chunked: bool = False,
     ) -> Any:
-        conn = self._connect(retry_for)
-        try:
-            conn.request(method, path, body=body, headers=headers, encode_chunked=chunked)
-            resp = conn.getresponse()
-            payload = resp.read()
-        except (OSError, http.client.HTTPException) as exc:
-            raise AgentUnreachable(f"agent {self.label}: connection lost during {method} {path}: {exc}") from exc
-        finally:
-            conn.close()
+        with self._lock:
+            conn = self._reusable(retry_for)
+            try:
+                conn.request(method, path, body=body, headers=headers, encode_chunked=chunked)
+                resp = conn.getresponse()
+                payload = resp.read()
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                raise AgentUnreachable(f"agent {self.label}: connection lost during {method} {path}: {exc}") from exc
+            if resp.will_close:
+                self.close()
         if resp.getheader("Content-Type") == "application/octet-stream":
             return payload
         result = json.loads(payload or b"null")

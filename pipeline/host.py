@@ -16,6 +16,7 @@ from typing import Any, BinaryIO
 from skyferry.netplane import attach
 from skyferry.pipeline import netlock, wire
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.holdback import Holdback
 from skyferry.pipeline.precopy import SourceEngine, TargetStore
 from skyferry.pipeline.precopy_policy import ConvergencePolicy
 from skyferry.pipeline.runc import ContainerSpec
@@ -40,6 +41,7 @@ class HostOps:
         self.images_root = IMAGES_TMPFS / cfg.mesh / cfg.name
         self.engines: dict[str, SourceEngine] = {}  # pre-copy, source side, by migration
         self.stores: dict[str, TargetStore] = {}  # pre-copy, target side, by migration
+        self.holdbacks: dict[str, Holdback] = {}  # target side, by migration: segments to replay at restore
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
@@ -205,16 +207,16 @@ class HostOps:
     # --- target side of a migration --------------------------------------------------------------
 
     def prepare(self, mig: str, spec: ContainerSpec) -> None:
-        """The same netns and IP as on the source, locked, no route yet, and an empty bundle.
-
-        The lock keeps the restored copy from talking to anyone until go-live: until then it has
-        diverged from the frozen source in nothing the outside world saw, so rolling back is safe.
-        """
+        """The same netns and IP as on the source, with its host route, locked inbound (peers route here
+        from the cutover on, before the restore, and an empty netns would answer them with RSTs), and
+        an empty bundle."""
         runtime = self.engine(spec)
         if self._state(spec.name) is not None:
             raise SkyferryError(f"a container named {spec.name!r} already runs on {self.cfg.name}")
-        attach.attach(self.netns(spec.name), spec.ip, route=False, mtu=self.cfg.mtu)
-        netlock.lock(self.netns(spec.name))
+        attach.attach(self.netns(spec.name), spec.ip, mtu=self.cfg.mtu)  # peers do not route here yet
+        netlock.lock(self.netns(spec.name), inbound_only=True)
+        if mig not in self.holdbacks:
+            self.holdbacks[mig] = Holdback(self.netns(spec.name), spec.ip)
         runtime.prepare(spec, self.netns_path(spec.name))
         self.mig_dir(mig).mkdir(parents=True, exist_ok=True)
 
@@ -254,36 +256,41 @@ class HostOps:
         return self.stores[mig]
 
     def restore(self, mig: str, name: str) -> dict[str, Any]:
+        """Restore, then open the netns: from here on the container is live on this host.
+
+        CRIU resumes the tasks only once the whole restore succeeded, so a failed restore never ran the
+        copy and rolling back stays safe. The netns opens right after, so the restored process's first
+        replies go out instead of being dropped (which would make its sockets back off for seconds).
+        """
         runtime = self.rt(name)
         state = runtime.state(name)
-        if state is not None and state["status"] == "running":
-            return {"restore_s": 0.0}  # already restored: idempotent
         t0 = time.monotonic()
-        # Right after a failed attempt CRIU can hit "Can't fork for PID: File exists" until the old
-        # PID is reaped; one retry after a short wait covers it.
-        for attempt in (1, 2):
-            try:
-                runtime.restore(name, self.mig_dir(mig) / "images", self.mig_dir(mig) / f"work{attempt}")
-                break
-            except SkyferryError:
-                if attempt == 2 or runtime.state(name) is not None:
-                    raise
-                time.sleep(0.2)
-        return {"restore_s": time.monotonic() - t0}
-
-    def go_live(self, mig: str, name: str) -> None:
-        """Let the restored copy talk: from here on it is the container, and the source is history."""
-        state = self._state(name)
         if state is None or state["status"] != "running":
-            raise SkyferryError(f"{name!r} is not running on {self.cfg.name}; cannot go live")
+            # Right after a failed attempt CRIU can hit "Can't fork for PID: File exists" until the old
+            # PID is reaped; one retry after a short wait covers it.
+            for attempt in (1, 2):
+                try:
+                    runtime.restore(name, self.mig_dir(mig) / "images", self.mig_dir(mig) / f"work{attempt}")
+                    break
+                except SkyferryError:
+                    if attempt == 2 or runtime.state(name) is not None:
+                        raise
+                    time.sleep(0.2)
+        restored = time.monotonic()
         netlock.unlock(self.netns(name))
-
-    def set_route(self, name: str, present: bool) -> None:
-        spec = self.rt(name).spec(name)
-        attach.set_route(self.netns(name), spec.ip, present)
+        holdback = self.holdbacks.pop(mig, None)
+        replayed = holdback.replay() if holdback else 0
+        return {"restore_s": restored - t0, "unlock_s": time.monotonic() - restored, "replayed": replayed}
 
     def abort_target(self, mig: str, name: str) -> None:
-        """Undo prepare/receive/restore: nothing of the container stays on the target."""
+        """Undo prepare/receive/restore: nothing of the container stays on the target. Refused once the
+        copy here is live (running, netns open): it may have talked, so the source's copy is stale."""
+        state = self._state(name)
+        if state is not None and state["status"] == "running" and not netlock.is_locked(self.netns(name)):
+            raise SkyferryError(
+                f"{name!r} is live on {self.cfg.name}; the older source copy must not come back",
+                hint="finish the migration instead: skyferry migrations resume ID",
+            )
         for runtime in self.runtimes.values():
             if runtime.owns(name):
                 runtime.remove(name)
@@ -299,24 +306,38 @@ class HostOps:
         store = self.stores.pop(mig, None)
         if store is not None:
             store.close()
+        holdback = self.holdbacks.pop(mig, None)
+        if holdback is not None:
+            holdback.close()
 
     def shutdown(self) -> None:
         """Remove this host's tmpfs images and empty cgroup parents (the agent is stopping)."""
         shutil.rmtree(self.images_root, ignore_errors=True)
 
 
-def _tree_rss(pid: int) -> int:
-    """Resident bytes of a process and its descendants: about what a full dump will write."""
-    total, todo = 0, [pid]
+def _tree(pid: int) -> list[int]:
+    """A process and all its descendants."""
+    found, todo = [], [pid]
     while todo:
         p = todo.pop()
+        found.append(p)
         try:
-            status = Path(f"/proc/{p}/status").read_text()
-            total += next(int(ln.split()[1]) * 1024 for ln in status.splitlines() if ln.startswith("VmRSS:"))
             for task in Path(f"/proc/{p}/task").iterdir():
                 todo += [int(c) for c in (task / "children").read_text().split()]
-        except (FileNotFoundError, StopIteration, ProcessLookupError):
+        except FileNotFoundError:
             continue
+    return found
+
+
+def _tree_rss(pid: int) -> int:
+    """Resident bytes of a process and its descendants: about what a full dump will write."""
+    total = 0
+    for p in _tree(pid):
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+        except FileNotFoundError:
+            continue
+        total += next((int(ln.split()[1]) * 1024 for ln in status.splitlines() if ln.startswith("VmRSS:")), 0)
     return total
 
 

@@ -1,10 +1,11 @@
 """Drive a migration through its stages, journalling each transition; resume or roll back from the journal.
 
-A failure before the point of no return (go-live: the target's copy may talk) rolls back at once: the
-stages that started are undone in reverse, and the container runs on the source again. From go-live on,
-the only way is forward: a failure there is finished by `migrations resume`. If an undo itself fails, the rollback stops
-there (thawing the source while the target's copy might still run would make two copies), the migration
-is marked `failed`, and `skyferry migrations rollback ID` retries from the same point.
+A failure before the point of no return (a successful restore: the target's copy is live) rolls back
+at once: the stages that started are undone in reverse, and the container runs on the source again.
+From there on the only way is forward: a failure is finished by `migrations resume`. If an undo itself
+fails, the rollback stops there (thawing the source while the target's copy might still run would make
+two copies), the migration is marked `failed`, and `skyferry migrations rollback ID` retries from the
+same point.
 """
 
 import time
@@ -17,7 +18,16 @@ from skyferry.pipeline import agentctl, faults
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.journal import Journal, Migration
 from skyferry.pipeline.registry import Registry
-from skyferry.pipeline.stages import FREEZE_FROM, FREEZE_TO, POINT_OF_NO_RETURN, PRECOPY, STOP_COPY, Context, Stage
+from skyferry.pipeline.stages import (
+    FREEZE_FROM,
+    FREEZE_TO,
+    POINT_OF_NO_RETURN,
+    PRECOPY,
+    STOP_COPY,
+    Context,
+    ForwardOnly,
+    Stage,
+)
 
 # precopy: content-based memory rounds (works without soft-dirty); stop-copy: the baseline.
 MODES = {"precopy": PRECOPY, "stop-copy": STOP_COPY}
@@ -52,7 +62,7 @@ def resume(state: Path, mig_id: str, progress: Progress = _quiet) -> dict[str, A
     if mig.state in ("done", "rolled-back"):
         return _report(journal, mig)  # nothing left to do: idempotent
     statuses = journal.stage_status(mig_id)
-    if any(s in ("undoing", "undone") for s in statuses.values()) or mig.state == "failed":
+    if "undone" in statuses.values() or mig.state == "failed":
         raise SkyferryError(f"migration {mig_id} was being rolled back", hint=f"skyferry migrations rollback {mig_id}")
     journal.claim(mig_id)
     return _drive(_context(state, mig, Mesh.load(state)), journal, MODES[mig.mode], progress)
@@ -64,7 +74,7 @@ def rollback(state: Path, mig_id: str, progress: Progress = _quiet) -> dict[str,
     mig = journal.get(mig_id)
     if mig.state == "rolled-back":
         return _report(journal, mig)
-    if mig.state == "done" or POINT_OF_NO_RETURN in journal.stage_status(mig_id):
+    if mig.state == "done" or journal.stage_status(mig_id).get(POINT_OF_NO_RETURN) == "done":
         raise SkyferryError(
             f"migration {mig_id} is past the point of no return: {mig.container} runs on {mig.target}",
             hint=f"migrate it back: skyferry migrate {mig.container} --to {mig.source}",
@@ -103,7 +113,7 @@ def _drive(ctx: Context, journal: Journal, stages: list[Stage], progress: Progre
             detail = stage.run(ctx) or {}
         except Exception as exc:
             journal.transition(ctx.mig_id, stage.name, "failed", {"error": str(exc)})
-            if names.index(stage.name) >= names.index(POINT_OF_NO_RETURN):
+            if names.index(stage.name) > names.index(POINT_OF_NO_RETURN):
                 journal.finish(ctx.mig_id, "running", error=str(exc))
                 raise SkyferryError(
                     f"migration {ctx.mig_id}: {stage.name} failed after the container went live on {ctx.target}: {exc}",
@@ -135,6 +145,11 @@ def _undo(ctx: Context, journal: Journal, stages: list[Stage], progress: Progres
         journal.transition(ctx.mig_id, stage.name, "undoing")
         try:
             stage.undo(ctx)
+        except ForwardOnly as exc:
+            # Nothing was undone: the migration stays resumable, and resume finishes it.
+            journal.transition(ctx.mig_id, stage.name, "undo-refused", {"error": str(exc)})
+            journal.finish(ctx.mig_id, "running", error=str(exc))
+            raise
         except Exception as exc:
             error = f"rollback stopped at {stage.name}: {exc}" + (f" (after {cause})" if cause else "")
             journal.finish(ctx.mig_id, "failed", error=error)
@@ -147,7 +162,7 @@ def _undo(ctx: Context, journal: Journal, stages: list[Stage], progress: Progres
 
 
 def _report(journal: Journal, mig: Migration) -> dict[str, Any]:
-    """Freeze = checkpoint started .. go-live done; per-stage seconds; pre-copy rounds; bytes on the wire
+    """Freeze = checkpoint started .. restore done; per-stage seconds; pre-copy rounds; bytes on the wire
     (rounds, final delta and payload)."""
     transitions = journal.transitions(mig.id)
     stages: dict[str, float] = {}

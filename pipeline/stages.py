@@ -5,7 +5,6 @@ stage that only half ran. Undo order is the reverse of run order, which is what 
 running exactly once: the target's copy is killed before the frozen source is thawed.
 """
 
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -135,51 +134,44 @@ class Transfer:
         pass  # the target's received files go with Prepare's undo
 
 
+class ForwardOnly(SkyferryError):
+    """The target's copy is live: undoing would bring back the older source copy and lose state."""
+
+
 class Restore:
+    """The point of no return: once restored, the target's copy is live and the frozen source is stale.
+    If the restore failed, CRIU never resumed the copy, and undo removes it before anything thaws the
+    source. A copy that did come up live is never removed (the agent refuses too)."""
+
     name = "restore"
 
     def run(self, ctx: Context) -> dict[str, Any]:
         return ctx.mig_call(ctx.dst, "restore")
 
     def undo(self, ctx: Context) -> None:
-        # Kill the target's copy before anything thaws the source: never two copies.
+        live = [c for c in ctx.dst.call("GET", "/v1/containers") if c["name"] == ctx.entry.name]
+        if live and live[0]["state"] == "running" and not live[0]["frozen_for_migration"]:
+            raise ForwardOnly(
+                f"{ctx.entry.name} is already live on {ctx.target}; the frozen source copy is older",
+                hint=f"finish the migration: skyferry migrations resume {ctx.mig_id}",
+            )
         ctx.mig_call(ctx.dst, "abort-target")
 
 
 class Cutover:
-    """Route the /32 to the target: target route, every peer's allowed-ips, then drop the source route."""
+    """Route the /32 to the target while both copies are silent (the source frozen and locked, the
+    target's netns dropping inbound): one atomic peer-list change per mesh member. Done before the
+    restore, so the restored copy's first packets find their way. The target's host route exists since
+    prepare; the source's goes with confirm."""
 
     name = "cutover"
 
     def run(self, ctx: Context) -> dict[str, Any]:
-        name, ip = ctx.entry.name, ctx.entry.ip
-        ctx.dst.call("POST", f"/v1/containers/{name}/route", {"present": True})
-        routes.publish(ctx.mesh, ip, ctx.target)
-        ctx.src.call("POST", f"/v1/containers/{name}/route", {"present": False})
-        return {"ip": ip}
+        routes.publish(ctx.mesh, ctx.entry.ip, ctx.target)
+        return {"ip": ctx.entry.ip}
 
     def undo(self, ctx: Context) -> None:
-        name, ip = ctx.entry.name, ctx.entry.ip
-        ctx.src.call("POST", f"/v1/containers/{name}/route", {"present": True})
-        routes.publish(ctx.mesh, ip, ctx.source)
-        # The peers no longer send there, and Restore's undo removes the netns anyway.
-        with contextlib.suppress(SkyferryError):
-            ctx.dst.call("POST", f"/v1/containers/{name}/route", {"present": False})
-
-
-class GoLive:
-    """The point of no return: the target's copy may talk. Once it has, the frozen source is stale."""
-
-    name = "go-live"
-
-    def run(self, ctx: Context) -> None:
-        ctx.mig_call(ctx.dst, "go-live")
-
-    def undo(self, ctx: Context) -> None:
-        raise SkyferryError(
-            "the target copy is live; thawing the older source copy would lose what it acknowledged",
-            hint=f"finish it (skyferry migrations resume), then: skyferry migrate {ctx.entry.name} --to {ctx.source}",
-        )
+        routes.publish(ctx.mesh, ctx.entry.ip, ctx.source)
 
 
 class Confirm:
@@ -205,13 +197,13 @@ class Cleanup:
 
 
 STOP_COPY: list[Stage] = [
-    Check(), Prepare(), Checkpoint(), Transfer(), Restore(), Cutover(), GoLive(), Confirm(), Cleanup(),
+    Check(), Prepare(), Checkpoint(), Transfer(), Cutover(), Restore(), Confirm(), Cleanup(),
 ]  # fmt: skip
 PRECOPY: list[Stage] = [
-    Check(), Prepare(), PreCopy(), Checkpoint(), Transfer(), Restore(), Cutover(), GoLive(), Confirm(), Cleanup(),
+    Check(), Prepare(), PreCopy(), Checkpoint(), Transfer(), Cutover(), Restore(), Confirm(), Cleanup(),
 ]  # fmt: skip
-POINT_OF_NO_RETURN = "go-live"
-FREEZE_FROM, FREEZE_TO = "checkpoint", "go-live"
+POINT_OF_NO_RETURN = "restore"
+FREEZE_FROM, FREEZE_TO = "checkpoint", "restore"
 
 
 def _version(v: str) -> tuple[int, ...]:

@@ -74,8 +74,8 @@ def test_migration_keeps_ip_and_connection_there_and_back(counter: dict) -> None
     report = migration.migrate(state, name, "local-2")
     assert report["state"] == "done" and report["freeze_ms"] > 0 and report["bytes_wire"] > 0
     assert report["mode"] == "precopy"  # the default
-    assert list(report["stages_s"]) == ["check", "prepare", "precopy", "checkpoint", "transfer", "restore",
-                                        "cutover", "go-live", "confirm", "cleanup"]  # fmt: skip
+    assert list(report["stages_s"]) == ["check", "prepare", "precopy", "checkpoint", "transfer", "cutover",
+                                        "restore", "confirm", "cleanup"]  # fmt: skip
     assert report["rounds"] and report["bytes_at_freeze"] < report["rounds"][0]["bytes_out"]
     now = where(state, name)
     assert (now["host"], now["ip"], now["state"]) == ("local-2", counter["ip"], "running")
@@ -112,14 +112,14 @@ def test_restore_failure_rolls_back_to_the_source(counter: dict) -> None:
     assert seen["survived"], seen["errors"]
 
 
-@pytest.mark.parametrize("crash_after", ["precopy", "checkpoint", "transfer", "cutover", "go-live"])
+@pytest.mark.parametrize("crash_after", ["precopy", "checkpoint", "transfer", "cutover", "restore"])
 def test_controller_crash_then_resume(counter: dict, crash_after: str) -> None:
     state, name = counter["state"], counter["name"]
     proc = cli("migrate", name, "--to", "local-2", "--json", env={"SKYFERRY_CRASH_AFTER": crash_after})
     assert proc.returncode == 137, proc.stderr
     mig = Journal(state).active_for(name)
     assert mig is not None and mig.state == "running"
-    frozen = crash_after in ("checkpoint", "transfer", "cutover")  # before: not yet; after go-live: the target
+    frozen = crash_after in ("checkpoint", "transfer", "cutover")  # before: not yet; after restore: the target
     assert where(state, name)["state"] == ("frozen (migrating)" if frozen else "running")
     resumed = cli("migrations", "resume", mig.id, "--json")
     assert resumed.returncode == 0, resumed.stderr
@@ -129,7 +129,7 @@ def test_controller_crash_then_resume(counter: dict, crash_after: str) -> None:
     assert seen["survived"], seen["errors"]
 
 
-@pytest.mark.parametrize("crash_after", ["prepare", "restore", "cutover"])
+@pytest.mark.parametrize("crash_after", ["prepare", "checkpoint", "cutover"])
 def test_controller_crash_then_rollback(counter: dict, crash_after: str) -> None:
     state, name, m = counter["state"], counter["name"], counter["mesh"]
     proc = cli("migrate", name, "--to", "local-2", env={"SKYFERRY_CRASH_AFTER": crash_after})
@@ -151,7 +151,7 @@ def test_controller_crash_then_rollback(counter: dict, crash_after: str) -> None
 
 def test_rollback_is_refused_after_the_point_of_no_return(counter: dict) -> None:
     state, name = counter["state"], counter["name"]
-    proc = cli("migrate", name, "--to", "local-2", env={"SKYFERRY_CRASH_AFTER": "go-live"})
+    proc = cli("migrate", name, "--to", "local-2", env={"SKYFERRY_CRASH_AFTER": "restore"})
     assert proc.returncode == 137
     mig = Journal(state).active_for(name)
     assert mig is not None

@@ -75,8 +75,9 @@ def migrate(
 ) -> None:  # fmt: skip
     """Live-migrate a running container to another host; its IP and TCP connections survive.
 
-    Stages: check, prepare, [precopy,] checkpoint, transfer, restore, cutover, go-live, confirm, cleanup.
-    A failure before go-live rolls back: the container keeps running on the source, exactly once.
+    Stages: check, prepare, [precopy,] checkpoint, transfer, cutover, restore, confirm, cleanup.
+    A failure before the restore succeeds rolls back: the container keeps running on the source,
+    exactly once. From then on the target's copy is live, and a failure is finished forward.
 
     Examples: skyferry migrate web --to local-2; skyferry migrate podman:db --to local-3
     """

@@ -1,0 +1,72 @@
+"""Hold back the TCP segments that reach a container's new home before it is live, and replay them then.
+
+From the cutover on, clients' packets for the container arrive at the target, whose netns drops them
+until the restore is done (an empty netns would answer with RSTs). Clients whose packets were dropped
+during the freeze back off (200 ms, 400 ms, 800 ms...), so without help a client would notice the
+container is back only at its next timer, often hundreds of milliseconds after the restore. The target
+therefore records the segments it drops and injects them into the container's netns the moment it opens:
+the restored stack answers the request at once, and the client carries on. TCP tolerates duplicates, so
+replaying a segment the container has seen is harmless.
+"""
+
+import socket
+import threading
+from collections import OrderedDict
+
+from skyferry.netplane.netns import in_netns
+
+ETH_P_IP = 0x0800
+MAX_HELD = 1024  # segments; a burst beyond this is left to TCP's own retransmission
+
+
+class Holdback:
+    """Capture segments addressed to `ip` on the netns's eth0 (before its firewall drops them)."""
+
+    def __init__(self, netns: str, ip: str, ifname: str = "eth0") -> None:
+        self.netns, self.ip, self.ifname = netns, socket.inet_aton(ip), ifname
+        self.held: OrderedDict[bytes, bytes] = OrderedDict()  # newest copy of each distinct segment
+        self._stop = threading.Event()
+        with in_netns(netns):
+            self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_IP))
+        self._sock.bind((ifname, ETH_P_IP))
+        self._sock.settimeout(0.1)
+        self._thread = threading.Thread(target=self._capture, name=f"holdback-{netns}", daemon=True)
+        self._thread.start()
+
+    def _capture(self) -> None:
+        while not self._stop.is_set():
+            try:
+                packet, addr = self._sock.recvfrom(65535)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if addr[2] == socket.PACKET_OUTGOING or len(packet) < 40 or packet[9] != socket.IPPROTO_TCP:
+                continue
+            if packet[16:20] != self.ip:
+                continue
+            ihl = (packet[0] & 0x0F) * 4
+            key = packet[12:20] + packet[ihl : ihl + 14]  # addresses, ports, seq, ack, flags
+            self.held.pop(key, None)
+            self.held[key] = packet
+            while len(self.held) > MAX_HELD:
+                self.held.popitem(last=False)
+
+    def close(self) -> list[bytes]:
+        """Stop capturing; returns the held segments, oldest first."""
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self._sock.close()
+        return list(self.held.values())
+
+    def replay(self) -> int:
+        """Stop capturing and deliver every held segment into the (now open) netns; returns how many."""
+        packets = self.close()
+        if not packets:
+            return 0
+        with in_netns(self.netns):
+            raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        with raw:
+            for packet in packets:
+                raw.sendto(packet, (socket.inet_ntoa(self.ip), 0))
+        return len(packets)
