@@ -1,0 +1,110 @@
+"""Public ingress after the overlay cutover, against moto's real HTTP server (the providers' patched one):
+a Route53 record and an Elastic IP follow the container; `gateway` changes nothing outside the overlay.
+The last test moves a labelled container between real local hosts and checks the record followed it."""
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+from skyferry.pipeline import evacuate, ingress
+from skyferry.pipeline.errors import SkyferryError
+from skyferry.providers.aws import AwsProvider
+
+sys.path.insert(0, str(Path(__file__).parent / "providers"))  # the providers' moto fixture, reused as a module
+from moto_server import PatchedMotoServer
+from runbook_support import counter, local_mesh, remove_all
+
+pytestmark = pytest.mark.integration
+IMAGE = "ami-785db401"  # an AMI moto ships
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[str]:
+    server = PatchedMotoServer()
+    server.start()
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+        "AWS_EC2_METADATA_DISABLED": "true", "SKYFERRY_AWS_ENDPOINT_URL": server.url,
+    }  # fmt: skip
+    old = {k: os.environ.get(k) for k in [*env, "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"]}
+    os.environ.update(env)
+    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
+        os.environ.pop(k, None)
+    try:
+        yield server.url
+    finally:
+        server.stop()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def zone(url: str, name: str) -> str:
+    r53 = boto3.client("route53", endpoint_url=url)
+    made = r53.create_hosted_zone(Name=name, CallerReference=os.urandom(6).hex())
+    return made["HostedZone"]["Id"].rsplit("/", 1)[-1]
+
+
+def a_record(url: str, zone_id: str, name: str) -> list[str]:
+    sets = boto3.client("route53", endpoint_url=url).list_resource_record_sets(HostedZoneId=zone_id)
+    return [r["Value"] for s in sets["ResourceRecordSets"] if s["Name"] == name and s["Type"] == "A"
+            for r in s["ResourceRecords"]]  # fmt: skip
+
+
+def test_route53_record_follows_and_reapplying_is_harmless(moto: str) -> None:
+    zone_id = zone(moto, f"r{os.urandom(2).hex()}.example.com")
+    name = f"app.{boto3.client('route53', endpoint_url=moto).get_hosted_zone(Id=zone_id)['HostedZone']['Name']}"
+    spec = ingress.parse(f"route53:{zone_id}:{name}", "app")
+    aws = AwsProvider(endpoint_url=moto)
+    first = ingress.apply(spec, "100.64.0.9", ingress.Target("cloud-b-1", "203.0.113.10"), aws)
+    assert first["value"] == "203.0.113.10" and a_record(moto, zone_id, name) == ["203.0.113.10"]
+    ingress.apply(spec, "100.64.0.9", ingress.Target("cloud-b-1", "203.0.113.10"), aws)
+    ingress.apply(spec, "100.64.0.9", ingress.Target("cloud-b-2", "203.0.113.20"), aws)
+    assert a_record(moto, zone_id, name) == ["203.0.113.20"]
+
+
+def test_elastic_ip_moves_to_the_target_instance(moto: str) -> None:
+    ec2 = boto3.client("ec2", endpoint_url=moto)
+    first, second = (i["InstanceId"] for i in ec2.run_instances(ImageId=IMAGE, MinCount=2, MaxCount=2)["Instances"])
+    alloc = ec2.allocate_address(Domain="vpc")["AllocationId"]
+    ec2.associate_address(AllocationId=alloc, InstanceId=first)
+    spec = ingress.parse(f"eip:{alloc}", "app")
+    moved = ingress.apply(spec, "100.64.0.9", ingress.Target("cloud-b-1", None, second), AwsProvider(endpoint_url=moto))
+    assert moved["instance"] == second
+    assert ec2.describe_addresses(AllocationIds=[alloc])["Addresses"][0]["InstanceId"] == second
+    ingress.apply(spec, "100.64.0.9", ingress.Target("cloud-b-1", None, second), AwsProvider(endpoint_url=moto))
+    assert ec2.describe_addresses(AllocationIds=[alloc])["Addresses"][0]["InstanceId"] == second
+    ec2.terminate_instances(InstanceIds=[first, second])
+
+
+def test_gateway_and_bad_labels() -> None:
+    done = ingress.apply(ingress.parse("gateway"), "100.64.0.9", ingress.Target("h", None))
+    assert done["kind"] == "gateway" and done["ip"] == "100.64.0.9"
+    for bad in ("route53:ZONE", "eip:abc", "dns:x", "gateway:x"):
+        with pytest.raises(SkyferryError, match=f"label ingress='{bad}'"):
+            ingress.parse(bad, "web")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_a_migrated_container_takes_its_record_along(moto: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    zone_id = zone(moto, f"r{os.urandom(2).hex()}.example.org")
+    record = f"web.{boto3.client('route53', endpoint_url=moto).get_hosted_zone(Id=zone_id)['HostedZone']['Name']}"
+    work = tmp_path_factory.mktemp("work")
+    with local_mesh(tmp_path_factory.mktemp("state"), 2) as mesh:
+        state = mesh.state
+        assert state is not None
+        try:
+            counter(state, "local-1", "web", work, labels={"ingress": f"route53:{zone_id}:{record}"})
+            result = evacuate.move(state, "web", "local-2")
+            assert result["state"] == "done", result
+            address = mesh.hosts["local-2"].endpoint_address
+            assert result["ingress"]["summary"] == f"{record} -> {address}"
+            assert a_record(moto, zone_id, record) == [address]
+        finally:
+            remove_all(state)
