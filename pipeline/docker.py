@@ -26,7 +26,6 @@ from skyferry.pipeline.runc import ContainerSpec
 
 DOCKER = "/usr/bin/docker" if os.path.exists("/usr/bin/docker") else "docker"  # the daemon's own CLI
 CHECKPOINT = "skyferry"
-IMAGE_TAR = "image.tar"
 LAYER_TAR = "rw.tar"
 HOLDER_LABEL = "skyferry.netns-holder"
 STATUS = {"running": "running", "paused": "paused", "created": "created"}  # anything else: stopped
@@ -40,6 +39,7 @@ class Docker:
         self.home = state_root / "docker"
         self.cgroup_parent = f"{cgroup_prefix.rstrip('/')}/docker"
         self.staging = self.home / "migrate"  # per container: spec, netns, image and layer archives
+        self.images = engines.ImageCache(self.home, lambda ref, dest: self._save(ref, dest))
 
     @property
     def socket(self) -> Path:
@@ -122,6 +122,7 @@ class Docker:
         self._require_daemon("run")
         try:
             ref = self._ensure_image(spec.image)
+            self.images.keep(ref)  # now, not while frozen
             self._holder(spec.name, netns_path)
             self._docker("run", "-d", *self._create_args(spec, ref), what="run")
         except SkyferryError:
@@ -133,9 +134,13 @@ class Docker:
         args = ["--pull", "never", "--name", spec.name, "--network", f"container:{spec.name}.netns", *env]
         return [*args, "--label", f"{engines.LABEL}={json.dumps(spec.to_dict())}", ref, *spec.args]
 
+    def holds_netns(self, name: str) -> bool:
+        """True while the netns holder of container `name` exists on this host."""
+        return self._inspect(f"{name}.netns") is not None
+
     def _holder(self, name: str, netns_path: str) -> None:
         """A container whose only process sits in `netns_path`, for the app to share its netns."""
-        if self._inspect(f"{name}.netns") is not None:
+        if self.holds_netns(name):
             return
         tarball = engines.busybox_rootfs_tar(self.home / "holder-rootfs.tar")
         ref = self._ensure_image(str(tarball))
@@ -193,7 +198,10 @@ class Docker:
             )  # fmt: skip
         upper = Path(info["GraphDriver"]["Data"]["UpperDir"])
         engines.run(["tar", *TAR_XATTRS, "-C", str(upper), "-cf", str(staged / LAYER_TAR), "."], "writable layer")
-        self._docker("save", "-o", str(staged / IMAGE_TAR), info["Config"]["Image"], what="save")
+        self.images.stage(info["Config"]["Image"], staged)
+
+    def _save(self, ref: str, dest: Path) -> None:
+        self._docker("save", "-o", str(dest), ref, what="save")
 
     @contextlib.contextmanager
     def _criu_call(self) -> Iterator[None]:
@@ -230,7 +238,9 @@ class Docker:
         spec = ContainerSpec.from_dict(json.loads((staged / "spec.json").read_text()))
         if self._app(name) is not None:  # left by a failed attempt
             self._docker("rm", "-f", name, what="rm")
-        ref = engines.loaded_name(self._docker("load", "-i", str(staged / IMAGE_TAR), what="load"))
+        ref = self.images.receive(
+            staged, self._has_image, lambda path: self._docker("load", "-i", str(path), what="load")
+        )
         self._docker("create", *self._create_args(spec, ref), what="create")
         info = self._app(name)
         if info is None:

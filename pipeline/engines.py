@@ -9,14 +9,13 @@ import contextlib
 import fcntl
 import hashlib
 import io
-import json
 import os
 import shutil
 import signal
 import subprocess
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from skyferry.pipeline.errors import SkyferryError
@@ -142,6 +141,49 @@ def counter_image(dest: Path) -> Path:
     return busybox_rootfs_tar(dest, {"/app/serve.sh": COUNTER_SERVE})
 
 
+class ImageCache:
+    """A host's `save` archives of the images its containers use, one per image, written when a container
+    starts: a checkpoint then only links the archive into the payload instead of saving while frozen, and
+    the target loads it only when its engine lacks the image (then keeps it for the next move)."""
+
+    ARCHIVE = "image.tar"
+    REF = "image"
+
+    def __init__(self, home: Path, save: Callable[[str, Path], None]) -> None:
+        self.dir = home / "images"
+        self.save = save
+
+    def path(self, ref: str) -> Path:
+        return self.dir / f"{hashlib.sha256(ref.encode()).hexdigest()[:16]}.tar"
+
+    def keep(self, ref: str) -> Path:
+        path = self.path(ref)
+        if not path.exists():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            part = path.with_suffix(".part")
+            part.unlink(missing_ok=True)
+            self.save(ref, part)
+            part.rename(path)
+        return path
+
+    def stage(self, ref: str, staged: Path) -> None:
+        """Put the image's archive and name into a payload directory."""
+        (staged / self.ARCHIVE).unlink(missing_ok=True)
+        os.link(self.keep(ref), staged / self.ARCHIVE)
+        (staged / self.REF).write_text(ref)
+
+    def receive(self, staged: Path, has: Callable[[str], bool], load: Callable[[Path], None]) -> str:
+        """The image named in a received payload, loaded unless the engine has it already."""
+        ref = (staged / self.REF).read_text()
+        archive = staged / self.ARCHIVE
+        if not has(ref):
+            load(archive)
+        if not self.path(ref).exists():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            os.replace(archive, self.path(ref))
+        return ref
+
+
 def unmount_below(path: Path) -> None:
     """Unmount everything mounted at or below `path`, deepest first (engines leave overlay and shm mounts)."""
     root = str(path.resolve())
@@ -251,18 +293,3 @@ def _wait_or_kill(pid: int, timeout: float = 10) -> None:
     with contextlib.suppress(ProcessLookupError):
         if Path(f"/proc/{pid}").exists():
             os.kill(pid, signal.SIGKILL)
-
-
-def spec_label(spec_json: str) -> dict[str, str]:
-    return {LABEL: spec_json}
-
-
-def labels_of(inspect: dict) -> dict[str, str]:  # type: ignore[type-arg]
-    return (inspect.get("Config") or {}).get("Labels") or {}
-
-
-def parse_json(text: str, what: str) -> list:  # type: ignore[type-arg]
-    try:
-        return json.loads(text or "[]")
-    except json.JSONDecodeError as exc:
-        raise SkyferryError(f"{what}: unreadable output: {exc}") from exc

@@ -24,7 +24,6 @@ from skyferry.pipeline.runc import ContainerSpec
 
 PODMAN = "podman"
 EXPORT = "checkpoint.tar"  # in the migration's images dir (tmpfs): it holds the container's memory
-IMAGE_TAR = "image.tar"
 ULIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]  # root lacks CAP_SYS_RESOURCE
 STATUS = {"running": "running", "paused": "paused", "created": "created"}  # anything else: stopped
 
@@ -38,6 +37,7 @@ class Podman:
         self.run_dir = Path("/run/skyferry/podman") / hashlib.sha256(str(state_root).encode()).hexdigest()[:12]
         self.cgroup_parent = f"{cgroup_prefix.rstrip('/')}/podman"
         self.staging = self.home / "migrate"  # per container: the image archive and spec that travel
+        self.images = engines.ImageCache(self.home, lambda ref, dest: self._save(ref, dest))
 
     def _base(self) -> list[str]:
         h = self.home
@@ -104,6 +104,7 @@ class Podman:
         if not spec.image:
             raise SkyferryError("a podman container needs --image", hint="a rootfs or `docker save` tarball")
         ref = self._ensure_image(spec.image)
+        self.images.keep(ref)  # now, not while frozen
         env = [a for k, v in spec.env.items() for a in ("--env", f"{k}={v}")]
         args = ["run", "-d", "--name", spec.name, "--network", f"ns:{netns_path}"]
         args += ["--cgroup-parent", self.cgroup_parent, "--pull", "never", *ULIMITS, *env]
@@ -158,7 +159,10 @@ class Podman:
             )  # fmt: skip
         finally:
             self.pause(name)
-        self._podman("save", "-o", str(staged / IMAGE_TAR), info["ImageName"], what="save")
+        self.images.stage(info["ImageName"], staged)
+
+    def _save(self, ref: str, dest: Path) -> None:
+        self._podman("save", "-o", str(dest), ref, what="save")
 
     def payload(self, name: str) -> dict[str, Path]:
         return {"podman": self._staged(name)}
@@ -176,8 +180,7 @@ class Podman:
             raise SkyferryError(f"podman container {name!r} was not prepared on this host")
         if self._inspect(name) is not None:  # a failed restore leaves one "Created"
             self._podman("rm", "-f", "-t", "0", name, what="rm")
-        if (staged / IMAGE_TAR).exists():
-            self._podman("load", "-i", str(staged / IMAGE_TAR), what="load")
+        self.images.receive(staged, self._has_image, lambda path: self._podman("load", "-i", str(path), what="load"))
         work.mkdir(parents=True, exist_ok=True)
         fixed = work / EXPORT
         _retarget(images / EXPORT, fixed, (staged / "netns").read_text(), self.cgroup_parent)

@@ -1,14 +1,18 @@
 """Docker containers migrate live between local hosts: real dockerd/containerd, runc, CRIU, wireguard-go.
 
 local-1 and local-2 each get a private dockerd (own data root, exec root, socket; inside the host's netns,
-no iptables, no ip forwarding, no bridge), started and stopped here. local-3 has no Docker at all and
-holds the counter client. The container is a busybox TCP counter imported from a rootfs tarball made
-here (no registry). Everything, daemons included, is removed afterwards.
+no iptables, no ip forwarding, no bridge), started and stopped here. local-3 holds the counter client;
+local-3 and local-4 have no Docker (one test gives local-4 a dockerd without experimental features).
+The container is a busybox TCP counter imported from a rootfs tarball made here (no registry).
+Everything, daemons included, is removed afterwards.
 """
 
+import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,7 +48,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Mesh]
     key_existed = KEY.exists()
     daemons: list[engines.DockerDaemon] = []
     try:
-        m = scenario.mesh_up(state, 3, name="t" + os.urandom(2).hex())
+        m = scenario.mesh_up(state, 4, name="t" + os.urandom(2).hex())
         for host in ("local-1", "local-2"):
             daemons.append(docker_of(m, host).daemon(m.hosts[host].netns).start())
         yield state, m
@@ -79,6 +83,10 @@ def counter(mesh: tuple[Path, Mesh], image: Path, tmp_path: Path, request: pytes
         containers.remove(state, name)
 
 
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(Path(sys.executable).parent / "skyferry"), *args], capture_output=True, text=True)
+
+
 def where(state: Path, name: str) -> dict:
     return {r["name"]: r for r in containers.live(state)}[name]
 
@@ -99,24 +107,46 @@ def test_docker_container_migrates_live_there_and_back(counter: dict) -> None:
     served = docker_of(m, "local-2").exec(name, ["cat", "/app/served"]).split()
     assert str(before) in served[::2], "the writable layer must move with the container"
 
-    back = migration.migrate(state, name, "local-1", mode="stop-copy")
-    assert back["state"] == "done"
+    # Back through the CLI, named the way an operator names it: docker:NAME picks stop-copy by itself.
+    proc = cli("migrate", f"docker:{name}", "--to", "local-1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    back = json.loads(proc.stdout)
+    assert (back["state"], back["mode"]) == ("done", "stop-copy")
     print(f"docker local-2 -> local-1: freeze {back['freeze_ms']} ms, stages {back['stages_s']}")
     client.wait_for(client.progress() + 5)
     seen = client.stop()
     assert seen["survived"], seen["errors"]
     print(f"client: {seen['requests']} requests on one connection, max gap {seen['max_gap_ms']} ms")
-    assert where(state, name)["host"] == "local-1"
+    listed = {r["name"]: r for r in json.loads(cli("ps", "--json").stdout)}
+    assert (listed[name]["host"], listed[name]["runtime"], listed[name]["state"]) == ("local-1", "docker", "running")
     assert name not in docker_of(m, "local-2").names()
     assert not engines.RUNC_CONF.exists() or engines.MARK not in engines.RUNC_CONF.read_text()
     leftovers = list((docker_of(m, "local-1").home / "tmp").glob("ctrd-checkpoint*"))
     assert not leftovers, f"containerd's checkpoint copies must be cleaned: {leftovers}"
 
 
+def test_a_failed_transfer_thaws_the_frozen_docker_source(counter: dict) -> None:
+    """The source refuses to send after its checkpoint (an injected fault): the frozen source runs on, once."""
+    state, name, m, client = counter["state"], counter["name"], counter["mesh"], counter["client"]
+    faults = Path(m.hosts["local-1"].state_root) / "faults"
+    faults.write_text("send\n")
+    try:
+        with pytest.raises(SkyferryError, match=r"failed at transfer.*Rolled back"):
+            migration.migrate(state, name, "local-2", mode="stop-copy")
+    finally:
+        faults.unlink()
+    assert where(state, name)["host"] == "local-1" and where(state, name)["state"] == "running"
+    assert name not in docker_of(m, "local-2").names()
+    assert not docker_of(m, "local-2").holds_netns(name), "the target's netns holder must be gone"
+    client.wait_for(client.progress() + 3)
+    seen = client.stop()
+    assert seen["survived"], seen["errors"]
+
+
 def test_target_without_docker_is_refused_and_the_source_runs_on(counter: dict) -> None:
     state, name, m, client = counter["state"], counter["name"], counter["mesh"], counter["client"]
     with pytest.raises(SkyferryError, match=r"failed at prepare.*no Docker daemon for this host"):
-        migration.migrate(state, name, "local-3", mode="stop-copy")
+        migration.migrate(state, name, "local-4", mode="stop-copy")
     assert where(state, name)["host"] == "local-1" and where(state, name)["state"] == "running"
     with pytest.raises(SkyferryError, match="unknown container 'nope'"):
         containers.resolve(state, "docker:nope")
@@ -125,22 +155,22 @@ def test_target_without_docker_is_refused_and_the_source_runs_on(counter: dict) 
     client.wait_for(client.progress() + 3)
     seen = client.stop()
     assert seen["survived"], seen["errors"]
-    assert not docker_of(m, "local-3").staging.exists() or not any(docker_of(m, "local-3").staging.iterdir())
+    assert not docker_of(m, "local-4").staging.exists() or not any(docker_of(m, "local-4").staging.iterdir())
 
 
 def test_docker_without_checkpoint_support_is_refused_before_the_freeze(
     mesh: tuple[Path, Mesh], image: Path, tmp_path: Path
 ) -> None:
-    """local-3 gets a dockerd without experimental features: its containers run but cannot checkpoint."""
+    """local-4 gets a dockerd without experimental features: its containers run but cannot checkpoint."""
     state, m = mesh
-    daemon = docker_of(m, "local-3").daemon(m.hosts["local-3"].netns, experimental=False).start()
+    daemon = docker_of(m, "local-4").daemon(m.hosts["local-4"].netns, experimental=False).start()
     try:
-        info = containers.run(state, "local-3", "docker:nockpt", engines.COUNTER_ARGS, image=image)
-        client = scenario.CounterClient(m.hosts["local-1"].netns or "", info["ip"], tmp_path).start()
+        info = containers.run(state, "local-4", "docker:nockpt", engines.COUNTER_ARGS, image=image)
+        client = scenario.CounterClient(m.hosts["local-3"].netns or "", info["ip"], tmp_path).start()
         try:
             with pytest.raises(SkyferryError, match="cannot checkpoint: experimental features are off"):
                 migration.migrate(state, "nockpt", "local-2", mode="stop-copy")
-            assert where(state, "nockpt")["host"] == "local-3" and where(state, "nockpt")["state"] == "running"
+            assert where(state, "nockpt")["host"] == "local-4" and where(state, "nockpt")["state"] == "running"
             assert "nockpt" not in docker_of(m, "local-2").names()
             client.wait_for(client.progress() + 3)
             seen = client.stop()

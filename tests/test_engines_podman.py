@@ -5,9 +5,12 @@ TCP counter imported from a rootfs tarball made here (no registry); a client on 
 connection to it and fails on any lost or repeated request. Everything is removed afterwards.
 """
 
+import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,6 +74,10 @@ def counter(mesh: tuple[Path, Mesh], image: Path, tmp_path: Path, request: pytes
         containers.remove(state, name)
 
 
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(Path(sys.executable).parent / "skyferry"), *args], capture_output=True, text=True)
+
+
 def where(state: Path, name: str) -> dict:
     return {r["name"]: r for r in containers.live(state)}[name]
 
@@ -92,14 +99,18 @@ def test_podman_container_migrates_live_there_and_back(counter: dict) -> None:
     served = podman_of(m, "local-2").exec(name, ["cat", "/app/served"]).split()
     assert str(before) in served[::2]
 
-    back = migration.migrate(state, name, "local-1", mode="stop-copy")
-    assert back["state"] == "done"
+    # Back through the CLI, named the way an operator names it: podman:NAME picks stop-copy by itself.
+    proc = cli("migrate", f"podman:{name}", "--to", "local-1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    back = json.loads(proc.stdout)
+    assert (back["state"], back["mode"]) == ("done", "stop-copy")
     print(f"podman local-2 -> local-1: freeze {back['freeze_ms']} ms, stages {back['stages_s']}")
     client.wait_for(client.progress() + 5)
     seen = client.stop()
     assert seen["survived"], seen["errors"]
     print(f"client: {seen['requests']} requests on one connection, max gap {seen['max_gap_ms']} ms")
-    assert where(state, name)["host"] == "local-1"
+    listed = {r["name"]: r for r in json.loads(cli("ps", "--json").stdout)}
+    assert (listed[name]["host"], listed[name]["runtime"], listed[name]["state"]) == ("local-1", "podman", "running")
     assert name not in podman_of(m, "local-2").names()
     assert not list(Path("/dev/shm/skyferry", m.name).rglob("checkpoint.tar")), "exports must be wiped"
 
