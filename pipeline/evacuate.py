@@ -8,12 +8,13 @@ tried again) before anything new starts.
 """
 
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
 from skyferry.netplane.errors import NetplaneError
 from skyferry.netplane.mesh import Mesh
+from skyferry.netplane.wan import WanSpec
 from skyferry.pipeline import ingress, migration, placement, runreport
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.journal import Journal
@@ -144,10 +145,16 @@ def evacuate(
     parallel: int = 1,
     dry_run: bool = False,
     progress: Progress = quiet,
+    bandwidth: str | None = None,
 ) -> dict[str, Any]:
-    """Empty `host`; returns the run's summary (its "ok" is False if any container did not move)."""
+    """Empty `host`; returns the run's summary (its "ok" is False if any container did not move).
+
+    `bandwidth` (e.g. "1gbit"; default: the mesh's emulated WAN rate) is the source's uplink budget:
+    no more migrations run at once than fit in it at the throughput migrations from `host` measured.
+    """
     if parallel < 1:
         raise SkyferryError(f"--parallel must be at least 1, not {parallel}")
+    budget = _budget(state, bandwidth)
     run_id = runreport.new_run_id("evacuate")
     results: list[dict[str, Any]] = []
     if not dry_run:  # an earlier run's half-done migrations first, where they were going
@@ -158,15 +165,79 @@ def evacuate(
     summary: dict[str, Any] = {"run": run_id, "kind": "evacuate", "host": host, "dry_run": dry_run, "plan": the_plan}
     if dry_run:
         return {**summary, "ok": not the_plan["unplaced"], "results": []}
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
-        futures = [pool.submit(move, state, m["container"], m["target"], progress) for m in the_plan["moves"]]
-        results += [f.result() for f in futures]
+    throughput = Throughput.for_host(state, host, budget, parallel)
+    results += _run(state, the_plan["moves"], throughput, progress)
+    summary["bandwidth"] = throughput.as_dict()
     results += [{**u, "state": "no-capacity"} for u in the_plan["unplaced"]]
     remaining = sorted(e.name for e in Registry(state).all() if e.host == host)
     summary.update(results=results, remaining=remaining, ok=not remaining and all(succeeded(r) for r in results))
     summary["report_dir"] = str(runreport.write(state, run_id, summary, [r["migration"] for r in results
                                                                           if r.get("migration")]))  # fmt: skip
     return summary
+
+
+class Throughput:
+    """How many migrations may run at once: `parallel`, or fewer when the uplink budget is known and
+    the measured per-migration throughput (bits on the wire / seconds streaming) would exceed it."""
+
+    def __init__(self, budget: int | None, parallel: int, samples: list[float] | None = None) -> None:
+        self.budget, self.parallel, self.samples = budget, parallel, list(samples or [])[-5:]
+
+    @classmethod
+    def for_host(cls, state: Path, host: str, budget: int | None, parallel: int) -> "Throughput":
+        """Seeded with the last migrations from `host` the journal knows."""
+        return cls(budget, parallel, [r for m in Journal(state).all() if m.source == host and (r := _bps(m.report))])
+
+    def add(self, result: dict[str, Any]) -> None:
+        if rate := _bps(result.get("migration")):
+            self.samples = [*self.samples, rate][-5:]
+
+    def cap(self) -> int:
+        if self.budget is None:
+            return self.parallel
+        if not self.samples:
+            return 1  # measure one first
+        per = sorted(self.samples)[len(self.samples) // 2]
+        return max(1, min(self.parallel, int(self.budget // per)))
+
+    def as_dict(self) -> dict[str, Any]:
+        per = sorted(self.samples)[len(self.samples) // 2] if self.samples else None
+        return {"budget_bps": self.budget, "per_migration_bps": per, "parallel": self.parallel, "cap": self.cap()}
+
+
+def _bps(report: dict[str, Any] | None) -> float | None:
+    if not report or report.get("state") != "done" or not report.get("bytes_wire"):
+        return None
+    stages = report.get("stages_s") or {}
+    seconds = stages.get("precopy", 0.0) + stages.get("transfer", 0.0)
+    return report["bytes_wire"] * 8 / seconds if seconds > 0 else None
+
+
+def _budget(state: Path, bandwidth: str | None) -> int | None:
+    if bandwidth:
+        try:
+            return WanSpec.parse(f"rate={bandwidth}").rate
+        except NetplaneError:
+            raise SkyferryError(f"bad --bandwidth {bandwidth!r}", hint="a rate such as 1gbit or 500mbit") from None
+    wan = Mesh.load(state).wan
+    return WanSpec.parse(f"rate={wan.rate}").rate if wan and wan.rate else None
+
+
+def _run(state: Path, moves: list[dict[str, Any]], throughput: Throughput, progress: Progress) -> list[dict[str, Any]]:
+    """Run the moves in plan order, as many at once as `throughput` allows; results in plan order."""
+    results: dict[str, dict[str, Any]] = {}
+    pending = list(moves)
+    with ThreadPoolExecutor(max_workers=throughput.parallel) as pool:
+        running: dict[Future[dict[str, Any]], str] = {}
+        while pending or running:
+            while pending and len(running) < throughput.cap():
+                m = pending.pop(0)
+                running[pool.submit(move, state, m["container"], m["target"], progress)] = m["container"]
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in finished:
+                results[running.pop(f)] = result = f.result()
+                throughput.add(result)
+    return [results[m["container"]] for m in moves]
 
 
 def succeeded(result: dict[str, Any]) -> bool:

@@ -86,7 +86,7 @@ def test_one_failure_rolls_back_alone_and_a_rerun_finishes(fleet: dict) -> None:
             mig = Journal(state).active_for(name)
             assert mig is not None
             faults["file"] = Path(mesh.hosts[mig.target].state_root) / "faults"
-            faults["file"].write_text("receive\n")
+            faults["file"].write_text("receive\nprecopy-final\n")  # the final stream, stop-copy or pre-copy
         elif stage.startswith("undo") and "file" in faults:
             faults["file"].unlink(missing_ok=True)
 
@@ -104,10 +104,13 @@ def test_one_failure_rolls_back_alone_and_a_rerun_finishes(fleet: dict) -> None:
     exactly_once_on_targets(fleet, ["ev-a", "ev-b", "ev-d"])
     all_alive(fleet)
 
-    again = cli("evacuate", "--host", "local-1", "--to", "local-2", "--to", "local-3", "--parallel", "2", "--json")
+    again = cli("evacuate", "--host", "local-1", "--to", "local-2", "--to", "local-3", "--parallel", "2",
+                "--bandwidth", "1gbit", "--json")  # fmt: skip
     assert again.returncode == 0, again.stdout + again.stderr
     rerun = json.loads(again.stdout)
     assert rerun["ok"] and [r["container"] for r in rerun["results"]] == [victim], "only what was left moves"
+    pace = rerun["bandwidth"]
+    assert pace["budget_bps"] == 10**9 and pace["per_migration_bps"] > 0, "paced by the first run's throughput"
     exactly_once_on_targets(fleet, list(fleet["clients"]))
     all_alive(fleet)
     report_dir = Path(rerun["report_dir"])

@@ -49,7 +49,13 @@ def evacuate(
     host: str = typer.Option(..., "--host", help="The host to empty."),
     to: list[str] = typer.Option([], "--to", help="Target host, repeatable (default: every other mesh host)."),
     to_provider: str | None = typer.Option(None, "--to-provider", help="Targets: every mesh host of this provider."),
-    parallel: int = typer.Option(1, "--parallel", "-p", min=1, max=16, help="Migrations at once."),
+    parallel: int = typer.Option(1, "--parallel", "-p", min=1, max=16, help="Migrations at once, at most."),
+    bandwidth: str | None = typer.Option(
+        None,
+        "--bandwidth",
+        help="The source's uplink, e.g. 1gbit (default: the mesh's WAN rate, if emulated): "
+        "fewer run at once when the measured throughput per migration would exceed it.",
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the placement; move nothing."),
     json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP),
 ) -> None:
@@ -67,8 +73,12 @@ def evacuate(
       skyferry evacuate --host local-1 --to local-2 --to local-3 --parallel 2 --json
     """
     summary = evacuation.evacuate(
-        state_dir(), host, to or None, to_provider, parallel, dry_run, _progress(not json_out)
+        state_dir(), host, to or None, to_provider, parallel, dry_run, _progress(not json_out), bandwidth
     )  # fmt: skip
+    if (bw := summary.get("bandwidth")) and bw["budget_bps"] and not json_out:
+        per = f"{bw['per_migration_bps'] / 1e6:.0f} Mbit/s" if bw["per_migration_bps"] else "not measured yet"
+        output.err_console.print(f"parallel: up to {bw['cap']} of {bw['parallel']} (uplink {bw['budget_bps'] / 1e6:.0f}"
+                                 f" Mbit/s, {per} per migration)", highlight=False)  # fmt: skip
     if dry_run:
         plan = summary["plan"]
         rows = [[m["container"], host, m["target"], m["priority"], f"{m['memory'] >> 20} MiB", "planned"]
