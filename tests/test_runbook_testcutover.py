@@ -79,7 +79,8 @@ def test_cli_passes_and_bad_input_is_refused(served: dict) -> None:
     state, mesh, watcher = served["state"], served["mesh"], served["client"]
     ok = cli("migrate", "web", "--to", "local-2", "--test", "--check", COUNTER_CHECK, "--json")
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert json.loads(ok.stdout)["passed"]
+    passed = json.loads(ok.stdout)
+    assert passed["passed"] and json.loads((Path(passed["report_dir"]) / "summary.json").read_text())["passed"]
     with pytest.raises(SkyferryError, match="runs on local-1"):
         testcutover.run(state, "web", "local-1")
     refused = cli("migrate", "web", "--to", "local-2", "--check", "true")

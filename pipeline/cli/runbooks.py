@@ -10,16 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from skyferry.netplane.errors import NetplaneError
 from skyferry.pipeline import evacuate as evacuation
-from skyferry.pipeline import exitplan, testcutover
+from skyferry.pipeline import exitplan, runreport, testcutover
 from skyferry.pipeline import rebalance as balancing
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.state import state_dir
+from skyferry.providers.errors import ProviderError
 
 from . import output
 from .app import app
 
 PANEL = "Runbooks"
+USER_ERRORS = (SkyferryError, NetplaneError, ProviderError)
 
 
 def _progress(enabled: bool) -> Any:
@@ -135,13 +138,21 @@ def rebalance(
     say = _progress(not json_out)
     done = 0
     while True:
-        summary = balancing.rebalance(state_dir(), rules, dry_run, say)
+        done += 1
+        try:
+            summary = balancing.rebalance(state_dir(), rules, dry_run, say)
+        except USER_ERRORS as exc:
+            if not watch or (rounds and done >= rounds):
+                raise
+            # Trigger mode outlives a host that is briefly unreachable: say so, try again next interval.
+            output.err_console.print(f"[bold red]error:[/bold red] {exc} (retrying in {rules.interval:g} s)")
+            time.sleep(rules.interval)
+            continue
         table = [[m["container"], m["source"], m["target"], f"{m['memory'] >> 20} MiB",
                   _state(summary, m["container"], dry_run)] for m in summary["moves"]]  # fmt: skip
         table += [[f"({h} stays over)", h, "-", "-", "stuck"] for h in summary["stuck"]]
         if not table:
             table = [["(balanced: nothing to move)", "", "", "", ""]]
-        done += 1
         if not watch or (rounds and done >= rounds):
             _finish(summary, json_out, table, ["CONTAINER", "FROM", "TO", "MEMORY", "STATE"])
             return
@@ -167,10 +178,13 @@ def test_cutover(name: str, to: str, test: bool, check: str | None, json_out: bo
             "--check only applies to a test cutover", hint=f"skyferry migrate {name} --to {to} --test --check …"
         )
     say = _progress(not json_out)
-    report = testcutover.run(state_dir(), name, to, check, progress=lambda stage: say(name, stage))
+    state = state_dir()
+    report = testcutover.run(state, name, to, check, progress=lambda stage: say(name, stage))
+    report["report_dir"] = str(runreport.write(state, report["id"], report, []))
     if json_out:
         output.print_json(report)
     else:
         output.print_table(None, ["", ""], testcutover.rows(report))
+        output.console.print(f"report: {report['report_dir']}", highlight=False)
     if not report["passed"]:
         raise typer.Exit(1)
