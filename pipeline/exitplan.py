@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline import agentctl, db, evacuate, faults, placement, runreport, testcutover
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.journal import Journal
 from skyferry.pipeline.registry import Registry
 
 NAME = r"^[a-z0-9][a-z0-9_-]{0,39}$"
@@ -281,17 +282,24 @@ def run(state: Path, path: Path, dry_run: bool = False, progress: Progress = _qu
     else:
         progress("provision")
         done("provision", _provision(state, plan, record))
+    ok = True
+    if not dry_run:  # a crash mid-wave left migrations half done: finish them (journal) before anything else
+        for name in (n for w in plan.waves for n in w.containers):
+            if (active := Journal(state).active_for(name)) is not None:
+                progress(f"finishing interrupted migration {active.id} of {name}")
+                result = evacuate.move(state, name, active.target)
+                done(f"resume:{name}", {"status": "done" if evacuate.succeeded(result) else "failed", **result})
+                ok = ok and evacuate.succeeded(result)
     resolved = resolve(state, path, plan)
     summary.update(sources=resolved.sources, targets=resolved.targets)
-    ok = True
-    for wave in plan.waves:
+    for wave in plan.waves if ok else []:
         step = f"wave:{wave.name}"
         earlier = record.get(step)
         if earlier and earlier["status"] == "done":
             done(step, {"status": "skipped", "why": "done in an earlier run", "containers": wave.containers})
             continue
         if dry_run:
-            done(step, {"status": "planned", **_wave_plan(state, resolved, wave)})
+            done(step, {"status": "planned", **_wave_plan(resolved, wave)})
             continue
         outcome = _run_wave(state, resolved, wave, record, progress)
         migrations += [r["migration"] for r in outcome.get("results", []) if r.get("migration")]
@@ -347,7 +355,7 @@ def _provision(state: Path, plan: Plan, record: Steps) -> dict[str, Any]:
     return {"status": "done", **detail}
 
 
-def _wave_plan(state: Path, r: Resolved, wave: Wave) -> dict[str, Any]:
+def _wave_plan(r: Resolved, wave: Wave) -> dict[str, Any]:
     moving = [r.needs[n] for n in wave.containers if r.where[n] in r.sources]
     assigned, unplaced = placement.place(moving, [placement.room(r.capacity[t]) for t in r.targets])
     already = [n for n in wave.containers if r.where[n] in r.targets]
@@ -355,7 +363,7 @@ def _wave_plan(state: Path, r: Resolved, wave: Wave) -> dict[str, Any]:
 
 
 def _run_wave(state: Path, r: Resolved, wave: Wave, record: Steps, progress: Progress) -> dict[str, Any]:
-    plan = _wave_plan(state, r, wave)
+    plan = _wave_plan(r, wave)
     out: dict[str, Any] = {"containers": wave.containers, "moves": plan["moves"], "tests": [], "results": []}
     record.set(f"wave:{wave.name}", "running", {"containers": wave.containers})
 

@@ -131,3 +131,24 @@ def test_bad_plans_are_refused_before_anything_moves(fleet: dict) -> None:
 
 def mesh_root(fleet: dict, host: str) -> str:
     return fleet["mesh"].hosts[host].state_root
+
+
+def test_a_crash_inside_a_wave_is_finished_from_the_journal(fleet: dict) -> None:
+    state, plan = fleet["state"], fleet["plan"]
+    plan.write_text(PLAN.replace("name: leave-a", "name: leave-c").replace("[x1, x2]", "[x1]").replace(
+        "containers: [x3]", "containers: [x2]").replace("after: decommission", "after: keep"))  # fmt: skip
+    before = len(Journal(state).all())
+    crashed = cli("exit", "--plan", str(plan), "--json", env={"SKYFERRY_CRASH_AFTER": "checkpoint"})
+    assert crashed.returncode == 137, crashed.stdout + crashed.stderr
+    half = Journal(state).active_for("x1")
+    assert half is not None, "x1 was frozen mid-migration when the controller died"
+
+    resumed = cli("exit", "--plan", str(plan), "--json")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    status = {s["step"]: s["status"] for s in json.loads(resumed.stdout)["steps"]}
+    assert status == {"provision": "skipped", "resume:x1": "done", "wave:first": "done", "wave:second": "done"}
+    assert [m.id for m in Journal(state).all()[before:] if m.container == "x1"] == [half.id], "resumed, not redone"
+    assert Registry(state).get("x1").host in CLOUD_B and Registry(state).get("x2").host in CLOUD_B
+    for name in ("x1", "x2"):
+        result = fleet["clients"][name].stop()
+        assert result["survived"], (name, result["errors"])
