@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import platform
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -67,7 +68,7 @@ class Config:
     warmup: bool = True  # one unmeasured migration per workload first, so no measured run starts cold
     iperf_s: float = 4.0
     ready_timeout_s: float = 180.0
-    mesh_name: str | None = None
+    mesh_name: str | None = None  # default: "bn" + 4 hex digits
 
     def mode_order(self) -> list[str]:
         modes = list(self.modes or migration.MODES)
@@ -99,17 +100,14 @@ def run(cfg: Config, progress: Progress = _say_nothing) -> dict[str, Any]:
     workdir.mkdir()
     try:
         progress(f"bringing up 3 local hosts, WAN {cfg.wan or 'none'}")
-        mesh = scenario.mesh_up(state, 3, cfg.wan, name=cfg.mesh_name)
+        mesh = scenario.mesh_up(state, 3, cfg.wan, name=cfg.mesh_name or "bn" + secrets.token_hex(2))
         result["mesh"] = mesh.name
-        for src, dst in (HOSTS, HOSTS[::-1]):
-            progress(f"iperf3 {src} -> {dst} over the overlay")
-            try:
-                result["iperf3"][f"{src}->{dst}"] = iperf3(mesh, src, dst, cfg.iperf_s)
-            except SkyferryError as exc:
-                result["errors"].append(f"iperf3 {src} -> {dst}: {exc}")
         for i, wl in enumerate(cfg.workloads):
-            result["runs"] += _workload(state, mesh, workdir, cfg, wl, f"bench{i}", progress)
-    except Exception as exc:  # the bench itself broke (mesh, workload): report what was measured
+            try:
+                result["runs"] += _workload(state, mesh, workdir, cfg, wl, f"bench{i}", result, progress)
+            except Exception as exc:  # this workload could not run at all; the next one may
+                result["errors"].append(f"{wl.label}: {type(exc).__name__}: {exc}")
+    except Exception as exc:  # the mesh could not come up: report that, tear down what there is
         result["errors"].append(f"{type(exc).__name__}: {exc}")
     finally:
         progress("tearing down the mesh")
@@ -127,13 +125,28 @@ def run(cfg: Config, progress: Progress = _say_nothing) -> dict[str, Any]:
 
 
 def _workload(
-    state: Path, mesh: Mesh, workdir: Path, cfg: Config, wl: Workload, name: str, progress: Progress
+    state: Path,
+    mesh: Mesh,
+    workdir: Path,
+    cfg: Config,
+    wl: Workload,
+    name: str,
+    result: dict[str, Any],
+    progress: Progress,
 ) -> list[dict[str, Any]]:
-    """Every mode on one container, alternating direction, so each run starts where the last one ended."""
+    """iperf3 both ways with the workload running, then every mode on one container, alternating
+    direction, so each run starts where the last one ended."""
     runs: list[dict[str, Any]] = []
     progress(f"{wl.label}: starting the workload on local-1 (touching {wl.memory_mib} MiB)")
-    _start(state, wl, name, workdir, cfg.ready_timeout_s)
     try:
+        _start(state, wl, name, workdir, cfg.ready_timeout_s)
+        perf = result["iperf3"][wl.label] = {}
+        for src, dst in (HOSTS, HOSTS[::-1]):
+            progress(f"{wl.label}: iperf3 {src} -> {dst} over the overlay")
+            try:
+                perf[f"{src}->{dst}"] = iperf3(mesh, src, dst, cfg.iperf_s)
+            except SkyferryError as exc:
+                result["errors"].append(f"iperf3 {src} -> {dst}: {exc}")
         plan = ([("warmup", migration.DEFAULT_MODE)] if cfg.warmup else []) + [("run", m) for m in cfg.mode_order()]
         for kind, mode in plan:
             host = Registry(state).get(name).host
@@ -229,7 +242,7 @@ def _measures(report: dict[str, Any]) -> dict[str, Any]:
 
 def _add_ratios(result: dict[str, Any]) -> None:
     """Each run against the stop-copy run of the same workload in this result, and its stream against
-    iperf3 in the same direction."""
+    iperf3 measured just before that workload's runs, in the same direction."""
     base = {r["workload"]: r for r in result["runs"] if r["mode"] == BASELINE and r["ok"]}
     for r in result["runs"]:
         b = base.get(r["workload"])
@@ -237,7 +250,7 @@ def _add_ratios(result: dict[str, Any]) -> None:
         for key in ("freeze_ms", "client_gap_ms", "total_ms", "bytes_wire"):
             if r["ok"] and b is not None and r.get(key) is not None and b.get(key):
                 r["ratios"][key] = round(r[key] / b[key], 3)
-        perf = result["iperf3"].get(f"{r['source']}->{r['target']}")
+        perf = result["iperf3"].get(r["workload"], {}).get(f"{r['source']}->{r['target']}")
         if r.get("stream") and perf:
             r["stream"]["iperf3_mbit_s"] = perf["mbit_s"]
             r["stream"]["vs_iperf3"] = round(r["stream"]["mbit_s"] / perf["mbit_s"], 3)
@@ -390,13 +403,40 @@ def _with_ratio(value: float | None, ratio: float | None, fmt: str) -> str:
     return f"{text} (x{ratio:.2f})" if ratio is not None else text
 
 
+def iperf3_line(result: dict[str, Any]) -> str:
+    parts = [f"{w}: " + ", ".join(f"{d} {v['mbit_s']:.0f} Mbit/s" for d, v in perf.items())
+             for w, perf in result["iperf3"].items() if perf]  # fmt: skip
+    return "; ".join(parts) or "not measured"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """Both tables as Markdown, for the README."""
+
+    def table(header: list[str], body: list[list[str]]) -> str:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in body]
+        return "\n".join(lines)
+
+    cfg = result["config"]
+    return "\n\n".join([
+        f"WAN `{cfg.get('wan') or 'none'}`; each workload dirties {cfg['workloads'][0]['dirty_mb_s']:g} MB/s; "
+        f"(xN) is the ratio to the same workload's stop-copy run in this bench.",
+        table(COLUMNS, rows(result)),
+        table(["", "stop-copy", "best mode", "goal"], targets(result)),
+        f"iperf3 over the overlay (8 MiB window), measured before each workload's runs: {iperf3_line(result)}.",
+        f"Machine: {machine_line(result['machine'])}. Bench took {result['seconds']:.0f} s"
+        + (f"; errors: {'; '.join(result['errors'])}" if result["errors"] else "") + ".",
+    ]) + "\n"  # fmt: skip
+
+
 def write(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
-    """bench.json and bench.png into `out_dir`; returns their paths."""
+    """bench.json, bench.md and bench.png into `out_dir`; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "bench.json", "png": out_dir / "bench.png"}
+    paths = {"json": out_dir / "bench.json", "md": out_dir / "bench.md", "png": out_dir / "bench.png"}
     tmp = paths["json"].with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
     tmp.replace(paths["json"])
+    paths["md"].write_text(markdown(result))
     plot(result, paths["png"])
     return paths
 
@@ -430,8 +470,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 ax.hlines(goal, i - 0.45, i + 0.45, colors="black", linestyles="dashed", linewidth=1)
         ax.set_xticks(range(len(workloads)), workloads)
         ax.set_title(title)
-        if log and any(v for v in (r.get(key) for r in by.values()) if v):
+        if log and any(r.get(key) for r in by.values()):
             ax.set_yscale("log")
+            ax.set_ylim(bottom=10)  # bars from 10 ms, so their heights compare
     axes[0].legend(fontsize=8)
     m = result.get("machine", {})
     fig.suptitle(f"skyferry bench, WAN {result['config'].get('wan') or 'none'}; {machine_line(m) if m else ''}",

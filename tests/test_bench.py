@@ -62,16 +62,18 @@ def test_ratios_are_against_the_same_runs_stop_copy(result: dict) -> None:
 
 
 def test_iperf3_measured_both_ways_over_the_overlay(result: dict) -> None:
-    assert set(result["iperf3"]) == {"local-1->local-2", "local-2->local-1"}
-    assert all(v["mbit_s"] > 0 and v["window"] == "8M" for v in result["iperf3"].values())
+    assert set(result["iperf3"]["16 MiB"]) == {"local-1->local-2", "local-2->local-1"}
+    assert all(v["mbit_s"] > 0 and v["window"] == "8M" for v in result["iperf3"]["16 MiB"].values())
 
 
-def test_outputs_json_png_and_table(result: dict) -> None:
+def test_outputs_json_markdown_png_and_table(result: dict) -> None:
     paths = result["paths"]
     saved = json.loads(paths["json"].read_text())
     assert [r["mode"] for r in saved["runs"]] == [r["mode"] for r in result["runs"]]
     assert saved["machine"]["nproc"] == os.cpu_count() and saved["machine"]["kernel"] == os.uname().release
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths["png"].stat().st_size > 10_000
+    markdown = paths["md"].read_text()
+    assert "| stop-copy |" in markdown and "| precopy |" in markdown and "\nMachine: " in markdown
     rows = bench.rows(result)
     assert len(rows) == 3 and len(rows[0]) == len(bench.COLUMNS)
     assert rows[1][2].endswith(f"(x{result['runs'][1]['ratios']['freeze_ms']:.2f})")

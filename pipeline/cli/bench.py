@@ -2,8 +2,11 @@
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
+from rich.console import Console
+from rich.table import Table
 from skyferry.pipeline import bench as runner
 
 from . import output
@@ -13,7 +16,7 @@ from .app import app
 @app.command(rich_help_panel="Getting started")
 def bench(
     quick: bool = typer.Option(False, "--quick", help="64 MiB and 256 MiB workloads only (a few minutes)."),
-    out: Path = typer.Option(Path("bench/out"), "--out", help="Folder for bench.json and bench.png."),
+    out: Path = typer.Option(Path("bench/out"), "--out", help="Folder for bench.json, bench.md, bench.png."),
     wan: str = typer.Option(runner.WAN, "--wan", help="Emulated WAN between the hosts."),
     json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP),
 ) -> None:
@@ -51,17 +54,28 @@ def bench(
     if json_out:
         output.print_json(result)
     else:
-        perf = "; ".join(f"{k} {v['mbit_s']:.0f} Mbit/s" for k, v in result["iperf3"].items()) or "not measured"
-        output.print_table(
-            f"skyferry bench: WAN {cfg.wan or 'none'}; (xN: ratio to the same workload's stop-copy)",
-            runner.COLUMNS,
-            runner.rows(result),
-        )
-        output.print_table("Targets (issue 5)", ["", "stop-copy", "best mode", "goal"], runner.targets(result))
-        output.console.print(f"iperf3 over the overlay, 8 MiB window: {perf}", highlight=False)
-        output.console.print(f"machine: {runner.machine_line(result['machine'])}", highlight=False)
-        for err in result["errors"]:
-            output.console.print(f"[bold red]error:[/bold red] {err}", highlight=False)
-        output.console.print(f"wrote {paths['json']} and {paths['png']} in {result['seconds']:.0f} s", highlight=False)
+        _print(result, paths)
     if result["errors"] or not result["runs"] or not all(r["ok"] for r in result["runs"]):
         raise typer.Exit(1)
+
+
+def _print(result: dict[str, Any], paths: dict[str, Path]) -> None:
+    # Piped output (a log, the README) gets whole tables instead of 80 squeezed columns.
+    console = output.console if output.console.is_terminal else Console(width=200)
+    wan = result["config"].get("wan") or "none"
+    for title, columns, rows in (
+        (f"skyferry bench, WAN {wan} (xN: ratio to this workload's stop-copy)", runner.COLUMNS, runner.rows(result)),
+        ("Targets (issue 5)", ["", "stop-copy", "best mode", "goal"], runner.targets(result)),
+    ):
+        table = Table(title=title, title_justify="left")
+        for col in columns:
+            table.add_column(col)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    console.print(f"iperf3 over the overlay, 8 MiB window: {runner.iperf3_line(result)}", highlight=False)
+    console.print(f"machine: {runner.machine_line(result['machine'])}", highlight=False)
+    for err in result["errors"]:
+        console.print(f"[bold red]error:[/bold red] {err}", highlight=False)
+    files = ", ".join(str(p) for p in paths.values())
+    console.print(f"wrote {files} in {result['seconds']:.0f} s", highlight=False)
