@@ -213,14 +213,20 @@ def check(
     return sources, targets, errors
 
 
-def resolve(state: Path, path: Path, plan: Plan) -> Resolved:
-    """`check` with the live mesh, registry and the agents' measurements."""
+def precheck(state: Path, path: Path, plan: Plan) -> tuple[Mesh, dict[str, str], dict[str, str], list[str], list[str]]:
+    """`check` against the mesh and the registry only: what can be refused before anything is touched."""
     mesh = Mesh.load(state)
     hosts = {h.name: h.provider for h in mesh.hosts.values()}
     where = {e.name: e.host for e in Registry(state).all()}
     sources, targets, errors = check(plan, hosts, where)
     if errors:
         raise _fail(path, errors)
+    return mesh, hosts, where, sources, targets
+
+
+def resolve(state: Path, path: Path, plan: Plan) -> Resolved:
+    """`check` with the live mesh, registry and the agents' measurements."""
+    mesh, hosts, where, sources, targets = precheck(state, path, plan)
     measured = {*targets, *(where[n] for w in plan.waves for n in w.containers)}  # decommissioned sources: no agent
     caps = placement.capacities(state, mesh, sorted(measured))
     entries = {e.name: e for e in Registry(state).all()}
@@ -268,6 +274,7 @@ def run(state: Path, path: Path, dry_run: bool = False, progress: Progress = _qu
     plan = load(path)
     record = Steps(state, plan.name)
     _same_finished_waves(path, plan, record)
+    precheck(state, path, plan)
     run_id = runreport.new_run_id(f"exit-{plan.name}")
     summary: dict[str, Any] = {"run": run_id, "kind": "exit", "plan": plan.name, "dry_run": dry_run, "steps": []}
     migrations: list[dict[str, Any]] = []

@@ -118,6 +118,7 @@ def test_bad_plans_are_refused_before_anything_moves(fleet: dict) -> None:
     as_json = cli("exit", "--plan", str(plan), "--json")
     assert as_json.returncode == 2
     assert "waves[1].containers[1]: container 'x1' is already in wave 'first'" in json.loads(as_json.stdout)["error"]
+    assert exitplan.Steps(state, "leave-b").all() == {}, "a refused plan records no progress"
     (Path(mesh_root(fleet, "local-3")) / "capacity.json").write_text('{"memory_mib": 1}')
     try:
         plan.write_text(text.replace("local-3, local-4", "local-3"))
