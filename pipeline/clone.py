@@ -50,7 +50,7 @@ def dispatch(agent: "Agent", mig: str, op: str, body: dict[str, Any]) -> Any:
         case "clone-send":
             return send(agent, mig, body["name"], body["target"])
         case "clone-restore":
-            return ops.restore(mig, body["name"])
+            return restore(ops, mig, body["name"])
         case "clone-check":
             return check(ops, body["name"], body.get("cmd"), bool(body.get("live")), body.get("timeout"))
         case "clone-discard":
@@ -119,6 +119,23 @@ def prepare(ops: HostOps, mig: str, spec: ContainerSpec) -> dict[str, Any]:
     ops.engine(spec).prepare(spec, ops.netns_path(spec.name))
     ops.mig_dir(mig).mkdir(parents=True, exist_ok=True)
     return {"netns": name}
+
+
+def restore(ops: HostOps, mig: str, clone: str) -> dict[str, Any]:
+    """Restore the clone in its netns; nothing else (no unlock, no route: there is nothing to open)."""
+    runtime = ops.rt(clone)
+    if (runtime.state(clone) or {}).get("status") == "running":
+        return {"restore_s": 0.0}  # already restored: idempotent
+    t0 = time.monotonic()
+    for attempt in (1, 2):  # CRIU may hit "Can't fork for PID: File exists" right after a failed try
+        try:
+            runtime.restore(clone, ops.mig_dir(mig) / "images", ops.mig_dir(mig) / f"work{attempt}")
+            break
+        except SkyferryError:
+            if attempt == 2 or runtime.state(clone) is not None:
+                raise
+            time.sleep(0.2)
+    return {"restore_s": round(time.monotonic() - t0, 4)}
 
 
 def check(ops: HostOps, name: str, cmd: str | None, live: bool, timeout: float | None) -> dict[str, Any]:
