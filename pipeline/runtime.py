@@ -57,6 +57,16 @@ class Runtime(Protocol):
         ...
 
 
+# Migration modes per engine. Pre-copy reads the live process's memory and builds CRIU images beside the
+# engine; only runc restores straight from such an image directory. Podman and Docker checkpoint and
+# restore through their own CLIs, so they move by stop-copy.
+MODES = {"runc": ("precopy", "stop-copy"), "podman": ("stop-copy",), "docker": ("stop-copy",)}
+
+
+def supported_modes(runtime: str) -> tuple[str, ...]:
+    return MODES.get(runtime, ("stop-copy",))
+
+
 def runtimes(state_root: Path, cgroup_prefix: str) -> dict[str, Runtime]:
     """The engines this host can use, by name: runc always, Podman and Docker where installed.
 

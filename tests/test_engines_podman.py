@@ -125,6 +125,9 @@ def test_bad_input_leaves_the_podman_container_running(counter: dict) -> None:
         containers.resolve(state, f"lxc:{name}")
     with pytest.raises(SkyferryError, match="a podman container needs --image"):
         containers.run(state, "local-2", "podman:noimage", ["true"])
+    refused = cli("migrate", f"podman:{name}", "--to", "local-2", "--mode", "precopy")
+    assert refused.returncode == 2 and "podman containers do not migrate by precopy" in refused.stderr
+    assert "Traceback" not in refused.stderr
     client.wait_for(client.progress() + 3)
     assert where(state, name)["state"] == "running" and where(state, name)["host"] == "local-1"
     seen = client.stop()

@@ -7,8 +7,10 @@ from typing import Any
 
 import typer
 from skyferry.pipeline import containers, migration
+from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.journal import Journal
 from skyferry.pipeline.registry import Registry
+from skyferry.pipeline.runtime import supported_modes
 from skyferry.pipeline.state import state_dir
 
 from . import output
@@ -82,9 +84,12 @@ def migrate(
     Examples: skyferry migrate web --to local-2; skyferry migrate podman:db --to local-3
     """
     name = containers.resolve(state_dir(), name)
-    if mode is None:  # engines other than runc checkpoint through their own CLI: no pre-copy rounds
-        runtime = Registry(state_dir()).get(name).spec.runtime
-        mode = migration.DEFAULT_MODE if runtime == "runc" else "stop-copy"
+    runtime = Registry(state_dir()).get(name).spec.runtime
+    modes = supported_modes(runtime)
+    if mode is None:
+        mode = migration.DEFAULT_MODE if migration.DEFAULT_MODE in modes else modes[0]
+    elif mode not in modes:
+        raise SkyferryError(f"{runtime} containers do not migrate by {mode}", hint=f"--mode {' or '.join(modes)}")
     if test or check:
         from .runbooks import test_cutover
 
