@@ -10,9 +10,10 @@ Routes (JSON in, JSON out; errors are {"error", "hint"} with 4xx/5xx):
   POST   /v1/migrations/ID/OP               OP in prepare, precopy, precopy-reset, checkpoint, send, restore,
                                             rollback-source, confirm-source, abort-target,
                                             finish-target
-  PUT    /v1/migrations/ID/STREAM?name=N    from the source agent (chunked): STREAM is `receive` (images
-                                            and payload; `&images=0`: payload only), `precopy-round`, or
-                                            `precopy-final` (builds the image from the pre-copied store)
+  PUT    /v1/migrations/ID/STREAM?name=N    from the source agent (chunked): STREAM is `receive` (stop-copy:
+                                            images and payload in one tar), `precopy-round`, or
+                                            `precopy-final` (builds the image from the pre-copied store), or
+                                            `fs-round` (files changed since the last round)
 """
 
 import json
@@ -33,6 +34,7 @@ from urllib.parse import parse_qs, urlsplit
 from skyferry.pipeline import capacity, clone, facts, faults, wire
 from skyferry.pipeline.client import AgentClient
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.fsync import FsStats
 from skyferry.pipeline.host import HostConfig, HostOps
 from skyferry.pipeline.pki import Identity
 from skyferry.pipeline.precopy_policy import ConvergencePolicy
@@ -155,35 +157,49 @@ class Agent:
         """Memory rounds streamed straight to the target agent's store while the container runs."""
         peer = self._peer(target)
         peer.call("POST", f"/v1/migrations/{mig}/precopy-reset", {"name": name})
-        path = f"/v1/migrations/{mig}/precopy-round?name={name}"
-        return self.ops.precopy(mig, name, lambda chunks: peer.upload(path, chunks), ConvergencePolicy(**policy))
+        mem_path = f"/v1/migrations/{mig}/precopy-round?name={name}"
+        fs_path = f"/v1/migrations/{mig}/fs-round?name={name}"
+        return self.ops.precopy(
+            mig,
+            name,
+            lambda chunks: peer.upload(mem_path, chunks),
+            lambda chunks: peer.upload(fs_path, chunks),
+            ConvergencePolicy(**policy),
+        )
 
     def _send(self, mig: str, name: str, target: dict[str, Any]) -> dict[str, Any]:
-        """Stream the checkpoint and the payload straight to the target agent. With pre-copy rounds
-        behind it only the final delta of memory goes; the payload's digests must agree at both ends."""
+        """Stream the frozen container's state straight to the target agent.
+
+        After pre-copy rounds only the deltas travel: the memory pages and the files changed since the
+        last round (each stream checksummed frame by frame). Without rounds (stop-copy) the whole
+        image and payload go as one tar, whose SHA-256 both ends must agree on.
+        """
         peer = self._peer(target)
         t0 = time.monotonic()
-        result: dict[str, Any] = {}
-        stats = wire.StreamStats()
         final = self.ops.final_out(mig, name)
-        if final is not None:
-            chunks, final_stats = final
+        fs_stats = FsStats()
+        fs_final = self.ops.fs_final_out(mig, name, fs_stats)
+        if final is not None and fs_final is not None:
+            chunks, mem_stats = final
             peer.upload(f"/v1/migrations/{mig}/precopy-final?name={name}", chunks)
-            result["final"] = final_stats.as_dict()
-            payload = self.ops.payload_out(mig, name, stats)
-            received = peer.upload(f"/v1/migrations/{mig}/receive?name={name}&images=0", payload)
-        else:
-            received = peer.upload(f"/v1/migrations/{mig}/receive?name={name}", self.ops.stream_out(mig, name, stats))
+            peer.upload(f"/v1/migrations/{mig}/fs-round?name={name}", fs_final)
+            return {
+                "final": mem_stats.as_dict(),
+                "fs_final": fs_stats.as_dict(),
+                "bytes_raw": mem_stats.bytes_raw + fs_stats.bytes_raw,
+                "bytes_wire": mem_stats.bytes_out + fs_stats.bytes_wire,
+                "seconds": time.monotonic() - t0,
+            }
+        stats = wire.StreamStats()
+        received = peer.upload(f"/v1/migrations/{mig}/receive?name={name}", self.ops.stream_out(mig, name, stats))
         if received.get("sha256") != stats.sha256:
             raise SkyferryError(
                 f"image stream for {name!r} arrived corrupted (digest mismatch); nothing was restored",
                 hint="the migration rolls back; check the link and retry",
             )
-        final_bytes = result.get("final", {}).get("bytes_out", 0)
         return {
-            **result,
             "bytes_raw": stats.bytes_raw,
-            "bytes_wire": stats.bytes_wire + final_bytes,
+            "bytes_wire": stats.bytes_wire,
             "seconds": time.monotonic() - t0,
             "sha256": stats.sha256,
         }
@@ -194,13 +210,14 @@ class Agent:
         with self.ops.lock(name):
             match kind:
                 case "receive":
-                    with_images = query.get("images", ["1"])[0] != "0"
-                    stats = self.ops.receive(mig, name, reader, with_images=with_images)
+                    stats = self.ops.receive(mig, name, reader)
                     return {"bytes_wire": stats.bytes_wire, "sha256": stats.sha256}
                 case "precopy-round":
                     return self.ops.precopy_apply(mig, reader)
                 case "precopy-final":
                     return self.ops.precopy_build(mig, reader)
+                case "fs-round":
+                    return self.ops.fs_apply(mig, reader)
         raise _NotFound(f"no stream {kind!r}")
 
 
@@ -254,7 +271,8 @@ def _handler(agent: Agent) -> type[BaseHTTPRequestHandler]:
                 self._reply(HTTPStatus.NOT_FOUND, {"error": "not found", "hint": None})
                 return
             query = parse_qs(url.query)
-            m = re.fullmatch(r"/v1/migrations/([A-Za-z0-9_-]+)/(receive|precopy-round|precopy-final)", url.path)
+            streams = "receive|precopy-round|precopy-final|fs-round"
+            m = re.fullmatch(rf"/v1/migrations/([A-Za-z0-9_-]+)/({streams})", url.path)
             if self.command == "PUT" and m:
                 if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
                     reader: Any = _ChunkedReader(self.rfile)

@@ -22,6 +22,7 @@ from skyferry.pipeline.agent import AGENT_PORT
 from skyferry.pipeline.client import AgentClient
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.host import IMAGES_TMPFS
+from skyferry.pipeline.journal import Journal
 from skyferry.pipeline.registry import Registry
 from skyferry.pipeline.runtime import runtimes
 
@@ -126,8 +127,10 @@ def stop_agents(mesh: Mesh, state: Path, hosts: list[str] | None = None) -> None
     after 5 s.
     """
     registry = Registry(state)
+    local = [h.name for h in mesh.hosts.values() if h.netns is not None and (hosts is None or h.name in hosts)]
+    Journal(state).abandon(local)
     for host in mesh.hosts.values():
-        if host.netns is None or (hosts is not None and host.name not in hosts):
+        if host.name not in local:
             continue
         for runtime in runtimes(Path(host.state_root), f"/skyferry/{mesh.name}/{host.name}").values():
             for name in runtime.names():

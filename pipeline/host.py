@@ -16,6 +16,7 @@ from typing import Any, BinaryIO
 from skyferry.netplane import attach
 from skyferry.pipeline import netlock, wire
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.fsync import FsApplier, FsStats, FsTracker
 from skyferry.pipeline.holdback import Holdback
 from skyferry.pipeline.precopy import SourceEngine, TargetStore
 from skyferry.pipeline.precopy_policy import ConvergencePolicy
@@ -40,6 +41,8 @@ class HostOps:
         self.runtimes = runtimes(cfg.state_root, f"/skyferry/{cfg.mesh}/{cfg.name}")
         self.images_root = IMAGES_TMPFS / cfg.mesh / cfg.name
         self.engines: dict[str, SourceEngine] = {}  # pre-copy, source side, by migration
+        self.trackers: dict[str, FsTracker] = {}  # file-system rounds, source side, by migration
+        self.appliers: dict[str, FsApplier] = {}  # file-system rounds, target side, by migration
         self.stores: dict[str, TargetStore] = {}  # pre-copy, target side, by migration
         self.holdbacks: dict[str, Holdback] = {}  # target side, by migration: segments to replay at restore
         self._locks: dict[str, threading.Lock] = {}
@@ -157,21 +160,48 @@ class HostOps:
         return wire.encode({"images": images, **self.rt(name).payload(name)}, stats)
 
     def precopy(
-        self, mig: str, name: str, send: Callable[[Iterable[bytes]], Any], policy: ConvergencePolicy
+        self,
+        mig: str,
+        name: str,
+        send: Callable[[Iterable[bytes]], Any],
+        send_fs: Callable[[Iterable[bytes]], Any],
+        policy: ConvergencePolicy,
     ) -> dict[str, Any]:
-        """Memory rounds while the container runs, until the policy stops them. `send` delivers one
-        round's stream to the target. A repeated call starts a fresh session (the target resets)."""
-        state = self.rt(name).state(name)
+        """Rounds while the container runs, until the policy stops them: memory (`send`) and then the
+        files of its rootfs and volumes (`send_fs`). A repeated call starts a fresh session (the target
+        resets)."""
+        runtime = self.rt(name)
+        state = runtime.state(name)
         if state is None or state["status"] != "running":
             raise SkyferryError(f"container {name!r} is not running on {self.cfg.name}")
         engine = self.engines[mig] = SourceEngine(int(state["pid"]))
+        tracker = self.trackers[mig] = FsTracker(runtime.payload(name))
         _prewarm(self.mig_dir(mig) / "images", _tree_rss(int(state["pid"])))
+        fs_rounds = []
         while True:
             send(engine.round())
+            fs = FsStats()
+            send_fs(tracker.round(fs))
+            fs_rounds.append(fs.as_dict())
             decision = policy.decide(engine.history)
             if decision.stop:
                 break
-        return {"rounds": [r.as_dict() for r in engine.history], "stop": decision.reason, "why": decision.detail}
+        return {
+            "rounds": [r.as_dict() for r in engine.history],
+            "fs_rounds": fs_rounds,
+            "stop": decision.reason,
+            "why": decision.detail,
+        }
+
+    def fs_final_out(self, mig: str, name: str, stats: FsStats) -> Iterator[bytes] | None:
+        """The files changed since the last round, read while the container is frozen (None without
+        rounds: then the payload travels whole)."""
+        tracker = self.trackers.get(mig)
+        if tracker is None:
+            return None
+        state = self.rt(name).state(name) or {}
+        pids = _tree(int(state["pid"])) if state.get("pid") else []
+        return tracker.final(stats, pids=pids)
 
     def final_out(self, mig: str, name: str) -> tuple[Iterable[bytes], Any] | None:
         """The pre-copy final delta from the checkpoint (None without pre-copy rounds: send everything)."""
@@ -180,9 +210,6 @@ class HostOps:
             return None
         transfer = engine.final(self.mig_dir(mig) / "images")
         return transfer, transfer.stats
-
-    def payload_out(self, mig: str, name: str, stats: wire.StreamStats) -> Iterator[bytes]:
-        return wire.encode(self.rt(name).payload(name), stats)
 
     def rollback_source(self, mig: str, name: str) -> dict[str, Any]:
         """Resume the frozen source: unlock its network, thaw it. Safe to call at any point before confirm."""
@@ -193,6 +220,7 @@ class HostOps:
         if state["status"] == "paused":
             self.rt(name).resume(name)
         self.engines.pop(mig, None)
+        self.trackers.pop(mig, None)
         self._wipe(mig)
         return self.info(name)
 
@@ -202,6 +230,7 @@ class HostOps:
             self.rt(name).remove(name)
         attach.detach(self.netns(name))
         self.engines.pop(mig, None)
+        self.trackers.pop(mig, None)
         self._wipe(mig)
 
     # --- target side of a migration --------------------------------------------------------------
@@ -220,15 +249,13 @@ class HostOps:
         runtime.prepare(spec, self.netns_path(spec.name))
         self.mig_dir(mig).mkdir(parents=True, exist_ok=True)
 
-    def receive(self, mig: str, name: str, body: BinaryIO, with_images: bool = True) -> wire.StreamStats:
-        """The payload (rootfs…), and the whole CRIU image unless pre-copy built it already."""
+    def receive(self, mig: str, name: str, body: BinaryIO) -> wire.StreamStats:
+        """Stop-copy: the whole CRIU image and the payload (rootfs, volumes) in one stream."""
         dirs = dict(self.rt(name).payload(name))  # raises unless prepared
-        if with_images:
-            images = self.mig_dir(mig) / "images"
-            wire.wipe(images)
-            dirs["images"] = images
+        images = self.mig_dir(mig) / "images"
+        wire.wipe(images)
         stats = wire.StreamStats()
-        wire.decode(body, dirs, stats)
+        wire.decode(body, {"images": images, **dirs}, stats)
         return stats
 
     def precopy_reset(self, mig: str, name: str) -> None:
@@ -238,10 +265,17 @@ class HostOps:
         if old is not None:
             old.close()
         self.stores[mig] = TargetStore(self.mig_dir(mig) / "store")
+        self.appliers[mig] = FsApplier(self.rt(name).payload(name))
 
     def precopy_apply(self, mig: str, body: BinaryIO) -> dict[str, Any]:
         store = self._store(mig)
         return store.apply(iter(lambda: body.read(wire.CHUNK), b"")).as_dict()
+
+    def fs_apply(self, mig: str, body: BinaryIO) -> dict[str, Any]:
+        applier = self.appliers.get(mig)
+        if applier is None:
+            raise SkyferryError(f"migration {mig}: no file-system rounds on {self.cfg.name} (agent restarted?)")
+        return applier.apply(body).as_dict()
 
     def precopy_build(self, mig: str, body: BinaryIO) -> dict[str, Any]:
         """The final delta: builds the restorable image, whose `parent` is the store."""
@@ -309,6 +343,7 @@ class HostOps:
         holdback = self.holdbacks.pop(mig, None)
         if holdback is not None:
             holdback.close()
+        self.appliers.pop(mig, None)
 
     def shutdown(self) -> None:
         """Remove this host's tmpfs images and empty cgroup parents (the agent is stopping)."""

@@ -18,7 +18,8 @@ from skyferry.pipeline.errors import SkyferryError
 # running: a controller is driving it (or crashed while doing so: see `pid`)
 # done: the container runs on the target; rolled-back: it runs on the source
 # failed: a rollback could not finish; the error says what an operator must check
-TERMINAL = ("done", "rolled-back")
+# abandoned: its hosts were torn down (`hosts down`) while it was unfinished
+TERMINAL = ("done", "rolled-back", "abandoned")
 
 
 @dataclass
@@ -73,7 +74,7 @@ class Journal:
 
     def active_for(self, container: str) -> Migration | None:
         row = self.conn.execute(
-            "SELECT id FROM migrations WHERE container=? AND state NOT IN (?,?) ORDER BY started DESC LIMIT 1",
+            "SELECT id FROM migrations WHERE container=? AND state NOT IN (?,?,?) ORDER BY started DESC LIMIT 1",
             (container, *TERMINAL),
         ).fetchone()
         return self.get(row["id"]) if row else None
@@ -105,6 +106,17 @@ class Journal:
         for t in self.transitions(mig_id):
             status[t["stage"]] = t["status"]
         return status
+
+    def abandon(self, hosts: list[str]) -> list[str]:
+        """Close every unfinished migration that involves one of `hosts` (they no longer exist)."""
+        marks = ",".join("?" * len(hosts))
+        rows = self.conn.execute(
+            f"SELECT id FROM migrations WHERE state NOT IN (?,?,?) AND (source IN ({marks}) OR target IN ({marks}))",
+            (*TERMINAL, *hosts, *hosts),
+        ).fetchall()
+        for row in rows:
+            self.finish(row["id"], "abandoned", error=f"hosts torn down: {', '.join(hosts)}")
+        return [row["id"] for row in rows]
 
     def finish(self, mig_id: str, state: str, error: str | None = None, report: dict[str, Any] | None = None) -> None:
         self.conn.execute(

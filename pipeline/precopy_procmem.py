@@ -179,8 +179,11 @@ class MemReader:
     ) -> None:
         try:
             fd = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY)
-        except FileNotFoundError:
-            ready.put(None)
+        except (FileNotFoundError, ProcessLookupError):
+            ready.put(None)  # the process exited before its turn in this round
+            return
+        except BaseException as e:  # the consumer must always hear from us, or it waits forever
+            ready.put(e)
             return
         try:
             for m in private_mappings(self.pid):

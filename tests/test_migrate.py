@@ -211,3 +211,28 @@ def test_a_stopped_container_is_refused(mesh: tuple[Path, Mesh], tmp_path: Path)
         assert Registry(state).get("stopped").host == "local-1"
     finally:
         containers.remove(state, "stopped")
+
+
+def test_files_written_during_the_rounds_and_at_the_freeze_arrive(mesh: tuple[Path, Mesh], tmp_path: Path) -> None:
+    """A writer appends a numbered line every 10 ms and rewrites 50 small files, before and during the
+    pre-copy rounds and up to the freeze: the target's log is contiguous and its writer carries on."""
+    state, m = mesh
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "app").mkdir(parents=True)
+    (rootfs / "app" / "writer.sh").write_text(
+        'i=0; while true; do i=$((i+1)); echo "line $i" >> /data.log; echo $i > /f-$((i % 50)); sleep 0.01; done\n'
+    )
+    containers.run(state, "local-1", "writer", ["/bin/sh", "/app/writer.sh"], rootfs=rootfs)
+    try:
+        subprocess.run(["sleep", "0.5"], check=True)
+        report = migration.migrate(state, "writer", "local-2")
+        assert report["state"] == "done" and report["mode"] == "precopy"
+        log = Path(m.hosts["local-2"].state_root) / "containers" / "writer" / "rootfs" / "data.log"
+        before = log.read_text().splitlines()
+        subprocess.run(["sleep", "0.3"], check=True)
+        after = log.read_text().splitlines()
+        numbers = [int(line.split()[1]) for line in after]
+        assert numbers == list(range(1, len(numbers) + 1)), "a line was lost or repeated"
+        assert len(after) > len(before), "the restored writer carries on"
+    finally:
+        containers.remove(state, "writer")
