@@ -7,6 +7,7 @@ migration the interruption left half done is finished from the journal (resumed,
 tried again) before anything new starts.
 """
 
+import os
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -17,7 +18,7 @@ from skyferry.netplane.mesh import Mesh
 from skyferry.netplane.wan import WanSpec
 from skyferry.pipeline import ingress, migration, placement, runreport
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.journal import Journal
+from skyferry.pipeline.journal import TERMINAL, Journal, Migration
 from skyferry.pipeline.registry import Registry
 from skyferry.providers.errors import ProviderError
 
@@ -56,6 +57,19 @@ def move(state: Path, name: str, target: str, progress: Progress = quiet) -> dic
             "error": str(exc),
             "hint": exc.hint,
         }
+
+
+def interrupted(state: Path) -> list[Migration]:
+    """Unfinished migrations whose controller is gone (one still driven by a live process is its own)."""
+    return [m for m in Journal(state).all() if m.state not in TERMINAL and not (m.pid and _alive(m.pid))]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _finish(state: Path, mig_id: str, progress: Callable[[str], None]) -> dict[str, Any]:
@@ -158,9 +172,7 @@ def evacuate(
     run_id = runreport.new_run_id("evacuate")
     results: list[dict[str, Any]] = []
     if not dry_run:  # an earlier run's half-done migrations first, where they were going
-        for mig in Journal(state).all():
-            if mig.source == host and mig.state not in ("done", "rolled-back"):
-                results.append(move(state, mig.container, mig.target, progress))
+        results += [move(state, m.container, m.target, progress) for m in interrupted(state) if m.source == host]
     the_plan = plan(state, host, to, to_provider)
     summary: dict[str, Any] = {"run": run_id, "kind": "evacuate", "host": host, "dry_run": dry_run, "plan": the_plan}
     if dry_run:

@@ -155,8 +155,11 @@ def rebalance(
 ) -> dict[str, Any]:
     """One evaluation, and the moves unless dry_run. "ok" is False if a move failed or a host stays over."""
     run_id = runreport.new_run_id("rebalance")
+    # An interrupted earlier move is finished first: its container is frozen until it is.
+    finished = [] if dry_run else [evacuate.move(state, m.container, m.target, progress) for m in
+                                   evacuate.interrupted(state)]  # fmt: skip
     decided = plan(state, policy)
-    summary: dict[str, Any] = {"run": run_id, "kind": "rebalance", "dry_run": dry_run, **decided, "results": []}
+    summary: dict[str, Any] = {"run": run_id, "kind": "rebalance", "dry_run": dry_run, **decided, "results": finished}
     if not dry_run:
         for m in decided["moves"]:
             summary["results"].append(evacuate.move(state, m["container"], m["target"], progress))

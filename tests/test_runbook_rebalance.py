@@ -15,6 +15,7 @@ from runbook_support import cli, counter, local_mesh, remove_all
 from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline import placement, rebalance
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.journal import Journal
 from skyferry.pipeline.registry import Registry
 
 MIB = 1 << 20
@@ -121,6 +122,28 @@ def test_rebalance_moves_the_minimum_then_nothing(mesh: Mesh, tmp_path: Path) ->
     finally:
         for host in mesh.hosts.values():
             (Path(host.state_root) / "capacity.json").unlink(missing_ok=True)
+        remove_all(state)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_an_interrupted_move_is_finished_first(mesh: Mesh, tmp_path: Path) -> None:
+    state = mesh.state
+    assert state is not None
+    try:
+        counter(state, "local-1", "halfway", tmp_path)
+        crashed = cli("migrate", "halfway", "--to", "local-2", env={"SKYFERRY_CRASH_AFTER": "checkpoint"})
+        assert crashed.returncode == 137, crashed.stderr
+        half = Journal(state).active_for("halfway")
+        assert half is not None
+        done = cli("rebalance", "--json")  # defaults: nothing is over 85%, so only the leftover moves
+        assert done.returncode == 0, done.stdout + done.stderr
+        summary = json.loads(done.stdout)
+        assert [(r["container"], r["state"], r.get("resumed")) for r in summary["results"]] == [
+            ("halfway", "done", half.id)
+        ]
+        assert summary["moves"] == [] and Registry(state).get("halfway").host == "local-2"
+    finally:
         remove_all(state)
 
 
