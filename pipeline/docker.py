@@ -142,7 +142,9 @@ class Docker:
         """A container whose only process sits in `netns_path`, for the app to share its netns."""
         if self.holds_netns(name):
             return
-        tarball = engines.busybox_rootfs_tar(self.home / "holder-rootfs.tar")
+        tarball = self.home / "holder-rootfs.tar"
+        if not tarball.exists():
+            engines.busybox_rootfs_tar(tarball)
         ref = self._ensure_image(str(tarball))
         self._docker(
             "run", "-d", "--pull", "never", "--name", f"{name}.netns", "--label", f"{HOLDER_LABEL}={name}",

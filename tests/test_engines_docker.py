@@ -99,7 +99,7 @@ def test_docker_container_migrates_live_there_and_back(counter: dict) -> None:
 
     report = migration.migrate(state, containers.resolve(state, f"docker:{name}"), "local-2", mode="stop-copy")
     assert report["state"] == "done" and report["bytes_wire"] > 0
-    print(f"\ndocker local-1 -> local-2: freeze {report['freeze_ms']} ms, stages {report['stages_s']}")
+    print(f"\ndocker 1 -> 2: freeze {report['freeze_ms']} ms, {report['bytes_wire']} B, {report['stages_s']}")
     now = where(state, name)
     assert (now["host"], now["ip"], now["state"], now["runtime"]) == ("local-2", counter["ip"], "running", "docker")
     assert name not in docker_of(m, "local-1").names(), "the source's container must be gone after confirm"
@@ -112,7 +112,7 @@ def test_docker_container_migrates_live_there_and_back(counter: dict) -> None:
     assert proc.returncode == 0, proc.stderr
     back = json.loads(proc.stdout)
     assert (back["state"], back["mode"]) == ("done", "stop-copy")
-    print(f"docker local-2 -> local-1: freeze {back['freeze_ms']} ms, stages {back['stages_s']}")
+    print(f"docker 2 -> 1: freeze {back['freeze_ms']} ms, {back['bytes_wire']} B, {back['stages_s']}")
     client.wait_for(client.progress() + 5)
     seen = client.stop()
     assert seen["survived"], seen["errors"]

@@ -90,7 +90,7 @@ def test_podman_container_migrates_live_there_and_back(counter: dict) -> None:
 
     report = migration.migrate(state, containers.resolve(state, f"podman:{name}"), "local-2", mode="stop-copy")
     assert report["state"] == "done" and report["bytes_wire"] > 0
-    print(f"\npodman local-1 -> local-2: freeze {report['freeze_ms']} ms, stages {report['stages_s']}")
+    print(f"\npodman 1 -> 2: freeze {report['freeze_ms']} ms, {report['bytes_wire']} B, {report['stages_s']}")
     now = where(state, name)
     assert (now["host"], now["ip"], now["state"], now["runtime"]) == ("local-2", counter["ip"], "running", "podman")
     assert name not in podman_of(m, "local-1").names(), "the source's container must be gone after confirm"
@@ -104,7 +104,7 @@ def test_podman_container_migrates_live_there_and_back(counter: dict) -> None:
     assert proc.returncode == 0, proc.stderr
     back = json.loads(proc.stdout)
     assert (back["state"], back["mode"]) == ("done", "stop-copy")
-    print(f"podman local-2 -> local-1: freeze {back['freeze_ms']} ms, stages {back['stages_s']}")
+    print(f"podman 2 -> 1: freeze {back['freeze_ms']} ms, {back['bytes_wire']} B, {back['stages_s']}")
     client.wait_for(client.progress() + 5)
     seen = client.stop()
     assert seen["survived"], seen["errors"]
