@@ -108,7 +108,7 @@ def rows(report: dict[str, Any]) -> list[list[str]]:
     health = report.get("health") or {}
     out = [
         ["test", report["id"]],
-        ["container", f"{report['container']}: clone on {report['target']} (source {report['source']} untouched)"],
+        ["container", f"{report['container']}: clone on {report['target']}, source on {report['source']}"],
         ["result", "PASSED" if report["passed"] else "FAILED"],
         ["health check", report.get("check") or "(clone running)"],
         ["  exit", str(health.get("rc", "-"))],
