@@ -88,6 +88,7 @@ def run(cfg: Config, progress: Progress = _say_nothing) -> dict[str, Any]:
         "config": {**asdict(cfg), "modes": cfg.mode_order()},
         "iperf3": {},
         "runs": [],
+        "warmups": [],  # unmeasured: so that no measured run starts on cold hosts
         "errors": [],
     }
     t0 = time.monotonic()
@@ -153,12 +154,10 @@ def _workload(
             target = HOSTS[1] if host == HOSTS[0] else HOSTS[0]
             progress(f"{wl.label}: {kind} {mode} {host} -> {target}")
             one = _one_run(state, mesh, workdir, cfg, wl, name, mode, target)
-            one["warmup"] = kind == "warmup"
             if one["error"]:
-                progress(f"{wl.label}: {mode} failed: {one['error']}")
+                progress(f"{wl.label}: {kind} {mode} failed: {one['error']}")
                 _recover(state, wl, name, workdir, cfg.ready_timeout_s, progress)
-            if kind == "run":
-                runs.append(one)
+            (runs if kind == "run" else result["warmups"]).append(one)
     finally:
         with contextlib.suppress(Exception):  # the mesh teardown removes it in any case
             containers.remove(state, name)
@@ -197,9 +196,9 @@ def _one_run(
         time.sleep(cfg.settle_s)
         run["rss_bytes"] = tree_rss(_pid(state, name))
         report = migration.migrate(state, name, target, mode)
-        client.wait_for(client.progress() + cfg.after_requests, timeout=60)
         run["report"] = report
         run.update(_measures(report))
+        client.wait_for(client.progress() + cfg.after_requests, timeout=60)  # the connection carries on
         run["ok"] = report["state"] == "done"
     except Exception as exc:
         run["error"] = str(exc) or type(exc).__name__

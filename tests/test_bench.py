@@ -16,7 +16,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.skipif(os.geteuid() != 0, rea
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One tiny bench: 16 MiB, the baseline, pre-copy, and a mode that does not exist (a run that fails)."""
+    """One tiny bench: 16 MiB, a warm-up, then the baseline, pre-copy, and a mode that does not exist (a run
+    that fails)."""
     out = tmp_path_factory.mktemp("bench-out")
     cfg = bench.Config(
         workloads=(bench.Workload(16, dirty_mb_s=2.0),),
@@ -24,7 +25,7 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> dict:
         wan="rate=1gbit,rtt=2ms",
         settle_s=0.5,
         after_requests=3,
-        warmup=False,
+        warmup=True,
         iperf_s=1.0,
         mesh_name="b" + os.urandom(2).hex(),
     )
@@ -39,9 +40,12 @@ def test_every_mode_runs_baseline_first_and_a_failed_run_does_not_stop_the_other
     assert stop["ok"] and pre["ok"], (stop["error"], pre["error"])
     assert not bad["ok"] and "unknown mode" in bad["error"] and bad["connection_survived"]
     assert result["errors"] == []
-    # Each run starts where the previous one left the container.
-    assert (stop["source"], stop["target"]) == ("local-1", "local-2")
-    assert (pre["source"], pre["target"]) == ("local-2", "local-1")
+    # An unmeasured warm-up first; then each run starts where the previous one left the container.
+    [warm] = result["warmups"]
+    assert warm["ok"] and warm["mode"] == "precopy" and (warm["source"], warm["target"]) == ("local-1", "local-2")
+    assert (stop["source"], stop["target"]) == ("local-2", "local-1")
+    assert (pre["source"], pre["target"]) == ("local-1", "local-2")
+    assert (bad["source"], bad["target"]) == ("local-2", "local-1")
 
 
 def test_ratios_are_against_the_same_runs_stop_copy(result: dict) -> None:
