@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from skyferry.netplane.mesh import Mesh
-from skyferry.pipeline import containers, engines, migration
+from skyferry.pipeline import agentctl, containers, engines, migration
 from skyferry.pipeline import demo as scenario
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.podman import Podman
@@ -146,6 +146,32 @@ def test_a_failed_transfer_thaws_the_frozen_podman_source(counter: dict) -> None
         faults.unlink()
     assert where(state, name)["host"] == "local-1" and where(state, name)["state"] == "running"
     assert name not in podman_of(m, "local-2").names()
+    client.wait_for(client.progress() + 3)
+    seen = client.stop()
+    assert seen["survived"], seen["errors"]
+
+
+def test_target_without_podman_is_refused_and_the_source_runs_on(
+    counter: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """local-2's agent restarts on a PATH where every /usr/bin program but podman is: Podman is not installed."""
+    state, name, m, client = counter["state"], counter["name"], counter["mesh"], counter["client"]
+    bindir = tmp_path / "bin-without-podman"
+    bindir.mkdir()
+    for program in Path("/usr/bin").iterdir():
+        if program.name != "podman":
+            (bindir / program.name).symlink_to(program)
+    agentctl.stop_agents(m, state, hosts=["local-2"])
+    monkeypatch.setenv("PATH", f"/usr/local/sbin:/usr/local/bin:/usr/sbin:{bindir}")  # /bin is /usr/bin here
+    agentctl.start_agents(m, state)
+    try:
+        with pytest.raises(SkyferryError, match=r"failed at prepare.*local-2 has no podman runtime"):
+            migration.migrate(state, name, "local-2", mode="stop-copy")
+    finally:
+        agentctl.stop_agents(m, state, hosts=["local-2"])
+        monkeypatch.undo()
+        agentctl.start_agents(m, state)
+    assert where(state, name)["host"] == "local-1" and where(state, name)["state"] == "running"
     client.wait_for(client.progress() + 3)
     seen = client.stop()
     assert seen["survived"], seen["errors"]
