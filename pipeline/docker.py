@@ -88,8 +88,10 @@ class Docker:
         staged = [p.name for p in self.staging.glob("*") if (p / "spec.json").exists()] if self.staging.exists() else []
         running: list[str] = []
         if self.socket.exists():
-            out = self._docker("ps", "-a", "--filter", f"label={engines.LABEL}", "--format", "{{.Names}}", what="ps")
-            running = out.split()
+            # A daemon that died must not hide this host's other containers from `skyferry ps`.
+            with contextlib.suppress(SkyferryError):
+                filters = ["--filter", f"label={engines.LABEL}", "--format", "{{.Names}}"]
+                running = self._docker("ps", "-a", *filters, what="ps").split()
         return sorted(set(running) | set(staged))
 
     def spec(self, name: str) -> ContainerSpec:

@@ -6,6 +6,7 @@ images or layers, and a migration really copies them through the agents' stream.
 """
 
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import io
@@ -24,6 +25,7 @@ LABEL = "skyferry.spec"  # the ContainerSpec as JSON, on every container skyferr
 BUSYBOX = Path("/bin/busybox")  # busybox-static (scripts/bootstrap-host.sh); it runs in any rootfs
 RUNC_CONF = Path("/etc/criu/runc.conf")
 RUNC_CONF_LOCK = Path("/run/lock/skyferry-criu-runc-conf.lock")
+PR_SET_PDEATHSIG = 1
 MARK = "# written by skyferry for one checkpoint or restore; removed right after\n"
 
 
@@ -244,7 +246,9 @@ class DockerDaemon:
         # containerd's temporary checkpoint copies (ctrd-checkpoint*) land here, not in the shared /tmp.
         env = {**os.environ, "TMPDIR": str(self.home / "tmp")}
         with open(self.home / "dockerd.log", "wb") as log:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, preexec_fn=_die_with_parent
+            )
         deadline = time.monotonic() + timeout
         while True:
             ping = subprocess.run(
@@ -276,6 +280,11 @@ class DockerDaemon:
             for pid in containerd:  # dockerd stops its containerd; make sure, by pid, never by name
                 _wait_or_kill(pid)
         remove_tree(self.home)
+
+
+def _die_with_parent() -> None:
+    """dockerd gets SIGTERM (and stops its containerd) if whoever started it dies without `stop`."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _child_pids(pid: int) -> list[int]:
