@@ -20,6 +20,8 @@ wave is never repeated, and a half-done wave continues from the journal (pipelin
 
 import json
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -34,9 +36,10 @@ from skyferry.pipeline import agentctl, db, evacuate, faults, placement, runrepo
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.journal import Journal
 from skyferry.pipeline.registry import Registry
+from skyferry.providers.registry import NAMES, get_provider
 
 NAME = r"^[a-z0-9][a-z0-9_-]{0,39}$"
-PROVIDERS = ("local", "aws", "gcp")
+PLAN_NAME = r"^[a-z][a-z0-9-]{0,39}$"  # it also names (and tags) the cloud hosts provisioned for the plan
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS exit_progress (
   plan TEXT NOT NULL, step TEXT NOT NULL, status TEXT NOT NULL, detail TEXT, updated REAL NOT NULL,
@@ -63,14 +66,16 @@ class Target(_Strict):
     provider: str
     region: str | None = None
     size: str | None = None
-    count: int | None = Field(None, ge=1, le=100)
-    hosts: list[str] = Field(default_factory=list, description="hosts already in the mesh (local provider)")
+    image: str | None = Field(None, description="image id or URL (default: the provider's Debian 12)")
+    count: int | None = Field(None, ge=1, le=100, description="cloud hosts to provision (`skyferry provision`)")
+    hosts: list[str] = Field(default_factory=list, description="hosts already in the mesh")
+    agent_timeout: float = Field(600.0, gt=0, description="seconds to wait for new hosts' agents to answer")
 
     @field_validator("provider")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in PROVIDERS:
-            raise ValueError(f"unknown provider {v!r} (known: {', '.join(PROVIDERS)})")
+        if v not in NAMES:
+            raise ValueError(f"unknown provider {v!r} (known: {', '.join(NAMES)})")
         return v
 
 
@@ -90,7 +95,7 @@ class Wave(_Strict):
 
 
 class Plan(_Strict):
-    name: str = Field(pattern=NAME)
+    name: str = Field(pattern=PLAN_NAME)
     source: Source
     target: Target
     waves: list[Wave] = Field(min_length=1)
@@ -152,9 +157,11 @@ def check(
     where: dict[str, str],
     needs: dict[str, placement.Need] | None = None,
     free: dict[str, placement.Room] | None = None,
+    provisioned: list[str] | None = None,
 ) -> tuple[list[str], list[str], list[tuple[str, str]]]:
     """Validate the plan against the mesh (host -> provider), the registry (container -> host) and, when
-    given, the containers' measured needs and the targets' free room. Returns (sources, targets, errors)."""
+    given, the containers' measured needs and the targets' free room. `provisioned` are the target hosts
+    an earlier step made for the plan. Returns (sources, targets, errors)."""
     errors: list[tuple[str, str]] = []
     known = ", ".join(sorted(hosts)) or "none"
 
@@ -175,6 +182,7 @@ def check(
     elif not sources and not errors:
         errors.append(("source.provider", f"no mesh host belongs to provider {plan.source.provider!r}"))
     targets = host_list("target", plan.target.hosts)
+    targets += [h for h in provisioned or [] if h in hosts and h not in targets]
     for i, h in enumerate(plan.target.hosts):
         if h in sources:
             errors.append((f"target.hosts[{i}]", f"{h} is also a source host"))
@@ -213,20 +221,22 @@ def check(
     return sources, targets, errors
 
 
-def precheck(state: Path, path: Path, plan: Plan) -> tuple[Mesh, dict[str, str], dict[str, str], list[str], list[str]]:
+def precheck(
+    state: Path, path: Path, plan: Plan, provisioned: list[str] | None = None
+) -> tuple[Mesh, dict[str, str], dict[str, str], list[str], list[str]]:
     """`check` against the mesh and the registry only: what can be refused before anything is touched."""
     mesh = Mesh.load(state)
     hosts = {h.name: h.provider for h in mesh.hosts.values()}
     where = {e.name: e.host for e in Registry(state).all()}
-    sources, targets, errors = check(plan, hosts, where)
+    sources, targets, errors = check(plan, hosts, where, provisioned=provisioned)
     if errors:
         raise _fail(path, errors)
     return mesh, hosts, where, sources, targets
 
 
-def resolve(state: Path, path: Path, plan: Plan) -> Resolved:
+def resolve(state: Path, path: Path, plan: Plan, provisioned: list[str] | None = None) -> Resolved:
     """`check` with the live mesh, registry and the agents' measurements."""
-    mesh, hosts, where, sources, targets = precheck(state, path, plan)
+    mesh, hosts, where, sources, targets = precheck(state, path, plan, provisioned)
     measured = {*targets, *(where[n] for w in plan.waves for n in w.containers)}  # decommissioned sources: no agent
     caps = placement.capacities(state, mesh, sorted(measured))
     entries = {e.name: e for e in Registry(state).all()}
@@ -234,7 +244,7 @@ def resolve(state: Path, path: Path, plan: Plan) -> Resolved:
         n: placement.need(entries[n], caps[where[n]]["containers"].get(n)) for w in plan.waves for n in w.containers
     }
     free = {t: placement.room(caps[t]) for t in targets}
-    _, _, errors = check(plan, hosts, where, needs, free)
+    _, _, errors = check(plan, hosts, where, needs, free, provisioned)
     if errors:
         raise _fail(path, errors)
     return Resolved(plan, mesh, sources, targets, where, needs, caps)
@@ -289,6 +299,9 @@ def run(state: Path, path: Path, dry_run: bool = False, progress: Progress = _qu
     else:
         progress("provision")
         done("provision", _provision(state, plan, record))
+    provisioned = ((record.get("provision") or {}).get("detail") or {}).get("hosts", [])
+    if provisioned and not dry_run:
+        _wait_for_agents(state, provisioned, plan.target.agent_timeout, progress)
     ok = True
     if not dry_run:  # a crash mid-wave left migrations half done: finish them (journal) before anything else
         for name in (n for w in plan.waves for n in w.containers):
@@ -297,7 +310,7 @@ def run(state: Path, path: Path, dry_run: bool = False, progress: Progress = _qu
                 result = evacuate.move(state, name, active.target)
                 done(f"resume:{name}", {"status": "done" if evacuate.succeeded(result) else "failed", **result})
                 ok = ok and evacuate.succeeded(result)
-    resolved = resolve(state, path, plan)
+    resolved = resolve(state, path, plan, provisioned)
     summary.update(sources=resolved.sources, targets=resolved.targets)
     for wave in plan.waves if ok else []:
         step = f"wave:{wave.name}"
@@ -315,7 +328,7 @@ def run(state: Path, path: Path, dry_run: bool = False, progress: Progress = _qu
             ok = False
             break
         faults.crash_point(step)
-        resolved = resolve(state, path, plan)  # the next wave places onto what is free now
+        resolved = resolve(state, path, plan, provisioned)  # the next wave places onto what is free now
     if ok and plan.after == "decommission" and not dry_run:
         earlier = record.get("decommission")
         if earlier and earlier["status"] == "done":
@@ -343,23 +356,54 @@ def _same_finished_waves(path: Path, plan: Plan, record: Steps) -> None:
 
 
 def _provision(state: Path, plan: Plan, record: Steps) -> dict[str, Any]:
-    """Target capacity: the local provider's hosts must be up with agents; clouds are provisioned."""
+    """Target capacity. Named hosts must be up (local ones get their agents started); with `count`, the
+    cloud hosts are made and joined to the mesh exactly as `skyferry provision` does (it is run as is:
+    one implementation of bootstrap and join), tagged with the plan's name, so a re-run finds them."""
     mesh = Mesh.load(state)
-    if plan.target.provider != "local":
-        raise SkyferryError(
-            f"provisioning {plan.target.provider} hosts for an exit needs them joined to the mesh, "
-            "which skyferry cannot do yet",
-            hint="bring the hosts into the mesh first, then name them in target.hosts with provider: local",
-        )
-    from skyferry.providers.local import LocalProvider
-
-    provider = LocalProvider(state)
-    wanted = [h for h in provider.list(mesh.name) if h.name in plan.target.hosts]
-    ready = provider.wait_ready(wanted)
-    agentctl.start_agents(mesh, state)  # idempotent: starts only agents that are not running
-    detail = {"hosts": [h.name for h in ready]}
+    if plan.target.provider == "local":
+        provider = get_provider("local", state=state)
+        wanted = [h for h in provider.list(mesh.name) if h.name in plan.target.hosts]
+        ready = provider.wait_ready(wanted)
+        agentctl.start_agents(mesh, state)  # idempotent: starts only agents that are not running
+        detail: dict[str, Any] = {"hosts": [h.name for h in ready]}
+    elif plan.target.count:
+        t = plan.target
+        argv = ["provision", "--provider", t.provider, "--count", str(t.count), "--plan", plan.name, "--json"]
+        for option, value in (("--size", t.size), ("--region", t.region), ("--image", t.image)):
+            argv += [option, value] if value else []
+        proc = subprocess.run([sys.executable, "-m", "skyferry.pipeline.cli", *argv], capture_output=True, text=True)
+        try:
+            out = json.loads(proc.stdout)
+        except json.JSONDecodeError:
+            out = {"error": proc.stderr.strip()[-500:] or f"exit {proc.returncode}"}
+        if proc.returncode != 0 or "error" in out:
+            raise SkyferryError(f"provisioning {t.count} {t.provider} host(s) failed: {out.get('error')}",
+                                hint=out.get("hint") or "fix it and run the same command again")  # fmt: skip
+        detail = {"hosts": sorted(h["name"] for h in out["hosts"]), "provider": t.provider}
+    else:
+        detail = {"hosts": []}  # named cloud hosts already in the mesh: nothing to make
     record.set("provision", "done", detail)
     return {"status": "done", **detail}
+
+
+def _wait_for_agents(state: Path, hosts: list[str], timeout: float, progress: Progress) -> None:
+    """New cloud hosts run their agent once cloud-init has finished: wait for each to answer."""
+    mesh = Mesh.load(state)
+    deadline = time.monotonic() + timeout
+    for host in hosts:
+        progress(f"waiting for the agent on {host}")
+        while True:
+            try:
+                agentctl.client(state, mesh, host).call("GET", "/v1/facts", retry_for=min(5.0, timeout))
+                break
+            except SkyferryError as exc:
+                if time.monotonic() > deadline:
+                    raise SkyferryError(
+                        f"the agent on {host} did not answer within {timeout:g} s: {exc}",
+                        hint="cloud-init may still be running (see the instance's console log); the hosts are "
+                        "provisioned, so running the same command again continues from here",
+                    ) from None
+                time.sleep(2)
 
 
 def _wave_plan(r: Resolved, wave: Wave) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 a Route53 record and an Elastic IP follow the container; `gateway` changes nothing outside the overlay.
 The last test moves a labelled container between real local hosts and checks the record followed it."""
 
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -9,13 +10,16 @@ from pathlib import Path
 
 import boto3
 import pytest
-from skyferry.pipeline import evacuate, ingress
+from skyferry.netplane.mesh import Mesh
+from skyferry.pipeline import evacuate, exitplan, ingress
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.registry import Registry
 from skyferry.providers.aws import AwsProvider
+from skyferry.providers.naming import PLAN_TAG
 
 sys.path.insert(0, str(Path(__file__).parent / "providers"))  # the providers' moto fixture, reused as a module
 from moto_server import PatchedMotoServer
-from runbook_support import counter, local_mesh, remove_all
+from runbook_support import cli, counter, local_mesh, remove_all
 
 pytestmark = pytest.mark.integration
 IMAGE = "ami-785db401"  # an AMI moto ships
@@ -91,20 +95,71 @@ def test_gateway_and_bad_labels() -> None:
             ingress.parse(bad, "web")
 
 
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    with local_mesh(tmp_path_factory.mktemp("state"), 2) as m:
+        yield m
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
-def test_a_migrated_container_takes_its_record_along(moto: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_a_migrated_container_takes_its_record_along(moto: str, mesh: Mesh, tmp_path: Path) -> None:
     zone_id = zone(moto, f"r{os.urandom(2).hex()}.example.org")
     record = f"web.{boto3.client('route53', endpoint_url=moto).get_hosted_zone(Id=zone_id)['HostedZone']['Name']}"
-    work = tmp_path_factory.mktemp("work")
-    with local_mesh(tmp_path_factory.mktemp("state"), 2) as mesh:
-        state = mesh.state
-        assert state is not None
-        try:
-            counter(state, "local-1", "web", work, labels={"ingress": f"route53:{zone_id}:{record}"})
-            result = evacuate.move(state, "web", "local-2")
-            assert result["state"] == "done", result
-            address = mesh.hosts["local-2"].endpoint_address
-            assert result["ingress"]["summary"] == f"{record} -> {address}"
-            assert a_record(moto, zone_id, record) == [address]
-        finally:
-            remove_all(state)
+    state = mesh.state
+    assert state is not None
+    try:
+        counter(state, "local-1", "web", tmp_path, labels={"ingress": f"route53:{zone_id}:{record}"})
+        result = evacuate.move(state, "web", "local-2")
+        assert result["state"] == "done", result
+        address = mesh.hosts["local-2"].endpoint_address
+        assert result["ingress"]["summary"] == f"{record} -> {address}"
+        assert a_record(moto, zone_id, record) == [address]
+    finally:
+        remove_all(state)
+
+
+@pytest.mark.slow  # two runs each wait out a connect timeout to an agent that never comes
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_an_exit_to_aws_provisions_and_joins_once(moto: str, mesh: Mesh, tmp_path: Path) -> None:
+    """The exit plan provisions its cloud target through `skyferry provision` (moto's EC2) and joins it to the
+    mesh; moto's instances run no agent, so the run stops there, clearly, and a re-run provisions nothing new."""
+    state = mesh.state
+    assert state is not None
+    name = f"exit-{os.urandom(2).hex()}"
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"""
+name: {name}
+source: {{hosts: [local-1]}}
+target: {{provider: aws, region: us-east-1, size: t3.micro, image: {IMAGE}, count: 1, agent_timeout: 1}}
+waves: [{{name: w, containers: [cx]}}]
+""")
+    ec2 = boto3.client("ec2", endpoint_url=moto)
+
+    def instances() -> list[str]:
+        found = ec2.describe_instances(
+            Filters=[
+                {"Name": f"tag:{PLAN_TAG}", "Values": [name]},
+                {"Name": "instance-state-name", "Values": ["pending", "running"]},
+            ]
+        )
+        return [i["InstanceId"] for r in found["Reservations"] for i in r["Instances"]]  # fmt: skip
+
+    try:
+        counter(state, "local-1", "cx", tmp_path)
+        first = cli("exit", "--plan", str(plan), "--json")
+        assert first.returncode == 2, first.stdout + first.stderr
+        assert f"the agent on {name}-0 did not answer within 1 s" in json.loads(first.stdout)["error"]
+        joined = Mesh.load(state).hosts[f"{name}-0"]
+        assert joined.provider == "aws" and joined.netns is None
+        made = instances()
+        assert len(made) == 1
+        assert exitplan.Steps(state, name).get("provision")["detail"]["hosts"] == [f"{name}-0"]
+
+        again = cli("exit", "--plan", str(plan), "--json")
+        assert again.returncode == 2 and "did not answer" in json.loads(again.stdout)["error"]
+        assert instances() == made, "provisioned once"
+        assert Registry(state).get("cx").host == "local-1", "nothing moved towards a host without an agent"
+    finally:
+        cli("decommission", "--plan", name, "--provider", "aws", "--json")
+        remove_all(state)
+    assert f"{name}-0" not in Mesh.load(state).hosts and instances() == []
