@@ -112,7 +112,7 @@ def busybox_rootfs_tar(dest: Path, files: dict[str, str] | None = None) -> Path:
             info.type, info.mode = tarfile.DIRTYPE, 0o1777 if d == "tmp" else 0o755
             tar.addfile(info)
         tar.add(BUSYBOX, arcname="bin/busybox")
-        for applet in ("sh", "nc", "sleep", "nsenter", "cat", "echo", "ls", "true"):
+        for applet in ("sh", "nc", "sleep", "nsenter", "cat", "echo", "ls", "rm", "true"):
             link = tarfile.TarInfo(f"bin/{applet}")
             link.type, link.linkname = tarfile.SYMTYPE, "busybox"
             tar.addfile(link)
@@ -126,8 +126,10 @@ def busybox_rootfs_tar(dest: Path, files: dict[str, str] | None = None) -> Path:
 
 # A TCP counter speaking workload_counter's protocol in busybox sh: each request line SEQ is answered
 # with "SEQ COUNT", COUNT counted per connection in the shell's memory (it must survive a migration),
-# and appended to /app/served in the writable layer (it must move with the container).
+# and appended to /app/served in the writable layer (it must move with the container). It deletes the
+# image's /app/seed, so the layer also carries a whiteout.
 COUNTER_SERVE = """#!/bin/sh
+rm -f /app/seed
 count=0
 while read -r seq; do
   count=$((count + 1))
@@ -140,7 +142,7 @@ COUNTER_ARGS = ["nc", "-ll", "-p", "9000", "-e", "/app/serve.sh"]
 
 def counter_image(dest: Path) -> Path:
     """A busybox rootfs tarball whose /app/serve.sh is the counter service; run it with COUNTER_ARGS."""
-    return busybox_rootfs_tar(dest, {"/app/serve.sh": COUNTER_SERVE})
+    return busybox_rootfs_tar(dest, {"/app/serve.sh": COUNTER_SERVE, "/app/seed": "deleted by serve.sh\n"})
 
 
 class ImageCache:

@@ -106,6 +106,7 @@ def test_docker_container_migrates_live_there_and_back(counter: dict) -> None:
     client.wait_for(client.progress() + 5)  # the same connection, the same per-connection counter
     served = docker_of(m, "local-2").exec(name, ["cat", "/app/served"]).split()
     assert str(before) in served[::2], "the writable layer must move with the container"
+    assert "seed" not in docker_of(m, "local-2").exec(name, ["ls", "/app"]).split(), "and its whiteouts too"
 
     # Back through the CLI, named the way an operator names it: docker:NAME picks stop-copy by itself.
     proc = cli("migrate", f"docker:{name}", "--to", "local-1", "--json")

@@ -97,7 +97,8 @@ def test_podman_container_migrates_live_there_and_back(counter: dict) -> None:
     client.wait_for(client.progress() + 5)  # the same connection, the same per-connection counter
     # The writable layer moved: lines written before the move are in the target's copy.
     served = podman_of(m, "local-2").exec(name, ["cat", "/app/served"]).split()
-    assert str(before) in served[::2]
+    assert str(before) in served[::2], "the writable layer must move with the container"
+    assert "seed" not in podman_of(m, "local-2").exec(name, ["ls", "/app"]).split(), "and its whiteouts too"
 
     # Back through the CLI, named the way an operator names it: podman:NAME picks stop-copy by itself.
     proc = cli("migrate", f"podman:{name}", "--to", "local-1", "--json")
