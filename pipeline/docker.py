@@ -40,6 +40,7 @@ class Docker:
         self.cgroup_parent = f"{cgroup_prefix.rstrip('/')}/docker"
         self.staging = self.home / "migrate"  # per container: spec, netns, image and layer archives
         self.images = engines.ImageCache(self.home, lambda ref, dest: self._save(ref, dest))
+        self._data_root: Path | None = None
 
     @property
     def socket(self) -> Path:
@@ -251,8 +252,7 @@ class Docker:
             raise SkyferryError(f"docker create {name!r} left no container")
         upper = Path(info["GraphDriver"]["Data"]["UpperDir"])
         engines.run(["tar", *TAR_XATTRS, "-C", str(upper), "-xf", str(staged / LAYER_TAR)], "writable layer")
-        root = Path(self._docker("info", "--format", "{{.DockerRootDir}}", what="info").strip())
-        target = root / "containers" / info["Id"] / "checkpoints" / CHECKPOINT
+        target = self._root_dir() / "containers" / info["Id"] / "checkpoints" / CHECKPOINT
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(images, target)  # restoring from --checkpoint-dir is unsupported in Docker
         try:
@@ -261,6 +261,12 @@ class Docker:
         finally:
             shutil.rmtree(target, ignore_errors=True)
         shutil.rmtree(staged, ignore_errors=True)
+
+    def _root_dir(self) -> Path:
+        """The daemon's data root (asked once: restore runs while the container is frozen)."""
+        if self._data_root is None:
+            self._data_root = Path(self._docker("info", "--format", "{{.DockerRootDir}}", what="info").strip())
+        return self._data_root
 
     def remove(self, name: str) -> None:
         if self.socket.exists():
