@@ -64,17 +64,16 @@ def evacuate(
 ) -> None:
     """Move every container off HOST, live, onto targets with room (free memory and CPU, measured).
 
-    Order: label priority (higher first), then size (larger first). Each container migrates or rolls
-    back on its own; one failure never stops the rest. Exit 1 names the ones that stayed. Running it
-    again continues where it stopped: moved containers are done, half-done migrations are finished
-    from the journal first.
+    Order: label priority (higher first), then size (larger first). Each container migrates or rolls back on its own; one failure never stops the rest. Exit 1 names the ones that stayed.
+
+    Running it again continues where it stopped: moved containers are done, and half-done migrations are finished from the journal first. Playbook: docs/runbooks.md.
 
     Examples:
 
-      skyferry evacuate --host local-1 --dry-run
+        skyferry evacuate --host local-1 --dry-run
 
-      skyferry evacuate --host local-1 --to local-2 --to local-3 --parallel 2 --json
-    """
+        skyferry evacuate --host local-1 --to local-2 --to local-3 --parallel 2 --json
+    """  # noqa: E501  (Typer keeps line breaks in rich help, so each paragraph is one line)
     summary = evacuation.evacuate(
         state_dir(), host, to or None, to_provider, parallel, dry_run, _progress(not json_out), bandwidth
     )  # fmt: skip
@@ -100,16 +99,16 @@ def exit_(
 ) -> None:
     """A cloud exit in waves: provision, test-cut, cut over, verify, decommission. Resumable.
 
-    Every mistake in the plan is reported with its field (waves[1].containers[0]: …) before anything
-    moves. Progress is recorded per plan name: after a crash, run the same command again; finished
-    waves are skipped, never repeated.
+    Every mistake in the plan is reported with its field (waves[1].containers[0]: …) before anything moves. The plan format is in docs/runbooks.md.
+
+    Progress is recorded per plan name: after a crash, run the same command again; finished waves are skipped, never repeated.
 
     Examples:
 
-      skyferry exit --plan leave-cloud-a.yaml --dry-run
+        skyferry exit --plan leave-cloud-a.yaml --dry-run
 
-      skyferry exit --plan leave-cloud-a.yaml --json
-    """
+        skyferry exit --plan leave-cloud-a.yaml --json
+    """  # noqa: E501  (Typer keeps line breaks in rich help, so each paragraph is one line)
     say = _progress(not json_out)
     summary = exitplan.run(state_dir(), plan, dry_run, lambda stage: say("exit", stage))
     _finish(summary, json_out, exitplan.rows(summary), ["STEP", "STATUS", "DETAIL"])
@@ -125,15 +124,14 @@ def rebalance(
 ) -> None:
     """Move containers off hosts above the CPU or memory high-water mark onto hosts below the low one.
 
-    Moves the fewest containers needed, and nothing when the cluster is balanced. Hysteresis (high vs
-    low marks, and a cooldown per container) keeps anything from ping-ponging.
+    Moves the fewest containers needed, and nothing when the cluster is balanced. Hysteresis (high and low marks, and a cooldown per container) keeps anything from ping-ponging. Policy fields: docs/runbooks.md.
 
     Examples:
 
-      skyferry rebalance --dry-run
+        skyferry rebalance --dry-run
 
-      skyferry rebalance --policy balance.yaml --watch      # as a service: Ctrl-C or SIGTERM stops it
-    """
+        skyferry rebalance --policy balance.yaml --watch      # as a service: Ctrl-C or SIGTERM stops it
+    """  # noqa: E501  (Typer keeps line breaks in rich help, so each paragraph is one line)
     rules = balancing.load_policy(policy)
     say = _progress(not json_out)
     done = 0
