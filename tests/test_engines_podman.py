@@ -126,6 +126,8 @@ def test_bad_input_leaves_the_podman_container_running(counter: dict) -> None:
         containers.resolve(state, f"lxc:{name}")
     with pytest.raises(SkyferryError, match="a podman container needs --image"):
         containers.run(state, "local-2", "podman:noimage", ["true"])
+    bad = cli("run", "--host", "local-2", "--name", "x", "--runtime", "lxc", "--", "true")
+    assert bad.returncode == 2 and "unknown runtime 'lxc'" in bad.stderr and "Traceback" not in bad.stderr
     refused = cli("migrate", f"podman:{name}", "--to", "local-2", "--mode", "precopy")
     assert refused.returncode == 2 and "podman containers do not migrate by precopy" in refused.stderr
     assert "Traceback" not in refused.stderr
