@@ -60,8 +60,14 @@ def move(state: Path, name: str, target: str, progress: Progress = quiet) -> dic
 
 
 def interrupted(state: Path) -> list[Migration]:
-    """Unfinished migrations whose controller is gone (one still driven by a live process is its own)."""
-    return [m for m in Journal(state).all() if m.state not in TERMINAL and not (m.pid and _alive(m.pid))]
+    """Unfinished migrations whose controller is gone (one still driven by a live process is its own), of
+    containers that still exist (`skyferry rm` of a container ends what its journal had in flight)."""
+    known = {e.name for e in Registry(state).all()}
+    return [
+        m
+        for m in Journal(state).all()
+        if m.state not in TERMINAL and m.container in known and not (m.pid and _alive(m.pid))
+    ]
 
 
 def _alive(pid: int) -> bool:

@@ -6,8 +6,10 @@ Shared by evacuation, cloud exit and rebalancing. Pure functions over numbers th
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline import agentctl
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.registry import Entry
@@ -73,7 +75,7 @@ def place(needs: list[Need], rooms: list[Room]) -> tuple[dict[str, str], list[Ne
     return assigned, unplaced
 
 
-def capacities(state: Any, mesh: Any, hosts: list[str]) -> dict[str, dict[str, Any]]:
+def capacities(state: Path, mesh: Mesh, hosts: list[str]) -> dict[str, dict[str, Any]]:
     """GET /v1/capacity from each host's agent, all at once; an unreachable host raises with its name."""
 
     def one(host: str) -> dict[str, Any]:
