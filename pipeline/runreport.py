@@ -24,7 +24,7 @@ def write(state: Path, run_id: str, summary: dict[str, Any], migrations: list[di
         if not report.get("id"):
             continue
         path = folder / f"{report['id']}.json"
-        path.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+        path.write_text(json.dumps(report, indent=2, default=str))  # unsorted: stages stay in run order
         files.append(str(path))
         try:
             plot(report, folder / f"{report['id']}.png")
@@ -65,14 +65,19 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     start = 0.0
     freeze = report.get("freeze_ms")
+    frozen_at = None
     for stage, seconds in (report.get("stages_s") or {}).items():
+        if stage == "checkpoint":
+            frozen_at = start
         time_ax.barh(0, seconds * 1000, left=start, height=0.5, label=stage)
         start += seconds * 1000
+    if freeze is not None and frozen_at is not None:  # the freeze runs from the checkpoint on
+        time_ax.axvspan(frozen_at, frozen_at + freeze, ymin=0.8, ymax=0.95, color="black", alpha=0.6, label="freeze")
     time_ax.set_yticks([])
     time_ax.set_xlabel("ms")
     time_ax.set_title(f"stages; freeze {freeze} ms" if freeze is not None else "stages")
     if report.get("stages_s"):
-        time_ax.legend(fontsize=6, ncol=3, loc="upper left")
+        time_ax.legend(fontsize=6, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     fig.suptitle(
         f"{report.get('container')}: {report.get('source')} -> {report.get('target')} "
         f"({report.get('mode')}, {report.get('state')})",
