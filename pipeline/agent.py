@@ -7,6 +7,7 @@ Routes (JSON in, JSON out; errors are {"error", "hint"} with 4xx/5xx):
   GET    /v1/containers/NAME                one container
   GET    /v1/containers/NAME/logs           raw log bytes
   DELETE /v1/containers/NAME                stop and remove
+  POST   /v1/containers/NAME/route          {"present": bool}: this host's /32 route to the container
   POST   /v1/migrations/ID/OP               OP in prepare, precopy, precopy-reset, checkpoint, send, restore,
                                             rollback-source, confirm-source, abort-target,
                                             finish-target
@@ -101,6 +102,9 @@ class Agent:
                 return ops.info(name)
             case "GET", ["containers", name, "logs"]:
                 return ops.logs(name)
+            case "POST", ["containers", name, "route"]:
+                ops.set_route(name, bool(body["present"]))
+                return {"ok": True}
             case "DELETE", ["containers", name]:
                 with ops.lock(name):
                     ops.remove(name)
@@ -119,7 +123,7 @@ class Agent:
                     ops.prepare(mig, ContainerSpec.from_dict(body["spec"]))
                     return {"ok": True}
                 case "checkpoint":
-                    return ops.checkpoint(mig, name)
+                    return ops.checkpoint(mig, name, lazy=bool(body.get("lazy")))
                 case "precopy":
                     return self._precopy(mig, name, body["target"], body.get("policy", {}))
                 case "precopy-reset":
@@ -128,18 +132,16 @@ class Agent:
                 case "send":
                     return self._send(mig, name, body["target"])
                 case "restore":
-                    return ops.restore(mig, name)
+                    return ops.restore(mig, name, page_server=body.get("page_server"))
                 case "rollback-source":
                     return ops.rollback_source(mig, name)
                 case "confirm-source":
-                    ops.confirm_source(mig, name)
-                    return {"ok": True}
+                    return ops.confirm_source(mig, name)
                 case "abort-target":
                     ops.abort_target(mig, name)
                     return {"ok": True}
                 case "finish-target":
-                    ops.finish_target(mig)
-                    return {"ok": True}
+                    return ops.finish_target(mig)
                 case op if op in clone.OPS:
                     return clone.dispatch(self, mig, op, body)
         raise _NotFound(f"no migration operation {op!r}")

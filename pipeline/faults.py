@@ -6,6 +6,7 @@ Both are read at the moment of the step, so a running mesh can be drilled withou
 """
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from skyferry.pipeline.errors import SkyferryError
@@ -17,6 +18,13 @@ def check(state_root: Path, step: str) -> None:
     path = state_root / "faults"
     if path.exists() and step in path.read_text().split():
         raise SkyferryError(f"injected fault at {step!r}", hint=f"remove {path} to stop injecting")
+
+
+def act(state_root: Path, step: str, action: Callable[[], None]) -> None:
+    """Run `action` (the fault itself, e.g. killing a process) when step S is listed, as in check()."""
+    path = state_root / "faults"
+    if path.exists() and step in path.read_text().split():
+        action()
 
 
 def crash_point(stage: str) -> None:

@@ -5,16 +5,20 @@ images live on tmpfs only (they hold every secret in the container's memory) and
 migration ends either way.
 """
 
+import os
 import shutil
+import signal
+import subprocess
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from skyferry.netplane import attach
-from skyferry.pipeline import netlock, wire
+from skyferry.pipeline import faults, netlock, wire
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.fsync import FsApplier, FsStats, FsTracker
 from skyferry.pipeline.holdback import Holdback
@@ -24,6 +28,8 @@ from skyferry.pipeline.runc import ContainerSpec
 from skyferry.pipeline.runtime import Runtime, runtimes
 
 IMAGES_TMPFS = Path("/dev/shm/skyferry")
+PAGE_SERVER_PORTS = (27000, 2000)  # first port, how many
+POSTCOPY_TIMEOUT = 900.0  # seconds for the target to fetch every page
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,8 @@ class HostOps:
         self.trackers: dict[str, FsTracker] = {}  # file-system rounds, source side, by migration
         self.appliers: dict[str, FsApplier] = {}  # file-system rounds, target side, by migration
         self.stores: dict[str, TargetStore] = {}  # pre-copy, target side, by migration
+        self.lazy_dumps: dict[str, subprocess.Popen[bytes]] = {}  # post-copy page servers (source side)
+        self.lazy_daemons: dict[str, subprocess.Popen[bytes]] = {}  # post-copy page fetchers (target side)
         self.holdbacks: dict[str, Holdback] = {}  # target side, by migration: segments to replay at restore
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
@@ -137,8 +145,10 @@ class HostOps:
 
     # --- source side of a migration --------------------------------------------------------------
 
-    def checkpoint(self, mig: str, name: str) -> dict[str, Any]:
-        """Freeze, silence and dump the container; it stays frozen here until confirm or rollback."""
+    def checkpoint(self, mig: str, name: str, lazy: bool = False) -> dict[str, Any]:
+        """Freeze, silence and dump the container; it stays frozen here until confirm or rollback.
+        With `lazy` (post-copy) the pages stay in the frozen processes, served by a CRIU page server
+        on this host's overlay address until the target has fetched them all."""
         runtime = self.rt(name)
         state = runtime.state(name)
         if state is None or state["status"] not in ("running", "paused"):
@@ -150,8 +160,24 @@ class HostOps:
         netlock.lock(self.netns(name))
         t_frozen = time.monotonic()
         wire.wipe(images)  # a retried checkpoint starts clean
-        runtime.checkpoint(name, images, self.mig_dir(mig) / "work")
+        if lazy:
+            self._stop_lazy_dump(mig)
+            page_server = self.page_server(mig)
+            self.lazy_dumps[mig] = runtime.checkpoint_lazy(name, images, self.mig_dir(mig) / "work", page_server)
+        else:
+            runtime.checkpoint(name, images, self.mig_dir(mig) / "work")
         return {"pause_s": t_frozen - t0, "dump_s": time.monotonic() - t_frozen, "image_bytes": _du(images)}
+
+    def page_server(self, mig: str) -> str:
+        return page_server(mig, self.cfg.overlay_ip)
+
+    def _stop_lazy_dump(self, mig: str) -> None:
+        """End a post-copy page server (and the CRIU dump it belongs to). The frozen tasks it held stay
+        frozen in their cgroup, so a rollback can still thaw them."""
+        proc = self.lazy_dumps.pop(mig, None)
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
     def stream_out(self, mig: str, name: str, stats: wire.StreamStats) -> Iterator[bytes]:
         images = self.mig_dir(mig) / "images"
@@ -216,6 +242,7 @@ class HostOps:
         state = self._state(name)
         if state is None:
             raise SkyferryError(f"container {name!r} is gone from {self.cfg.name}; cannot resume it here")
+        self._stop_lazy_dump(mig)
         netlock.unlock(self.netns(name))
         if state["status"] == "paused":
             self.rt(name).resume(name)
@@ -224,25 +251,46 @@ class HostOps:
         self._wipe(mig)
         return self.info(name)
 
-    def confirm_source(self, mig: str, name: str) -> None:
-        """The target runs and is routed: end the frozen copy and everything it held here."""
-        if self._state(name) is not None:
-            self.rt(name).remove(name)
+    def confirm_source(self, mig: str, name: str) -> dict[str, Any]:
+        """The target runs and is routed: end the frozen copy and everything it held here. After a
+        post-copy restore, first wait until the target has fetched every page from our page server."""
+        waited = 0.0
+        proc = self.lazy_dumps.get(mig)
+        if proc is not None:
+            faults.act(self.cfg.state_root, "lose-page-server", lambda: os.killpg(proc.pid, signal.SIGKILL))
+            t0 = time.monotonic()
+            try:
+                rc = proc.wait(timeout=POSTCOPY_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                rc = None
+            waited = time.monotonic() - t0
+            self.lazy_dumps.pop(mig, None)
+            if rc != 0:
+                self._stop_lazy_dump(mig)
+                raise SkyferryError(
+                    f"post-copy of {name!r}: the source's page server ended before the target had every page "
+                    f"({'timeout' if rc is None else f'exit {rc}'})",
+                    hint=f"the copy on the target is missing memory and cannot continue; see {self.mig_dir(mig)}",
+                )
+        for runtime in self.runtimes.values():
+            if runtime.owns(name):  # a finished lazy dump has already ended the runc container itself
+                runtime.remove(name)
         attach.detach(self.netns(name))
         self.engines.pop(mig, None)
         self.trackers.pop(mig, None)
         self._wipe(mig)
+        return {"postcopy_s": waited}
 
     # --- target side of a migration --------------------------------------------------------------
 
     def prepare(self, mig: str, spec: ContainerSpec) -> None:
-        """The same netns and IP as on the source, with its host route, locked inbound (peers route here
-        from the cutover on, before the restore, and an empty netns would answer them with RSTs), and
-        an empty bundle."""
+        """The same netns and IP as on the source, locked inbound (from the cutover on, before the
+        restore, traffic arrives here, and an empty netns would answer it with RSTs), and an empty bundle."""
         runtime = self.engine(spec)
         if self._state(spec.name) is not None:
             raise SkyferryError(f"a container named {spec.name!r} already runs on {self.cfg.name}")
-        attach.attach(self.netns(spec.name), spec.ip, mtu=self.cfg.mtu)  # peers do not route here yet
+        # No host route yet: clients on this very host keep reaching the source until the cutover.
+        attach.attach(self.netns(spec.name), spec.ip, route=False, mtu=self.cfg.mtu)
         netlock.lock(self.netns(spec.name), inbound_only=True)
         if mig not in self.holdbacks:
             self.holdbacks[mig] = Holdback(self.netns(spec.name), spec.ip)
@@ -289,7 +337,7 @@ class HostOps:
                                 hint="the migration rolls back; run it again")  # fmt: skip
         return self.stores[mig]
 
-    def restore(self, mig: str, name: str) -> dict[str, Any]:
+    def restore(self, mig: str, name: str, page_server: str | None = None) -> dict[str, Any]:
         """Restore, then open the netns: from here on the container is live on this host.
 
         CRIU resumes the tasks only once the whole restore succeeded, so a failed restore never ran the
@@ -304,7 +352,11 @@ class HostOps:
             # PID is reaped; one retry after a short wait covers it.
             for attempt in (1, 2):
                 try:
-                    runtime.restore(name, self.mig_dir(mig) / "images", self.mig_dir(mig) / f"work{attempt}")
+                    images, work = self.mig_dir(mig) / "images", self.mig_dir(mig) / f"work{attempt}"
+                    if page_server:
+                        self.lazy_daemons[mig] = runtime.restore_lazy(name, images, work, page_server)
+                    else:
+                        runtime.restore(name, images, work)
                     break
                 except SkyferryError:
                     if attempt == 2 or runtime.state(name) is not None:
@@ -315,6 +367,13 @@ class HostOps:
         holdback = self.holdbacks.pop(mig, None)
         replayed = holdback.replay() if holdback else 0
         return {"restore_s": restored - t0, "unlock_s": time.monotonic() - restored, "replayed": replayed}
+
+    def set_route(self, name: str, present: bool) -> None:
+        """This host's /32 route to the container's netns (the cutover adds it on the target). Removing
+        it is a no-op once the container is gone (a rollback may have removed it already)."""
+        if not present and not any(r.owns(name) for r in self.runtimes.values()):
+            return
+        attach.set_route(self.netns(name), self.rt(name).spec(name).ip, present)
 
     def abort_target(self, mig: str, name: str) -> None:
         """Undo prepare/receive/restore: nothing of the container stays on the target. Refused once the
@@ -332,9 +391,25 @@ class HostOps:
         self._drop_store(mig)
         self._wipe(mig)
 
-    def finish_target(self, mig: str) -> None:
+    def finish_target(self, mig: str) -> dict[str, Any]:
+        """Drop what the migration left here; after a post-copy restore, once every page has arrived."""
+        daemon = self.lazy_daemons.pop(mig, None)
+        rc: int | None = 0
+        if daemon is not None:
+            try:
+                rc = daemon.wait(timeout=POSTCOPY_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                rc = None
         self._drop_store(mig)
         self._wipe(mig)
+        if rc != 0:
+            raise SkyferryError(
+                f"post-copy: the lazy-pages daemon ended before every page arrived ({rc=}); the restored copy "
+                "faults on the pages it never got",
+                hint="post-copy cannot survive losing the source; see the restore logs in the host's logs/",
+            )
+        return {}
 
     def _drop_store(self, mig: str) -> None:
         store = self.stores.pop(mig, None)
@@ -348,6 +423,12 @@ class HostOps:
     def shutdown(self) -> None:
         """Remove this host's tmpfs images and empty cgroup parents (the agent is stopping)."""
         shutil.rmtree(self.images_root, ignore_errors=True)
+
+
+def page_server(mig: str, overlay_ip: str) -> str:
+    """Where a source serves a post-copy migration's pages: derived from the migration, so the target
+    (and a controller that resumes after a crash) find it without asking."""
+    return f"{overlay_ip}:{PAGE_SERVER_PORTS[0] + zlib.crc32(mig.encode()) % PAGE_SERVER_PORTS[1]}"
 
 
 def _tree(pid: int) -> list[int]:

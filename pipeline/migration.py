@@ -18,10 +18,12 @@ from skyferry.pipeline import agentctl, faults
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.journal import Journal, Migration
 from skyferry.pipeline.registry import Registry
+from skyferry.pipeline.runtime import supported_modes
 from skyferry.pipeline.stages import (
     FREEZE_FROM,
     FREEZE_TO,
     POINT_OF_NO_RETURN,
+    POSTCOPY,
     PRECOPY,
     STOP_COPY,
     Context,
@@ -29,8 +31,9 @@ from skyferry.pipeline.stages import (
     Stage,
 )
 
-# precopy: content-based memory rounds (works without soft-dirty); stop-copy: the baseline.
-MODES = {"precopy": PRECOPY, "stop-copy": STOP_COPY}
+# precopy: content-based memory rounds (works without soft-dirty); postcopy: CRIU lazy pages;
+# stop-copy: the baseline.
+MODES = {"precopy": PRECOPY, "postcopy": POSTCOPY, "stop-copy": STOP_COPY}
 DEFAULT_MODE = "precopy"
 Progress = Callable[[str], None]
 
@@ -40,16 +43,23 @@ def _quiet(_: str) -> None:
 
 
 def migrate(
-    state: Path, name: str, target: str, mode: str = DEFAULT_MODE, progress: Progress = _quiet
+    state: Path, name: str, target: str, mode: str | None = None, progress: Progress = _quiet
 ) -> dict[str, Any]:
-    """Move container `name` to host `target`; returns the report. Raises SkyferryError after rolling back."""
-    if mode not in MODES:
+    """Move container `name` to host `target`; returns the report. Raises SkyferryError after rolling back.
+    Without a mode, the engine's best one (runc: precopy; Podman and Docker: stop-copy)."""
+    if mode is not None and mode not in MODES:
         raise SkyferryError(f"unknown mode {mode!r}", hint=f"modes: {', '.join(MODES)}")
     mesh = Mesh.load(state)
     entry = Registry(state).get(name)
     mesh.host(target)  # unknown host -> clear error
     if target == entry.host:
         raise SkyferryError(f"container {name!r} already runs on {target}", hint="pick another --to host")
+    mode = mode or supported_modes(entry.spec.runtime)[0]
+    if mode not in supported_modes(entry.spec.runtime):
+        raise SkyferryError(
+            f"{entry.spec.runtime} containers cannot migrate by {mode}",
+            hint=f"use --mode {' or --mode '.join(supported_modes(entry.spec.runtime))}",
+        )
     journal = Journal(state)
     mig = journal.begin(name, entry.host, target, mode)
     return _drive(_context(state, mig, mesh), journal, MODES[mode], progress)

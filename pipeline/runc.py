@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,16 +149,65 @@ class Runc:
         if self.state(name) is not None:
             self._runc("delete", "--force", name)
 
-    def checkpoint(self, name: str, images: Path, work: Path, parent: Path | None = None) -> None:
+    def checkpoint(self, name: str, images: Path, work: Path) -> None:
         """Dump a paused container and leave it paused: the source stays frozen, not killed,
         until the target confirms. CRIU restores the freezer state it found (FROZEN)."""
         images.mkdir(parents=True, exist_ok=True)
         work.mkdir(parents=True, exist_ok=True)
         args = ["checkpoint", "--leave-running", "--tcp-established", "--file-locks"]
         args += ["--image-path", str(images), "--work-path", str(work)]
-        if parent is not None:
-            args += ["--parent-path", os.path.relpath(parent, images)]
         self._runc(*args, name, criu_log=work / "dump.log")
+
+    def checkpoint_lazy(self, name: str, images: Path, work: Path, page_server: str) -> subprocess.Popen[bytes]:
+        """Post-copy: dump everything but the memory pages, which a CRIU page server on `page_server`
+        ("addr:port") then hands out to the target until it has them all; CRIU ends the frozen source
+        after that. Returns the running `runc checkpoint` once the dump itself is done."""
+        images.mkdir(parents=True, exist_ok=True)
+        work.mkdir(parents=True, exist_ok=True)
+        ready_r, ready_w = os.pipe()
+        argv = [RUNC, "--root", str(self.root), "checkpoint", "--lazy-pages", "--page-server", page_server,
+                "--status-fd", str(ready_w), "--tcp-established", "--file-locks",
+                "--image-path", str(images), "--work-path", str(work), name]  # fmt: skip
+        with open(work / "runc-checkpoint.err", "wb") as err:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                    pass_fds=(ready_w,), start_new_session=True)  # fmt: skip
+        os.close(ready_w)
+        with os.fdopen(ready_r, "rb") as ready:
+            ok = ready.read(1)  # one byte when the dump is done; EOF if runc or CRIU gave up
+        if not ok:
+            proc.wait()
+            message = (work / "runc-checkpoint.err").read_text(errors="replace").strip()
+            raise SkyferryError(f"lazy checkpoint failed: {_last_error(message)}", hint=_criu_hint(work / "dump.log"))
+        return proc
+
+    def restore_lazy(self, name: str, images: Path, work: Path, page_server: str) -> subprocess.Popen[bytes]:
+        """Post-copy: start CRIU's lazy-pages daemon (it fetches pages from the source's page server on
+        faults and in the background), then restore without memory. Returns the daemon, which exits
+        once every page has arrived."""
+        work.mkdir(parents=True, exist_ok=True)
+        address, port = page_server.rsplit(":", 1)
+        socket_path = work / "lazy-pages.socket"
+        socket_path.unlink(missing_ok=True)
+        argv = ["criu", "lazy-pages", "--page-server", "--address", address, "--port", port,
+                "-D", str(images), "-W", str(work), "-o", "lazy-pages.log", "-v4"]  # fmt: skip
+        daemon = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        deadline = time.monotonic() + 10
+        while not socket_path.exists():  # runc's CRIU connects to it as soon as it starts
+            if daemon.poll() is not None or time.monotonic() > deadline:
+                daemon.kill()
+                daemon.wait()
+                raise SkyferryError("CRIU's lazy-pages daemon did not start", hint=f"see {work / 'lazy-pages.log'}")
+            time.sleep(0.01)
+        args = ["restore", "-d", "--lazy-pages", "--tcp-established", "--file-locks"]
+        args += ["--image-path", str(images), "--work-path", str(work), "--bundle", str(self.bundle(name))]
+        try:
+            self._runc(*args, name, criu_log=work / "restore.log")
+        except SkyferryError:
+            daemon.kill()
+            daemon.wait()
+            raise
+        return daemon
 
     def restore(self, name: str, images: Path, work: Path) -> None:
         work.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.agent import AGENT_PORT
 from skyferry.pipeline.client import AgentClient
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.host import page_server
 from skyferry.pipeline.registry import Entry
 
 
@@ -160,18 +161,36 @@ class Restore:
 
 class Cutover:
     """Route the /32 to the target while both copies are silent (the source frozen and locked, the
-    target's netns dropping inbound): one atomic peer-list change per mesh member. Done before the
-    restore, so the restored copy's first packets find their way. The target's host route exists since
-    prepare; the source's goes with confirm."""
+    target's netns dropping inbound): the target's host route, then one atomic peer-list change per
+    mesh member. Done before the restore, so the restored copy's first packets find their way; the
+    source's host route goes with confirm."""
 
     name = "cutover"
 
     def run(self, ctx: Context) -> dict[str, Any]:
+        ctx.dst.call("POST", f"/v1/containers/{ctx.entry.name}/route", {"present": True})
         routes.publish(ctx.mesh, ctx.entry.ip, ctx.target)
         return {"ip": ctx.entry.ip}
 
     def undo(self, ctx: Context) -> None:
         routes.publish(ctx.mesh, ctx.entry.ip, ctx.source)
+        ctx.dst.call("POST", f"/v1/containers/{ctx.entry.name}/route", {"present": False})
+
+
+class LazyCheckpoint(Checkpoint):
+    """Post-copy: dump everything but the memory; the frozen source serves its pages on demand."""
+
+    def run(self, ctx: Context) -> dict[str, Any]:
+        return ctx.mig_call(ctx.src, "checkpoint", lazy=True)
+
+
+class LazyRestore(Restore):
+    """Post-copy: restore without memory; pages arrive on first touch and in the background. The
+    container runs at once, but until the last page has arrived it depends on the source."""
+
+    def run(self, ctx: Context) -> dict[str, Any]:
+        source = ctx.mesh.host(ctx.source)
+        return ctx.mig_call(ctx.dst, "restore", page_server=page_server(ctx.mig_id, source.overlay_ip))
 
 
 class Confirm:
@@ -179,8 +198,8 @@ class Confirm:
 
     name = "confirm"
 
-    def run(self, ctx: Context) -> None:
-        ctx.mig_call(ctx.src, "confirm-source")
+    def run(self, ctx: Context) -> dict[str, Any]:
+        return ctx.mig_call(ctx.src, "confirm-source")
 
     def undo(self, ctx: Context) -> None:
         raise SkyferryError("the source copy is already gone; a confirmed migration cannot be undone")
@@ -198,6 +217,11 @@ class Cleanup:
 
 STOP_COPY: list[Stage] = [
     Check(), Prepare(), Checkpoint(), Transfer(), Cutover(), Restore(), Confirm(), Cleanup(),
+]  # fmt: skip
+# Post-copy: the shortest freeze (no page is written or read inside it), at the price of a phase after
+# it in which the running copy still depends on the source for the pages it has not touched yet.
+POSTCOPY: list[Stage] = [
+    Check(), Prepare(), LazyCheckpoint(), Transfer(), Cutover(), LazyRestore(), Confirm(), Cleanup(),
 ]  # fmt: skip
 PRECOPY: list[Stage] = [
     Check(), Prepare(), PreCopy(), Checkpoint(), Transfer(), Cutover(), Restore(), Confirm(), Cleanup(),

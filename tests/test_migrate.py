@@ -236,3 +236,33 @@ def test_files_written_during_the_rounds_and_at_the_freeze_arrive(mesh: tuple[Pa
         assert len(after) > len(before), "the restored writer carries on"
     finally:
         containers.remove(state, "writer")
+
+
+def test_postcopy_moves_a_live_connection(counter: dict) -> None:
+    state, name, m = counter["state"], counter["name"], counter["mesh"]
+    report = migration.migrate(state, name, "local-2", mode="postcopy")
+    assert report["state"] == "done" and report["mode"] == "postcopy"
+    assert list(report["stages_s"]) == ["check", "prepare", "checkpoint", "transfer", "cutover", "restore",
+                                        "confirm", "cleanup"]  # fmt: skip
+    client = counter["client"]
+    client.wait_for(client.progress() + 5)
+    assert where(state, name)["host"] == "local-2"
+    assert name not in host_containers(state, m, "local-1")
+    seen = client.stop()
+    assert seen["survived"], seen["errors"]
+
+
+def test_postcopy_reports_a_lost_source_clearly(counter: dict) -> None:
+    """Post-copy cannot survive losing the source: the copy on the target lacks the pages it never got.
+    What matters is that this is detected and said plainly, not hidden."""
+    state, name, m = counter["state"], counter["name"], counter["mesh"]
+    faults = Path(m.hosts["local-1"].state_root) / "faults"
+    faults.write_text("lose-page-server\n")
+    try:
+        with pytest.raises(SkyferryError, match="post-copy") as failure:
+            migration.migrate(state, name, "local-2", mode="postcopy")
+    finally:
+        faults.unlink()
+    assert "after the container went live on local-2" in str(failure.value)
+    mig = Journal(state).all()[-1]
+    assert mig.state == "running" and "page server ended" in (mig.error or "")
