@@ -48,8 +48,12 @@ def _blob(digest: str) -> str:
 
 def _apply_layer(tar: tarfile.TarFile, rootfs: Path) -> None:
     for entry in tar:
-        path = PurePosixPath(entry.name.lstrip("./") or ".")
-        if ".." in path.parts:
+        # Layer entries look like "./etc/motd" or "etc/motd"; keep dotfiles, refuse anything with "..".
+        parts = [p for p in PurePosixPath(entry.name).parts if p not in ("/", ".")]
+        if not parts:
+            continue
+        path = PurePosixPath(*parts)
+        if ".." in parts:
             raise SkyferryError(f"image layer entry {entry.name!r} escapes the rootfs")
         target = rootfs / path
         if path.name == OPAQUE:
