@@ -4,11 +4,13 @@ One mesh of three hosts serves the whole module; every test starts its own count
 client on local-3 that fails on any lost or repeated request, and removes the container afterwards.
 """
 
+import io
 import json
 import os
 import re
 import subprocess
 import sys
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -266,3 +268,40 @@ def test_postcopy_reports_a_lost_source_clearly(counter: dict) -> None:
     assert "after the container went live on local-2" in str(failure.value)
     mig = Journal(state).all()[-1]
     assert mig.state == "running" and "page server ended" in (mig.error or "")
+
+
+def test_image_container_through_the_cli(mesh: tuple[Path, Mesh], tmp_path: Path) -> None:
+    """`run --image` (a docker-save tarball of busybox), `ps --json`, `logs`, a migration, `rm` twice."""
+    layer = tmp_path / "layer.tar"
+    with tarfile.open(layer, "w") as tar:
+        tar.add("/bin/busybox", arcname="bin/busybox")
+        for applet in ("sh", "sleep", "echo"):
+            link = tarfile.TarInfo(f"bin/{applet}")
+            link.type, link.linkname = tarfile.SYMTYPE, "busybox"
+            tar.addfile(link)
+    image = tmp_path / "image.tar"
+    with tarfile.open(image, "w") as tar:
+        tar.add(layer, arcname="l0/layer.tar")
+        manifest = json.dumps([{"Config": "c.json", "RepoTags": ["t:1"], "Layers": ["l0/layer.tar"]}]).encode()
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(manifest)
+        tar.addfile(info, io.BytesIO(manifest))
+    script = "i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.1; done"
+    started = cli(
+        "run", "--host", "local-1", "--name", "bb", "--image", str(image), "--json", "--", "/bin/sh", "-c", script
+    )
+    assert started.returncode == 0, started.stderr
+    try:
+        rows = {r["name"]: r for r in json.loads(cli("ps", "--json").stdout)}
+        assert rows["bb"]["host"] == "local-1" and rows["bb"]["state"] == "running"
+        subprocess.run(["sleep", "0.5"], check=True)
+        assert "tick 1\n" in cli("logs", "bb").stdout
+        moved = cli("migrate", "bb", "--to", "local-2", "--json")
+        assert moved.returncode == 0, moved.stderr
+        subprocess.run(["sleep", "0.5"], check=True)
+        ticks = [int(line.split()[1]) for line in cli("logs", "bb").stdout.splitlines()]
+        assert ticks == list(range(1, len(ticks) + 1)), "the log moved with it and the loop carried on"
+    finally:
+        first, second = cli("rm", "bb", "--json"), cli("rm", "bb", "--json")
+    assert json.loads(first.stdout) == {"removed": "bb"} and json.loads(second.stdout) == {"removed": None}
+    assert "bb" not in {r["name"] for r in json.loads(cli("ps", "--json").stdout)}
