@@ -11,7 +11,7 @@ from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline import agentctl
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.registry import Registry
-from skyferry.pipeline.runc import ContainerSpec
+from skyferry.pipeline.runc import HOST_DIRS, ContainerSpec
 
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")
 RUNTIMES = ("runc", "podman", "docker")
@@ -41,7 +41,7 @@ def resolve(state: Path, text: str) -> str:
 def run(
     state: Path, host: str, name: str, args: list[str], *, rootfs: Path | None = None,
     image: Path | None = None, env: dict[str, str] | None = None, runtime: str | None = None,
-    labels: dict[str, str] | None = None,
+    labels: dict[str, str] | None = None, volumes: list[str] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Start `args` in a new container on `host` with its own overlay /32; idempotent per (name, host).
 
@@ -84,6 +84,7 @@ def run(
         rootfs=str(rootfs.resolve()) if rootfs else None, image=str(image.resolve()) if image else None,
         runtime=runtime,
         labels=dict(labels or {}),
+        volumes=_volumes(volumes or [], runtime),
     )  # fmt: skip
     try:
         info = agentctl.client(state, mesh, host).call("POST", "/v1/containers", spec.to_dict())
@@ -94,6 +95,19 @@ def run(
         raise
     registry.add(spec, host)
     return info
+
+
+def _volumes(paths: list[str], runtime: str) -> list[str]:
+    """Volume mount points: absolute, distinct, and not over the system dirs a default rootfs shares."""
+    if paths and runtime != "runc":
+        raise SkyferryError(f"--volume is supported for runc containers, not {runtime}")
+    for path in paths:
+        clean = "/" + "/".join(p for p in path.split("/") if p)
+        if not path.startswith("/") or ".." in path.split("/") or clean == "/" or clean in HOST_DIRS:
+            raise SkyferryError(f"bad volume path {path!r}", hint="an absolute path such as /data, not / or /usr")
+    if len(set(paths)) != len(paths):
+        raise SkyferryError("the same volume path was given twice")
+    return list(paths)
 
 
 def live(state: Path) -> list[dict[str, Any]]:

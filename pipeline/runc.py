@@ -35,6 +35,7 @@ class ContainerSpec:
     rootfs: str | None = None  # a directory copied into the bundle at `run`
     image: str | None = None  # an OCI or `docker save` tarball unpacked at `run`
     runtime: str = "runc"  # which adapter runs it (pipeline/runtime.py)
+    volumes: list[str] = field(default_factory=list)  # paths in the container backed by volumes that move with it
     labels: dict[str, str] = field(default_factory=dict)  # operator metadata: priority, ingress (docs/runbooks.md)
 
     def to_dict(self) -> dict[str, Any]:
@@ -94,6 +95,11 @@ class Runc:
                 shutil.copytree(spec.rootfs, rootfs, symlinks=True, dirs_exist_ok=True)
             mounts += _host_dir_mounts(rootfs)
         (rootfs / ".skyferry").mkdir(exist_ok=True)
+        for i, path in enumerate(spec.volumes):
+            source = self.volume(spec.name, i)
+            source.mkdir(parents=True, exist_ok=True)
+            (rootfs / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
+            mounts.append({"destination": path, "type": "bind", "source": str(source), "options": ["rbind", "rw"]})
         env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", **spec.env}
         # Redirect stdio inside the container: CRIU cannot dump fds that point at host files.
         wrapped = ["/bin/sh", "-c", f'exec "$@" </dev/null >>{LOG_IN_CONTAINER} 2>&1', "sh", *spec.args]
@@ -109,8 +115,15 @@ class Runc:
         path = self.rootfs(name) / LOG_IN_CONTAINER.lstrip("/")
         return path.read_bytes() if path.exists() else b""
 
+    def volume(self, name: str, index: int) -> Path:
+        return self.bundle(name) / "volumes" / str(index)
+
     def payload(self, name: str) -> dict[str, Path]:
-        return {"rootfs": self.rootfs(name)}
+        """The rootfs and each volume: what the file-system rounds keep in sync."""
+        dirs = {"rootfs": self.rootfs(name)}
+        for i, _ in enumerate(self.spec(name).volumes):
+            dirs[f"volume{i}"] = self.volume(name, i)
+        return dirs
 
     # --- lifecycle -------------------------------------------------------------------------------
 

@@ -216,15 +216,16 @@ def test_a_stopped_container_is_refused(mesh: tuple[Path, Mesh], tmp_path: Path)
 
 
 def test_files_written_during_the_rounds_and_at_the_freeze_arrive(mesh: tuple[Path, Mesh], tmp_path: Path) -> None:
-    """A writer appends a numbered line every 10 ms and rewrites 50 small files, before and during the
-    pre-copy rounds and up to the freeze: the target's log is contiguous and its writer carries on."""
+    """A writer appends a numbered line every 10 ms and rewrites 50 small files in a volume, before and
+    during the pre-copy rounds and up to the freeze: the target's log is contiguous, the volume arrived,
+    and the writer carries on."""
     state, m = mesh
     rootfs = tmp_path / "rootfs"
     (rootfs / "app").mkdir(parents=True)
     (rootfs / "app" / "writer.sh").write_text(
-        'i=0; while true; do i=$((i+1)); echo "line $i" >> /data.log; echo $i > /f-$((i % 50)); sleep 0.01; done\n'
+        'i=0; while true; do i=$((i+1)); echo "line $i" >> /data.log; echo $i > /vol/f-$((i % 50)); sleep 0.01; done\n'
     )
-    containers.run(state, "local-1", "writer", ["/bin/sh", "/app/writer.sh"], rootfs=rootfs)
+    containers.run(state, "local-1", "writer", ["/bin/sh", "/app/writer.sh"], rootfs=rootfs, volumes=["/vol"])
     try:
         subprocess.run(["sleep", "0.5"], check=True)
         report = migration.migrate(state, "writer", "local-2")
@@ -236,6 +237,8 @@ def test_files_written_during_the_rounds_and_at_the_freeze_arrive(mesh: tuple[Pa
         numbers = [int(line.split()[1]) for line in after]
         assert numbers == list(range(1, len(numbers) + 1)), "a line was lost or repeated"
         assert len(after) > len(before), "the restored writer carries on"
+        volume = Path(m.hosts["local-2"].state_root) / "containers" / "writer" / "volumes" / "0"
+        assert len(list(volume.glob("f-*"))) == 50, "the volume moved with the container"
     finally:
         containers.remove(state, "writer")
 

@@ -28,6 +28,9 @@ def run(
     label: list[str] = typer.Option(
         [], "--label", "-l", help="k=v metadata, repeatable: priority=10, ingress=gateway (docs/runbooks.md)."
     ),
+    volume: list[str] = typer.Option(
+        [], "--volume", "-v", help="A path in the container backed by a volume that moves with it, repeatable."
+    ),
     json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP),
 ) -> None:
     """Start a container (runc, Podman or Docker) on HOST with its own netns and overlay IP.
@@ -39,13 +42,16 @@ def run(
 
     Example: skyferry run --host local-1 --name web -- python3 -m http.server 8080
 
+    Example: skyferry run --host local-1 --name db --volume /data -- python3 /app/db.py
+
     Example: skyferry run --host local-1 --name podman:db --image rootfs.tar -- /app/serve
     """
     environment = dict(_kv(e, "--env") for e in env)
     labels = dict(_kv(item, "--label") for item in label)
     info = containers.run(
-        state_dir(), host, name, command, rootfs=rootfs, image=image, env=environment, labels=labels, runtime=runtime
-    )
+        state_dir(), host, name, command, rootfs=rootfs, image=image, env=environment, labels=labels,
+        runtime=runtime, volumes=volume,
+    )  # fmt: skip
     if json_out:
         output.print_json(info)
     else:
