@@ -15,7 +15,9 @@ import os
 import platform
 import secrets
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,6 +30,7 @@ from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline import containers, migration
 from skyferry.pipeline import demo as scenario
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.journal import Journal
 from skyferry.pipeline.registry import Registry
 
 BASELINE = "stop-copy"
@@ -41,6 +44,7 @@ BYTES_GOAL = 0.6
 # Below this, a transfer's rate says more about its start-up than about the stream.
 MIN_STREAM_BYTES = 4_000_000
 HOSTS = ("local-1", "local-2")
+UNSTICK_TIMEOUT_S = 60.0  # for the rollback (or resume) of a migration that hung
 Progress = Callable[[str], None]
 
 
@@ -68,6 +72,8 @@ class Config:
     warmup: bool = True  # one unmeasured migration per workload first, so no measured run starts cold
     iperf_s: float = 4.0
     ready_timeout_s: float = 180.0
+    run_timeout_s: float = 90.0  # plus run_timeout_s_per_mib: a migration still going then is killed
+    run_timeout_s_per_mib: float = 0.25
     mesh_name: str | None = None  # default: "bn" + 4 hex digits
 
     def mode_order(self) -> list[str]:
@@ -138,6 +144,7 @@ def _workload(
     """iperf3 both ways with the workload running, then every mode on one container, alternating
     direction, so each run starts where the last one ended."""
     runs: list[dict[str, Any]] = []
+    lost = False
     progress(f"{wl.label}: starting the workload on local-1 (touching {wl.memory_mib} MiB)")
     try:
         _start(state, wl, name, workdir, cfg.ready_timeout_s)
@@ -149,18 +156,29 @@ def _workload(
             except SkyferryError as exc:
                 result["errors"].append(f"iperf3 {src} -> {dst}: {exc}")
         plan = ([("warmup", migration.DEFAULT_MODE)] if cfg.warmup else []) + [("run", m) for m in cfg.mode_order()]
-        for kind, mode in plan:
+        for k, (kind, mode) in enumerate(plan):
             host = Registry(state).get(name).host
             target = HOSTS[1] if host == HOSTS[0] else HOSTS[0]
             progress(f"{wl.label}: {kind} {mode} {host} -> {target}")
             one = _one_run(state, mesh, workdir, cfg, wl, name, mode, target)
-            if one["error"]:
-                progress(f"{wl.label}: {kind} {mode} failed: {one['error']}")
-                _recover(state, wl, name, workdir, cfg.ready_timeout_s, progress)
             (runs if kind == "run" else result["warmups"]).append(one)
+            if not one["error"] or _state(state, name) == "running":
+                continue
+            progress(f"{wl.label}: {kind} {mode} failed: {one['error']}")
+            if one.get("hung"):  # its host may still be busy with it: leave the container to the teardown
+                lost = True
+                rest = [m for kd, m in plan[k + 1 :] if kd == "run"]
+                runs += [_not_run(wl, m, f"not run: the container was stuck after {mode} hung") for m in rest]
+                result["errors"].append(f"{wl.label}: {kind} {mode} hung and left the container stuck")
+                break
+            progress(f"{wl.label}: the container is {_state(state, name)}; starting it again")
+            with contextlib.suppress(Exception):
+                containers.remove(state, name)
+            _start(state, wl, name, workdir, cfg.ready_timeout_s)
     finally:
-        with contextlib.suppress(Exception):  # the mesh teardown removes it in any case
-            containers.remove(state, name)
+        if not lost:
+            with contextlib.suppress(Exception):  # the mesh teardown removes it in any case
+                containers.remove(state, name)
     return runs
 
 
@@ -169,16 +187,14 @@ def _start(state: Path, wl: Workload, name: str, workdir: Path, timeout: float) 
     _wait_touched(state, name, wl.memory_mib << 20, timeout)
 
 
-def _recover(state: Path, wl: Workload, name: str, workdir: Path, timeout: float, progress: Progress) -> None:
-    """After a failed run the container should run on one of the hosts (rolled back, or resumed). If not,
-    the workload starts afresh so the remaining modes still run."""
-    rows = {r["name"]: r for r in containers.live(state)}
-    if rows.get(name, {}).get("state") == "running":
-        return
-    progress(f"{wl.label}: the container is {rows.get(name, {}).get('state', 'gone')}; starting it again")
-    with contextlib.suppress(Exception):
-        containers.remove(state, name)
-    _start(state, wl, name, workdir, timeout)
+def _state(state: Path, name: str) -> str:
+    """running, paused, frozen (migrating), missing, ... as the hosts' agents see it (no lock taken)."""
+    return {r["name"]: r for r in containers.live(state)}.get(name, {}).get("state", "gone")
+
+
+def _not_run(wl: Workload, mode: str, why: str) -> dict[str, Any]:
+    return {"workload": wl.label, "memory_mib": wl.memory_mib, "dirty_mb_s": wl.dirty_mb_s, "mode": mode,
+            "source": None, "target": None, "ok": False, "error": why}  # fmt: skip
 
 
 def _one_run(
@@ -195,7 +211,13 @@ def _one_run(
         client.start()
         time.sleep(cfg.settle_s)
         run["rss_bytes"] = tree_rss(_pid(state, name))
-        report = migration.migrate(state, name, target, mode)
+        timeout = cfg.run_timeout_s + cfg.run_timeout_s_per_mib * wl.memory_mib
+        try:
+            report = _call(["migrate", name, target, mode], timeout)
+        except _Hung:
+            run["hung"] = True
+            _unstick(state, name, UNSTICK_TIMEOUT_S)
+            raise
         run["report"] = report
         run.update(_measures(report))
         client.wait_for(client.progress() + cfg.after_requests, timeout=60)  # the connection carries on
@@ -213,6 +235,62 @@ def _one_run(
     if run.get("bytes_wire") and run.get("rss_bytes"):
         run["bytes_per_rss"] = round(run["bytes_wire"] / run["rss_bytes"], 3)
     return run
+
+
+class _Hung(SkyferryError):
+    """A controller operation did not finish in time and was killed."""
+
+
+def _call(args: list[str], timeout: float) -> dict[str, Any]:
+    """One controller operation (migrate, rollback, resume) in a child process, so that a hung one can be
+    killed like a crashed controller; the journal lets the next operation undo or finish it."""
+    argv = [sys.executable, "-m", "skyferry.pipeline.bench", *args]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session: the child and nothing else
+        proc.communicate()
+        raise _Hung(f"{args[0]} {' '.join(args[1:])} did not finish in {timeout:.0f} s; killed") from None
+    lines = out.strip().splitlines()
+    data = json.loads(lines[-1]) if lines else {}
+    if proc.returncode != 0:
+        detail = data.get("error") or (err.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        raise SkyferryError(detail)
+    return data
+
+
+def _unstick(state: Path, name: str, timeout: float) -> None:
+    """After a killed migration: roll it back, or if it is past the point of no return, finish it."""
+    mig = Journal(state).active_for(name)
+    if mig is None:
+        return
+    for op in ("rollback", "resume"):
+        with contextlib.suppress(SkyferryError):
+            _call([op, mig.id], timeout)
+            return
+
+
+def _child(argv: list[str]) -> int:
+    """`python -m skyferry.pipeline.bench migrate NAME TARGET MODE | rollback ID | resume ID`: prints the
+    report (or {"error"}) as one JSON line."""
+    state = Path(os.environ["SKYFERRY_STATE"])
+    try:
+        match argv:
+            case ["migrate", name, target, mode]:
+                report = migration.migrate(state, name, target, mode)
+            case ["rollback", mig_id]:
+                report = migration.rollback(state, mig_id)
+            case ["resume", mig_id]:
+                report = migration.resume(state, mig_id)
+            case _:
+                raise SkyferryError(f"bad arguments: {argv}")
+    except SkyferryError as exc:
+        print(json.dumps({"error": str(exc)}))
+        return 2
+    print(json.dumps(report, default=str))
+    return 0
 
 
 def _measures(report: dict[str, Any]) -> dict[str, Any]:
@@ -522,3 +600,7 @@ def targets(result: dict[str, Any]) -> list[list[str]]:
 
 def _ms(r: dict[str, Any] | None, key: str = "freeze_ms") -> str:
     return f"{r[key]:.0f} ms" if r is not None and r.get(key) is not None else "-"
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1:]))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from skyferry.netplane import netns
 from skyferry.pipeline import bench
+from skyferry.pipeline.errors import SkyferryError
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 
@@ -35,11 +36,11 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def test_every_mode_runs_baseline_first_and_a_failed_run_does_not_stop_the_others(result: dict) -> None:
+    assert result["errors"] == []
     assert [r["mode"] for r in result["runs"]] == ["stop-copy", "precopy", "no-such-mode"]
     stop, pre, bad = result["runs"]
     assert stop["ok"] and pre["ok"], (stop["error"], pre["error"])
     assert not bad["ok"] and "unknown mode" in bad["error"] and bad["connection_survived"]
-    assert result["errors"] == []
     # An unmeasured warm-up first; then each run starts where the previous one left the container.
     [warm] = result["warmups"]
     assert warm["ok"] and warm["mode"] == "precopy" and (warm["source"], warm["target"]) == ("local-1", "local-2")
@@ -97,3 +98,12 @@ def test_nothing_is_left_behind(result: dict) -> None:
         except OSError:
             continue
     assert leftovers == []
+
+
+def test_controller_calls_run_in_a_child_that_is_killed_when_it_hangs(state: Path) -> None:
+    """Each migration runs in a child process: a hung one is killed (like a crashed controller) instead of
+    stalling the bench, and a refused one comes back as the controller's own error."""
+    with pytest.raises(SkyferryError, match=r"did not finish in 0 s; killed"):
+        bench._call(["migrate", "counter", "local-2", "precopy"], timeout=0.01)
+    with pytest.raises(SkyferryError, match=r"m-nonexistent"):
+        bench._call(["resume", "m-nonexistent"], timeout=60)
