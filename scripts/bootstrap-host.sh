@@ -69,8 +69,12 @@ Suites: sid
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
+  # Check-Valid-Until=false: mirrors that serve a dated snapshot carry a sid Release file whose 7-day
+  # validity has run out. Freshness does not matter here: the version is pinned, the index signature is
+  # still checked, and the tarball is checked against that signed index below.
   local aptopts=(-o "Dir::Etc::sourcelist=$CACHE/apt/sid-src.sources" -o "Dir::Etc::sourceparts=-"
-                 -o "Dir::State::Lists=$CACHE/apt/lists" -o "APT::Get::List-Cleanup=0")
+                 -o "Dir::State::Lists=$CACHE/apt/lists" -o "APT::Get::List-Cleanup=0"
+                 -o "Acquire::Check-Valid-Until=false")
   say "fetching CRIU $CRIU_DEB_VERSION source from Debian unstable (mirror: $uris)"
   apt-get "${aptopts[@]}" update -qq
   # The .dsc may be missing on the mirror; the orig tarball is all we need, and apt checks it
