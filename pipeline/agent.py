@@ -25,7 +25,7 @@ import signal
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -155,6 +155,10 @@ class Agent:
                 self._peers[key] = AgentClient(key[0], key[1], self.peer_ctx)
             return self._peers[key]
 
+    def _upload(self, peer: AgentClient, path: str, chunks: Iterable[bytes]) -> Any:
+        """PUT a stream to a peer agent; fault drills may damage it on the way (faults.corrupt)."""
+        return peer.upload(path, faults.corrupt(self.ops.cfg.state_root, path, chunks))
+
     def _precopy(self, mig: str, name: str, target: dict[str, Any], policy: dict[str, Any]) -> dict[str, Any]:
         """Memory rounds streamed straight to the target agent's store while the container runs."""
         peer = self._peer(target)
@@ -164,8 +168,8 @@ class Agent:
         return self.ops.precopy(
             mig,
             name,
-            lambda chunks: peer.upload(mem_path, chunks),
-            lambda chunks: peer.upload(fs_path, chunks),
+            lambda chunks: self._upload(peer, mem_path, chunks),
+            lambda chunks: self._upload(peer, fs_path, chunks),
             ConvergencePolicy(**policy),
         )
 
@@ -183,8 +187,8 @@ class Agent:
         fs_final = self.ops.fs_final_out(mig, name, fs_stats)
         if final is not None and fs_final is not None:
             chunks, mem_stats = final
-            peer.upload(f"/v1/migrations/{mig}/precopy-final?name={name}", chunks)
-            peer.upload(f"/v1/migrations/{mig}/fs-round?name={name}", fs_final)
+            self._upload(peer, f"/v1/migrations/{mig}/precopy-final?name={name}", chunks)
+            self._upload(peer, f"/v1/migrations/{mig}/fs-round?name={name}", fs_final)
             return {
                 "final": mem_stats.as_dict(),
                 "fs_final": fs_stats.as_dict(),
@@ -193,7 +197,9 @@ class Agent:
                 "seconds": time.monotonic() - t0,
             }
         stats = wire.StreamStats()
-        received = peer.upload(f"/v1/migrations/{mig}/receive?name={name}", self.ops.stream_out(mig, name, stats))
+        received = self._upload(
+            peer, f"/v1/migrations/{mig}/receive?name={name}", self.ops.stream_out(mig, name, stats)
+        )
         if received.get("sha256") != stats.sha256:
             raise SkyferryError(
                 f"image stream for {name!r} arrived corrupted (digest mismatch); nothing was restored",

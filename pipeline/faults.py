@@ -3,10 +3,16 @@
 An agent fails step S when its host's state root holds a file `faults` with a line `S` (for example
 `restore`). The controller crashes (exits 137) right after recording stage S when SKYFERRY_CRASH_AFTER=S.
 Both are read at the moment of the step, so a running mesh can be drilled without restarts.
+
+One-shot kinds, each consumed (its line removed) when it fires:
+  die:S       the agent kills itself (SIGKILL) on reaching step S, mid-request, as a crash would
+  corrupt:S   the agent flips one byte of the stream S it sends (`receive`, `precopy-round`,
+              `precopy-final`, `fs-round`) after its checksums were computed, as a bad link or NIC would
 """
 
 import os
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from skyferry.pipeline.errors import SkyferryError
@@ -16,6 +22,8 @@ CRASH_EXIT = 137
 
 def check(state_root: Path, step: str) -> None:
     path = state_root / "faults"
+    if _consume(path, f"die:{step}"):
+        os.kill(os.getpid(), signal.SIGKILL)
     if path.exists() and step in path.read_text().split():
         raise SkyferryError(f"injected fault at {step!r}", hint=f"remove {path} to stop injecting")
 
@@ -25,6 +33,37 @@ def act(state_root: Path, step: str, action: Callable[[], None]) -> None:
     path = state_root / "faults"
     if path.exists() and step in path.read_text().split():
         action()
+
+
+def corrupt(state_root: Path, stream_path: str, chunks: Iterable[bytes]) -> Iterable[bytes]:
+    """`chunks` as sent to PUT `stream_path` (/v1/migrations/ID/STREAM?...), with one byte flipped when
+    `corrupt:STREAM` is listed: the middle byte of the first chunk of at least 64 bytes."""
+    stream = stream_path.split("?")[0].rsplit("/", 1)[-1]
+    if not _consume(state_root / "faults", f"corrupt:{stream}"):
+        return chunks
+    return _flip_one(chunks)
+
+
+def _flip_one(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    flipped = False
+    for chunk in chunks:
+        if not flipped and len(chunk) >= 64:
+            damaged = bytearray(chunk)
+            damaged[len(damaged) // 2] ^= 0xFF
+            chunk, flipped = bytes(damaged), True
+        yield chunk
+
+
+def _consume(path: Path, line: str) -> bool:
+    """True (and the line removed) if `line` is listed in the faults file."""
+    if not path.exists():
+        return False
+    lines = path.read_text().split()
+    if line not in lines:
+        return False
+    lines.remove(line)
+    path.write_text("".join(f"{x}\n" for x in lines))
+    return True
 
 
 def crash_point(stage: str) -> None:
