@@ -2,6 +2,7 @@
 
 Routes (JSON in, JSON out; errors are {"error", "hint"} with 4xx/5xx):
   GET    /v1/facts                          kernel, CRIU version and features, CPU flags
+  GET    /v1/capacity                       free memory and CPU, for placement (pipeline/capacity.py)
   GET    /v1/containers                     list
   POST   /v1/containers                     run a ContainerSpec
   GET    /v1/containers/NAME                one container
@@ -10,7 +11,8 @@ Routes (JSON in, JSON out; errors are {"error", "hint"} with 4xx/5xx):
   POST   /v1/containers/NAME/route          {"present": bool}: this host's /32 route to the container
   POST   /v1/migrations/ID/OP               OP in prepare, precopy, precopy-reset, checkpoint, send, restore,
                                             rollback-source, confirm-source, abort-target,
-                                            finish-target
+                                            finish-target, and the test-cutover clone-* operations
+                                            (pipeline/clone.py)
   PUT    /v1/migrations/ID/STREAM?name=N    from the source agent (chunked): STREAM is `receive` (stop-copy:
                                             images and payload in one tar), `precopy-round`, or
                                             `precopy-final` (builds the image from the pre-copied store), or

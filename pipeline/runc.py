@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -230,8 +231,9 @@ class Runc:
 
     def _runc(self, *args: str, criu_log: Path | None = None) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        errfile = self.root / f".{os.getpid()}.err"
-        with open(errfile, "w+b") as err:
+        # stderr goes to an anonymous file, not a pipe: `runc run -d` hands its stderr to the container,
+        # which would hold a pipe open forever. One file per call: migrations run in parallel threads.
+        with tempfile.TemporaryFile(dir=self.root) as err:
             proc = subprocess.run(
                 [RUNC, "--root", str(self.root), *args],
                 stdin=subprocess.DEVNULL,
@@ -241,7 +243,6 @@ class Runc:
             )
             err.seek(0)
             message = err.read().decode(errors="replace").strip()
-        errfile.unlink(missing_ok=True)
         if proc.returncode != 0:
             raise SkyferryError(f"runc {args[0]} failed: {_last_error(message)}", hint=_criu_hint(criu_log))
 
