@@ -107,7 +107,10 @@ class PreCopy:
         )
 
     def undo(self, ctx: Context) -> None:
-        pass  # the target's store goes with Prepare's undo; the source's engine with Checkpoint's
+        # The rounds left an engine and a (pre-warmed) image directory on the source; Checkpoint's undo
+        # frees them too, but it never runs when the rounds themselves failed. Idempotent, and the
+        # container was never paused here, so nothing thaws early. The target's store goes with Prepare's.
+        ctx.mig_call(ctx.src, "rollback-source")
 
 
 class Checkpoint:
