@@ -153,8 +153,8 @@ def _workload(
             progress(f"{wl.label}: iperf3 {src} -> {dst} over the overlay")
             try:
                 perf[f"{src}->{dst}"] = iperf3(mesh, src, dst, cfg.iperf_s)
-            except SkyferryError as exc:
-                result["errors"].append(f"iperf3 {src} -> {dst}: {exc}")
+            except (SkyferryError, OSError, subprocess.SubprocessError) as exc:
+                result["errors"].append(f"{wl.label}: {exc}")
         plan = ([("warmup", migration.DEFAULT_MODE)] if cfg.warmup else []) + [("run", m) for m in cfg.mode_order()]
         for k, (kind, mode) in enumerate(plan):
             host = Registry(state).get(name).host
@@ -350,39 +350,48 @@ def _goals(r: dict[str, Any]) -> dict[str, bool]:
 # --- measurements around the runs ----------------------------------------------------------------------
 
 
-def iperf3(mesh: Mesh, src: str, dst: str, seconds: float) -> dict[str, Any]:
+def iperf3(mesh: Mesh, src: str, dst: str, seconds: float, attempts: int = 3) -> dict[str, Any]:
     """TCP throughput from host `src` to host `dst` over the overlay, as the agents' streams go: the server
-    in dst's netns on its overlay address, the client in src's netns, an 8 MiB window."""
+    in dst's netns on its overlay address, the client in src's netns, an 8 MiB window. A test that ends
+    without a result (the server not listening yet, a control connection lost) is tried again."""
     server_ns, client_ns = mesh.host(dst).netns, mesh.host(src).netns
     ip = mesh.host(dst).overlay_ip
     if server_ns is None or client_ns is None:
         raise SkyferryError("iperf3 needs local hosts (network namespaces)")
-    server = subprocess.Popen(
-        netns.command(server_ns, ["iperf3", "-s", "-1", "-B", ip, "-p", str(IPERF_PORT)]),
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        argv = ["iperf3", "-c", ip, "-p", str(IPERF_PORT), "-w", "8M", "-t", str(seconds), "-J"]
-        for _ in range(50):  # the server needs a moment to listen
-            proc = subprocess.run(netns.command(client_ns, argv), capture_output=True, text=True, timeout=seconds + 30)
-            if proc.returncode == 0 or "Connection refused" not in proc.stdout + proc.stderr:
-                break
-            time.sleep(0.1)
-        if proc.returncode != 0:
-            detail = (proc.stdout + proc.stderr).strip().splitlines()
-            raise SkyferryError(f"iperf3 failed: {detail[-1] if detail else proc.returncode}")
-        data = json.loads(proc.stdout)
-        received = data["end"]["sum_received"]
+    argv = ["iperf3", "-c", ip, "-p", str(IPERF_PORT), "-w", "8M", "-t", str(max(1, round(seconds))), "-J"]
+    errors: list[str] = []
+    for _ in range(attempts):
+        server = subprocess.Popen(
+            netns.command(server_ns, ["iperf3", "-s", "-1", "-B", ip, "-p", str(IPERF_PORT)]),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            for _ in range(50):  # the server needs a moment to listen
+                proc = subprocess.run(netns.command(client_ns, argv), capture_output=True, text=True,
+                                      timeout=seconds + 30)  # fmt: skip
+                if "Connection refused" not in proc.stdout + proc.stderr:
+                    break
+                time.sleep(0.1)
+        finally:
+            if server.poll() is None:
+                server.kill()
+            server.wait()
+        data: dict[str, Any] = {}
+        with contextlib.suppress(ValueError):
+            data = json.loads(proc.stdout)
+        received = (data.get("end") or {}).get("sum_received")
+        if not received:
+            lines = proc.stderr.strip().splitlines()
+            errors.append(data.get("error") or (lines[-1] if lines else f"exit status {proc.returncode}"))
+            continue
         return {
             "mbit_s": round(received["bits_per_second"] / 1e6, 1),
             "seconds": round(received["seconds"], 2),
             "retransmits": data["end"].get("sum_sent", {}).get("retransmits"),
             "window": "8M",
+            "failed_attempts": errors,
         }
-    finally:
-        if server.poll() is None:
-            server.kill()
-        server.wait()
+    raise SkyferryError(f"iperf3 {src} -> {dst} gave no result: {'; '.join(errors)}")
 
 
 def _pid(state: Path, name: str) -> int:
@@ -556,7 +565,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         if log and any(r.get(key) for r in by.values()):
             ax.set_yscale("log")
             ax.set_ylim(bottom=10)  # bars from 10 ms, so their heights compare
-    axes[0].legend(fontsize=8)
+    if modes:
+        axes[0].legend(fontsize=8)
     m = result.get("machine", {})
     fig.suptitle(f"skyferry bench, WAN {result['config'].get('wan') or 'none'}; {machine_line(m) if m else ''}",
                  fontsize=9)  # fmt: skip
