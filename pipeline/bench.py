@@ -579,8 +579,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
             xs = [i + (j - (len(modes) - 1) / 2) * width for i in range(len(workloads))]
             ys = [(by.get((w, mode)) or {}).get(key) or 0.0 for w in workloads]
             bars = ax.bar(xs, ys, width, label=mode)
-            ax.bar_label(bars, labels=[f"{y:.0f}" if key != "bytes_per_rss" else f"{y:.2f}" for y in ys],
-                         fontsize=6)  # fmt: skip
+            ax.bar_label(bars, labels=[(f"{y:.2f}" if key == "bytes_per_rss" else f"{y:.0f}") if y else ""
+                                       for y in ys], fontsize=6)  # fmt: skip
+            for x, w in zip(xs, workloads, strict=True):
+                if (w, mode) not in by:  # failed or not run: say so where the bar would stand
+                    ax.annotate("failed", (x, 0.02), xycoords=("data", "axes fraction"), ha="center", va="bottom",
+                                rotation=90, fontsize=7, color="tab:red")  # fmt: skip
             if key == "client_gap_ms":  # each run's own goal: its freeze + 100 ms
                 for x, w in zip(xs, workloads, strict=True):
                     if (freeze := (by.get((w, mode)) or {}).get("freeze_ms")) is not None:
