@@ -73,8 +73,8 @@ class Config:
     warmup: bool = True  # one unmeasured migration per workload first, so no measured run starts cold
     iperf_s: float = 4.0
     ready_timeout_s: float = 180.0
-    run_timeout_s: float = 300.0  # plus run_timeout_s_per_mib: a migration still going then is killed
-    run_timeout_s_per_mib: float = 0.5
+    run_timeout_s: float = 180.0  # plus run_timeout_s_per_mib: a migration still going then is killed
+    run_timeout_s_per_mib: float = 0.25
     mesh_name: str | None = None  # default: "bn" + 4 hex digits
 
     def mode_order(self) -> list[str]:
