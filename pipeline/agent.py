@@ -44,6 +44,7 @@ from skyferry.pipeline.precopy_policy import ConvergencePolicy
 from skyferry.pipeline.runc import ContainerSpec
 
 AGENT_PORT = 7420
+MIGRATION_ID = re.compile(r"[A-Za-z0-9_-]+")  # it names directories (images, logs)
 log = logging.getLogger("skyferry.agent")
 
 
@@ -111,7 +112,7 @@ class Agent:
                 with ops.lock(name):
                     ops.remove(name)
                 return {"removed": name}
-            case "POST", ["migrations", mig, op]:
+            case "POST", ["migrations", mig, op] if MIGRATION_ID.fullmatch(mig):  # not `..`: it names a dir
                 return self._migration_op(mig, op, body)
         raise _NotFound(f"no route {method} {path}")
 
