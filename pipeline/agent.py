@@ -64,6 +64,8 @@ class _ChunkedReader:
             if not line:
                 raise SkyferryError("image stream ended early (connection lost)")
             self.left = int(line.split(b";")[0].strip(), 16)
+            if self.left < 0:  # read(-n) would wait for the client to hang up
+                raise ValueError(f"bad chunk size {line[:20]!r}")
             if self.left == 0:
                 while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
                     pass  # trailers
@@ -270,8 +272,14 @@ def _handler(agent: Agent) -> type[BaseHTTPRequestHandler]:
                 log.exception("%s %s failed", self.command, self.path)
                 self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"agent error: {exc!r}", "hint": None})
 
-        def _json_body(self) -> Any:
+        def _length(self) -> int:
             length = int(self.headers.get("Content-Length") or 0)
+            if length < 0:  # read(-n) would wait for the client to hang up
+                raise ValueError(f"bad Content-Length {length}")
+            return length
+
+        def _json_body(self) -> Any:
+            length = self._length()
             if length > 1 << 20:
                 raise ValueError("request body too large")
             return json.loads(self.rfile.read(length)) if length else {}
@@ -285,11 +293,15 @@ def _handler(agent: Agent) -> type[BaseHTTPRequestHandler]:
             streams = "receive|precopy-round|precopy-final|fs-round"
             m = re.fullmatch(rf"/v1/migrations/([A-Za-z0-9_-]+)/({streams})", url.path)
             if self.command == "PUT" and m:
-                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                    reader: Any = _ChunkedReader(self.rfile)
-                else:
-                    reader = _LimitedReader(self.rfile, int(self.headers.get("Content-Length") or 0))
-                self._dispatch(lambda: agent.stream_in(m.group(1), m.group(2), query, reader))
+                chunked = self.headers.get("Transfer-Encoding", "").lower() == "chunked"
+                self._dispatch(
+                    lambda: agent.stream_in(
+                        m.group(1),
+                        m.group(2),
+                        query,
+                        _ChunkedReader(self.rfile) if chunked else _LimitedReader(self.rfile, self._length()),
+                    )
+                )
                 return
             self._dispatch(lambda: agent.handle(self.command, url.path, query, self._json_body()))
 
