@@ -246,6 +246,14 @@ def _handler(agent: Agent) -> type[BaseHTTPRequestHandler]:
         def log_message(self, fmt: str, *args: Any) -> None:
             log.info("%s %s", self.client_address[0], fmt % args)
 
+        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+            """http.server's own refusals (bad request line, unknown method) in the API's JSON shape; an
+            unknown method is 405, not 501 (the agent is complete, the caller asked for something else)."""
+            if code == HTTPStatus.NOT_IMPLEMENTED:
+                code = HTTPStatus.METHOD_NOT_ALLOWED
+            self.close_connection = True
+            self._reply(code, {"error": message or HTTPStatus(code).phrase, "hint": None})
+
         def _reply(self, status: int, payload: Any) -> None:
             if isinstance(payload, bytes):
                 data, ctype = payload, "application/octet-stream"
