@@ -32,6 +32,7 @@ from skyferry.pipeline import demo as scenario
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.journal import Journal
 from skyferry.pipeline.registry import Registry
+from skyferry.pipeline.stages import FREEZE_FROM, FREEZE_TO
 
 BASELINE = "stop-copy"
 WAN = "rate=1gbit,rtt=30ms"
@@ -145,7 +146,7 @@ def _workload(
     """iperf3 both ways with the workload running, then every mode on one container, alternating
     direction, so each run starts where the last one ended."""
     runs: list[dict[str, Any]] = []
-    lost = False
+    base = name
     progress(f"{wl.label}: starting the workload on local-1 (touching {wl.memory_mib} MiB)")
     try:
         _start(state, wl, name, workdir, cfg.ready_timeout_s)
@@ -163,21 +164,22 @@ def _workload(
             progress(f"{wl.label}: {kind} {mode} {host} -> {target}")
             one = _one_run(state, mesh, workdir, cfg, wl, name, mode, target)
             (runs if kind == "run" else result["warmups"]).append(one)
-            if not one["error"] or _state(state, name) == "running":
+            if not one["error"]:
                 continue
             progress(f"{wl.label}: {kind} {mode} failed: {one['error']}")
-            if one.get("hung"):  # its host may still be busy with it: leave the container to the teardown
-                lost = True
-                rest = [m for kd, m in plan[k + 1 :] if kd == "run"]
-                runs += [_not_run(wl, m, f"not run: the container was stuck after {mode} hung") for m in rest]
-                result["errors"].append(f"{wl.label}: {kind} {mode} hung and left the container stuck")
-                break
-            progress(f"{wl.label}: the container is {_state(state, name)}; starting it again")
-            with contextlib.suppress(Exception):
-                containers.remove(state, name)
-            _start(state, wl, name, workdir, cfg.ready_timeout_s)
+            if one.get("hung") and Journal(state).active_for(name) is not None:
+                # Still mid-migration (post-copy waiting for its pages): the hosts may hold its lock for
+                # minutes. Leave it to the teardown and go on with a fresh copy of the workload.
+                name = f"{base}-{k}"
+                progress(f"{wl.label}: {mode} left its container mid-migration; starting another one as {name}")
+                _start(state, wl, name, workdir, cfg.ready_timeout_s)
+            elif _state(state, name) != "running":
+                progress(f"{wl.label}: the container is {_state(state, name)}; starting it again")
+                with contextlib.suppress(Exception):
+                    containers.remove(state, name)
+                _start(state, wl, name, workdir, cfg.ready_timeout_s)
     finally:
-        if not lost:
+        if Journal(state).active_for(name) is None:
             with contextlib.suppress(Exception):  # the mesh teardown removes it in any case
                 containers.remove(state, name)
     return runs
@@ -191,11 +193,6 @@ def _start(state: Path, wl: Workload, name: str, workdir: Path, timeout: float) 
 def _state(state: Path, name: str) -> str:
     """running, paused, frozen (migrating), missing, ... as the hosts' agents see it (no lock taken)."""
     return {r["name"]: r for r in containers.live(state)}.get(name, {}).get("state", "gone")
-
-
-def _not_run(wl: Workload, mode: str, why: str) -> dict[str, Any]:
-    return {"workload": wl.label, "memory_mib": wl.memory_mib, "dirty_mb_s": wl.dirty_mb_s, "mode": mode,
-            "source": None, "target": None, "ok": False, "error": why}  # fmt: skip
 
 
 def _one_run(
@@ -218,7 +215,10 @@ def _one_run(
             report = _call(["migrate", name, target, mode], timeout)
         except _Hung:
             run["hung"] = True
+            mig = Journal(state).active_for(name)
             _unstick(state, name, UNSTICK_TIMEOUT_S)
+            if mig is not None:
+                run.update(_journalled(state, mig.id))
             raise
         run["report"] = report
         run.update(_measures(report))
@@ -299,6 +299,21 @@ def _unstick(state: Path, name: str, timeout: float) -> None:
         with contextlib.suppress(SkyferryError):
             _call([op, mig.id], timeout)
             return
+
+
+def _journalled(state: Path, mig_id: str) -> dict[str, Any]:
+    """What the journal holds of a migration that did not finish in time: the stages it got done, and its
+    freeze if the restore was one of them (post-copy freezes briefly, then waits for its lazy pages)."""
+    transitions = Journal(state).transitions(mig_id)
+    at: dict[tuple[str, str], float] = {}
+    for t in transitions:
+        at.setdefault((t["stage"], t["status"]), t["at"])
+    frozen, restored = at.get((FREEZE_FROM, "started")), at.get((FREEZE_TO, "done"))
+    return {
+        "migration": mig_id,
+        "stages_done": [t["stage"] for t in transitions if t["status"] == "done"],
+        "freeze_ms": round((restored - frozen) * 1000, 1) if frozen and restored else None,
+    }
 
 
 def _child(argv: list[str]) -> int:
@@ -520,8 +535,9 @@ def _with_ratio(value: float | None, ratio: float | None, fmt: str) -> str:
 
 
 def iperf3_line(result: dict[str, Any]) -> str:
-    parts = [f"{w}: " + ", ".join(f"{d} {v['mbit_s']:.0f} Mbit/s" for d, v in perf.items())
-             for w, perf in result["iperf3"].items() if perf]  # fmt: skip
+    order = list(dict.fromkeys([r["workload"] for r in result["runs"]] + list(result["iperf3"])))  # bench order
+    parts = [f"{w}: " + ", ".join(f"{d} {v['mbit_s']:.0f} Mbit/s" for d, v in result["iperf3"][w].items())
+             for w in order if result["iperf3"].get(w)]  # fmt: skip
     return "; ".join(parts) or "not measured"
 
 
