@@ -35,7 +35,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from skyferry.pipeline import capacity, clone, facts, faults, wire
-from skyferry.pipeline.client import AgentClient
+from skyferry.pipeline.client import AgentClient, bound_stalls
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.fsync import FsStats
 from skyferry.pipeline.host import HostConfig, HostOps
@@ -340,6 +340,7 @@ class _TLSServer(ThreadingHTTPServer):
     def get_request(self) -> tuple[Any, Any]:
         sock, addr = self.socket.accept()
         sock.settimeout(600)
+        bound_stalls(sock)  # a receive from a peer that vanished must not hold the container's lock
         # The handshake happens in the worker thread, so a slow or hostile client cannot block accept().
         return self.ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), addr
 

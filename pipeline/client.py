@@ -15,6 +15,18 @@ from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponenti
 
 CONNECT_TIMEOUT = 10.0
 CALL_TIMEOUT = 900.0  # a checkpoint or stream of a large container takes minutes on a slow link
+STALL_TIMEOUT = 30  # seconds a peer may leave our data unacknowledged, or keepalives unanswered
+
+
+def bound_stalls(sock: socket.socket) -> None:
+    """Give up a connection whose peer stopped answering after STALL_TIMEOUT, not TCP's ~15 minutes: a cut
+    link then fails the stage (and the migration rolls back) instead of hanging it. A peer that is merely
+    busy (a long checkpoint) still answers keepalives in its kernel, so it is never cut off."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, STALL_TIMEOUT * 1000)
 
 
 class _Connection(http.client.HTTPSConnection):
@@ -26,6 +38,7 @@ class _Connection(http.client.HTTPSConnection):
         with in_netns(self.netns):
             sock = socket.create_connection((self.host, self.port), CONNECT_TIMEOUT)
         sock.settimeout(CALL_TIMEOUT)
+        bound_stalls(sock)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # Large send buffer: the bandwidth-delay product of 1 Gbit/s x 30 ms is ~4 MiB.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
