@@ -114,7 +114,9 @@ def matrix_table() -> str:
 @pytest.fixture
 def cell(mesh: tuple[Path, Mesh], tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[dict]:
     state, m = mesh
-    name = "fm-" + re.sub(r"[^a-z0-9]+", "-", request.node.callspec.id.lower()).strip("-")[-24:]
+    callspec = getattr(request.node, "callspec", None)
+    label = callspec.id if callspec else request.node.name.removeprefix("test_")
+    name = "fm-" + re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")[-24:].strip("-")
     info = scenario.start_counter(state, SRC, name, tmp_path)
     client = scenario.CounterClient(m.hosts[CLIENT].netns or "", info["ip"], tmp_path).start()
     try:
@@ -444,3 +446,38 @@ def test_fault_matrix(cell: dict, fault: str, stage: str) -> None:
         case "corrupt":
             outcome = run_corrupt_cell(cell, stage)
     MATRIX[(stage, fault)] = outcome
+
+
+# --- network faults beyond the matrix -------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(150)
+def test_a_link_that_stays_cut_fails_within_a_bounded_time_and_rolls_back(cell: dict) -> None:
+    """Source and target lose each other for good as the transfer begins (the controller still reaches
+    both). The stalled stream must fail within the transport's bounded budget (not hang for TCP's
+    15-minute default), and the migration roll back cleanly to the source."""
+    state, m = cell["state"], cell["mesh"]
+    link = LinkCut(m, DST, peer_ip=m.hosts[SRC].overlay_ip)
+    try:
+        mig_id = _migrate_with(cell, "transfer", link.cut)
+    finally:
+        link.restore()
+    mig = Journal(state).get(mig_id)
+    assert mig.state == "rolled-back" and _failed_stage(state, mig_id) == "transfer", (mig.state, mig.error)
+    assert "connection" in (mig.error or ""), mig.error
+    assert settle(cell, mig_id) == "rolled back"
+
+
+def test_a_corrupted_stop_copy_image_is_never_restored(cell: dict) -> None:
+    """Stop-copy sends the whole image as one zstd tar; a byte flipped on the way fails zstd's frame
+    checksum or the SHA-256 both ends compare, before the restore stage starts."""
+    state, m = cell["state"], cell["mesh"]
+    faults = Path(m.hosts[SRC].state_root) / "faults"
+    faults.write_text("corrupt:receive\n")
+    with pytest.raises(SkyferryError, match=r"failed at transfer.*Rolled back"):
+        migration.migrate(state, cell["name"], DST, mode="stop-copy")
+    assert "corrupt:receive" not in faults.read_text(), "the corruption was never applied"
+    mig = Journal(state).all()[-1]
+    assert "restore" not in Journal(state).stage_status(mig.id)
+    assert "corrupt" in (mig.error or "") or "digest" in (mig.error or ""), mig.error
+    assert settle(cell, mig.id) == "rolled back"
