@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from meshkit import local_mesh
 from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline import containers, engines, migration
 from skyferry.pipeline import demo as scenario
@@ -41,27 +42,18 @@ def docker_of(m: Mesh, host: str) -> Docker:
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Mesh]]:
-    state = tmp_path_factory.mktemp("state")
-    state.chmod(0o700)
-    old = os.environ.get("SKYFERRY_STATE")
-    os.environ["SKYFERRY_STATE"] = str(state)
     key_existed = KEY.exists()
     daemons: list[engines.DockerDaemon] = []
-    try:
-        m = scenario.mesh_up(state, 4, name="t" + os.urandom(2).hex())
-        for host in ("local-1", "local-2"):
-            daemons.append(docker_of(m, host).daemon(m.hosts[host].netns).start())
-        yield state, m
-    finally:
-        for daemon in daemons:
-            daemon.stop()
-        if not key_existed:
-            KEY.unlink(missing_ok=True)
-        scenario.mesh_down(state)
-        if old is None:
-            os.environ.pop("SKYFERRY_STATE", None)
-        else:
-            os.environ["SKYFERRY_STATE"] = old
+    with local_mesh(tmp_path_factory, count=4) as (state, m):
+        try:
+            for host in ("local-1", "local-2"):
+                daemons.append(docker_of(m, host).daemon(m.hosts[host].netns).start())
+            yield state, m
+        finally:
+            for daemon in daemons:
+                daemon.stop()
+            if not key_existed:
+                KEY.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")

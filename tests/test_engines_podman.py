@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from meshkit import local_mesh
 from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline import agentctl, containers, engines, migration
 from skyferry.pipeline import demo as scenario
@@ -36,23 +37,12 @@ def podman_of(m: Mesh, host: str) -> Podman:
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Mesh]]:
-    state = tmp_path_factory.mktemp("state")
-    state.chmod(0o700)
-    old = os.environ.get("SKYFERRY_STATE")
-    os.environ["SKYFERRY_STATE"] = str(state)
-    m = None
-    try:
-        m = scenario.mesh_up(state, 3, name="t" + os.urandom(2).hex())
-        yield state, m
-    finally:
-        if m is not None:
+    with local_mesh(tmp_path_factory) as (state, m):
+        try:
+            yield state, m
+        finally:
             for host in m.hosts:
                 podman_of(m, host).destroy()  # containers, overlay and shm mounts, store, runroot
-        scenario.mesh_down(state)
-        if old is None:
-            os.environ.pop("SKYFERRY_STATE", None)
-        else:
-            os.environ["SKYFERRY_STATE"] = old
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from meshkit import local_mesh
 from skyferry.netplane import netns
 from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline import agentctl, containers, migration, netlock
@@ -71,18 +72,10 @@ MATRIX: dict[tuple[str, str], str] = {}
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[tuple[Path, Mesh]]:
-    state = tmp_path_factory.mktemp("state")
-    state.chmod(0o700)
-    old = os.environ.get("SKYFERRY_STATE")
-    os.environ["SKYFERRY_STATE"] = str(state)
     try:
-        yield state, scenario.mesh_up(state, 3, name="f" + os.urandom(2).hex())
+        with local_mesh(tmp_path_factory, prefix="f") as made:
+            yield made
     finally:
-        scenario.mesh_down(state)
-        if old is None:
-            os.environ.pop("SKYFERRY_STATE", None)
-        else:
-            os.environ["SKYFERRY_STATE"] = old
         _print_matrix(tmp_path_factory.getbasetemp(), request)
 
 

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from meshkit import local_mesh
 from skyferry.netplane import netns
 from skyferry.netplane.errors import NetplaneError
 from skyferry.netplane.mesh import Mesh
@@ -31,18 +32,8 @@ SKYFERRY = str(Path(sys.executable).parent / "skyferry")
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Mesh]]:
-    state = tmp_path_factory.mktemp("state")
-    state.chmod(0o700)
-    old = os.environ.get("SKYFERRY_STATE")
-    os.environ["SKYFERRY_STATE"] = str(state)
-    try:
-        yield state, scenario.mesh_up(state, 3, name="t" + os.urandom(2).hex())
-    finally:
-        scenario.mesh_down(state)
-        if old is None:
-            os.environ.pop("SKYFERRY_STATE", None)
-        else:
-            os.environ["SKYFERRY_STATE"] = old
+    with local_mesh(tmp_path_factory) as made:
+        yield made
 
 
 @pytest.fixture

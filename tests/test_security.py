@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from meshkit import local_mesh
 from skyferry.netplane import netns
 from skyferry.netplane.mesh import Mesh
 from skyferry.netplane.netns import in_netns
@@ -35,18 +36,8 @@ REQUEST = b"GET /v1/facts HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Mesh]]:
-    state = tmp_path_factory.mktemp("state")
-    state.chmod(0o700)
-    old = os.environ.get("SKYFERRY_STATE")
-    os.environ["SKYFERRY_STATE"] = str(state)
-    try:
-        yield state, scenario.mesh_up(state, 3, name="s" + os.urandom(2).hex())
-    finally:
-        scenario.mesh_down(state)
-        if old is None:
-            os.environ.pop("SKYFERRY_STATE", None)
-        else:
-            os.environ["SKYFERRY_STATE"] = old
+    with local_mesh(tmp_path_factory, prefix="s") as made:
+        yield made
 
 
 @pytest.fixture(scope="module")
