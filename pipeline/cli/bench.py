@@ -30,7 +30,9 @@ def bench(
     Per run: the freeze, the client's largest gap, the total time, the bytes on the wire (and each one's
     ratio to the stop-copy run of the same workload in this bench), pre-copy rounds and why they stopped,
     bytes on the wire ÷ RSS, and the memory stream's rate against iperf3's. A failed run is reported and
-    the others go on; the hosts are always torn down. Takes 10-20 minutes on 2 cores (--quick: 2-4).
+    the others go on; a migration still running after 180 s + 0.25 s per MiB is killed and reported as
+    failed. The hosts are always torn down. Takes 3-20 minutes on 2 cores (--quick: 2-8), more when a
+    mode stalls. Exit status 1 if any run failed.
 
     Examples:
 
