@@ -52,7 +52,8 @@ class HostOps:
         self.stores: dict[str, TargetStore] = {}  # pre-copy, target side, by migration
         self.lazy_dumps: dict[str, subprocess.Popen[bytes]] = {}  # post-copy page servers (source side)
         self.lazy_daemons: dict[str, subprocess.Popen[bytes]] = {}  # post-copy page fetchers (target side)
-        self.holdbacks: dict[str, Holdback] = {}  # target side, by migration: segments to replay at restore
+        self.holdbacks: dict[str, Holdback] = {}  # target side: replayed when the restore opens the netns
+        self.source_holdbacks: dict[str, Holdback] = {}  # source side: replayed if a rollback thaws it
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
@@ -158,6 +159,8 @@ class HostOps:
         if state["status"] == "running":
             runtime.pause(name)
         netlock.lock(self.netns(name))
+        if mig not in self.source_holdbacks:  # replayed if the migration rolls back and we thaw
+            self.source_holdbacks[mig] = Holdback(self.netns(name), runtime.spec(name).ip)
         t_frozen = time.monotonic()
         wire.wipe(images)  # a retried checkpoint starts clean
         if lazy:
@@ -246,10 +249,13 @@ class HostOps:
         netlock.unlock(self.netns(name))
         if state["status"] == "paused":
             self.rt(name).resume(name)
+        # Clients whose packets the lock dropped have backed off; hand them to the thawed container now.
+        holdback = self.source_holdbacks.pop(mig, None)
+        replayed = holdback.replay() if holdback else 0
         self.engines.pop(mig, None)
         self.trackers.pop(mig, None)
         self._wipe(mig)
-        return self.info(name)
+        return {**self.info(name), "replayed": replayed}
 
     def confirm_source(self, mig: str, name: str) -> dict[str, Any]:
         """The target runs and is routed: end the frozen copy and everything it held here. After a
@@ -278,6 +284,9 @@ class HostOps:
         attach.detach(self.netns(name))
         self.engines.pop(mig, None)
         self.trackers.pop(mig, None)
+        holdback = self.source_holdbacks.pop(mig, None)
+        if holdback is not None:
+            holdback.close()
         self._wipe(mig)
         return {"postcopy_s": waited}
 
