@@ -41,6 +41,7 @@ from typing import Any, BinaryIO
 
 import xxhash
 import zstandard
+from skyferry.pipeline import wire
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.wire import extract_member
 
@@ -390,24 +391,12 @@ class FsApplier:
 # --- the stream ----------------------------------------------------------------------------------
 
 
-class _Sink(io.RawIOBase):
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b: bytes) -> int:  # type: ignore[override]
-        self.parts.append(bytes(b))
-        return len(b)
-
-
 class _Writer:
     """A tar written member by member into zstd, framed into blocks, closed by a SHA-256."""
 
     def __init__(self, stats: FsStats, level: int) -> None:
         self.stats = stats
-        self.sink = _Sink()
+        self.sink = wire.ChunkSink()
         self.zw = zstandard.ZstdCompressor(level=level, write_checksum=True).stream_writer(self.sink, closefd=False)
         self.digest = hashlib.sha256(MAGIC)
 

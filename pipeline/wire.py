@@ -28,7 +28,7 @@ class StreamStats:
     sha256: str = ""
 
 
-class _ChunkSink(io.RawIOBase):
+class ChunkSink(io.RawIOBase):
     """A write-only file object that collects compressed output for the generator to yield."""
 
     def __init__(self) -> None:
@@ -44,7 +44,7 @@ class _ChunkSink(io.RawIOBase):
 
 def encode(dirs: dict[str, Path], stats: StreamStats) -> Iterator[bytes]:
     """Yield the compressed tar of `dirs` (archive name -> directory); fills `stats` when exhausted."""
-    sink = _ChunkSink()
+    sink = ChunkSink()
     digest = hashlib.sha256()
     compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=-1, write_checksum=True)
     with compressor.stream_writer(sink, closefd=False) as zw:
@@ -109,7 +109,7 @@ def _walk(root: Path) -> Iterator[Path]:
         yield from sorted(root.rglob("*"))
 
 
-def _drain(sink: _ChunkSink, digest: "hashlib._Hash", stats: StreamStats) -> Iterator[bytes]:
+def _drain(sink: ChunkSink, digest: "hashlib._Hash", stats: StreamStats) -> Iterator[bytes]:
     for part in sink.parts:
         digest.update(part)
         stats.bytes_wire += len(part)
