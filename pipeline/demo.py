@@ -121,3 +121,12 @@ class CounterClient:
         if not self.out.exists():
             return {"survived": False, "errors": ["client wrote no result"], "requests": 0, "max_gap_ms": None}
         return json.loads(self.out.read_text())
+
+
+def check_memory(host_netns: str, ip: str) -> dict[str, Any]:
+    """The counter's own verdict on its memory, asked from a host's netns: {"pages", "bad", "first_bad"}."""
+    argv = [PYTHON, workload_counter.__file__, "check", ip, str(PORT)]
+    proc = subprocess.run(netns.command(host_netns, argv), capture_output=True, text=True, timeout=120)
+    if not proc.stdout.strip():
+        raise SkyferryError(f"the counter at {ip} gave no memory check: {proc.stderr.strip()}")
+    return json.loads(proc.stdout)
