@@ -113,7 +113,9 @@ def client(host: str, port: int, interval: float, out: str, stop_file: str | Non
             gap = (now - sent) * 1000
             if gap > 200:
                 result["gaps_over_200ms"].append(round(gap, 1))
-            result["max_gap_ms"] = max(result["max_gap_ms"], round(gap, 1))
+            if gap > result["max_gap_ms"]:  # when, in wall-clock time, to line it up with a migration's journal
+                result["max_gap_ms"] = round(gap, 1)
+                result["max_gap_wall"] = [time.time() - (now - sent), time.time()]
             result["requests"] = seq
             with open(out + ".progress", "w") as fh:  # how far we got, for whoever started us
                 fh.write(str(seq))
