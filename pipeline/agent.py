@@ -9,16 +9,18 @@ Routes (JSON in, JSON out; errors are {"error", "hint"} with 4xx/5xx):
   GET    /v1/containers/NAME/logs           raw log bytes
   DELETE /v1/containers/NAME                stop and remove
   POST   /v1/containers/NAME/route          {"present": bool}: this host's /32 route to the container
-  POST   /v1/migrations/ID/OP               OP in prepare, precopy, precopy-reset, checkpoint, send, restore,
+  POST   /v1/migrations/ID/OP               OP in prepare, precopy, precopy-reset, checkpoint, send, hold, restore,
                                             rollback-source, confirm-source, abort-target,
                                             finish-target, and the test-cutover clone-* operations
                                             (pipeline/clone.py)
   PUT    /v1/migrations/ID/STREAM?name=N    from the source agent (chunked): STREAM is `receive` (stop-copy:
                                             images and payload in one tar), `precopy-round`, or
-                                            `precopy-final` (builds the image from the pre-copied store), or
+                                            `precopy-final` (builds the image from the pre-copied store),
+                                            `lazy-final` (hybrid: a lazy dump and the clean map), or
                                             `fs-round` (files changed since the last round)
 """
 
+import base64
 import json
 import logging
 import os
@@ -136,6 +138,8 @@ class Agent:
                     return {"ok": True}
                 case "send":
                     return self._send(mig, name, body["target"])
+                case "hold":
+                    return {"held": ops.hold(mig, [base64.b64decode(p) for p in body["packets"]])}
                 case "restore":
                     return ops.restore(mig, name, page_server=body.get("page_server"))
                 case "rollback-source":
@@ -179,20 +183,30 @@ class Agent:
         )
 
     def _send(self, mig: str, name: str, target: dict[str, Any]) -> dict[str, Any]:
+        """Send the frozen container's state, then the client segments our lock has dropped so far: the
+        target replays them at its restore, so those clients need not wait out their back-off."""
+        peer = self._peer(target)
+        sent = self._send_state(peer, mig, name)
+        held = self.ops.held_segments(mig)
+        if held:
+            packets = [base64.b64encode(p).decode() for p in held]
+            peer.call("POST", f"/v1/migrations/{mig}/hold", {"name": name, "packets": packets})
+        return {**sent, "segments_handed_over": len(held)}
+
+    def _send_state(self, peer: AgentClient, mig: str, name: str) -> dict[str, Any]:
         """Stream the frozen container's state straight to the target agent.
 
         After pre-copy rounds only the deltas travel: the memory pages and the files changed since the
         last round (each stream checksummed frame by frame). Without rounds (stop-copy) the whole
         image and payload go as one tar, whose SHA-256 both ends must agree on.
         """
-        peer = self._peer(target)
         t0 = time.monotonic()
         final = self.ops.final_out(mig, name)
         fs_stats = FsStats()
         fs_final = self.ops.fs_final_out(mig, name, fs_stats)
         if final is not None and fs_final is not None:
-            chunks, mem_stats = final
-            self._upload(peer, f"/v1/migrations/{mig}/precopy-final?name={name}", chunks)
+            kind, chunks, mem_stats = final
+            self._upload(peer, f"/v1/migrations/{mig}/{kind}?name={name}", chunks)
             self._upload(peer, f"/v1/migrations/{mig}/fs-round?name={name}", fs_final)
             return {
                 "final": mem_stats.as_dict(),
@@ -229,6 +243,8 @@ class Agent:
                     return self.ops.precopy_apply(mig, reader)
                 case "precopy-final":
                     return self.ops.precopy_build(mig, reader)
+                case "lazy-final":
+                    return self.ops.lazy_final_accept(mig, reader)
                 case "fs-round":
                     return self.ops.fs_apply(mig, reader)
         raise _NotFound(f"no stream {kind!r}")
@@ -298,7 +314,7 @@ def _handler(agent: Agent) -> type[BaseHTTPRequestHandler]:
                 self._reply(HTTPStatus.NOT_FOUND, {"error": "not found", "hint": None})
                 return
             query = parse_qs(url.query)
-            streams = "receive|precopy-round|precopy-final|fs-round"
+            streams = "receive|precopy-round|precopy-final|lazy-final|fs-round"
             m = re.fullmatch(rf"/v1/migrations/([A-Za-z0-9_-]+)/({streams})", url.path)
             if self.command == "PUT" and m:
                 chunked = self.headers.get("Transfer-Encoding", "").lower() == "chunked"

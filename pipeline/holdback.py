@@ -7,6 +7,9 @@ container is back only at its next timer, often hundreds of milliseconds after t
 therefore records the segments it drops and injects them into the container's netns the moment it opens:
 the restored stack answers the request at once, and the client carries on. TCP tolerates duplicates, so
 replaying a segment the container has seen is harmless.
+
+Segments sent before the cutover reach the frozen source, whose lock drops them; the source holds those
+back as well, replays them itself if the migration rolls back, and hands them to the target otherwise.
 """
 
 import socket
@@ -51,6 +54,18 @@ class Holdback:
             self.held[key] = packet
             while len(self.held) > MAX_HELD:
                 self.held.popitem(last=False)
+
+    def snapshot(self) -> list[bytes]:
+        """The segments held so far, oldest first; capturing goes on."""
+        return list(self.held.copy().values())
+
+    def add(self, packets: list[bytes]) -> None:
+        """Hold segments captured elsewhere too: the frozen source hands over what its lock dropped
+        before the cutover, so the restore answers those clients at once as well."""
+        for packet in packets:
+            if len(packet) >= 40 and packet[9] == socket.IPPROTO_TCP and packet[16:20] == self.ip:
+                ihl = (packet[0] & 0x0F) * 4
+                self.held.setdefault(packet[12:20] + packet[ihl : ihl + 14], packet)
 
     def close(self) -> list[bytes]:
         """Stop capturing; returns the held segments, oldest first."""

@@ -5,6 +5,8 @@ images live on tmpfs only (they hold every secret in the container's memory) and
 migration ends either way.
 """
 
+from __future__ import annotations
+
 import os
 import shutil
 import signal
@@ -13,16 +15,18 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from skyferry.netplane import attach
-from skyferry.pipeline import faults, netlock, wire
+from skyferry.pipeline import faults, hybrid, netlock, wire
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.fsync import FsApplier, FsStats, FsTracker
 from skyferry.pipeline.holdback import Holdback
-from skyferry.pipeline.precopy import SourceEngine, TargetStore
+from skyferry.pipeline.lazyproxy import LazyProxy
+from skyferry.pipeline.precopy import HashTable, SourceEngine, TargetStore
 from skyferry.pipeline.precopy_policy import ConvergencePolicy
 from skyferry.pipeline.runc import ContainerSpec
 from skyferry.pipeline.runtime import Runtime, runtimes
@@ -52,6 +56,9 @@ class HostOps:
         self.stores: dict[str, TargetStore] = {}  # pre-copy, target side, by migration
         self.lazy_dumps: dict[str, subprocess.Popen[bytes]] = {}  # post-copy page servers (source side)
         self.lazy_daemons: dict[str, subprocess.Popen[bytes]] = {}  # post-copy page fetchers (target side)
+        self.clean_scans: dict[str, dict[int, Any]] = {}  # hybrid, source side: pages the target holds unchanged
+        self.clean_maps: dict[str, dict[int, HashTable]] = {}  # hybrid, target side: the same, checked
+        self.proxies: dict[str, LazyProxy] = {}  # hybrid, target side: serves the lazy-pages daemon
         self.holdbacks: dict[str, Holdback] = {}  # target side: replayed when the restore opens the netns
         self.source_holdbacks: dict[str, Holdback] = {}  # source side: replayed if a rollback thaws it
         self._locks: dict[str, threading.Lock] = {}
@@ -149,7 +156,9 @@ class HostOps:
     def checkpoint(self, mig: str, name: str, lazy: bool = False) -> dict[str, Any]:
         """Freeze, silence and dump the container; it stays frozen here until confirm or rollback.
         With `lazy` (post-copy) the pages stay in the frozen processes, served by a CRIU page server
-        on this host's overlay address until the target has fetched them all."""
+        on this host's overlay address until the target has fetched them all. After pre-copy rounds
+        (hybrid), the frozen memory is also scanned, alongside the dump, for the pages the target
+        holds unchanged: the target takes those from its store and only the rest from the page server."""
         runtime = self.rt(name)
         state = runtime.state(name)
         if state is None or state["status"] not in ("running", "paused"):
@@ -164,9 +173,14 @@ class HostOps:
         t_frozen = time.monotonic()
         wire.wipe(images)  # a retried checkpoint starts clean
         if lazy:
-            self._stop_lazy_dump(mig)
-            page_server = self.page_server(mig)
-            self.lazy_dumps[mig] = runtime.checkpoint_lazy(name, images, self.mig_dir(mig) / "work", page_server)
+            self._stop_lazy_dump(mig, name)
+            engine = self.engines.get(mig)
+            with ThreadPoolExecutor(1) as pool:  # the scan reads memory while CRIU dumps the rest
+                scan = pool.submit(hybrid.clean_scan, engine) if engine else None
+                work = self.mig_dir(mig) / "work"
+                self.lazy_dumps[mig] = runtime.checkpoint_lazy(name, images, work, self.page_server(mig))
+                if scan is not None:
+                    self.clean_scans[mig] = scan.result()
         else:
             runtime.checkpoint(name, images, self.mig_dir(mig) / "work")
         return {"pause_s": t_frozen - t0, "dump_s": time.monotonic() - t_frozen, "image_bytes": _du(images)}
@@ -174,13 +188,27 @@ class HostOps:
     def page_server(self, mig: str) -> str:
         return page_server(mig, self.cfg.overlay_ip)
 
-    def _stop_lazy_dump(self, mig: str) -> None:
+    def _stop_lazy_dump(self, mig: str, name: str) -> None:
         """End a post-copy page server (and the CRIU dump it belongs to). The frozen tasks it held stay
         frozen in their cgroup, so a rollback can still thaw them."""
         proc = self.lazy_dumps.pop(mig, None)
         if proc is not None and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+            netlock.clear_criu_lock(self.netns(name))
+
+    def held_segments(self, mig: str) -> list[bytes]:
+        """What the frozen source's lock has dropped so far (clients waiting on their back-off)."""
+        holdback = self.source_holdbacks.get(mig)
+        return holdback.snapshot() if holdback else []
+
+    def hold(self, mig: str, packets: list[bytes]) -> int:
+        """Target side: replay these at the restore too."""
+        holdback = self.holdbacks.get(mig)
+        if holdback is None:
+            raise SkyferryError(f"migration {mig}: not prepared on {self.cfg.name}")
+        holdback.add(packets)
+        return len(packets)
 
     def stream_out(self, mig: str, name: str, stats: wire.StreamStats) -> Iterator[bytes]:
         images = self.mig_dir(mig) / "images"
@@ -232,20 +260,26 @@ class HostOps:
         pids = _tree(int(state["pid"])) if state.get("pid") else []
         return tracker.final(stats, pids=pids)
 
-    def final_out(self, mig: str, name: str) -> tuple[Iterable[bytes], Any] | None:
-        """The pre-copy final delta from the checkpoint (None without pre-copy rounds: send everything)."""
+    def final_out(self, mig: str, name: str) -> tuple[str, Iterable[bytes], Any] | None:
+        """The pre-copy final delta from the checkpoint, and the stream it goes to: the pages the target
+        lacks ("precopy-final"), or after a lazy dump the clean map ("lazy-final"). None without
+        pre-copy rounds: then everything travels."""
         engine = self.engines.get(mig)
         if engine is None:
             return None
-        transfer = engine.final(self.mig_dir(mig) / "images")
-        return transfer, transfer.stats
+        images = self.mig_dir(mig) / "images"
+        if mig in self.clean_scans:
+            transfer = hybrid.lazy_final(engine, images, self.clean_scans[mig])
+            return "lazy-final", transfer, transfer.stats
+        transfer = engine.final(images)
+        return "precopy-final", transfer, transfer.stats
 
     def rollback_source(self, mig: str, name: str) -> dict[str, Any]:
         """Resume the frozen source: unlock its network, thaw it. Safe to call at any point before confirm."""
         state = self._state(name)
         if state is None:
             raise SkyferryError(f"container {name!r} is gone from {self.cfg.name}; cannot resume it here")
-        self._stop_lazy_dump(mig)
+        self._stop_lazy_dump(mig, name)
         netlock.unlock(self.netns(name))
         if state["status"] == "paused":
             self.rt(name).resume(name)
@@ -254,6 +288,7 @@ class HostOps:
         replayed = holdback.replay() if holdback else 0
         self.engines.pop(mig, None)
         self.trackers.pop(mig, None)
+        self.clean_scans.pop(mig, None)
         self._wipe(mig)
         return {**self.info(name), "replayed": replayed}
 
@@ -272,7 +307,7 @@ class HostOps:
             waited = time.monotonic() - t0
             self.lazy_dumps.pop(mig, None)
             if rc != 0:
-                self._stop_lazy_dump(mig)
+                self._stop_lazy_dump(mig, name)
                 raise SkyferryError(
                     f"post-copy of {name!r}: the source's page server ended before the target had every page "
                     f"({'timeout' if rc is None else f'exit {rc}'})",
@@ -284,6 +319,7 @@ class HostOps:
         attach.detach(self.netns(name))
         self.engines.pop(mig, None)
         self.trackers.pop(mig, None)
+        self.clean_scans.pop(mig, None)
         holdback = self.source_holdbacks.pop(mig, None)
         if holdback is not None:
             holdback.close()
@@ -340,6 +376,15 @@ class HostOps:
         wire.wipe(images)
         return self._store(mig).build_image(iter(lambda: body.read(wire.CHUNK), b""), images).as_dict()
 
+    def lazy_final_accept(self, mig: str, body: BinaryIO) -> dict[str, Any]:
+        """Hybrid: the lazy dump's files and the clean map, checked against the store."""
+        images = self.mig_dir(mig) / "images"
+        wire.wipe(images)
+        stats, self.clean_maps[mig] = hybrid.accept_lazy_final(
+            self._store(mig), iter(lambda: body.read(wire.CHUNK), b""), images
+        )
+        return stats.as_dict()
+
     def _store(self, mig: str) -> TargetStore:
         if mig not in self.stores:
             raise SkyferryError(f"migration {mig}: no pre-copy store on {self.cfg.name} (agent restarted?)",
@@ -363,11 +408,12 @@ class HostOps:
                 try:
                     images, work = self.mig_dir(mig) / "images", self.mig_dir(mig) / f"work{attempt}"
                     if page_server:
-                        self.lazy_daemons[mig] = runtime.restore_lazy(name, images, work, page_server)
+                        self.lazy_daemons[mig] = runtime.restore_lazy(name, images, work, self._pager(mig, page_server))
                     else:
                         runtime.restore(name, images, work)
                     break
                 except SkyferryError:
+                    self._close_proxy(mig)
                     if attempt == 2 or runtime.state(name) is not None:
                         raise
                     time.sleep(0.2)
@@ -376,6 +422,21 @@ class HostOps:
         holdback = self.holdbacks.pop(mig, None)
         replayed = holdback.replay() if holdback else 0
         return {"restore_s": restored - t0, "unlock_s": time.monotonic() - restored, "replayed": replayed}
+
+    def _pager(self, mig: str, page_server: str) -> str:
+        """Where the lazy-pages daemon gets its pages: the source's page server (post-copy), or after
+        a lazy final (hybrid) a proxy here that serves the store and asks the source for the rest."""
+        clean = self.clean_maps.get(mig)
+        if clean is None:
+            return page_server
+        proxy = LazyProxy(self._store(mig), clean, self.mig_dir(mig) / "images", page_server, self.cfg.overlay_ip)
+        proxy.start()
+        self.proxies[mig] = proxy
+        return proxy.address
+
+    def _close_proxy(self, mig: str) -> dict[str, Any]:
+        proxy = self.proxies.pop(mig, None)
+        return proxy.close() if proxy is not None else {}
 
     def set_route(self, name: str, present: bool) -> None:
         """This host's /32 route to the container's netns (the cutover adds it on the target). Removing
@@ -404,23 +465,28 @@ class HostOps:
         """Drop what the migration left here; after a post-copy restore, once every page has arrived."""
         daemon = self.lazy_daemons.pop(mig, None)
         rc: int | None = 0
+        t0 = time.monotonic()
         if daemon is not None:
             try:
                 rc = daemon.wait(timeout=POSTCOPY_TIMEOUT)
             except subprocess.TimeoutExpired:
                 daemon.kill()
                 rc = None
+        lazy = {"lazy_s": round(time.monotonic() - t0, 3), **self._close_proxy(mig)} if daemon else {}
         self._drop_store(mig)
         self._wipe(mig)
         if rc != 0:
+            why = f": {lazy['error']}" if lazy.get("error") else ""
             raise SkyferryError(
-                f"post-copy: the lazy-pages daemon ended before every page arrived ({rc=}); the restored copy "
-                "faults on the pages it never got",
+                f"post-copy: the lazy-pages daemon ended before every page arrived ({rc=}){why}; the restored "
+                "copy faults on the pages it never got",
                 hint="post-copy cannot survive losing the source; see the restore logs in the host's logs/",
             )
-        return {}
+        return lazy
 
     def _drop_store(self, mig: str) -> None:
+        self._close_proxy(mig)
+        self.clean_maps.pop(mig, None)
         store = self.stores.pop(mig, None)
         if store is not None:
             store.close()

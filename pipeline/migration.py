@@ -22,6 +22,7 @@ from skyferry.pipeline.runtime import supported_modes
 from skyferry.pipeline.stages import (
     FREEZE_FROM,
     FREEZE_TO,
+    HYBRID,
     POINT_OF_NO_RETURN,
     POSTCOPY,
     PRECOPY,
@@ -31,9 +32,9 @@ from skyferry.pipeline.stages import (
     Stage,
 )
 
-# precopy: content-based memory rounds (works without soft-dirty); postcopy: CRIU lazy pages;
-# stop-copy: the baseline.
-MODES = {"precopy": PRECOPY, "postcopy": POSTCOPY, "stop-copy": STOP_COPY}
+# precopy: content-based memory rounds (works without soft-dirty); postcopy: CRIU lazy pages; hybrid:
+# rounds, then lazy pages for what changed since; stop-copy: the baseline.
+MODES = {"precopy": PRECOPY, "hybrid": HYBRID, "postcopy": POSTCOPY, "stop-copy": STOP_COPY}
 DEFAULT_MODE = "precopy"
 Progress = Callable[[str], None]
 
@@ -213,4 +214,6 @@ def _report(journal: Journal, mig: Migration) -> dict[str, Any]:
         "rounds": rounds,
         "precopy_stop": precopy.get("stop"),
         "stages_s": stages,
+        # post-copy and hybrid: the lazy phase after the restore (hybrid: pages from the store vs the source)
+        "lazy": {k: v for k, v in detail.get("cleanup", {}).items() if k != "seconds"} or None,
     }

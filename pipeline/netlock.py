@@ -45,3 +45,14 @@ def unlock(netns: str) -> None:
 
 def is_locked(netns: str) -> bool:
     return _nft(netns, "list", "table", "inet", TABLE).returncode == 0
+
+
+def clear_criu_lock(netns: str) -> None:
+    """Remove the iptables lock a CRIU dump puts on `netns` (criu/net.c). CRIU lifts it only when the
+    dump ends by itself; a lazy dump we had to kill leaves it behind, and it would drop the thawed
+    source's traffic. Idempotent."""
+    for tool in ("iptables", "ip6tables"):
+        if subprocess.run(command(netns, [tool, "-w", "-S", "CRIU"]), capture_output=True).returncode != 0:
+            continue  # no CRIU chain
+        for rule in (["-D", "INPUT", "-j", "CRIU"], ["-D", "OUTPUT", "-j", "CRIU"], ["-F", "CRIU"], ["-X", "CRIU"]):
+            subprocess.run(command(netns, [tool, "-w", *rule]), capture_output=True, check=False)

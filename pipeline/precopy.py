@@ -199,7 +199,7 @@ class SourceEngine:
         self.seq = 0
         self.tables: dict[int, HashTable] = {}  # by vpid: what the target holds
         self.history: list[RoundStats] = []
-        self._bufs = read_buffers()
+        self.bufs = read_buffers()
 
     def reset(self) -> None:
         """Forget what the target holds (after it rejected a stream); the next round is full."""
@@ -231,7 +231,7 @@ class SourceEngine:
             stats.processes += 1
             table = self.tables.get(proc.vpid, HashTable())
             batch = _Batch(proc.vpid)
-            for vpns, pages in MemReader(proc.pid, self._bufs).chunks():
+            for vpns, pages in MemReader(proc.pid, self.bufs).chunks():
                 stats.pages_scanned += len(vpns)
                 hashes = page_hashes(pages)
                 idx = np.flatnonzero(hashes != table.get(vpns))
@@ -273,27 +273,13 @@ class SourceEngine:
         for path in sorted(dump_dir.iterdir()):
             if path.name in skip or path.suffix == ".log" or path.is_symlink() or not path.is_file():
                 continue
-            yield from self._file_frames(w, path, stats)
+            yield from file_frames(w, path, stats)
         for vpid, (pages_id, entries) in maps.items():
             stats.processes += 1
             yield from self._final_process(w, dump_dir, vpid, pages_id, entries, stats)
         stats.bytes_out = w.bytes_out
         yield w.end(stats.as_dict())
         stats.bytes_out = w.bytes_out
-
-    @staticmethod
-    def _file_frames(w: FrameWriter, path: Path, stats: RoundStats) -> Iterator[bytes]:
-        name = path.name.encode()
-        with path.open("rb") as f:
-            off = 0
-            while True:
-                piece = f.read(FILE_PIECE)
-                if piece or off == 0:
-                    stats.bytes_files += len(piece)
-                    yield w.frame(b"FILE", FILE_HEAD.pack(len(name), off) + name + piece)
-                if len(piece) < FILE_PIECE:
-                    return
-                off += len(piece)
 
     def _final_process(
         self,
@@ -422,6 +408,10 @@ class _StoredProcess:
         pages = np.frombuffer(data, np.uint8).reshape(-1, PAGE)
         self.hashes.set(expand_runs(starts, lens), page_hashes(pages))
 
+    def read(self, start: int, n: int) -> bytes:
+        """Pages [start, start + n) as stored (holes read as zeros)."""
+        return b"".join(os.pread(self.fd, k * PAGE, off) for off, _, k in self._pieces(start, n))
+
     def zero(self, starts: np.ndarray, lens: np.ndarray) -> None:
         for start, n in zip(starts.tolist(), lens.tolist(), strict=True):
             for off, _, k in self._pieces(start, n):
@@ -481,12 +471,13 @@ class TargetStore:
             p.close()
         self.procs.clear()
 
-    def _proc(self, vpid: int) -> _StoredProcess:
+    def process(self, vpid: int) -> _StoredProcess:
+        """The stored pages of one process (created empty on first use)."""
         if vpid not in self.procs:
             self.procs[vpid] = _StoredProcess(self.dir, vpid)
         return self.procs[vpid]
 
-    def _check_head(self, payload: bytes, kind: str) -> tuple[str, int]:
+    def check_head(self, payload: bytes, kind: str) -> tuple[str, int]:
         head = json.loads(payload)
         session, seq = head["session"], head["seq"]
         if head["kind"] != kind:
@@ -507,15 +498,15 @@ class TargetStore:
         some of its pages were applied empties the store (see StreamError's hint).
         """
         stats = RoundStats("round", 0, time.monotonic())
-        frames = read_frames(_counted(chunks, stats))
+        frames = read_frames(counted(chunks, stats))
         _, head = next(frames)
-        session, stats.seq = self._check_head(head, "round")  # refused before any change
+        session, stats.seq = self.check_head(head, "round")  # refused before any change
         try:
             for tag, payload in frames:
                 if tag != b"PAGE":
                     raise StreamError(f"a round stream cannot hold a {tag.decode()} frame")
                 vpid, ds, dl, zs, zl, data = decode_pages(payload)
-                proc = self._proc(vpid)
+                proc = self.process(vpid)
                 proc.ensure_slabs(np.concatenate((ds, ds + dl - 1, zs, zs + zl - 1)))
                 proc.write(ds, dl, data)
                 proc.zero(zs, zl)
@@ -550,23 +541,15 @@ class TargetStore:
         return stats
 
     def _build(self, chunks: Iterable[bytes], image_dir: Path, stats: RoundStats) -> None:
-        frames = read_frames(_counted(chunks, stats))
+        frames = read_frames(counted(chunks, stats))
         _, head = next(frames)
-        _, stats.seq = self._check_head(head, "final")
+        _, stats.seq = self.check_head(head, "final")
         files: dict[str, int] = {}
         pending: dict[int, _FinalPages] = {}
         try:
             for tag, payload in frames:
                 if tag == b"FILE":
-                    nlen, off = FILE_HEAD.unpack_from(payload)
-                    name = payload[FILE_HEAD.size : FILE_HEAD.size + nlen].decode()
-                    if not IMAGE_NAME.fullmatch(name) or name == "parent":
-                        raise StreamError(f"bad image file name {name!r}")
-                    if name not in files:
-                        files[name] = os.open(image_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                    body = payload[FILE_HEAD.size + nlen :]
-                    os.pwrite(files[name], body, off)
-                    stats.bytes_files += len(body)
+                    write_file_frame(payload, image_dir, files, stats)
                 elif tag == b"PMAP":
                     fp = self._final_pagemap(payload, image_dir, stats)
                     if fp.vpid in pending:
@@ -672,7 +655,35 @@ class _FinalPages:
         os.close(self.fd)
 
 
-def _counted(chunks: Iterable[bytes], stats: RoundStats) -> Iterator[bytes]:
+def file_frames(w: FrameWriter, path: Path, stats: RoundStats) -> Iterator[bytes]:
+    """An image file as FILE frames (one even when it is empty)."""
+    name = path.name.encode()
+    with path.open("rb") as f:
+        off = 0
+        while True:
+            piece = f.read(FILE_PIECE)
+            if piece or off == 0:
+                stats.bytes_files += len(piece)
+                yield w.frame(b"FILE", FILE_HEAD.pack(len(name), off) + name + piece)
+            if len(piece) < FILE_PIECE:
+                return
+            off += len(piece)
+
+
+def write_file_frame(payload: bytes, image_dir: Path, files: dict[str, int], stats: RoundStats) -> None:
+    """Write one FILE frame into `image_dir`; `files` holds the descriptors opened so far (close them)."""
+    nlen, off = FILE_HEAD.unpack_from(payload)
+    name = payload[FILE_HEAD.size : FILE_HEAD.size + nlen].decode()
+    if not IMAGE_NAME.fullmatch(name) or name == "parent":
+        raise StreamError(f"bad image file name {name!r}")
+    if name not in files:
+        files[name] = os.open(image_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    body = payload[FILE_HEAD.size + nlen :]
+    os.pwrite(files[name], body, off)
+    stats.bytes_files += len(body)
+
+
+def counted(chunks: Iterable[bytes], stats: RoundStats) -> Iterator[bytes]:
     for c in chunks:
         stats.bytes_out += len(c)
         yield c

@@ -26,7 +26,7 @@ VERSION = 1
 HEADER = struct.Struct("<4sIIIQ")
 ZSTD = 1
 MAX_FRAME = 64 << 20
-TAGS = {b"HEAD", b"PAGE", b"FILE", b"PMAP", b"END_"}
+TAGS = {b"HEAD", b"PAGE", b"FILE", b"PMAP", b"CLEN", b"END_"}
 
 
 class StreamError(SkyferryError):

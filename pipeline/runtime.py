@@ -60,7 +60,7 @@ class Runtime(Protocol):
 # Migration modes per engine. Pre-copy reads the live process's memory and builds CRIU images beside the
 # engine; only runc restores straight from such an image directory. Podman and Docker checkpoint and
 # restore through their own CLIs, so they move by stop-copy.
-MODES = {"runc": ("precopy", "postcopy", "stop-copy"), "podman": ("stop-copy",), "docker": ("stop-copy",)}
+MODES = {"runc": ("precopy", "hybrid", "postcopy", "stop-copy"), "podman": ("stop-copy",), "docker": ("stop-copy",)}
 
 
 def supported_modes(runtime: str) -> tuple[str, ...]:

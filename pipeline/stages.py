@@ -211,8 +211,8 @@ class Confirm:
 class Cleanup:
     name = "cleanup"
 
-    def run(self, ctx: Context) -> None:
-        ctx.mig_call(ctx.dst, "finish-target")
+    def run(self, ctx: Context) -> dict[str, Any]:
+        return ctx.mig_call(ctx.dst, "finish-target")
 
     def undo(self, ctx: Context) -> None:
         pass
@@ -228,6 +228,12 @@ POSTCOPY: list[Stage] = [
 ]  # fmt: skip
 PRECOPY: list[Stage] = [
     Check(), Prepare(), PreCopy(), Checkpoint(), Transfer(), Cutover(), Restore(), Confirm(), Cleanup(),
+]  # fmt: skip
+# Hybrid: pre-copy rounds, then a lazy checkpoint. The source has a pre-copy engine, so it also sends the
+# pages the target holds unchanged; the target's lazy-pages daemon takes those from its store and only
+# the pages that changed since the last round from the source (pipeline/hybrid.py).
+HYBRID: list[Stage] = [
+    Check(), Prepare(), PreCopy(), LazyCheckpoint(), Transfer(), Cutover(), LazyRestore(), Confirm(), Cleanup(),
 ]  # fmt: skip
 POINT_OF_NO_RETURN = "restore"
 FREEZE_FROM, FREEZE_TO = "checkpoint", "restore"

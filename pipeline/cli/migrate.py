@@ -67,6 +67,9 @@ def migrate(
         None,
         "--mode",
         help="precopy: memory rounds while it runs, then a short freeze (default for runc); "
+        "hybrid: rounds, then restore at once and fetch only what changed since, lazily (shortest freeze "
+        "for big memory; the target needs the source until those pages arrive); "
+        "postcopy: restore at once, every page lazily; "
         "stop-copy: freeze, checkpoint, move everything, restore (default for podman and docker).",
     ),
     json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP),

@@ -1,0 +1,94 @@
+"""Hybrid mode end to end: pre-copy rounds, then a lazy final round served from the target's store.
+
+Real runc, CRIU (lazy dump, page server, lazy-pages daemon), wireguard-go and network namespaces; the
+counter holds realistic memory it keeps rewriting, and its client on local-3 fails on any lost or
+repeated request.
+"""
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from meshkit import local_mesh
+from skyferry.netplane.mesh import Mesh
+from skyferry.pipeline import containers, migration
+from skyferry.pipeline import demo as scenario
+from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.journal import Journal
+
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Mesh]]:
+    with local_mesh(tmp_path_factory) as made:
+        yield made
+
+
+def _counter(mesh: tuple[Path, Mesh], tmp_path: Path, node: str, dirty_mb_s: float) -> Iterator[dict]:
+    state, m = mesh
+    name = re.sub(r"[^a-z0-9]+", "-", node.lower())[-30:].strip("-")
+    info = scenario.start_counter(state, "local-1", name, tmp_path, memory_mib=48, dirty_mb_s=dirty_mb_s)
+    client = scenario.CounterClient(m.hosts["local-3"].netns or "", info["ip"], tmp_path).start()
+    try:
+        yield {"name": name, "client": client, "state": state, "mesh": m}
+    finally:
+        client.stop()
+        containers.remove(state, name)
+
+
+@pytest.fixture
+def counter(mesh: tuple[Path, Mesh], tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[dict]:
+    yield from _counter(mesh, tmp_path, request.node.name, dirty_mb_s=2)
+
+
+def test_hybrid_serves_unchanged_pages_from_the_store(counter: dict) -> None:
+    state, name = counter["state"], counter["name"]
+    report = migration.migrate(state, name, "local-2", mode="hybrid")
+    assert report["state"] == "done" and report["mode"] == "hybrid"
+    assert list(report["stages_s"]) == ["check", "prepare", "precopy", "checkpoint", "transfer", "cutover",
+                                        "restore", "confirm", "cleanup"]  # fmt: skip
+    lazy = report["lazy"]
+    assert lazy["error"] is None
+    # Most of the 48 MiB was pre-copied and unchanged at the freeze: the target's own store served it.
+    assert lazy["pages_from_store"] > 8 * 256
+    assert lazy["pages_from_store"] > lazy["pages_from_source"]
+    client = counter["client"]
+    client.wait_for(client.progress() + 5)
+    assert {r["name"]: r for r in containers.live(state)}[name]["host"] == "local-2"
+    seen = client.stop()
+    assert seen["survived"], seen["errors"]
+
+
+def test_hybrid_hands_over_to_postcopy_when_rounds_cannot_converge(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Dirtying faster than the link (40 MB/s over 40 Mbit/s): the policy stops the rounds, and what
+    changed since the last one arrives lazily from the source after the restore, not inside the freeze."""
+    with local_mesh(tmp_path_factory, prefix="s", wan="rate=40mbit,rtt=10ms") as slow:
+        _migrate_fast_dirtier(slow, tmp_path, request.node.name)
+
+
+def _migrate_fast_dirtier(mesh: tuple[Path, Mesh], tmp_path: Path, node: str) -> None:
+    for c in _counter(mesh, tmp_path, node, dirty_mb_s=40):
+        report = migration.migrate(c["state"], c["name"], "local-2", mode="hybrid")
+        assert report["precopy_stop"] in ("not-converging", "growing", "round-limit", "time-limit")
+        assert report["lazy"]["pages_from_source"] > 0
+        seen = c["client"].stop()
+        assert seen["survived"], seen["errors"]
+
+
+def test_hybrid_reports_a_lost_source_clearly(counter: dict) -> None:
+    """Like post-copy, hybrid cannot survive losing the source before the changed pages arrived."""
+    state, name, m = counter["state"], counter["name"], counter["mesh"]
+    faults = Path(m.hosts["local-1"].state_root) / "faults"
+    faults.write_text("lose-page-server\n")
+    try:
+        with pytest.raises(SkyferryError, match="post-copy") as failure:
+            migration.migrate(state, name, "local-2", mode="hybrid")
+    finally:
+        faults.unlink()
+    assert "after the container went live on local-2" in str(failure.value)
+    assert Journal(state).all()[-1].state == "running"
