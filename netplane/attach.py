@@ -61,6 +61,9 @@ def attach(
             )  # fmt: skip
             host_idx = _link(host, host_if)
         netns.sysctl(host_netns, f"net/ipv4/conf/{host_if}/proxy_arp", "1")
+        # Proxy ARP answers after a random delay of up to proxy_delay (0.8 s by default). A restored
+        # container resolves its peers afresh on the target, so that delay would add to the freeze.
+        netns.sysctl(host_netns, f"net/ipv4/neigh/{host_if}/proxy_delay", "0")
         netns.sysctl(host_netns, "net/ipv4/ip_forward", "1")
         host.link("set", index=host_idx, mtu=mtu, state="up")
 
