@@ -424,11 +424,12 @@ class HostOps:
         return {"restore_s": restored - t0, "unlock_s": time.monotonic() - restored, "replayed": replayed}
 
     def _pager(self, mig: str, page_server: str) -> str:
-        """Where the lazy-pages daemon gets its pages: the source's page server (post-copy), or after
-        a lazy final (hybrid) a proxy here that serves the store and asks the source for the rest."""
-        clean = self.clean_maps.get(mig)
-        if clean is None:
-            return page_server
+        """Where the lazy-pages daemon gets its pages: a proxy here that serves what the store holds
+        unchanged (hybrid's clean map; nothing in post-copy) and prefetches the rest from the source's
+        page server, so the daemon never waits a WAN round trip per fault (see lazyproxy.py)."""
+        if mig not in self.stores:  # post-copy: the proxy keeps what it fetches in a fresh store
+            self.stores[mig] = TargetStore(self.mig_dir(mig) / "store")
+        clean = self.clean_maps.get(mig, {})
         proxy = LazyProxy(self._store(mig), clean, self.mig_dir(mig) / "images", page_server, self.cfg.overlay_ip)
         proxy.start()
         self.proxies[mig] = proxy
