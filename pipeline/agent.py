@@ -26,10 +26,12 @@ import logging
 import os
 import re
 import signal
+import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -47,6 +49,7 @@ from skyferry.pipeline.runc import ContainerSpec
 
 AGENT_PORT = 7420
 MIGRATION_ID = re.compile(r"[A-Za-z0-9_-]+")  # it names directories (images, logs)
+PAGE_SERVER = re.compile(r"\d{1,3}(\.\d{1,3}){3}:\d{1,5}")  # a source's CRIU page server, addr:port
 log = logging.getLogger("skyferry.agent")
 
 
@@ -155,10 +158,11 @@ class Agent:
                     return clone.dispatch(self, mig, op, body)
         raise _NotFound(f"no migration operation {op!r}")
 
-    def _peer(self, target: dict[str, Any]) -> AgentClient:
-        """One kept-alive client per peer agent: the connection warmed by the pre-copy rounds carries the
-        final delta inside the freeze without a new TCP and TLS handshake across the WAN."""
-        key = (target["address"], int(target.get("port", AGENT_PORT)))
+    def _peer(self, target: dict[str, Any], lane: str = "mem") -> AgentClient:
+        """One kept-alive client per peer and lane: the connections warmed by the pre-copy rounds carry
+        the final deltas inside the freeze without a new TCP and TLS handshake across the WAN. Memory
+        and files use separate lanes, so their finals travel side by side."""
+        key = (target["address"], int(target.get("port", AGENT_PORT)), lane)
         with self._peers_lock:
             if key not in self._peers:
                 self._peers[key] = AgentClient(key[0], key[1], self.peer_ctx)
@@ -170,7 +174,7 @@ class Agent:
 
     def _precopy(self, mig: str, name: str, target: dict[str, Any], policy: dict[str, Any]) -> dict[str, Any]:
         """Memory rounds streamed straight to the target agent's store while the container runs."""
-        peer = self._peer(target)
+        peer, fs_peer = self._peer(target), self._peer(target, "fs")
         peer.call("POST", f"/v1/migrations/{mig}/precopy-reset", {"name": name})
         mem_path = f"/v1/migrations/{mig}/precopy-round?name={name}"
         fs_path = f"/v1/migrations/{mig}/fs-round?name={name}"
@@ -178,22 +182,22 @@ class Agent:
             mig,
             name,
             lambda chunks: self._upload(peer, mem_path, chunks),
-            lambda chunks: self._upload(peer, fs_path, chunks),
+            lambda chunks: self._upload(fs_peer, fs_path, chunks),
             ConvergencePolicy(**policy),
         )
 
     def _send(self, mig: str, name: str, target: dict[str, Any]) -> dict[str, Any]:
         """Send the frozen container's state, then the client segments our lock has dropped so far: the
         target replays them at its restore, so those clients need not wait out their back-off."""
-        peer = self._peer(target)
-        sent = self._send_state(peer, mig, name)
+        sent = self._send_state(self._peer(target), self._peer(target, "fs"), mig, name)
+        t0 = time.monotonic()
         held = self.ops.held_segments(mig)
         if held:
             packets = [base64.b64encode(p).decode() for p in held]
-            peer.call("POST", f"/v1/migrations/{mig}/hold", {"name": name, "packets": packets})
-        return {**sent, "segments_handed_over": len(held)}
+            self._peer(target).call("POST", f"/v1/migrations/{mig}/hold", {"name": name, "packets": packets})
+        return {**sent, "segments_handed_over": len(held), "hand_over_s": round(time.monotonic() - t0, 4)}
 
-    def _send_state(self, peer: AgentClient, mig: str, name: str) -> dict[str, Any]:
+    def _send_state(self, peer: AgentClient, fs_peer: AgentClient, mig: str, name: str) -> dict[str, Any]:
         """Stream the frozen container's state straight to the target agent.
 
         After pre-copy rounds only the deltas travel: the memory pages and the files changed since the
@@ -201,14 +205,21 @@ class Agent:
         image and payload go as one tar, whose SHA-256 both ends must agree on.
         """
         t0 = time.monotonic()
+        # After a lazy dump the target starts its pager as soon as the images are in (HostOps.start_pager).
+        lazy = f"&page_server={self.ops.page_server(mig)}" if mig in self.ops.lazy_dumps else ""
         final = self.ops.final_out(mig, name)
         fs_stats = FsStats()
         fs_final = self.ops.fs_final_out(mig, name, fs_stats)
         if final is not None and fs_final is not None:
             kind, chunks, mem_stats = final
-            self._upload(peer, f"/v1/migrations/{mig}/{kind}?name={name}", chunks)
-            self._upload(peer, f"/v1/migrations/{mig}/fs-round?name={name}", fs_final)
+            with ThreadPoolExecutor(1) as pool:  # the file delta travels beside the memory delta
+                fs_done = pool.submit(self._upload, fs_peer, f"/v1/migrations/{mig}/fs-round?name={name}", fs_final)
+                self._upload(peer, f"/v1/migrations/{mig}/{kind}?name={name}{lazy}", chunks)
+                t_mem = time.monotonic()
+                fs_done.result()
             return {
+                "memory_s": round(t_mem - t0, 4),
+                "fs_s": round(time.monotonic() - t0, 4),
                 "final": mem_stats.as_dict(),
                 "fs_final": fs_stats.as_dict(),
                 "bytes_raw": mem_stats.bytes_raw + fs_stats.bytes_raw,
@@ -217,7 +228,7 @@ class Agent:
             }
         stats = wire.StreamStats()
         received = self._upload(
-            peer, f"/v1/migrations/{mig}/receive?name={name}", self.ops.stream_out(mig, name, stats)
+            peer, f"/v1/migrations/{mig}/receive?name={name}{lazy}", self.ops.stream_out(mig, name, stats)
         )
         if received.get("sha256") != stats.sha256:
             raise SkyferryError(
@@ -234,17 +245,25 @@ class Agent:
     def stream_in(self, mig: str, kind: str, query: dict[str, list[str]], reader: Any) -> Any:
         name = query["name"][0]
         faults.check(self.ops.cfg.state_root, kind)
+        page_server = query.get("page_server", [""])[0]
+        if page_server and not PAGE_SERVER.fullmatch(page_server):
+            raise SkyferryError(f"bad page server address {page_server!r}")
         with self.ops.lock(name):
             match kind:
                 case "receive":
                     stats = self.ops.receive(mig, name, reader)
+                    if page_server:
+                        self.ops.start_pager(mig, page_server)
                     return {"bytes_wire": stats.bytes_wire, "sha256": stats.sha256}
                 case "precopy-round":
                     return self.ops.precopy_apply(mig, reader)
                 case "precopy-final":
                     return self.ops.precopy_build(mig, reader)
                 case "lazy-final":
-                    return self.ops.lazy_final_accept(mig, reader)
+                    accepted = self.ops.lazy_final_accept(mig, reader)
+                    if page_server:
+                        self.ops.start_pager(mig, page_server)
+                    return accepted
                 case "fs-round":
                     return self.ops.fs_apply(mig, reader)
         raise _NotFound(f"no stream {kind!r}")
@@ -357,6 +376,9 @@ class _TLSServer(ThreadingHTTPServer):
         sock, addr = self.socket.accept()
         sock.settimeout(600)
         bound_stalls(sock)  # a receive from a peer that vanished must not hold the container's lock
+        # A reply goes out as headers, then body: with Nagle the body waited for the ACK of the headers
+        # (a round trip plus the peer's delayed ACK: 70 ms per call across a 30 ms WAN, in the freeze).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # The handshake happens in the worker thread, so a slow or hostile client cannot block accept().
         return self.ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), addr
 

@@ -15,13 +15,13 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from skyferry.netplane import attach
-from skyferry.pipeline import faults, hybrid, netlock, wire
+from skyferry.pipeline import faults, hybrid, lazypages, netlock, wire
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.fsync import FsApplier, FsStats, FsTracker
 from skyferry.pipeline.holdback import Holdback
@@ -58,7 +58,9 @@ class HostOps:
         self.lazy_daemons: dict[str, subprocess.Popen[bytes]] = {}  # post-copy page fetchers (target side)
         self.clean_scans: dict[str, dict[int, Any]] = {}  # hybrid, source side: pages the target holds unchanged
         self.clean_maps: dict[str, dict[int, HashTable]] = {}  # hybrid, target side: the same, checked
-        self.proxies: dict[str, LazyProxy] = {}  # hybrid, target side: serves the lazy-pages daemon
+        self.proxies: dict[str, LazyProxy] = {}  # post-copy and hybrid, target side: serve the lazy-pages daemon
+        self.pagers: dict[str, Future[None]] = {}  # target side: proxy and daemon, started during the transfer
+        self._pool = ThreadPoolExecutor(4, thread_name_prefix="pager")
         self.holdbacks: dict[str, Holdback] = {}  # target side: replayed when the restore opens the netns
         self.source_holdbacks: dict[str, Holdback] = {}  # source side: replayed if a rollback thaws it
         self._locks: dict[str, threading.Lock] = {}
@@ -408,12 +410,14 @@ class HostOps:
                 try:
                     images, work = self.mig_dir(mig) / "images", self.mig_dir(mig) / f"work{attempt}"
                     if page_server:
-                        self.lazy_daemons[mig] = runtime.restore_lazy(name, images, work, self._pager(mig, page_server))
+                        self._ready_pager(mig, page_server, work)
+                        t_pager = time.monotonic()
+                        runtime.restore_lazy(name, images, work)
                     else:
                         runtime.restore(name, images, work)
                     break
                 except SkyferryError:
-                    self._close_proxy(mig)
+                    self._stop_pager(mig)
                     if attempt == 2 or runtime.state(name) is not None:
                         raise
                     time.sleep(0.2)
@@ -421,19 +425,52 @@ class HostOps:
         netlock.unlock(self.netns(name))
         holdback = self.holdbacks.pop(mig, None)
         replayed = holdback.replay() if holdback else 0
-        return {"restore_s": restored - t0, "unlock_s": time.monotonic() - restored, "replayed": replayed}
+        timings = {"restore_s": restored - t0, "unlock_s": time.monotonic() - restored}
+        if page_server and state is None:
+            timings["pager_wait_s"] = t_pager - t0
+        return {**timings, "replayed": replayed}
 
-    def _pager(self, mig: str, page_server: str) -> str:
-        """Where the lazy-pages daemon gets its pages: a proxy here that serves what the store holds
-        unchanged (hybrid's clean map; nothing in post-copy) and prefetches the rest from the source's
-        page server, so the daemon never waits a WAN round trip per fault (see lazyproxy.py)."""
+    def start_pager(self, mig: str, page_server: str) -> None:
+        """Start the page-server proxy and CRIU's lazy-pages daemon as soon as the images are here
+        (during the transfer), so that the restore inside the freeze only restores."""
+        if mig not in self.pagers and mig not in self.lazy_daemons:
+            self.pagers[mig] = self._pool.submit(self._pager, mig, page_server, self.mig_dir(mig) / "work1")
+
+    def _ready_pager(self, mig: str, page_server: str, work: Path) -> None:
+        """The pager for a restore in `work`: the one started early if it came up there, else a new one."""
+        early = self.pagers.pop(mig, None)
+        if early is not None:
+            try:
+                early.result()
+            except SkyferryError:
+                self._stop_pager(mig)
+            else:
+                if mig in self.lazy_daemons and self.lazy_daemons[mig].poll() is None and work.name == "work1":
+                    return
+                self._stop_pager(mig)
+        self._pager(mig, page_server, work)
+
+    def _pager(self, mig: str, page_server: str, work: Path) -> None:
+        """A proxy here that serves what the store holds unchanged (hybrid's clean map; nothing in
+        post-copy) and prefetches the rest from the source's page server, so the daemon never waits a
+        WAN round trip per fault (see lazyproxy.py); then the daemon, pointed at it."""
         if mig not in self.stores:  # post-copy: the proxy keeps what it fetches in a fresh store
             self.stores[mig] = TargetStore(self.mig_dir(mig) / "store")
         clean = self.clean_maps.get(mig, {})
-        proxy = LazyProxy(self._store(mig), clean, self.mig_dir(mig) / "images", page_server, self.cfg.overlay_ip)
+        images = self.mig_dir(mig) / "images"
+        proxy = LazyProxy(self._store(mig), clean, images, page_server, self.cfg.overlay_ip)
         proxy.start()
         self.proxies[mig] = proxy
-        return proxy.address
+        self.lazy_daemons[mig] = lazypages.start_daemon(images, work, proxy.address)
+
+    def _stop_pager(self, mig: str) -> dict[str, Any]:
+        early = self.pagers.pop(mig, None)
+        if early is not None:
+            early.exception()  # let it finish starting, whichever way, before stopping what it started
+        daemon = self.lazy_daemons.pop(mig, None)
+        if daemon is not None:
+            lazypages.stop(daemon)
+        return self._close_proxy(mig)
 
     def _close_proxy(self, mig: str) -> dict[str, Any]:
         proxy = self.proxies.pop(mig, None)
@@ -486,7 +523,7 @@ class HostOps:
         return lazy
 
     def _drop_store(self, mig: str) -> None:
-        self._close_proxy(mig)
+        self._stop_pager(mig)
         self.clean_maps.pop(mig, None)
         store = self.stores.pop(mig, None)
         if store is not None:

@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -194,34 +193,12 @@ class Runc:
             raise SkyferryError(f"lazy checkpoint failed: {_last_error(message)}", hint=_criu_hint(work / "dump.log"))
         return proc
 
-    def restore_lazy(self, name: str, images: Path, work: Path, page_server: str) -> subprocess.Popen[bytes]:
-        """Post-copy: start CRIU's lazy-pages daemon (it fetches pages from the source's page server on
-        faults and in the background), then restore without memory. Returns the daemon, which exits
-        once every page has arrived."""
-        work.mkdir(parents=True, exist_ok=True)
-        address, port = page_server.rsplit(":", 1)
-        socket_path = work / "lazy-pages.socket"
-        socket_path.unlink(missing_ok=True)
-        argv = ["criu", "lazy-pages", "--page-server", "--address", address, "--port", port,
-                "-D", str(images), "-W", str(work), "-o", "lazy-pages.log", "-v4"]  # fmt: skip
-        daemon = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-        deadline = time.monotonic() + 10
-        while not socket_path.exists():  # runc's CRIU connects to it as soon as it starts
-            if daemon.poll() is not None or time.monotonic() > deadline:
-                daemon.kill()
-                daemon.wait()
-                raise SkyferryError("CRIU's lazy-pages daemon did not start", hint=f"see {work / 'lazy-pages.log'}")
-            time.sleep(0.01)
+    def restore_lazy(self, name: str, images: Path, work: Path) -> None:
+        """Post-copy: restore without memory; a lazy-pages daemon must already listen in `work`
+        (pipeline/lazypages.py)."""
         args = ["restore", "-d", "--lazy-pages", "--tcp-established", "--file-locks"]
         args += ["--image-path", str(images), "--work-path", str(work), "--bundle", str(self.bundle(name))]
-        try:
-            self._runc(*args, name, criu_log=work / "restore.log")
-        except SkyferryError:
-            daemon.kill()
-            daemon.wait()
-            raise
-        return daemon
+        self._runc(*args, name, criu_log=work / "restore.log")
 
     def restore(self, name: str, images: Path, work: Path) -> None:
         work.mkdir(parents=True, exist_ok=True)
