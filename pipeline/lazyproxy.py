@@ -33,7 +33,7 @@ PSI = struct.Struct("<I4xQQQ")  # struct page_server_iov: cmd, nr_pages, vaddr, 
 PS_IOV_GET, PS_IOV_ADD_F, PS_IOV_CLOSE, PS_IOV_FORCE_CLOSE = 7, 6, 0x1023, 0x1024
 ADD_PRESENT = PS_IOV_ADD_F | memimage.PE_PRESENT << 16
 MAX_GET = 256  # pages per request to the source: 1 MiB
-WINDOW = 2 << 20  # bytes asked of the source and not yet received: bounds how long a fault waits behind prefetch
+WINDOW = 1 << 20  # bytes asked of the source and not yet received: bounds how long a fault waits behind prefetch
 NEEDED, ASKED, READY = 0, 1, 2
 CLOSE = (-1, 0, 0)  # in the in-flight queue: PS_IOV_CLOSE, answered by a 4-byte status
 
