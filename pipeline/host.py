@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from skyferry.netplane import attach
-from skyferry.pipeline import faults, hybrid, lazypages, netlock, wire
+from skyferry.pipeline import faults, hybrid, netlock, wire
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.fsync import FsApplier, FsStats, FsTracker
 from skyferry.pipeline.holdback import Holdback
-from skyferry.pipeline.lazyproxy import LazyProxy
+from skyferry.pipeline.lazypages import Pager
 from skyferry.pipeline.precopy import HashTable, SourceEngine, TargetStore
 from skyferry.pipeline.precopy_policy import ConvergencePolicy
 from skyferry.pipeline.runc import ContainerSpec
@@ -55,11 +55,9 @@ class HostOps:
         self.appliers: dict[str, FsApplier] = {}  # file-system rounds, target side, by migration
         self.stores: dict[str, TargetStore] = {}  # pre-copy, target side, by migration
         self.lazy_dumps: dict[str, subprocess.Popen[bytes]] = {}  # post-copy page servers (source side)
-        self.lazy_daemons: dict[str, subprocess.Popen[bytes]] = {}  # post-copy page fetchers (target side)
         self.clean_scans: dict[str, dict[int, Any]] = {}  # hybrid, source side: pages the target holds unchanged
         self.clean_maps: dict[str, dict[int, HashTable]] = {}  # hybrid, target side: the same, checked
-        self.proxies: dict[str, LazyProxy] = {}  # post-copy and hybrid, target side: serve the lazy-pages daemon
-        self.pagers: dict[str, Future[None]] = {}  # target side: proxy and daemon, started during the transfer
+        self.pagers: dict[str, Future[Pager]] = {}  # post-copy and hybrid, target side: started during the transfer
         self._pool = ThreadPoolExecutor(4, thread_name_prefix="pager")
         self.holdbacks: dict[str, Holdback] = {}  # target side: replayed when the restore opens the netns
         self.source_holdbacks: dict[str, Holdback] = {}  # source side: replayed if a rollback thaws it
@@ -316,7 +314,7 @@ class HostOps:
                     hint=f"the copy on the target is missing memory and cannot continue; see {self.mig_dir(mig)}",
                 )
         for runtime in self.runtimes.values():
-            if runtime.owns(name):  # a finished lazy dump has already ended the runc container itself
+            if runtime.owns(name):
                 runtime.remove(name)
         attach.detach(self.netns(name))
         self.engines.pop(mig, None)
@@ -433,48 +431,34 @@ class HostOps:
     def start_pager(self, mig: str, page_server: str) -> None:
         """Start the page-server proxy and CRIU's lazy-pages daemon as soon as the images are here
         (during the transfer), so that the restore inside the freeze only restores."""
-        if mig not in self.pagers and mig not in self.lazy_daemons:
-            self.pagers[mig] = self._pool.submit(self._pager, mig, page_server, self.mig_dir(mig) / "work1")
+        if mig not in self.pagers:
+            self.pagers[mig] = self._pool.submit(self._new_pager, mig, page_server, self.mig_dir(mig) / "work1")
 
     def _ready_pager(self, mig: str, page_server: str, work: Path) -> None:
-        """The pager for a restore in `work`: the one started early if it came up there, else a new one."""
-        early = self.pagers.pop(mig, None)
+        """A running pager for a restore in `work`: the one started early if it came up there, else a new one."""
+        early = self.pagers.get(mig)
         if early is not None:
-            try:
-                early.result()
-            except SkyferryError:
-                self._stop_pager(mig)
-            else:
-                if mig in self.lazy_daemons and self.lazy_daemons[mig].poll() is None and work.name == "work1":
-                    return
-                self._stop_pager(mig)
-        self._pager(mig, page_server, work)
+            pager = _started(early)
+            if pager is not None and pager.alive() and pager.work == work:
+                return
+            self._stop_pager(mig)
+        ready: Future[Pager] = Future()
+        ready.set_result(self._new_pager(mig, page_server, work))
+        self.pagers[mig] = ready
 
-    def _pager(self, mig: str, page_server: str, work: Path) -> None:
-        """A proxy here that serves what the store holds unchanged (hybrid's clean map; nothing in
-        post-copy) and prefetches the rest from the source's page server, so the daemon never waits a
-        WAN round trip per fault (see lazyproxy.py); then the daemon, pointed at it."""
+    def _new_pager(self, mig: str, page_server: str, work: Path) -> Pager:
+        """Clean pages (hybrid's map; none in post-copy) from the store, the rest prefetched from the
+        source's page server, so the daemon never waits a WAN round trip per fault (see lazyproxy.py)."""
         if mig not in self.stores:  # post-copy: the proxy keeps what it fetches in a fresh store
             self.stores[mig] = TargetStore(self.mig_dir(mig) / "store")
         clean = self.clean_maps.get(mig, {})
         images = self.mig_dir(mig) / "images"
-        proxy = LazyProxy(self._store(mig), clean, images, page_server, self.cfg.overlay_ip)
-        proxy.start()
-        self.proxies[mig] = proxy
-        self.lazy_daemons[mig] = lazypages.start_daemon(images, work, proxy.address)
+        return Pager(self._store(mig), clean, images, page_server, self.cfg.overlay_ip, work)
 
     def _stop_pager(self, mig: str) -> dict[str, Any]:
         early = self.pagers.pop(mig, None)
-        if early is not None:
-            early.exception()  # let it finish starting, whichever way, before stopping what it started
-        daemon = self.lazy_daemons.pop(mig, None)
-        if daemon is not None:
-            lazypages.stop(daemon)
-        return self._close_proxy(mig)
-
-    def _close_proxy(self, mig: str) -> dict[str, Any]:
-        proxy = self.proxies.pop(mig, None)
-        return proxy.close() if proxy is not None else {}
+        pager = _started(early) if early is not None else None  # let it finish starting before stopping it
+        return pager.stop() if pager is not None else {}
 
     def set_route(self, name: str, present: bool) -> None:
         """This host's /32 route to the container's netns (the cutover adds it on the target). Removing
@@ -501,16 +485,9 @@ class HostOps:
 
     def finish_target(self, mig: str) -> dict[str, Any]:
         """Drop what the migration left here; after a post-copy restore, once every page has arrived."""
-        daemon = self.lazy_daemons.pop(mig, None)
-        rc: int | None = 0
-        t0 = time.monotonic()
-        if daemon is not None:
-            try:
-                rc = daemon.wait(timeout=POSTCOPY_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                rc = None
-        lazy = {"lazy_s": round(time.monotonic() - t0, 3), **self._close_proxy(mig)} if daemon else {}
+        early = self.pagers.pop(mig, None)
+        pager = _started(early) if early is not None else None
+        rc, lazy = pager.finish(POSTCOPY_TIMEOUT) if pager is not None else (0, {})
         self._drop_store(mig)
         self._wipe(mig)
         if rc != 0:
@@ -536,6 +513,14 @@ class HostOps:
     def shutdown(self) -> None:
         """Remove this host's tmpfs images and empty cgroup parents (the agent is stopping)."""
         shutil.rmtree(self.images_root, ignore_errors=True)
+
+
+def _started(future: Future[Pager]) -> Pager | None:
+    """The pager once it has started; None if starting it failed (the restore then starts another)."""
+    try:
+        return future.result()
+    except SkyferryError:
+        return None
 
 
 def page_server(mig: str, overlay_ip: str) -> str:

@@ -1,13 +1,53 @@
-"""CRIU's lazy-pages daemon on the target: it fills the restored copy's memory on faults and in the
-background, from a page server (here always the proxy of pipeline/lazyproxy.py)."""
+"""The target's side of a lazy restore: CRIU's lazy-pages daemon, pointed at the page-server proxy
+(pipeline/lazyproxy.py) that serves it from the pre-copy store and the source."""
 
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.lazyproxy import LazyProxy
+from skyferry.pipeline.precopy import HashTable, TargetStore
 
 START_TIMEOUT_S = 10.0
+
+
+class Pager:
+    """A proxy for `store` (clean pages from it, the rest from the source at `page_server`) and a
+    lazy-pages daemon for the images in `images`, listening in `work` for `restore --lazy-pages`."""
+
+    def __init__(
+        self, store: TargetStore, clean: dict[int, HashTable], images: Path, page_server: str, bind: str, work: Path
+    ) -> None:
+        self.work = work
+        self.proxy = LazyProxy(store, clean, images, page_server, bind)
+        self.proxy.start()
+        try:
+            self.daemon = start_daemon(images, work, self.proxy.address)
+        except BaseException:
+            self.proxy.close()
+            raise
+
+    def alive(self) -> bool:
+        return self.daemon.poll() is None
+
+    def finish(self, timeout: float) -> tuple[int | None, dict[str, Any]]:
+        """Wait until the daemon has every page (its exit status, None on timeout); then the proxy's stats."""
+        t0 = time.monotonic()
+        try:
+            rc: int | None = self.daemon.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            rc = None
+        waited = round(time.monotonic() - t0, 3)
+        return rc, {"lazy_s": waited, **self.stop()}
+
+    def stop(self) -> dict[str, Any]:
+        """Kill the daemon if it still runs and close the proxy; returns the proxy's stats."""
+        if self.daemon.poll() is None:
+            self.daemon.kill()
+        self.daemon.wait()
+        return self.proxy.close()
 
 
 def start_daemon(images: Path, work: Path, page_server: str) -> subprocess.Popen[bytes]:
@@ -24,13 +64,9 @@ def start_daemon(images: Path, work: Path, page_server: str) -> subprocess.Popen
     deadline = time.monotonic() + START_TIMEOUT_S
     while not socket_path.exists():
         if daemon.poll() is not None or time.monotonic() > deadline:
-            stop(daemon)
+            if daemon.poll() is None:
+                daemon.kill()
+            daemon.wait()
             raise SkyferryError("CRIU's lazy-pages daemon did not start", hint=f"see {work / 'lazy-pages.log'}")
         time.sleep(0.005)
     return daemon
-
-
-def stop(daemon: subprocess.Popen[bytes]) -> None:
-    if daemon.poll() is None:
-        daemon.kill()
-    daemon.wait()

@@ -173,13 +173,18 @@ class Runc:
 
     def checkpoint_lazy(self, name: str, images: Path, work: Path, page_server: str) -> subprocess.Popen[bytes]:
         """Post-copy: dump everything but the memory pages, which a CRIU page server on `page_server`
-        ("addr:port") then hands out to the target until it has them all; CRIU ends the frozen source
-        after that. Returns the running `runc checkpoint` once the dump itself is done."""
+        ("addr:port") then hands out to the target until it has them all. Returns the running `runc
+        checkpoint` once the dump itself is done.
+
+        `--leave-running`: CRIU counts a page-server client that hangs up without asking for every page
+        as a success and would then kill the tasks (criu/cr-dump.c), so a target that gives up (a failed
+        restore, a rollback) would take the only live copy with it. Left running, the tasks stay frozen
+        (the freezer state CRIU found) until confirm removes them or a rollback thaws them."""
         images.mkdir(parents=True, exist_ok=True)
         work.mkdir(parents=True, exist_ok=True)
         ready_r, ready_w = os.pipe()
         argv = [RUNC, "--root", str(self.root), "checkpoint", "--lazy-pages", "--page-server", page_server,
-                "--status-fd", str(ready_w), "--tcp-established", "--file-locks",
+                "--leave-running", "--status-fd", str(ready_w), "--tcp-established", "--file-locks",
                 "--image-path", str(images), "--work-path", str(work), name]  # fmt: skip
         with open(work / "runc-checkpoint.err", "wb") as err:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,

@@ -87,13 +87,16 @@ def test_migration_keeps_ip_and_connection_there_and_back(counter: dict) -> None
     assert not list(Path("/dev/shm/skyferry", m.name).rglob("*.img")), "checkpoint images must be wiped"
 
 
-def test_restore_failure_rolls_back_to_the_source(counter: dict) -> None:
+@pytest.mark.parametrize("mode", ["precopy", "hybrid", "postcopy"])
+def test_restore_failure_rolls_back_to_the_source(counter: dict, mode: str) -> None:
+    """Also in the lazy modes, whose source serves pages until the target hangs up: the target's pager
+    is already connected when the restore fails, and undoing it must not end the frozen source."""
     state, name, m = counter["state"], counter["name"], counter["mesh"]
     faults = Path(m.hosts["local-2"].state_root) / "faults"
     faults.write_text("restore\n")
     try:
         with pytest.raises(SkyferryError, match=r"failed at restore.*Rolled back"):
-            migration.migrate(state, name, "local-2")
+            migration.migrate(state, name, "local-2", mode=mode)
     finally:
         faults.unlink()
     now = where(state, name)
