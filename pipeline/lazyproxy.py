@@ -33,6 +33,10 @@ PSI = struct.Struct("<I4xQQQ")  # struct page_server_iov: cmd, nr_pages, vaddr, 
 PS_IOV_GET, PS_IOV_ADD_F, PS_IOV_CLOSE, PS_IOV_FORCE_CLOSE = 7, 6, 0x1023, 0x1024
 ADD_PRESENT = PS_IOV_ADD_F | memimage.PE_PRESENT << 16
 MAX_GET = 256  # pages per request to the source: 1 MiB
+# Pages per answer to the daemon: it fetches in the background in requests of up to 4 MiB, and a fault's
+# request waits behind the answer in progress, so a short answer keeps faults quick (the daemon asks
+# again for the rest).
+ANSWER_PAGES = 32
 WINDOW = 1 << 20  # bytes asked of the source and not yet received: bounds how long a fault waits behind prefetch
 NEEDED, ASKED, READY = 0, 1, 2
 CLOSE = (-1, 0, 0)  # in the in-flight queue: PS_IOV_CLOSE, answered by a 4-byte status
@@ -220,15 +224,15 @@ class LazyProxy:
                         return
                     if cmd != PS_IOV_GET or vpid not in self.state or nr == 0:
                         raise ConnectionError(f"unexpected request {cmd:#x} for pid {vpid}")
-                    k, data = self._pages(vpid, vaddr >> 12, nr)
-                    conn.sendall(PSI.pack(ADD_PRESENT, k, vaddr, vpid) + data)
+                    self._answer(conn, vpid, vaddr >> 12, min(nr, ANSWER_PAGES))
             except (OSError, ConnectionError) as e:
                 # Closing the daemon's connection makes it fail, which finish-target reports.
                 if not self.closing:
                     self._fail(self.error or f"the lazy-pages daemon's connection: {e}")
 
-    def _pages(self, vpid: int, vpn: int, n: int) -> tuple[int, bytes]:
-        """The longest READY prefix of [vpn, vpn + n) (asking the source first if it is not READY)."""
+    def _answer(self, conn: socket.socket, vpid: int, vpn: int, n: int) -> None:
+        """Send the longest READY prefix of [vpn, vpn + n), asking the source first if it is not READY.
+        Sent under the lock: the store's file may be re-laid out when a fetched page opens a new slab."""
         with self.cv:
             first = int(self.state[vpid].get(np.array([vpn], np.uint64))[0])
             if first != READY:
@@ -243,7 +247,8 @@ class LazyProxy:
             k = int(np.argmax(states != READY)) if (states != READY).any() else n
             if first == READY:
                 self.stats["pages_from_store"] += k
-            return k, self.store.process(vpid).read(vpn, k)
+            conn.sendall(PSI.pack(ADD_PRESENT, k, vpn << 12, vpid))
+            self.store.process(vpid).send(conn, vpn, k)
 
     def _finish(self) -> int:
         """The daemon has every page: drain what is in flight, then let the source's dump end."""
