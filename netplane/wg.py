@@ -62,9 +62,6 @@ def choose_backend(probe_netns: str) -> str:
     )
 
 
-START_ATTEMPTS = 3
-
-
 def start_interface(backend: str, ifname: str, netns_name: str, timeout: float = 10.0) -> int | None:
     """Create WireGuard interface `ifname` in `netns_name`; returns wireguard-go's pid (None for kernel)."""
     if len(ifname) > 15:
@@ -82,17 +79,6 @@ def start_interface(backend: str, ifname: str, netns_name: str, timeout: float =
     binary = wireguard_go()
     if binary is None:
         raise NetplaneError("wireguard-go is not installed", hint="apt-get install wireguard-go")
-    # wireguard-go occasionally exits (status 0, nothing logged) right after creating its socket on a
-    # loaded host, so a failed start is tried again.
-    for _ in range(START_ATTEMPTS):
-        pid = _start_wireguard_go(binary, ifname, netns_name, sock, timeout)
-        if pid is not None:
-            return pid
-    raise NetplaneError(f"wireguard-go did not bring up {ifname} ({START_ATTEMPTS} attempts)")
-
-
-def _start_wireguard_go(binary: str, ifname: str, netns_name: str, sock: Path, timeout: float) -> int | None:
-    """One start; its pid once both the control socket and the interface exist, else None."""
     # Foreground mode keeps wireguard-go as our own child, so `down` can kill exactly this pid.
     proc = subprocess.Popen(
         netns.command(netns_name, [binary, ifname]),
@@ -103,13 +89,10 @@ def _start_wireguard_go(binary: str, ifname: str, netns_name: str, sock: Path, t
         start_new_session=True,
     )
     deadline = time.monotonic() + timeout
-    # The control socket can appear before the interface is visible in the netns: wait for both.
-    while not sock.exists() or not _has_link(netns_name, ifname):
+    while not sock.exists() or not _has_link(netns_name, ifname):  # usable once both exist
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_process(proc.pid, ifname)
-            proc.wait()
-            sock.unlink(missing_ok=True)
-            return None
+            raise NetplaneError(f"wireguard-go did not bring up {ifname} (exit code {proc.returncode})")
         time.sleep(0.005)
     return proc.pid
 

@@ -1,5 +1,6 @@
 """`skyferry bench`: every migration mode against stop-copy on local hosts; table, JSON and PNG."""
 
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,14 +42,14 @@ def bench(
       skyferry bench --out bench/out --json > bench.json
     """
     cfg = runner.Config(workloads=runner.QUICK if quick else runner.FULL, wan=wan or None)
-    show = not json_out and sys.stderr.isatty()
-    modes = ", ".join(cfg.mode_order())
-    if show:
-        output.err_console.print(f"[bold cyan]>[/bold cyan] modes: {modes}", highlight=False)
+    # `kill` must still tear the hosts down (the runner's finally); Python's default for SIGTERM skips
+    # finally blocks. (netplane/__init__.py keeps pyroute2's forked helpers from inheriting this.)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
-    def progress(text: str) -> None:
-        if show:
-            output.err_console.print(f"[bold cyan]>[/bold cyan] {text}", highlight=False)
+    def progress(text: str) -> None:  # stderr, so a log of a background run shows where it is
+        output.err_console.print(f"[bold cyan]>[/bold cyan] {text}", highlight=False)
+
+    progress(f"modes: {', '.join(cfg.mode_order())}")
 
     result = runner.run(cfg, progress)
     paths = runner.write(result, out)
