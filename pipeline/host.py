@@ -55,7 +55,7 @@ class HostOps:
         self.appliers: dict[str, FsApplier] = {}  # file-system rounds, target side, by migration
         self.stores: dict[str, TargetStore] = {}  # pre-copy, target side, by migration
         self.lazy_dumps: dict[str, subprocess.Popen[bytes]] = {}  # post-copy page servers (source side)
-        self.clean_scans: dict[str, dict[int, Any]] = {}  # hybrid, source side: pages the target holds unchanged
+        self.clean_scans: dict[str, hybrid.FreezeScan] = {}  # hybrid, source side: what the target holds, and more
         self.clean_maps: dict[str, dict[int, HashTable]] = {}  # hybrid, target side: the same, checked
         self.pagers: dict[str, Future[Pager]] = {}  # post-copy and hybrid, target side: started during the transfer
         self._pool = ThreadPoolExecutor(4, thread_name_prefix="pager")
@@ -176,7 +176,7 @@ class HostOps:
             self._stop_lazy_dump(mig, name)
             engine = self.engines.get(mig)
             with ThreadPoolExecutor(1) as pool:  # the scan reads memory while CRIU dumps the rest
-                scan = pool.submit(hybrid.clean_scan, engine) if engine else None
+                scan = pool.submit(hybrid.freeze_scan, engine) if engine else None
                 work = self.mig_dir(mig) / "work"
                 self.lazy_dumps[mig] = runtime.checkpoint_lazy(name, images, work, self.page_server(mig))
                 if scan is not None:
