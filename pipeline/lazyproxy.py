@@ -94,7 +94,7 @@ class LazyProxy:
         except OSError as e:
             self.listener.close()
             raise SkyferryError(
-                f"hybrid restore: cannot reach the source's page server at {self.upstream_addr}: {e}",
+                f"lazy restore: cannot reach the source's page server at {self.upstream_addr}: {e}",
                 hint="the source's lazy dump is gone; the migration rolls back",
             ) from None
         self.up.settimeout(None)
