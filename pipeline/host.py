@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from skyferry.netplane import attach
-from skyferry.pipeline import faults, hybrid, netlock, wire
+from skyferry.pipeline import faults, hybrid, lazypages, netlock, wire
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.fsync import FsApplier, FsStats, FsTracker
 from skyferry.pipeline.holdback import Holdback
@@ -501,6 +501,7 @@ class HostOps:
 
     def _drop_store(self, mig: str) -> None:
         self._stop_pager(mig)
+        lazypages.stop_strays(self.mig_dir(mig) / "images")  # started by an agent that died since
         self.clean_maps.pop(mig, None)
         store = self.stores.pop(mig, None)
         if store is not None:

@@ -1,6 +1,9 @@
 """The target's side of a lazy restore: CRIU's lazy-pages daemon, pointed at the page-server proxy
 (pipeline/lazyproxy.py) that serves it from the pre-copy store and the source."""
 
+import contextlib
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -70,3 +73,22 @@ def start_daemon(images: Path, work: Path, page_server: str) -> subprocess.Popen
             raise SkyferryError("CRIU's lazy-pages daemon did not start", hint=f"see {work / 'lazy-pages.log'}")
         time.sleep(0.005)
     return daemon
+
+
+def stop_strays(images: Path) -> list[int]:
+    """Kill lazy-pages daemons for `images` that an earlier agent started and lost track of (it died):
+    they run in their own session, so they outlive it. Matched by their command line, which names this
+    migration's image directory; returns the pids killed."""
+    killed = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[:2] == [b"criu", b"lazy-pages"] and str(images).encode() in argv:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+    return killed

@@ -334,14 +334,15 @@ def _migrate_with(c: dict, at: str, inject: Callable[[], None]) -> str:
             inject()
 
     with contextlib.suppress(SkyferryError):  # the journal says what happened; the cell judges it
-        migration.migrate(c["state"], c["name"], DST, progress=progress)
+        migration.migrate(c["state"], c["name"], DST, c.get("mode"), progress=progress)
     mig = Journal(c["state"]).all()[-1]
     assert mig.container == c["name"]
     return mig.id
 
 
 def run_controller_cell(c: dict, stage: str, then: str) -> str:
-    proc = cli("migrate", c["name"], "--to", DST, "--json", env={"SKYFERRY_CRASH_AFTER": stage})
+    mode = ["--mode", c["mode"]] if c.get("mode") else []
+    proc = cli("migrate", c["name"], "--to", DST, *mode, "--json", env={"SKYFERRY_CRASH_AFTER": stage})
     assert proc.returncode == 137, proc.stderr
     mig = Journal(c["state"]).active_for(c["name"])
     assert mig is not None and mig.state == "running", "the journal shows the dead controller's migration"
@@ -403,12 +404,12 @@ def run_enospc_cell(c: dict, stage: str) -> str:
     return _describe(state, mig_id, recovery, end)
 
 
-def run_corrupt_cell(c: dict, stage: str) -> str:
+def run_corrupt_cell(c: dict, stage: str, streams: dict[str, str] = STREAMS) -> str:
     state, m = c["state"], c["mesh"]
     faults = Path(m.hosts[SRC].state_root) / "faults"
-    faults.write_text(f"corrupt:{STREAMS[stage]}\n")
+    faults.write_text(f"corrupt:{streams[stage]}\n")
     mig_id = _migrate_with(c, stage, lambda: None)
-    assert f"corrupt:{STREAMS[stage]}" not in faults.read_text(), "the corruption was never applied"
+    assert f"corrupt:{streams[stage]}" not in faults.read_text(), "the corruption was never applied"
     statuses = Journal(state).stage_status(mig_id)
     assert "restore" not in statuses, "a corrupted stream must be caught before anything is restored"
     recovery = finish(state, mig_id)
@@ -439,6 +440,38 @@ def test_fault_matrix(cell: dict, fault: str, stage: str) -> None:
         case "corrupt":
             outcome = run_corrupt_cell(cell, stage)
     MATRIX[(stage, fault)] = outcome
+
+
+# Hybrid's own machinery before the point of no return: a lazy dump whose page server must outlive a
+# failed target (--leave-running), a pager started during the transfer, a lazy final stream. Each of these
+# must roll back to a running source, exactly once.
+HYBRID_CELLS = [
+    ("ctl-rollback", "checkpoint"),
+    ("ctl-rollback", "transfer"),
+    ("ctl-resume", "transfer"),
+    ("src-agent", "checkpoint"),
+    ("dst-agent", "transfer"),
+    ("dst-agent", "restore"),
+    ("link-cut", "transfer"),
+    ("corrupt", "transfer"),
+]
+
+
+@pytest.mark.parametrize(("fault", "stage"), HYBRID_CELLS)
+def test_hybrid_faults(cell: dict, fault: str, stage: str) -> None:
+    cell["mode"] = "hybrid"
+    match fault:
+        case "ctl-resume" | "ctl-rollback":
+            outcome = run_controller_cell(cell, stage, fault.removeprefix("ctl-"))
+        case "src-agent":
+            outcome = run_agent_cell(cell, stage, SRC, SRC_OPS)
+        case "dst-agent":
+            outcome = run_agent_cell(cell, stage, DST, {**DST_OPS, "transfer": "lazy-final"})
+        case "link-cut":
+            outcome = run_link_cell(cell, stage)
+        case "corrupt":
+            outcome = run_corrupt_cell(cell, stage, {"transfer": "lazy-final"})
+    assert "rolled back" in outcome or "done" in outcome, outcome  # settle() checked every invariant
 
 
 # --- network faults beyond the matrix -------------------------------------------------------------------------
