@@ -14,6 +14,7 @@ and unlock sit inside the freeze, where spawning `nsenter nft` cost 20-50 ms a c
 """
 
 import ctypes
+import functools
 import subprocess
 
 from skyferry.netplane.netns import command, in_netns
@@ -24,28 +25,40 @@ TABLE = "skyferry_lock"
 _IN = 'chain in { type filter hook input priority -400; policy drop; iifname "lo" accept; }'
 _OUT = 'chain out { type filter hook output priority -400; policy drop; oifname "lo" accept; }'
 
-_nft_lib = ctypes.CDLL("libnftables.so.1", use_errno=True)
-_nft_lib.nft_ctx_new.restype = ctypes.c_void_p
-_nft_lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
-_nft_lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
-_nft_lib.nft_ctx_buffer_output.argtypes = [ctypes.c_void_p]
-_nft_lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
-_nft_lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
-_nft_lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
-_nft_lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+
+@functools.cache
+def _lib() -> ctypes.CDLL:
+    """libnftables, loaded on first use so that a host without it gets an error it can act on."""
+    try:
+        lib = ctypes.CDLL("libnftables.so.1", use_errno=True)
+    except OSError:
+        raise SkyferryError(
+            "libnftables.so.1 is missing: containers cannot be locked during a migration",
+            hint="apt-get install nftables (scripts/bootstrap-host.sh does)",
+        ) from None
+    lib.nft_ctx_new.restype = ctypes.c_void_p
+    lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+    lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
+    lib.nft_ctx_buffer_output.argtypes = [ctypes.c_void_p]
+    lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
+    lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
+    lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
+    lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    return lib
 
 
 def _nft(netns: str, script: str) -> tuple[int, str]:
     """Run an nft script in `netns`; (status, error text)."""
+    lib = _lib()
     with in_netns(netns):  # the context's netlink socket is opened, and stays, in this netns
-        ctx = _nft_lib.nft_ctx_new(0)
+        ctx = lib.nft_ctx_new(0)
         try:
-            _nft_lib.nft_ctx_buffer_output(ctx)
-            _nft_lib.nft_ctx_buffer_error(ctx)
-            rc = _nft_lib.nft_run_cmd_from_buffer(ctx, script.encode())
-            return rc, (_nft_lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace").strip()
+            lib.nft_ctx_buffer_output(ctx)
+            lib.nft_ctx_buffer_error(ctx)
+            rc = lib.nft_run_cmd_from_buffer(ctx, script.encode())
+            return rc, (lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace").strip()
         finally:
-            _nft_lib.nft_ctx_free(ctx)
+            lib.nft_ctx_free(ctx)
 
 
 def lock(netns: str, inbound_only: bool = False) -> None:
