@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from skyferry.pipeline import capacity, clone, facts, faults, wire
+from skyferry.pipeline import capacity, clone, facts, faults, lazypages, wire
 from skyferry.pipeline.client import AgentClient, bound_stalls
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.fsync import FsStats
@@ -187,23 +187,16 @@ class Agent:
         )
 
     def _send(self, mig: str, name: str, target: dict[str, Any]) -> dict[str, Any]:
-        """Send the frozen container's state, then the client segments our lock has dropped so far: the
-        target replays them at its restore, so those clients need not wait out their back-off."""
-        sent = self._send_state(self._peer(target), self._peer(target, "fs"), mig, name)
-        t0 = time.monotonic()
-        held = self.ops.held_segments(mig)
-        if held:
-            packets = [base64.b64encode(p).decode() for p in held]
-            self._peer(target).call("POST", f"/v1/migrations/{mig}/hold", {"name": name, "packets": packets})
-        return {**sent, "segments_handed_over": len(held), "hand_over_s": round(time.monotonic() - t0, 4)}
-
-    def _send_state(self, peer: AgentClient, fs_peer: AgentClient, mig: str, name: str) -> dict[str, Any]:
-        """Stream the frozen container's state straight to the target agent.
+        """Stream the frozen container's state straight to the target agent, and the client segments our
+        lock has dropped so far (the target replays them at its restore, so those clients need not wait
+        out their back-off).
 
         After pre-copy rounds only the deltas travel: the memory pages and the files changed since the
-        last round (each stream checksummed frame by frame). Without rounds (stop-copy) the whole
-        image and payload go as one tar, whose SHA-256 both ends must agree on.
+        last round (each stream checksummed frame by frame), side by side on two lanes, the segments
+        after the files. Without rounds (stop-copy) the whole image and payload go as one tar, whose
+        SHA-256 both ends must agree on.
         """
+        peer, fs_peer = self._peer(target), self._peer(target, "fs")
         t0 = time.monotonic()
         # After a lazy dump the target starts its pager as soon as the images are in (HostOps.start_pager).
         lazy = f"&page_server={self.ops.page_server(mig)}" if mig in self.ops.lazy_dumps else ""
@@ -212,11 +205,16 @@ class Agent:
         fs_final = self.ops.fs_final_out(mig, name, fs_stats)
         if final is not None and fs_final is not None:
             kind, chunks, mem_stats = final
-            with ThreadPoolExecutor(1) as pool:  # the file delta travels beside the memory delta
-                fs_done = pool.submit(self._upload, fs_peer, f"/v1/migrations/{mig}/fs-round?name={name}", fs_final)
+
+            def files_then_segments() -> int:
+                self._upload(fs_peer, f"/v1/migrations/{mig}/fs-round?name={name}", fs_final)
+                return self._hand_over(fs_peer, mig, name)
+
+            with ThreadPoolExecutor(1) as pool:
+                side = pool.submit(files_then_segments)
                 self._upload(peer, f"/v1/migrations/{mig}/{kind}?name={name}{lazy}", chunks)
                 t_mem = time.monotonic()
-                fs_done.result()
+                handed_over = side.result()
             return {
                 "memory_s": round(t_mem - t0, 4),
                 "fs_s": round(time.monotonic() - t0, 4),
@@ -224,6 +222,7 @@ class Agent:
                 "fs_final": fs_stats.as_dict(),
                 "bytes_raw": mem_stats.bytes_raw + fs_stats.bytes_raw,
                 "bytes_wire": mem_stats.bytes_out + fs_stats.bytes_wire,
+                "segments_handed_over": handed_over,
                 "seconds": time.monotonic() - t0,
             }
         stats = wire.StreamStats()
@@ -238,9 +237,18 @@ class Agent:
         return {
             "bytes_raw": stats.bytes_raw,
             "bytes_wire": stats.bytes_wire,
+            "segments_handed_over": self._hand_over(peer, mig, name),
             "seconds": time.monotonic() - t0,
             "sha256": stats.sha256,
         }
+
+    def _hand_over(self, peer: AgentClient, mig: str, name: str) -> int:
+        """Pass the segments our lock has dropped so far to the target; how many."""
+        held = self.ops.held_segments(mig)
+        if held:
+            packets = [base64.b64encode(p).decode() for p in held]
+            peer.call("POST", f"/v1/migrations/{mig}/hold", {"name": name, "packets": packets})
+        return len(held)
 
     def stream_in(self, mig: str, kind: str, query: dict[str, list[str]], reader: Any) -> Any:
         name = query["name"][0]
@@ -394,6 +402,8 @@ class _TLSServer(ThreadingHTTPServer):
 def serve(cfg: HostConfig, identity: Identity, listen: str, port: int = AGENT_PORT) -> None:
     """Run until SIGTERM. `listen` is the host's overlay address: the agent never binds elsewhere."""
     ops = HostOps(cfg)
+    for pid in lazypages.stop_strays(ops.images_root):  # an earlier agent died mid lazy restore
+        log.warning("stopped lazy-pages daemon %d left behind by an earlier agent", pid)
     agent = Agent(ops, identity)
     server = _TLSServer((listen, port), _handler(agent), identity.server_context())
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from skyferry.netplane import attach
-from skyferry.pipeline import faults, hybrid, lazypages, netlock, wire
+from skyferry.pipeline import faults, hybrid, netlock, wire
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.fsync import FsApplier, FsStats, FsTracker
 from skyferry.pipeline.holdback import Holdback
@@ -55,7 +55,7 @@ class HostOps:
         self.appliers: dict[str, FsApplier] = {}  # file-system rounds, target side, by migration
         self.stores: dict[str, TargetStore] = {}  # pre-copy, target side, by migration
         self.lazy_dumps: dict[str, subprocess.Popen[bytes]] = {}  # post-copy page servers (source side)
-        self.clean_scans: dict[str, hybrid.FreezeScan] = {}  # hybrid, source side: what the target holds, and more
+        self.freeze_scans: dict[str, hybrid.FreezeScan] = {}  # hybrid, source side: what the target holds, and more
         self.clean_maps: dict[str, dict[int, HashTable]] = {}  # hybrid, target side: the same, checked
         self.pagers: dict[str, Future[Pager]] = {}  # post-copy and hybrid, target side: started during the transfer
         self._pool = ThreadPoolExecutor(4, thread_name_prefix="pager")
@@ -180,7 +180,7 @@ class HostOps:
                 work = self.mig_dir(mig) / "work"
                 self.lazy_dumps[mig] = runtime.checkpoint_lazy(name, images, work, self.page_server(mig))
                 if scan is not None:
-                    self.clean_scans[mig] = scan.result()
+                    self.freeze_scans[mig] = scan.result()
         else:
             runtime.checkpoint(name, images, self.mig_dir(mig) / "work")
         return {"pause_s": t_frozen - t0, "dump_s": time.monotonic() - t_frozen, "image_bytes": _du(images)}
@@ -268,8 +268,8 @@ class HostOps:
         if engine is None:
             return None
         images = self.mig_dir(mig) / "images"
-        if mig in self.clean_scans:
-            transfer = hybrid.lazy_final(engine, images, self.clean_scans[mig])
+        if mig in self.freeze_scans:
+            transfer = hybrid.lazy_final(engine, images, self.freeze_scans[mig])
             return "lazy-final", transfer, transfer.stats
         transfer = engine.final(images)
         return "precopy-final", transfer, transfer.stats
@@ -288,7 +288,7 @@ class HostOps:
         replayed = holdback.replay() if holdback else 0
         self.engines.pop(mig, None)
         self.trackers.pop(mig, None)
-        self.clean_scans.pop(mig, None)
+        self.freeze_scans.pop(mig, None)
         self._wipe(mig)
         return {**self.info(name), "replayed": replayed}
 
@@ -319,7 +319,7 @@ class HostOps:
         attach.detach(self.netns(name))
         self.engines.pop(mig, None)
         self.trackers.pop(mig, None)
-        self.clean_scans.pop(mig, None)
+        self.freeze_scans.pop(mig, None)
         holdback = self.source_holdbacks.pop(mig, None)
         if holdback is not None:
             holdback.close()
@@ -501,7 +501,6 @@ class HostOps:
 
     def _drop_store(self, mig: str) -> None:
         self._stop_pager(mig)
-        lazypages.stop_strays(self.mig_dir(mig) / "images")  # started by an agent that died since
         self.clean_maps.pop(mig, None)
         store = self.stores.pop(mig, None)
         if store is not None:

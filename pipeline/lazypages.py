@@ -75,10 +75,11 @@ def start_daemon(images: Path, work: Path, page_server: str) -> subprocess.Popen
     return daemon
 
 
-def stop_strays(images: Path) -> list[int]:
-    """Kill lazy-pages daemons for `images` that an earlier agent started and lost track of (it died):
-    they run in their own session, so they outlive it. Matched by their command line, which names this
-    migration's image directory; returns the pids killed."""
+def stop_strays(under: Path) -> list[int]:
+    """Kill lazy-pages daemons whose images lie under `under` (a host's image tmpfs): an agent that died
+    leaves them behind, since they run in their own session. Run when an agent starts, before it serves
+    anything, so none of them is its own; matched by the image directory on their command line."""
+    prefix = str(under).encode() + b"/"
     killed = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -87,7 +88,7 @@ def stop_strays(images: Path) -> list[int]:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if argv[:2] == [b"criu", b"lazy-pages"] and str(images).encode() in argv:
+        if argv[:2] == [b"criu", b"lazy-pages"] and any(a.startswith(prefix) for a in argv):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(entry.name), signal.SIGKILL)
                 killed.append(int(entry.name))

@@ -4,11 +4,11 @@ with labels, and what each host's agent really runs. Imported as a module, never
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+from meshkit import mesh_in
 from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline import agentctl, containers
 from skyferry.pipeline import demo as scenario
@@ -21,20 +21,9 @@ COUNTER_CHECK = (
 )
 
 
-@contextmanager
-def local_mesh(state: Path, count: int) -> Iterator[Mesh]:
+def local_mesh(state: Path, count: int) -> AbstractContextManager[Mesh]:
     """A mesh of `count` local hosts with agents, in its own state dir; removed whatever happens."""
-    state.chmod(0o700)
-    old = os.environ.get("SKYFERRY_STATE")
-    os.environ["SKYFERRY_STATE"] = str(state)
-    try:
-        yield scenario.mesh_up(state, count, name="r" + os.urandom(2).hex())
-    finally:
-        scenario.mesh_down(state)
-        if old is None:
-            os.environ.pop("SKYFERRY_STATE", None)
-        else:
-            os.environ["SKYFERRY_STATE"] = old
+    return mesh_in(state, count, prefix="r")
 
 
 def counter(

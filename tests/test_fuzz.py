@@ -16,11 +16,11 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from meshkit import local_mesh
 from skyferry.netplane.ipam import Ipam
 from skyferry.netplane.mesh import Mesh
 from skyferry.netplane.netns import in_netns
 from skyferry.pipeline import agentctl, exitplan
-from skyferry.pipeline import demo as scenario
 from skyferry.pipeline.agent import AGENT_PORT
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.host import IMAGES_TMPFS
@@ -118,23 +118,12 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """One host with its agent, and on it a sentinel image directory of a migration that is not ours."""
-    state = tmp_path_factory.mktemp("state")
-    state.chmod(0o700)
-    old = os.environ.get("SKYFERRY_STATE")
-    os.environ["SKYFERRY_STATE"] = str(state)
-    try:
-        m = scenario.mesh_up(state, 1, name="z" + os.urandom(2).hex())
+    with local_mesh(tmp_path_factory, count=1, prefix="z") as (state, m):
         sentinel = IMAGES_TMPFS / m.name / "local-1" / "m-sentinel" / "images" / "pages-1.img"
         sentinel.parent.mkdir(parents=True)
         sentinel.write_bytes(b"not yours")
         yield {"state": state, "mesh": m, "ctx": agentctl.controller_identity(state, m).client_context(),
                "sentinel": sentinel}  # fmt: skip
-    finally:
-        scenario.mesh_down(state)
-        if old is None:
-            os.environ.pop("SKYFERRY_STATE", None)
-        else:
-            os.environ["SKYFERRY_STATE"] = old
 
 
 def _exchange(a: dict, raw: bytes) -> tuple[int, dict | None, bytes]:

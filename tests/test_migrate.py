@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from meshkit import local_mesh
+from meshkit import local_mesh, lose_source_during_lazy_phase
 from skyferry.netplane import netns
 from skyferry.netplane.errors import NetplaneError
 from skyferry.netplane.mesh import Mesh
@@ -254,17 +254,7 @@ def test_postcopy_moves_a_live_connection(counter: dict) -> None:
 def test_postcopy_reports_a_lost_source_clearly(counter: dict) -> None:
     """Post-copy cannot survive losing the source: the copy on the target lacks the pages it never got.
     What matters is that this is detected and said plainly, not hidden."""
-    state, name, m = counter["state"], counter["name"], counter["mesh"]
-    faults = Path(m.hosts["local-1"].state_root) / "faults"
-    faults.write_text("lose-page-server\n")
-    try:
-        with pytest.raises(SkyferryError, match="post-copy") as failure:
-            migration.migrate(state, name, "local-2", mode="postcopy")
-    finally:
-        faults.unlink()
-    assert "after the container went live on local-2" in str(failure.value)
-    mig = Journal(state).all()[-1]
-    assert mig.state == "running" and "page server ended" in (mig.error or "")
+    lose_source_during_lazy_phase(counter["state"], counter["mesh"], counter["name"], "postcopy")
 
 
 def test_image_container_through_the_cli(mesh: tuple[Path, Mesh], tmp_path: Path) -> None:
