@@ -5,22 +5,22 @@ CACHE     ?= /var/cache/skyferry
 CRIU_SRC  ?= $(CACHE)/criu-4.2.1
 BIN        = $(VENV)/bin
 STAMP      = $(VENV)/.installed
+SHELL      = /bin/bash
+.SHELLFLAGS = -euo pipefail -c
 
-.PHONY: host venv demo test lint unit bench bench-quick clean
+.PHONY: host venv lock demo test lint unit bench bench-quick clean
 
 host:                      ## apt packages, CRIU 4.2, kernel knobs (idempotent, seconds when done)
 	scripts/bootstrap-host.sh
 
-$(STAMP): pyproject.toml | host
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip setuptools wheel
-	# pycriu comes from the same CRIU source tree as the criu binary; its build pins an ancient protobuf.
-	$(BIN)/pip install -q "protobuf>=4.21,<6"
-	$(BIN)/pip install -q --no-build-isolation $(CRIU_SRC)/lib
-	$(BIN)/pip install -q -e '.[dev]'
+$(STAMP): pyproject.toml requirements.lock scripts/install-venv.sh | host
+	scripts/install-venv.sh $(PYTHON) $(VENV) $(CRIU_SRC)
 	touch $@
 
 venv: host $(STAMP)
+
+lock: venv                 ## re-resolve requirements.lock from pyproject.toml (on purpose; see README)
+	$(BIN)/python scripts/lock.py
 
 demo: venv                 ## bring up 3 local hosts, migrate a live TCP server, tear down
 	$(BIN)/skyferry demo
@@ -30,7 +30,8 @@ lint: venv
 	$(BIN)/ruff format --check .
 
 test: venv lint            ## lint, then every test (slow suites included)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q 2>&1 | tee $(VENV)/test.log
+	scripts/no-deprecations $(VENV)/test.log
 
 unit: venv
 	$(BIN)/pytest -q -m "not integration"

@@ -21,3 +21,23 @@ def test_console_entry_point_imports() -> None:
     from skyferry.pipeline.cli import main
 
     assert callable(main)
+
+
+def test_the_lock_satisfies_pyproject() -> None:
+    """A dependency added or re-ranged in pyproject.toml without `make lock` fails here, not on a fresh host."""
+    from packaging.requirements import Requirement
+
+    pins = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        if "==" in line and not line.startswith(("#", " ")):
+            spec = line.split(" \\")[0]
+            req = Requirement(spec)
+            if req.marker is None or req.marker.evaluate():
+                pins[req.name.lower()] = next(iter(req.specifier)).version
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [Requirement(r) for r in [*project["dependencies"], *project["optional-dependencies"]["dev"]]]
+    wanted = [r for r in wanted if r.name != "pycriu"]  # built from CRIU's tree (scripts/lock.py)
+    assert len(wanted) > 10 and "typer" in pins  # positive control: both sides were read
+    for req in wanted:
+        assert req.name.lower() in pins, f"{req.name} is not in requirements.lock: run `make lock`"
+        assert req.specifier.contains(pins[req.name.lower()]), f"{req} vs lock {pins[req.name.lower()]}: run make lock"
