@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 from skyferry.netplane.mesh import Mesh
-from skyferry.pipeline import demo as scenario
-from skyferry.pipeline import migration
+from skyferry.pipeline.controller import migration
+from skyferry.pipeline.controller.journal import Journal
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.journal import Journal
+from skyferry.pipeline.scenarios import demo as scenario
 
 
 @contextmanager

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 from skyferry.netplane import netns
-from skyferry.pipeline import bench
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.scenarios import bench
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from skyferry.pipeline.criu import EXTNET, Criu, external_netns, open_netns
+from skyferry.pipeline.criu.rpc import EXTNET, Criu, external_netns, open_netns
 from skyferry.pipeline.errors import SkyferryError
 
 # Not imported from conftest.py: with several conftest.py files that module name is ambiguous.

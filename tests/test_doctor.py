@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from skyferry.pipeline import doctor
-from skyferry.pipeline.criu import PRECOPY_CONTENT, PRECOPY_CRIU
-from skyferry.pipeline.doctor import Output, Status
+from skyferry.pipeline.agent import doctor
+from skyferry.pipeline.agent.doctor import Output, Status
+from skyferry.pipeline.criu.rpc import PRECOPY_CONTENT, PRECOPY_CRIU
 
 # Not imported from conftest.py: with several conftest.py files that module name is ambiguous.
 NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -184,7 +184,7 @@ def test_probes_on_this_machine() -> None:
     # A socket in a fresh netns accepts TCP_REPAIR as root ...
     assert doctor.probe_tcp_repair() is None
     # ... and not as nobody, who cannot even make the netns.
-    probe = "from skyferry.pipeline.doctor import probe_tcp_repair; print(probe_tcp_repair())"
+    probe = "from skyferry.pipeline.agent.doctor import probe_tcp_repair; print(probe_tcp_repair())"
     nobody = subprocess.run([*NOBODY, sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert doctor.tcp_repair_result(int(nobody.stdout)).status is Status.FAIL
 

@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 from meshkit import local_mesh
 from skyferry.netplane.mesh import Mesh
-from skyferry.pipeline import containers, engines, migration
-from skyferry.pipeline import demo as scenario
-from skyferry.pipeline.docker import Docker
+from skyferry.pipeline.controller import containers, migration
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.runtimes import engines
+from skyferry.pipeline.runtimes.docker import Docker
+from skyferry.pipeline.scenarios import demo as scenario
 
 pytestmark = [
     pytest.mark.integration,

@@ -1,6 +1,6 @@
 """Podman containers migrate live between local hosts: real Podman, runc, CRIU, wireguard-go.
 
-Each host has its own Podman store below its state root (pipeline/podman.py). The container is a busybox
+Each host has its own Podman store below its state root (pipeline/runtimes/podman.py). The container is a busybox
 TCP counter imported from a rootfs tarball made here (no registry); a client on local-3 holds one TCP
 connection to it and fails on any lost or repeated request. Everything is removed afterwards.
 """
@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 from meshkit import local_mesh
 from skyferry.netplane.mesh import Mesh
-from skyferry.pipeline import agentctl, containers, engines, migration
-from skyferry.pipeline import demo as scenario
+from skyferry.pipeline.controller import agentctl, containers, migration
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.podman import Podman
+from skyferry.pipeline.runtimes import engines
+from skyferry.pipeline.runtimes.podman import Podman
+from skyferry.pipeline.scenarios import demo as scenario
 
 pytestmark = [
     pytest.mark.integration,

@@ -31,13 +31,14 @@ import pytest
 from meshkit import local_mesh
 from skyferry.netplane import netns
 from skyferry.netplane.mesh import Mesh
-from skyferry.pipeline import agentctl, containers, migration, netlock
-from skyferry.pipeline import demo as scenario
+from skyferry.pipeline.agent import netlock
+from skyferry.pipeline.agent.host import IMAGES_TMPFS
+from skyferry.pipeline.controller import agentctl, containers, migration
+from skyferry.pipeline.controller.journal import Journal
+from skyferry.pipeline.controller.registry import Registry
+from skyferry.pipeline.controller.stages import POINT_OF_NO_RETURN, PRECOPY
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.host import IMAGES_TMPFS
-from skyferry.pipeline.journal import Journal
-from skyferry.pipeline.registry import Registry
-from skyferry.pipeline.stages import POINT_OF_NO_RETURN, PRECOPY
+from skyferry.pipeline.scenarios import demo as scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 SKYFERRY = str(Path(sys.executable).parent / "skyferry")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.fsync import MANIFEST, STAGING, FsApplier, FsStats, FsTracker, _info, _Writer
+from skyferry.pipeline.files.fsync import MANIFEST, STAGING, FsApplier, FsStats, FsTracker, _info, _Writer
 
 MB = 1 << 20
 

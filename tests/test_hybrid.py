@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from meshkit import local_mesh, lose_source_during_lazy_phase
 from skyferry.netplane.mesh import Mesh
-from skyferry.pipeline import containers, migration
-from skyferry.pipeline import demo as scenario
-from skyferry.pipeline.journal import Journal
+from skyferry.pipeline.controller import containers, migration
+from skyferry.pipeline.controller.journal import Journal
+from skyferry.pipeline.scenarios import demo as scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 

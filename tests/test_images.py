@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.images import unpack_image
+from skyferry.pipeline.runtimes.images import unpack_image
 
 
 def _layer(files: dict[str, bytes | None]) -> bytes:

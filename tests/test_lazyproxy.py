@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from skyferry.pipeline import memimage
-from skyferry.pipeline.lazyproxy import ADD_PRESENT, PS_IOV_CLOSE, PS_IOV_GET, PSI, LazyProxy
-from skyferry.pipeline.precopy import HashTable, TargetStore
+from skyferry.pipeline.criu import memimage
+from skyferry.pipeline.memory.lazyproxy import ADD_PRESENT, PS_IOV_CLOSE, PS_IOV_GET, PSI, LazyProxy
+from skyferry.pipeline.memory.precopy import HashTable, TargetStore
 
 VPID = 1
 BASE = 0x7F0000000  # page number of the first lazy page (vaddr 0x7f0000000000)

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 from meshkit import local_mesh
 from skyferry.netplane.mesh import Mesh
-from skyferry.pipeline import containers, migration, workload_counter
-from skyferry.pipeline import demo as scenario
+from skyferry.pipeline.controller import containers, migration
+from skyferry.pipeline.scenarios import demo as scenario
+from skyferry.pipeline.scenarios import workload_counter
 
 NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 MIB = 32

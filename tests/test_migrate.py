@@ -19,12 +19,12 @@ from meshkit import local_mesh, lose_source_during_lazy_phase
 from skyferry.netplane import netns
 from skyferry.netplane.errors import NetplaneError
 from skyferry.netplane.mesh import Mesh
-from skyferry.pipeline import agentctl, containers, migration
-from skyferry.pipeline import demo as scenario
+from skyferry.pipeline.controller import agentctl, containers, migration
+from skyferry.pipeline.controller.journal import Journal
+from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.journal import Journal
-from skyferry.pipeline.registry import Registry
-from skyferry.pipeline.runc import Runc
+from skyferry.pipeline.runtimes.runc import Runc
+from skyferry.pipeline.scenarios import demo as scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 SKYFERRY = str(Path(sys.executable).parent / "skyferry")

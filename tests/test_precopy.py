@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from skyferry.pipeline import memimage
-from skyferry.pipeline.precopy import SourceEngine, TargetStore, encode_pages
-from skyferry.pipeline.precopy_policy import ConvergencePolicy, RoundStats
-from skyferry.pipeline.precopy_procmem import process_tree
-from skyferry.pipeline.precopy_stream import FrameWriter, StreamError, read_frames
+from skyferry.pipeline.criu import memimage
+from skyferry.pipeline.memory.policy import ConvergencePolicy, RoundStats
+from skyferry.pipeline.memory.precopy import SourceEngine, TargetStore, encode_pages
+from skyferry.pipeline.memory.procmem import process_tree
+from skyferry.pipeline.memory.stream import FrameWriter, StreamError, read_frames
 
 CRIU = "/usr/local/sbin/criu"
 # Not imported from conftest.py: with several conftest.py files that module name is ambiguous.

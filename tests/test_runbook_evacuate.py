@@ -16,9 +16,9 @@ from runbook_support import cli, client, counter, local_mesh, remove_all, runnin
 from skyferry.netplane import routes
 from skyferry.netplane.ipam import Ipam
 from skyferry.netplane.mesh import Mesh
-from skyferry.pipeline import evacuate
-from skyferry.pipeline.journal import Journal
-from skyferry.pipeline.registry import Registry
+from skyferry.pipeline.controller.journal import Journal
+from skyferry.pipeline.controller.registry import Registry
+from skyferry.pipeline.runbooks import evacuate
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 TARGETS = ("local-2", "local-3")

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 from runbook_support import COUNTER_CHECK, cli, client, counter, local_mesh, remove_all
 from skyferry.netplane.mesh import Mesh
-from skyferry.pipeline import agentctl, exitplan
+from skyferry.pipeline.controller import agentctl
+from skyferry.pipeline.controller.journal import Journal
+from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.journal import Journal
-from skyferry.pipeline.registry import Registry
+from skyferry.pipeline.runbooks import exitplan
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 CLOUD_A, CLOUD_B = ("local-1", "local-2"), ("local-3", "local-4")

@@ -11,9 +11,9 @@ from pathlib import Path
 import boto3
 import pytest
 from skyferry.netplane.mesh import Mesh
-from skyferry.pipeline import evacuate, exitplan, ingress
+from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.registry import Registry
+from skyferry.pipeline.runbooks import evacuate, exitplan, ingress
 from skyferry.providers.aws import AwsProvider
 from skyferry.providers.naming import PLAN_TAG
 

@@ -1,7 +1,7 @@
 """Placement and pacing shared by the runbooks: pure decisions over measured numbers (no hosts needed)."""
 
 import pytest
-from skyferry.pipeline import evacuate, placement
+from skyferry.pipeline.runbooks import evacuate, placement
 
 MIB = 1 << 20
 

@@ -7,8 +7,8 @@ each container uses and what each target has free, exactly as `resolve` passes t
 from pathlib import Path
 
 import pytest
-from skyferry.pipeline import exitplan, placement
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.runbooks import exitplan, placement
 
 MIB = 1 << 20
 HOSTS = {"local-1": "local", "local-2": "local", "local-3": "local", "local-4": "local"}

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from runbook_support import cli, counter, local_mesh, remove_all
 from skyferry.netplane.mesh import Mesh
-from skyferry.pipeline import placement, rebalance
+from skyferry.pipeline.controller.journal import Journal
+from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.journal import Journal
-from skyferry.pipeline.registry import Registry
+from skyferry.pipeline.runbooks import placement, rebalance
 
 MIB = 1 << 20
 POLICY = rebalance.Policy(memory_high=0.75, memory_low=0.5, cpu_high=0.95, cpu_low=0.9, cooldown=0)

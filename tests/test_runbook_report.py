@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from skyferry.pipeline import runreport
+from skyferry.pipeline.runbooks import report as runreport
 
 PRECOPY = {
     "id": "m1", "container": "web", "source": "a", "target": "b", "mode": "precopy", "state": "done",

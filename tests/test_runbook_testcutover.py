@@ -13,9 +13,10 @@ import pytest
 from runbook_support import COUNTER_CHECK, cli, client, counter, local_mesh
 from skyferry.netplane import netns
 from skyferry.netplane.mesh import Mesh
-from skyferry.pipeline import agentctl, containers, testcutover
+from skyferry.pipeline.controller import agentctl, containers
+from skyferry.pipeline.controller.journal import Journal
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.journal import Journal
+from skyferry.pipeline.runbooks import testcutover
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 

@@ -21,13 +21,14 @@ from meshkit import local_mesh
 from skyferry.netplane import netns
 from skyferry.netplane.mesh import Mesh
 from skyferry.netplane.netns import in_netns
-from skyferry.pipeline import agentctl, containers, db, migration, pki
-from skyferry.pipeline import demo as scenario
-from skyferry.pipeline import state as state_mod
-from skyferry.pipeline.agent import AGENT_PORT
-from skyferry.pipeline.client import AgentClient, AgentUnreachable
+from skyferry.pipeline.agent.host import IMAGES_TMPFS
+from skyferry.pipeline.agent.server import AGENT_PORT
+from skyferry.pipeline.controller import agentctl, containers, db, migration
+from skyferry.pipeline.controller import state as state_mod
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.host import IMAGES_TMPFS
+from skyferry.pipeline.hostapi import pki
+from skyferry.pipeline.hostapi.client import AgentClient, AgentUnreachable
+from skyferry.pipeline.scenarios import demo as scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 SKYFERRY = str(Path(sys.executable).parent / "skyferry")

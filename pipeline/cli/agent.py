@@ -4,8 +4,8 @@ import logging
 from pathlib import Path
 
 import typer
-from skyferry.pipeline.agent import AGENT_PORT, identity_for, serve
-from skyferry.pipeline.host import HostConfig
+from skyferry.pipeline.agent.host import HostConfig
+from skyferry.pipeline.agent.server import AGENT_PORT, identity_for, serve
 
 from .app import app
 

@@ -8,7 +8,7 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.table import Table
-from skyferry.pipeline import bench as runner
+from skyferry.pipeline.scenarios import bench as runner
 
 from . import output
 from .app import app

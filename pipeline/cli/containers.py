@@ -4,9 +4,9 @@ import sys
 from pathlib import Path
 
 import typer
-from skyferry.pipeline import containers
+from skyferry.pipeline.controller import containers
+from skyferry.pipeline.controller.state import state_dir
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.state import state_dir
 
 from . import output
 from .app import app

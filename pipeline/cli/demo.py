@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from skyferry.pipeline import demo as scenario
-from skyferry.pipeline import migration
-from skyferry.pipeline.state import state_dir
+from skyferry.pipeline.controller import migration
+from skyferry.pipeline.controller.state import state_dir
+from skyferry.pipeline.scenarios import demo as scenario
 
 from . import output
 from .app import app

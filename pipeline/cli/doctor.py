@@ -2,7 +2,7 @@
 
 import typer
 from rich.markup import escape
-from skyferry.pipeline import doctor as checks
+from skyferry.pipeline.agent import doctor as checks
 
 from . import output
 from .app import app

@@ -8,8 +8,8 @@ import typer
 from skyferry.netplane import netns
 from skyferry.netplane.mesh import Mesh
 from skyferry.netplane.wan import WanSpec
+from skyferry.pipeline.controller.state import state_dir
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.state import state_dir
 from skyferry.providers.local import LocalProvider
 
 from . import output
@@ -93,7 +93,7 @@ def up(
         raise SkyferryError(
             "only local hosts can be brought up here", hint="add --local, or use `skyferry provision` for clouds"
         )
-    from skyferry.pipeline import agentctl
+    from skyferry.pipeline.controller import agentctl
 
     state = state_dir()
     provider = LocalProvider(state, cidr=cidr, wan_spec=WanSpec.parse(wan) if wan else None)
@@ -155,7 +155,7 @@ def down(json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_
     removed: list[str] = []
     name = None
     if Mesh.exists(state):
-        from skyferry.pipeline import agentctl
+        from skyferry.pipeline.controller import agentctl
 
         mesh = Mesh.load(state)
         name = mesh.name

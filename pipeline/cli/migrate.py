@@ -6,12 +6,12 @@ from contextlib import contextmanager
 from typing import Any
 
 import typer
-from skyferry.pipeline import containers, migration
+from skyferry.pipeline.controller import containers, migration
+from skyferry.pipeline.controller.journal import Journal
+from skyferry.pipeline.controller.registry import Registry
+from skyferry.pipeline.controller.state import state_dir
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.journal import Journal
-from skyferry.pipeline.registry import Registry
-from skyferry.pipeline.runtime import supported_modes
-from skyferry.pipeline.state import state_dir
+from skyferry.pipeline.runtimes.protocol import supported_modes
 
 from . import output
 from .app import app

@@ -13,9 +13,9 @@ from typing import Any
 import typer
 from skyferry.netplane.ipam import Ipam
 from skyferry.netplane.mesh import Mesh
-from skyferry.pipeline import pki
+from skyferry.pipeline.controller.state import state_dir
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.state import state_dir
+from skyferry.pipeline.hostapi import pki
 from skyferry.providers import inventory
 from skyferry.providers.base import Host
 from skyferry.providers.cloudinit import HostBootstrap, Peer, new_wireguard_key, render_user_data

@@ -11,11 +11,12 @@ from typing import Any
 
 import typer
 from skyferry.netplane.errors import NetplaneError
-from skyferry.pipeline import evacuate as evacuation
-from skyferry.pipeline import exitplan, runreport, testcutover
-from skyferry.pipeline import rebalance as balancing
+from skyferry.pipeline.controller.state import state_dir
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.state import state_dir
+from skyferry.pipeline.runbooks import evacuate as evacuation
+from skyferry.pipeline.runbooks import exitplan, testcutover
+from skyferry.pipeline.runbooks import rebalance as balancing
+from skyferry.pipeline.runbooks import report as runreport
 from skyferry.providers.errors import ProviderError
 
 from . import output

@@ -1,0 +1,185 @@
+"""Agent side of a test cutover: a clone of a running container, restored where nobody can reach it.
+
+Source: `clone-checkpoint` pauses the container for the dump only (network locked meanwhile, as in a
+real checkpoint), then unlocks and thaws it: it keeps running, with the same pid and connections.
+`clone-send` streams the dump and rootfs to the target under the clone's name.
+
+Target: `clone-prepare` makes the clone's own netns (`<mesh>-<host>-<name>.test`) holding the
+container's /32 on its loopback, with no veth, no host route and nothing published: the clone's
+restored TCP sockets cannot reach the real clients (their packets loop back and are dropped), and no
+packet from the mesh reaches the clone.
+`clone-restore` brings it up there; `clone-check` runs the health check inside that netns (or, with
+"live": true, inside the real container's netns, to verify a cutover); `clone-discard` removes it all.
+"""
+
+import contextlib
+import os
+import shutil
+import subprocess
+import time
+from typing import TYPE_CHECKING, Any
+
+from pyroute2 import IPRoute
+from skyferry.netplane import netns
+from skyferry.pipeline.agent import netlock
+from skyferry.pipeline.agent.host import HostOps
+from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.files import wire
+from skyferry.pipeline.hostapi.client import AgentClient
+from skyferry.pipeline.runtimes.runc import ContainerSpec
+
+if TYPE_CHECKING:
+    from skyferry.pipeline.agent.server import Agent
+
+SUFFIX = ".test"  # container names cannot contain a dot, so a clone never collides with a container
+CHECK_TIMEOUT_S = 30.0
+OPS = ("clone-prepare", "clone-checkpoint", "clone-send", "clone-restore", "clone-check", "clone-discard")
+
+
+def clone_name(name: str) -> str:
+    return name + SUFFIX
+
+
+def dispatch(agent: "Agent", mig: str, op: str, body: dict[str, Any]) -> Any:
+    """One clone operation; the agent holds the lock of body["name"] around it."""
+    ops = agent.ops
+    match op:
+        case "clone-prepare":
+            return prepare(ops, mig, ContainerSpec.from_dict(body["spec"]))
+        case "clone-checkpoint":
+            return checkpoint(ops, mig, body["name"])
+        case "clone-send":
+            return send(agent, mig, body["name"], body["target"])
+        case "clone-restore":
+            return restore(ops, mig, body["name"])
+        case "clone-check":
+            return check(ops, body["name"], body.get("cmd"), bool(body.get("live")), body.get("timeout"))
+        case "clone-discard":
+            return discard(ops, mig, body.get("clone"))
+    raise SkyferryError(f"no clone operation {op!r}")
+
+
+def checkpoint(ops: HostOps, mig: str, name: str) -> dict[str, Any]:
+    """Dump a running container and leave it running: paused (and silent) only while CRIU dumps."""
+    runtime = ops.rt(name)
+    state = runtime.state(name) or {}
+    if state.get("status") != "running" or netlock.is_locked(ops.netns(name)):
+        raise SkyferryError(
+            f"container {name!r} on {ops.cfg.name} is {state.get('status', 'gone')}"
+            + (" and frozen for a migration" if netlock.is_locked(ops.netns(name)) else ""),
+            hint="a test cutover needs a running container that is not migrating",
+        )
+    images = ops.mig_dir(mig) / "images"
+    wire.wipe(images)
+    t0 = time.monotonic()
+    runtime.pause(name)
+    try:
+        netlock.lock(ops.netns(name))
+        try:
+            runtime.checkpoint(name, images, ops.mig_dir(mig) / "work")
+        finally:
+            netlock.unlock(ops.netns(name))
+    finally:
+        runtime.resume(name)
+    return {"pause_s": round(time.monotonic() - t0, 4), "pid": state.get("pid")}
+
+
+def send(agent: "Agent", mig: str, name: str, target: dict[str, Any]) -> dict[str, Any]:
+    """Stream the clone's dump and the container's rootfs to the target, addressed to the clone's name."""
+    ops = agent.ops
+    images = ops.mig_dir(mig) / "images"
+    if not images.exists():
+        raise SkyferryError(f"test {mig}: no clone checkpoint of {name!r} on {ops.cfg.name}")
+    stats = wire.StreamStats()
+    t0 = time.monotonic()
+    peer = AgentClient(target["address"], int(target["port"]), agent.peer_ctx)
+    stream = wire.encode({"images": images, **ops.rt(name).payload(name)}, stats)
+    received = peer.upload(f"/v1/migrations/{mig}/receive?name={clone_name(name)}", stream)
+    if received.get("sha256") != stats.sha256:
+        raise SkyferryError(f"clone image stream for {name!r} arrived corrupted (digest mismatch)")
+    wire.wipe(images)  # the source keeps nothing of the test
+    return {"bytes_raw": stats.bytes_raw, "bytes_wire": stats.bytes_wire, "seconds": time.monotonic() - t0}
+
+
+def prepare(ops: HostOps, mig: str, spec: ContainerSpec) -> dict[str, Any]:
+    """The clone's isolated netns (the /32 on its loopback, no other link) and an empty bundle; idempotent."""
+    if not spec.name.endswith(SUFFIX):
+        raise SkyferryError(f"{spec.name!r} is not a clone name")
+    if _exists(ops, spec.name):
+        raise SkyferryError(f"a clone {spec.name!r} already exists on {ops.cfg.name}", hint="discard it first")
+    name = ops.netns(spec.name)
+    netns.create(name)
+    with IPRoute(netns=name) as ipr:
+        idx = ipr.link_lookup(ifname="lo")[0]
+        if spec.ip not in {a.get("IFA_ADDRESS") for a in ipr.get_addr(index=idx, family=2)}:
+            ipr.addr("add", index=idx, address=spec.ip, prefixlen=32)
+        ipr.link("set", index=idx, state="up")
+        # CRIU reconnects restored TCP sockets, which needs a route to each peer. This one loops back
+        # into the same netns, where a packet for someone else's address is dropped (no forwarding).
+        ipr.route("replace", dst="0.0.0.0/0", oif=idx)
+    ops.engine(spec).prepare(spec, ops.netns_path(spec.name))
+    ops.mig_dir(mig).mkdir(parents=True, exist_ok=True)
+    return {"netns": name}
+
+
+def restore(ops: HostOps, mig: str, clone: str) -> dict[str, Any]:
+    """Restore the clone in its netns; nothing else (no unlock, no route: there is nothing to open)."""
+    runtime = ops.rt(clone)
+    if (runtime.state(clone) or {}).get("status") == "running":
+        return {"restore_s": 0.0}  # already restored: idempotent
+    t0 = time.monotonic()
+    for attempt in (1, 2):  # CRIU may hit "Can't fork for PID: File exists" right after a failed try
+        try:
+            runtime.restore(clone, ops.mig_dir(mig) / "images", ops.mig_dir(mig) / f"work{attempt}")
+            break
+        except SkyferryError:
+            if attempt == 2 or runtime.state(clone) is not None:
+                raise
+            time.sleep(0.2)
+    return {"restore_s": round(time.monotonic() - t0, 4)}
+
+
+def check(ops: HostOps, name: str, cmd: str | None, live: bool, timeout: float | None) -> dict[str, Any]:
+    """Is it running, and does `cmd` (run in its netns, $SKYFERRY_IP set) exit 0?"""
+    runtime = ops.rt(name)
+    state = runtime.state(name) or {}
+    result: dict[str, Any] = {"running": state.get("status") == "running", "pid": state.get("pid"), "cmd": cmd}
+    if not cmd or not result["running"]:
+        result["ok"] = result["running"]
+        return result
+    env = {**os.environ, "SKYFERRY_IP": runtime.spec(name).ip, "SKYFERRY_CONTAINER": name.removesuffix(SUFFIX)}
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run(
+            netns.command(ops.netns(name), ["/bin/sh", "-c", cmd]),
+            capture_output=True, text=True, timeout=timeout or CHECK_TIMEOUT_S, env=env,
+            stdin=subprocess.DEVNULL, check=False,
+        )  # fmt: skip
+        rc, out = proc.returncode, (proc.stdout + proc.stderr)[-2000:]
+    except subprocess.TimeoutExpired:
+        rc, out = 124, f"timed out after {timeout or CHECK_TIMEOUT_S} s"
+    result.update(rc=rc, output=out.strip(), seconds=round(time.monotonic() - t0, 3), ok=rc == 0, live=live)
+    return result
+
+
+def discard(ops: HostOps, mig: str, clone: str | None) -> dict[str, Any]:
+    """Remove the clone (container, bundle, netns) and the test's images; safe to repeat, on either side."""
+    if clone is not None:
+        if not clone.endswith(SUFFIX):
+            raise SkyferryError(f"{clone!r} is not a clone name; refusing to remove it")
+        for runtime in ops.runtimes.values():
+            if runtime.owns(clone):
+                runtime.remove(clone)
+        with contextlib.suppress(Exception):
+            netns.remove(ops.netns(clone))
+    # CRIU's logs hold no memory contents: keep them for whoever investigates a failed test.
+    for log in ops.mig_dir(mig).glob("work*/*.log"):
+        dest = ops.cfg.state_root / "logs" / mig / f"{log.parent.name}-{log.name}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(log, dest)
+    wire.wipe(ops.mig_dir(mig))
+    return {"clean": clone is None or not (_exists(ops, clone) or netns.exists(ops.netns(clone)))}
+
+
+def _exists(ops: HostOps, name: str) -> bool:
+    return any(runtime.owns(name) for runtime in ops.runtimes.values())

@@ -1,0 +1,183 @@
+"""Start and stop the agents of local hosts, and reach any mesh member's agent from the controller.
+
+Local agents join only their host's network namespace (nsenter --net): `ip netns exec` would also
+remount /sys and hide the cgroup hierarchies runc needs. Their PIDs are kept in `<state>/agents.json`,
+so stopping them kills exactly what was started.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from skyferry.netplane import netns as nsutil
+from skyferry.netplane.mesh import Mesh, MeshHost
+from skyferry.pipeline.agent.host import IMAGES_TMPFS
+from skyferry.pipeline.agent.server import AGENT_PORT
+from skyferry.pipeline.controller.journal import Journal
+from skyferry.pipeline.controller.registry import Registry
+from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.hostapi import pki
+from skyferry.pipeline.hostapi.client import AgentClient
+from skyferry.pipeline.runtimes.protocol import runtimes
+
+PIDS = "agents.json"
+
+
+def controller_identity(state: Path, mesh: Mesh) -> pki.Identity:
+    ca = state / "ca"
+    pki.ensure_ca(ca, mesh.name)
+    return pki.issue(ca, ca / "controller", "controller", [mesh.controller.overlay_ip])
+
+
+def client(state: Path, mesh: Mesh, host: str) -> AgentClient:
+    """A client for `host`'s agent, connecting from the controller's place in the mesh."""
+    member = mesh.host(host)
+    ctx = controller_identity(state, mesh).client_context()
+    return AgentClient(member.overlay_ip, AGENT_PORT, ctx, netns=mesh.controller.netns, label=host)
+
+
+def _pids(state: Path) -> dict[str, int]:
+    path = state / PIDS
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _save_pids(state: Path, pids: dict[str, int]) -> None:
+    (state / PIDS).write_text(json.dumps(pids, indent=2))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/cmdline").read_bytes().find(b"agent") >= 0
+
+
+def start_agents(mesh: Mesh, state: Path) -> None:
+    """Start an agent in every local host that has none running; waits until each answers."""
+    ca = state / "ca"
+    pki.ensure_ca(ca, mesh.name)
+    pids = _pids(state)
+    started: list[MeshHost] = []
+    for host in mesh.hosts.values():
+        if host.netns is None:
+            continue  # real machines run the agent as a systemd unit (cloud-init)
+        if host.name in pids and _alive(pids[host.name]):
+            continue
+        root = Path(host.state_root)
+        pki.issue(ca, root / "tls", host.name, [host.overlay_ip])
+        argv = [
+            sys.executable,
+            "-m",
+            "skyferry.pipeline.cli",
+            "agent",
+            "--host",
+            host.name,
+            "--mesh",
+            mesh.name,
+            "--state-root",
+            str(root),
+            "--listen",
+            host.overlay_ip,
+            "--mtu",
+            str(mesh.mtu),
+        ]
+        with open(root / "agent.log", "ab") as logf:
+            proc = subprocess.Popen(
+                nsutil.command(host.netns, argv),
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=logf,
+                start_new_session=True,
+                close_fds=True,
+            )
+        pids[host.name] = proc.pid
+        started.append(host)
+    _save_pids(state, pids)
+    for host in started:
+        _wait_ready(state, mesh, host)
+
+
+def _wait_ready(state: Path, mesh: Mesh, host: MeshHost, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            client(state, mesh, host.name).call("GET", "/v1/facts", retry_for=0.5)
+            return
+        except SkyferryError as exc:
+            last = exc
+            time.sleep(0.1)
+    raise SkyferryError(
+        f"agent on {host.name} did not come up: {last}", hint=f"see {Path(host.state_root) / 'agent.log'}"
+    )
+
+
+def stop_agents(mesh: Mesh, state: Path, hosts: list[str] | None = None) -> None:
+    """Tear down local hosts' workloads and agents (all hosts, or `hosts`).
+
+    Containers go down with their hosts: each one is removed through its engine with that host's own
+    state (an agent restart alone never touches containers). Then the agents get SIGTERM, and SIGKILL
+    after 5 s.
+    """
+    registry = Registry(state)
+    local = [h.name for h in mesh.hosts.values() if h.netns is not None and (hosts is None or h.name in hosts)]
+    Journal(state).abandon(local)
+    for host in mesh.hosts.values():
+        if host.name not in local:
+            continue
+        for runtime in runtimes(Path(host.state_root), f"/skyferry/{mesh.name}/{host.name}").values():
+            for name in runtime.names():
+                runtime.remove(name)
+        for entry in registry.all():
+            if entry.host == host.name:
+                registry.remove(entry.name)
+    pids = _pids(state)
+    victims = {h: p for h, p in pids.items() if hosts is None or h in hosts}
+    for pid in victims.values():
+        if _alive(pid):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 5.0
+    for pid in victims.values():
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+        _reap(pid)
+    for h in victims:
+        pids.pop(h, None)
+    _save_pids(state, pids)
+    if hosts is None:
+        (state / PIDS).unlink(missing_ok=True)
+        _remove_cgroups(mesh.name)
+        shutil.rmtree(IMAGES_TMPFS / mesh.name, ignore_errors=True)
+        _rmdir(IMAGES_TMPFS)
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def _remove_cgroups(mesh_name: str) -> None:
+    """runc removes each container's cgroup; the per-host parents it leaves are ours to remove."""
+    for hierarchy in Path("/sys/fs/cgroup").iterdir():
+        top = hierarchy / "skyferry" / mesh_name
+        if not top.is_dir():
+            continue
+        for d in sorted(top.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            if d.is_dir():
+                _rmdir(d)
+        _rmdir(top)
+        _rmdir(top.parent)  # only if no other mesh uses it
+
+
+def _rmdir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.rmdir()

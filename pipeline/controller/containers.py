@@ -1,0 +1,156 @@
+"""Containers on mesh hosts, as the controller sees them: run, list, logs, remove."""
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from skyferry.netplane import routes
+from skyferry.netplane.ipam import Ipam
+from skyferry.netplane.mesh import Mesh
+from skyferry.pipeline.controller import agentctl
+from skyferry.pipeline.controller.registry import Registry
+from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.runtimes.runc import HOST_DIRS, ContainerSpec
+
+NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")
+RUNTIMES = ("runc", "podman", "docker")
+
+
+def split_name(text: str) -> tuple[str | None, str]:
+    """`podman:web` -> ("podman", "web"); a bare name names no engine."""
+    engine, sep, name = text.partition(":")
+    if not sep:
+        return None, text
+    if engine not in RUNTIMES:
+        raise SkyferryError(f"unknown runtime {engine!r} in {text!r}", hint=f"runtimes: {', '.join(RUNTIMES)}")
+    return engine, name
+
+
+def resolve(state: Path, text: str) -> str:
+    """The container name in `text` (NAME or ENGINE:NAME), checked against the engine it runs in."""
+    engine, name = split_name(text)
+    entry = Registry(state).get(name)
+    if engine is not None and entry.spec.runtime != engine:
+        raise SkyferryError(
+            f"container {name!r} runs in {entry.spec.runtime}, not {engine}", hint=f"{entry.spec.runtime}:{name}"
+        )
+    return name
+
+
+def run(
+    state: Path, host: str, name: str, args: list[str], *, rootfs: Path | None = None,
+    image: Path | None = None, env: dict[str, str] | None = None, runtime: str | None = None,
+    labels: dict[str, str] | None = None, volumes: list[str] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Start `args` in a new container on `host` with its own overlay /32; idempotent per (name, host).
+
+    `runtime` is runc (default), podman or docker; it may also prefix the name: `podman:web`.
+    """
+    prefixed, name = split_name(name)
+    if prefixed and runtime and prefixed != runtime:
+        raise SkyferryError(f"--runtime {runtime} contradicts the name {prefixed}:{name}")
+    runtime = prefixed or runtime or "runc"
+    if runtime not in RUNTIMES:
+        raise SkyferryError(f"unknown runtime {runtime!r}", hint=f"runtimes: {', '.join(RUNTIMES)}")
+    if runtime != "runc" and not image:
+        raise SkyferryError(f"a {runtime} container needs --image", hint="a rootfs tarball or a `docker save` archive")
+    if not NAME.fullmatch(name):
+        raise SkyferryError(
+            f"bad container name {name!r}",
+            hint="use 1-40 of a-z, 0-9, '-' and '_', starting with a letter or digit (it names kernel objects)",
+        )
+    if not args:
+        raise SkyferryError("no command given", hint="skyferry run --host H --name N -- CMD ARGS…")
+    if rootfs and image:
+        raise SkyferryError("give --rootfs or --image, not both")
+    if rootfs and not rootfs.is_dir():
+        raise SkyferryError(f"--rootfs {rootfs} is not a directory")
+    if image and not image.is_file():
+        raise SkyferryError(f"--image {image} is not a file")
+    mesh = Mesh.load(state)
+    mesh.host(host)
+    registry = Registry(state)
+    existing = registry.find(name)
+    if existing and existing.host != host:
+        raise SkyferryError(
+            f"container {name!r} already exists on {existing.host}", hint=f"skyferry rm {name}, or pick another name"
+        )
+    ipam = Ipam(state)
+    owner = f"container:{name}"
+    ip = ipam.lookup(owner) or ipam.allocate(owner)
+    spec = ContainerSpec(
+        name=name, args=list(args), ip=ip, env=dict(env or {}),
+        rootfs=str(rootfs.resolve()) if rootfs else None, image=str(image.resolve()) if image else None,
+        runtime=runtime,
+        labels=dict(labels or {}),
+        volumes=_volumes(volumes or [], runtime),
+    )  # fmt: skip
+    try:
+        info = agentctl.client(state, mesh, host).call("POST", "/v1/containers", spec.to_dict())
+        routes.publish(mesh, ip, host)
+    except Exception:
+        if not existing:
+            ipam.release(ip)
+        raise
+    registry.add(spec, host)
+    return info
+
+
+def _volumes(paths: list[str], runtime: str) -> list[str]:
+    """Volume mount points: absolute, distinct, and not over the system dirs a default rootfs shares."""
+    if paths and runtime != "runc":
+        raise SkyferryError(f"--volume is supported for runc containers, not {runtime}")
+    for path in paths:
+        clean = "/" + "/".join(p for p in path.split("/") if p)
+        if not path.startswith("/") or ".." in path.split("/") or clean == "/" or clean in HOST_DIRS:
+            raise SkyferryError(f"bad volume path {path!r}", hint="an absolute path such as /data, not / or /usr")
+    if len(set(paths)) != len(paths):
+        raise SkyferryError("the same volume path was given twice")
+    return list(paths)
+
+
+def live(state: Path) -> list[dict[str, Any]]:
+    """The registry joined with each host agent's live view; an unreachable host shows as such."""
+    mesh = Mesh.load(state)
+    entries = Registry(state).all()
+
+    def host_view(host: str) -> dict[str, dict[str, Any]] | str:
+        try:
+            return {c["name"]: c for c in agentctl.client(state, mesh, host).call("GET", "/v1/containers")}
+        except SkyferryError as exc:
+            return f"unreachable: {exc}"
+
+    hosts = sorted({e.host for e in entries})
+    with ThreadPoolExecutor(max_workers=max(1, len(hosts))) as pool:
+        views = dict(zip(hosts, pool.map(host_view, hosts), strict=True))
+    rows = []
+    for e in entries:
+        view = views[e.host]
+        current = view.get(e.name, {}) if isinstance(view, dict) else {}
+        status = current.get("state", "missing") if isinstance(view, dict) else "unknown (host unreachable)"
+        if current.get("frozen_for_migration"):
+            status = "frozen (migrating)"
+        rows.append({"name": e.name, "host": e.host, "ip": e.ip, "state": status, "pid": current.get("pid"),
+                     "runtime": e.spec.runtime, "command": " ".join(e.spec.args)})  # fmt: skip
+    return rows
+
+
+def logs(state: Path, name: str) -> bytes:
+    entry = Registry(state).get(name)
+    data = agentctl.client(state, Mesh.load(state), entry.host).call("GET", f"/v1/containers/{name}/logs")
+    return data if isinstance(data, bytes) else str(data).encode()
+
+
+def remove(state: Path, name: str) -> bool:
+    """Stop and remove `name` and release its IP; False if there was no such container."""
+    registry = Registry(state)
+    entry = registry.find(name)
+    if entry is None:
+        return False
+    mesh = Mesh.load(state)
+    agentctl.client(state, mesh, entry.host).call("DELETE", f"/v1/containers/{name}")
+    routes.withdraw(mesh, entry.ip)
+    Ipam(state).release(entry.ip)
+    registry.remove(name)
+    return True

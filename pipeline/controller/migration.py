@@ -1,0 +1,220 @@
+"""Drive a migration through its stages, journalling each transition; resume or roll back from the journal.
+
+A failure before the point of no return (a successful restore: the target's copy is live) rolls back
+at once: the stages that started are undone in reverse, and the container runs on the source again.
+From there on the only way is forward: a failure is finished by `migrations resume`. If an undo itself
+fails, the rollback stops there (thawing the source while the target's copy might still run would make
+two copies), the migration is marked `failed`, and `skyferry migrations rollback ID` retries from the
+same point.
+"""
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from skyferry.netplane.mesh import Mesh
+from skyferry.pipeline.controller import agentctl
+from skyferry.pipeline.controller.journal import Journal, Migration
+from skyferry.pipeline.controller.registry import Registry
+from skyferry.pipeline.controller.stages import (
+    FREEZE_FROM,
+    FREEZE_TO,
+    HYBRID,
+    POINT_OF_NO_RETURN,
+    POSTCOPY,
+    PRECOPY,
+    STOP_COPY,
+    Context,
+    ForwardOnly,
+    Stage,
+)
+from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.hostapi import faults
+from skyferry.pipeline.runtimes.protocol import supported_modes
+
+# precopy: content-based memory rounds (works without soft-dirty); postcopy: CRIU lazy pages; hybrid:
+# rounds, then lazy pages for what changed since; stop-copy: the baseline.
+MODES = {"precopy": PRECOPY, "hybrid": HYBRID, "postcopy": POSTCOPY, "stop-copy": STOP_COPY}
+DEFAULT_MODE = "precopy"
+Progress = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def migrate(
+    state: Path, name: str, target: str, mode: str | None = None, progress: Progress = _quiet
+) -> dict[str, Any]:
+    """Move container `name` to host `target`; returns the report. Raises SkyferryError after rolling back.
+    Without a mode, the engine's best one (runc: precopy; Podman and Docker: stop-copy)."""
+    if mode is not None and mode not in MODES:
+        raise SkyferryError(f"unknown mode {mode!r}", hint=f"modes: {', '.join(MODES)}")
+    mesh = Mesh.load(state)
+    entry = Registry(state).get(name)
+    mesh.host(target)  # unknown host -> clear error
+    if target == entry.host:
+        raise SkyferryError(f"container {name!r} already runs on {target}", hint="pick another --to host")
+    mode = mode or supported_modes(entry.spec.runtime)[0]
+    if mode not in supported_modes(entry.spec.runtime):
+        raise SkyferryError(
+            f"{entry.spec.runtime} containers cannot migrate by {mode}",
+            hint=f"use --mode {' or --mode '.join(supported_modes(entry.spec.runtime))}",
+        )
+    journal = Journal(state)
+    mig = journal.begin(name, entry.host, target, mode)
+    return _drive(_context(state, mig, mesh), journal, MODES[mode], progress)
+
+
+def resume(state: Path, mig_id: str, progress: Progress = _quiet) -> dict[str, Any]:
+    """Finish an interrupted migration from its first unfinished stage."""
+    journal = Journal(state)
+    mig = journal.get(mig_id)
+    if mig.state in ("done", "rolled-back"):
+        return _report(journal, mig)  # nothing left to do: idempotent
+    statuses = journal.stage_status(mig_id)
+    if "undone" in statuses.values() or mig.state == "failed":
+        raise SkyferryError(f"migration {mig_id} was being rolled back", hint=f"skyferry migrations rollback {mig_id}")
+    journal.claim(mig_id)
+    return _drive(_context(state, mig, Mesh.load(state)), journal, MODES[mig.mode], progress)
+
+
+def rollback(state: Path, mig_id: str, progress: Progress = _quiet) -> dict[str, Any]:
+    """Undo an unfinished migration: the container ends up running on the source."""
+    journal = Journal(state)
+    mig = journal.get(mig_id)
+    if mig.state == "rolled-back":
+        return _report(journal, mig)
+    if mig.state == "done" or journal.stage_status(mig_id).get(POINT_OF_NO_RETURN) == "done":
+        raise SkyferryError(
+            f"migration {mig_id} is past the point of no return: {mig.container} runs on {mig.target}",
+            hint=f"migrate it back: skyferry migrate {mig.container} --to {mig.source}",
+        )
+    journal.claim(mig_id)
+    ctx = _context(state, mig, Mesh.load(state))
+    _undo(ctx, journal, MODES[mig.mode], progress)
+    return _report(journal, journal.get(mig_id))
+
+
+def _context(state: Path, mig: Migration, mesh: Mesh) -> Context:
+    entry = Registry(state).get(mig.container)
+    return Context(
+        mig_id=mig.id,
+        entry=entry,
+        source=mig.source,
+        target=mig.target,
+        mesh=mesh,
+        state=state,
+        src=agentctl.client(state, mesh, mig.source),
+        dst=agentctl.client(state, mesh, mig.target),
+        mode=mig.mode,
+    )
+
+
+def _drive(ctx: Context, journal: Journal, stages: list[Stage], progress: Progress) -> dict[str, Any]:
+    statuses = journal.stage_status(ctx.mig_id)
+    names = [s.name for s in stages]
+    for stage in stages:
+        if statuses.get(stage.name) == "done":
+            continue
+        progress(stage.name)
+        journal.transition(ctx.mig_id, stage.name, "started")
+        t0 = time.monotonic()
+        try:
+            detail = stage.run(ctx) or {}
+        except Exception as exc:
+            journal.transition(ctx.mig_id, stage.name, "failed", {"error": str(exc)})
+            if names.index(stage.name) > names.index(POINT_OF_NO_RETURN):
+                journal.finish(ctx.mig_id, "running", error=str(exc))
+                raise SkyferryError(
+                    f"migration {ctx.mig_id}: {stage.name} failed after the container went live on {ctx.target}: {exc}",
+                    hint=f"skyferry migrations resume {ctx.mig_id}",
+                ) from exc
+            _undo(ctx, journal, stages, progress, cause=f"{stage.name} failed: {exc}")
+            raise SkyferryError(
+                f"migration {ctx.mig_id} failed at {stage.name}: {exc}. Rolled back: "
+                f"{ctx.entry.name} runs on {ctx.source}",
+                hint=getattr(exc, "hint", None),
+            ) from exc
+        detail["seconds"] = round(time.monotonic() - t0, 4)
+        journal.transition(ctx.mig_id, stage.name, "done", detail)
+        if stage.name == POINT_OF_NO_RETURN:
+            Registry(ctx.state).move(ctx.entry.name, ctx.target)  # from here on it lives there
+        faults.crash_point(stage.name)
+    mig = journal.get(ctx.mig_id)
+    report = _report(journal, mig)
+    journal.finish(ctx.mig_id, "done", report=report)
+    return _report(journal, journal.get(ctx.mig_id))
+
+
+def _undo(ctx: Context, journal: Journal, stages: list[Stage], progress: Progress, cause: str | None = None) -> None:
+    statuses = journal.stage_status(ctx.mig_id)
+    for stage in reversed(stages):
+        if statuses.get(stage.name) not in ("started", "done", "failed", "undoing"):
+            continue
+        progress(f"undo {stage.name}")
+        journal.transition(ctx.mig_id, stage.name, "undoing")
+        try:
+            stage.undo(ctx)
+        except ForwardOnly as exc:
+            # Nothing was undone: the migration stays resumable, and resume finishes it.
+            journal.transition(ctx.mig_id, stage.name, "undo-refused", {"error": str(exc)})
+            journal.finish(ctx.mig_id, "running", error=str(exc))
+            raise
+        except Exception as exc:
+            error = f"rollback stopped at {stage.name}: {exc}" + (f" (after {cause})" if cause else "")
+            journal.finish(ctx.mig_id, "failed", error=error)
+            raise SkyferryError(
+                f"migration {ctx.mig_id}: {error}",
+                hint=f"the container stays frozen until this succeeds: skyferry migrations rollback {ctx.mig_id}",
+            ) from exc
+        journal.transition(ctx.mig_id, stage.name, "undone")
+    journal.finish(ctx.mig_id, "rolled-back", error=cause)
+
+
+def _report(journal: Journal, mig: Migration) -> dict[str, Any]:
+    """Freeze = checkpoint started .. restore done; per-stage seconds; pre-copy rounds; bytes on the wire
+    (rounds, final delta and payload)."""
+    transitions = journal.transitions(mig.id)
+    stages: dict[str, float] = {}
+    started: dict[str, float] = {}
+    finished: dict[str, float] = {}
+    detail: dict[str, dict[str, Any]] = {}
+    for t in transitions:
+        if t["status"] == "started":
+            started.setdefault(t["stage"], t["at"])
+        elif t["status"] == "done":
+            finished[t["stage"]] = t["at"]
+            detail[t["stage"]] = t["detail"] or {}
+            stages[t["stage"]] = detail[t["stage"]].get("seconds", 0.0)
+    transfer, precopy = detail.get("transfer", {}), detail.get("precopy", {})
+    rounds = [
+        {k: r[k] for k in ("seq", "duration", "pages_scanned", "pages_changed", "pages_zero", "bytes_out")}
+        for r in precopy.get("rounds", [])
+    ]
+    bytes_wire = None
+    if "bytes_wire" in transfer:
+        bytes_wire = transfer["bytes_wire"] + sum(r["bytes_out"] for r in rounds)
+    freeze = None
+    if FREEZE_FROM in started and FREEZE_TO in finished:
+        freeze = round((finished[FREEZE_TO] - started[FREEZE_FROM]) * 1000, 1)
+    end = max(finished.values()) if finished else mig.updated
+    return {
+        "id": mig.id,
+        "container": mig.container,
+        "source": mig.source,
+        "target": mig.target,
+        "mode": mig.mode,
+        "state": mig.state,
+        "error": mig.error,
+        "freeze_ms": freeze,
+        "total_ms": round((end - mig.started) * 1000, 1),
+        "bytes_wire": bytes_wire,
+        "bytes_at_freeze": transfer.get("bytes_wire"),
+        "rounds": rounds,
+        "precopy_stop": precopy.get("stop"),
+        "stages_s": stages,
+        # post-copy and hybrid: the lazy phase after the restore (hybrid: pages from the store vs the source)
+        "lazy": {k: v for k, v in detail.get("cleanup", {}).items() if k != "seconds"} or None,
+    }

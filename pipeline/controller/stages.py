@@ -1,0 +1,243 @@
+"""The stages of a migration. Each is a small object: `run` does its step, `undo` reverses it.
+
+Both are idempotent, so the runner may repeat a stage that was interrupted, and a rollback may undo a
+stage that only half ran. Undo order is the reverse of run order, which is what keeps the container
+running exactly once: the target's copy is killed before the frozen source is thawed.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from skyferry.netplane import routes
+from skyferry.netplane.mesh import Mesh
+from skyferry.pipeline.agent.host import page_server
+from skyferry.pipeline.agent.server import AGENT_PORT
+from skyferry.pipeline.controller.registry import Entry
+from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.hostapi.client import AgentClient
+
+
+@dataclass
+class Context:
+    mig_id: str
+    entry: Entry
+    source: str
+    target: str
+    mesh: Mesh
+    state: Path
+    src: AgentClient
+    dst: AgentClient
+    mode: str = "stop-copy"
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def mig_call(self, agent: AgentClient, op: str, **body: Any) -> Any:
+        return agent.call("POST", f"/v1/migrations/{self.mig_id}/{op}", {"name": self.entry.name, **body})
+
+
+class Stage(Protocol):
+    name: str
+
+    def run(self, ctx: Context) -> dict[str, Any] | None: ...
+
+    def undo(self, ctx: Context) -> None: ...
+
+
+class Check:
+    """Both hosts can do this migration: CRIU on both, the target at least as new, CPU flags a superset."""
+
+    name = "check"
+
+    def run(self, ctx: Context) -> dict[str, Any]:
+        src, dst = ctx.src.call("GET", "/v1/facts"), ctx.dst.call("GET", "/v1/facts")
+        info = ctx.src.call("GET", f"/v1/containers/{ctx.entry.name}")
+        if info["state"] != "running":
+            raise SkyferryError(
+                f"container {ctx.entry.name!r} is {info['state']} on {ctx.source}, not running",
+                hint="only running containers migrate live",
+            )
+        for facts in (src, dst):
+            if not facts.get("criu"):
+                raise SkyferryError(f"{facts['host']} has no CRIU", hint="run scripts/bootstrap-host.sh there")
+        if _version(dst["criu"]) < _version(src["criu"]):
+            raise SkyferryError(
+                f"target CRIU {dst['criu']} is older than source CRIU {src['criu']}",
+                hint="images from a newer CRIU may not restore; upgrade the target",
+            )
+        if src["arch"] != dst["arch"]:
+            raise SkyferryError(f"architectures differ: {src['arch']} -> {dst['arch']}")
+        missing = sorted(set(src["cpu_flags"]) - set(dst["cpu_flags"]))
+        if missing:
+            raise SkyferryError(
+                f"target CPU lacks flags the source has: {', '.join(missing[:12])}",
+                hint="a restored process may use instructions the target cannot run; pick another target",
+            )
+        for t in ctx.dst.call("GET", "/v1/containers"):
+            if t["name"] == ctx.entry.name:
+                raise SkyferryError(f"{ctx.target} already has a container named {ctx.entry.name!r}")
+        return {"criu": [src["criu"], dst["criu"]], "kernel": [src["kernel"], dst["kernel"]]}
+
+    def undo(self, ctx: Context) -> None:
+        pass
+
+
+class Prepare:
+    """The target gets the same netns and IP (no route yet) and an empty bundle."""
+
+    name = "prepare"
+
+    def run(self, ctx: Context) -> None:
+        ctx.mig_call(ctx.dst, "prepare", spec=ctx.entry.spec.to_dict())
+
+    def undo(self, ctx: Context) -> None:
+        ctx.mig_call(ctx.dst, "abort-target")
+
+
+class PreCopy:
+    """Memory rounds while the container runs; the freeze then only moves what changed since."""
+
+    name = "precopy"
+    # A final delta this small costs ~10 ms at 1 Gbit/s: not worth another round.
+    policy = {"max_delta_bytes": 1 << 20}
+
+    def run(self, ctx: Context) -> dict[str, Any]:
+        target = ctx.mesh.host(ctx.target)
+        return ctx.mig_call(
+            ctx.src, "precopy", target={"address": target.overlay_ip, "port": AGENT_PORT}, policy=self.policy
+        )
+
+    def undo(self, ctx: Context) -> None:
+        # The rounds left an engine and a (pre-warmed) image directory on the source; Checkpoint's undo
+        # frees them too, but it never runs when the rounds themselves failed. Idempotent, and the
+        # container was never paused here, so nothing thaws early. The target's store goes with Prepare's.
+        ctx.mig_call(ctx.src, "rollback-source")
+
+
+class Checkpoint:
+    """Freeze, lock the network, dump. The source stays frozen, not killed, until confirm."""
+
+    name = "checkpoint"
+
+    def run(self, ctx: Context) -> dict[str, Any]:
+        return ctx.mig_call(ctx.src, "checkpoint")
+
+    def undo(self, ctx: Context) -> None:
+        ctx.mig_call(ctx.src, "rollback-source")
+
+
+class Transfer:
+    """Images and rootfs go agent to agent across the overlay; digests must match on both ends."""
+
+    name = "transfer"
+
+    def run(self, ctx: Context) -> dict[str, Any]:
+        target = ctx.mesh.host(ctx.target)
+        return ctx.mig_call(ctx.src, "send", target={"address": target.overlay_ip, "port": AGENT_PORT})
+
+    def undo(self, ctx: Context) -> None:
+        pass  # the target's received files go with Prepare's undo
+
+
+class ForwardOnly(SkyferryError):
+    """The target's copy is live: undoing would bring back the older source copy and lose state."""
+
+
+class Restore:
+    """The point of no return: once restored, the target's copy is live and the frozen source is stale.
+    If the restore failed, CRIU never resumed the copy, and undo removes it before anything thaws the
+    source. A copy that did come up live is never removed (the agent refuses too)."""
+
+    name = "restore"
+
+    def run(self, ctx: Context) -> dict[str, Any]:
+        return ctx.mig_call(ctx.dst, "restore")
+
+    def undo(self, ctx: Context) -> None:
+        live = [c for c in ctx.dst.call("GET", "/v1/containers") if c["name"] == ctx.entry.name]
+        if live and live[0]["state"] == "running" and not live[0]["frozen_for_migration"]:
+            raise ForwardOnly(
+                f"{ctx.entry.name} is already live on {ctx.target}; the frozen source copy is older",
+                hint=f"finish the migration: skyferry migrations resume {ctx.mig_id}",
+            )
+        ctx.mig_call(ctx.dst, "abort-target")
+
+
+class Cutover:
+    """Route the /32 to the target while both copies are silent (the source frozen and locked, the
+    target's netns dropping inbound): the target's host route, then one atomic peer-list change per
+    mesh member. Done before the restore, so the restored copy's first packets find their way; the
+    source's host route goes with confirm."""
+
+    name = "cutover"
+
+    def run(self, ctx: Context) -> dict[str, Any]:
+        ctx.dst.call("POST", f"/v1/containers/{ctx.entry.name}/route", {"present": True})
+        routes.publish(ctx.mesh, ctx.entry.ip, ctx.target)
+        return {"ip": ctx.entry.ip}
+
+    def undo(self, ctx: Context) -> None:
+        routes.publish(ctx.mesh, ctx.entry.ip, ctx.source)
+        ctx.dst.call("POST", f"/v1/containers/{ctx.entry.name}/route", {"present": False})
+
+
+class LazyCheckpoint(Checkpoint):
+    """Post-copy: dump everything but the memory; the frozen source serves its pages on demand."""
+
+    def run(self, ctx: Context) -> dict[str, Any]:
+        return ctx.mig_call(ctx.src, "checkpoint", lazy=True)
+
+
+class LazyRestore(Restore):
+    """Post-copy: restore without memory; pages arrive on first touch and in the background. The
+    container runs at once, but until the last page has arrived it depends on the source."""
+
+    def run(self, ctx: Context) -> dict[str, Any]:
+        source = ctx.mesh.host(ctx.source)
+        return ctx.mig_call(ctx.dst, "restore", page_server=page_server(ctx.mig_id, source.overlay_ip))
+
+
+class Confirm:
+    """End the frozen source copy and free what it held."""
+
+    name = "confirm"
+
+    def run(self, ctx: Context) -> dict[str, Any]:
+        return ctx.mig_call(ctx.src, "confirm-source")
+
+    def undo(self, ctx: Context) -> None:
+        raise SkyferryError("the source copy is already gone; a confirmed migration cannot be undone")
+
+
+class Cleanup:
+    name = "cleanup"
+
+    def run(self, ctx: Context) -> dict[str, Any]:
+        return ctx.mig_call(ctx.dst, "finish-target")
+
+    def undo(self, ctx: Context) -> None:
+        pass
+
+
+STOP_COPY: list[Stage] = [
+    Check(), Prepare(), Checkpoint(), Transfer(), Cutover(), Restore(), Confirm(), Cleanup(),
+]  # fmt: skip
+# Post-copy: the shortest freeze (no page is written or read inside it), at the price of a phase after
+# it in which the running copy still depends on the source for the pages it has not touched yet.
+POSTCOPY: list[Stage] = [
+    Check(), Prepare(), LazyCheckpoint(), Transfer(), Cutover(), LazyRestore(), Confirm(), Cleanup(),
+]  # fmt: skip
+PRECOPY: list[Stage] = [
+    Check(), Prepare(), PreCopy(), Checkpoint(), Transfer(), Cutover(), Restore(), Confirm(), Cleanup(),
+]  # fmt: skip
+# Hybrid: pre-copy rounds, then a lazy checkpoint. The source has a pre-copy engine, so it also sends the
+# pages the target holds unchanged; the target's lazy-pages daemon takes those from its store and only
+# the pages that changed since the last round from the source (pipeline/memory/hybrid.py).
+HYBRID: list[Stage] = [
+    Check(), Prepare(), PreCopy(), LazyCheckpoint(), Transfer(), Cutover(), LazyRestore(), Confirm(), Cleanup(),
+]  # fmt: skip
+POINT_OF_NO_RETURN = "restore"
+FREEZE_FROM, FREEZE_TO = "checkpoint", "restore"
+
+
+def _version(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split(".") if x.isdigit())

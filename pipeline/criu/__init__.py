@@ -1,0 +1,1 @@
+"""CRIU itself: its RPC and its image formats."""

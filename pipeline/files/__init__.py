@@ -1,0 +1,1 @@
+"""Files that move: file-system rounds and the stop-copy tar stream."""

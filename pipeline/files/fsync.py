@@ -1,0 +1,653 @@
+"""File-system pre-copy: a container's rootfs and volumes move in rounds while it runs, then a final delta.
+
+Source side, next to the running container:
+    tracker = FsTracker({"rootfs": rootfs, "data": volume})
+    stats = FsStats(); send(tracker.round(stats))          # repeat while memory rounds run
+    freeze; stats = FsStats(); send(tracker.final(stats, pids=frozen_tree))
+
+Target side:
+    applier = FsApplier({"rootfs": bundle_rootfs, "data": volume})    # one per migration
+    applier.apply(chunks)                                  # every round, then the final
+
+A round carries what changed since what the target holds: regular files, symlinks and directories
+whose lstat signature differs, and the paths deleted since. The tracker commits the new signatures
+only when its stream is exhausted, so an interrupted send is simply repeated by the next round.
+
+A stream is wire.py's zstd tar (PAX headers, numeric owners), cut into length-prefixed blocks and
+closed by a SHA-256 over every byte before it. The applier extracts each member to a staging name in
+its directory, checks the digest, and only then renames members into place, so a damaged or truncated
+stream changes nothing and a half-applied round never leaves a torn file.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import io
+import json
+import os
+import secrets
+import shutil
+import stat
+import struct
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import xxhash
+import zstandard
+from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.files import wire
+from skyferry.pipeline.files.wire import extract_member
+
+FORMAT = "skyferry-fsync"
+VERSION = 1
+MAGIC = b"SKYFSYN1"
+BLOCK = struct.Struct("<I")
+MAX_BLOCK = 64 << 20
+CHUNK = 1 << 20
+ZSTD_LEVEL = 1
+MANIFEST = "@manifest"  # the first tar member; no "/" so it can never name a path in a directory
+XATTR = "SKYFERRY.xattr."  # PAX keys carrying extended attributes, base64
+STAGING = ".skyferry-fsync-"  # the applier's scratch directory inside each destination
+CLOCK_REALTIME_COARSE = 5  # Linux; file timestamps come from this clock (or a finer one)
+TAR_ENCODING = "utf-8"
+
+Sig = tuple[Any, ...]
+
+
+@dataclass
+class FsStats:
+    """One stream, as seen by whichever side filled it in."""
+
+    kind: str = ""  # "round" or "final"
+    seq: int = 0
+    files_scanned: int = 0  # entries (files, dirs, symlinks) lstat'ed by the source
+    files_sent: int = 0  # regular files and symlinks in the stream
+    dirs_sent: int = 0
+    rechecked: int = 0  # files changed in the same clock tick as their last read: re-hashed, equal, not sent
+    bytes_raw: int = 0  # file contents in the stream
+    bytes_wire: int = 0  # the whole stream
+    deletions: int = 0
+    duration: float = 0.0
+    sha256: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Held:
+    """What the target holds for a path: the signature read before sending it."""
+
+    sig: Sig
+    racy: bool = False  # changed in the clock tick of that lstat: a later write could keep the signature
+    digest: bytes = b""  # xxh3_128 of the contents sent (regular files)
+
+
+DIRTY = _Held(("dirty",))  # never equals a real signature: resend next round
+
+
+class FsTracker:
+    """The source side: rounds over live directories, each the delta against what the target holds."""
+
+    def __init__(self, dirs: dict[str, Path], level: int = ZSTD_LEVEL) -> None:
+        self.dirs = _check_dirs(dirs)
+        self.level = level
+        self.held: dict[tuple[str, str], _Held] = {}
+        self.session = ""
+        self.seq = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget what the target holds (after it refused a stream); the next round is full."""
+        self.session = secrets.token_hex(8)
+        self.seq = 0
+        self.held.clear()
+
+    def round(self, stats: FsStats) -> Iterator[bytes]:
+        """Stream what changed since the last committed round; commits when exhausted."""
+        return self._stream("round", stats, set())
+
+    def final(self, stats: FsStats, pids: Iterable[int] = ()) -> Iterator[bytes]:
+        """The delta inside the freeze. `pids`: the frozen processes (host view).
+
+        Files they map shared and writable are re-read whatever their signature says, and sent when
+        their contents differ: a store to an already-dirty mapped page does not update mtime.
+        """
+        return self._stream("final", stats, _shared_writable(pids))
+
+    def _stream(self, kind: str, stats: FsStats, forced: set[tuple[int, int]]) -> Iterator[bytes]:
+        started = time.monotonic()
+        seq = self.seq + 1
+        stats.kind, stats.seq = kind, seq
+        for arc, root in self.dirs.items():
+            if not root.is_dir():  # never read a missing directory as "everything was deleted"
+                raise SkyferryError(f"{arc} directory {root} is missing", hint="is the container still there?")
+        scan_start = time.clock_gettime_ns(CLOCK_REALTIME_COARSE)
+        current = {(arc, rel): (st, link) for arc, root in self.dirs.items() for rel, st, link in _scan(root)}
+        stats.files_scanned = len(current)
+        deleted = sorted(key for key in self.held if key not in current)
+        stats.deletions = len(deleted)
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "kind": kind,
+            "session": self.session,
+            "seq": seq,
+            "full": self.seq == 0,
+            "dirs": sorted(self.dirs),
+            "deleted": [list(key) for key in deleted],
+        }
+        out = _Writer(stats, self.level)
+        yield MAGIC
+        stats.bytes_wire += len(MAGIC)
+        yield from out.add(_info(MANIFEST, tarfile.REGTYPE, size=0), json.dumps(manifest).encode())
+        pending: dict[tuple[str, str], _Held] = {}
+        links: dict[tuple[int, int], tuple[str, str]] = {}  # (st_dev, st_ino) of files sent -> their key
+        for key, (st, link) in current.items():
+            held = self.held.get(key)
+            sig = _sig(st, link)
+            force = (st.st_dev, st.st_ino) in forced
+            if held is not None and held.sig == sig and not held.racy and not force:
+                continue
+            name = f"{key[0]}/{key[1]}"
+            first = links.get((st.st_dev, st.st_ino)) if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 else None
+            if first is not None and first[0] == key[0]:
+                # Another name of a file this stream already carries: the target links it, as here.
+                pending[key] = pending[first]
+                stats.files_sent += 1
+                yield from out.add(_info(name, tarfile.LNKTYPE, st=st, link=first[1]))
+            elif stat.S_ISREG(st.st_mode):
+                yield from self._file(out, name, self.dirs[key[0]] / key[1], held, force, key, pending, links)
+            else:
+                # A directory that changes in the tick of its lstat could keep its mtime: resend it next round.
+                # A symlink never changes in place.
+                is_dir = stat.S_ISDIR(st.st_mode)
+                pending[key] = _Held(sig, racy=is_dir and max(st.st_mtime_ns, st.st_ctime_ns) >= scan_start)
+                if is_dir:
+                    stats.dirs_sent += 1
+                else:
+                    stats.files_sent += 1
+                path = self.dirs[key[0]] / key[1]
+                kind_ = tarfile.DIRTYPE if is_dir else tarfile.SYMTYPE
+                yield from out.add(_info(name, kind_, st=st, link=link, xattrs=_xattrs(path)))
+        yield from out.close()
+        # Exhausted: the target has all of it (or will refuse it and ask for a full round).
+        for key in deleted:
+            del self.held[key]
+        self.held.update(pending)
+        self.seq = seq
+        stats.duration = time.monotonic() - started
+
+    def _file(
+        self,
+        out: _Writer,
+        name: str,
+        path: Path,
+        held: _Held | None,
+        force: bool,
+        key: tuple[str, str],
+        pending: dict[tuple[str, str], _Held],
+        links: dict[tuple[int, int], tuple[str, str]],
+    ) -> Iterator[bytes]:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return  # gone or replaced since the scan: the next round sees what it became
+        with os.fdopen(fd, "rb", buffering=0) as f:
+            # The signature is taken before reading: a write during the read changes it for the next round.
+            now = time.clock_gettime_ns(CLOCK_REALTIME_COARSE)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return
+            sig = _sig(st, None)
+            racy = max(st.st_mtime_ns, st.st_ctime_ns) >= now
+            if held is not None and (held.racy or force) and held.sig == sig:  # maybe unchanged: compare contents
+                digest, complete = _hash(f, st.st_size)
+                if complete and digest == held.digest:
+                    out.stats.rechecked += 1
+                    pending[key] = _Held(sig, racy, digest)
+                    return
+                f.seek(0)
+            hasher = xxhash.xxh3_128()
+            reader = _Exact(f, st.st_size, hasher)
+            yield from out.add(_info(name, tarfile.REGTYPE, st=st, xattrs=_xattrs(fd)), reader)
+            out.stats.files_sent += 1
+            out.stats.bytes_raw += st.st_size
+            pending[key] = _Held(sig, racy, hasher.digest()) if reader.complete else DIRTY
+            if st.st_nlink > 1:
+                links[(st.st_dev, st.st_ino)] = key
+
+
+class FsApplier:
+    """The target side: applies rounds and the final into its directories, all or nothing per stream."""
+
+    def __init__(self, dirs: dict[str, Path]) -> None:
+        self.dirs = _check_dirs(dirs)
+        self.session = ""
+        self.seq = 0
+        self.need_full = False  # set when a stream failed half-way through its renames
+
+    def apply(self, stream: Iterable[bytes] | BinaryIO) -> FsStats:
+        started = time.monotonic()
+        stats = FsStats()
+        chunks = iter(lambda: stream.read(CHUNK), b"") if hasattr(stream, "read") else iter(stream)  # type: ignore[union-attr]
+        reader = _Deframe(chunks, stats)
+        staging: dict[str, Path] = {}
+        try:
+            for arc, root in self.dirs.items():
+                root.mkdir(parents=True, exist_ok=True)
+                staging[arc] = Path(tempfile.mkdtemp(prefix=STAGING, dir=root))
+            manifest, members = self._receive(reader, staging, stats)
+            self._commit(manifest, members, staging, stats)
+        except OSError as exc:  # disk full, a target tree changed behind our back
+            raise SkyferryError(
+                f"applying a file-system stream failed: {exc}", hint="call FsTracker.reset(); its next round is full"
+            ) from exc
+        finally:
+            for path in staging.values():
+                shutil.rmtree(path, ignore_errors=True)
+        stats.duration = time.monotonic() - started
+        return stats
+
+    def _receive(
+        self, reader: _Deframe, staging: dict[str, Path], stats: FsStats
+    ) -> tuple[dict[str, Any], list[tuple[str, str, tarfile.TarInfo]]]:
+        """Extract the stream into staging and check its digest; nothing in place changes here."""
+        members: list[tuple[str, str, tarfile.TarInfo]] = []
+        seen: set[tuple[str, str]] = set()
+        regular: set[tuple[str, str]] = set()
+        try:
+            unzstd = zstandard.ZstdDecompressor().stream_reader(reader, read_across_frames=True)
+            options: dict[str, Any] = {"encoding": TAR_ENCODING, "copybufsize": CHUNK}
+            with tarfile.open(fileobj=unzstd, mode="r|", **options) as tar:
+                first = tar.next()
+                if first is None or first.name != MANIFEST or not first.isreg():
+                    raise SkyferryError("file-system stream does not start with its manifest")
+                manifest = json.loads(tar.extractfile(first).read())  # type: ignore[union-attr]
+                self._check_manifest(manifest)
+                stats.kind, stats.seq = manifest["kind"], manifest["seq"]
+                stats.deletions = len(manifest["deleted"])
+                while (member := tar.next()) is not None:
+                    arc, _, rel = member.name.partition("/")
+                    if arc not in self.dirs or not _safe_rel(rel) or (arc, rel) in seen:
+                        raise SkyferryError(f"unexpected entry {member.name!r} in file-system stream")
+                    seen.add((arc, rel))
+                    if member.isreg() or member.issym():
+                        member.name = str(len(members))  # staged under its index: no nesting, no clashes
+                        extract_member(tar, member, staging[arc])
+                        if member.isreg():
+                            regular.add((arc, rel))
+                        stats.files_sent += 1
+                        stats.bytes_raw += member.size
+                    elif member.islnk() and (arc, member.linkname) in regular:
+                        stats.files_sent += 1  # a hard link to a file earlier in this stream
+                    elif member.isdir():
+                        stats.dirs_sent += 1
+                    else:
+                        raise SkyferryError(f"refusing {member.name!r}: not a file, symlink or directory")
+                    members.append((arc, rel, member))
+            while reader.read(CHUNK):  # to the end: the digest covers every byte
+                pass
+        except (zstandard.ZstdError, tarfile.TarError, EOFError, ValueError, KeyError, TypeError) as exc:
+            raise SkyferryError(
+                f"file-system stream is corrupt: {exc}", hint="nothing was applied; reset the tracker"
+            ) from exc
+        stats.sha256 = reader.digest.hexdigest()
+        return manifest, members
+
+    def _check_manifest(self, manifest: dict[str, Any]) -> None:
+        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+            raise SkyferryError("not a skyferry file-system stream of a version this agent knows")
+        if manifest.get("dirs") != sorted(self.dirs):
+            raise SkyferryError(f"stream carries directories {manifest.get('dirs')}, this side has {sorted(self.dirs)}")
+        if manifest["full"]:
+            return
+        if self.need_full or (self.session and (manifest["session"], manifest["seq"]) != (self.session, self.seq + 1)):
+            raise SkyferryError(
+                "file-system round out of sequence (an earlier stream was refused or lost)",
+                hint="call FsTracker.reset(); its next round is full",
+            )
+
+    def _commit(
+        self,
+        manifest: dict[str, Any],
+        members: list[tuple[str, str, tarfile.TarInfo]],
+        staging: dict[str, Path],
+        stats: FsStats,
+    ) -> None:
+        """The stream is intact: delete, then create or replace every entry (parents come first)."""
+        self.need_full = True  # until every rename below is done
+        parents: dict[Path, os.stat_result] = {}  # directories this commit changes, as they were before
+        for arc, rel in manifest["deleted"]:
+            if arc not in self.dirs or not _safe_rel(rel):
+                raise SkyferryError(f"refusing to delete {arc}/{rel}")
+            path = self._inside(arc, rel)
+            self._touch(path.parent, parents)
+            _remove(path)
+        dirs: list[tuple[Path, tarfile.TarInfo]] = []
+        for index, (arc, rel, member) in enumerate(members):
+            path = self._inside(arc, rel)
+            if member.isdir():
+                if path.is_symlink() or (path.exists() and not path.is_dir()):
+                    path.unlink()
+                path.mkdir(exist_ok=True)
+                os.chown(path, member.uid, member.gid)
+                os.chmod(path, member.mode)
+                _set_xattrs(path, member)
+                dirs.append((path, member))
+                continue
+            staged = staging[arc] / str(index)
+            if member.islnk():
+                os.link(self._inside(arc, member.linkname), staged, follow_symlinks=False)
+            else:
+                _set_xattrs(staged, member)
+            mtime = int(member.pax_headers.get("SKYFERRY.mtime_ns", int(member.mtime * 1e9)))
+            os.utime(staged, ns=(mtime, mtime), follow_symlinks=False)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            self._touch(path.parent, parents)
+            os.replace(staged, path)
+        if manifest["full"]:
+            self._prune({(arc, rel) for arc, rel, _ in members})
+        for path, before in parents.items():  # the source changed these files in place, not their directory
+            with contextlib.suppress(FileNotFoundError):
+                if os.lstat(path).st_ino == before.st_ino:  # still that directory, not what replaced it
+                    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns), follow_symlinks=False)
+        for path, member in reversed(dirs):  # children first: creating a child changes its parent's mtime
+            mtime = int(member.pax_headers.get("SKYFERRY.mtime_ns", int(member.mtime * 1e9)))
+            os.utime(path, ns=(mtime, mtime), follow_symlinks=False)
+        self.session, self.seq, self.need_full = manifest["session"], manifest["seq"], False
+
+    @staticmethod
+    def _touch(parent: Path, parents: dict[Path, os.stat_result]) -> None:
+        if parent not in parents:
+            with contextlib.suppress(FileNotFoundError):
+                parents[parent] = os.lstat(parent)
+
+    def _inside(self, arc: str, rel: str) -> Path:
+        """dest/rel, refused unless its parent resolves inside dest (no writing through symlinks)."""
+        root = self.dirs[arc].resolve()
+        path = self.dirs[arc] / rel
+        parent = path.parent.resolve()
+        if parent != root and root not in parent.parents:
+            raise SkyferryError(f"{arc}/{rel} would be written outside {self.dirs[arc]}")
+        return path
+
+    def _prune(self, keep: set[tuple[str, str]]) -> None:
+        """A full round: remove what the source does not have (left from an earlier, refused attempt)."""
+        for arc, root in self.dirs.items():
+            for rel, _, _ in list(_scan(root)):
+                if (arc, rel) not in keep:
+                    _remove(root / rel)
+
+
+# --- the stream ----------------------------------------------------------------------------------
+
+
+class _Writer:
+    """A tar written member by member into zstd, framed into blocks, closed by a SHA-256."""
+
+    def __init__(self, stats: FsStats, level: int) -> None:
+        self.stats = stats
+        self.sink = wire.ChunkSink()
+        self.zw = zstandard.ZstdCompressor(level=level, write_checksum=True).stream_writer(self.sink, closefd=False)
+        self.digest = hashlib.sha256(MAGIC)
+
+    def add(self, info: tarfile.TarInfo, data: bytes | _Exact | None = None) -> Iterator[bytes]:
+        if isinstance(data, bytes):
+            info.size = len(data)
+        self.zw.write(info.tobuf(tarfile.PAX_FORMAT, TAR_ENCODING, "surrogateescape"))
+        if isinstance(data, bytes):
+            self.zw.write(data)
+        elif data is not None:
+            while piece := data.read(CHUNK):
+                self.zw.write(piece)
+                yield from self._drain()
+        if info.size % tarfile.BLOCKSIZE:
+            self.zw.write(tarfile.NUL * (tarfile.BLOCKSIZE - info.size % tarfile.BLOCKSIZE))
+        yield from self._drain()
+
+    def close(self) -> Iterator[bytes]:
+        self.zw.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE))  # end of archive
+        self.zw.flush(zstandard.FLUSH_FRAME)
+        yield from self._drain()
+        end = BLOCK.pack(0)
+        self.digest.update(end)
+        trailer = end + self.digest.digest()
+        self.stats.bytes_wire += len(trailer)
+        self.stats.sha256 = self.digest.hexdigest()
+        yield trailer
+
+    def _drain(self) -> Iterator[bytes]:
+        for part in self.sink.parts:
+            block = BLOCK.pack(len(part)) + part
+            self.digest.update(block)
+            self.stats.bytes_wire += len(block)
+            yield block
+        self.sink.parts.clear()
+
+
+class _Deframe(io.RawIOBase):
+    """The tar's zstd bytes out of the blocks; raises at the end unless the SHA-256 matches."""
+
+    def __init__(self, chunks: Iterator[bytes], stats: FsStats) -> None:
+        self.chunks = chunks
+        self.stats = stats
+        self.buf = bytearray()
+        self.left = 0
+        self.done = False
+        self.digest = hashlib.sha256()
+        if self._take(len(MAGIC)) != MAGIC:
+            raise SkyferryError("not a skyferry file-system stream (bad magic)")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if self.done:
+            return 0
+        if self.left == 0:
+            (self.left,) = BLOCK.unpack(self._take(BLOCK.size))
+            if self.left > MAX_BLOCK:
+                raise SkyferryError("file-system stream is corrupt: oversize block")
+            if self.left == 0:
+                self._finish()
+                return 0
+        if not self.buf:
+            self._fill(1)
+        n = min(len(b), self.left, len(self.buf))
+        b[:n] = self.buf[:n]
+        self.digest.update(self.buf[:n])
+        del self.buf[:n]
+        self.left -= n
+        self.stats.bytes_wire += n
+        return n
+
+    def _finish(self) -> None:
+        expected = self.digest.digest()
+        if self._trailer() != expected:
+            raise SkyferryError("file-system stream is corrupt: SHA-256 mismatch", hint="nothing was applied")
+        if self.buf or next(self.chunks, b""):
+            raise SkyferryError("file-system stream is corrupt: bytes after its end")
+        self.done = True
+
+    def _trailer(self) -> bytes:
+        self._fill(32)
+        out = bytes(self.buf[:32])
+        del self.buf[:32]
+        self.stats.bytes_wire += 32
+        return out
+
+    def _take(self, n: int) -> bytes:
+        self._fill(n)
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        self.digest.update(out)
+        self.stats.bytes_wire += n
+        return out
+
+    def _fill(self, n: int) -> None:
+        while len(self.buf) < n:
+            chunk = next(self.chunks, None)
+            if chunk is None:
+                raise SkyferryError("file-system stream is corrupt: truncated", hint="nothing was applied")
+            self.buf.extend(chunk)
+
+
+class _Exact(io.RawIOBase):
+    """Exactly `size` bytes of a file that may change while read: short reads are padded with zeros."""
+
+    def __init__(self, f: BinaryIO, size: int, hasher: Any) -> None:
+        self.f = f
+        self.left = size
+        self.hasher = hasher
+        self.complete = True  # False when the file shrank under us: resend next round
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        data = self.f.read(n) if n else b""
+        if len(data) < n:
+            self.complete = False
+            data += bytes(n - len(data))
+        self.left -= n
+        self.hasher.update(data)
+        return data
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _check_dirs(dirs: dict[str, Path]) -> dict[str, Path]:
+    for arc in dirs:
+        if not arc or "/" in arc or arc.startswith(("@", ".")):
+            raise SkyferryError(f"bad directory name {arc!r} for a file-system round")
+    return {arc: Path(path) for arc, path in dirs.items()}
+
+
+def _scan(root: Path) -> Iterator[tuple[str, os.stat_result, str | None]]:
+    """(relative path, lstat, symlink target) below root, parents first; stays on root's file system."""
+    try:
+        dev = os.lstat(root).st_dev
+    except FileNotFoundError:
+        return
+    todo = [""]
+    while todo:
+        rel_dir = todo.pop()
+        try:
+            with os.scandir(root / rel_dir) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # removed since it was listed: the next round sees it gone
+        for entry in entries:
+            if not rel_dir and entry.name.startswith(STAGING):
+                continue
+            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+            try:
+                st = entry.stat(follow_symlinks=False)
+                link = os.readlink(entry.path) if stat.S_ISLNK(st.st_mode) else None
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if st.st_dev == dev:
+                    todo.append(rel)
+            elif not (stat.S_ISREG(st.st_mode) or link is not None):
+                continue  # sockets, fifos, devices: recreated by the process or by CRIU, never copied
+            yield rel, st, link
+
+
+def _sig(st: os.stat_result, link: str | None) -> Sig:
+    """What must stay equal for the target's copy to be current. ctime catches a forged mtime."""
+    size = st.st_size if stat.S_ISREG(st.st_mode) else 0
+    return (st.st_mode, size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_uid, st.st_gid, link)
+
+
+def _info(
+    name: str,
+    kind: bytes,
+    st: os.stat_result | None = None,
+    link: str | None = None,
+    size: int = 0,
+    xattrs: dict[str, bytes] | None = None,
+) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.size = size
+    if st is not None:
+        info.mode = stat.S_IMODE(st.st_mode)
+        info.uid, info.gid = st.st_uid, st.st_gid
+        info.mtime = st.st_mtime_ns // 1_000_000_000
+        info.pax_headers = {"SKYFERRY.mtime_ns": str(st.st_mtime_ns)}
+        for key, value in (xattrs or {}).items():
+            info.pax_headers[XATTR + key] = base64.b64encode(value).decode()
+        if kind == tarfile.REGTYPE:
+            info.size = st.st_size
+    if link is not None:
+        info.linkname = link
+    return info
+
+
+def _xattrs(target: int | Path) -> dict[str, bytes]:
+    """Extended attributes (file capabilities, ACLs, user.*) of an open file, or of a path not followed."""
+    follow = isinstance(target, int)
+    try:
+        return {
+            name: os.getxattr(target, name, follow_symlinks=follow)
+            for name in os.listxattr(target, follow_symlinks=follow)
+        }
+    except OSError:
+        return {}  # gone, or a file system without them
+
+
+def _set_xattrs(path: Path, member: tarfile.TarInfo) -> None:
+    """After chown, which clears security.capability."""
+    for key, value in member.pax_headers.items():
+        if key.startswith(XATTR):
+            try:
+                os.setxattr(path, key[len(XATTR) :], base64.b64decode(value), follow_symlinks=False)
+            except OSError as exc:
+                raise SkyferryError(
+                    f"cannot set {key[len(XATTR) :]} on {path}: {exc.strerror}",
+                    hint="the target's file system must support the source's extended attributes",
+                ) from exc
+
+
+def _hash(f: BinaryIO, size: int) -> tuple[bytes, bool]:
+    hasher = xxhash.xxh3_128()
+    reader = _Exact(f, size, hasher)
+    while reader.read(CHUNK):
+        pass
+    return hasher.digest(), reader.complete
+
+
+def _safe_rel(rel: str) -> bool:
+    parts = rel.split("/")
+    return bool(rel) and not rel.startswith("/") and all(p not in ("", ".", "..") for p in parts)
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _shared_writable(pids: Iterable[int]) -> set[tuple[int, int]]:
+    """(st_dev, st_ino) of every file the processes map shared and writable."""
+    found: set[tuple[int, int]] = set()
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[1][1] == "w" and fields[1][3] == "s" and fields[5].startswith("/"):
+                    with contextlib.suppress(OSError):
+                        st = os.stat(f"/proc/{pid}/map_files/{fields[0]}")
+                        found.add((st.st_dev, st.st_ino))
+    return found

@@ -1,0 +1,1 @@
+"""Runbooks: evacuation, cloud exit, rebalancing, placement, test cutovers, ingress, reports."""

@@ -1,0 +1,1 @@
+"""Container engines (runc, Podman, Docker) behind one Runtime protocol."""

@@ -1,0 +1,233 @@
+"""The Podman runtime adapter: one private Podman store per host, checkpoint --export / restore --import.
+
+Each host's Podman keeps everything below `<host state root>/podman` (root, runroot, tmpdir, and runc's
+own state via `--runtime-flag root=`, since runc's default root is shared by the whole machine), and its
+containers' cgroups under the host's cgroup prefix. Containers join the netns the netplane prepared
+(`--network ns:<path>`), so they keep their overlay IP. An export stores that netns path and the cgroup
+parent in `spec.dump` and `config.dump`; the target rewrites both to its own before `restore --import`.
+Podman refuses to checkpoint a paused container, so `checkpoint` thaws it behind the network lock, dumps
+with --leave-running, and pauses it again: the source stays frozen until confirm, as the protocol asks.
+"""
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+from pathlib import Path
+from typing import Any
+
+from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.runtimes import engines
+from skyferry.pipeline.runtimes.runc import ContainerSpec
+
+PODMAN = "podman"
+EXPORT = "checkpoint.tar"  # in the migration's images dir (tmpfs): it holds the container's memory
+ULIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]  # root lacks CAP_SYS_RESOURCE
+STATUS = {"running": "running", "paused": "paused", "created": "created"}  # anything else: stopped
+
+
+class Podman:
+    name = "podman"
+
+    def __init__(self, state_root: Path, cgroup_prefix: str) -> None:
+        self.home = state_root / "podman"
+        # Podman refuses a runroot longer than 50 characters: this host's is named by its state root's hash.
+        self.run_dir = Path("/run/skyferry/podman") / hashlib.sha256(str(state_root).encode()).hexdigest()[:12]
+        self.cgroup_parent = f"{cgroup_prefix.rstrip('/')}/podman"
+        self.staging = self.home / "migrate"  # per container: the image archive and spec that travel
+        self.images = engines.ImageCache(self.home, lambda ref, dest: self._save(ref, dest))
+
+    def _base(self) -> list[str]:
+        h = self.home
+        return [
+            PODMAN, "--root", str(h / "root"), "--runroot", str(self.run_dir), "--tmpdir", str(h / "tmp"),
+            "--runtime", "runc", "--runtime-flag", f"root={self.run_dir / 'runc'}", "--cgroup-manager", "cgroupfs",
+            "--events-backend", "file", "--storage-driver", "overlay",
+        ]  # fmt: skip
+
+    def _podman(self, *args: str, what: str, timeout: float = 120) -> str:
+        return engines.run([*self._base(), *args], f"podman {what}", timeout=timeout)
+
+    def _inspect(self, name: str) -> dict[str, Any] | None:
+        if not self.home.exists() or shutil.which(PODMAN) is None:
+            return None
+        try:
+            found = json.loads(self._podman("container", "inspect", name, what="inspect") or "[]")
+        except SkyferryError:
+            return None
+        if not found or engines.LABEL not in ((found[0].get("Config") or {}).get("Labels") or {}):
+            return None
+        return found[0]
+
+    def _staged(self, name: str) -> Path:
+        return self.staging / name
+
+    # --- what is here ----------------------------------------------------------------------------
+
+    def owns(self, name: str) -> bool:
+        return (self._staged(name) / "spec.json").exists() or self._inspect(name) is not None
+
+    def names(self) -> list[str]:
+        if not self.home.exists():
+            return []
+        out = self._podman("ps", "-a", "--filter", f"label={engines.LABEL}", "--format", "{{.Names}}", what="ps")
+        staged = [p.name for p in self.staging.glob("*") if (p / "spec.json").exists()] if self.staging.exists() else []
+        return sorted(set(out.split()) | set(staged))
+
+    def spec(self, name: str) -> ContainerSpec:
+        info = self._inspect(name)
+        if info is not None:
+            return ContainerSpec.from_dict(json.loads(info["Config"]["Labels"][engines.LABEL]))
+        staged = self._staged(name) / "spec.json"
+        if staged.exists():
+            return ContainerSpec.from_dict(json.loads(staged.read_text()))
+        raise SkyferryError(f"no podman container named {name!r} on this host")
+
+    def state(self, name: str) -> dict[str, Any] | None:
+        info = self._inspect(name)
+        if info is None:
+            return None
+        return {"status": STATUS.get(info["State"]["Status"], "stopped"), "pid": info["State"].get("Pid") or 0}
+
+    def exec(self, name: str, argv: list[str]) -> str:
+        """Run `argv` inside the running container; its stdout."""
+        return self._podman("exec", name, *argv, what="exec")
+
+    def logs(self, name: str) -> bytes:
+        return self._podman("logs", name, what="logs").encode()
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def run(self, spec: ContainerSpec, netns_path: str) -> None:
+        if not spec.image:
+            raise SkyferryError("a podman container needs --image", hint="a rootfs or `docker save` tarball")
+        ref = self._ensure_image(spec.image)
+        self.images.keep(ref)  # now, not while frozen
+        env = [a for k, v in spec.env.items() for a in ("--env", f"{k}={v}")]
+        args = ["run", "-d", "--name", spec.name, "--network", f"ns:{netns_path}"]
+        args += ["--cgroup-parent", self.cgroup_parent, "--pull", "never", *ULIMITS, *env]
+        args += ["--label", f"{engines.LABEL}={json.dumps(spec.to_dict())}", ref, *spec.args]
+        try:
+            self._podman(*args, what="run")
+        except SkyferryError:
+            self.remove(spec.name)
+            raise
+
+    def _ensure_image(self, image: str) -> str:
+        """An image reference this host's Podman has: a tarball is imported (rootfs) or loaded (archive)."""
+        path = Path(image)
+        if not path.is_file():
+            self._podman("image", "exists", image, what=f"image exists {image}")
+            return image
+        if engines.is_image_archive(path):
+            return engines.loaded_name(self._podman("load", "-i", str(path), what="load"))
+        ref = engines.image_ref(path)
+        if not self._has_image(ref):
+            self._podman("import", str(path), ref, what="import")
+        return ref
+
+    def _has_image(self, ref: str) -> bool:
+        try:
+            self._podman("image", "exists", ref, what="image exists")
+            return True
+        except SkyferryError:
+            return False
+
+    def pause(self, name: str) -> None:
+        self._podman("pause", name, what="pause")
+
+    def resume(self, name: str) -> None:
+        self._podman("unpause", name, what="unpause")
+
+    def checkpoint(self, name: str, images: Path, work: Path) -> None:
+        """Export checkpoint + writable layer into `images`; the image archive goes to the payload."""
+        images.mkdir(parents=True, exist_ok=True)
+        info = self._inspect(name)
+        if info is None:
+            raise SkyferryError(f"no podman container named {name!r} on this host")
+        staged = self._staged(name)
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir(parents=True)
+        if info["State"]["Status"] == "paused":
+            self.resume(name)  # still silent: the netns stays locked, and CRIU freezes it again at once
+        try:
+            self._podman(
+                "container", "checkpoint", "--leave-running", "--tcp-established", "--file-locks",
+                "--compress", "none", "--export", str(images / EXPORT), name, what="checkpoint",
+            )  # fmt: skip
+        finally:
+            self.pause(name)
+        self.images.stage(info["ImageName"], staged)
+
+    def _save(self, ref: str, dest: Path) -> None:
+        self._podman("save", "-o", str(dest), ref, what="save")
+
+    def payload(self, name: str) -> dict[str, Path]:
+        return {"podman": self._staged(name)}
+
+    def prepare(self, spec: ContainerSpec, netns_path: str) -> None:
+        staged = self._staged(spec.name)
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir(parents=True)
+        (staged / "spec.json").write_text(json.dumps(spec.to_dict()))
+        (staged / "netns").write_text(netns_path)
+
+    def restore(self, name: str, images: Path, work: Path) -> None:
+        staged = self._staged(name)
+        if not (staged / "netns").exists():
+            raise SkyferryError(f"podman container {name!r} was not prepared on this host")
+        if self._inspect(name) is not None:  # a failed restore leaves one "Created"
+            self._podman("rm", "-f", "-t", "0", name, what="rm")
+        self.images.receive(staged, self._has_image, lambda path: self._podman("load", "-i", str(path), what="load"))
+        work.mkdir(parents=True, exist_ok=True)
+        fixed = work / EXPORT
+        _retarget(images / EXPORT, fixed, (staged / "netns").read_text(), self.cgroup_parent)
+        try:
+            self._podman(
+                "container", "restore", "--import", str(fixed), "--tcp-established", "--file-locks", what="restore"
+            )
+        finally:
+            fixed.unlink(missing_ok=True)
+        shutil.rmtree(staged, ignore_errors=True)
+
+    def remove(self, name: str) -> None:
+        if self._inspect(name) is not None:
+            self._podman("rm", "-f", "-t", "0", name, what="rm")
+        shutil.rmtree(self._staged(name), ignore_errors=True)
+
+    def destroy(self) -> None:
+        """Remove this host's whole Podman store (a host going away; tests' cleanup)."""
+        for name in self.names():
+            self.remove(name)
+        for path in (self.home, self.run_dir):
+            engines.remove_tree(path)
+
+
+def _retarget(src: Path, dst: Path, netns_path: str, cgroup_parent: str) -> None:
+    """Copy a checkpoint export, pointing its netns and cgroup parent at this host's."""
+    with tarfile.open(src) as tar:
+        members = {os.path.normpath(m.name): m for m in tar.getmembers()}
+        if "spec.dump" not in members or "config.dump" not in members:
+            raise SkyferryError(f"{src} is not a podman checkpoint export")
+        spec = json.load(tar.extractfile(members["spec.dump"]))  # type: ignore[arg-type]
+        config = json.load(tar.extractfile(members["config.dump"]))  # type: ignore[arg-type]
+        old_ns = next(n["path"] for n in spec["linux"]["namespaces"] if n["type"] == "network")
+        old_cg = config["cgroupParent"]
+        pairs = {old_ns: netns_path, old_cg: cgroup_parent}
+        with tarfile.open(dst, "w", format=tarfile.PAX_FORMAT) as out:
+            for name, member in members.items():
+                if name in ("spec.dump", "config.dump") and member.isfile():
+                    text = tar.extractfile(member).read().decode()  # type: ignore[union-attr]
+                    data = _replace(text, pairs).encode()
+                    member.size = len(data)
+                    out.addfile(member, io.BytesIO(data))
+                else:
+                    out.addfile(member, tar.extractfile(member) if member.isfile() else None)
+
+
+def _replace(text: str, pairs: dict[str, str]) -> str:
+    for old, new in pairs.items():
+        text = text.replace(json.dumps(old)[1:-1], json.dumps(new)[1:-1])
+    return text

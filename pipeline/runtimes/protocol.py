@@ -1,0 +1,81 @@
+"""The runtime adapter protocol: what the host agent needs from a container engine.
+
+One adapter per engine (runc here; Podman and Docker beside it), engine quirks kept inside it, in the
+spirit of p.haul's per-container-type adapters. The agent's migration flow is the same for all:
+checkpoint leaves the container frozen; `payload` names the directories that travel with the CRIU
+images (rootfs, writable layer, engine metadata); `prepare` on the target returns where they land.
+"""
+
+import shutil
+from pathlib import Path
+from typing import Any, Protocol
+
+from skyferry.pipeline.runtimes.docker import DOCKER, Docker
+from skyferry.pipeline.runtimes.podman import PODMAN, Podman
+from skyferry.pipeline.runtimes.runc import ContainerSpec, Runc
+
+
+class Runtime(Protocol):
+    name: str
+
+    def owns(self, name: str) -> bool:
+        """True if this engine on this host has a container `name` (running or not)."""
+        ...
+
+    def names(self) -> list[str]: ...
+
+    def spec(self, name: str) -> ContainerSpec: ...
+
+    def state(self, name: str) -> dict[str, Any] | None:
+        """{"status": "running" | "paused" | "stopped" | "created", "pid": int} or None if unknown."""
+        ...
+
+    def run(self, spec: ContainerSpec, netns_path: str) -> None: ...
+
+    def logs(self, name: str) -> bytes: ...
+
+    def pause(self, name: str) -> None: ...
+
+    def resume(self, name: str) -> None: ...
+
+    def checkpoint(self, name: str, images: Path, work: Path) -> None:
+        """Dump a paused container into `images`; it must stay paused (frozen) afterwards."""
+        ...
+
+    def payload(self, name: str) -> dict[str, Path]:
+        """Directories that travel with the images, by archive name (same names on both sides)."""
+        ...
+
+    def prepare(self, spec: ContainerSpec, netns_path: str) -> None:
+        """Target side: everything but the payload, so that `payload(name)` then names where it lands."""
+        ...
+
+    def restore(self, name: str, images: Path, work: Path) -> None: ...
+
+    def remove(self, name: str) -> None:
+        """Kill (even when frozen) and delete the container and its files; idempotent."""
+        ...
+
+
+# Migration modes per engine. Pre-copy reads the live process's memory and builds CRIU images beside the
+# engine; only runc restores straight from such an image directory. Podman and Docker checkpoint and
+# restore through their own CLIs, so they move by stop-copy.
+MODES = {"runc": ("precopy", "hybrid", "postcopy", "stop-copy"), "podman": ("stop-copy",), "docker": ("stop-copy",)}
+
+
+def supported_modes(runtime: str) -> tuple[str, ...]:
+    return MODES.get(runtime, ("stop-copy",))
+
+
+def runtimes(state_root: Path, cgroup_prefix: str) -> dict[str, Runtime]:
+    """The engines this host can use, by name: runc always, Podman and Docker where installed.
+
+    Docker's daemon is this host's own (pipeline/runtimes/docker.py); until it runs, the adapter lists nothing
+    and refuses to run or receive a container with a clear error.
+    """
+    found: dict[str, Runtime] = {"runc": Runc(state_root, cgroup_prefix)}
+    if shutil.which(PODMAN):
+        found["podman"] = Podman(state_root, cgroup_prefix)
+    if shutil.which(DOCKER) and shutil.which("dockerd"):
+        found["docker"] = Docker(state_root, cgroup_prefix)
+    return found

@@ -1,0 +1,1 @@
+"""Scenarios: the demo, the benchmark and the counter workload they migrate (never product code)."""

@@ -1,0 +1,133 @@
+"""Scenario pieces shared by `skyferry demo`, the end-to-end tests and the benchmark.
+
+A local mesh with agents, the counter workload in a container, and a client in another host's
+namespace that proves the connection survived with no request lost or repeated.
+"""
+
+import json
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from skyferry.netplane import netns
+from skyferry.netplane.mesh import Mesh
+from skyferry.netplane.wan import WanSpec
+from skyferry.pipeline.controller import agentctl, containers
+from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.scenarios import workload_counter
+from skyferry.providers.local import LocalProvider
+
+PORT = 9000
+PYTHON = "/usr/bin/python3"  # the host's python, also visible read-only inside default containers
+
+
+def mesh_up(state: Path, count: int, wan: str | None = None, name: str | None = None) -> Mesh:
+    """Local hosts plus their agents; on any failure, everything it made is removed again."""
+    provider = LocalProvider(state, wan_spec=WanSpec.parse(wan) if wan else None)
+    mesh, _ = provider.up(count, name)
+    try:
+        agentctl.start_agents(mesh, state)
+    except BaseException:
+        mesh_down(state)
+        raise
+    return mesh
+
+
+def mesh_down(state: Path) -> list[str]:
+    if not Mesh.exists(state):
+        return []
+    agentctl.stop_agents(Mesh.load(state), state)
+    return LocalProvider(state).down()
+
+
+def counter_rootfs(workdir: Path) -> Path:
+    """A rootfs holding just the counter service; the host's /usr and /etc are bound in read-only."""
+    rootfs = workdir / "counter-rootfs"
+    (rootfs / "app").mkdir(parents=True, exist_ok=True)
+    shutil.copy(workload_counter.__file__, rootfs / "app" / "counter.py")
+    return rootfs
+
+
+def start_counter(
+    state: Path, host: str, name: str, workdir: Path, memory_mib: int = 0, dirty_mb_s: float = 0.0
+) -> dict[str, Any]:
+    args = [PYTHON, "/app/counter.py", "serve", str(PORT)]
+    if memory_mib:
+        args += ["--memory-mib", str(memory_mib), "--dirty-mb-s", str(dirty_mb_s)]
+    return containers.run(state, host, name, args, rootfs=counter_rootfs(workdir))
+
+
+@dataclass
+class CounterClient:
+    """The counter client, running in a host's network namespace as a process we own."""
+
+    host_netns: str
+    ip: str
+    workdir: Path
+    interval: float = 0.05
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def out(self) -> Path:
+        return self.workdir / f"client-{self.ip}.json"
+
+    @property
+    def stop_file(self) -> Path:
+        return self.workdir / f"client-{self.ip}.stop"
+
+    def start(self) -> "CounterClient":
+        self.stop_file.unlink(missing_ok=True)
+        self.out.unlink(missing_ok=True)
+        argv = [PYTHON, workload_counter.__file__, "client", self.ip, str(PORT), "--interval", str(self.interval),
+                "--out", str(self.out), "--stop-file", str(self.stop_file)]  # fmt: skip
+        self.progress_file.unlink(missing_ok=True)
+        self.proc = subprocess.Popen(netns.command(self.host_netns, argv), stdin=subprocess.DEVNULL, close_fds=True)
+        self.wait_for(1)
+        return self
+
+    @property
+    def progress_file(self) -> Path:
+        return Path(f"{self.out}.progress")
+
+    def progress(self) -> int:
+        """Requests answered so far, on the one connection."""
+        try:
+            return int(self.progress_file.read_text() or 0)
+        except FileNotFoundError:
+            return 0
+
+    def wait_for(self, requests: int, timeout: float = 15.0) -> None:
+        """Block until `requests` have been answered; raises if the client died or got stuck."""
+        deadline = time.monotonic() + timeout
+        while self.progress() < requests:
+            if (self.proc is not None and self.proc.poll() is not None) or time.monotonic() > deadline:
+                self.stop()
+                raise SkyferryError(f"the counter client stalled talking to {self.ip}: {self.result()}")
+            time.sleep(0.02)
+
+    def stop(self) -> dict[str, Any]:
+        self.stop_file.touch()
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.result()
+
+    def result(self) -> dict[str, Any]:
+        if not self.out.exists():
+            return {"survived": False, "errors": ["client wrote no result"], "requests": 0, "max_gap_ms": None}
+        return json.loads(self.out.read_text())
+
+
+def check_memory(host_netns: str, ip: str) -> dict[str, Any]:
+    """The counter's own verdict on its memory, asked from a host's netns: {"pages", "bad", "first_bad"}."""
+    argv = [PYTHON, workload_counter.__file__, "check", ip, str(PORT)]
+    proc = subprocess.run(netns.command(host_netns, argv), capture_output=True, text=True, timeout=120)
+    if not proc.stdout.strip():
+        raise SkyferryError(f"the counter at {ip} gave no memory check: {proc.stderr.strip()}")
+    return json.loads(proc.stdout)
