@@ -28,6 +28,7 @@ demo: venv                 ## bring up 3 local hosts, migrate a live TCP server,
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 test: venv lint            ## lint, then every test (slow suites included)
 	$(BIN)/pytest -q 2>&1 | tee $(VENV)/test.log

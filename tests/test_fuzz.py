@@ -20,12 +20,11 @@ from meshkit import local_mesh
 from skyferry.netplane.ipam import Ipam
 from skyferry.netplane.mesh import Mesh
 from skyferry.netplane.netns import in_netns
-from skyferry.pipeline.agent.host import IMAGES_TMPFS
-from skyferry.pipeline.agent.server import AGENT_PORT
 from skyferry.pipeline.controller import agentctl
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.hostapi.layout import AGENT_PORT, IMAGES_TMPFS
+from skyferry.pipeline.hostapi.spec import ContainerSpec
 from skyferry.pipeline.runbooks import exitplan
-from skyferry.pipeline.runtimes.runc import ContainerSpec
 
 REPLY_TIMEOUT = 20.0  # an answer slower than this counts as a hang
 JSON = st.recursive(

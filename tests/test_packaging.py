@@ -41,3 +41,19 @@ def test_the_lock_satisfies_pyproject() -> None:
     for req in wanted:
         assert req.name.lower() in pins, f"{req.name} is not in requirements.lock: run `make lock`"
         assert req.specifier.contains(pins[req.name.lower()]), f"{req} vs lock {pins[req.name.lower()]}: run make lock"
+
+
+def test_the_migration_runner_loads_neither_numpy_nor_pycriu() -> None:
+    """The controller must start fast and run where CRIU is absent; lint-imports checks the static graph,
+    this checks what a real import loads."""
+    import subprocess
+    import sys
+
+    probe = "import sys, skyferry.pipeline.{}; print(sorted(m for m in ('numpy', 'pycriu') if m in sys.modules))"
+    runner = subprocess.run(
+        [sys.executable, "-c", probe.format("controller.migration")], capture_output=True, text=True
+    )
+    assert runner.returncode == 0, runner.stderr
+    assert runner.stdout.strip() == "[]"
+    agent = subprocess.run([sys.executable, "-c", probe.format("agent.server")], capture_output=True, text=True)
+    assert agent.stdout.strip() == "['numpy', 'pycriu']"  # positive control: the probe sees what the agent loads

@@ -21,13 +21,12 @@ from meshkit import local_mesh
 from skyferry.netplane import netns
 from skyferry.netplane.mesh import Mesh
 from skyferry.netplane.netns import in_netns
-from skyferry.pipeline.agent.host import IMAGES_TMPFS
-from skyferry.pipeline.agent.server import AGENT_PORT
 from skyferry.pipeline.controller import agentctl, containers, db, migration
 from skyferry.pipeline.controller import state as state_mod
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi import pki
 from skyferry.pipeline.hostapi.client import AgentClient, AgentUnreachable
+from skyferry.pipeline.hostapi.layout import AGENT_PORT, IMAGES_TMPFS
 from skyferry.pipeline.scenarios import demo as scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]

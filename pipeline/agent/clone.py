@@ -15,9 +15,10 @@ packet from the mesh reaches the clone.
 import contextlib
 import os
 import shutil
+import ssl
 import subprocess
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pyroute2 import IPRoute
 from skyferry.netplane import netns
@@ -26,30 +27,21 @@ from skyferry.pipeline.agent.host import HostOps
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.files import wire
 from skyferry.pipeline.hostapi.client import AgentClient
-from skyferry.pipeline.runtimes.runc import ContainerSpec
+from skyferry.pipeline.hostapi.spec import CLONE_SUFFIX, ContainerSpec, clone_name
 
-if TYPE_CHECKING:
-    from skyferry.pipeline.agent.server import Agent
-
-SUFFIX = ".test"  # container names cannot contain a dot, so a clone never collides with a container
 CHECK_TIMEOUT_S = 30.0
 OPS = ("clone-prepare", "clone-checkpoint", "clone-send", "clone-restore", "clone-check", "clone-discard")
 
 
-def clone_name(name: str) -> str:
-    return name + SUFFIX
-
-
-def dispatch(agent: "Agent", mig: str, op: str, body: dict[str, Any]) -> Any:
+def dispatch(ops: HostOps, peer_ctx: ssl.SSLContext, mig: str, op: str, body: dict[str, Any]) -> Any:
     """One clone operation; the agent holds the lock of body["name"] around it."""
-    ops = agent.ops
     match op:
         case "clone-prepare":
             return prepare(ops, mig, ContainerSpec.from_dict(body["spec"]))
         case "clone-checkpoint":
             return checkpoint(ops, mig, body["name"])
         case "clone-send":
-            return send(agent, mig, body["name"], body["target"])
+            return send(ops, peer_ctx, mig, body["name"], body["target"])
         case "clone-restore":
             return restore(ops, mig, body["name"])
         case "clone-check":
@@ -84,15 +76,14 @@ def checkpoint(ops: HostOps, mig: str, name: str) -> dict[str, Any]:
     return {"pause_s": round(time.monotonic() - t0, 4), "pid": state.get("pid")}
 
 
-def send(agent: "Agent", mig: str, name: str, target: dict[str, Any]) -> dict[str, Any]:
+def send(ops: HostOps, peer_ctx: ssl.SSLContext, mig: str, name: str, target: dict[str, Any]) -> dict[str, Any]:
     """Stream the clone's dump and the container's rootfs to the target, addressed to the clone's name."""
-    ops = agent.ops
     images = ops.mig_dir(mig) / "images"
     if not images.exists():
         raise SkyferryError(f"test {mig}: no clone checkpoint of {name!r} on {ops.cfg.name}")
     stats = wire.StreamStats()
     t0 = time.monotonic()
-    peer = AgentClient(target["address"], int(target["port"]), agent.peer_ctx)
+    peer = AgentClient(target["address"], int(target["port"]), peer_ctx)
     stream = wire.encode({"images": images, **ops.rt(name).payload(name)}, stats)
     received = peer.upload(f"/v1/migrations/{mig}/receive?name={clone_name(name)}", stream)
     if received.get("sha256") != stats.sha256:
@@ -103,7 +94,7 @@ def send(agent: "Agent", mig: str, name: str, target: dict[str, Any]) -> dict[st
 
 def prepare(ops: HostOps, mig: str, spec: ContainerSpec) -> dict[str, Any]:
     """The clone's isolated netns (the /32 on its loopback, no other link) and an empty bundle; idempotent."""
-    if not spec.name.endswith(SUFFIX):
+    if not spec.name.endswith(CLONE_SUFFIX):
         raise SkyferryError(f"{spec.name!r} is not a clone name")
     if _exists(ops, spec.name):
         raise SkyferryError(f"a clone {spec.name!r} already exists on {ops.cfg.name}", hint="discard it first")
@@ -147,7 +138,7 @@ def check(ops: HostOps, name: str, cmd: str | None, live: bool, timeout: float |
     if not cmd or not result["running"]:
         result["ok"] = result["running"]
         return result
-    env = {**os.environ, "SKYFERRY_IP": runtime.spec(name).ip, "SKYFERRY_CONTAINER": name.removesuffix(SUFFIX)}
+    env = {**os.environ, "SKYFERRY_IP": runtime.spec(name).ip, "SKYFERRY_CONTAINER": name.removesuffix(CLONE_SUFFIX)}
     t0 = time.monotonic()
     try:
         proc = subprocess.run(
@@ -165,7 +156,7 @@ def check(ops: HostOps, name: str, cmd: str | None, live: bool, timeout: float |
 def discard(ops: HostOps, mig: str, clone: str | None) -> dict[str, Any]:
     """Remove the clone (container, bundle, netns) and the test's images; safe to repeat, on either side."""
     if clone is not None:
-        if not clone.endswith(SUFFIX):
+        if not clone.endswith(CLONE_SUFFIX):
             raise SkyferryError(f"{clone!r} is not a clone name; refusing to remove it")
         for runtime in ops.runtimes.values():
             if runtime.owns(clone):

@@ -3,7 +3,10 @@
 import platform
 import shutil
 import subprocess
+from collections.abc import Mapping
 from typing import Any
+
+from skyferry.pipeline.runtimes.protocol import Runtime
 
 
 def criu_version() -> str | None:
@@ -24,12 +27,13 @@ def cpu_flags() -> list[str]:
     return []
 
 
-def collect(host: str) -> dict[str, Any]:
+def collect(host: str, runtimes: Mapping[str, Runtime]) -> dict[str, Any]:
     return {
         "host": host,
         "kernel": platform.release(),
         "arch": platform.machine(),
         "criu": criu_version(),
         "cpu_flags": cpu_flags(),
-        "runtimes": [r for r in ("runc", "podman", "docker") if shutil.which(r)],
+        "runtimes": list(runtimes),
+        "modes": {name: list(runtime.modes) for name, runtime in runtimes.items()},
     }

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,15 +26,14 @@ from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.files import wire
 from skyferry.pipeline.files.fsync import FsApplier, FsStats, FsTracker
 from skyferry.pipeline.hostapi import faults
+from skyferry.pipeline.hostapi.layout import IMAGES_TMPFS, page_server
+from skyferry.pipeline.hostapi.spec import ContainerSpec
 from skyferry.pipeline.memory import hybrid
 from skyferry.pipeline.memory.lazypages import Pager
 from skyferry.pipeline.memory.policy import ConvergencePolicy
 from skyferry.pipeline.memory.precopy import HashTable, SourceEngine, TargetStore
 from skyferry.pipeline.runtimes.protocol import Runtime, runtimes
-from skyferry.pipeline.runtimes.runc import ContainerSpec
 
-IMAGES_TMPFS = Path("/dev/shm/skyferry")
-PAGE_SERVER_PORTS = (27000, 2000)  # first port, how many
 POSTCOPY_TIMEOUT = 900.0  # seconds for the target to fetch every page
 
 
@@ -524,12 +522,6 @@ def _started(future: Future[Pager]) -> Pager | None:
         return future.result()
     except SkyferryError:
         return None
-
-
-def page_server(mig: str, overlay_ip: str) -> str:
-    """Where a source serves a post-copy migration's pages: derived from the migration, so the target
-    (and a controller that resumes after a crash) find it without asking."""
-    return f"{overlay_ip}:{PAGE_SERVER_PORTS[0] + zlib.crc32(mig.encode()) % PAGE_SERVER_PORTS[1]}"
 
 
 def _tree(pid: int) -> list[int]:

@@ -45,12 +45,12 @@ from skyferry.pipeline.files import wire
 from skyferry.pipeline.files.fsync import FsStats
 from skyferry.pipeline.hostapi import faults
 from skyferry.pipeline.hostapi.client import AgentClient, bound_stalls
+from skyferry.pipeline.hostapi.layout import AGENT_PORT
 from skyferry.pipeline.hostapi.pki import Identity
+from skyferry.pipeline.hostapi.spec import ContainerSpec
 from skyferry.pipeline.memory import lazypages
 from skyferry.pipeline.memory.policy import ConvergencePolicy
-from skyferry.pipeline.runtimes.runc import ContainerSpec
 
-AGENT_PORT = 7420
 MIGRATION_ID = re.compile(r"[A-Za-z0-9_-]+")  # it names directories (images, logs)
 PAGE_SERVER = re.compile(r"\d{1,3}(\.\d{1,3}){3}:\d{1,5}")  # a source's CRIU page server, addr:port
 log = logging.getLogger("skyferry.agent")
@@ -102,7 +102,7 @@ class Agent:
         ops = self.ops
         match method, parts:
             case "GET", ["facts"]:
-                return facts.collect(ops.cfg.name)
+                return facts.collect(ops.cfg.name, ops.runtimes)
             case "GET", ["capacity"]:
                 return capacity.collect(ops)
             case "GET", ["containers"]:
@@ -158,7 +158,7 @@ class Agent:
                 case "finish-target":
                     return ops.finish_target(mig)
                 case op if op in clone.OPS:
-                    return clone.dispatch(self, mig, op, body)
+                    return clone.dispatch(self.ops, self.peer_ctx, mig, op, body)
         raise _NotFound(f"no migration operation {op!r}")
 
     def _peer(self, target: dict[str, Any], lane: str = "mem") -> AgentClient:
@@ -421,3 +421,12 @@ def serve(cfg: HostConfig, identity: Identity, listen: str, port: int = AGENT_PO
 def identity_for(state_root: Path) -> Identity:
     tls = state_root / "tls"
     return Identity(ca=tls / "ca.pem", cert=tls / "cert.pem", key=tls / "key.pem")
+
+
+def remove_all(cfg: HostConfig) -> list[str]:
+    """Remove every container of this host, whether or not its agent still runs (a host going down)."""
+    ops = HostOps(cfg)
+    names = [c["name"] for c in ops.list()]
+    for name in names:
+        ops.remove(name)
+    return names

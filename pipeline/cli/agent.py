@@ -5,7 +5,9 @@ from pathlib import Path
 
 import typer
 from skyferry.pipeline.agent.host import HostConfig
-from skyferry.pipeline.agent.server import AGENT_PORT, identity_for, serve
+from skyferry.pipeline.agent.server import identity_for, remove_all, serve
+from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.hostapi.layout import AGENT_PORT
 
 from .app import app
 
@@ -15,9 +17,12 @@ def agent(
     host: str = typer.Option(..., help="This host's name in the mesh."),
     mesh: str = typer.Option(..., help="The mesh's id (prefix of every kernel object it owns)."),
     state_root: Path = typer.Option(..., help="This host's own state root (TLS material in tls/)."),
-    listen: str = typer.Option(..., help="This host's overlay address; the agent binds nowhere else."),
+    listen: str = typer.Option("", help="This host's overlay address; the agent binds nowhere else."),
     port: int = typer.Option(AGENT_PORT, help="TCP port."),
     mtu: int = typer.Option(1420, help="Overlay MTU, for container interfaces."),
+    remove_containers: bool = typer.Option(
+        False, "--remove-containers", help="Remove every container of this host, then exit (`hosts down`)."
+    ),
 ) -> None:
     """Run the host agent: checkpoint, restore, image transfer and netns work for this host.
 
@@ -26,4 +31,9 @@ def agent(
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = HostConfig(name=host, mesh=mesh, state_root=state_root, overlay_ip=listen, mtu=mtu)
+    if remove_containers:
+        remove_all(cfg)
+        return
+    if not listen:
+        raise SkyferryError("--listen is required to serve", hint="the host's overlay address")
     serve(cfg, identity_for(state_root), listen, port)

@@ -8,10 +8,7 @@ from typing import Any
 import typer
 from skyferry.pipeline.controller import containers, migration
 from skyferry.pipeline.controller.journal import Journal
-from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.controller.state import state_dir
-from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.runtimes.protocol import supported_modes
 
 from . import output
 from .app import app
@@ -87,12 +84,6 @@ def migrate(
     Examples: skyferry migrate web --to local-2; skyferry migrate podman:db --to local-3
     """
     name = containers.resolve(state_dir(), name)
-    runtime = Registry(state_dir()).get(name).spec.runtime
-    modes = supported_modes(runtime)
-    if mode is None:
-        mode = migration.DEFAULT_MODE if migration.DEFAULT_MODE in modes else modes[0]
-    elif mode not in modes:
-        raise SkyferryError(f"{runtime} containers do not migrate by {mode}", hint=f"--mode {' or '.join(modes)}")
     if test or check:
         from .runbooks import test_cutover
 

@@ -17,14 +17,12 @@ from pathlib import Path
 
 from skyferry.netplane import netns as nsutil
 from skyferry.netplane.mesh import Mesh, MeshHost
-from skyferry.pipeline.agent.host import IMAGES_TMPFS
-from skyferry.pipeline.agent.server import AGENT_PORT
 from skyferry.pipeline.controller.journal import Journal
 from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi import pki
 from skyferry.pipeline.hostapi.client import AgentClient
-from skyferry.pipeline.runtimes.protocol import runtimes
+from skyferry.pipeline.hostapi.layout import AGENT_PORT, IMAGES_TMPFS
 
 PIDS = "agents.json"
 
@@ -59,6 +57,24 @@ def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}/cmdline").read_bytes().find(b"agent") >= 0
 
 
+def _agent_argv(mesh: Mesh, host: MeshHost, *extra: str) -> list[str]:
+    """`skyferry agent` for a local host, with the venv's Python."""
+    base = ["agent", "--host", host.name, "--mesh", mesh.name, "--state-root", host.state_root, *extra]
+    return [sys.executable, "-m", "skyferry.pipeline.cli", *base]
+
+
+def _remove_containers(mesh: Mesh, host: MeshHost) -> None:
+    result = subprocess.run(
+        nsutil.command(host.netns, _agent_argv(mesh, host, "--remove-containers")),
+        capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise SkyferryError(
+            f"could not remove the containers of {host.name}: {result.stderr.strip()[-400:]}",
+            hint=f"see {Path(host.state_root) / 'agent.log'}; run hosts down again",
+        )
+
+
 def start_agents(mesh: Mesh, state: Path) -> None:
     """Start an agent in every local host that has none running; waits until each answers."""
     ca = state / "ca"
@@ -72,22 +88,7 @@ def start_agents(mesh: Mesh, state: Path) -> None:
             continue
         root = Path(host.state_root)
         pki.issue(ca, root / "tls", host.name, [host.overlay_ip])
-        argv = [
-            sys.executable,
-            "-m",
-            "skyferry.pipeline.cli",
-            "agent",
-            "--host",
-            host.name,
-            "--mesh",
-            mesh.name,
-            "--state-root",
-            str(root),
-            "--listen",
-            host.overlay_ip,
-            "--mtu",
-            str(mesh.mtu),
-        ]
+        argv = _agent_argv(mesh, host, "--listen", host.overlay_ip, "--mtu", str(mesh.mtu))
         with open(root / "agent.log", "ab") as logf:
             proc = subprocess.Popen(
                 nsutil.command(host.netns, argv),
@@ -122,9 +123,9 @@ def _wait_ready(state: Path, mesh: Mesh, host: MeshHost, timeout: float = 20.0) 
 def stop_agents(mesh: Mesh, state: Path, hosts: list[str] | None = None) -> None:
     """Tear down local hosts' workloads and agents (all hosts, or `hosts`).
 
-    Containers go down with their hosts: each one is removed through its engine with that host's own
-    state (an agent restart alone never touches containers). Then the agents get SIGTERM, and SIGKILL
-    after 5 s.
+    Containers go down with their hosts: the host's own agent code removes each one through its engine,
+    whether or not the agent still answers (an agent restart alone never touches containers). Then the
+    agents get SIGTERM, and SIGKILL after 5 s.
     """
     registry = Registry(state)
     local = [h.name for h in mesh.hosts.values() if h.netns is not None and (hosts is None or h.name in hosts)]
@@ -132,9 +133,7 @@ def stop_agents(mesh: Mesh, state: Path, hosts: list[str] | None = None) -> None
     for host in mesh.hosts.values():
         if host.name not in local:
             continue
-        for runtime in runtimes(Path(host.state_root), f"/skyferry/{mesh.name}/{host.name}").values():
-            for name in runtime.names():
-                runtime.remove(name)
+        _remove_containers(mesh, host)
         for entry in registry.all():
             if entry.host == host.name:
                 registry.remove(entry.name)

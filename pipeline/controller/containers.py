@@ -11,7 +11,7 @@ from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller import agentctl
 from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.runtimes.runc import HOST_DIRS, ContainerSpec
+from skyferry.pipeline.hostapi.spec import HOST_DIRS, ContainerSpec
 
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")
 RUNTIMES = ("runc", "podman", "docker")

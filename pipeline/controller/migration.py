@@ -31,7 +31,6 @@ from skyferry.pipeline.controller.stages import (
 )
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi import faults
-from skyferry.pipeline.runtimes.protocol import supported_modes
 
 # precopy: content-based memory rounds (works without soft-dirty); postcopy: CRIU lazy pages; hybrid:
 # rounds, then lazy pages for what changed since; stop-copy: the baseline.
@@ -56,12 +55,13 @@ def migrate(
     mesh.host(target)  # unknown host -> clear error
     if target == entry.host:
         raise SkyferryError(f"container {name!r} already runs on {target}", hint="pick another --to host")
-    mode = mode or supported_modes(entry.spec.runtime)[0]
-    if mode not in supported_modes(entry.spec.runtime):
-        raise SkyferryError(
-            f"{entry.spec.runtime} containers cannot migrate by {mode}",
-            hint=f"use --mode {' or --mode '.join(supported_modes(entry.spec.runtime))}",
-        )
+    runtime = entry.spec.runtime
+    modes = agentctl.client(state, mesh, entry.host).call("GET", "/v1/facts").get("modes", {}).get(runtime, [])
+    if not modes:
+        raise SkyferryError(f"{entry.host} has no {runtime} runtime for {name!r}", hint="skyferry doctor on that host")
+    mode = mode or (DEFAULT_MODE if DEFAULT_MODE in modes else modes[0])
+    if mode not in modes:
+        raise SkyferryError(f"{runtime} containers do not migrate by {mode}", hint=f"--mode {' or '.join(modes)}")
     journal = Journal(state)
     mig = journal.begin(name, entry.host, target, mode)
     return _drive(_context(state, mig, mesh), journal, MODES[mode], progress)

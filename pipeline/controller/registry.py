@@ -7,7 +7,7 @@ from pathlib import Path
 
 from skyferry.pipeline.controller import db
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.runtimes.runc import ContainerSpec
+from skyferry.pipeline.hostapi.spec import ContainerSpec
 
 
 @dataclass(frozen=True)

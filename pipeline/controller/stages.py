@@ -11,11 +11,10 @@ from typing import Any, Protocol
 
 from skyferry.netplane import routes
 from skyferry.netplane.mesh import Mesh
-from skyferry.pipeline.agent.host import page_server
-from skyferry.pipeline.agent.server import AGENT_PORT
 from skyferry.pipeline.controller.registry import Entry
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi.client import AgentClient
+from skyferry.pipeline.hostapi.layout import AGENT_PORT, page_server
 
 
 @dataclass

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from skyferry.netplane.mesh import Mesh
-from skyferry.pipeline.agent.clone import clone_name
-from skyferry.pipeline.agent.server import AGENT_PORT
 from skyferry.pipeline.controller import agentctl
 from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.controller.stages import Check, Context
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.hostapi.layout import AGENT_PORT
+from skyferry.pipeline.hostapi.spec import clone_name
 
 Progress = Callable[[str], None]
 

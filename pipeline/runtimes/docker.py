@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.hostapi.spec import ContainerSpec
 from skyferry.pipeline.runtimes import engines
-from skyferry.pipeline.runtimes.runc import ContainerSpec
 
 DOCKER = "/usr/bin/docker" if os.path.exists("/usr/bin/docker") else "docker"  # the daemon's own CLI
 CHECKPOINT = "skyferry"
@@ -34,6 +34,7 @@ TAR_XATTRS = ["--xattrs", "--xattrs-include=trusted.*", "--numeric-owner"]
 
 class Docker:
     name = "docker"
+    modes = ("stop-copy",)  # see Runtime.modes
 
     def __init__(self, state_root: Path, cgroup_prefix: str) -> None:
         self.home = state_root / "docker"

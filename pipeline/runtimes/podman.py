@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.hostapi.spec import ContainerSpec
 from skyferry.pipeline.runtimes import engines
-from skyferry.pipeline.runtimes.runc import ContainerSpec
 
 PODMAN = "podman"
 EXPORT = "checkpoint.tar"  # in the migration's images dir (tmpfs): it holds the container's memory
@@ -30,6 +30,7 @@ STATUS = {"running": "running", "paused": "paused", "created": "created"}  # any
 
 class Podman:
     name = "podman"
+    modes = ("stop-copy",)  # see Runtime.modes
 
     def __init__(self, state_root: Path, cgroup_prefix: str) -> None:
         self.home = state_root / "podman"

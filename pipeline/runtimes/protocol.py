@@ -10,13 +10,19 @@ import shutil
 from pathlib import Path
 from typing import Any, Protocol
 
+from skyferry.pipeline.hostapi.spec import ContainerSpec
 from skyferry.pipeline.runtimes.docker import DOCKER, Docker
 from skyferry.pipeline.runtimes.podman import PODMAN, Podman
-from skyferry.pipeline.runtimes.runc import ContainerSpec, Runc
+from skyferry.pipeline.runtimes.runc import Runc
 
 
 class Runtime(Protocol):
     name: str
+    # What this engine can do, declared by the adapter and reported in the agent's /v1/facts, so the
+    # controller learns it from the host rather than from code it must not load. Pre-copy reads the live
+    # memory and builds CRIU images beside the engine; only runc restores straight from such a directory,
+    # so Podman and Docker (through their own CLIs) move by stop-copy. The first mode is the default.
+    modes: tuple[str, ...]
 
     def owns(self, name: str) -> bool:
         """True if this engine on this host has a container `name` (running or not)."""
@@ -55,16 +61,6 @@ class Runtime(Protocol):
     def remove(self, name: str) -> None:
         """Kill (even when frozen) and delete the container and its files; idempotent."""
         ...
-
-
-# Migration modes per engine. Pre-copy reads the live process's memory and builds CRIU images beside the
-# engine; only runc restores straight from such an image directory. Podman and Docker checkpoint and
-# restore through their own CLIs, so they move by stop-copy.
-MODES = {"runc": ("precopy", "hybrid", "postcopy", "stop-copy"), "podman": ("stop-copy",), "docker": ("stop-copy",)}
-
-
-def supported_modes(runtime: str) -> tuple[str, ...]:
-    return MODES.get(runtime, ("stop-copy",))
 
 
 def runtimes(state_root: Path, cgroup_prefix: str) -> dict[str, Runtime]:

@@ -11,45 +11,22 @@ import os
 import shutil
 import subprocess
 import tempfile
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.hostapi.spec import HOST_DIRS, ContainerSpec
 from skyferry.pipeline.runtimes.images import unpack_image
 
 RUNC = "runc"
 LOG_IN_CONTAINER = "/.skyferry/app.log"
-# Host directories a default rootfs shows read-only, so host programs such as python3 work inside.
-HOST_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc")
-
-
-@dataclass
-class ContainerSpec:
-    """What a container is, independent of the host it runs on; moves with it."""
-
-    name: str
-    args: list[str]
-    ip: str
-    env: dict[str, str] = field(default_factory=dict)
-    rootfs: str | None = None  # a directory copied into the bundle at `run`
-    image: str | None = None  # an OCI or `docker save` tarball unpacked at `run`
-    runtime: str = "runc"  # which adapter runs it (pipeline/runtimes/protocol.py)
-    volumes: list[str] = field(default_factory=list)  # paths in the container backed by volumes that move with it
-    labels: dict[str, str] = field(default_factory=dict)  # operator metadata: priority, ingress (docs/runbooks.md)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ContainerSpec":
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
 class Runc:
     """runc for one host: `state_root` is the host's own state root, `cgroup_prefix` its cgroup parent."""
 
     name = "runc"
+    modes = ("precopy", "hybrid", "postcopy", "stop-copy")  # see Runtime.modes
 
     def __init__(self, state_root: Path, cgroup_prefix: str) -> None:
         self.root = state_root / "runc"
