@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from skyferry.pipeline.agent import doctor
 from skyferry.pipeline.agent.doctor import Output, Status
-from skyferry.pipeline.criu.rpc import PRECOPY_CONTENT, PRECOPY_CRIU
+from skyferry.pipeline.criu.version import PRECOPY_CONTENT, PRECOPY_CRIU
 
 # Not imported from conftest.py: with several conftest.py files that module name is ambiguous.
 NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from skyferry.pipeline.criu.rpc import MIN_VERSION, precopy_method
+from skyferry.pipeline.criu import version as criu_version
 
 PIPE_MAX_MIN = 4 * 1024 * 1024  # lazy pages splice up to 4 MiB per pipe
 CAP_SYS_RESOURCE = 24
@@ -95,11 +95,10 @@ def criu_version_result(version_output: Output | None, binary: str = "criu") -> 
     name = "criu version"
     if version_output is None:
         return CheckResult(name, Status.FAIL, "criu is not installed", BOOTSTRAP)
-    m = re.search(r"^Version:\s*(\d+)\.(\d+)(?:\.(\d+))?", version_output.text, re.M)
-    if not m:
+    version = criu_version.parse(version_output.text)
+    if version is None:
         return CheckResult(name, Status.FAIL, f"cannot read the version of {binary}", BOOTSTRAP)
-    version = ".".join(g for g in m.groups() if g is not None)
-    if (int(m.group(1)), int(m.group(2))) < MIN_VERSION:
+    if criu_version.too_old(version):
         detail = (
             f"CRIU {version} at {binary} is too old: kernels >= 6.16 need 4.2 "
             "(3.x fails on the [vvar_vclock] vDSO, 4.1 cannot dump inet sockets)"
@@ -172,7 +171,7 @@ def precopy_result(output: Output | None) -> CheckResult:
     if why := _unchecked(output):
         return CheckResult(name, Status.WARN, f"unknown, CRIU could not check: {why}", UNCHECKED_FIX)
     soft_dirty = output is not None and output.rc == 0
-    method = precopy_method({"mem_track": soft_dirty})
+    method = criu_version.precopy_method({"mem_track": soft_dirty})
     if soft_dirty:
         return CheckResult(name, Status.PASS, f"soft-dirty tracking works; pre-copy: {method}", value=method)
     # CRIU says "Warn  (criu/cr-check.c:824): Dirty tracking is OFF. Memory snapshot will not work."
@@ -341,7 +340,7 @@ def probe_pycriu_version() -> str | None:
 
 def run_checks() -> list[CheckResult]:
     """Every check, in report order."""
-    criu = os.environ.get("SKYFERRY_CRIU") or shutil.which("criu") or "criu"
+    criu = criu_version.binary()
     version = criu_version_result(run([criu, "--version"]), criu)
 
     def feature(name: str) -> Output | None:
