@@ -1,31 +1,22 @@
 """`skyferry provision`, `skyferry decommission` and `skyferry inventory import`: hosts from clouds.
 
-A cloud host joins the mesh in `$SKYFERRY_STATE`: the controller gives it a WireGuard key, an overlay
-address and a TLS identity in its cloud-init user-data, and records it in mesh.toml once it has an
-address. docs/providers.md explains the choices.
+The work is pipeline/controller/provision.py's; this module parses and prints.
 """
 
-import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import typer
-from skyferry.netplane.ipam import Ipam
 from skyferry.netplane.mesh import Mesh
+from skyferry.pipeline.controller import provision as provisioning
 from skyferry.pipeline.controller.state import state_dir
-from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.hostapi import pki
 from skyferry.providers import inventory
 from skyferry.providers.base import Host
-from skyferry.providers.cloudinit import HostBootstrap, Peer, new_wireguard_key, render_user_data
 from skyferry.providers.naming import check_plan, host_name
-from skyferry.providers.registry import NAMES, get_provider
 
 from . import output
 from .app import app
 
-DEFAULT_PLAN = "skyferry"
 HELP_PROVIDER = "Where the hosts come from: aws, gcp or local."
 HELP_ENDPOINT = (
     "Send every API call here instead of the public cloud (a local moto or GCE fake, or a private endpoint). "
@@ -33,54 +24,9 @@ HELP_ENDPOINT = (
 )
 
 
-def _cloud(provider: str, state: Path, region: str | None, endpoint_url: str | None) -> Any:
-    if provider not in NAMES:
-        raise SkyferryError(f"unknown provider {provider!r}", hint=f"use one of: {', '.join(NAMES)}")
-    if provider == "aws":
-        return get_provider("aws", region=region, endpoint_url=endpoint_url, key_dir=state / "keys")
-    return get_provider("gcp", region=region, endpoint_url=endpoint_url, cache_dir=state / "cache")
-
-
 def _print_hosts(title: str, hosts: list[dict[str, Any]]) -> None:
     cols = ["name", "provider", "id", "address", "overlay_ip", "state", "region", "size"]
     output.print_table(title, cols, [[h.get(c) for c in cols] for h in hosts])
-
-
-class _Bootstrapper:
-    """Renders each new host's user-data: a fresh WireGuard key, an overlay address, a TLS identity and
-    the mesh's members as peers. Remembers what it handed out so the CLI can record or release it."""
-
-    def __init__(self, state: Path, mesh: Mesh) -> None:
-        self.state, self.mesh = state, mesh
-        self.keys: dict[str, str] = {}  # host name -> WireGuard public key
-        self.addresses: dict[str, str] = {}
-
-    def __call__(self, name: str) -> str:
-        private, public = new_wireguard_key()
-        ip = Ipam(self.state).allocate(f"host:{name}")
-        self.keys[name], self.addresses[name] = public, ip
-        ca = self.state / "ca"
-        pki.ensure_ca(ca, self.mesh.name)
-        with tempfile.TemporaryDirectory(prefix="skyferry-tls-") as tmp:
-            ident = pki.issue(ca, Path(tmp), name, [ip])
-            ca_pem, cert_pem, key_pem = (p.read_text() for p in (ident.ca, ident.cert, ident.key))
-        peers = [
-            Peer(m.public_key, m.endpoint, self.mesh.allowed_ips(m))
-            for m in self.mesh.members
-            if m.public_key and m.name != name
-        ]
-        return render_user_data(
-            HostBootstrap(
-                name=name, mesh=self.mesh.name, overlay_ip=ip, private_key=private, peers=peers,
-                listen_port=self.mesh.listen_port, mtu=self.mesh.mtu,
-                ca_pem=ca_pem, cert_pem=cert_pem, key_pem=key_pem,
-            )
-        )  # fmt: skip
-
-    def release(self) -> None:
-        ipam = Ipam(self.state)
-        for ip in self.addresses.values():
-            ipam.release(ip)
 
 
 @app.command(rich_help_panel="Hosts")
@@ -91,7 +37,9 @@ def provision(
     region: str | None = typer.Option(None, "--region", help="AWS region, or GCE zone (us-central1-a)."),
     image: str | None = typer.Option(None, "--image", help="Image id or URL; default: Debian 12."),
     plan: str | None = typer.Option(
-        None, "--plan", help=f"Name tagging everything made (default {DEFAULT_PLAN}; for local, the mesh id)."
+        None,
+        "--plan",
+        help=f"Name tagging everything made (default {provisioning.DEFAULT_PLAN}; for local, the mesh id).",
     ),
     endpoint_url: str | None = typer.Option(None, "--endpoint-url", help=HELP_ENDPOINT),
     timeout: float = typer.Option(600, "--timeout", help="Seconds to wait for the hosts to run."),
@@ -109,25 +57,11 @@ def provision(
 
       skyferry provision --provider aws --count 2 --endpoint-url http://127.0.0.1:5000 --json
     """
-    state = state_dir()
-    if provider == "local":
-        hosts = get_provider("local", state=state).provision(plan or "", count)
-        result = [h.to_dict() for h in hosts]
-    else:
-        plan = plan or DEFAULT_PLAN
-        mesh = Mesh.load(state)  # a clear NetplaneError when there is none
-        cloud = _cloud(provider, state, region, endpoint_url)
-        boot = _Bootstrapper(state, mesh)
-        try:
-            hosts = cloud.provision(plan, count, size=size, image=image, user_data=boot)
-            hosts = cloud.wait_ready(hosts, timeout=timeout)
-            new = [inventory.Member(h, boot.keys[h.name], mesh.listen_port) for h in hosts if h.name in boot.keys]
-            inventory.join(state, new)
-        except BaseException:
-            boot.release()
-            raise
-        overlay = {name: m.overlay_ip for name, m in Mesh.load(state).hosts.items()}
-        result = [{**h.to_dict(), "overlay_ip": overlay.get(h.name)} for h in hosts]
+    result = provisioning.provision(
+        state_dir(), provider, count, plan, size=size, region=region, image=image, endpoint_url=endpoint_url,
+        timeout=timeout,
+    )  # fmt: skip
+    plan, result = result["plan"], result["hosts"]
     if json_out:
         output.print_json({"plan": plan, "provider": provider, "hosts": result})
     else:
@@ -150,24 +84,8 @@ def decommission(
 
     skyferry decommission --plan exit1 --provider gcp --region europe-west1-b --json
     """
-    state = state_dir()
-    mine = re.compile(rf"{re.escape(plan)}-\d+")
-    if provider is None:
-        mesh = Mesh.load(state) if Mesh.exists(state) else None
-        found = {m.provider for n, m in (mesh.hosts.items() if mesh else []) if mine.fullmatch(n)}
-        if len(found) != 1:
-            raise SkyferryError(f"cannot tell which provider plan {plan!r} is on", hint="pass --provider")
-        provider = found.pop()
-    if provider == "local":
-        removed = get_provider("local", state=state).destroy(plan)
-        left: list[str] = []
-    else:
-        cloud = _cloud(provider, state, region, endpoint_url)
-        names = [h.name for h in cloud.list(plan)]
-        removed = cloud.destroy(plan)
-        mesh = Mesh.load(state) if Mesh.exists(state) else None
-        strays = [n for n, m in (mesh.hosts.items() if mesh else []) if mine.fullmatch(n) and m.provider == provider]
-        left = inventory.leave(state, sorted(set(names) | set(strays)))
+    done = provisioning.decommission(state_dir(), plan, provider, region=region, endpoint_url=endpoint_url)
+    provider, removed, left = done["provider"], done["removed"], done["left_mesh"]
     if json_out:
         output.print_json({"plan": plan, "provider": provider, "removed": removed, "left_mesh": left})
     else:
@@ -229,7 +147,7 @@ def tfvars(
     """
     state = state_dir()
     check_plan(plan)
-    boot = _Bootstrapper(state, Mesh.load(state))
+    boot = provisioning.Bootstrapper(state, Mesh.load(state))
     names = [host_name(plan, i) for i in range(count)]
     user_data = [boot(n) for n in names]
     output.print_json({"plan": plan, "user_data": user_data, "wireguard_public_keys": [boot.keys[n] for n in names]})

@@ -20,8 +20,6 @@ wave is never repeated, and a half-done wave continues from the journal (pipelin
 
 import json
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,14 +29,17 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from skyferry.netplane.errors import NetplaneError
 from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller import agentctl, db
+from skyferry.pipeline.controller import provision as provisioning
 from skyferry.pipeline.controller.journal import Journal
 from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi import faults
 from skyferry.pipeline.runbooks import evacuate, placement, testcutover
 from skyferry.pipeline.runbooks import report as runreport
+from skyferry.providers.errors import ProviderError
 from skyferry.providers.registry import NAMES, get_provider
 
 NAME = r"^[a-z0-9][a-z0-9_-]{0,39}$"
@@ -360,8 +361,8 @@ def _same_finished_waves(path: Path, plan: Plan, record: Steps) -> None:
 
 def _provision(state: Path, plan: Plan, record: Steps) -> dict[str, Any]:
     """Target capacity. Named hosts must be up (local ones get their agents started); with `count`, the
-    cloud hosts are made and joined to the mesh exactly as `skyferry provision` does (it is run as is:
-    one implementation of bootstrap and join), tagged with the plan's name, so a re-run finds them."""
+    cloud hosts are made and joined to the mesh by the same code as `skyferry provision`, tagged with the
+    plan's name, so a re-run finds them."""
     mesh = Mesh.load(state)
     if plan.target.provider == "local":
         provider = get_provider("local", state=state)
@@ -371,17 +372,12 @@ def _provision(state: Path, plan: Plan, record: Steps) -> dict[str, Any]:
         detail: dict[str, Any] = {"hosts": [h.name for h in ready]}
     elif plan.target.count:
         t = plan.target
-        argv = ["provision", "--provider", t.provider, "--count", str(t.count), "--plan", plan.name, "--json"]
-        for option, value in (("--size", t.size), ("--region", t.region), ("--image", t.image)):
-            argv += [option, value] if value else []
-        proc = subprocess.run([sys.executable, "-m", "skyferry.pipeline.cli", *argv], capture_output=True, text=True)
         try:
-            out = json.loads(proc.stdout)
-        except json.JSONDecodeError:
-            out = {"error": proc.stderr.strip()[-500:] or f"exit {proc.returncode}"}
-        if proc.returncode != 0 or "error" in out:
-            raise SkyferryError(f"provisioning {t.count} {t.provider} host(s) failed: {out.get('error')}",
-                                hint=out.get("hint") or "fix it and run the same command again")  # fmt: skip
+            out = provisioning.provision(state, t.provider, t.count, plan.name, size=t.size, region=t.region,
+                                         image=t.image)  # fmt: skip
+        except (SkyferryError, ProviderError, NetplaneError) as exc:
+            hint = getattr(exc, "hint", None) or "fix it and run the same command again"
+            raise SkyferryError(f"provisioning {t.count} {t.provider} host(s) failed: {exc}", hint=hint) from exc
         detail = {"hosts": sorted(h["name"] for h in out["hosts"]), "provider": t.provider}
     else:
         detail = {"hosts": []}  # named cloud hosts already in the mesh: nothing to make

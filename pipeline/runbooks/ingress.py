@@ -18,6 +18,7 @@ from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller.registry import Entry
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.providers.errors import ProviderError
+from skyferry.providers.registry import get_provider
 
 LABEL = "ingress"
 KINDS = ("gateway", "route53", "eip")
@@ -61,9 +62,7 @@ def apply(spec: Ingress, ip: str, target: Target, aws: Any = None) -> dict[str, 
     if spec.kind == "gateway":
         return {"kind": "gateway", "ip": ip, "summary": f"gateway -> {ip} (overlay, unchanged)"}
     if aws is None:
-        from skyferry.providers.aws import AwsProvider
-
-        aws = AwsProvider()
+        aws = get_provider("aws")  # its ex_ methods: Route 53 and Elastic IPs are AWS's own
     if spec.kind == "route53":
         if not target.address:
             raise SkyferryError(f"{target.host} has no public address to point {spec.record} at")
