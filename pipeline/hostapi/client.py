@@ -108,14 +108,23 @@ class AgentClient:
     ) -> Any:
         with self._lock:
             conn = self._reusable(retry_for)
+            send_error: OSError | None = None
             try:
-                conn.request(method, path, body=body, headers=headers, encode_chunked=chunked)
+                try:
+                    conn.request(method, path, body=body, headers=headers, encode_chunked=chunked)
+                except OSError as exc:
+                    if not chunked:
+                        raise
+                    # An agent that refuses a stream part-way (a damaged frame) answers and hangs up while we
+                    # are still sending: its answer, not our broken pipe, says what went wrong.
+                    send_error = exc
                 resp = conn.getresponse()
                 payload = resp.read()
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
-                raise AgentUnreachable(f"agent {self.label}: connection lost during {method} {path}: {exc}") from exc
-            if resp.will_close:
+                lost = send_error or exc
+                raise AgentUnreachable(f"agent {self.label}: connection lost during {method} {path}: {lost}") from lost
+            if resp.will_close or send_error is not None:
                 self.close()
         if resp.getheader("Content-Type") == "application/octet-stream":
             return payload
