@@ -5,7 +5,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from nettools import leftovers, mesh_up
+from kit.net import leftovers, mesh_up
 from skyferry.netplane.mesh import Mesh
 
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from nettools import leftovers, mesh_up, rtt
+from kit.net import leftovers, mesh_up, rtt
 from pyroute2 import IPRoute
 from skyferry.netplane import netns, wg
 from skyferry.netplane.errors import NetplaneError

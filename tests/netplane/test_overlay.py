@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from nettools import Pinger, echo_server, rtt, stream
+from kit.net import Pinger, echo_server, rtt, stream
 from pyroute2 import IPRoute
 from skyferry.netplane import attach, netns, routes, wg
 from skyferry.netplane.cutover import cutover, host_routes

@@ -5,8 +5,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from gce_fake import GceFake, new_service_account
-from moto_server import PatchedMotoServer
+from kit.gce_fake import GceFake, new_service_account
+from kit.moto_server import PatchedMotoServer
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@
 
 import boto3
 import pytest
-from moto_server import PatchedMotoServer
+from kit.moto_server import PatchedMotoServer
 from skyferry.providers.aws import AwsProvider
 from skyferry.providers.base import WIREGUARD_PORT
 from skyferry.providers.errors import ProviderError

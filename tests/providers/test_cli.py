@@ -9,9 +9,9 @@ from pathlib import Path
 
 import boto3
 import pytest
-from cloudinit_check import assert_valid
-from gce_fake import GceFake
-from moto_server import PatchedMotoServer
+from kit.cloudinit_check import assert_valid
+from kit.gce_fake import GceFake
+from kit.moto_server import PatchedMotoServer
 from skyferry.netplane.ipam import Ipam
 from skyferry.netplane.mesh import Mesh, MeshHost
 from skyferry.providers.cloudinit import new_wireguard_key

@@ -1,7 +1,7 @@
 """Rendered user-data passes the real `cloud-init schema` check and says what a host needs."""
 
 import yaml
-from cloudinit_check import assert_valid, schema_check
+from kit.cloudinit_check import assert_valid, schema_check
 from skyferry.providers.cloudinit import HostBootstrap, Peer, new_wireguard_key, render_user_data
 
 

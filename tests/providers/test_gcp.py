@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
-from gce_fake import GceFake, new_service_account
+from kit.gce_fake import GceFake, new_service_account
 from skyferry.providers.base import WIREGUARD_PORT
 from skyferry.providers.errors import ProviderError
 from skyferry.providers.gcp import GcpProvider

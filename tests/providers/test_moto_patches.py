@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import boto3
 import moto
 import pytest
+from kit.moto_server import MOTO_VERSION, PATCHES, PatchedMotoServer
 from libcloud.compute.drivers.ec2 import EC2NodeDriver
-from moto_server import MOTO_VERSION, PATCHES, PatchedMotoServer
 
 pytestmark = pytest.mark.integration
 

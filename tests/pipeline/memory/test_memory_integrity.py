@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from meshkit import local_mesh
+from kit.mesh import local_mesh
 from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller import containers, migration
 from skyferry.pipeline.scenarios import demo as scenario

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from meshkit import local_mesh, lose_source_during_lazy_phase
+from kit.mesh import local_mesh, lose_source_during_lazy_phase
 from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller import containers, migration
 from skyferry.pipeline.controller.journal import Journal

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from runbook_support import cli, client, counter, local_mesh, remove_all, running
+from kit.runbook import cli, client, counter, local_mesh, remove_all, running
 from skyferry.netplane import routes
 from skyferry.netplane.ipam import Ipam
 from skyferry.netplane.mesh import Mesh

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from meshkit import local_mesh
+from kit.mesh import local_mesh
 from skyferry.netplane.ipam import Ipam
 from skyferry.netplane.mesh import Mesh
 from skyferry.netplane.netns import in_netns

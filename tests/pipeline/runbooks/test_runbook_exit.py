@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from runbook_support import COUNTER_CHECK, cli, client, counter, local_mesh, remove_all
+from kit.runbook import COUNTER_CHECK, cli, client, counter, local_mesh, remove_all
 from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller import agentctl
 from skyferry.pipeline.controller.journal import Journal

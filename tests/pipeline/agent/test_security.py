@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from meshkit import local_mesh
+from kit.mesh import local_mesh
 from skyferry.netplane import netns
 from skyferry.netplane.mesh import Mesh
 from skyferry.netplane.netns import in_netns

@@ -8,10 +8,11 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from meshkit import mesh_in
 from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller import agentctl, containers
 from skyferry.pipeline.scenarios import demo as scenario
+
+from kit.mesh import mesh_in
 
 SKYFERRY = str(Path(sys.executable).parent / "skyferry")
 # Run in the container's (or clone's) netns by the agent: one request on a new connection to the counter.

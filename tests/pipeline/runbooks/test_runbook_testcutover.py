@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from runbook_support import COUNTER_CHECK, cli, client, counter, local_mesh
+from kit.runbook import COUNTER_CHECK, cli, client, counter, local_mesh
 from skyferry.netplane import netns
 from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller import agentctl, containers

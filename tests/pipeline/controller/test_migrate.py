@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from meshkit import local_mesh, lose_source_during_lazy_phase
+from kit.mesh import local_mesh, lose_source_during_lazy_phase
 from skyferry.netplane import netns
 from skyferry.netplane.errors import NetplaneError
 from skyferry.netplane.mesh import Mesh

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from meshkit import local_mesh
+from kit.mesh import local_mesh
 from skyferry.netplane import netns
 from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.agent import netlock

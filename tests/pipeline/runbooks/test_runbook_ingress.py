@@ -4,22 +4,19 @@ The last test moves a labelled container between real local hosts and checks the
 
 import json
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
 import pytest
+from kit.moto_server import PatchedMotoServer
+from kit.runbook import cli, counter, local_mesh, remove_all
 from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.runbooks import evacuate, exitplan, ingress
 from skyferry.providers.aws import AwsProvider
 from skyferry.providers.naming import PLAN_TAG
-
-sys.path.insert(0, str(Path(__file__).parent / "providers"))  # the providers' moto fixture, reused as a module
-from moto_server import PatchedMotoServer
-from runbook_support import cli, counter, local_mesh, remove_all
 
 pytestmark = pytest.mark.integration
 IMAGE = "ami-785db401"  # an AMI moto ships
