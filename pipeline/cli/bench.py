@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 from skyferry.pipeline.scenarios import bench as runner
+from skyferry.pipeline.scenarios import benchreport
 
 from . import output
 from .app import app
@@ -52,7 +53,7 @@ def bench(
     progress(f"modes: {', '.join(cfg.mode_order())}")
 
     result = runner.run(cfg, progress)
-    paths = runner.write(result, out)
+    paths = benchreport.write(result, out)
     result["files"] = {k: str(v) for k, v in paths.items()}
     if json_out:
         output.print_json(result)
@@ -67,8 +68,12 @@ def _print(result: dict[str, Any], paths: dict[str, Path]) -> None:
     console = output.console if output.console.is_terminal else Console(width=200)
     wan = result["config"].get("wan") or "none"
     for title, columns, rows in (
-        (f"skyferry bench, WAN {wan} (xN: ratio to this workload's stop-copy)", runner.COLUMNS, runner.rows(result)),
-        ("Targets (issue 5)", ["", "stop-copy", "best mode", "goal"], runner.targets(result)),
+        (
+            f"skyferry bench, WAN {wan} (xN: ratio to this workload's stop-copy)",
+            benchreport.COLUMNS,
+            benchreport.rows(result),
+        ),
+        ("Targets (issue 5)", ["", "stop-copy", "best mode", "goal"], benchreport.targets(result)),
     ):
         table = Table(title=title, title_justify="left")
         for col in columns:
@@ -76,8 +81,8 @@ def _print(result: dict[str, Any], paths: dict[str, Path]) -> None:
         for row in rows:
             table.add_row(*row)
         console.print(table)
-    console.print(f"iperf3 over the overlay, 8 MiB window: {runner.iperf3_line(result)}", highlight=False)
-    console.print(f"machine: {runner.machine_line(result['machine'])}", highlight=False)
+    console.print(f"iperf3 over the overlay, 8 MiB window: {benchreport.iperf3_line(result)}", highlight=False)
+    console.print(f"machine: {benchreport.machine_line(result['machine'])}", highlight=False)
     for err in result["errors"]:
         console.print(f"[bold red]error:[/bold red] {err}", highlight=False)
     files = ", ".join(str(p) for p in paths.values())

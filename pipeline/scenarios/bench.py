@@ -12,7 +12,6 @@ A failed run is recorded with its error and the bench goes on; the mesh is alway
 import contextlib
 import json
 import os
-import platform
 import secrets
 import shutil
 import signal
@@ -33,16 +32,18 @@ from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.controller.stages import FREEZE_FROM, FREEZE_TO
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.scenarios import demo as scenario
+from skyferry.pipeline.scenarios.benchreport import (
+    BASELINE,
+    BYTES_GOAL,
+    FREEZE_GOAL_MS,
+    GAP_OVER_FREEZE_MS,
+    STREAM_GOAL,
+    WAN,
+    machine,
+)
 
-BASELINE = "stop-copy"
-WAN = "rate=1gbit,rtt=30ms"
 IPERF_PORT = 5201
 # The issue's Targets table: freeze per size (MiB -> ms), the gap's allowance over the freeze, stream and bytes.
-FREEZE_GOAL_MS = {256: 300.0, 1024: 500.0}
-GAP_OVER_FREEZE_MS = 100.0
-STREAM_GOAL = 0.9
-BYTES_GOAL = 0.6
-# Below this, a transfer's rate says more about its start-up than about the stream.
 MIN_STREAM_BYTES = 4_000_000
 HOSTS = ("local-1", "local-2")
 UNSTICK_TIMEOUT_S = 60.0  # for the rollback (or resume) of a migration that hung
@@ -472,215 +473,6 @@ def _wait_touched(state: Path, name: str, size: int, timeout: float) -> None:
         last = rss
         time.sleep(1.0)
     raise SkyferryError(f"the bench workload did not reach {size >> 20} MiB resident in {timeout:.0f} s")
-
-
-def machine() -> dict[str, Any]:
-    cpu = _proc_field("/proc/cpuinfo", "model name") or platform.processor() or "unknown"
-    mem = int(_proc_field("/proc/meminfo", "MemTotal").split()[0])
-    return {
-        "nproc": os.cpu_count(),
-        "kernel": platform.release(),
-        "cpu": cpu,
-        "memory_gb": round(mem / 1e6, 1),
-        "load_avg": [round(x, 2) for x in os.getloadavg()],
-        "note": "shared VM: other engineers' tests run on the same 2 cores; timings vary run to run",
-    }
-
-
-def _proc_field(path: str, key: str) -> str:
-    for line in Path(path).read_text().splitlines():
-        if line.startswith(key):
-            return line.split(":", 1)[1].strip()
-    return ""
-
-
-def machine_line(m: dict[str, Any]) -> str:
-    return (f"{m['nproc']} cores ({m['cpu']}), kernel {m['kernel']}, {m['memory_gb']} GB RAM, "
-            f"load average {m['load_avg'][0]} at start, shared VM")  # fmt: skip
-
-
-# --- outputs ---------------------------------------------------------------------------------------------
-
-COLUMNS = ["workload", "mode", "freeze ms", "client gap ms", "total s", "overlay bytes", "÷ RSS",
-           "rounds (stop)", "stream vs iperf3", "ok"]  # fmt: skip
-
-
-def rows(result: dict[str, Any]) -> list[list[str]]:
-    """One table row per run; ratios to the same workload's stop-copy run in parentheses."""
-    out = []
-    for r in result["runs"]:
-        ratio = r.get("ratios", {})
-        stream = r.get("stream") or {}
-        rounds = f"{r['rounds']} ({r['precopy_stop']})" if r.get("rounds") else "-"
-        vs = f"{stream['mbit_s']:.0f} Mbit/s ({stream['vs_iperf3']:.0%})" if "vs_iperf3" in stream else "-"
-        out.append([
-            r["workload"], r["mode"],
-            _with_ratio(r.get("freeze_ms"), ratio.get("freeze_ms"), "{:.0f}"),
-            _with_ratio(r.get("client_gap_ms"), ratio.get("client_gap_ms"), "{:.0f}"),
-            _with_ratio(r["total_ms"] / 1000 if r.get("total_ms") else None, ratio.get("total_ms"), "{:.1f}"),
-            _with_ratio(r["overlay_bytes"] / 1e6 if r.get("overlay_bytes") else None, ratio.get("overlay_bytes"),
-                        "{:.0f} MB"),
-            f"{r['bytes_per_rss']:.2f}" if r.get("bytes_per_rss") is not None else "-",
-            rounds, vs,
-            "yes" if r["ok"] else f"FAILED: {r['error']}",
-        ])  # fmt: skip
-    return out
-
-
-def _with_ratio(value: float | None, ratio: float | None, fmt: str) -> str:
-    if value is None:
-        return "-"
-    text = fmt.format(value)
-    return f"{text} (x{ratio:.2f})" if ratio is not None else text
-
-
-def iperf3_line(result: dict[str, Any]) -> str:
-    order = list(dict.fromkeys([r["workload"] for r in result["runs"]] + list(result["iperf3"])))  # bench order
-    parts = [f"{w}: " + ", ".join(f"{d} {v['mbit_s']:.0f} Mbit/s" for d, v in result["iperf3"][w].items())
-             for w in order if result["iperf3"].get(w)]  # fmt: skip
-    return "; ".join(parts) or "not measured"
-
-
-def markdown(result: dict[str, Any]) -> str:
-    """Both tables as Markdown, for the README."""
-
-    def table(header: list[str], body: list[list[str]]) -> str:
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in body]
-        return "\n".join(lines)
-
-    cfg = result["config"]
-    return "\n\n".join([
-        f"WAN `{cfg.get('wan') or 'none'}`; each workload dirties {cfg['workloads'][0]['dirty_mb_s']:g} MB/s; "
-        f"(xN) is the ratio to the same workload's stop-copy run in this bench.",
-        table(COLUMNS, rows(result)),
-        table(["", "stop-copy", "best mode", "goal"], targets(result)),
-        f"iperf3 over the overlay (8 MiB window), measured before each workload's runs: {iperf3_line(result)}.",
-        f"Machine: {machine_line(result['machine'])}. Bench took {result['seconds']:.0f} s"
-        + (f"; errors: {'; '.join(result['errors'])}" if result["errors"] else "") + ".",
-    ]) + "\n"  # fmt: skip
-
-
-def write(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
-    """bench.json, bench.md and bench.png into `out_dir`; returns their paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "bench.json", "md": out_dir / "bench.md", "png": out_dir / "bench.png"}
-    tmp = paths["json"].with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(paths["json"])
-    paths["md"].write_text(markdown(result))
-    plot(result, paths["png"])
-    return paths
-
-
-def plot(result: dict[str, Any], path: Path) -> None:
-    """Grouped bars per workload, one bar per mode: freeze, client's largest gap (log scale), and bytes on
-    the wire ÷ RSS; dashed lines are the issue's goals (for the gap: each run's freeze + 100 ms). Failed runs
-    leave a gap."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    workloads = list(dict.fromkeys(r["workload"] for r in result["runs"]))
-    modes = list(dict.fromkeys(r["mode"] for r in result["runs"]))
-    by = {(r["workload"], r["mode"]): r for r in result["runs"] if r["ok"]}
-    mib = {r["workload"]: r["memory_mib"] for r in result["runs"]}
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    width = 0.8 / max(1, len(modes))
-    panels = [("freeze_ms", "freeze (ms)", True), ("client_gap_ms", "client's largest gap (ms)", True),
-              ("bytes_per_rss", "bytes on the wire ÷ RSS", False)]  # fmt: skip
-    for ax, (key, title, log) in zip(axes, panels, strict=True):
-        for j, mode in enumerate(modes):
-            xs = [i + (j - (len(modes) - 1) / 2) * width for i in range(len(workloads))]
-            ys = [(by.get((w, mode)) or {}).get(key) or 0.0 for w in workloads]
-            bars = ax.bar(xs, ys, width, label=mode)
-            ax.bar_label(bars, labels=[(f"{y:.2f}" if key == "bytes_per_rss" else f"{y:.0f}") if y else ""
-                                       for y in ys], fontsize=6)  # fmt: skip
-            for x, w in zip(xs, workloads, strict=True):
-                if (w, mode) not in by:  # failed or not run: say so where the bar would stand
-                    ax.annotate("failed", (x, 0.02), xycoords=("data", "axes fraction"), ha="center", va="bottom",
-                                rotation=90, fontsize=7, color="tab:red")  # fmt: skip
-            if key == "client_gap_ms":  # each run's own goal: its freeze + 100 ms
-                for x, w in zip(xs, workloads, strict=True):
-                    if (freeze := (by.get((w, mode)) or {}).get("freeze_ms")) is not None:
-                        ax.hlines(freeze + GAP_OVER_FREEZE_MS, x - width / 2, x + width / 2, colors="black",
-                                  linestyles="dashed", linewidth=1)  # fmt: skip
-        for i, w in enumerate(workloads):
-            goal = {"freeze_ms": FREEZE_GOAL_MS.get(mib[w]), "bytes_per_rss": BYTES_GOAL}.get(key)
-            if goal:
-                ax.hlines(goal, i - 0.45, i + 0.45, colors="black", linestyles="dashed", linewidth=1)
-        ax.set_xticks(range(len(workloads)), workloads)
-        ax.set_title(title)
-        if log and any(r.get(key) for r in by.values()):
-            ax.set_yscale("log")
-            ax.set_ylim(bottom=10)  # bars from 10 ms, so their heights compare
-    if modes:
-        axes[0].legend(fontsize=8)
-    m = result.get("machine", {})
-    fig.suptitle(f"skyferry bench, WAN {result['config'].get('wan') or 'none'}; {machine_line(m) if m else ''}",
-                 fontsize=9)  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def targets(result: dict[str, Any]) -> list[list[str]]:
-    """The issue's Targets table filled in, per workload: stop-copy, and on each row the best of the other
-    modes for that row (with its name)."""
-    out = []
-    for w in dict.fromkeys(r["workload"] for r in result["runs"]):
-        ok = [r for r in result["runs"] if r["workload"] == w and r["ok"]]
-        base = next((r for r in ok if r["mode"] == BASELINE), None)
-        others = [r for r in ok if r["mode"] != BASELINE]
-        goal = FREEZE_GOAL_MS.get(next(r["memory_mib"] for r in result["runs"] if r["workload"] == w))
-        out += [
-            [f"freeze, {w}", _ms(base), _best(others, lambda r: r.get("freeze_ms"), _ms),
-             f"≤ {goal:.0f} ms" if goal else "-"],
-            [f"client's largest gap, {w}", _gap_text(base), _best(others, _over, _gap_text),
-             f"≤ freeze + {GAP_OVER_FREEZE_MS:.0f} ms"],
-            [f"memory stream vs iperf3, {w}", _pct(base), _best(others, _vs, _pct, low=False), f"≥ {STREAM_GOAL:.0%}"],
-            [f"bytes on the wire ÷ RSS, {w}", _per_rss(base), _best(others, lambda r: r.get("bytes_per_rss"), _per_rss),
-             f"≤ {BYTES_GOAL}"],
-        ]  # fmt: skip
-    return out
-
-
-def _best(
-    runs: list[dict[str, Any]], value: Callable[[dict[str, Any]], float | None],
-    fmt: Callable[[dict[str, Any]], str], low: bool = True,
-) -> str:  # fmt: skip
-    rated = [r for r in runs if value(r) is not None]
-    if not rated:
-        return "-"
-    pick = (min if low else max)(rated, key=lambda r: value(r) or 0.0)
-    return f"{fmt(pick)} ({pick['mode']})"
-
-
-def _over(r: dict[str, Any]) -> float | None:
-    """How much longer the client waited than the container was frozen."""
-    return r["client_gap_ms"] - r["freeze_ms"] if r.get("freeze_ms") and r.get("client_gap_ms") else None
-
-
-def _vs(r: dict[str, Any]) -> float | None:
-    return (r.get("stream") or {}).get("vs_iperf3")
-
-
-def _gap_text(r: dict[str, Any] | None) -> str:
-    over = _over(r) if r else None
-    return f"{r['client_gap_ms']:.0f} ms (freeze {over:+.0f})" if r and over is not None else "-"
-
-
-def _pct(r: dict[str, Any] | None) -> str:
-    return f"{_vs(r):.0%}" if r and _vs(r) is not None else "-"
-
-
-def _per_rss(r: dict[str, Any] | None) -> str:
-    return f"{r['bytes_per_rss']:.2f}" if r and r.get("bytes_per_rss") is not None else "-"
-
-
-def _ms(r: dict[str, Any] | None, key: str = "freeze_ms") -> str:
-    return f"{r[key]:.0f} ms" if r is not None and r.get(key) is not None else "-"
 
 
 if __name__ == "__main__":

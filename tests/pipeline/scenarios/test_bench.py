@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from skyferry.netplane import netns
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.scenarios import bench
+from skyferry.pipeline.scenarios import bench, benchreport
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 
@@ -31,7 +31,7 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> dict:
         mesh_name="b" + os.urandom(2).hex(),
     )
     res = bench.run(cfg)
-    res["paths"] = bench.write(res, out)
+    res["paths"] = benchreport.write(res, out)
     return res
 
 
@@ -81,11 +81,11 @@ def test_outputs_json_markdown_png_and_table(result: dict) -> None:
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths["png"].stat().st_size > 10_000
     markdown = paths["md"].read_text()
     assert "| stop-copy |" in markdown and "| precopy |" in markdown and "\nMachine: " in markdown
-    rows = bench.rows(result)
-    assert len(rows) == 3 and len(rows[0]) == len(bench.COLUMNS)
+    rows = benchreport.rows(result)
+    assert len(rows) == 3 and len(rows[0]) == len(benchreport.COLUMNS)
     assert rows[1][2].endswith(f"(x{result['runs'][1]['ratios']['freeze_ms']:.2f})")
     assert rows[2][-1].startswith("FAILED: ")
-    assert any(row[0].startswith("freeze, 16 MiB") for row in bench.targets(result))
+    assert any(row[0].startswith("freeze, 16 MiB") for row in benchreport.targets(result))
 
 
 def test_nothing_is_left_behind(result: dict) -> None:
