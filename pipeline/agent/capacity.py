@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from skyferry.pipeline.agent.host import HostOps
+from skyferry.pipeline.agent.host import Host
 from skyferry.pipeline.errors import SkyferryError
 
 CGROUP = Path("/sys/fs/cgroup")
@@ -20,9 +20,9 @@ DECLARED = "capacity.json"
 CPU_SAMPLE_S = 0.2
 
 
-def collect(ops: HostOps) -> dict[str, Any]:
-    names = [name for runtime in ops.runtimes.values() for name in runtime.names()]
-    paths = {name: f"skyferry/{ops.cfg.mesh}/{ops.cfg.name}/{name}" for name in names}
+def collect(host: Host) -> dict[str, Any]:
+    names = [name for runtime in host.runtimes.values() for name in runtime.names()]
+    paths = {name: f"skyferry/{host.cfg.mesh}/{host.cfg.name}/{name}" for name in names}
     cpu0 = {name: _cpu_ns(p) for name, p in paths.items()}
     t0 = time.monotonic()
     time.sleep(CPU_SAMPLE_S)
@@ -32,11 +32,11 @@ def collect(ops: HostOps) -> dict[str, Any]:
         cpu1 = _cpu_ns(p)
         cores = (cpu1 - cpu0[name]) / 1e9 / elapsed if cpu1 is not None and cpu0[name] is not None else 0.0
         used[name] = {"memory": _memory(p), "cpu": round(max(cores, 0.0), 3)}
-    memory_total, cpus = _size(ops.cfg.state_root)
+    memory_total, cpus = _size(host.cfg.state_root)
     memory_used = sum(int(u["memory"]) for u in used.values())
     cpu_used = round(sum(u["cpu"] for u in used.values()), 3)
     return {
-        "host": ops.cfg.name,
+        "host": host.cfg.name,
         "memory_total": memory_total,
         "memory_used": memory_used,
         "memory_free": max(memory_total - memory_used, 0),

@@ -2,7 +2,7 @@
 
 Source: `clone-checkpoint` pauses the container for the dump only (network locked meanwhile, as in a
 real checkpoint), then unlocks and thaws it: it keeps running, with the same pid and connections.
-`clone-send` streams the dump and rootfs to the target under the clone's name.
+`clone-transfer` streams the dump and rootfs to the target under the clone's name.
 
 Target: `clone-prepare` makes the clone's own netns (`<mesh>-<host>-<name>.test`) holding the
 container's /32 on its loopback, with no veth, no host route and nothing published: the clone's
@@ -14,91 +14,89 @@ packet from the mesh reaches the clone.
 
 import contextlib
 import os
-import shutil
-import ssl
 import subprocess
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pyroute2 import IPRoute
 from skyferry.netplane import netns
 from skyferry.pipeline.agent import netlock
-from skyferry.pipeline.agent.host import HostOps
+from skyferry.pipeline.agent.host import Host
+from skyferry.pipeline.agent.source import Lane
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.files import wire
-from skyferry.pipeline.hostapi.client import AgentClient
 from skyferry.pipeline.hostapi.spec import CLONE_SUFFIX, ContainerSpec, clone_name
 
 CHECK_TIMEOUT_S = 30.0
-OPS = ("clone-prepare", "clone-checkpoint", "clone-send", "clone-restore", "clone-check", "clone-discard")
+OPS = ("clone-prepare", "clone-checkpoint", "clone-transfer", "clone-restore", "clone-check", "clone-discard")
 
 
-def dispatch(ops: HostOps, peer_ctx: ssl.SSLContext, mig: str, op: str, body: dict[str, Any]) -> Any:
-    """One clone operation; the agent holds the lock of body["name"] around it."""
+def dispatch(host: Host, mig: str, op: str, body: dict[str, Any], lane: Callable[[str], Lane]) -> Any:
+    """One clone operation; the agent holds the lock of body["name"] around it. `lane(name)` is the
+    channel to the target (body["target"]) for streams addressed to container `name` there."""
     match op:
         case "clone-prepare":
-            return prepare(ops, mig, ContainerSpec.from_dict(body["spec"]))
+            return prepare(host, mig, ContainerSpec.from_dict(body["spec"]))
         case "clone-checkpoint":
-            return checkpoint(ops, mig, body["name"])
-        case "clone-send":
-            return send(ops, peer_ctx, mig, body["name"], body["target"])
+            return checkpoint(host, mig, body["name"])
+        case "clone-transfer":
+            return transfer(host, mig, body["name"], lane(clone_name(body["name"])))
         case "clone-restore":
-            return restore(ops, mig, body["name"])
+            return restore(host, mig, body["name"])
         case "clone-check":
-            return check(ops, body["name"], body.get("cmd"), bool(body.get("live")), body.get("timeout"))
+            return check(host, body["name"], body.get("cmd"), bool(body.get("live")), body.get("timeout"))
         case "clone-discard":
-            return discard(ops, mig, body.get("clone"))
+            return discard(host, mig, body.get("clone"))
     raise SkyferryError(f"no clone operation {op!r}")
 
 
-def checkpoint(ops: HostOps, mig: str, name: str) -> dict[str, Any]:
+def checkpoint(host: Host, mig: str, name: str) -> dict[str, Any]:
     """Dump a running container and leave it running: paused (and silent) only while CRIU dumps."""
-    runtime = ops.rt(name)
+    runtime = host.rt(name)
     state = runtime.state(name) or {}
-    if state.get("status") != "running" or netlock.is_locked(ops.netns(name)):
+    if state.get("status") != "running" or netlock.is_locked(host.netns(name)):
         raise SkyferryError(
-            f"container {name!r} on {ops.cfg.name} is {state.get('status', 'gone')}"
-            + (" and frozen for a migration" if netlock.is_locked(ops.netns(name)) else ""),
+            f"container {name!r} on {host.cfg.name} is {state.get('status', 'gone')}"
+            + (" and frozen for a migration" if netlock.is_locked(host.netns(name)) else ""),
             hint="a test cutover needs a running container that is not migrating",
         )
-    images = ops.mig_dir(mig) / "images"
+    images = host.mig_dir(mig) / "images"
     wire.wipe(images)
     t0 = time.monotonic()
     runtime.pause(name)
     try:
-        netlock.lock(ops.netns(name))
+        netlock.lock(host.netns(name))
         try:
-            runtime.checkpoint(name, images, ops.mig_dir(mig) / "work")
+            runtime.checkpoint(name, images, host.mig_dir(mig) / "work")
         finally:
-            netlock.unlock(ops.netns(name))
+            netlock.unlock(host.netns(name))
     finally:
         runtime.resume(name)
     return {"pause_s": round(time.monotonic() - t0, 4), "pid": state.get("pid")}
 
 
-def send(ops: HostOps, peer_ctx: ssl.SSLContext, mig: str, name: str, target: dict[str, Any]) -> dict[str, Any]:
+def transfer(host: Host, mig: str, name: str, lane: Lane) -> dict[str, Any]:
     """Stream the clone's dump and the container's rootfs to the target, addressed to the clone's name."""
-    images = ops.mig_dir(mig) / "images"
+    images = host.mig_dir(mig) / "images"
     if not images.exists():
-        raise SkyferryError(f"test {mig}: no clone checkpoint of {name!r} on {ops.cfg.name}")
+        raise SkyferryError(f"test {mig}: no clone checkpoint of {name!r} on {host.cfg.name}")
     stats = wire.StreamStats()
     t0 = time.monotonic()
-    peer = AgentClient(target["address"], int(target["port"]), peer_ctx)
-    stream = wire.encode({"images": images, **ops.rt(name).payload(name)}, stats)
-    received = peer.upload(f"/v1/migrations/{mig}/receive?name={clone_name(name)}", stream)
+    received = lane.upload("receive", wire.encode({"images": images, **host.rt(name).payload(name)}, stats))
     if received.get("sha256") != stats.sha256:
         raise SkyferryError(f"clone image stream for {name!r} arrived corrupted (digest mismatch)")
     wire.wipe(images)  # the source keeps nothing of the test
     return {"bytes_raw": stats.bytes_raw, "bytes_wire": stats.bytes_wire, "seconds": time.monotonic() - t0}
 
 
-def prepare(ops: HostOps, mig: str, spec: ContainerSpec) -> dict[str, Any]:
+def prepare(host: Host, mig: str, spec: ContainerSpec) -> dict[str, Any]:
     """The clone's isolated netns (the /32 on its loopback, no other link) and an empty bundle; idempotent."""
     if not spec.name.endswith(CLONE_SUFFIX):
         raise SkyferryError(f"{spec.name!r} is not a clone name")
-    if _exists(ops, spec.name):
-        raise SkyferryError(f"a clone {spec.name!r} already exists on {ops.cfg.name}", hint="discard it first")
-    name = ops.netns(spec.name)
+    if _exists(host, spec.name):
+        raise SkyferryError(f"a clone {spec.name!r} already exists on {host.cfg.name}", hint="discard it first")
+    name = host.netns(spec.name)
     netns.create(name)
     with IPRoute(netns=name) as ipr:
         idx = ipr.link_lookup(ifname="lo")[0]
@@ -108,20 +106,20 @@ def prepare(ops: HostOps, mig: str, spec: ContainerSpec) -> dict[str, Any]:
         # CRIU reconnects restored TCP sockets, which needs a route to each peer. This one loops back
         # into the same netns, where a packet for someone else's address is dropped (no forwarding).
         ipr.route("replace", dst="0.0.0.0/0", oif=idx)
-    ops.engine(spec).prepare(spec, ops.netns_path(spec.name))
-    ops.mig_dir(mig).mkdir(parents=True, exist_ok=True)
+    host.engine(spec).prepare(spec, host.netns_path(spec.name))
+    host.mig_dir(mig).mkdir(parents=True, exist_ok=True)
     return {"netns": name}
 
 
-def restore(ops: HostOps, mig: str, clone: str) -> dict[str, Any]:
+def restore(host: Host, mig: str, clone: str) -> dict[str, Any]:
     """Restore the clone in its netns; nothing else (no unlock, no route: there is nothing to open)."""
-    runtime = ops.rt(clone)
+    runtime = host.rt(clone)
     if (runtime.state(clone) or {}).get("status") == "running":
         return {"restore_s": 0.0}  # already restored: idempotent
     t0 = time.monotonic()
     for attempt in (1, 2):  # CRIU may hit "Can't fork for PID: File exists" right after a failed try
         try:
-            runtime.restore(clone, ops.mig_dir(mig) / "images", ops.mig_dir(mig) / f"work{attempt}")
+            runtime.restore(clone, host.mig_dir(mig) / "images", host.mig_dir(mig) / f"work{attempt}")
             break
         except SkyferryError:
             if attempt == 2 or runtime.state(clone) is not None:
@@ -130,9 +128,9 @@ def restore(ops: HostOps, mig: str, clone: str) -> dict[str, Any]:
     return {"restore_s": round(time.monotonic() - t0, 4)}
 
 
-def check(ops: HostOps, name: str, cmd: str | None, live: bool, timeout: float | None) -> dict[str, Any]:
+def check(host: Host, name: str, cmd: str | None, live: bool, timeout: float | None) -> dict[str, Any]:
     """Is it running, and does `cmd` (run in its netns, $SKYFERRY_IP set) exit 0?"""
-    runtime = ops.rt(name)
+    runtime = host.rt(name)
     state = runtime.state(name) or {}
     result: dict[str, Any] = {"running": state.get("status") == "running", "pid": state.get("pid"), "cmd": cmd}
     if not cmd or not result["running"]:
@@ -142,7 +140,7 @@ def check(ops: HostOps, name: str, cmd: str | None, live: bool, timeout: float |
     t0 = time.monotonic()
     try:
         proc = subprocess.run(
-            netns.command(ops.netns(name), ["/bin/sh", "-c", cmd]),
+            netns.command(host.netns(name), ["/bin/sh", "-c", cmd]),
             capture_output=True, text=True, timeout=timeout or CHECK_TIMEOUT_S, env=env,
             stdin=subprocess.DEVNULL, check=False,
         )  # fmt: skip
@@ -153,24 +151,23 @@ def check(ops: HostOps, name: str, cmd: str | None, live: bool, timeout: float |
     return result
 
 
-def discard(ops: HostOps, mig: str, clone: str | None) -> dict[str, Any]:
+def discard(host: Host, mig: str, clone: str | None) -> dict[str, Any]:
     """Remove the clone (container, bundle, netns) and the test's images; safe to repeat, on either side."""
     if clone is not None:
         if not clone.endswith(CLONE_SUFFIX):
             raise SkyferryError(f"{clone!r} is not a clone name; refusing to remove it")
-        for runtime in ops.runtimes.values():
+        for runtime in host.runtimes.values():
             if runtime.owns(clone):
                 runtime.remove(clone)
         with contextlib.suppress(Exception):
-            netns.remove(ops.netns(clone))
-    # CRIU's logs hold no memory contents: keep them for whoever investigates a failed test.
-    for log in ops.mig_dir(mig).glob("work*/*.log"):
-        dest = ops.cfg.state_root / "logs" / mig / f"{log.parent.name}-{log.name}"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(log, dest)
-    wire.wipe(ops.mig_dir(mig))
-    return {"clean": clone is None or not (_exists(ops, clone) or netns.exists(ops.netns(clone)))}
+            netns.remove(host.netns(clone))
+    # The target's session for the clone's streams goes too; CRIU's logs stay, for a failed test.
+    session = host.targets.get(mig)
+    if session is not None:
+        session.close()
+    host.wipe(mig)
+    return {"clean": clone is None or not (_exists(host, clone) or netns.exists(host.netns(clone)))}
 
 
-def _exists(ops: HostOps, name: str) -> bool:
-    return any(runtime.owns(name) for runtime in ops.runtimes.values())
+def _exists(host: Host, name: str) -> bool:
+    return any(runtime.owns(name) for runtime in host.runtimes.values())

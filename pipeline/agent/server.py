@@ -1,4 +1,5 @@
-"""The host agent: HTTPS with mutual TLS on the host's overlay address, in front of HostOps.
+"""The host agent: HTTPS with mutual TLS on the host's overlay address. Routing only: container requests
+go to the `Host`, migration steps to the migration's `SourceSession` or `TargetSession`, by name.
 
 Routes (JSON in, JSON out; errors are {"error", "hint"} with 4xx/5xx):
   GET    /v1/facts                          kernel, CRIU version and features, CPU flags
@@ -9,15 +10,15 @@ Routes (JSON in, JSON out; errors are {"error", "hint"} with 4xx/5xx):
   GET    /v1/containers/NAME/logs           raw log bytes
   DELETE /v1/containers/NAME                stop and remove
   POST   /v1/containers/NAME/route          {"present": bool}: this host's /32 route to the container
-  POST   /v1/migrations/ID/OP               OP in prepare, precopy, precopy-reset, checkpoint, send, hold, restore,
-                                            rollback-source, confirm-source, abort-target,
-                                            finish-target, and the test-cutover clone-* operations
-                                            (pipeline/agent/clone.py)
+  POST   /v1/migrations/ID/OP               OP is a step of the source (SOURCE_OPS: SourceSession's methods),
+                                            of the target (TARGET_OPS: TargetSession's), or a test-cutover
+                                            clone-* operation (pipeline/agent/clone.py)
   PUT    /v1/migrations/ID/STREAM?name=N    from the source agent (chunked): STREAM is `receive` (stop-copy:
                                             images and payload in one tar), `precopy-round`, or
                                             `precopy-final` (builds the image from the pre-copied store),
                                             `lazy-final` (hybrid: a lazy dump and the clean map), or
-                                            `fs-round` (files changed since the last round)
+                                            `fs-round` (files changed since the last round); TargetSession
+                                            handles each in the method of the same name
 """
 
 import base64
@@ -29,20 +30,18 @@ import signal
 import socket
 import ssl
 import threading
-import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 from skyferry.pipeline.agent import capacity, clone, facts
-from skyferry.pipeline.agent.host import HostConfig, HostOps
+from skyferry.pipeline.agent.host import Host, HostConfig
+from skyferry.pipeline.agent.source import Lane, SourceSession
+from skyferry.pipeline.agent.target import TargetSession
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.files import wire
-from skyferry.pipeline.files.fsync import FsStats
 from skyferry.pipeline.hostapi import faults
 from skyferry.pipeline.hostapi.client import AgentClient, bound_stalls
 from skyferry.pipeline.hostapi.layout import AGENT_PORT
@@ -51,6 +50,8 @@ from skyferry.pipeline.hostapi.spec import ContainerSpec
 from skyferry.pipeline.memory import lazypages
 from skyferry.pipeline.memory.policy import ConvergencePolicy
 
+SOURCE_OPS = ("precopy", "checkpoint", "transfer", "rollback", "confirm")  # SourceSession's steps
+TARGET_OPS = ("prepare", "precopy-reset", "hold", "restore", "abort", "cleanup")  # TargetSession's steps
 MIGRATION_ID = re.compile(r"[A-Za-z0-9_-]+")  # it names directories (images, logs)
 PAGE_SERVER = re.compile(r"\d{1,3}(\.\d{1,3}){3}:\d{1,5}")  # a source's CRIU page server, addr:port
 log = logging.getLogger("skyferry.agent")
@@ -90,194 +91,134 @@ class _ChunkedReader:
 
 
 class Agent:
-    def __init__(self, ops: HostOps, identity: Identity) -> None:
-        self.ops = ops
+    """Routes each request to the host (containers) or to the migration's session, by the step's name."""
+
+    def __init__(self, host: Host, identity: Identity) -> None:
+        self.host = host
         self.identity = identity
         self.peer_ctx = identity.client_context()
-        self._peers: dict[tuple[str, int], AgentClient] = {}
+        self._peers: dict[tuple[str, int, str], AgentClient] = {}
         self._peers_lock = threading.Lock()
 
     def handle(self, method: str, path: str, query: dict[str, list[str]], body: Any) -> Any:
         parts = [p for p in path.split("/") if p][1:]  # drop "v1"
-        ops = self.ops
+        host = self.host
         match method, parts:
             case "GET", ["facts"]:
-                return facts.collect(ops.cfg.name, ops.runtimes)
+                return facts.collect(host.cfg.name, host.runtimes)
             case "GET", ["capacity"]:
-                return capacity.collect(ops)
+                return capacity.collect(host)
             case "GET", ["containers"]:
-                return ops.list()
+                return host.list()
             case "POST", ["containers"]:
                 spec = ContainerSpec.from_dict(body)
-                with ops.lock(spec.name):
-                    return ops.run(spec)
+                with host.lock(spec.name):
+                    return host.run(spec)
             case "GET", ["containers", name]:
-                return ops.info(name)
+                return host.info(name)
             case "GET", ["containers", name, "logs"]:
-                return ops.logs(name)
+                return host.logs(name)
             case "POST", ["containers", name, "route"]:
-                ops.set_route(name, bool(body["present"]))
+                host.set_route(name, bool(body["present"]))
                 return {"ok": True}
             case "DELETE", ["containers", name]:
-                with ops.lock(name):
-                    ops.remove(name)
+                with host.lock(name):
+                    host.remove(name)
                 return {"removed": name}
             case "POST", ["migrations", mig, op] if MIGRATION_ID.fullmatch(mig):  # not `..`: it names a dir
-                return self._migration_op(mig, op, body)
+                return self._step(mig, op, body)
         raise _NotFound(f"no route {method} {path}")
 
-    def _migration_op(self, mig: str, op: str, body: dict[str, Any]) -> Any:
-        ops = self.ops
+    def _step(self, mig: str, op: str, body: dict[str, Any]) -> Any:
         name = body["name"]
-        faults.check(ops.cfg.state_root, op)
-        with ops.lock(name):
-            match op:
-                case "prepare":
-                    ops.prepare(mig, ContainerSpec.from_dict(body["spec"]))
-                    return {"ok": True}
-                case "checkpoint":
-                    return ops.checkpoint(mig, name, lazy=bool(body.get("lazy")))
-                case "precopy":
-                    return self._precopy(mig, name, body["target"], body.get("policy", {}))
-                case "precopy-reset":
-                    ops.precopy_reset(mig, name)
-                    return {"ok": True}
-                case "send":
-                    return self._send(mig, name, body["target"])
-                case "hold":
-                    return {"held": ops.hold(mig, [base64.b64decode(p) for p in body["packets"]])}
-                case "restore":
-                    return ops.restore(mig, name, page_server=body.get("page_server"))
-                case "rollback-source":
-                    return ops.rollback_source(mig, name)
-                case "confirm-source":
-                    return ops.confirm_source(mig, name)
-                case "abort-target":
-                    ops.abort_target(mig, name)
-                    return {"ok": True}
-                case "finish-target":
-                    return ops.finish_target(mig)
-                case op if op in clone.OPS:
-                    return clone.dispatch(self.ops, self.peer_ctx, mig, op, body)
-        raise _NotFound(f"no migration operation {op!r}")
+        if op not in SOURCE_OPS + TARGET_OPS + clone.OPS:
+            raise _NotFound(f"no migration operation {op!r}")
+        faults.check(self.host.cfg.state_root, op)
+        with self.host.lock(name):
+            if op in clone.OPS:
+                return clone.dispatch(self.host, mig, op, body, lambda to: self._lane(mig, body["target"], to, "mem"))
+            if op in SOURCE_OPS:
+                return self._source_step(SourceSession.of(self.host, mig, name), op, body)
+            return self._target_step(TargetSession.of(self.host, mig, name), op, body)
 
-    def _peer(self, target: dict[str, Any], lane: str = "mem") -> AgentClient:
+    def _source_step(self, session: SourceSession, op: str, body: dict[str, Any]) -> Any:
+        match op:
+            case "precopy":
+                policy = ConvergencePolicy(**body.get("policy", {}))
+                return session.precopy(*self._lanes(session.mig, body["target"], session.name), policy)
+            case "checkpoint":
+                return session.checkpoint(lazy=bool(body.get("lazy")))
+            case "transfer":
+                return session.transfer(*self._lanes(session.mig, body["target"], session.name))
+            case "rollback":
+                return session.rollback()
+            case "confirm":
+                return session.confirm()
+        raise _NotFound(f"no source operation {op!r}")
+
+    def _target_step(self, session: TargetSession, op: str, body: dict[str, Any]) -> Any:
+        match op:
+            case "prepare":
+                session.prepare(ContainerSpec.from_dict(body["spec"]))
+            case "precopy-reset":
+                session.precopy_reset()
+            case "hold":
+                return {"held": session.hold([base64.b64decode(p) for p in body["packets"]])}
+            case "restore":
+                return session.restore(page_server=body.get("page_server"))
+            case "abort":
+                session.abort()
+            case "cleanup":
+                return session.cleanup()
+            case _:
+                raise _NotFound(f"no target operation {op!r}")
+        return {"ok": True}
+
+    def stream_in(self, mig: str, stream: str, query: dict[str, list[str]], reader: Any) -> Any:
+        name = query["name"][0]
+        faults.check(self.host.cfg.state_root, stream)
+        page_server = query.get("page_server", [""])[0]
+        if page_server and not PAGE_SERVER.fullmatch(page_server):
+            raise SkyferryError(f"bad page server address {page_server!r}")
+        with self.host.lock(name):
+            session = TargetSession.of(self.host, mig, name)
+            match stream:
+                case "receive":
+                    return session.receive(reader, page_server or None)
+                case "precopy-round":
+                    return session.precopy_round(reader)
+                case "precopy-final":
+                    return session.precopy_final(reader)
+                case "lazy-final":
+                    return session.lazy_final(reader, page_server or None)
+                case "fs-round":
+                    return session.fs_round(reader)
+        raise _NotFound(f"no stream {stream!r}")
+
+    def _lanes(self, mig: str, target: dict[str, Any], name: str) -> tuple[Lane, Lane]:
+        """The memory and file lanes to the target's agent for this migration (the session never sees the
+        clients behind them)."""
+        return self._lane(mig, target, name, "mem"), self._lane(mig, target, name, "fs")
+
+    def _lane(self, mig: str, target: dict[str, Any], name: str, lane: str) -> Lane:
         """One kept-alive client per peer and lane: the connections warmed by the pre-copy rounds carry
-        the final deltas inside the freeze without a new TCP and TLS handshake across the WAN. Memory
-        and files use separate lanes, so their finals travel side by side."""
+        the final deltas inside the freeze without a new TCP and TLS handshake across the WAN. Fault drills
+        may damage an upload on the way (faults.corrupt)."""
         key = (target["address"], int(target.get("port", AGENT_PORT)), lane)
         with self._peers_lock:
             if key not in self._peers:
                 self._peers[key] = AgentClient(key[0], key[1], self.peer_ctx)
-            return self._peers[key]
+            peer = self._peers[key]
+        state_root = self.host.cfg.state_root
 
-    def _upload(self, peer: AgentClient, path: str, chunks: Iterable[bytes]) -> Any:
-        """PUT a stream to a peer agent; fault drills may damage it on the way (faults.corrupt)."""
-        return peer.upload(path, faults.corrupt(self.ops.cfg.state_root, path, chunks))
+        def upload(stream: str, chunks: Iterable[bytes], **query: str) -> dict[str, Any]:
+            path = f"/v1/migrations/{mig}/{stream}?{urlencode({'name': name, **query}, safe=':')}"
+            return peer.upload(path, faults.corrupt(state_root, path, chunks))
 
-    def _precopy(self, mig: str, name: str, target: dict[str, Any], policy: dict[str, Any]) -> dict[str, Any]:
-        """Memory rounds streamed straight to the target agent's store while the container runs."""
-        peer, fs_peer = self._peer(target), self._peer(target, "fs")
-        peer.call("POST", f"/v1/migrations/{mig}/precopy-reset", {"name": name})
-        mem_path = f"/v1/migrations/{mig}/precopy-round?name={name}"
-        fs_path = f"/v1/migrations/{mig}/fs-round?name={name}"
-        return self.ops.precopy(
-            mig,
-            name,
-            lambda chunks: self._upload(peer, mem_path, chunks),
-            lambda chunks: self._upload(fs_peer, fs_path, chunks),
-            ConvergencePolicy(**policy),
-        )
+        def call(op: str, body: dict[str, Any]) -> dict[str, Any]:
+            return peer.call("POST", f"/v1/migrations/{mig}/{op}", {"name": name, **body})
 
-    def _send(self, mig: str, name: str, target: dict[str, Any]) -> dict[str, Any]:
-        """Stream the frozen container's state straight to the target agent, and the client segments our
-        lock has dropped so far (the target replays them at its restore, so those clients need not wait
-        out their back-off).
-
-        After pre-copy rounds only the deltas travel: the memory pages and the files changed since the
-        last round (each stream checksummed frame by frame), side by side on two lanes, the segments
-        after the files. Without rounds (stop-copy) the whole image and payload go as one tar, whose
-        SHA-256 both ends must agree on.
-        """
-        peer, fs_peer = self._peer(target), self._peer(target, "fs")
-        t0 = time.monotonic()
-        # After a lazy dump the target starts its pager as soon as the images are in (HostOps.start_pager).
-        lazy = f"&page_server={self.ops.page_server(mig)}" if mig in self.ops.lazy_dumps else ""
-        final = self.ops.final_out(mig, name)
-        fs_stats = FsStats()
-        fs_final = self.ops.fs_final_out(mig, name, fs_stats)
-        if final is not None and fs_final is not None:
-            kind, chunks, mem_stats = final
-
-            def files_then_segments() -> int:
-                self._upload(fs_peer, f"/v1/migrations/{mig}/fs-round?name={name}", fs_final)
-                return self._hand_over(fs_peer, mig, name)
-
-            with ThreadPoolExecutor(1) as pool:
-                side = pool.submit(files_then_segments)
-                self._upload(peer, f"/v1/migrations/{mig}/{kind}?name={name}{lazy}", chunks)
-                t_mem = time.monotonic()
-                handed_over = side.result()
-            return {
-                "memory_s": round(t_mem - t0, 4),
-                "fs_s": round(time.monotonic() - t0, 4),
-                "final": mem_stats.as_dict(),
-                "fs_final": fs_stats.as_dict(),
-                "bytes_raw": mem_stats.bytes_raw + fs_stats.bytes_raw,
-                "bytes_wire": mem_stats.bytes_out + fs_stats.bytes_wire,
-                "segments_handed_over": handed_over,
-                "seconds": time.monotonic() - t0,
-            }
-        stats = wire.StreamStats()
-        received = self._upload(
-            peer, f"/v1/migrations/{mig}/receive?name={name}{lazy}", self.ops.stream_out(mig, name, stats)
-        )
-        if received.get("sha256") != stats.sha256:
-            raise SkyferryError(
-                f"image stream for {name!r} arrived corrupted (digest mismatch); nothing was restored",
-                hint="the migration rolls back; check the link and retry",
-            )
-        return {
-            "bytes_raw": stats.bytes_raw,
-            "bytes_wire": stats.bytes_wire,
-            "segments_handed_over": self._hand_over(peer, mig, name),
-            "seconds": time.monotonic() - t0,
-            "sha256": stats.sha256,
-        }
-
-    def _hand_over(self, peer: AgentClient, mig: str, name: str) -> int:
-        """Pass the segments our lock has dropped so far to the target; how many."""
-        held = self.ops.held_segments(mig)
-        if held:
-            packets = [base64.b64encode(p).decode() for p in held]
-            peer.call("POST", f"/v1/migrations/{mig}/hold", {"name": name, "packets": packets})
-        return len(held)
-
-    def stream_in(self, mig: str, kind: str, query: dict[str, list[str]], reader: Any) -> Any:
-        name = query["name"][0]
-        faults.check(self.ops.cfg.state_root, kind)
-        page_server = query.get("page_server", [""])[0]
-        if page_server and not PAGE_SERVER.fullmatch(page_server):
-            raise SkyferryError(f"bad page server address {page_server!r}")
-        with self.ops.lock(name):
-            match kind:
-                case "receive":
-                    stats = self.ops.receive(mig, name, reader)
-                    if page_server:
-                        self.ops.start_pager(mig, page_server)
-                    return {"bytes_wire": stats.bytes_wire, "sha256": stats.sha256}
-                case "precopy-round":
-                    return self.ops.precopy_apply(mig, reader)
-                case "precopy-final":
-                    return self.ops.precopy_build(mig, reader)
-                case "lazy-final":
-                    accepted = self.ops.lazy_final_accept(mig, reader)
-                    if page_server:
-                        self.ops.start_pager(mig, page_server)
-                    return accepted
-                case "fs-round":
-                    return self.ops.fs_apply(mig, reader)
-        raise _NotFound(f"no stream {kind!r}")
+        return Lane(upload, call)
 
 
 class _NotFound(Exception):
@@ -404,10 +345,10 @@ class _TLSServer(ThreadingHTTPServer):
 
 def serve(cfg: HostConfig, identity: Identity, listen: str, port: int = AGENT_PORT) -> None:
     """Run until SIGTERM. `listen` is the host's overlay address: the agent never binds elsewhere."""
-    ops = HostOps(cfg)
-    for pid in lazypages.stop_strays(ops.images_root):  # an earlier agent died mid lazy restore
+    host = Host(cfg)
+    for pid in lazypages.stop_strays(host.images_root):  # an earlier agent died mid lazy restore
         log.warning("stopped lazy-pages daemon %d left behind by an earlier agent", pid)
-    agent = Agent(ops, identity)
+    agent = Agent(host, identity)
     server = _TLSServer((listen, port), _handler(agent), identity.server_context())
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     log.info("agent for %s listening on %s:%d (pid %d)", cfg.name, listen, port, os.getpid())
@@ -415,7 +356,7 @@ def serve(cfg: HostConfig, identity: Identity, listen: str, port: int = AGENT_PO
         server.serve_forever(poll_interval=0.2)
     finally:
         server.server_close()
-        ops.shutdown()
+        host.shutdown()
 
 
 def identity_for(state_root: Path) -> Identity:
@@ -425,8 +366,8 @@ def identity_for(state_root: Path) -> Identity:
 
 def remove_all(cfg: HostConfig) -> list[str]:
     """Remove every container of this host, whether or not its agent still runs (a host going down)."""
-    ops = HostOps(cfg)
-    names = [c["name"] for c in ops.list()]
+    host = Host(cfg)
+    names = [c["name"] for c in host.list()]
     for name in names:
-        ops.remove(name)
+        host.remove(name)
     return names

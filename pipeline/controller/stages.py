@@ -89,7 +89,7 @@ class Prepare:
         ctx.mig_call(ctx.dst, "prepare", spec=ctx.entry.spec.to_dict())
 
     def undo(self, ctx: Context) -> None:
-        ctx.mig_call(ctx.dst, "abort-target")
+        ctx.mig_call(ctx.dst, "abort")
 
 
 class PreCopy:
@@ -109,7 +109,7 @@ class PreCopy:
         # The rounds left an engine and a (pre-warmed) image directory on the source; Checkpoint's undo
         # frees them too, but it never runs when the rounds themselves failed. Idempotent, and the
         # container was never paused here, so nothing thaws early. The target's store goes with Prepare's.
-        ctx.mig_call(ctx.src, "rollback-source")
+        ctx.mig_call(ctx.src, "rollback")
 
 
 class Checkpoint:
@@ -121,7 +121,7 @@ class Checkpoint:
         return ctx.mig_call(ctx.src, "checkpoint")
 
     def undo(self, ctx: Context) -> None:
-        ctx.mig_call(ctx.src, "rollback-source")
+        ctx.mig_call(ctx.src, "rollback")
 
 
 class Transfer:
@@ -131,7 +131,7 @@ class Transfer:
 
     def run(self, ctx: Context) -> dict[str, Any]:
         target = ctx.mesh.host(ctx.target)
-        return ctx.mig_call(ctx.src, "send", target={"address": target.overlay_ip, "port": AGENT_PORT})
+        return ctx.mig_call(ctx.src, "transfer", target={"address": target.overlay_ip, "port": AGENT_PORT})
 
     def undo(self, ctx: Context) -> None:
         pass  # the target's received files go with Prepare's undo
@@ -158,7 +158,7 @@ class Restore:
                 f"{ctx.entry.name} is already live on {ctx.target}; the frozen source copy is older",
                 hint=f"finish the migration: skyferry migrations resume {ctx.mig_id}",
             )
-        ctx.mig_call(ctx.dst, "abort-target")
+        ctx.mig_call(ctx.dst, "abort")
 
 
 class Cutover:
@@ -201,7 +201,7 @@ class Confirm:
     name = "confirm"
 
     def run(self, ctx: Context) -> dict[str, Any]:
-        return ctx.mig_call(ctx.src, "confirm-source")
+        return ctx.mig_call(ctx.src, "confirm")
 
     def undo(self, ctx: Context) -> None:
         raise SkyferryError("the source copy is already gone; a confirmed migration cannot be undone")
@@ -211,7 +211,7 @@ class Cleanup:
     name = "cleanup"
 
     def run(self, ctx: Context) -> dict[str, Any]:
-        return ctx.mig_call(ctx.dst, "finish-target")
+        return ctx.mig_call(ctx.dst, "cleanup")
 
     def undo(self, ctx: Context) -> None:
         pass

@@ -70,7 +70,7 @@ def run(
         step("prepare", lambda: op(dst, "clone-prepare", name=clone, spec=spec))
         report["pause_s"] = step("checkpoint", lambda: op(src, "clone-checkpoint", name=name))["pause_s"]
         address = {"address": mesh.host(target).overlay_ip, "port": AGENT_PORT}
-        sent = step("transfer", lambda: op(src, "clone-send", name=name, target=address))
+        sent = step("transfer", lambda: op(src, "clone-transfer", name=name, target=address))
         report["bytes_wire"] = sent["bytes_wire"]
         step("restore", lambda: op(dst, "clone-restore", name=clone))
         health = step("health", lambda: op(dst, "clone-check", name=clone, cmd=check, timeout=timeout))

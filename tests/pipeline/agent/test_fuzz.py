@@ -181,7 +181,7 @@ def _assert_healthy(a: dict) -> None:
 
 SEGMENT = st.sampled_from(["v1", "containers", "migrations", "facts", "capacity", "logs", "route", "receive",
                            "precopy-round", "fs-round", "precopy-final", "prepare", "checkpoint", "restore",
-                           "send", "rollback-source", "confirm-source", "abort-target", "finish-target",
+                           "transfer", "rollback", "confirm", "abort", "cleanup",
                            "precopy-reset", ".", "..", "m-sentinel", "%2e%2e", "x" * 300, ""]) | st.text(
     st.characters(min_codepoint=33, max_codepoint=0x2FF, blacklist_characters="/?#%"), max_size=12
 )  # fmt: skip
@@ -214,10 +214,10 @@ def test_agent_api_answers_any_request_with_a_clear_error(agent: dict, method: s
 
 @needs_root
 @pytest.mark.integration
-@pytest.mark.parametrize("op", ["finish-target", "abort-target", "rollback-source", "confirm-source"])
+@pytest.mark.parametrize("op", ["cleanup", "abort", "rollback", "confirm"])
 @pytest.mark.parametrize("mig", [".", ".."])
 def test_migration_ids_cannot_climb_out_of_the_image_directory(agent: dict, op: str, mig: str) -> None:
-    """`/v1/migrations/../finish-target` must not wipe the images of every migration on the host."""
+    """`/v1/migrations/../cleanup` must not wipe the images of every migration on the host."""
     body = json.dumps({"name": "nobody"}).encode()
     _assert_clear_refusal(*_exchange(agent, _request("POST", f"/v1/migrations/{mig}/{op}", body)))
     _assert_healthy(agent)
@@ -254,7 +254,7 @@ def prepared(agent: dict) -> Iterator[dict]:
     try:
         yield {**agent, "mig": mig, "name": spec.name}
     finally:
-        client.call("POST", f"/v1/migrations/{mig}/abort-target", {"name": spec.name})
+        client.call("POST", f"/v1/migrations/{mig}/abort", {"name": spec.name})
         Ipam(state).release(ip)
 
 

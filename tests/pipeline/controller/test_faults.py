@@ -58,13 +58,13 @@ FAULTS = {
     "corrupt": "one byte flipped in the stream the stage sends (after its checksums)",
 }
 # The request an agent serves in each stage (faults.check runs on entry): `die:<op>` kills it right there.
-SRC_OPS = {"precopy": "precopy", "checkpoint": "checkpoint", "transfer": "send", "confirm": "confirm-source"}
+SRC_OPS = {"precopy": "precopy", "checkpoint": "checkpoint", "transfer": "transfer", "confirm": "confirm"}
 DST_OPS = {
     "prepare": "prepare",
     "precopy": "precopy-reset",
     "transfer": "precopy-final",
     "restore": "restore",
-    "cleanup": "finish-target",
+    "cleanup": "cleanup",
 }
 STREAMS = {"precopy": "precopy-round", "transfer": "precopy-final"}
 

@@ -123,7 +123,7 @@ def test_a_failed_transfer_thaws_the_frozen_docker_source(counter: dict) -> None
     """The source refuses to send after its checkpoint (an injected fault): the frozen source runs on, once."""
     state, name, m, client = counter["state"], counter["name"], counter["mesh"], counter["client"]
     faults = Path(m.hosts["local-1"].state_root) / "faults"
-    faults.write_text("send\n")
+    faults.write_text("transfer\n")
     try:
         with pytest.raises(SkyferryError, match=r"failed at transfer.*Rolled back"):
             migration.migrate(state, name, "local-2", mode="stop-copy")

@@ -1,0 +1,323 @@
+"""The source side of one migration: a `SourceSession` holds everything this host keeps for it.
+
+Steps, named as the controller's stages and the agent's operations (POST /v1/migrations/ID/STEP):
+  precopy     memory and file rounds while the container runs, streamed to the target
+  checkpoint  freeze, silence, dump (lazily in post-copy and hybrid, with a scan of the frozen memory)
+  transfer    what the target still lacks, inside the freeze: the final deltas after rounds, else the
+              whole image and payload; then the client segments our lock has dropped so far
+  rollback    thaw the frozen container (any time before confirm)
+  confirm     end the frozen copy (after post-copy, once the target has every page)
+Each step is idempotent: a resumed controller may call it again. The session talks to the target only
+through `Lane`s the server builds (functions, no sockets), and `close()` releases everything it holds.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from skyferry.pipeline.agent import netlock
+from skyferry.pipeline.agent.holdback import Holdback
+from skyferry.pipeline.agent.host import POSTCOPY_TIMEOUT, Host
+from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.files import wire
+from skyferry.pipeline.files.fsync import FsStats, FsTracker
+from skyferry.pipeline.hostapi import faults
+from skyferry.pipeline.memory import hybrid
+from skyferry.pipeline.memory.policy import ConvergencePolicy
+from skyferry.pipeline.memory.precopy import SourceEngine
+
+
+class Upload(Protocol):
+    def __call__(self, stream: str, chunks: Iterable[bytes], **query: str) -> dict[str, Any]: ...
+
+
+class Call(Protocol):
+    def __call__(self, op: str, body: dict[str, Any]) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Lane:
+    """One kept-alive connection to the target's agent for this migration: `upload` PUTs a stream,
+    `call` POSTs an operation. Memory and files have a lane each, so their finals travel side by side."""
+
+    upload: Upload
+    call: Call
+
+
+class SourceSession:
+    def __init__(self, host: Host, mig: str, name: str) -> None:
+        self.host, self.mig, self.name = host, mig, name
+        self.dir = host.mig_dir(mig)
+        self.engine: SourceEngine | None = None  # pre-copy memory rounds
+        self.tracker: FsTracker | None = None  # pre-copy file rounds
+        self.lazy_dump: subprocess.Popen[bytes] | None = None  # post-copy: CRIU's page server
+        self.freeze_scan: hybrid.FreezeScan | None = None  # hybrid: what the target holds, and more
+        self.holdback: Holdback | None = None  # client segments, replayed if a rollback thaws us
+
+    @classmethod
+    def of(cls, host: Host, mig: str, name: str) -> SourceSession:
+        """The live session of migration `mig` on this host, or a new one (first use, or after an agent
+        restart: then whatever the old one held is gone and the steps say so)."""
+        session = host.sources.get(mig)
+        if not isinstance(session, SourceSession):
+            session = host.sources[mig] = cls(host, mig, name)
+        elif session.name != name:
+            raise SkyferryError(f"migration {mig} moves {session.name!r} here, not {name!r}")
+        return session
+
+    def precopy(self, mem: Lane, fs: Lane, policy: ConvergencePolicy) -> dict[str, Any]:
+        """Rounds while the container runs, until the policy stops them: memory, then the files of its
+        rootfs and volumes. A repeated call starts afresh (the target resets its store)."""
+        mem.call("precopy-reset", {})
+        runtime = self.host.rt(self.name)
+        state = runtime.state(self.name)
+        if state is None or state["status"] != "running":
+            raise SkyferryError(f"container {self.name!r} is not running on {self.host.cfg.name}")
+        engine = self.engine = SourceEngine(int(state["pid"]))
+        tracker = self.tracker = FsTracker(runtime.payload(self.name))
+        _prewarm(self.dir / "images", _tree_rss(int(state["pid"])))
+        fs_rounds = []
+        while True:
+            mem.upload("precopy-round", engine.round())
+            stats = FsStats()
+            fs.upload("fs-round", tracker.round(stats))
+            fs_rounds.append(stats.as_dict())
+            decision = policy.decide(engine.history)
+            if decision.stop:
+                break
+        return {
+            "rounds": [r.as_dict() for r in engine.history],
+            "fs_rounds": fs_rounds,
+            "stop": decision.reason,
+            "why": decision.detail,
+        }
+
+    def checkpoint(self, lazy: bool) -> dict[str, Any]:
+        """Freeze, silence and dump the container; it stays frozen here until confirm or rollback.
+        With `lazy` (post-copy) the pages stay in the frozen processes, served by a CRIU page server
+        on this host's overlay address until the target has fetched them all. After pre-copy rounds
+        (hybrid), the frozen memory is also scanned, alongside the dump, for the pages the target
+        holds unchanged: the target takes those from its store and only the rest from the page server."""
+        runtime = self.host.rt(self.name)
+        state = runtime.state(self.name)
+        if state is None or state["status"] not in ("running", "paused"):
+            raise SkyferryError(f"container {self.name!r} is not running on {self.host.cfg.name}")
+        images = self.dir / "images"
+        netns = self.host.netns(self.name)
+        t0 = time.monotonic()
+        if state["status"] == "running":
+            runtime.pause(self.name)
+        netlock.lock(netns)
+        if self.holdback is None:  # replayed if the migration rolls back and we thaw
+            self.holdback = Holdback(netns, runtime.spec(self.name).ip)
+        t_frozen = time.monotonic()
+        wire.wipe(images)  # a retried checkpoint starts clean
+        if lazy:
+            self._stop_lazy_dump()
+            engine = self.engine
+            with ThreadPoolExecutor(1) as pool:  # the scan reads memory while CRIU dumps the rest
+                scan = pool.submit(hybrid.freeze_scan, engine) if engine else None
+                server = self.host.page_server(self.mig)
+                self.lazy_dump = runtime.checkpoint_lazy(self.name, images, self.dir / "work", server)
+                if scan is not None:
+                    self.freeze_scan = scan.result()
+        else:
+            runtime.checkpoint(self.name, images, self.dir / "work")
+        return {"pause_s": t_frozen - t0, "dump_s": time.monotonic() - t_frozen, "image_bytes": _du(images)}
+
+    def transfer(self, mem: Lane, fs: Lane) -> dict[str, Any]:
+        """Stream the frozen container's state to the target, and the client segments our lock has
+        dropped so far (the target replays them at its restore, so those clients need not wait out their
+        back-off).
+
+        After pre-copy rounds only the deltas travel: the memory pages and the files changed since the
+        last round (each stream checksummed frame by frame), side by side on two lanes, the segments
+        after the files. Without rounds (stop-copy) the whole image and payload go as one tar, whose
+        SHA-256 both ends must agree on.
+        """
+        t0 = time.monotonic()
+        # After a lazy dump the target starts its pager as soon as the images are in, outside the restore.
+        lazy = {"page_server": self.host.page_server(self.mig)} if self.lazy_dump is not None else {}
+        final = self._final()
+        fs_stats = FsStats()
+        fs_final = self._fs_final(fs_stats)
+        if final is not None and fs_final is not None:
+            stream, chunks, mem_stats = final
+
+            def files_then_segments() -> int:
+                fs.upload("fs-round", fs_final)
+                return self._hand_over(fs)
+
+            with ThreadPoolExecutor(1) as pool:
+                side = pool.submit(files_then_segments)
+                mem.upload(stream, chunks, **lazy)
+                t_mem = time.monotonic()
+                handed_over = side.result()
+            return {
+                "memory_s": round(t_mem - t0, 4),
+                "fs_s": round(time.monotonic() - t0, 4),
+                "final": mem_stats.as_dict(),
+                "fs_final": fs_stats.as_dict(),
+                "bytes_raw": mem_stats.bytes_raw + fs_stats.bytes_raw,
+                "bytes_wire": mem_stats.bytes_out + fs_stats.bytes_wire,
+                "segments_handed_over": handed_over,
+                "seconds": time.monotonic() - t0,
+            }
+        images = self.dir / "images"
+        if not images.exists():
+            raise SkyferryError(f"migration {self.mig}: no checkpoint of {self.name!r} on {self.host.cfg.name}")
+        stats = wire.StreamStats()
+        whole = wire.encode({"images": images, **self.host.rt(self.name).payload(self.name)}, stats)
+        received = mem.upload("receive", whole, **lazy)
+        if received.get("sha256") != stats.sha256:
+            raise SkyferryError(
+                f"image stream for {self.name!r} arrived corrupted (digest mismatch); nothing was restored",
+                hint="the migration rolls back; check the link and retry",
+            )
+        return {
+            "bytes_raw": stats.bytes_raw,
+            "bytes_wire": stats.bytes_wire,
+            "segments_handed_over": self._hand_over(mem),
+            "seconds": time.monotonic() - t0,
+            "sha256": stats.sha256,
+        }
+
+    def _final(self) -> tuple[str, Iterable[bytes], Any] | None:
+        """The memory's final delta from the checkpoint, and the stream it goes to: the pages the target
+        lacks ("precopy-final"), or after a lazy dump the clean map ("lazy-final"). None without
+        pre-copy rounds: then everything travels."""
+        if self.engine is None:
+            return None
+        images = self.dir / "images"
+        if self.freeze_scan is not None:
+            delta = hybrid.lazy_final(self.engine, images, self.freeze_scan)
+            return "lazy-final", delta, delta.stats
+        delta = self.engine.final(images)
+        return "precopy-final", delta, delta.stats
+
+    def _fs_final(self, stats: FsStats) -> Iterable[bytes] | None:
+        """The files changed since the last round, read while the container is frozen (None without
+        rounds: then the payload travels whole)."""
+        if self.tracker is None:
+            return None
+        state = self.host.rt(self.name).state(self.name) or {}
+        pids = _tree(int(state["pid"])) if state.get("pid") else []
+        return self.tracker.final(stats, pids=pids)
+
+    def _hand_over(self, lane: Lane) -> int:
+        """Pass the segments our lock has dropped so far to the target; how many."""
+        held = self.holdback.snapshot() if self.holdback else []
+        if held:
+            lane.call("hold", {"packets": [base64.b64encode(p).decode() for p in held]})
+        return len(held)
+
+    def rollback(self) -> dict[str, Any]:
+        """Resume the frozen source: unlock its network, thaw it. Safe to call at any point before confirm."""
+        state = self.host.state(self.name)
+        if state is None:
+            raise SkyferryError(f"container {self.name!r} is gone from {self.host.cfg.name}; cannot resume it here")
+        self._stop_lazy_dump()
+        netlock.unlock(self.host.netns(self.name))
+        if state["status"] == "paused":
+            self.host.rt(self.name).resume(self.name)
+        # Clients whose packets the lock dropped have backed off; hand them to the thawed container now.
+        replayed = self.holdback.replay() if self.holdback else 0
+        self.holdback = None
+        self.close()
+        return {**self.host.info(self.name), "replayed": replayed}
+
+    def confirm(self) -> dict[str, Any]:
+        """The target runs and is routed: end the frozen copy and everything it held here. After a
+        post-copy restore, first wait until the target has fetched every page from our page server."""
+        waited = 0.0
+        proc = self.lazy_dump
+        if proc is not None:
+            faults.act(self.host.cfg.state_root, "lose-page-server", lambda: os.killpg(proc.pid, signal.SIGKILL))
+            t0 = time.monotonic()
+            try:
+                rc = proc.wait(timeout=POSTCOPY_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                rc = None
+            waited = time.monotonic() - t0
+            if rc != 0:
+                self._stop_lazy_dump()
+                raise SkyferryError(
+                    f"post-copy of {self.name!r}: the source's page server ended before the target had every "
+                    f"page ({'timeout' if rc is None else f'exit {rc}'})",
+                    hint=f"the copy on the target is missing memory and cannot continue; see {self.dir}",
+                )
+            self.lazy_dump = None
+        self.host.remove_if_present(self.name)
+        self.close()
+        return {"postcopy_s": waited}
+
+    def close(self) -> None:
+        """Release everything the migration holds here (idempotent) and leave the host's registry."""
+        self._stop_lazy_dump()
+        if self.holdback is not None:
+            self.holdback.close()
+            self.holdback = None
+        self.engine = self.tracker = self.freeze_scan = None
+        self.host.wipe(self.mig)
+        if self.host.sources.get(self.mig) is self:
+            del self.host.sources[self.mig]
+
+    def _stop_lazy_dump(self) -> None:
+        """End a post-copy page server (and the CRIU dump it belongs to). The frozen tasks it held stay
+        frozen in their cgroup, so a rollback can still thaw them."""
+        proc, self.lazy_dump = self.lazy_dump, None
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            netlock.clear_criu_lock(self.host.netns(self.name))
+
+
+def _tree(pid: int) -> list[int]:
+    """A process and all its descendants."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            continue
+    return found
+
+
+def _tree_rss(pid: int) -> int:
+    """Resident bytes of a process and its descendants: about what a full dump will write."""
+    total = 0
+    for p in _tree(pid):
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+        except FileNotFoundError:
+            continue
+        total += next((int(ln.split()[1]) * 1024 for ln in status.splitlines() if ln.startswith("VmRSS:")), 0)
+    return total
+
+
+def _prewarm(directory: Path, size: int) -> None:
+    """Touch `size` bytes of tmpfs once before the rounds: this VM hands free pages back to its host,
+    and a dump into cold tmpfs at the freeze runs 2-3x slower. (Not at the freeze: that would delay it.)"""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / ".prewarm"
+    chunk = b"\0" * (1 << 20)
+    with open(path, "wb") as f:
+        for _ in range(size >> 20):
+            f.write(chunk)
+    path.unlink()
+
+
+def _du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())

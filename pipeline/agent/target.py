@@ -1,0 +1,256 @@
+"""The target side of one migration: a `TargetSession` holds everything this host keeps for it.
+
+Steps, named as the controller's stages and the agent's operations (POST /v1/migrations/ID/STEP):
+  prepare        the netns (locked inbound) and an empty bundle
+  precopy-reset  a fresh page store and file applier for the source's rounds
+  hold           client segments the frozen source's lock dropped, replayed at the restore
+  restore        restore, then open the netns: from here on the copy is live (the point of no return)
+  abort          undo all of the above (refused once the copy is live)
+  cleanup        drop what is left (after post-copy, once every page has arrived)
+and the streams from the source (PUT /v1/migrations/ID/STREAM), each handled by the method of its name:
+`receive` (stop-copy: images and payload in one tar), `precopy-round`, `precopy-final` (builds the image
+on the pre-copied store), `lazy-final` (hybrid: a lazy dump and the clean map), `fs-round`.
+Each step is idempotent; `close()` releases everything the session holds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from skyferry.netplane import attach
+from skyferry.pipeline.agent import netlock
+from skyferry.pipeline.agent.holdback import Holdback
+from skyferry.pipeline.agent.host import POSTCOPY_TIMEOUT, Host
+from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.files import wire
+from skyferry.pipeline.files.fsync import FsApplier
+from skyferry.pipeline.hostapi.spec import ContainerSpec
+from skyferry.pipeline.memory import hybrid
+from skyferry.pipeline.memory.lazypages import Pager
+from skyferry.pipeline.memory.precopy import HashTable, TargetStore
+
+
+class TargetSession:
+    def __init__(self, host: Host, mig: str, name: str) -> None:
+        self.host, self.mig, self.name = host, mig, name
+        self.dir = host.mig_dir(mig)
+        self.store: TargetStore | None = None  # pre-copied pages (post-copy: the pages fetched)
+        self.applier: FsApplier | None = None  # pre-copied files
+        self.clean_map: dict[int, HashTable] = {}  # hybrid: the pages the store holds unchanged
+        self.pager: Future[Pager] | None = None  # post-copy and hybrid: started during the transfer
+        self.holdback: Holdback | None = None  # client segments, replayed when the restore opens the netns
+
+    @classmethod
+    def of(cls, host: Host, mig: str, name: str) -> TargetSession:
+        """The live session of migration `mig` on this host, or a new one (first use, or after an agent
+        restart: then whatever the old one held is gone and the steps say so)."""
+        session = host.targets.get(mig)
+        if not isinstance(session, TargetSession):
+            session = host.targets[mig] = cls(host, mig, name)
+        elif session.name != name:
+            raise SkyferryError(f"migration {mig} moves {session.name!r} here, not {name!r}")
+        return session
+
+    def prepare(self, spec: ContainerSpec) -> None:
+        """The same netns and IP as on the source, locked inbound (from the cutover on, before the
+        restore, traffic arrives here, and an empty netns would answer it with RSTs), and an empty bundle."""
+        runtime = self.host.engine(spec)
+        if self.host.state(spec.name) is not None:
+            raise SkyferryError(f"a container named {spec.name!r} already runs on {self.host.cfg.name}")
+        netns = self.host.netns(spec.name)
+        # No host route yet: clients on this very host keep reaching the source until the cutover.
+        attach.attach(netns, spec.ip, route=False, mtu=self.host.cfg.mtu)
+        netlock.lock(netns, inbound_only=True)
+        if self.holdback is None:
+            self.holdback = Holdback(netns, spec.ip)
+        runtime.prepare(spec, self.host.netns_path(spec.name))
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def precopy_reset(self) -> None:
+        """A fresh store for a new pre-copy session (an earlier one for this migration is dropped)."""
+        payload = self.host.rt(self.name).payload(self.name)  # raises unless prepared
+        if self.store is not None:
+            self.store.close()
+        self.store = TargetStore(self.dir / "store")
+        self.applier = FsApplier(payload)
+
+    def hold(self, packets: list[bytes]) -> int:
+        """Replay these at the restore too."""
+        if self.holdback is None:
+            raise SkyferryError(f"migration {self.mig}: not prepared on {self.host.cfg.name}")
+        self.holdback.add(packets)
+        return len(packets)
+
+    # --- streams from the source -----------------------------------------------------------------
+
+    def receive(self, body: BinaryIO, page_server: str | None) -> dict[str, Any]:
+        """Stop-copy: the whole CRIU image and the payload (rootfs, volumes) in one stream."""
+        dirs = dict(self.host.rt(self.name).payload(self.name))  # raises unless prepared
+        images = self.dir / "images"
+        wire.wipe(images)
+        stats = wire.StreamStats()
+        wire.decode(body, {"images": images, **dirs}, stats)
+        if page_server:
+            self._start_pager(page_server)
+        return {"bytes_wire": stats.bytes_wire, "sha256": stats.sha256}
+
+    def precopy_round(self, body: BinaryIO) -> dict[str, Any]:
+        return self._the_store().apply(_chunks(body)).as_dict()
+
+    def precopy_final(self, body: BinaryIO) -> dict[str, Any]:
+        """The final delta: builds the restorable image, whose `parent` is the store."""
+        images = self.dir / "images"
+        wire.wipe(images)
+        return self._the_store().build_image(_chunks(body), images).as_dict()
+
+    def lazy_final(self, body: BinaryIO, page_server: str | None) -> dict[str, Any]:
+        """Hybrid: the lazy dump's files and the clean map, checked against the store."""
+        images = self.dir / "images"
+        wire.wipe(images)
+        stats, self.clean_map = hybrid.accept_lazy_final(self._the_store(), _chunks(body), images)
+        if page_server:
+            self._start_pager(page_server)
+        return stats.as_dict()
+
+    def fs_round(self, body: BinaryIO) -> dict[str, Any]:
+        if self.applier is None:
+            raise SkyferryError(
+                f"migration {self.mig}: no file-system rounds on {self.host.cfg.name} (agent restarted?)"
+            )
+        return self.applier.apply(body).as_dict()
+
+    def _the_store(self) -> TargetStore:
+        if self.store is None:
+            raise SkyferryError(f"migration {self.mig}: no pre-copy store on {self.host.cfg.name} (agent restarted?)",
+                                hint="the migration rolls back; run it again")  # fmt: skip
+        return self.store
+
+    # --- the freeze ends here ----------------------------------------------------------------------
+
+    def restore(self, page_server: str | None) -> dict[str, Any]:
+        """Restore, then open the netns: from here on the container is live on this host.
+
+        CRIU resumes the tasks only once the whole restore succeeded, so a failed restore never ran the
+        copy and rolling back stays safe. The netns opens right after, so the restored process's first
+        replies go out instead of being dropped (which would make its sockets back off for seconds).
+        """
+        runtime = self.host.rt(self.name)
+        state = runtime.state(self.name)
+        t0 = time.monotonic()
+        if state is None or state["status"] != "running":
+            # Right after a failed attempt CRIU can hit "Can't fork for PID: File exists" until the old
+            # PID is reaped; one retry after a short wait covers it.
+            for attempt in (1, 2):
+                try:
+                    images, work = self.dir / "images", self.dir / f"work{attempt}"
+                    if page_server:
+                        self._ready_pager(page_server, work)
+                        t_pager = time.monotonic()
+                        runtime.restore_lazy(self.name, images, work)
+                    else:
+                        runtime.restore(self.name, images, work)
+                    break
+                except SkyferryError:
+                    self._stop_pager()
+                    if attempt == 2 or runtime.state(self.name) is not None:
+                        raise
+                    time.sleep(0.2)
+        restored = time.monotonic()
+        netlock.unlock(self.host.netns(self.name))
+        holdback, self.holdback = self.holdback, None
+        replayed = holdback.replay() if holdback else 0
+        timings = {"restore_s": restored - t0, "unlock_s": time.monotonic() - restored}
+        if page_server and state is None:
+            timings["pager_wait_s"] = t_pager - t0
+        return {**timings, "replayed": replayed}
+
+    def abort(self) -> None:
+        """Undo prepare/receive/restore: nothing of the container stays on the target. Refused once the
+        copy here is live (running, netns open): it may have talked, so the source's copy is stale."""
+        state = self.host.state(self.name)
+        if state is not None and state["status"] == "running" and not netlock.is_locked(self.host.netns(self.name)):
+            raise SkyferryError(
+                f"{self.name!r} is live on {self.host.cfg.name}; the older source copy must not come back",
+                hint="finish the migration instead: skyferry migrations resume ID",
+            )
+        self.host.remove_if_present(self.name)
+        self.close()
+
+    def cleanup(self) -> dict[str, Any]:
+        """Drop what the migration left here; after a post-copy restore, once every page has arrived."""
+        early, self.pager = self.pager, None
+        pager = _started(early) if early is not None else None
+        rc, lazy = pager.finish(POSTCOPY_TIMEOUT) if pager is not None else (0, {})
+        self.close()
+        if rc != 0:
+            why = f": {lazy['error']}" if lazy.get("error") else ""
+            raise SkyferryError(
+                f"post-copy: the lazy-pages daemon ended before every page arrived ({rc=}){why}; the restored "
+                "copy faults on the pages it never got",
+                hint="post-copy cannot survive losing the source; see the restore logs in the host's logs/",
+            )
+        return lazy
+
+    def close(self) -> None:
+        """Release everything the migration holds here (idempotent) and leave the host's registry."""
+        self._stop_pager()
+        self.clean_map = {}
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+        if self.holdback is not None:
+            self.holdback.close()
+            self.holdback = None
+        self.applier = None
+        self.host.wipe(self.mig)
+        if self.host.targets.get(self.mig) is self:
+            del self.host.targets[self.mig]
+
+    # --- the lazy-pages pager (post-copy and hybrid) -----------------------------------------------
+
+    def _start_pager(self, page_server: str) -> None:
+        """Start the page-server proxy and CRIU's lazy-pages daemon as soon as the images are here
+        (during the transfer), so that the restore inside the freeze only restores."""
+        if self.pager is None:
+            self.pager = self.host.pool.submit(self._new_pager, page_server, self.dir / "work1")
+
+    def _ready_pager(self, page_server: str, work: Path) -> None:
+        """A running pager for a restore in `work`: the one started early if it came up there, else a new one."""
+        if self.pager is not None:
+            pager = _started(self.pager)
+            if pager is not None and pager.alive() and pager.work == work:
+                return
+            self._stop_pager()
+        ready: Future[Pager] = Future()
+        ready.set_result(self._new_pager(page_server, work))
+        self.pager = ready
+
+    def _new_pager(self, page_server: str, work: Path) -> Pager:
+        """Clean pages (hybrid's map; none in post-copy) from the store, the rest prefetched from the
+        source's page server, so the daemon never waits a WAN round trip per fault (see lazyproxy.py)."""
+        if self.store is None:  # post-copy: the proxy keeps what it fetches in a fresh store
+            self.store = TargetStore(self.dir / "store")
+        images = self.dir / "images"
+        return Pager(self.store, self.clean_map, images, page_server, self.host.cfg.overlay_ip, work)
+
+    def _stop_pager(self) -> None:
+        early, self.pager = self.pager, None
+        pager = _started(early) if early is not None else None  # let it finish starting before stopping it
+        if pager is not None:
+            pager.stop()
+
+
+def _started(future: Future[Pager]) -> Pager | None:
+    """The pager once it has started; None if starting it failed (the restore then starts another)."""
+    try:
+        return future.result()
+    except SkyferryError:
+        return None
+
+
+def _chunks(body: BinaryIO) -> Iterator[bytes]:
+    return iter(lambda: body.read(wire.CHUNK), b"")
