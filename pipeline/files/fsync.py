@@ -493,12 +493,10 @@ def _info(
     kind: bytes,
     st: os.stat_result | None = None,
     link: str | None = None,
-    size: int = 0,
     xattrs: dict[str, bytes] | None = None,
 ) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type = kind
-    info.size = size
     if st is not None:
         info.mode = stat.S_IMODE(st.st_mode)
         info.uid, info.gid = st.st_uid, st.st_gid

@@ -114,7 +114,7 @@ class FrameReader:
                 raise self.fmt.error(
                     f"format version {head.get('version')} is not {self.fmt.version}; upgrade both agents"
                 )
-            if head.get("kind") not in self.fmt.kinds:
+            if not isinstance(head.get("kind"), str) or head["kind"] not in self.fmt.kinds:
                 raise self.fmt.error(f"unknown stream kind {head.get('kind')!r}")
             self._head = head
         return self._head
