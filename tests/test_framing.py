@@ -124,7 +124,7 @@ def test_errors_name_the_stream_and_say_what_to_do() -> None:
 
 
 def test_stop_copy_round_trip_and_its_digest(tmp_path: Path) -> None:
-    """wire.encode's tar in DATA frames: both ends agree on `sha256`; a flipped byte unpacks nothing usable."""
+    """wire.encode's tar in DATA frames: both ends agree on `sha256`; a flipped byte is refused."""
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
     (src / "big").write_bytes(os.urandom(3 * wire.DATA_FRAME // 2) + bytes(wire.DATA_FRAME))
@@ -140,6 +140,8 @@ def test_stop_copy_round_trip_and_its_digest(tmp_path: Path) -> None:
     assert (tmp_path / "dst" / "big").read_bytes() == (src / "big").read_bytes()
     assert os.readlink(tmp_path / "dst" / "link") == "sub/small"
     blob = bytearray(b"".join(chunks))
-    blob[len(blob) // 2] ^= 0xFF
+    blob[100] ^= 0xFF  # in the first DATA frame: refused at once
+    body = io.BytesIO(bytes(blob))
     with pytest.raises(StreamError, match="corrupt"):
-        wire.decode(io.BytesIO(bytes(blob)), {"images": tmp_path / "again"}, wire.StreamStats())
+        wire.decode(body, {"images": tmp_path / "again"}, wire.StreamStats())
+    assert body.tell() == len(blob)  # read to its end all the same, so the sender reads the answer

@@ -7,6 +7,7 @@ for the caller to compare. TLS already protects the link; the checks also catch 
 File rounds (fsync.py) carry their tars the same way, through `ChunkSink` and `DataFile`.
 """
 
+import contextlib
 import io
 import shutil
 import tarfile
@@ -114,8 +115,24 @@ def encode(dirs: dict[str, Path], stats: StreamStats) -> Iterator[bytes]:
 
 
 def decode(stream: BinaryIO, dirs: dict[str, Path], stats: StreamStats) -> None:
-    """Unpack a stream made by `encode` into `dirs` (archive name -> destination directory)."""
+    """Unpack a stream made by `encode` into `dirs` (archive name -> destination directory).
+
+    A refused stream is still read to its end: the frames catch damage early, but the sender learns why
+    only if it gets to finish sending and read this side's answer, not a reset connection.
+    """
     reader = FrameReader(iter(lambda: stream.read(CHUNK), b""), FORMAT)
+    try:
+        _unpack(reader, dirs)
+    except SkyferryError:
+        with contextlib.suppress(OSError, ValueError, SkyferryError):  # a broken transport: stop here
+            while stream.read(CHUNK):
+                pass
+        raise
+    stats.bytes_wire = reader.bytes_in
+    stats.sha256 = reader.digest
+
+
+def _unpack(reader: FrameReader, dirs: dict[str, Path]) -> None:
     reader.head()
     data = DataFile(reader)
     for path in dirs.values():
@@ -132,8 +149,6 @@ def decode(stream: BinaryIO, dirs: dict[str, Path], stats: StreamStats) -> None:
             pass
     except (tarfile.TarError, EOFError) as exc:
         raise SkyferryError(f"migration stream is corrupt: {exc}") from exc
-    stats.bytes_wire = reader.bytes_in
-    stats.sha256 = reader.digest
 
 
 def extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> None:
