@@ -70,11 +70,10 @@ class ChunkSink(io.RawIOBase):
 
 
 class DataFile(io.RawIOBase):
-    """The payloads of a stream's DATA frames as a read-only file (a tar reads here). Reading past the
-    last one reads the END frame, so only then has the whole stream been checked."""
+    """The payloads of a stream's frames as a read-only file (a tar reads here); its format's only body
+    tag is DATA. Reading past the last one reads the END frame: only then is the whole stream checked."""
 
     def __init__(self, reader: FrameReader) -> None:
-        self.reader = reader
         self.frames = iter(reader)
         self.buf = memoryview(b"")
 
@@ -86,8 +85,6 @@ class DataFile(io.RawIOBase):
             frame = next(self.frames, None)
             if frame is None:
                 return b""
-            if frame[0] != DATA:
-                raise self.reader.fmt.error(f"a {frame[0].decode()} frame where tar data was due")
             self.buf = memoryview(frame[1])
         n = len(self.buf) if size is None or size < 0 else size
         out, self.buf = bytes(self.buf[:n]), self.buf[n:]

@@ -136,7 +136,8 @@ class FrameReader:
         if not self._need(HEADER.size):
             raise self.fmt.error("it ended before its END frame (truncated)")
         tag, flags, stored, raw_len, checksum = HEADER.unpack_from(self._buf)
-        if not (tag in self.fmt.tags or tag in (HEAD, END)) or flags & ~ZSTD or max(stored, raw_len) > MAX_FRAME:
+        known = tag in self.fmt.tags or tag == HEAD or (tag == END and flags == 0 and raw_len == stored)
+        if not known or flags & ~ZSTD or max(stored, raw_len) > MAX_FRAME:
             raise self.fmt.error(f"frame {n} has a damaged header")
         if (n == 0) != (tag == HEAD):
             raise self.fmt.error("it does not start with a HEAD frame" if n == 0 else f"frame {n} is a second HEAD")
