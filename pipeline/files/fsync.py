@@ -13,24 +13,22 @@ A round carries what changed since what the target holds: regular files, symlink
 whose lstat signature differs, and the paths deleted since. The tracker commits the new signatures
 only when its stream is exhausted, so an interrupted send is simply repeated by the next round.
 
-A stream is wire.py's zstd tar (PAX headers, numeric owners), cut into length-prefixed blocks and
-closed by a SHA-256 over every byte before it. The applier extracts each member to a staging name in
-its directory, checks the digest, and only then renames members into place, so a damaged or truncated
-stream changes nothing and a half-applied round never leaves a torn file.
+A stream is a PAX tar (numeric owners) in DATA frames of the agents' one framing (hostapi/framing.py),
+as wire.py's stop-copy stream; its HEAD carries the manifest. The applier extracts each member to a
+staging name in its directory, reads the stream to its END (every frame checked), and only then renames
+members into place, so a damaged or truncated stream changes nothing and a half-applied round never
+leaves a torn file.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import io
-import json
 import os
 import secrets
 import shutil
 import stat
-import struct
 import tarfile
 import tempfile
 import time
@@ -40,19 +38,21 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import xxhash
-import zstandard
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.files import wire
 from skyferry.pipeline.files.wire import extract_member
+from skyferry.pipeline.hostapi.framing import Format, FrameReader, FrameWriter
 
-FORMAT = "skyferry-fsync"
-VERSION = 1
-MAGIC = b"SKYFSYN1"
-BLOCK = struct.Struct("<I")
-MAX_BLOCK = 64 << 20
+FORMAT = Format(
+    name="skyferry-fsync",
+    version=2,
+    kinds=frozenset({"round", "final"}),
+    tags=frozenset({wire.DATA}),
+    what="file-system stream",
+    hint="nothing was applied; send it again (after FsTracker.reset() the next round is full)",
+)
 CHUNK = 1 << 20
 ZSTD_LEVEL = 1
-MANIFEST = "@manifest"  # the first tar member; no "/" so it can never name a path in a directory
 XATTR = "SKYFERRY.xattr."  # PAX keys carrying extended attributes, base64
 STAGING = ".skyferry-fsync-"  # the applier's scratch directory inside each destination
 CLOCK_REALTIME_COARSE = 5  # Linux; file timestamps come from this clock (or a finer one)
@@ -135,8 +135,6 @@ class FsTracker:
         deleted = sorted(key for key in self.held if key not in current)
         stats.deletions = len(deleted)
         manifest = {
-            "format": FORMAT,
-            "version": VERSION,
             "kind": kind,
             "session": self.session,
             "seq": seq,
@@ -145,9 +143,7 @@ class FsTracker:
             "deleted": [list(key) for key in deleted],
         }
         out = _Writer(stats, self.level)
-        yield MAGIC
-        stats.bytes_wire += len(MAGIC)
-        yield from out.add(_info(MANIFEST, tarfile.REGTYPE, size=0), json.dumps(manifest).encode())
+        yield out.head(manifest)
         pending: dict[tuple[str, str], _Held] = {}
         links: dict[tuple[int, int], tuple[str, str]] = {}  # (st_dev, st_ino) of files sent -> their key
         for key, (st, link) in current.items():
@@ -238,7 +234,7 @@ class FsApplier:
         started = time.monotonic()
         stats = FsStats()
         chunks = iter(lambda: stream.read(CHUNK), b"") if hasattr(stream, "read") else iter(stream)  # type: ignore[union-attr]
-        reader = _Deframe(chunks, stats)
+        reader = FrameReader(chunks, FORMAT)
         staging: dict[str, Path] = {}
         try:
             for arc, root in self.dirs.items():
@@ -257,23 +253,20 @@ class FsApplier:
         return stats
 
     def _receive(
-        self, reader: _Deframe, staging: dict[str, Path], stats: FsStats
+        self, reader: FrameReader, staging: dict[str, Path], stats: FsStats
     ) -> tuple[dict[str, Any], list[tuple[str, str, tarfile.TarInfo]]]:
-        """Extract the stream into staging and check its digest; nothing in place changes here."""
+        """Extract the stream into staging and read it to its END; nothing in place changes here."""
         members: list[tuple[str, str, tarfile.TarInfo]] = []
         seen: set[tuple[str, str]] = set()
         regular: set[tuple[str, str]] = set()
         try:
-            unzstd = zstandard.ZstdDecompressor().stream_reader(reader, read_across_frames=True)
+            manifest = reader.head()
+            self._check_manifest(manifest)
+            stats.kind, stats.seq = manifest["kind"], manifest["seq"]
+            stats.deletions = len(manifest["deleted"])
+            data = wire.DataFile(reader)
             options: dict[str, Any] = {"encoding": TAR_ENCODING, "copybufsize": CHUNK}
-            with tarfile.open(fileobj=unzstd, mode="r|", **options) as tar:
-                first = tar.next()
-                if first is None or first.name != MANIFEST or not first.isreg():
-                    raise SkyferryError("file-system stream does not start with its manifest")
-                manifest = json.loads(tar.extractfile(first).read())  # type: ignore[union-attr]
-                self._check_manifest(manifest)
-                stats.kind, stats.seq = manifest["kind"], manifest["seq"]
-                stats.deletions = len(manifest["deleted"])
+            with tarfile.open(fileobj=data, mode="r|", **options) as tar:
                 while (member := tar.next()) is not None:
                     arc, _, rel = member.name.partition("/")
                     if arc not in self.dirs or not _safe_rel(rel) or (arc, rel) in seen:
@@ -293,18 +286,17 @@ class FsApplier:
                     else:
                         raise SkyferryError(f"refusing {member.name!r}: not a file, symlink or directory")
                     members.append((arc, rel, member))
-            while reader.read(CHUNK):  # to the end: the digest covers every byte
+            while data.read(CHUNK):  # to END, whose checks cover every frame
                 pass
-        except (zstandard.ZstdError, tarfile.TarError, EOFError, ValueError, KeyError, TypeError) as exc:
+        except (tarfile.TarError, EOFError, ValueError, KeyError, TypeError) as exc:
             raise SkyferryError(
                 f"file-system stream is corrupt: {exc}", hint="nothing was applied; reset the tracker"
             ) from exc
-        stats.sha256 = reader.digest.hexdigest()
+        stats.bytes_wire, stats.sha256 = reader.bytes_in, reader.digest
         return manifest, members
 
     def _check_manifest(self, manifest: dict[str, Any]) -> None:
-        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-            raise SkyferryError("not a skyferry file-system stream of a version this agent knows")
+        """Format, version and kind are the framing's to check; the rest is this stream's."""
         if manifest.get("dirs") != sorted(self.dirs):
             raise SkyferryError(f"stream carries directories {manifest.get('dirs')}, this side has {sorted(self.dirs)}")
         if manifest["full"]:
@@ -392,113 +384,41 @@ class FsApplier:
 
 
 class _Writer:
-    """A tar written member by member into zstd, framed into blocks, closed by a SHA-256."""
+    """A tar written member by member into DATA frames; the manifest rides in the HEAD frame."""
 
     def __init__(self, stats: FsStats, level: int) -> None:
         self.stats = stats
-        self.sink = wire.ChunkSink()
-        self.zw = zstandard.ZstdCompressor(level=level, write_checksum=True).stream_writer(self.sink, closefd=False)
-        self.digest = hashlib.sha256(MAGIC)
+        self.frames = FrameWriter(FORMAT, level)
+        self.sink = wire.ChunkSink(self.frames)
+
+    def head(self, manifest: dict[str, Any]) -> bytes:
+        return self.frames.head(**manifest)
 
     def add(self, info: tarfile.TarInfo, data: bytes | _Exact | None = None) -> Iterator[bytes]:
         if isinstance(data, bytes):
             info.size = len(data)
-        self.zw.write(info.tobuf(tarfile.PAX_FORMAT, TAR_ENCODING, "surrogateescape"))
+        self.sink.write(info.tobuf(tarfile.PAX_FORMAT, TAR_ENCODING, "surrogateescape"))
         if isinstance(data, bytes):
-            self.zw.write(data)
+            self.sink.write(data)
         elif data is not None:
             while piece := data.read(CHUNK):
-                self.zw.write(piece)
+                self.sink.write(piece)
                 yield from self._drain()
         if info.size % tarfile.BLOCKSIZE:
-            self.zw.write(tarfile.NUL * (tarfile.BLOCKSIZE - info.size % tarfile.BLOCKSIZE))
+            self.sink.write(tarfile.NUL * (tarfile.BLOCKSIZE - info.size % tarfile.BLOCKSIZE))
         yield from self._drain()
 
     def close(self) -> Iterator[bytes]:
-        self.zw.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE))  # end of archive
-        self.zw.flush(zstandard.FLUSH_FRAME)
+        self.sink.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE))  # end of archive
+        self.sink.cut()
         yield from self._drain()
-        end = BLOCK.pack(0)
-        self.digest.update(end)
-        trailer = end + self.digest.digest()
-        self.stats.bytes_wire += len(trailer)
-        self.stats.sha256 = self.digest.hexdigest()
-        yield trailer
+        end = self.frames.end({})
+        self.stats.bytes_wire, self.stats.sha256 = self.frames.bytes_out, self.frames.digest
+        yield end
 
     def _drain(self) -> Iterator[bytes]:
-        for part in self.sink.parts:
-            block = BLOCK.pack(len(part)) + part
-            self.digest.update(block)
-            self.stats.bytes_wire += len(block)
-            yield block
-        self.sink.parts.clear()
-
-
-class _Deframe(io.RawIOBase):
-    """The tar's zstd bytes out of the blocks; raises at the end unless the SHA-256 matches."""
-
-    def __init__(self, chunks: Iterator[bytes], stats: FsStats) -> None:
-        self.chunks = chunks
-        self.stats = stats
-        self.buf = bytearray()
-        self.left = 0
-        self.done = False
-        self.digest = hashlib.sha256()
-        if self._take(len(MAGIC)) != MAGIC:
-            raise SkyferryError("not a skyferry file-system stream (bad magic)")
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        if self.done:
-            return 0
-        if self.left == 0:
-            (self.left,) = BLOCK.unpack(self._take(BLOCK.size))
-            if self.left > MAX_BLOCK:
-                raise SkyferryError("file-system stream is corrupt: oversize block")
-            if self.left == 0:
-                self._finish()
-                return 0
-        if not self.buf:
-            self._fill(1)
-        n = min(len(b), self.left, len(self.buf))
-        b[:n] = self.buf[:n]
-        self.digest.update(self.buf[:n])
-        del self.buf[:n]
-        self.left -= n
-        self.stats.bytes_wire += n
-        return n
-
-    def _finish(self) -> None:
-        expected = self.digest.digest()
-        if self._trailer() != expected:
-            raise SkyferryError("file-system stream is corrupt: SHA-256 mismatch", hint="nothing was applied")
-        if self.buf or next(self.chunks, b""):
-            raise SkyferryError("file-system stream is corrupt: bytes after its end")
-        self.done = True
-
-    def _trailer(self) -> bytes:
-        self._fill(32)
-        out = bytes(self.buf[:32])
-        del self.buf[:32]
-        self.stats.bytes_wire += 32
-        return out
-
-    def _take(self, n: int) -> bytes:
-        self._fill(n)
-        out = bytes(self.buf[:n])
-        del self.buf[:n]
-        self.digest.update(out)
-        self.stats.bytes_wire += n
-        return out
-
-    def _fill(self, n: int) -> None:
-        while len(self.buf) < n:
-            chunk = next(self.chunks, None)
-            if chunk is None:
-                raise SkyferryError("file-system stream is corrupt: truncated", hint="nothing was applied")
-            self.buf.extend(chunk)
+        self.stats.bytes_wire = self.frames.bytes_out  # as it goes: callers watch a round's progress
+        yield from self.sink.drain()
 
 
 class _Exact(io.RawIOBase):
@@ -573,12 +493,10 @@ def _info(
     kind: bytes,
     st: os.stat_result | None = None,
     link: str | None = None,
-    size: int = 0,
     xattrs: dict[str, bytes] | None = None,
 ) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type = kind
-    info.size = size
     if st is not None:
         info.mode = stat.S_IMODE(st.st_mode)
         info.uid, info.gid = st.st_uid, st.st_gid

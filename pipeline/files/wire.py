@@ -1,85 +1,151 @@
-"""The bytes that move between agents: a tar of named directories, zstd-compressed, SHA-256 checked.
+"""The stop-copy stream: a tar of named directories in DATA frames of the agents' one framing.
 
-The sender computes the digest of what it sends; the receiver computes it of what it read and refuses
-to use the data (the caller restores nothing) unless both agree. TLS already protects the link; the digest
-also catches a truncated stream, a bug in either end, or a disk that corrupts the image before restore.
+The source sends the whole CRIU image and the payload (rootfs, volumes) as one PAX tar, cut into DATA
+frames (hostapi/framing.py: each zstd-compressed and checksummed, END pinning them all). The receiver
+refuses a damaged, truncated or foreign stream, and both ends report the stream's digest as `sha256`
+for the caller to compare. TLS already protects the link; the checks also catch a bug in either end.
+File rounds (fsync.py) carry their tars the same way, through `ChunkSink` and `DataFile`.
 """
 
-import hashlib
+import contextlib
 import io
 import shutil
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-import zstandard
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.hostapi.framing import Format, FrameReader, FrameWriter
 
-CHUNK = 1 << 20
+CHUNK = 1 << 20  # read size from a socket or a file
+DATA_FRAME = 4 << 20  # tar bytes per DATA frame, as pre-copy's PAGE frames: framing costs nothing
 ZSTD_LEVEL = 1  # ~0.8 GB/s on one core here: faster than the 1 Gbit/s links it feeds
+DATA = b"DATA"
+FORMAT = Format(
+    name="skyferry-image",
+    version=1,
+    kinds=frozenset({"image"}),
+    tags=frozenset({DATA}),
+    what="image stream",
+    hint="nothing was restored from it; the migration rolls back; check the link and retry",
+)
 
 
 @dataclass
 class StreamStats:
     bytes_raw: int = 0
     bytes_wire: int = 0
-    sha256: str = ""
+    sha256: str = ""  # the stream's digest (SHA-256 over its frame headers), the same at both ends
 
 
 class ChunkSink(io.RawIOBase):
-    """A write-only file object that collects compressed output for the generator to yield."""
+    """A write-only file object (a tar writes here) whose bytes leave as DATA frames of about DATA_FRAME
+    bytes; the generator yields them from `drain()`."""
 
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
+    def __init__(self, writer: FrameWriter) -> None:
+        self.writer = writer
+        self.buf = bytearray()
+        self.frames: list[bytes] = []
 
     def writable(self) -> bool:
         return True
 
-    def write(self, b: bytes) -> int:  # type: ignore[override]
-        self.parts.append(bytes(b))
+    def write(self, b: Any) -> int:
+        self.buf += b
+        if len(self.buf) >= DATA_FRAME:
+            self.cut()
         return len(b)
+
+    def cut(self) -> None:
+        """What was written so far becomes a DATA frame (at the end, the last and shorter one)."""
+        if self.buf:
+            self.frames.append(self.writer.frame(DATA, self.buf))
+            self.buf.clear()
+
+    def drain(self) -> Iterator[bytes]:
+        frames, self.frames = self.frames, []
+        yield from frames
+
+
+class DataFile(io.RawIOBase):
+    """The payloads of a stream's frames as a read-only file (a tar reads here); its format's only body
+    tag is DATA. Reading past the last one reads the END frame: only then is the whole stream checked."""
+
+    def __init__(self, reader: FrameReader) -> None:
+        self.frames = iter(reader)
+        self.buf = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        while not self.buf:
+            frame = next(self.frames, None)
+            if frame is None:
+                return b""
+            self.buf = memoryview(frame[1])
+        n = len(self.buf) if size is None or size < 0 else size
+        out, self.buf = bytes(self.buf[:n]), self.buf[n:]
+        return out
 
 
 def encode(dirs: dict[str, Path], stats: StreamStats) -> Iterator[bytes]:
-    """Yield the compressed tar of `dirs` (archive name -> directory); fills `stats` when exhausted."""
-    sink = ChunkSink()
-    digest = hashlib.sha256()
-    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=-1, write_checksum=True)
-    with compressor.stream_writer(sink, closefd=False) as zw:
-        with tarfile.open(fileobj=zw, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
-            for arcname, path in dirs.items():
-                for member in _walk(path):
-                    tar.add(member, arcname=f"{arcname}/{member.relative_to(path)}", recursive=False)
-                    if member.is_file() and not member.is_symlink():
-                        stats.bytes_raw += member.stat().st_size
-                    yield from _drain(sink, digest, stats)
-        zw.flush(zstandard.FLUSH_FRAME)
-    yield from _drain(sink, digest, stats)
-    stats.sha256 = digest.hexdigest()
+    """Yield the stream of `dirs` (archive name -> directory); fills `stats` when exhausted."""
+    writer = FrameWriter(FORMAT, ZSTD_LEVEL, threads=-1)
+    sink = ChunkSink(writer)
+    yield writer.head("image")
+    with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+        for arcname, path in dirs.items():
+            for member in _walk(path):
+                tar.add(member, arcname=f"{arcname}/{member.relative_to(path)}", recursive=False)
+                if member.is_file() and not member.is_symlink():
+                    stats.bytes_raw += member.stat().st_size
+                stats.bytes_wire = writer.bytes_out
+                yield from sink.drain()
+    sink.cut()
+    yield from sink.drain()
+    end = writer.end({"bytes_raw": stats.bytes_raw})
+    stats.bytes_wire, stats.sha256 = writer.bytes_out, writer.digest
+    yield end
 
 
 def decode(stream: BinaryIO, dirs: dict[str, Path], stats: StreamStats) -> None:
-    """Unpack a stream made by `encode` into `dirs` (archive name -> destination directory)."""
-    hashing = _Hashing(stream, stats)
+    """Unpack a stream made by `encode` into `dirs` (archive name -> destination directory).
+
+    A refused stream is still read to its end: the frames catch damage early, but the sender learns why
+    only if it gets to finish sending and read this side's answer, not a reset connection.
+    """
+    reader = FrameReader(iter(lambda: stream.read(CHUNK), b""), FORMAT)
+    try:
+        _unpack(reader, dirs)
+    except SkyferryError:
+        with contextlib.suppress(OSError, ValueError, SkyferryError):  # a broken transport: stop here
+            while stream.read(CHUNK):
+                pass
+        raise
+    stats.bytes_wire = reader.bytes_in
+    stats.sha256 = reader.digest
+
+
+def _unpack(reader: FrameReader, dirs: dict[str, Path]) -> None:
+    reader.head()
+    data = DataFile(reader)
     for path in dirs.values():
         path.mkdir(parents=True, exist_ok=True)
     try:
-        reader = zstandard.ZstdDecompressor().stream_reader(hashing, read_across_frames=True)
-        with tarfile.open(fileobj=reader, mode="r|") as tar:
+        with tarfile.open(fileobj=data, mode="r|") as tar:
             for member in tar:
                 top, _, rest = member.name.partition("/")
                 if top not in dirs or not rest or ".." in Path(rest).parts:
                     raise SkyferryError(f"unexpected entry {member.name!r} in migration stream")
                 member.name = rest
                 extract_member(tar, member, dirs[top])
-        # Read to the end so the digest covers every byte the sender hashed.
-        while hashing.read(CHUNK):
+        while data.read(CHUNK):  # to END, whose checks cover every frame
             pass
-    except (zstandard.ZstdError, tarfile.TarError, EOFError) as exc:
+    except (tarfile.TarError, EOFError) as exc:
         raise SkyferryError(f"migration stream is corrupt: {exc}") from exc
-    stats.sha256 = hashing.digest.hexdigest()
 
 
 def extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> None:
@@ -107,28 +173,3 @@ def _walk(root: Path) -> Iterator[Path]:
     """Every entry below root (not root itself), parents first, without following symlinks."""
     if root.exists():
         yield from sorted(root.rglob("*"))
-
-
-def _drain(sink: ChunkSink, digest: "hashlib._Hash", stats: StreamStats) -> Iterator[bytes]:
-    for part in sink.parts:
-        digest.update(part)
-        stats.bytes_wire += len(part)
-        yield part
-    sink.parts.clear()
-
-
-class _Hashing(io.RawIOBase):
-    def __init__(self, inner: BinaryIO, stats: StreamStats) -> None:
-        self.inner = inner
-        self.stats = stats
-        self.digest = hashlib.sha256()
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.inner.read(size if size and size > 0 else CHUNK)
-        if data:
-            self.digest.update(data)
-            self.stats.bytes_wire += len(data)
-        return data

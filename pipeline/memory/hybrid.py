@@ -26,14 +26,15 @@ from pathlib import Path
 import numpy as np
 import xxhash
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.hostapi.framing import FrameReader, FrameWriter
 from skyferry.pipeline.memory.policy import RoundStats
 from skyferry.pipeline.memory.precopy import (
+    FORMAT,
     FRAME_PAGES,
     HashTable,
     SourceEngine,
     TargetStore,
     Transfer,
-    counted,
     decode_pages,
     encode_pages,
     expand_runs,
@@ -42,7 +43,6 @@ from skyferry.pipeline.memory.precopy import (
     write_file_frame,
 )
 from skyferry.pipeline.memory.procmem import PAGE, MemReader, process_tree, runs_of
-from skyferry.pipeline.memory.stream import FrameWriter, StreamError, read_frames
 
 CLEAN_HEAD = struct.Struct("<IQI")  # vpid, digest of the clean pages' hashes, runs
 KIND = "lazy-final"
@@ -94,8 +94,8 @@ def lazy_final(engine: SourceEngine, dump_dir: Path, scan: FreezeScan) -> Transf
 
 
 def _frames(engine: SourceEngine, dump_dir: Path, scan: FreezeScan, stats: RoundStats) -> Iterator[bytes]:
-    w = FrameWriter(engine.level)
-    yield w.head(KIND, engine.session, stats.seq)
+    w = FrameWriter(FORMAT, engine.level)
+    yield w.head(KIND, session=engine.session, seq=stats.seq)
     for path in sorted(dump_dir.iterdir()):
         if path.suffix != ".log" and path.is_file() and not path.is_symlink():
             yield from file_frames(w, path, stats)
@@ -135,16 +135,15 @@ def accept_lazy_final(
     files: dict[str, int] = {}
     clean: dict[int, HashTable] = {}
     try:
-        frames = read_frames(counted(chunks, stats))
-        _, head = next(frames)
-        _, stats.seq = store.check_head(head, KIND)
-        for tag, payload in frames:
+        reader = FrameReader(chunks, FORMAT)
+        _, stats.seq = store.check_head(reader.head(), KIND)
+        for tag, payload in reader:
             if tag == b"FILE":
                 write_file_frame(payload, image_dir, files, stats)
             elif tag == b"CLEN":
                 vpid, vpns = _check_clean(store, payload)
                 if vpid in clean:
-                    raise StreamError(f"two CLEN frames for pid {vpid}")
+                    raise FORMAT.error(f"two CLEN frames for pid {vpid}")
                 clean[vpid] = HashTable()
                 clean[vpid].set(vpns, np.ones(len(vpns), np.uint64))
                 stats.pages_parent += len(vpns)
@@ -158,13 +157,14 @@ def accept_lazy_final(
                 stats.pages_changed += len(vpns)
                 stats.bytes_raw += len(data)
             else:
-                raise StreamError(f"a lazy final stream cannot hold a {tag.decode()} frame")
+                raise FORMAT.error(f"a lazy final stream cannot hold a {tag.decode()} frame")
     except BaseException:
         shutil.rmtree(image_dir, ignore_errors=True)
         raise
     finally:
         for fd in files.values():
             os.close(fd)
+    stats.bytes_out = reader.bytes_in
     stats.processes = len(clean)
     stats.duration = time.monotonic() - stats.started
     return stats, clean
@@ -174,7 +174,7 @@ def _check_clean(store: TargetStore, payload: bytes) -> tuple[int, np.ndarray]:
     vpid, digest, n = CLEAN_HEAD.unpack_from(payload)
     off = CLEAN_HEAD.size
     if len(payload) != off + n * 12:
-        raise StreamError("a CLEN frame is malformed")
+        raise FORMAT.error("a CLEN frame is malformed")
     starts = np.frombuffer(payload, "<u8", n, off).astype(np.uint64)
     lens = np.frombuffer(payload, "<u4", n, off + 8 * n).astype(np.uint64)
     vpns = expand_runs(starts, lens)

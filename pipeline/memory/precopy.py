@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import ctypes
 import itertools
-import json
 import os
 import re
 import secrets
@@ -36,14 +35,15 @@ import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import xxhash
 from skyferry.pipeline.criu import memimage
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.hostapi.framing import Format, FrameReader, FrameWriter, StreamError
 from skyferry.pipeline.memory.policy import RoundStats
 from skyferry.pipeline.memory.procmem import PAGE, MemReader, process_tree, read_buffers, runs_of
-from skyferry.pipeline.memory.stream import FrameWriter, StreamError, read_frames
 
 SLAB_SHIFT = 18  # 2^18 pages = 1 GiB of address space per slab
 SLAB_PAGES = 1 << SLAB_SHIFT
@@ -62,6 +62,16 @@ STORE_FILE = re.compile(r"(pagemap|pages)-\d+\.img(\.tmp)?")
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
+
+# Every memory stream: rounds, the final, and hybrid's lazy final (its kind and CLEN frames).
+FORMAT = Format(
+    name="skyferry-precopy",
+    version=2,
+    kinds=frozenset({"round", "final", "lazy-final"}),
+    tags=frozenset({b"PAGE", b"PMAP", b"FILE", b"CLEN"}),
+    what="pre-copy stream",
+    hint="nothing was restored from it; resend from a fresh round (SourceEngine.reset, TargetStore.reset)",
+)
 
 
 def page_hashes(pages: np.ndarray) -> np.ndarray:
@@ -135,12 +145,12 @@ def decode_pages(payload: bytes) -> tuple[int, np.ndarray, np.ndarray, np.ndarra
     for n, dt in ((nd, "<u8"), (nd, "<u4"), (nz, "<u8"), (nz, "<u4")):
         size = n * np.dtype(dt).itemsize
         if off + size > len(payload):
-            raise StreamError("a PAGE frame is malformed")
+            raise FORMAT.error("a PAGE frame is malformed")
         arrays.append(np.frombuffer(payload, dt, n, off).astype(np.uint64))
         off += size
     data = memoryview(payload)[off:]
     if len(data) != int(arrays[1].sum()) * PAGE:
-        raise StreamError("a PAGE frame's data does not match its runs")
+        raise FORMAT.error("a PAGE frame's data does not match its runs")
     return vpid, arrays[0], arrays[1], arrays[2], arrays[3], data
 
 
@@ -226,8 +236,8 @@ class SourceEngine:
     def _round_frames(
         self, seq: int, stats: RoundStats, pending: list[tuple[int, np.ndarray, np.ndarray]]
     ) -> Iterator[bytes]:
-        w = FrameWriter(self.level)
-        yield w.head("round", self.session, seq)
+        w = FrameWriter(FORMAT, self.level)
+        yield w.head("round", session=self.session, seq=seq)
         for proc in process_tree(self.root_pid):
             stats.processes += 1
             table = self.tables.get(proc.vpid, HashTable())
@@ -266,8 +276,8 @@ class SourceEngine:
         return Transfer(stats, self._final_frames(dump_dir, stats), lambda: None)
 
     def _final_frames(self, dump_dir: Path, stats: RoundStats) -> Iterator[bytes]:
-        w = FrameWriter(self.level)
-        yield w.head("final", self.session, stats.seq)
+        w = FrameWriter(FORMAT, self.level)
+        yield w.head("final", session=self.session, seq=stats.seq)
         pagemaps = memimage.task_pagemaps(dump_dir)
         maps = {vpid: memimage.read_pagemap(path) for vpid, path in pagemaps.items()}
         skip = {p.name for p in pagemaps.values()} | {f"pages-{pid}.img" for pid, _ in maps.values()}
@@ -481,18 +491,20 @@ class TargetStore:
             self.procs[vpid] = _StoredProcess(self.dir, vpid)
         return self.procs[vpid]
 
-    def check_head(self, payload: bytes, kind: str) -> tuple[str, int]:
-        head = json.loads(payload)
-        session, seq = head["session"], head["seq"]
+    def check_head(self, head: dict[str, Any], kind: str) -> tuple[str, int]:
+        """(session, seq) of a stream's HEAD, refused unless it is the `kind` this store expects next."""
+        session, seq = head.get("session"), head.get("seq")
         if head["kind"] != kind:
-            raise StreamError(f"expected a {kind} stream, got {head['kind']}")
+            raise FORMAT.error(f"expected a {kind} stream, got {head['kind']}")
+        if not isinstance(session, str) or not isinstance(seq, int):
+            raise FORMAT.error("its HEAD frame has no session or sequence number")
         if self.session is None:
             if seq != 1:
-                raise StreamError(f"this store is empty and needs round 1 first, got {kind} {seq}")
+                raise FORMAT.error(f"this store is empty and needs round 1 first, got {kind} {seq}")
         elif session != self.session:
-            raise StreamError("it belongs to another migration session")
+            raise FORMAT.error("it belongs to another migration session")
         elif seq != self.seq + 1:
-            raise StreamError(f"expected {kind} {self.seq + 1}, got {seq}")
+            raise FORMAT.error(f"expected {kind} {self.seq + 1}, got {seq}")
         return session, seq
 
     def apply(self, chunks: Iterable[bytes]) -> RoundStats:
@@ -502,13 +514,12 @@ class TargetStore:
         some of its pages were applied empties the store (see StreamError's hint).
         """
         stats = RoundStats("round", 0, time.monotonic())
-        frames = read_frames(counted(chunks, stats))
-        _, head = next(frames)
-        session, stats.seq = self.check_head(head, "round")  # refused before any change
+        reader = FrameReader(chunks, FORMAT)
+        session, stats.seq = self.check_head(reader.head(), "round")  # refused before any change
         try:
-            for tag, payload in frames:
+            for tag, payload in reader:
                 if tag != b"PAGE":
-                    raise StreamError(f"a round stream cannot hold a {tag.decode()} frame")
+                    raise FORMAT.error(f"a round stream cannot hold a {tag.decode()} frame")
                 vpid, ds, dl, zs, zl, data = decode_pages(payload)
                 proc = self.process(vpid)
                 proc.ensure_slabs(np.concatenate((ds, ds + dl - 1, zs, zs + zl - 1)))
@@ -521,6 +532,7 @@ class TargetStore:
             self.reset()
             raise
         self.session, self.seq = session, stats.seq
+        stats.bytes_out = reader.bytes_in
         stats.processes = len(self.procs)
         stats.duration = time.monotonic() - stats.started
         return stats
@@ -545,28 +557,27 @@ class TargetStore:
         return stats
 
     def _build(self, chunks: Iterable[bytes], image_dir: Path, stats: RoundStats) -> None:
-        frames = read_frames(counted(chunks, stats))
-        _, head = next(frames)
-        _, stats.seq = self.check_head(head, "final")
+        reader = FrameReader(chunks, FORMAT)
+        _, stats.seq = self.check_head(reader.head(), "final")
         files: dict[str, int] = {}
         pending: dict[int, _FinalPages] = {}
         try:
-            for tag, payload in frames:
+            for tag, payload in reader:
                 if tag == b"FILE":
                     write_file_frame(payload, image_dir, files, stats)
                 elif tag == b"PMAP":
                     fp = self._final_pagemap(payload, image_dir, stats)
                     if fp.vpid in pending:
-                        raise StreamError(f"two PMAP frames for pid {fp.vpid}")
+                        raise FORMAT.error(f"two PMAP frames for pid {fp.vpid}")
                     pending[fp.vpid] = fp
                 elif tag == b"PAGE":
                     vpid, ds, dl, _, _, data = decode_pages(payload)
                     if vpid not in pending:
-                        raise StreamError(f"pages for pid {vpid} before its PMAP frame")
+                        raise FORMAT.error(f"pages for pid {vpid} before its PMAP frame")
                     pending[vpid].write(ds, dl, data)
                     stats.bytes_raw += len(data)
                 else:
-                    raise StreamError(f"a final stream cannot hold a {tag.decode()} frame")
+                    raise FORMAT.error(f"a final stream cannot hold a {tag.decode()} frame")
             for fp in pending.values():
                 fp.finish()
         finally:
@@ -580,13 +591,14 @@ class TargetStore:
             # directory's fd.
             rel = os.path.relpath(self.dir.resolve(), image_dir.resolve())
             (image_dir / "parent").symlink_to(rel)
+        stats.bytes_out = reader.bytes_in
         stats.processes = len(pending)
 
     def _final_pagemap(self, payload: bytes, image_dir: Path, stats: RoundStats) -> _FinalPages:
         vpid, pages_id, digest, n = PMAP_HEAD.unpack_from(payload)
         off = PMAP_HEAD.size
         if len(payload) != off + n * 13:
-            raise StreamError("a PMAP frame is malformed")
+            raise FORMAT.error("a PMAP frame is malformed")
         starts = np.frombuffer(payload, "<u8", n, off).astype(np.uint64)
         lens = np.frombuffer(payload, "<u4", n, off + 8 * n).astype(np.uint64)
         flags = np.frombuffer(payload, np.uint8, n, off + 12 * n)
@@ -642,7 +654,7 @@ class _FinalPages:
             while n:  # a run of data may span adjacent pagemap runs (adjacent dump entries)
                 i = int(np.searchsorted(self.starts, start, "right")) - 1
                 if i < 0 or start >= int(self.starts[i] + self.lens[i]) or self.kinds[i] != KIND_DATA:
-                    raise StreamError(f"pages for pid {self.vpid} at {start << 12:#x} are not due in its pagemap")
+                    raise FORMAT.error(f"pages for pid {self.vpid} at {start << 12:#x} are not due in its pagemap")
                 k = min(n, int(self.starts[i] + self.lens[i]) - start)
                 off = int(self.offsets[i]) + (start - int(self.starts[i])) * PAGE
                 os.pwrite(self.fd, data[pos : pos + k * PAGE], off)
@@ -653,7 +665,7 @@ class _FinalPages:
 
     def finish(self) -> None:
         if self.missing:
-            raise StreamError(f"pid {self.vpid} is missing {self.missing} pages")
+            raise FORMAT.error(f"pid {self.vpid} is missing {self.missing} pages")
 
     def close(self) -> None:
         os.close(self.fd)
@@ -679,15 +691,9 @@ def write_file_frame(payload: bytes, image_dir: Path, files: dict[str, int], sta
     nlen, off = FILE_HEAD.unpack_from(payload)
     name = payload[FILE_HEAD.size : FILE_HEAD.size + nlen].decode()
     if not IMAGE_NAME.fullmatch(name) or name == "parent":
-        raise StreamError(f"bad image file name {name!r}")
+        raise FORMAT.error(f"bad image file name {name!r}")
     if name not in files:
         files[name] = os.open(image_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     body = payload[FILE_HEAD.size + nlen :]
     os.pwrite(files[name], body, off)
     stats.bytes_files += len(body)
-
-
-def counted(chunks: Iterable[bytes], stats: RoundStats) -> Iterator[bytes]:
-    for c in chunks:
-        stats.bytes_out += len(c)
-        yield c

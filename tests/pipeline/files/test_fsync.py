@@ -6,7 +6,6 @@ Every stream crosses as bytes only: the target's directories never read the sour
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import stat
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.files.fsync import MANIFEST, STAGING, FsApplier, FsStats, FsTracker, _info, _Writer
+from skyferry.pipeline.files.fsync import STAGING, FsApplier, FsStats, FsTracker, _info, _Writer
 
 MB = 1 << 20
 
@@ -293,9 +292,8 @@ def test_a_failed_commit_needs_a_full_round(pair: tuple[Path, Path, FsTracker, F
 def crafted(entries: list[tuple[tarfile.TarInfo, bytes]], deleted: list[list[str]] | None = None) -> bytes:
     stats = FsStats()
     out = _Writer(stats, 1)
-    manifest = {"format": "skyferry-fsync", "version": 1, "kind": "round", "session": "s", "seq": 1, "full": False}
-    manifest |= {"dirs": ["rootfs"], "deleted": deleted or []}
-    parts = [b"SKYFSYN1", *out.add(_info(MANIFEST, tarfile.REGTYPE), json.dumps(manifest).encode())]
+    manifest = {"kind": "round", "session": "s", "seq": 1, "full": False, "dirs": ["rootfs"], "deleted": deleted or []}
+    parts = [out.head(manifest)]
     for info, data in entries:
         parts += list(out.add(info, data))
     return b"".join(parts + list(out.close()))

@@ -17,17 +17,17 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 from skyferry.pipeline.criu import memimage
+from skyferry.pipeline.hostapi.framing import FrameReader, FrameWriter, StreamError
 from skyferry.pipeline.memory.policy import ConvergencePolicy, RoundStats
-from skyferry.pipeline.memory.precopy import SourceEngine, TargetStore, encode_pages
+from skyferry.pipeline.memory.precopy import FORMAT, SourceEngine, TargetStore, encode_pages
 from skyferry.pipeline.memory.procmem import process_tree
-from skyferry.pipeline.memory.stream import FrameWriter, StreamError, read_frames
 
 CRIU = "/usr/local/sbin/criu"
 # Not imported from conftest.py: with several conftest.py files that module name is ambiguous.
@@ -279,15 +279,22 @@ def test_policy_reasons() -> None:
     assert unknown.decide([stats(1, 0, 50e6), stats(2, 1, 5e6)]).reason == "continue"
 
 
+def read_frames(chunks: Iterable[bytes]) -> list[tuple[bytes, bytes]]:
+    """The body frames of a memory stream, after its HEAD."""
+    reader = FrameReader(chunks, FORMAT)
+    reader.head()
+    return list(reader)
+
+
 def test_stream_survives_any_chunking_and_rejects_damage() -> None:
-    w = FrameWriter()
-    frames = [w.head("round", "s1", 1), w.frame(b"PAGE", os.urandom(5000)), w.frame(b"PAGE", b"x" * 9000)]
+    w = FrameWriter(FORMAT)
+    frames = [w.head("round", session="s1", seq=1), w.frame(b"PAGE", os.urandom(5000)), w.frame(b"PAGE", b"x" * 9000)]
     frames.append(w.end({}))
     blob = b"".join(frames)
     for size in (1, 7, 4096, len(blob)):
         got = list(read_frames(blob[i : i + size] for i in range(0, len(blob), size)))
-        assert [t for t, _ in got] == [b"HEAD", b"PAGE", b"PAGE"]
-        assert got[2][1] == b"x" * 9000
+        assert [t for t, _ in got] == [b"PAGE", b"PAGE"]
+        assert got[1][1] == b"x" * 9000
     with pytest.raises(StreamError, match="truncated"):
         list(read_frames([blob[:-5]]))
     with pytest.raises(StreamError, match="out of order"):
@@ -299,12 +306,12 @@ def test_stream_survives_any_chunking_and_rejects_damage() -> None:
 
 def round_stream(session: str, seq: int, vpid: int, pages: dict[int, bytes]) -> list[bytes]:
     """A round stream as a source would send it: pages by page number, b"" meaning a zero page."""
-    w = FrameWriter()
+    w = FrameWriter(FORMAT)
     data = sorted(v for v, p in pages.items() if p)
     zero = np.array(sorted(v for v, p in pages.items() if not p), np.uint64)
     body = np.frombuffer(b"".join(pages[v] for v in data), np.uint8).reshape(-1, 4096)
     frame = encode_pages(vpid, np.array(data, np.uint64), body, zero)
-    return [w.head("round", session, seq), w.frame(b"PAGE", frame), w.end({})]
+    return [w.head("round", session=session, seq=seq), w.frame(b"PAGE", frame), w.end({})]
 
 
 def test_store_is_a_parent_image_across_new_mappings(tmp_path: Path) -> None:
