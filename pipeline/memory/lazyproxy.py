@@ -226,7 +226,7 @@ class LazyProxy:
                         raise ConnectionError(f"unexpected request {cmd:#x} for pid {vpid}")
                     self._answer(conn, vpid, vaddr >> 12, min(nr, ANSWER_PAGES))
             except (OSError, ConnectionError) as e:
-                # Closing the daemon's connection makes it fail, which finish-target reports.
+                # Closing the daemon's connection makes it fail, which cleanup reports.
                 if not self.closing:
                     self._fail(self.error or f"the lazy-pages daemon's connection: {e}")
 

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -86,11 +86,25 @@ def test_the_mesh_certificate_is_answered(mesh: tuple[Path, Mesh]) -> None:
     assert isinstance(reply, bytes) and reply.startswith(b"HTTP/1.1 200"), reply
 
 
+def _assert_refused(m: Mesh, ask: Callable[[], bytes | Exception], alert: str) -> None:
+    """No HTTP answer, and the agent's log says it refused this handshake. TLS 1.3 checks the client's
+    certificate after the client's side of the handshake is done, so the agent's alert may reach us or our
+    request may meet the closed connection first; the agent's own log line is the proof that does not race."""
+    log_path = Path(m.hosts["local-1"].state_root) / "agent.log"
+    seen = len(log_path.read_text())  # the module's other tests share this agent: judge only what follows
+    reply = ask()
+    assert not (isinstance(reply, bytes) and b"HTTP/" in reply), reply
+    if isinstance(reply, Exception):
+        assert alert in str(reply).lower() or isinstance(reply, ssl.SSLEOFError | ConnectionError), reply
+    deadline = time.monotonic() + 10  # the agent logs from its handshake thread, maybe just after we return
+    while "refused" not in (log := log_path.read_text()[seen:]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "refused" in log and "certificate" in log.lower(), log
+
+
 def test_a_request_without_a_client_certificate_is_refused(mesh: tuple[Path, Mesh]) -> None:
     state, m = mesh
-    reply = _ask(m, "local-1", _no_cert_ctx(state))
-    assert not (isinstance(reply, bytes) and b"HTTP/" in reply), reply
-    assert isinstance(reply, Exception) and "certificate required" in str(reply).lower(), reply
+    _assert_refused(m, lambda: _ask(m, "local-1", _no_cert_ctx(state)), "certificate required")
     # Plain HTTP, no TLS at all: no answer either.
     sock = _open(m, "local-1")
     try:
@@ -107,18 +121,7 @@ def test_a_certificate_from_another_mesh_is_refused(mesh: tuple[Path, Mesh], oth
     state, m = mesh
     ctx = ssl.create_default_context(cafile=str(state / "ca" / "ca.pem"))
     ctx.load_cert_chain(str(other_mesh_identity.cert), str(other_mesh_identity.key))
-    log_path = Path(m.hosts["local-1"].state_root) / "agent.log"
-    seen = len(log_path.read_text())  # the module's other tests share this agent: judge only what follows
-    reply = _ask(m, "local-1", ctx)
-    # TLS 1.3 verifies the client's certificate after the client's side of the handshake is done: the
-    # agent's "unknown ca" alert may reach us, or our request may meet the closed connection first. Either
-    # way no HTTP answer comes, and the agent's log says why it refused (the proof that does not race).
-    assert isinstance(reply, Exception), reply
-    assert "unknown ca" in str(reply).lower() or isinstance(reply, ssl.SSLEOFError | ConnectionError), reply
-    deadline = time.monotonic() + 10  # the agent logs from its handshake thread, maybe just after we return
-    while "refused" not in (log := log_path.read_text()[seen:]) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert "refused" in log and "certificate" in log.lower(), log
+    _assert_refused(m, lambda: _ask(m, "local-1", ctx), "unknown ca")
 
 
 def test_an_agent_of_another_mesh_is_refused_by_our_side(
