@@ -27,11 +27,12 @@ from skyferry.pipeline.agent.holdback import Holdback
 from skyferry.pipeline.agent.host import POSTCOPY_TIMEOUT, Host
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.files import wire
-from skyferry.pipeline.files.fsync import FsApplier
+from skyferry.pipeline.files.applier import FsApplier
 from skyferry.pipeline.hostapi.spec import ContainerSpec
 from skyferry.pipeline.memory import hybrid
 from skyferry.pipeline.memory.lazypages import Pager
-from skyferry.pipeline.memory.precopy import HashTable, TargetStore
+from skyferry.pipeline.memory.pages import HashTable
+from skyferry.pipeline.memory.store import TargetStore
 
 
 class TargetSession:

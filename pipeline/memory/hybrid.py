@@ -27,13 +27,10 @@ import numpy as np
 import xxhash
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi.framing import FrameReader, FrameWriter
-from skyferry.pipeline.memory.policy import RoundStats
-from skyferry.pipeline.memory.precopy import (
+from skyferry.pipeline.memory.pages import (
     FORMAT,
     FRAME_PAGES,
     HashTable,
-    SourceEngine,
-    TargetStore,
     Transfer,
     decode_pages,
     encode_pages,
@@ -42,7 +39,10 @@ from skyferry.pipeline.memory.precopy import (
     page_hashes,
     write_file_frame,
 )
+from skyferry.pipeline.memory.policy import RoundStats
+from skyferry.pipeline.memory.precopy import SourceEngine
 from skyferry.pipeline.memory.procmem import PAGE, MemReader, process_tree, runs_of
+from skyferry.pipeline.memory.store import TargetStore
 
 CLEAN_HEAD = struct.Struct("<IQI")  # vpid, digest of the clean pages' hashes, runs
 KIND = "lazy-final"

@@ -11,7 +11,8 @@ from typing import Any
 
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.memory.lazyproxy import LazyProxy
-from skyferry.pipeline.memory.precopy import HashTable, TargetStore
+from skyferry.pipeline.memory.pages import HashTable
+from skyferry.pipeline.memory.store import TargetStore
 
 START_TIMEOUT_S = 10.0
 

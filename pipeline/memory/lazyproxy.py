@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 from skyferry.pipeline.criu import memimage
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.memory.precopy import HashTable, TargetStore, expand_runs
+from skyferry.pipeline.memory.pages import HashTable, expand_runs
 from skyferry.pipeline.memory.procmem import PAGE, runs_of
+from skyferry.pipeline.memory.store import TargetStore
 
 PSI = struct.Struct("<I4xQQQ")  # struct page_server_iov: cmd, nr_pages, vaddr, dst_id (the vpid)
 PS_IOV_GET, PS_IOV_ADD_F, PS_IOV_CLOSE, PS_IOV_FORCE_CLOSE = 7, 6, 0x1023, 0x1024

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.files.fsync import STAGING, FsApplier, FsStats, FsTracker, _info, _Writer
+from skyferry.pipeline.files.applier import FsApplier
+from skyferry.pipeline.files.fsync import STAGING, FsStats, FsTracker, _info, _Writer
 
 MB = 1 << 20
 

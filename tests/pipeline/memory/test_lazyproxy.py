@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from skyferry.pipeline.criu import memimage
 from skyferry.pipeline.memory.lazyproxy import ADD_PRESENT, PS_IOV_CLOSE, PS_IOV_GET, PSI, LazyProxy
-from skyferry.pipeline.memory.precopy import HashTable, TargetStore
+from skyferry.pipeline.memory.pages import HashTable
+from skyferry.pipeline.memory.store import TargetStore
 
 VPID = 1
 BASE = 0x7F0000000  # page number of the first lazy page (vaddr 0x7f0000000000)

@@ -25,9 +25,11 @@ import numpy as np
 import pytest
 from skyferry.pipeline.criu import memimage
 from skyferry.pipeline.hostapi.framing import FrameReader, FrameWriter, StreamError
+from skyferry.pipeline.memory.pages import FORMAT, encode_pages
 from skyferry.pipeline.memory.policy import ConvergencePolicy, RoundStats
-from skyferry.pipeline.memory.precopy import FORMAT, SourceEngine, TargetStore, encode_pages
+from skyferry.pipeline.memory.precopy import SourceEngine
 from skyferry.pipeline.memory.procmem import process_tree
+from skyferry.pipeline.memory.store import TargetStore
 
 CRIU = "/usr/local/sbin/criu"
 # Not imported from conftest.py: with several conftest.py files that module name is ambiguous.
