@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import shutil
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from skyferry.netplane import attach
 from skyferry.pipeline.agent import netlock
@@ -38,10 +39,16 @@ class HostConfig:
 
 
 class Session(Protocol):
-    """What the host knows of a session: that it can be closed. (The session modules import this one,
-    not the other way round, so each keeps its own type and the layers stay acyclic.)"""
+    """What the host knows of a session: the container it moves, and that it can be closed. (The session
+    modules import this one, not the other way round, so each keeps its own type and the layers stay
+    acyclic.)"""
+
+    name: str
 
     def close(self) -> None: ...
+
+
+S = TypeVar("S", bound=Session)
 
 
 class Host:
@@ -54,6 +61,16 @@ class Host:
         self.pool = ThreadPoolExecutor(4, thread_name_prefix="pager")  # target sessions start pagers here
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+
+    def session(self, sessions: dict[str, Session], kind: Callable[[Host, str, str], S], mig: str, name: str) -> S:
+        """The live session of migration `mig` in `sessions` (`sources` or `targets`), or a new one (first
+        use, or after an agent restart: then whatever the old one held is gone and the steps say so)."""
+        session = sessions.get(mig)
+        if session is None:
+            session = sessions[mig] = kind(self, mig, name)
+        elif session.name != name:
+            raise SkyferryError(f"migration {mig} moves {session.name!r} here, not {name!r}")
+        return session  # type: ignore[return-value]  # `sessions` holds only `kind`'s sessions
 
     def lock(self, name: str) -> threading.Lock:
         """One operation at a time per container (and so per migration session)."""

@@ -65,14 +65,8 @@ class SourceSession:
 
     @classmethod
     def of(cls, host: Host, mig: str, name: str) -> SourceSession:
-        """The live session of migration `mig` on this host, or a new one (first use, or after an agent
-        restart: then whatever the old one held is gone and the steps say so)."""
-        session = host.sources.get(mig)
-        if not isinstance(session, SourceSession):
-            session = host.sources[mig] = cls(host, mig, name)
-        elif session.name != name:
-            raise SkyferryError(f"migration {mig} moves {session.name!r} here, not {name!r}")
-        return session
+        """This host's session of migration `mig`, made on first use."""
+        return host.session(host.sources, cls, mig, name)
 
     def precopy(self, mem: Lane, fs: Lane, policy: ConvergencePolicy) -> dict[str, Any]:
         """Rounds while the container runs, until the policy stops them: memory, then the files of its

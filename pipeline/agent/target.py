@@ -47,14 +47,8 @@ class TargetSession:
 
     @classmethod
     def of(cls, host: Host, mig: str, name: str) -> TargetSession:
-        """The live session of migration `mig` on this host, or a new one (first use, or after an agent
-        restart: then whatever the old one held is gone and the steps say so)."""
-        session = host.targets.get(mig)
-        if not isinstance(session, TargetSession):
-            session = host.targets[mig] = cls(host, mig, name)
-        elif session.name != name:
-            raise SkyferryError(f"migration {mig} moves {session.name!r} here, not {name!r}")
-        return session
+        """This host's session of migration `mig`, made on first use."""
+        return host.session(host.targets, cls, mig, name)
 
     def prepare(self, spec: ContainerSpec) -> None:
         """The same netns and IP as on the source, locked inbound (from the cutover on, before the
