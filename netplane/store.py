@@ -12,7 +12,7 @@ import os
 import sqlite3
 import tomllib
 from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,10 @@ def connect(state: Path, schema: str = "") -> sqlite3.Connection:
     state = Path(state)
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = state / FILE
-    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))  # SQLite gives -wal and -shm the same mode
+    # Created here so it is 0600 from the start (SQLite gives -wal and -shm the same mode). Never open an
+    # existing database outside SQLite: closing that descriptor would drop this process's locks on it.
+    with suppress(FileExistsError):
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode=WAL")

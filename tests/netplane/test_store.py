@@ -5,6 +5,8 @@ import logging
 import multiprocessing
 import queue
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable
 from contextlib import closing
 from dataclasses import replace
@@ -309,3 +311,30 @@ def test_old_state_files_are_imported_once_and_renamed(
     assert "not imported" in caplog.text
     assert json.loads((tmp_path / "ipam.json.migrated").read_text()) == OLD_IPAM  # the first one is kept
     assert json.loads((tmp_path / "ipam.json.migrated.1").read_text())["allocations"] == {}
+
+
+def test_opening_the_store_again_keeps_this_process_locks(tmp_path: Path) -> None:
+    """A process holds a long-lived connection (Registry, Journal) and opens short ones (Mesh, Ipam).
+    If opening touched the file outside SQLite, closing that descriptor would drop the process's locks:
+    another process closing its last connection would then delete the WAL under the long-lived one,
+    whose later writes other processes would never see (so it failed before the fix)."""
+    held = store.connect(tmp_path)
+    held.execute("INSERT INTO mesh_homes VALUES ('100.64.0.5', 'local-1')")
+    Ipam(tmp_path).allocate("container:x")  # a short-lived connection in this process
+    _other_process(tmp_path, "Ipam(state).allocate('container:other')")
+    held.execute("INSERT INTO mesh_homes VALUES ('100.64.0.6', 'local-1')")
+    homes = _other_process(
+        tmp_path, "print(sorted(r[0] for r in store.connect(state).execute('SELECT ip FROM mesh_homes')))"
+    )
+    assert homes == str(["100.64.0.5", "100.64.0.6"])
+    held.close()
+
+
+def _other_process(state: Path, code: str) -> str:
+    prelude = (
+        "import sys\nfrom pathlib import Path\nfrom skyferry.netplane import store\n"
+        "from skyferry.netplane.ipam import Ipam\nstate = Path(sys.argv[1])\nHOMES = 'SELECT ip FROM mesh_homes'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", prelude + code, str(state)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
