@@ -1,19 +1,15 @@
-"""Overlay address management: host addresses and container /32s from one CIDR, persisted in ipam.json."""
+"""Overlay address management: host addresses and container /32s from one CIDR, kept in the store."""
 
-import fcntl
 import ipaddress
-import json
-import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+import sqlite3
 from pathlib import Path
-from typing import Any
 
+from . import store
 from .errors import NetplaneError
 
 DEFAULT_CIDR = "100.64.0.0/16"
-FILE = "ipam.json"
+SET_CIDR = "INSERT INTO ipam (id, cidr) VALUES (1,?) ON CONFLICT(id) DO UPDATE SET cidr=excluded.cidr, last=NULL"
+SET_LAST = "INSERT INTO ipam (id, cidr, last) VALUES (1,?,?) ON CONFLICT(id) DO UPDATE SET last=excluded.last"
 
 
 def parse_cidr(cidr: str) -> ipaddress.IPv4Network:
@@ -26,76 +22,52 @@ def parse_cidr(cidr: str) -> ipaddress.IPv4Network:
     return net
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write via a temp file and rename, so a crash never leaves a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class Ipam:
-    """Allocations live in `<state>/ipam.json` as {ip: owner}; every call locks, reads and writes it.
+    """Allocations are rows of `ipam_allocations` (ip, owner), one address per owner; every change is
+    one write transaction, so concurrent allocators never hand out the same address.
 
     Allocation walks forward from the last address handed out, so a released address is not handed
     out again until the range wraps; an address is never given out while someone holds it.
     """
 
     def __init__(self, state: Path, cidr: str | None = None) -> None:
-        self.path = Path(state) / FILE
-        self._lock_path = Path(state) / ".ipam.lock"
-        with self._locked() as data:
-            if cidr is not None and data["cidr"] != str(parse_cidr(cidr)):
-                if data["allocations"]:
+        self.state = Path(state)
+        wanted = str(parse_cidr(cidr)) if cidr is not None else None
+        with store.transaction(self.state, write=wanted is not None) as conn:
+            current = _cidr(conn)
+            if wanted is not None and wanted != current:
+                if conn.execute("SELECT 1 FROM ipam_allocations LIMIT 1").fetchone():
                     raise NetplaneError(
-                        f"IPAM in {state} already uses {data['cidr']}, not {cidr}",
+                        f"IPAM in {state} already uses {current}, not {cidr}",
                         hint="skyferry hosts down releases it",
                     )
-                data["cidr"] = str(parse_cidr(cidr))
-        self.network = parse_cidr(self._read()["cidr"])
+                conn.execute(SET_CIDR, (wanted,))
+                current = wanted
+        self.network = parse_cidr(current)
 
     @property
     def cidr(self) -> str:
         return str(self.network)
 
-    def _read(self) -> dict[str, Any]:
-        if not self.path.exists():
-            return {"cidr": DEFAULT_CIDR, "allocations": {}, "last": None}
-        return json.loads(self.path.read_text())
-
-    @contextmanager
-    def _locked(self) -> Iterator[dict[str, Any]]:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with open(self._lock_path, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            data = self._read()
-            before = json.dumps(data, sort_keys=True)
-            yield data
-            if json.dumps(data, sort_keys=True) != before:
-                write_json_atomic(self.path, data)
-
     def allocate(self, owner: str) -> str:
         """The address `owner` holds, or a fresh one; NetplaneError when the CIDR is full."""
-        with self._locked() as data:
-            held: dict[str, str] = data["allocations"]
-            for ip, who in held.items():
-                if who == owner:
-                    return ip
-            hosts = list(self.network.hosts())
+        with store.transaction(self.state) as conn:
+            row = conn.execute("SELECT ip FROM ipam_allocations WHERE owner=?", (owner,)).fetchone()
+            if row:
+                return str(row["ip"])
+            held = {r["ip"] for r in conn.execute("SELECT ip FROM ipam_allocations")}
+            first, count = int(self.network.network_address) + 1, self.network.num_addresses - 2
+            if self.network.prefixlen >= 31:  # no network or broadcast address to skip (RFC 3021)
+                first, count = int(self.network.network_address), self.network.num_addresses
+            last = conn.execute("SELECT last FROM ipam WHERE id=1").fetchone()
             start = 0
-            if data.get("last") is not None:
-                start = (int(ipaddress.ip_address(data["last"])) - int(hosts[0]) + 1) % len(hosts)
-            for i in range(len(hosts)):
-                ip = str(hosts[(start + i) % len(hosts)])
+            if last and last["last"] is not None:
+                start = (int(ipaddress.ip_address(last["last"])) - first + 1) % count
+            for i in range(count):
+                ip = str(ipaddress.IPv4Address(first + (start + i) % count))
                 if ip not in held:
-                    held[ip] = owner
-                    data["last"] = ip
+                    conn.execute("INSERT INTO ipam_allocations (ip, owner) VALUES (?,?)", (ip, owner))
+                    conn.execute(SET_LAST, (self.cidr, ip))
                     return ip
         raise NetplaneError(
             f"overlay CIDR {self.network} is full ({len(held)} addresses held)",
@@ -103,17 +75,31 @@ class Ipam:
         )
 
     def release(self, ip: str) -> None:
-        with self._locked() as data:
-            data["allocations"].pop(ip, None)
+        with store.transaction(self.state) as conn:
+            conn.execute("DELETE FROM ipam_allocations WHERE ip=?", (ip,))
 
     def owner_of(self, ip: str) -> str | None:
-        return self._read()["allocations"].get(ip)
+        with store.transaction(self.state, write=False) as conn:
+            row = conn.execute("SELECT owner FROM ipam_allocations WHERE ip=?", (ip,)).fetchone()
+        return str(row["owner"]) if row else None
 
     def lookup(self, owner: str) -> str | None:
-        for ip, who in self._read()["allocations"].items():
-            if who == owner:
-                return ip
-        return None
+        with store.transaction(self.state, write=False) as conn:
+            row = conn.execute("SELECT ip FROM ipam_allocations WHERE owner=?", (owner,)).fetchone()
+        return str(row["ip"]) if row else None
 
     def allocations(self) -> dict[str, str]:
-        return dict(self._read()["allocations"])
+        with store.transaction(self.state, write=False) as conn:
+            return {r["ip"]: r["owner"] for r in conn.execute("SELECT ip, owner FROM ipam_allocations")}
+
+    @classmethod
+    def drop(cls, state: Path) -> None:
+        """Forget every allocation and the CIDR (the mesh that used them is gone)."""
+        with store.transaction(state) as conn:
+            for table in store.IPAM_TABLES:
+                conn.execute(f"DELETE FROM {table}")
+
+
+def _cidr(conn: sqlite3.Connection) -> str:
+    row = conn.execute("SELECT cidr FROM ipam WHERE id=1").fetchone()
+    return str(row["cidr"]) if row else DEFAULT_CIDR

@@ -1,22 +1,21 @@
-"""The mesh description (`<state>/mesh.toml`): members, keys, endpoints, overlay CIDR, container homes.
+"""The mesh description: members, keys, endpoints, overlay CIDR, container homes (rows of the store).
 
-One readable file in the spirit of wg-quick drives the whole mesh; `peers()` derives every member's
-WireGuard peer list from it. The local provider also records the kernel objects and pids it created
-(`[local]`, `[wan]`) so `hosts down` removes exactly those.
+One description drives the whole mesh; `peers()` derives every member's WireGuard peer list from it.
+The local provider also records the kernel objects and pids it created (`local`, `wan`) so `hosts down`
+removes exactly those.
 """
 
-import os
-import tempfile
-import tomllib
-from dataclasses import asdict, dataclass, field, fields
+import json
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import tomli_w
-
+from . import store
 from .errors import NetplaneError
 
-FILE = "mesh.toml"
 CONTROLLER = "controller"
 DEFAULT_MTU = 1420
 DEFAULT_PORT = 51820
@@ -77,6 +76,7 @@ class Mesh:
     local: Local | None = None
     wan: Wan | None = None
     state: Path | None = field(default=None, compare=False, repr=False)  # where load()/save() last was
+    _clean: "_Rows | None" = field(default=None, init=False, compare=False, repr=False)
 
     @property
     def members(self) -> list[MeshHost]:
@@ -108,87 +108,152 @@ class Mesh:
         """(peer, endpoint, allowed-ips) for every other member, as `member`'s WireGuard should have them."""
         return [(p, self.peer_endpoint(member, p), self.allowed_ips(p)) for p in self.members if p.name != member.name]
 
-    # --- persistence -------------------------------------------------------------------------------
-
-    @classmethod
-    def path(cls, state: Path) -> Path:
-        return Path(state) / FILE
+    # --- persistence: rows of the store ------------------------------------------------------------
 
     @classmethod
     def exists(cls, state: Path) -> bool:
-        return cls.path(state).exists()
+        with store.transaction(state, write=False) as conn:
+            return conn.execute("SELECT 1 FROM mesh WHERE id=1").fetchone() is not None
 
     @classmethod
     def load(cls, state: Path) -> "Mesh":
-        path = cls.path(state)
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise NetplaneError(f"no mesh in {state}", hint="run skyferry hosts up --local") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise NetplaneError(f"{path} is not valid TOML: {exc}") from None
-        try:
-            mesh = cls._from_dict(data)
-        except (KeyError, TypeError) as exc:
-            raise NetplaneError(f"{path} is incomplete or malformed: {exc}") from None
-        mesh.state = Path(state)
+        """The mesh as one consistent snapshot of the document, its members and the homes."""
+        with store.transaction(state, write=False) as conn:
+            doc = conn.execute("SELECT * FROM mesh WHERE id=1").fetchone()
+            if doc is None:
+                raise NetplaneError(f"no mesh in {state}", hint="run skyferry hosts up --local")
+            rows = conn.execute("SELECT * FROM mesh_hosts ORDER BY rowid").fetchall()
+            homes = _read_homes(conn)
+        members = {r["name"]: MeshHost(**{c: r[c] for c in store.HOST_COLUMNS}) for r in rows}
+        if doc["controller"] not in members:
+            raise NetplaneError(f"the mesh in {state} has no controller {doc['controller']!r}")
+        mesh = cls(
+            name=doc["name"],
+            cidr=doc["cidr"],
+            mtu=doc["mtu"],
+            listen_port=doc["listen_port"],
+            backend=doc["backend"],
+            controller=members.pop(doc["controller"]),
+            hosts=members,
+            homes=homes,
+            local=Local(**json.loads(doc["local"])) if doc["local"] else None,
+            wan=Wan(**json.loads(doc["wan"])) if doc["wan"] else None,
+        )
+        mesh._mark_clean(Path(state))
         return mesh
 
-    @classmethod
-    def _from_dict(cls, data: dict[str, Any]) -> "Mesh":
-        def member(d: dict[str, Any]) -> MeshHost:
-            return MeshHost(**{f.name: d.get(f.name) for f in fields(MeshHost)})
-
-        return cls(
-            name=data["name"],
-            cidr=data["cidr"],
-            mtu=data.get("mtu", DEFAULT_MTU),
-            listen_port=data.get("listen_port", DEFAULT_PORT),
-            backend=data.get("backend", "wireguard-go"),
-            controller=member(data["controller"]),
-            hosts={name: member(h) for name, h in data.get("hosts", {}).items()},
-            homes=dict(data.get("homes", {})),
-            local=Local(**data["local"]) if "local" in data else None,
-            wan=Wan(**data["wan"]) if "wan" in data else None,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        def clean(d: dict[str, Any]) -> dict[str, Any]:  # TOML has no null
-            return {k: v for k, v in d.items() if v is not None}
-
-        data: dict[str, Any] = {
-            "name": self.name,
-            "cidr": self.cidr,
-            "mtu": self.mtu,
-            "listen_port": self.listen_port,
-            "backend": self.backend,
-        }
-        if self.local:
-            data["local"] = asdict(self.local)
-        if self.wan:
-            data["wan"] = clean(asdict(self.wan))
-        data["controller"] = clean(asdict(self.controller))
-        data["hosts"] = {name: clean(asdict(h)) for name, h in self.hosts.items()}
-        data["homes"] = dict(self.homes)
-        return data
-
     def save(self, state: Path) -> None:
-        """Write mesh.toml atomically (temp file + rename), mode 0600."""
-        path = self.path(state)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{FILE}.")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                tomli_w.dump(self.to_dict(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        self.state = Path(state)
+        """Upsert the rows that differ from what this object last loaded or saved there.
+
+        Rows it did not change are not written and rows it does not hold are not deleted, so a writer
+        never undoes another's change to a different member or home (removal: remove_host, remove_home).
+        """
+        state = Path(state)
+        clean = self._clean if self.state == state else None
+        with store.transaction(state) as conn:
+            if clean is None:
+                other = conn.execute("SELECT name FROM mesh WHERE id=1").fetchone()
+                if other and other["name"] != self.name:
+                    raise NetplaneError(f"mesh {other['name']} is already recorded in {state}", hint="hosts down first")
+            if clean is None or clean.doc != self._doc():
+                conn.execute(UPSERT_MESH, self._doc())
+            for m in self.members:
+                if clean is None or clean.members.get(m.name) != m:
+                    conn.execute(UPSERT_HOST, tuple(getattr(m, c) for c in store.HOST_COLUMNS))
+            for ip, host in self.homes.items():
+                if clean is None or clean.homes.get(ip) != host:
+                    conn.execute(UPSERT_HOME, (ip, host))
+        self._mark_clean(state)
 
     def persist(self) -> None:
         """Save to the state directory this mesh was loaded from or last saved to."""
         if self.state is not None:
             self.save(self.state)
+
+    def remove_host(self, name: str) -> MeshHost | None:
+        """Take `name` out of the mesh (its row included); returns it, or None if it was not a host."""
+        if self.state is not None:
+            with store.transaction(self.state) as conn:
+                conn.execute("DELETE FROM mesh_hosts WHERE name=?", (name,))
+            if self._clean:
+                self._clean.members.pop(name, None)
+        return self.hosts.pop(name, None)
+
+    def set_home(self, ip: str, host: str, then: Callable[[str | None], None] | None = None) -> str | None:
+        """Home `ip` on `host`; returns its previous home. `then(previous)` runs before the change is
+        committed, with every home fresh from the store and its write lock held, so a peer-list push
+        made there cannot race another writer's (it would route that writer's container back)."""
+        with self._homes_transaction() as conn:
+            previous = self.homes.get(ip)
+            self.homes[ip] = host
+            if then:
+                then(previous)
+            if conn:
+                conn.execute(UPSERT_HOME, (ip, host))
+        return previous
+
+    def remove_home(self, ip: str, then: Callable[[str | None], None] | None = None) -> str | None:
+        """Forget `ip`'s home (its row included); returns it. `then` as for set_home."""
+        with self._homes_transaction() as conn:
+            previous = self.homes.pop(ip, None)
+            if then:
+                then(previous)
+            if conn:
+                conn.execute("DELETE FROM mesh_homes WHERE ip=?", (ip,))
+        return previous
+
+    @classmethod
+    def delete(cls, state: Path) -> None:
+        """Remove the mesh from the store: its document, every member and every home."""
+        with store.transaction(state) as conn:
+            for table in store.MESH_TABLES:
+                conn.execute(f"DELETE FROM {table}")
+
+    @contextmanager
+    def _homes_transaction(self) -> Iterator[sqlite3.Connection | None]:
+        if self.state is None:  # a mesh never saved: nothing to share with other writers
+            yield None
+            return
+        with store.transaction(self.state) as conn:
+            self.homes = _read_homes(conn)
+            yield conn
+        if self._clean:
+            self._clean.homes = dict(self.homes)
+
+    def _doc(self) -> tuple[Any, ...]:
+        return (
+            self.name, self.cidr, self.mtu, self.listen_port, self.backend, self.controller.name,
+            json.dumps(asdict(self.local)) if self.local else None,
+            json.dumps(asdict(self.wan), sort_keys=True) if self.wan else None,
+        )  # fmt: skip
+
+    def _mark_clean(self, state: Path) -> None:
+        self.state = state
+        self._clean = _Rows(self._doc(), {m.name: replace(m) for m in self.members}, dict(self.homes))
+
+
+@dataclass
+class _Rows:
+    """What the store held for a Mesh when it last loaded or saved it: save writes only what differs."""
+
+    doc: tuple[Any, ...]
+    members: dict[str, MeshHost]
+    homes: dict[str, str]
+
+
+def _read_homes(conn: sqlite3.Connection) -> dict[str, str]:
+    return {r["ip"]: r["host"] for r in conn.execute("SELECT ip, host FROM mesh_homes ORDER BY rowid")}
+
+
+UPSERT_MESH = (
+    "INSERT INTO mesh (id, name, cidr, mtu, listen_port, backend, controller, local, wan) VALUES (1,?,?,?,?,?,?,?,?)"
+    " ON CONFLICT(id) DO UPDATE SET name=excluded.name, cidr=excluded.cidr, mtu=excluded.mtu,"
+    " listen_port=excluded.listen_port, backend=excluded.backend, controller=excluded.controller,"
+    " local=excluded.local, wan=excluded.wan"
+)
+UPSERT_HOST = (
+    store.INSERT_HOST
+    + " ON CONFLICT(name) DO UPDATE SET "
+    + ", ".join(f"{c}=excluded.{c}" for c in store.HOST_COLUMNS[1:])
+)
+UPSERT_HOME = "INSERT INTO mesh_homes (ip, host) VALUES (?,?) ON CONFLICT(ip) DO UPDATE SET host=excluded.host"

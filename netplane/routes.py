@@ -1,12 +1,8 @@
 """Which host a container /32 lives on, as every member's WireGuard peer list (allowed-ips) says."""
 
-import fcntl
 import ipaddress
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from pathlib import Path
 
 from . import wg
 from .errors import NetplaneError
@@ -81,38 +77,18 @@ def _check(mesh: Mesh, ip: str) -> str:
     return str(addr)
 
 
-@contextmanager
-def _homes_locked(mesh: Mesh) -> Iterator[None]:
-    """Serialise load-modify-apply-save of mesh.homes across threads and processes (parallel migrations).
-
-    Inside the lock, homes are re-read from disk: this Mesh may have been loaded before another
-    migration moved a container, and applying its stale homes would unroute that container.
-    """
-    if mesh.state is None:
-        yield
-        return
-    with open(Path(mesh.state) / ".mesh.lock", "a") as lockf:
-        fcntl.flock(lockf, fcntl.LOCK_EX)
-        if Mesh.exists(mesh.state):
-            mesh.homes = Mesh.load(mesh.state).homes
-        yield
-
-
 def publish(mesh: Mesh, ip: str, host: str) -> None:
-    """Route `ip`/32 to `host` on every member (and off its previous home), and persist it in mesh.homes."""
+    """Route `ip`/32 to `host` on every member (and off its previous home), and record it as its home."""
     ip = _check(mesh, ip)
     mesh.host(host)
-    with _homes_locked(mesh):
-        previous = mesh.homes.get(ip)
-        mesh.homes[ip] = host
-        apply(mesh, {host} | ({previous} if previous else set()))
-        mesh.persist()
+    mesh.set_home(ip, host, then=lambda previous: apply(mesh, {host} | ({previous} if previous else set())))
 
 
 def withdraw(mesh: Mesh, ip: str) -> None:
     """Stop routing `ip` anywhere in the mesh. Safe to repeat."""
-    with _homes_locked(mesh):
-        previous = mesh.homes.pop(ip, None)
+
+    def unroute(previous: str | None) -> None:
         if previous is not None:
             apply(mesh, {previous})
-            mesh.persist()
+
+    mesh.remove_home(ip, then=unroute)

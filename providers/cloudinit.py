@@ -1,7 +1,7 @@
 """cloud-init user-data that turns a fresh Debian 12 / Ubuntu 24.04 VM into a skyferry host.
 
 The controller renders one document per host. It carries the host's WireGuard private key, overlay
-address and peers (from `<state>/mesh.toml`) and its agent's TLS identity (signed by the mesh CA); the
+address and peers (from the mesh in `<state>/skyferry.db`) and its agent's TLS identity (signed by the mesh CA); the
 VM runs the repo's own scripts/bootstrap-host.sh (CRIU >= 4.2, WireGuard, runc), installs skyferry into
 /opt/skyferry, brings the overlay up with wg-quick and starts `skyferry agent` as a systemd unit. The
 host is ready when its agent answers over the overlay. docs/providers.md discusses the key trade-off.

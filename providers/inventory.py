@@ -1,4 +1,4 @@
-"""Hosts made elsewhere (Terraform) or by a provider, added to the mesh (`<state>/mesh.toml`).
+"""Hosts made elsewhere (Terraform) or by a provider, added to the mesh (its rows in `<state>/skyferry.db`).
 
 Terraform contract: the root module has an output `skyferry_hosts`, a list of objects with
 name, provider, plan, id, public_ip, private_ip, region, wireguard_port and wireguard_public_key
@@ -163,12 +163,11 @@ def leave(state: Path, names: list[str]) -> list[str]:
     ipam = Ipam(state)
     gone = [n for n in names if n in mesh.hosts and mesh.hosts[n].netns is None]
     for name in gone:
-        member = mesh.hosts.pop(name)
+        member = mesh.remove_host(name)
+        assert member is not None
         ipam.release(member.overlay_ip)
         if _controller_is_here(mesh):
             wg.wg(mesh.controller.netns, "set", mesh.controller.interface, "peer", member.public_key, "remove")
-    if gone:
-        mesh.save(state)
     return gone
 
 

@@ -3,7 +3,7 @@
 Layout for mesh id ID (docs/architecture.md): netns `ID-wan` holds bridge `br0` (the underlay switch,
 198.18.0.0/24) and the WAN delay relay; netns `ID-ctl` is the controller's member; host `local-K` is
 netns `ID-local-K` with underlay veth `ul0` and WireGuard interface `ID-wgK`. Everything created is
-named with ID or recorded (pids) in mesh.toml, so `down` removes exactly this mesh and nothing else.
+named with ID or recorded (pids) in the mesh's rows of the store, so `down` removes exactly this mesh and nothing else.
 """
 
 import builtins
@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from pyroute2 import IPRoute
-from skyferry.netplane import netns, routes, wan, wg
+from skyferry.netplane import netns, routes, store, wan, wg
 from skyferry.netplane.errors import NetplaneError
 from skyferry.netplane.ipam import DEFAULT_CIDR, Ipam, parse_cidr
 from skyferry.netplane.mesh import CONTROLLER, DEFAULT_MTU, DEFAULT_PORT, Local, Mesh, MeshHost, Wan
@@ -283,10 +283,9 @@ class LocalProvider:
             if Path(m.state_root).exists():
                 shutil.rmtree(m.state_root)
                 removed.append(f"dir {m.state_root}")
-        for f in ("mesh.toml", "ipam.json", ".ipam.lock"):
-            if (self.state / f).exists():
-                (self.state / f).unlink()
-                removed.append(f"file {self.state / f}")
+        Mesh.delete(self.state)
+        Ipam.drop(self.state)
+        removed.append(f"mesh {mesh.name} and its overlay addresses from {self.state / store.FILE}")
         hosts_dir = self.state / "hosts"
         if hosts_dir.exists() and not any(hosts_dir.iterdir()):
             hosts_dir.rmdir()

@@ -1,7 +1,13 @@
-"""The controller's SQLite database (`<state>/journal.db`): the container registry and the journal."""
+"""The controller's tables in the one store (`<state>/skyferry.db`, opened by netplane.store).
+
+Every schema the controller owns is here: the container registry, the journal and the cloud-exit
+plans' progress. netplane's own tables (IPAM, the mesh) live in the same file, defined in netplane.store.
+"""
 
 import sqlite3
 from pathlib import Path
+
+from skyferry.netplane import store
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS containers (
@@ -16,13 +22,14 @@ CREATE TABLE IF NOT EXISTS transitions (
   seq INTEGER PRIMARY KEY AUTOINCREMENT, migration TEXT NOT NULL REFERENCES migrations(id),
   stage TEXT NOT NULL, status TEXT NOT NULL, at REAL NOT NULL, detail TEXT
 );
+CREATE TABLE IF NOT EXISTS exit_progress (
+  plan TEXT NOT NULL, step TEXT NOT NULL, status TEXT NOT NULL, detail TEXT, updated REAL NOT NULL,
+  PRIMARY KEY (plan, step)
+);
 """
 
 
 def connect(state: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(state / "journal.db", timeout=30, isolation_level=None)
-    conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")  # a recorded transition survives a power cut
-    conn.executescript(SCHEMA)
-    return conn
+    """A connection to the store with the controller's tables; autocommit, `store.immediate` to write
+    after reading."""
+    return store.connect(state, SCHEMA)

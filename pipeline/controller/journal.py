@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from skyferry.netplane import store
 from skyferry.pipeline.controller import db
 from skyferry.pipeline.errors import SkyferryError
 
@@ -45,19 +46,20 @@ class Journal:
         self.conn = db.connect(state)
 
     def begin(self, container: str, source: str, target: str, mode: str) -> Migration:
-        active = self.active_for(container)
-        if active is not None:
-            raise SkyferryError(
-                f"container {container!r} is already in migration {active.id} ({active.state})",
-                hint=f"skyferry migrations resume {active.id}  or  skyferry migrations rollback {active.id}",
+        with store.immediate(self.conn):  # two controllers must not both start moving one container
+            active = self.active_for(container)
+            if active is not None:
+                raise SkyferryError(
+                    f"container {container!r} is already in migration {active.id} ({active.state})",
+                    hint=f"skyferry migrations resume {active.id}  or  skyferry migrations rollback {active.id}",
+                )
+            mig_id = time.strftime("m%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+            now = time.time()
+            self.conn.execute(
+                "INSERT INTO migrations (id, container, source, target, mode, state, started, updated, pid)"
+                " VALUES (?,?,?,?,?,?,?,?,?)",
+                (mig_id, container, source, target, mode, "running", now, now, os.getpid()),
             )
-        mig_id = time.strftime("m%Y%m%d-%H%M%S-") + secrets.token_hex(2)
-        now = time.time()
-        self.conn.execute(
-            "INSERT INTO migrations (id, container, source, target, mode, state, started, updated, pid)"
-            " VALUES (?,?,?,?,?,?,?,?,?)",
-            (mig_id, container, source, target, mode, "running", now, now, os.getpid()),
-        )
         return self.get(mig_id)
 
     def get(self, mig_id: str) -> Migration:
@@ -81,18 +83,20 @@ class Journal:
 
     def claim(self, mig_id: str) -> None:
         """Take over a migration whose controller is gone; refuse if it is still alive."""
-        mig = self.get(mig_id)
-        if mig.state == "running" and mig.pid and mig.pid != os.getpid() and _alive(mig.pid):
-            raise SkyferryError(f"migration {mig_id} is being driven by process {mig.pid}")
-        self.conn.execute("UPDATE migrations SET pid=?, updated=? WHERE id=?", (os.getpid(), time.time(), mig_id))
+        with store.immediate(self.conn):  # of two claimants, the second sees the first's pid
+            mig = self.get(mig_id)
+            if mig.state == "running" and mig.pid and mig.pid != os.getpid() and _alive(mig.pid):
+                raise SkyferryError(f"migration {mig_id} is being driven by process {mig.pid}")
+            self.conn.execute("UPDATE migrations SET pid=?, updated=? WHERE id=?", (os.getpid(), time.time(), mig_id))
 
     def transition(self, mig_id: str, stage: str, status: str, detail: Any = None) -> None:
         now = time.time()
-        self.conn.execute(
-            "INSERT INTO transitions (migration, stage, status, at, detail) VALUES (?,?,?,?,?)",
-            (mig_id, stage, status, now, json.dumps(detail) if detail is not None else None),
-        )
-        self.conn.execute("UPDATE migrations SET updated=? WHERE id=?", (now, mig_id))
+        with store.immediate(self.conn):
+            self.conn.execute(
+                "INSERT INTO transitions (migration, stage, status, at, detail) VALUES (?,?,?,?,?)",
+                (mig_id, stage, status, now, json.dumps(detail) if detail is not None else None),
+            )
+            self.conn.execute("UPDATE migrations SET updated=? WHERE id=?", (now, mig_id))
 
     def transitions(self, mig_id: str) -> list[dict[str, Any]]:
         rows = self.conn.execute(

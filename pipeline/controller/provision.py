@@ -2,7 +2,7 @@
 what a cloud-exit plan's provisioning step calls.
 
 A cloud host joins the mesh in the controller's state: the controller gives it a WireGuard key, an
-overlay address and a TLS identity in its cloud-init user-data, and records it in mesh.toml once it has
+overlay address and a TLS identity in its cloud-init user-data, and records it in the mesh once it has
 an address. docs/providers.md explains the choices.
 """
 

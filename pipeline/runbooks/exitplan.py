@@ -14,7 +14,7 @@
 The run: provision the target capacity (and make sure its agents answer), then per wave: test-cut every
 container (a clone on its target, checked, discarded), cut them over for real, verify health on the
 target; finally decommission the source hosts if the plan says so. Progress is kept per plan name in
-the controller's SQLite (`exit_progress`); a re-run skips every step recorded as done, so a finished
+the controller's store (table `exit_progress`); a re-run skips every step recorded as done, so a finished
 wave is never repeated, and a half-done wave continues from the journal (pipeline/evacuate.move).
 """
 
@@ -44,12 +44,6 @@ from skyferry.providers.registry import NAMES, get_provider
 
 NAME = r"^[a-z0-9][a-z0-9_-]{0,39}$"
 PLAN_NAME = r"^[a-z][a-z0-9-]{0,39}$"  # it also names (and tags) the cloud hosts provisioned for the plan
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS exit_progress (
-  plan TEXT NOT NULL, step TEXT NOT NULL, status TEXT NOT NULL, detail TEXT, updated REAL NOT NULL,
-  PRIMARY KEY (plan, step)
-);
-"""
 Progress = Callable[[str], None]
 
 
@@ -259,7 +253,6 @@ class Steps:
 
     def __init__(self, state: Path, plan: str) -> None:
         self.conn = db.connect(state)
-        self.conn.executescript(SCHEMA)
         self.plan = plan
 
     def get(self, step: str) -> dict[str, Any] | None:

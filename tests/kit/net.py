@@ -3,17 +3,18 @@
 import ipaddress
 import itertools
 import socket
+import sqlite3
 import statistics
 import struct
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyroute2 import IPRoute
-from skyferry.netplane import netns, wg
+from skyferry.netplane import netns, store, wg
 from skyferry.netplane.mesh import Mesh
 from skyferry.netplane.netns import in_netns
 from skyferry.netplane.wan import WanSpec
@@ -175,6 +176,20 @@ def stream(ns: str, address: str, port: int, interval: float) -> Iterator[Stream
         s.stop.set()
         thread.join(timeout=15)
         sock.close()
+
+
+def state_left(state: Path) -> list[str]:
+    """What a torn-down mesh left in its state directory: any file but the store, any row in the store."""
+    database = (store.FILE, f"{store.FILE}-wal", f"{store.FILE}-shm")
+    found = [f"file {p.name}" for p in state.iterdir() if p.name not in database]
+    if (state / store.FILE).exists():
+        with closing(sqlite3.connect(state / store.FILE)) as conn:
+            tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+            assert set(store.MESH_TABLES + store.IPAM_TABLES) <= set(tables)  # positive control: the right file
+            for table in tables:
+                if (rows := conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]) and table != "sqlite_sequence":
+                    found.append(f"{rows} rows in {table}")
+    return found
 
 
 def leftovers(run_id: str, cidr: str = "100.64.0.0/16") -> list[str]:

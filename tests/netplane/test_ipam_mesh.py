@@ -1,11 +1,13 @@
 """IPAM and the mesh description: pure file logic, no kernel objects."""
 
 import ipaddress
-import json
+import sqlite3
 import threading
+from contextlib import closing
 from pathlib import Path
 
 import pytest
+from skyferry.netplane import store
 from skyferry.netplane.errors import NetplaneError
 from skyferry.netplane.ipam import Ipam
 from skyferry.netplane.mesh import Mesh, MeshHost, Wan
@@ -20,7 +22,8 @@ def test_ipam_allocates_unique_persistent_addresses(tmp_path: Path) -> None:
     reopened = Ipam(tmp_path)  # persisted, CIDR included
     assert reopened.cidr == "10.77.0.0/24"
     assert reopened.owner_of(b) == "container:b" and reopened.lookup("host:a") == a
-    assert json.loads((tmp_path / "ipam.json").read_text())["allocations"][a] == "host:a"
+    with closing(sqlite3.connect(tmp_path / store.FILE)) as conn:  # in the file, not only in this process
+        assert conn.execute("SELECT owner FROM ipam_allocations WHERE ip=?", (a,)).fetchone() == ("host:a",)
 
 
 def test_ipam_never_reuses_a_held_address_and_reports_full(tmp_path: Path) -> None:
@@ -73,7 +76,7 @@ def _member(name: str, ip: str, port: str) -> MeshHost:
     return MeshHost(name, ip, f"198.18.0.{port}:51820", f"key-{name}", f"m-{name}", f"m-{name}", f"/s/{name}", "local")
 
 
-def test_mesh_round_trips_through_toml_and_derives_peers(tmp_path: Path) -> None:
+def test_mesh_round_trips_through_the_store_and_derives_peers(tmp_path: Path) -> None:
     mesh = Mesh(
         name="m1",
         cidr="100.64.0.0/16",

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from kit.net import leftovers, mesh_up, rtt
+from kit.net import leftovers, mesh_up, rtt, state_left
 from pyroute2 import IPRoute
 from skyferry.netplane import netns, wg
 from skyferry.netplane.errors import NetplaneError
@@ -67,7 +67,7 @@ def test_down_removes_everything_and_is_idempotent(state: Path, run_id: str) -> 
     assert LocalProvider(state).down() == []
     assert leftovers(run_id) == []
     assert not any(wg.process_matches(p, run_id) for p in pids)
-    assert sorted(p.name for p in state.iterdir()) == []
+    assert state_left(state) == []  # no file but the store, and nothing in it
 
 
 def test_a_failing_test_leaves_nothing_behind(state: Path, run_id: str) -> None:
@@ -78,7 +78,7 @@ def test_a_failing_test_leaves_nothing_behind(state: Path, run_id: str) -> None:
 
 def _assert_nothing_built(state: Path, run_id: str) -> None:
     assert leftovers(run_id) == []
-    assert not Mesh.exists(state) and not (state / "ipam.json").exists() and not (state / "hosts").exists()
+    assert not Mesh.exists(state) and state_left(state) == []  # no mesh, no address, no hosts/ dir
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ SKYFERRY = str(Path(sys.executable).with_name("skyferry"))
 
 @pytest.fixture
 def mesh(state: Path, run_id: str) -> Mesh:
-    """A mesh whose controller is a remote machine (no netns here): joining only edits mesh.toml."""
+    """A mesh whose controller is a remote machine (no netns here): joining only edits the mesh in the store."""
     _, public = new_wireguard_key()
     controller = MeshHost(
         name="controller", overlay_ip=Ipam(state).allocate("host:controller"), endpoint="203.0.113.1:51820",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from kit.mesh import local_mesh
-from skyferry.netplane import netns
+from skyferry.netplane import netns, store
 from skyferry.netplane.mesh import Mesh
 from skyferry.netplane.netns import in_netns
 from skyferry.pipeline.controller import agentctl, containers, db, migration
@@ -265,11 +265,11 @@ def _fstype(path: Path) -> str:
 
 def _files_containing(root: Path, needle: bytes) -> list[Path]:
     """Files below root holding `needle`. SQLite files are left out: closing any descriptor of a database
-    file drops this process's POSIX locks on it, which breaks the open connections; the journal's tables
+    file drops this process's POSIX locks on it, which breaks the open connections; the store's tables
     are checked through SQL instead."""
     found = []
     for p in root.rglob("*"):
-        if p.name.startswith("journal.db"):
+        if p.name.startswith(store.FILE):
             continue
         try:
             if p.is_file() and not p.is_symlink() and needle in p.read_bytes():
@@ -320,15 +320,19 @@ def test_images_hold_secrets_live_on_tmpfs_only_and_are_wiped(
         for root in (IMAGES_TMPFS / m.name / "local-1", IMAGES_TMPFS / m.name / "local-2"):
             assert not (root / mig_id).exists(), f"images of {mig_id} outlived the migration on {root.name}"
         assert not [p for p in state.rglob("*.img")], "an image file reached persistent state"
-        # Where the secret may be: the container's own spec (the registry table of journal.db, the host's
-        # spec.json and runc bundle config.json). Nowhere else on disk, and not in the journal's tables.
+        # Where the secret may be: the container's own spec (the store's `containers` table, the host's
+        # spec.json and runc bundle config.json). Nowhere else on disk, and in no other table of the store.
         holding = [p.relative_to(state) for p in _files_containing(state, secret.encode())]
         allowed = {"config.json", "spec.json"}
         assert [p for p in holding if p.name not in allowed] == [], holding
         conn = db.connect(state)
-        for table in ("migrations", "transitions"):
-            rows = json.dumps([dict(r) for r in conn.execute(f"SELECT * FROM {table}")])
-            assert secret not in rows and "SF_TOKEN" not in rows, f"the secret is in the journal's {table}"
+        tables = [r["name"] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        assert {"containers", "migrations", "transitions", "mesh_hosts", "ipam_allocations"} <= set(tables)
+        dump = {t: json.dumps([dict(r) for r in conn.execute(f"SELECT * FROM {t}")]) for t in tables}
+        assert secret in dump["containers"]  # positive control: the search reads the rows that hold the spec
+        for table, rows in dump.items():
+            if table != "containers":
+                assert secret not in rows and "SF_TOKEN" not in rows, f"the secret is in the store's table {table}"
         shown = subprocess.run([SKYFERRY, "migrations", "show", mig_id, "--json"], capture_output=True, text=True)
         listed = subprocess.run([SKYFERRY, "migrations", "ls", "--json"], capture_output=True, text=True)
         assert shown.returncode == 0 and listed.returncode == 0, shown.stderr + listed.stderr
