@@ -2,6 +2,7 @@
 
 import os
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -99,7 +100,9 @@ def test_cutover_during_ping_and_tcp_stream(local_mesh: Callable[..., Mesh], sta
     """A client on local-3 pings the container and streams to it while its /32 moves local-1 -> local-2.
 
     The container's netns (and the server in it) stays put; its link moves from local-1 to local-2,
-    as if CRIU had restored it there. The route cutover must lose at most one ping interval.
+    as if CRIU had restored it there. Pings can be lost only while the link is between hosts and the
+    routes are switching: none sent before the move or after the cutover. (How long the switch takes
+    depends on how busy the machine is: netlink calls and one `wg set` per member; `took` bounds it.)
     """
     mesh = local_mesh(3)
     src, tgt, client = (mesh.host(h).netns for h in ("local-1", "local-2", "local-3"))
@@ -110,10 +113,12 @@ def test_cutover_during_ping_and_tcp_stream(local_mesh: Callable[..., Mesh], sta
         try:
             tcp.stop.wait(1.0)
             before = len(tcp.echoed)
+            t_move = time.perf_counter()  # the Pinger's clock
             _move_link(ns, src, tgt)
             attach.attach(ns, ip, host_netns=tgt, route=False)  # proxy ARP on the new host end
             attach.set_route(ns, ip, True, host_netns=tgt)
             took = cutover(mesh, ip, "local-1", "local-2")
+            t_switched = time.perf_counter()
             tcp.stop.wait(1.5)
         finally:
             pinger.stop()
@@ -121,7 +126,10 @@ def test_cutover_during_ping_and_tcp_stream(local_mesh: Callable[..., Mesh], sta
         assert len(tcp.echoed) > before + 20  # the same connection kept going after the move
         assert [n for n, _ in tcp.echoed] == list(range(len(tcp.echoed)))
     print(f"cutover {took * 1000:.1f} ms, lost pings {pinger.lost}, max TCP echo gap {tcp.max_gap() * 1000:.0f} ms")
-    assert len(pinger.lost) <= 1, f"lost pings {pinger.lost}"
+    # A ping sent just before the move may still be in flight to local-1 when its link goes.
+    outside = [n for n in pinger.lost if not t_move - interval <= pinger.sent[n] <= t_switched]
+    assert outside == [], f"lost pings {pinger.lost}, of which {outside} outside the switch"
+    assert len(pinger.lost) <= 1 + (t_switched - t_move) / interval, f"lost pings {pinger.lost}"
     assert len(pinger.sent) >= 20
     assert took < 1.0
     assert Mesh.load(state).homes[ip] == "local-2"
