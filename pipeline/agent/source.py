@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from skyferry.pipeline import proctree
 from skyferry.pipeline.agent import netlock
 from skyferry.pipeline.agent.holdback import Holdback
 from skyferry.pipeline.agent.host import POSTCOPY_TIMEOUT, Host
@@ -78,7 +79,7 @@ class SourceSession:
             raise SkyferryError(f"container {self.name!r} is not running on {self.host.cfg.name}")
         engine = self.engine = SourceEngine(int(state["pid"]))
         tracker = self.tracker = FsTracker(runtime.payload(self.name))
-        _prewarm(self.dir / "images", _tree_rss(int(state["pid"])))
+        _prewarm(self.dir / "images", proctree.tree_rss(int(state["pid"])))
         fs_rounds = []
         while True:
             mem.upload("precopy-round", engine.round())
@@ -204,7 +205,7 @@ class SourceSession:
         if self.tracker is None:
             return None
         state = self.host.rt(self.name).state(self.name) or {}
-        pids = _tree(int(state["pid"])) if state.get("pid") else []
+        pids = proctree.descendants(int(state["pid"])) if state.get("pid") else []
         return self.tracker.final(stats, pids=pids)
 
     def _hand_over(self, lane: Lane) -> int:
@@ -273,32 +274,6 @@ class SourceSession:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             netlock.clear_criu_lock(self.host.netns(self.name))
-
-
-def _tree(pid: int) -> list[int]:
-    """A process and all its descendants."""
-    found, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        found.append(p)
-        try:
-            for task in Path(f"/proc/{p}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-        except FileNotFoundError:
-            continue
-    return found
-
-
-def _tree_rss(pid: int) -> int:
-    """Resident bytes of a process and its descendants: about what a full dump will write."""
-    total = 0
-    for p in _tree(pid):
-        try:
-            status = Path(f"/proc/{p}/status").read_text()
-        except FileNotFoundError:
-            continue
-        total += next((int(ln.split()[1]) * 1024 for ln in status.splitlines() if ln.startswith("VmRSS:")), 0)
-    return total
 
 
 def _prewarm(directory: Path, size: int) -> None:

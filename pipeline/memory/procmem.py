@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from skyferry.pipeline import proctree
 from skyferry.pipeline.errors import SkyferryError
 
 PAGE = 4096
@@ -61,19 +62,14 @@ class Proc:
 
 def process_tree(root_pid: int) -> list[Proc]:
     """The root and all its descendants, parents before children."""
-    out: list[Proc] = []
-    todo = [root_pid]
-    while todo:
-        pid = todo.pop(0)
+    out = []
+    for pid in proctree.descendants(root_pid):
         try:
             out.append(Proc(pid, _nspid(pid)))
-            for task in Path(f"/proc/{pid}/task").iterdir():
-                todo.extend(int(c) for c in (task / "children").read_text().split())
         except FileNotFoundError:
-            if pid == root_pid:
-                raise SkyferryError(
-                    f"process {root_pid} does not exist", hint="pass the container's root PID"
-                ) from None
+            continue  # exited meanwhile
+    if not out or out[0].pid != root_pid:
+        raise SkyferryError(f"process {root_pid} does not exist", hint="pass the container's root PID")
     return out
 
 

@@ -31,6 +31,7 @@ from skyferry.pipeline.controller.journal import Journal
 from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.controller.stages import FREEZE_FROM, FREEZE_TO
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.proctree import tree_rss
 from skyferry.pipeline.scenarios import demo as scenario
 from skyferry.pipeline.scenarios.benchreport import (
     BASELINE,
@@ -444,21 +445,6 @@ def _pid(state: Path, name: str) -> int:
     if not row.get("pid"):
         raise SkyferryError(f"bench container {name!r} is {row.get('state', 'gone')}")
     return int(row["pid"])
-
-
-def tree_rss(pid: int) -> int:
-    """Resident bytes of a process and its descendants."""
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            status = Path(f"/proc/{p}/status").read_text()
-            for task in Path(f"/proc/{p}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        total += next((int(ln.split()[1]) * 1024 for ln in status.splitlines() if ln.startswith("VmRSS:")), 0)
-    return total
 
 
 def _wait_touched(state: Path, name: str, size: int, timeout: float) -> None:
