@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pyroute2 import IPRoute
 from skyferry.netplane import netns, store, wg
@@ -221,3 +222,10 @@ def mesh_up(state: Path, run_id: str, count: int, wan: str | None = None, cidr: 
         yield mesh
     finally:
         provider.down()
+
+
+def host_routes(ipr: Any, ip: str) -> list[int]:
+    """Output interfaces of the /32 routes for `ip` in the main table (a dump: `dst=` would do a lookup)."""
+    return [
+        r.get("RTA_OIF") for r in ipr.get_routes(family=2, table=254) if r["dst_len"] == 32 and r.get("RTA_DST") == ip
+    ]
