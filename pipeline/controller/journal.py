@@ -85,7 +85,7 @@ class Journal:
         """Take over a migration whose controller is gone; refuse if it is still alive."""
         with store.immediate(self.conn):  # of two claimants, the second sees the first's pid
             mig = self.get(mig_id)
-            if mig.state == "running" and mig.pid and mig.pid != os.getpid() and _alive(mig.pid):
+            if mig.state == "running" and mig.pid and mig.pid != os.getpid() and pid_alive(mig.pid):
                 raise SkyferryError(f"migration {mig_id} is being driven by process {mig.pid}")
             self.conn.execute("UPDATE migrations SET pid=?, updated=? WHERE id=?", (os.getpid(), time.time(), mig_id))
 
@@ -129,7 +129,8 @@ class Journal:
         )
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` still runs (a migration whose driving controller died is unowned)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -7,7 +7,6 @@ migration the interruption left half done is finished from the journal (resumed,
 tried again) before anything new starts.
 """
 
-import os
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -17,7 +16,7 @@ from skyferry.netplane.errors import NetplaneError
 from skyferry.netplane.mesh import Mesh
 from skyferry.netplane.wan import WanSpec
 from skyferry.pipeline.controller import migration
-from skyferry.pipeline.controller.journal import TERMINAL, Journal, Migration
+from skyferry.pipeline.controller.journal import TERMINAL, Journal, Migration, pid_alive
 from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.runbooks import ingress, placement
@@ -68,16 +67,8 @@ def interrupted(state: Path) -> list[Migration]:
     return [
         m
         for m in Journal(state).all()
-        if m.state not in TERMINAL and m.container in known and not (m.pid and _alive(m.pid))
+        if m.state not in TERMINAL and m.container in known and not (m.pid and pid_alive(m.pid))
     ]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _finish(state: Path, mig_id: str, progress: Callable[[str], None]) -> dict[str, Any]:
