@@ -7,7 +7,6 @@ for the caller to compare. TLS already protects the link; the checks also catch 
 File rounds (fsync.py) carry their tars the same way, through `ChunkSink` and `DataFile`.
 """
 
-import contextlib
 import io
 import shutil
 import tarfile
@@ -112,19 +111,10 @@ def encode(dirs: dict[str, Path], stats: StreamStats) -> Iterator[bytes]:
 
 
 def decode(stream: BinaryIO, dirs: dict[str, Path], stats: StreamStats) -> None:
-    """Unpack a stream made by `encode` into `dirs` (archive name -> destination directory).
-
-    A refused stream is still read to its end: the frames catch damage early, but the sender learns why
-    only if it gets to finish sending and read this side's answer, not a reset connection.
-    """
+    """Unpack a stream made by `encode` into `dirs` (archive name -> destination directory). A damaged
+    frame is refused at once; the sender reads this side's answer (hostapi/client.py), not a reset."""
     reader = FrameReader(iter(lambda: stream.read(CHUNK), b""), FORMAT)
-    try:
-        _unpack(reader, dirs)
-    except SkyferryError:
-        with contextlib.suppress(OSError, ValueError, SkyferryError):  # a broken transport: stop here
-            while stream.read(CHUNK):
-                pass
-        raise
+    _unpack(reader, dirs)
     stats.bytes_wire = reader.bytes_in
     stats.sha256 = reader.digest
 
