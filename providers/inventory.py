@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from skyferry.netplane import netns, routes, wg
+from skyferry.netplane import netns, routes
 from skyferry.netplane.ipam import Ipam
 from skyferry.netplane.mesh import Mesh, MeshHost
 
@@ -167,7 +167,7 @@ def leave(state: Path, names: list[str]) -> list[str]:
         assert member is not None
         ipam.release(member.overlay_ip)
         if _controller_is_here(mesh):
-            wg.wg(mesh.controller.netns, "set", mesh.controller.interface, "peer", member.public_key, "remove")
+            routes.here(mesh.controller, routes.PeerUpdate(remove=[member.public_key]))
     return gone
 
 
@@ -177,5 +177,4 @@ def _controller_is_here(mesh: Mesh) -> bool:
 
 def _tell_controller(mesh: Mesh, names: set[str]) -> None:
     if _controller_is_here(mesh):
-        args = routes.peer_args(mesh, mesh.controller, only=names)
-        wg.wg(mesh.controller.netns, "set", mesh.controller.interface, *args)
+        routes.here(mesh.controller, routes.desired(mesh, mesh.controller, only=names))

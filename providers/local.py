@@ -239,8 +239,9 @@ class LocalProvider:
             _wireguard(mesh, m, ipaddress.ip_network(mesh.cidr).prefixlen)
         if self.wan_spec and mesh.wan:
             self._wan(mesh, self.wan_spec)
-        routes.apply(mesh, keepalive=False)
-        routes.apply(mesh)  # now every member knows every peer: start the handshakes
+        # No agent runs yet: the provider that made these namespaces configures them, as cloud-init would.
+        routes.apply(mesh, routes.here, keepalive=False)
+        routes.apply(mesh, routes.here)  # now every member knows every peer: start the handshakes
         routes.wait_handshakes(mesh)
         mesh.persist()
 

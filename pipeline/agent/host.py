@@ -36,6 +36,7 @@ class HostConfig:
     state_root: Path
     overlay_ip: str
     mtu: int = 1420
+    wg_interface: str = "skyferry"  # this host's WireGuard interface, which only its own agent configures
 
 
 class Session(Protocol):

@@ -10,6 +10,7 @@ Routes (JSON in, JSON out; errors are {"error", "hint"} with 4xx/5xx):
   GET    /v1/containers/NAME/logs           raw log bytes
   DELETE /v1/containers/NAME                stop and remove
   POST   /v1/containers/NAME/route          {"present": bool}: this host's /32 route to the container
+  PUT    /v1/mesh/peers                     {"peers", "remove"}: this host's WireGuard peers (routes.PeerUpdate)
   POST   /v1/migrations/ID/OP               OP is a step of the source (SOURCE_OPS: SourceSession's methods),
                                             of the target (TARGET_OPS: TargetSession's), or a test-cutover
                                             clone-* operation (pipeline/agent/clone.py)
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
+from skyferry.netplane import routes
 from skyferry.pipeline.agent import capacity, clone, facts
 from skyferry.pipeline.agent.host import Host, HostConfig
 from skyferry.pipeline.agent.source import Lane, SourceSession
@@ -125,6 +127,9 @@ class Agent:
                 with host.lock(name):
                     host.remove(name)
                 return {"removed": name}
+            case "PUT", ["mesh", "peers"]:
+                routes.configure(None, host.cfg.wg_interface, routes.PeerUpdate.model_validate(body))
+                return {"ok": True}
             case "POST", ["migrations", mig, op] if MIGRATION_ID.fullmatch(mig):  # not `..`: it names a dir
                 return self._step(mig, op, body)
         raise _NotFound(f"no route {method} {path}")

@@ -20,6 +20,7 @@ def agent(
     listen: str = typer.Option("", help="This host's overlay address; the agent binds nowhere else."),
     port: int = typer.Option(AGENT_PORT, help="TCP port."),
     mtu: int = typer.Option(1420, help="Overlay MTU, for container interfaces."),
+    wg_interface: str = typer.Option("skyferry", help="This host's WireGuard interface (the agent sets its peers)."),
     remove_containers: bool = typer.Option(
         False, "--remove-containers", help="Remove every container of this host, then exit (`hosts down`)."
     ),
@@ -30,7 +31,7 @@ def agent(
     Normally started for you by `skyferry hosts up` (local) or a systemd unit (cloud hosts).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfg = HostConfig(name=host, mesh=mesh, state_root=state_root, overlay_ip=listen, mtu=mtu)
+    cfg = HostConfig(name=host, mesh=mesh, state_root=state_root, overlay_ip=listen, mtu=mtu, wg_interface=wg_interface)
     if remove_containers:
         remove_all(cfg)
         return

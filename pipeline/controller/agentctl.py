@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from skyferry.netplane import netns as nsutil
+from skyferry.netplane import routes
 from skyferry.netplane.mesh import Mesh, MeshHost
 from skyferry.pipeline.controller.journal import Journal
 from skyferry.pipeline.controller.registry import Registry
@@ -38,6 +39,20 @@ def client(state: Path, mesh: Mesh, host: str) -> AgentClient:
     member = mesh.host(host)
     ctx = controller_identity(state, mesh).client_context()
     return AgentClient(member.overlay_ip, AGENT_PORT, ctx, netns=mesh.controller.netns, label=host)
+
+
+class Pusher:
+    """Hands a host its WireGuard peers through its own agent (`routes.Push`), over one kept-alive
+    connection per host: a cutover pushes to every member inside the client's pause."""
+
+    def __init__(self, state: Path, mesh: Mesh, clients: dict[str, AgentClient] | None = None) -> None:
+        self.state, self.mesh = state, mesh
+        self._clients = dict(clients or {})
+
+    def __call__(self, member: MeshHost, update: routes.PeerUpdate) -> None:
+        if member.name not in self._clients:
+            self._clients[member.name] = client(self.state, self.mesh, member.name)
+        self._clients[member.name].call("PUT", "/v1/mesh/peers", update.model_dump(), retry_for=2.0)
 
 
 def _pids(state: Path) -> dict[str, int]:
@@ -88,7 +103,9 @@ def start_agents(mesh: Mesh, state: Path) -> None:
             continue
         root = Path(host.state_root)
         pki.issue(ca, root / "tls", host.name, [host.overlay_ip])
-        argv = _agent_argv(mesh, host, "--listen", host.overlay_ip, "--mtu", str(mesh.mtu))
+        argv = _agent_argv(
+            mesh, host, "--listen", host.overlay_ip, "--mtu", str(mesh.mtu), "--wg-interface", host.interface
+        )
         with open(root / "agent.log", "ab") as logf:
             proc = subprocess.Popen(
                 nsutil.command(host.netns, argv),

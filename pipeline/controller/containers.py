@@ -88,7 +88,7 @@ def run(
     )  # fmt: skip
     try:
         info = agentctl.client(state, mesh, host).call("POST", "/v1/containers", spec.to_dict())
-        routes.publish(mesh, ip, host)
+        routes.publish(mesh, ip, host, agentctl.Pusher(state, mesh))
     except Exception:
         if not existing:
             ipam.release(ip)
@@ -150,7 +150,7 @@ def remove(state: Path, name: str) -> bool:
         return False
     mesh = Mesh.load(state)
     agentctl.client(state, mesh, entry.host).call("DELETE", f"/v1/containers/{name}")
-    routes.withdraw(mesh, entry.ip)
+    routes.withdraw(mesh, entry.ip, agentctl.Pusher(state, mesh))
     Ipam(state).release(entry.ip)
     registry.remove(name)
     return True

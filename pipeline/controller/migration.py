@@ -99,6 +99,7 @@ def rollback(state: Path, mig_id: str, progress: Progress = _quiet) -> dict[str,
 
 def _context(state: Path, mig: Migration, mesh: Mesh) -> Context:
     entry = Registry(state).get(mig.container)
+    src, dst = agentctl.client(state, mesh, mig.source), agentctl.client(state, mesh, mig.target)
     return Context(
         mig_id=mig.id,
         entry=entry,
@@ -106,8 +107,9 @@ def _context(state: Path, mig: Migration, mesh: Mesh) -> Context:
         target=mig.target,
         mesh=mesh,
         state=state,
-        src=agentctl.client(state, mesh, mig.source),
-        dst=agentctl.client(state, mesh, mig.target),
+        src=src,
+        dst=dst,
+        push=agentctl.Pusher(state, mesh, {mig.source: src, mig.target: dst}),
         mode=mig.mode,
     )
 

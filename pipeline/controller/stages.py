@@ -27,6 +27,7 @@ class Context:
     state: Path
     src: AgentClient
     dst: AgentClient
+    push: routes.Push
     mode: str = "stop-copy"
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -171,11 +172,11 @@ class Cutover:
 
     def run(self, ctx: Context) -> dict[str, Any]:
         ctx.dst.call("POST", f"/v1/containers/{ctx.entry.name}/route", {"present": True})
-        routes.publish(ctx.mesh, ctx.entry.ip, ctx.target)
+        routes.publish(ctx.mesh, ctx.entry.ip, ctx.target, ctx.push)
         return {"ip": ctx.entry.ip}
 
     def undo(self, ctx: Context) -> None:
-        routes.publish(ctx.mesh, ctx.entry.ip, ctx.source)
+        routes.publish(ctx.mesh, ctx.entry.ip, ctx.source, ctx.push)
         ctx.dst.call("POST", f"/v1/containers/{ctx.entry.name}/route", {"present": False})
 
 

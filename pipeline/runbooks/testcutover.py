@@ -63,7 +63,7 @@ def run(
     before = src.call("GET", f"/v1/containers/{name}")
     report["source_pid"] = before.get("pid")
     ctx = Context(mig_id=test_id, entry=entry, source=entry.host, target=target, mesh=mesh, state=state,
-                  src=src, dst=dst)  # fmt: skip
+                  src=src, dst=dst, push=agentctl.Pusher(state, mesh, {entry.host: src, target: dst}))  # fmt: skip
     try:
         step("check", lambda: Check().run(ctx))
         step("discard-leftovers", lambda: op(dst, "clone-discard", name=clone, clone=clone))

@@ -24,7 +24,7 @@ def _container(mesh: Mesh, state: Path, host: str, name: str) -> tuple[str, str]
     ip = Ipam(state).allocate(f"container:{name}")
     ns = f"{mesh.name}-{host}-{name}"
     attach.attach(ns, ip, host_netns=mesh.host(host).netns, mtu=mesh.mtu)
-    routes.publish(mesh, ip, host)
+    routes.publish(mesh, ip, host, routes.here)
     return ns, ip
 
 
@@ -117,7 +117,7 @@ def test_cutover_during_ping_and_tcp_stream(local_mesh: Callable[..., Mesh], sta
             attach.attach(ns, ip, host_netns=tgt, route=False)  # proxy ARP on the new host end
             attach.set_route(ns, ip, True, host_netns=tgt)
             started = time.perf_counter()  # what the migration's cutover stage does, from here on
-            routes.publish(mesh, ip, "local-2")
+            routes.publish(mesh, ip, "local-2", routes.here)
             took = time.perf_counter() - started
             t_switched = time.perf_counter()
             tcp.stop.wait(1.5)
@@ -145,10 +145,10 @@ def test_cutover_during_ping_and_tcp_stream(local_mesh: Callable[..., Mesh], sta
 def test_withdraw_removes_the_route_everywhere(local_mesh: Callable[..., Mesh], state: Path) -> None:
     mesh = local_mesh(2)
     _, ip = _container(mesh, state, "local-1", "web")
-    routes.withdraw(mesh, ip)
-    routes.withdraw(mesh, ip)
+    routes.withdraw(mesh, ip, routes.here)
+    routes.withdraw(mesh, ip, routes.here)
     assert Mesh.load(state).homes == {}
     for member in mesh.members:
         assert f"{ip}/32" not in wg.wg(member.netns, "show", member.interface, "allowed-ips")
     with pytest.raises(NetplaneError, match="outside"):
-        routes.publish(mesh, "10.1.2.3", "local-1")
+        routes.publish(mesh, "10.1.2.3", "local-1", routes.here)

@@ -16,6 +16,7 @@ from kit.runbook import cli, client, counter, local_mesh, remove_all, running
 from skyferry.netplane import routes
 from skyferry.netplane.ipam import Ipam
 from skyferry.netplane.mesh import Mesh
+from skyferry.pipeline.controller import agentctl
 from skyferry.pipeline.controller.journal import Journal
 from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.runbooks import evacuate
@@ -156,7 +157,7 @@ def test_concurrent_publishes_keep_every_home(mesh: Mesh) -> None:
     stale = [Mesh.load(state) for _ in ips]  # all loaded before any publish, like parallel migrations
     try:
         threads = [
-            threading.Thread(target=routes.publish, args=(m, ip, TARGETS[i % 2]))
+            threading.Thread(target=routes.publish, args=(m, ip, TARGETS[i % 2], agentctl.Pusher(state, m)))
             for i, (m, ip) in enumerate(zip(stale, ips, strict=True))
         ]
         for t in threads:
@@ -167,6 +168,7 @@ def test_concurrent_publishes_keep_every_home(mesh: Mesh) -> None:
         assert {ip: homes.get(ip) for ip in ips} == {ip: TARGETS[i % 2] for i, ip in enumerate(ips)}
     finally:
         for ip in ips:
-            routes.withdraw(Mesh.load(state), ip)
+            fresh = Mesh.load(state)
+            routes.withdraw(fresh, ip, agentctl.Pusher(state, fresh))
             ipam.release(ip)
     assert not set(ips) & set(Mesh.load(state).homes)
