@@ -19,6 +19,9 @@ from .errors import NetplaneError
 CONTROLLER = "controller"
 DEFAULT_MTU = 1420
 DEFAULT_PORT = 51820
+# A real machine's member: its WireGuard interface and the agent's state root (made by `skyferry join`).
+MACHINE_INTERFACE = "skyferry"
+MACHINE_STATE_ROOT = "/var/lib/skyferry/host"
 
 
 @dataclass

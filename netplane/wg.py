@@ -44,7 +44,7 @@ def wireguard_go() -> str | None:
     return shutil.which(os.environ.get("SKYFERRY_WIREGUARD_GO", "wireguard-go"))
 
 
-def choose_backend(probe_netns: str) -> str:
+def choose_backend(probe_netns: str | None) -> str:
     """The kernel module if a wireguard link can be made (probed inside `probe_netns`), else wireguard-go."""
     with IPRoute(netns=probe_netns) as ipr:
         try:
@@ -62,7 +62,7 @@ def choose_backend(probe_netns: str) -> str:
     )
 
 
-def start_interface(backend: str, ifname: str, netns_name: str, timeout: float = 10.0) -> int | None:
+def start_interface(backend: str, ifname: str, netns_name: str | None, timeout: float = 10.0) -> int | None:
     """Create WireGuard interface `ifname` in `netns_name`; returns wireguard-go's pid (None for kernel)."""
     if len(ifname) > 15:
         raise NetplaneError(f"interface name {ifname} is longer than 15 characters")
@@ -97,7 +97,7 @@ def start_interface(backend: str, ifname: str, netns_name: str, timeout: float =
     return proc.pid
 
 
-def _has_link(netns_name: str, ifname: str) -> bool:
+def _has_link(netns_name: str | None, ifname: str) -> bool:
     with IPRoute(netns=netns_name) as ipr:
         return bool(ipr.link_lookup(ifname=ifname))
 
@@ -142,3 +142,13 @@ def remove_socket(ifname: str) -> bool:
 def wg(netns_name: str | None, *args: str) -> str:
     """Run `wg ARGS` as seen from `netns_name` (needed for kernel interfaces; harmless for wireguard-go)."""
     return _run(netns.command(netns_name, ["wg", *args]))
+
+
+def backend_of(netns_name: str | None, ifname: str) -> str | None:
+    """Which implementation runs `ifname`: the kernel's wireguard link, or wireguard-go's tun; None if absent."""
+    with IPRoute(netns=netns_name) as ipr:
+        links = ipr.get_links(ifname=ifname) if ipr.link_lookup(ifname=ifname) else []
+    if not links:
+        return None
+    info = links[0].get_attr("IFLA_LINKINFO")
+    return KERNEL if info is not None and info.get_attr("IFLA_INFO_KIND") == "wireguard" else USERSPACE

@@ -139,6 +139,7 @@ class AwsProvider:
                     ex_clienttoken=f"{token}-{name}",
                 )
                 made["nodes"].append(node)
+                self._require_imdsv2(node.id)
         except Exception as exc:
             self._undo(made)
             raise translate(exc, f"provisioning plan {plan!r}") from None
@@ -201,6 +202,13 @@ class AwsProvider:
             self._authorize_wireguard(group_id, port)
         except Exception as exc:
             raise translate(exc, f"opening UDP {port} for plan {plan!r}") from None
+
+    def _require_imdsv2(self, instance_id: str) -> None:
+        """IMDSv2 only, hop limit 1: a container (one hop further) cannot read the instance's metadata,
+        and nothing can without a session token. libcloud's RunInstances has no MetadataOptions."""
+        transient(self.boto("ec2").modify_instance_metadata_options)(
+            InstanceId=instance_id, HttpTokens="required", HttpPutResponseHopLimit=1, HttpEndpoint="enabled"
+        )
 
     # --- boto3: public-ingress cutover -------------------------------------------------------------------
 

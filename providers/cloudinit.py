@@ -1,132 +1,59 @@
 """cloud-init user-data that turns a fresh Debian 12 / Ubuntu 24.04 VM into a skyferry host.
 
-The controller renders one document per host. It carries the host's WireGuard private key, overlay
-address and peers (from the mesh in `<state>/skyferry.db`) and its agent's TLS identity (signed by the mesh CA); the
-VM runs the repo's own scripts/bootstrap-host.sh (CRIU >= 4.2, WireGuard, runc), installs skyferry into
-/opt/skyferry, brings the overlay up with wg-quick and starts `skyferry agent` as a systemd unit. The
-host is ready when its agent answers over the overlay. docs/providers.md discusses the key trade-off.
+The document carries no key. It holds the host's name, the controller's enrolment URL, the pin of the
+mesh CA and a one-time join token (worthless once used or expired). The VM runs the repo's own
+scripts/bootstrap-host.sh (CRIU >= 4.2, WireGuard, runc) unless it boots a skyferry golden image,
+installs the controller's own wheel with scripts/host-install.py, and runs `skyferry join`, which makes
+the host's keys on the host and starts WireGuard and the agent. docs/providers.md explains the flow.
 """
 
-import base64
-import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from .base import WIREGUARD_PORT
 from .errors import ProviderError
 
-BOOTSTRAP_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bootstrap-host.sh"
-WG_INTERFACE = "skyferry"
-HOST_STATE = "/var/lib/skyferry/host"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+BOOTSTRAP_SCRIPT = SCRIPTS / "bootstrap-host.sh"
+INSTALL_SCRIPT = SCRIPTS / "host-install.py"
 VENV = "/opt/skyferry"
-AGENT_PORT = 7420
-CRIU_LIB = "/var/cache/skyferry/criu-4.2.1/lib"  # where bootstrap-host.sh leaves pycriu's sources
-
-
-@dataclass(frozen=True)
-class Peer:
-    public_key: str
-    endpoint: str | None  # "addr:port"; None for peers that only dial in
-    allowed_ips: list[str]
+GOLDEN = "/etc/skyferry/golden-image"  # a VM image that already carries what bootstrap-host.sh installs
 
 
 @dataclass(frozen=True)
 class HostBootstrap:
-    """Everything one host needs to join the mesh. Private material: render it, never log it."""
+    """What one host needs to join the mesh. `token` is a secret until it is used: never log it."""
 
     name: str
-    mesh: str
-    overlay_ip: str
-    private_key: str
-    peers: list[Peer] = field(default_factory=list)
-    listen_port: int = WIREGUARD_PORT
-    mtu: int = 1420
-    ca_pem: str | None = None
-    cert_pem: str | None = None
-    key_pem: str | None = None
-    skyferry_source: str = "skyferry"  # a pip requirement: a version pin, a wheel URL or git+https URL
+    join_url: str  # https://CONTROLLER:7421
+    ca_pin: str  # sha256:… of the mesh CA
+    token: str
+    wheel: str  # the file name the enrolment service serves under /v1/dist/
 
 
-def new_wireguard_key() -> tuple[str, str]:
-    """(private, public) as base64, like `wg genkey | wg pubkey`, without needing the wg tool here."""
-    key = X25519PrivateKey.generate()
-    raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
-    pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return base64.b64encode(raw).decode(), base64.b64encode(pub).decode()
-
-
-def wg_quick_config(b: HostBootstrap) -> str:
-    lines = [
-        "[Interface]",
-        f"PrivateKey = {b.private_key}",
-        f"Address = {b.overlay_ip}/32",
-        f"ListenPort = {b.listen_port}",
-        f"MTU = {b.mtu}",
-    ]
-    for p in b.peers:
-        lines += ["", "[Peer]", f"PublicKey = {p.public_key}", f"AllowedIPs = {', '.join(p.allowed_ips)}"]
-        if p.endpoint:
-            lines += [f"Endpoint = {p.endpoint}", "PersistentKeepalive = 25"]
-    return "\n".join(lines) + "\n"
-
-
-def agent_unit(b: HostBootstrap) -> str:
-    argv = [
-        f"{VENV}/bin/skyferry", "agent", "--host", b.name, "--mesh", b.mesh, "--state-root", HOST_STATE,
-        "--listen", b.overlay_ip, "--port", str(AGENT_PORT), "--mtu", str(b.mtu),
-    ]  # fmt: skip
-    return (
-        "[Unit]\n"
-        "Description=skyferry host agent\n"
-        f"After=network-online.target wg-quick@{WG_INTERFACE}.service\n"
-        f"Requires=wg-quick@{WG_INTERFACE}.service\n\n"
-        "[Service]\n"
-        f"ExecStart={shlex.join(argv)}\n"
-        "Restart=on-failure\n"
-        "RestartSec=2\n\n"
-        "[Install]\n"
-        "WantedBy=multi-user.target\n"
-    )
+def _script(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        raise ProviderError(f"cannot read {path}", hint="provision from a skyferry source checkout") from None
 
 
 def render_user_data(b: HostBootstrap) -> str:
     """The #cloud-config document for one host (valid for `cloud-init schema --config-file`)."""
-    try:
-        bootstrap = BOOTSTRAP_SCRIPT.read_text()
-    except OSError:
-        raise ProviderError(
-            f"cannot read {BOOTSTRAP_SCRIPT}", hint="provision from a skyferry source checkout"
-        ) from None
+    scripts = {"skyferry-bootstrap-host": BOOTSTRAP_SCRIPT, "skyferry-install": INSTALL_SCRIPT}
     files = [
-        {"path": "/usr/local/sbin/skyferry-bootstrap-host", "permissions": "0755", "content": bootstrap},
-        {"path": f"/etc/wireguard/{WG_INTERFACE}.conf", "permissions": "0600", "content": wg_quick_config(b)},
-        {"path": "/etc/systemd/system/skyferry-agent.service", "permissions": "0644", "content": agent_unit(b)},
+        {"path": f"/usr/local/sbin/{name}", "permissions": "0755", "content": _script(path)}
+        for name, path in scripts.items()
     ]
-    tls = {"ca.pem": b.ca_pem, "cert.pem": b.cert_pem, "key.pem": b.key_pem}
-    files += [
-        {"path": f"{HOST_STATE}/tls/{name}", "permissions": "0600", "content": pem} for name, pem in tls.items() if pem
-    ]
-    pip = f"{VENV}/bin/pip"
     doc = {
         "hostname": b.name,
-        "package_update": True,
-        # bootstrap-host.sh installs the rest (CRIU build deps, runc, wireguard-go); these run it.
-        "packages": ["ca-certificates", "git", "python3-venv", "wireguard-tools"],
         "write_files": files,
         "runcmd": [
-            ["/usr/local/sbin/skyferry-bootstrap-host"],
-            ["python3", "-m", "venv", VENV],
-            [pip, "install", "-q", "protobuf>=4.21,<6"],
-            [pip, "install", "-q", "--no-build-isolation", CRIU_LIB],
-            [pip, "install", "-q", b.skyferry_source],
-            ["systemctl", "enable", "--now", f"wg-quick@{WG_INTERFACE}"],
-            ["systemctl", "daemon-reload"],
-            ["systemctl", "enable", "--now", "skyferry-agent.service"],
+            ["sh", "-c", f"[ -e {GOLDEN} ] || /usr/local/sbin/skyferry-bootstrap-host"],
+            ["python3", "/usr/local/sbin/skyferry-install", b.join_url, b.ca_pin, b.wheel],
+            [f"{VENV}/bin/skyferry", "join", b.join_url, "--name", b.name, "--token", b.token, "--ca-pin", b.ca_pin],
         ],
-        "final_message": f"skyferry host {b.name} up after $UPTIME s; agent on {b.overlay_ip}:{AGENT_PORT}",
+        "final_message": f"skyferry host {b.name} joined after $UPTIME s",
     }
     return "#cloud-config\n" + yaml.safe_dump(doc, sort_keys=False, width=1000)

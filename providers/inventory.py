@@ -17,10 +17,9 @@ from typing import Any
 
 from skyferry.netplane import netns, routes
 from skyferry.netplane.ipam import Ipam
-from skyferry.netplane.mesh import Mesh, MeshHost
+from skyferry.netplane.mesh import MACHINE_INTERFACE, MACHINE_STATE_ROOT, Mesh, MeshHost
 
 from .base import WIREGUARD_PORT, Host
-from .cloudinit import HOST_STATE, WG_INTERFACE
 from .errors import ProviderError
 
 OUTPUT = "skyferry_hosts"
@@ -141,9 +140,9 @@ def join(state: Path, members: list[Member]) -> list[str]:
             overlay_ip=old.overlay_ip if old else ipam.allocate(f"host:{m.host.name}"),
             endpoint=m.endpoint,
             public_key=m.public_key,
-            interface=WG_INTERFACE,
+            interface=MACHINE_INTERFACE,
             netns=None,
-            state_root=HOST_STATE,
+            state_root=MACHINE_STATE_ROOT,
             provider=m.host.provider,
         )
         if new != old:

@@ -28,12 +28,10 @@ import logging
 import os
 import re
 import signal
-import socket
-import ssl
 import threading
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -45,10 +43,11 @@ from skyferry.pipeline.agent.source import Lane, SourceSession
 from skyferry.pipeline.agent.target import TargetSession
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi import faults
-from skyferry.pipeline.hostapi.client import AgentClient, bound_stalls
+from skyferry.pipeline.hostapi.client import AgentClient
 from skyferry.pipeline.hostapi.layout import AGENT_PORT
 from skyferry.pipeline.hostapi.pki import Identity
 from skyferry.pipeline.hostapi.spec import ContainerSpec
+from skyferry.pipeline.hostapi.tlsserver import TLSServer
 from skyferry.pipeline.memory import lazypages
 from skyferry.pipeline.memory.policy import ConvergencePolicy
 
@@ -321,40 +320,13 @@ class _LimitedReader:
         return data
 
 
-class _TLSServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], ctx: ssl.SSLContext) -> None:
-        super().__init__(address, handler)
-        self.ctx = ctx
-
-    def get_request(self) -> tuple[Any, Any]:
-        sock, addr = self.socket.accept()
-        sock.settimeout(600)
-        bound_stalls(sock)  # a receive from a peer that vanished must not hold the container's lock
-        # A reply goes out as headers, then body: with Nagle the body waited for the ACK of the headers
-        # (a round trip plus the peer's delayed ACK: 70 ms per call across a 30 ms WAN, in the freeze).
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # The handshake happens in the worker thread, so a slow or hostile client cannot block accept().
-        return self.ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), addr
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        try:
-            request.do_handshake()
-        except (ssl.SSLError, OSError) as exc:
-            log.warning("refused %s: %s", client_address[0], exc)
-            return
-        super().finish_request(request, client_address)
-
-
 def serve(cfg: HostConfig, identity: Identity, listen: str, port: int = AGENT_PORT) -> None:
     """Run until SIGTERM. `listen` is the host's overlay address: the agent never binds elsewhere."""
     host = Host(cfg)
     for pid in lazypages.stop_strays(host.images_root):  # an earlier agent died mid lazy restore
         log.warning("stopped lazy-pages daemon %d left behind by an earlier agent", pid)
     agent = Agent(host, identity)
-    server = _TLSServer((listen, port), _handler(agent), identity.server_context())
+    server = TLSServer((listen, port), _handler(agent), identity.server_context())
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     log.info("agent for %s listening on %s:%d (pid %d)", cfg.name, listen, port, os.getpid())
     try:

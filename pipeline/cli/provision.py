@@ -43,9 +43,15 @@ def provision(
     ),
     endpoint_url: str | None = typer.Option(None, "--endpoint-url", help=HELP_ENDPOINT),
     timeout: float = typer.Option(600, "--timeout", help="Seconds to wait for the hosts to run."),
+    join_timeout: float = typer.Option(
+        1200, "--join-timeout", help="Seconds to wait for new hosts to join; 0: return at once (mesh serve)."
+    ),
     json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP),
 ) -> None:
-    """Make sure a plan has COUNT hosts, bootstrapped by cloud-init into mesh members.
+    """Make sure a plan has COUNT hosts, joined into the mesh by cloud-init and a one-time token each.
+
+    No key travels in user-data: each host makes its own and joins through the enrolment service this
+    command serves while it waits (TCP 7421 on the controller's endpoint address).
 
     Idempotent: hosts are tagged skyferry-plan=PLAN, and a second run creates only what is missing.
     A failed run removes what it created. Credentials come from the usual places (AWS_* variables or
@@ -59,7 +65,7 @@ def provision(
     """
     result = provisioning.provision(
         state_dir(), provider, count, plan, size=size, region=region, image=image, endpoint_url=endpoint_url,
-        timeout=timeout,
+        timeout=timeout, join_timeout=join_timeout,
     )  # fmt: skip
     plan, result = result["plan"], result["hosts"]
     if json_out:
@@ -137,20 +143,19 @@ def tfvars(
         ..., "--plan", help="Plan name; hosts are PLAN-0 … PLAN-(COUNT-1), as the modules name them."
     ),
     count: int = typer.Option(1, "--count", "-n", min=1, help="How many hosts the module will make."),
+    ttl: float = typer.Option(86400, "--ttl", help="Seconds the join tokens stay valid."),
 ) -> None:
-    """Print per-host cloud-init user-data and WireGuard public keys as JSON, for terraform/modules/*.
+    """Print per-host cloud-init user-data as JSON, for terraform/modules/*.
 
-    Each host gets its overlay address now (kept by the later import) and a fresh key; private keys exist
-    only inside the user-data. Re-running makes new keys: apply the newest output.
+    Each document carries a one-time join token; the hosts join while `skyferry mesh serve` runs.
 
       skyferry inventory tfvars --plan tfaws --count 2 > terraform/examples/aws-and-gcp/aws.json
     """
     state = state_dir()
     check_plan(plan)
-    boot = provisioning.Bootstrapper(state, Mesh.load(state))
+    boot = provisioning.Bootstrapper(state, Mesh.load(state), "terraform", ttl=ttl)
     names = [host_name(plan, i) for i in range(count)]
-    user_data = [boot(n) for n in names]
-    output.print_json({"plan": plan, "user_data": user_data, "wireguard_public_keys": [boot.keys[n] for n in names]})
+    output.print_json({"plan": plan, "user_data": [boot(n) for n in names]})
 
 
 def _row(host: Host, mesh: Mesh, changed: bool) -> dict[str, Any]:

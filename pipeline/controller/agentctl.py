@@ -119,10 +119,11 @@ def start_agents(mesh: Mesh, state: Path) -> None:
         started.append(host)
     _save_pids(state, pids)
     for host in started:
-        _wait_ready(state, mesh, host)
+        wait_agent(state, mesh, host)
 
 
-def _wait_ready(state: Path, mesh: Mesh, host: MeshHost, timeout: float = 20.0) -> None:
+def wait_agent(state: Path, mesh: Mesh, host: MeshHost, timeout: float = 20.0) -> None:
+    """Until `host`'s agent answers over the overlay."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
@@ -132,9 +133,8 @@ def _wait_ready(state: Path, mesh: Mesh, host: MeshHost, timeout: float = 20.0) 
         except SkyferryError as exc:
             last = exc
             time.sleep(0.1)
-    raise SkyferryError(
-        f"agent on {host.name} did not come up: {last}", hint=f"see {Path(host.state_root) / 'agent.log'}"
-    )
+    where = Path(host.state_root) / "agent.log" if host.netns else "journalctl -u skyferry-agent on the host"
+    raise SkyferryError(f"agent on {host.name} did not come up: {last}", hint=f"see {where}")
 
 
 def stop_agents(mesh: Mesh, state: Path, hosts: list[str] | None = None) -> None:

@@ -1,7 +1,7 @@
 """The controller's tables in the one store (`<state>/skyferry.db`, opened by netplane.store).
 
-Every schema the controller owns is here: the container registry, the journal and the cloud-exit
-plans' progress. netplane's own tables (IPAM, the mesh) live in the same file, defined in netplane.store.
+Every schema the controller owns is here: the container registry, the journal, join tokens and
+the cloud-exit plans' progress. netplane's own tables (IPAM, the mesh) live in the same file, defined in netplane.store.
 """
 
 import sqlite3
@@ -21,6 +21,10 @@ CREATE TABLE IF NOT EXISTS migrations (
 CREATE TABLE IF NOT EXISTS transitions (
   seq INTEGER PRIMARY KEY AUTOINCREMENT, migration TEXT NOT NULL REFERENCES migrations(id),
   stage TEXT NOT NULL, status TEXT NOT NULL, at REAL NOT NULL, detail TEXT
+);
+CREATE TABLE IF NOT EXISTS join_tokens (
+  id TEXT PRIMARY KEY, secret_sha256 TEXT NOT NULL, host TEXT NOT NULL, provider TEXT NOT NULL,
+  created REAL NOT NULL, expires REAL NOT NULL, used REAL
 );
 CREATE TABLE IF NOT EXISTS exit_progress (
   plan TEXT NOT NULL, step TEXT NOT NULL, status TEXT NOT NULL, detail TEXT, updated REAL NOT NULL,

@@ -1,22 +1,22 @@
 """Hosts from clouds joining and leaving the mesh: what `skyferry provision` and `decommission` do, and
 what a cloud-exit plan's provisioning step calls.
 
-A cloud host joins the mesh in the controller's state: the controller gives it a WireGuard key, an
-overlay address and a TLS identity in its cloud-init user-data, and records it in the mesh once it has
-an address. docs/providers.md explains the choices.
+A new host gets no key from the controller: its user-data holds a one-time join token, and the host
+joins through the enrolment service this process serves while it waits (controller/enrol.py). It is a
+member once it has joined and its agent answers over the overlay. docs/providers.md explains the choices.
 """
 
 import re
-import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from skyferry.netplane.ipam import Ipam
 from skyferry.netplane.mesh import Mesh
+from skyferry.pipeline.controller import agentctl, dist, enrol, tokens
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi import pki
 from skyferry.providers import inventory
-from skyferry.providers.cloudinit import HostBootstrap, Peer, new_wireguard_key, render_user_data
+from skyferry.providers.cloudinit import HostBootstrap, render_user_data
 from skyferry.providers.registry import NAMES, get_provider
 
 DEFAULT_PLAN = "skyferry"
@@ -27,44 +27,29 @@ def _cloud(provider: str, state: Path, region: str | None, endpoint_url: str | N
         raise SkyferryError(f"unknown provider {provider!r}", hint=f"use one of: {', '.join(NAMES)}")
     if provider == "aws":
         return get_provider("aws", region=region, endpoint_url=endpoint_url, key_dir=state / "keys")
+    if provider == "vm":
+        return get_provider("vm", state=state)
     return get_provider("gcp", region=region, endpoint_url=endpoint_url, cache_dir=state / "cache")
 
 
 class Bootstrapper:
-    """Renders each new host's user-data: a fresh WireGuard key, an overlay address, a TLS identity and
-    the mesh's members as peers. Remembers what it handed out so the CLI can record or release it."""
+    """Renders each new host's user-data around a fresh one-time token; remembers the tokens so a failed
+    run can revoke those not used."""
 
-    def __init__(self, state: Path, mesh: Mesh) -> None:
-        self.state, self.mesh = state, mesh
-        self.keys: dict[str, str] = {}  # host name -> WireGuard public key
-        self.addresses: dict[str, str] = {}
+    def __init__(self, state: Path, mesh: Mesh, provider: str, ttl: float = tokens.DEFAULT_TTL) -> None:
+        self.state, self.provider, self.ttl = state, provider, ttl
+        self.url = enrol.url(mesh)
+        self.pin = pki.pin(pki.ensure_ca(state / "ca", mesh.name).read_bytes())
+        self.wheel = dist.build(state).wheel.name
+        self.tokens: dict[str, str] = {}  # host name -> token
 
     def __call__(self, name: str) -> str:
-        private, public = new_wireguard_key()
-        ip = Ipam(self.state).allocate(f"host:{name}")
-        self.keys[name], self.addresses[name] = public, ip
-        ca = self.state / "ca"
-        pki.ensure_ca(ca, self.mesh.name)
-        with tempfile.TemporaryDirectory(prefix="skyferry-tls-") as tmp:
-            ident = pki.issue(ca, Path(tmp), name, [ip])
-            ca_pem, cert_pem, key_pem = (p.read_text() for p in (ident.ca, ident.cert, ident.key))
-        peers = [
-            Peer(m.public_key, m.endpoint, self.mesh.allowed_ips(m))
-            for m in self.mesh.members
-            if m.public_key and m.name != name
-        ]
-        return render_user_data(
-            HostBootstrap(
-                name=name, mesh=self.mesh.name, overlay_ip=ip, private_key=private, peers=peers,
-                listen_port=self.mesh.listen_port, mtu=self.mesh.mtu,
-                ca_pem=ca_pem, cert_pem=cert_pem, key_pem=key_pem,
-            )
-        )  # fmt: skip
+        self.tokens[name] = tokens.issue(self.state, name, self.provider, self.ttl)
+        return render_user_data(HostBootstrap(name, self.url, self.pin, self.tokens[name], self.wheel))
 
-    def release(self) -> None:
-        ipam = Ipam(self.state)
-        for ip in self.addresses.values():
-            ipam.release(ip)
+    def revoke(self) -> None:
+        for name in self.tokens:
+            tokens.revoke(self.state, name)
 
 
 def provision(
@@ -77,27 +62,40 @@ def provision(
     image: str | None = None,
     endpoint_url: str | None = None,
     timeout: float = 600,
+    join_timeout: float = 1200,
 ) -> dict[str, Any]:
-    """Make sure `plan` has `count` hosts on `provider`, bootstrapped into mesh members. Idempotent: a
-    second run creates only what is missing; a failed run removes what it created."""
+    """Make sure `plan` has `count` hosts on `provider`, joined into the mesh. Idempotent: a second run
+    creates only what is missing. A failed run removes what it created and revokes its tokens.
+    `join_timeout` 0 returns once the cloud has the hosts; they join later (`skyferry mesh serve`)."""
     if provider == "local":
         hosts = get_provider("local", state=state).provision(plan or "", count)
-        result = [h.to_dict() for h in hosts]
-    else:
-        plan = plan or DEFAULT_PLAN
-        mesh = Mesh.load(state)  # a clear NetplaneError when there is none
-        cloud = _cloud(provider, state, region, endpoint_url)
-        boot = Bootstrapper(state, mesh)
-        try:
-            hosts = cloud.provision(plan, count, size=size, image=image, user_data=boot)
+        return {"plan": plan, "provider": provider, "hosts": [h.to_dict() for h in hosts]}
+    plan = plan or DEFAULT_PLAN
+    mesh = Mesh.load(state)  # a clear NetplaneError when there is none
+    cloud = _cloud(provider, state, region, endpoint_url)
+    boot = Bootstrapper(state, mesh, provider, ttl=max(join_timeout, tokens.DEFAULT_TTL) + timeout)
+    try:
+        # Bad input fails here, before anything is served; a host that boots before the service is up
+        # retries (scripts/host-install.py).
+        hosts = cloud.provision(plan, count, size=size, image=image, user_data=boot)
+        with enrol.serving(state) if join_timeout else nullcontext() as enrolment:
             hosts = cloud.wait_ready(hosts, timeout=timeout)
-            new = [inventory.Member(h, boot.keys[h.name], mesh.listen_port) for h in hosts if h.name in boot.keys]
-            inventory.join(state, new)
-        except BaseException:
-            boot.release()
-            raise
-        overlay = {name: m.overlay_ip for name, m in Mesh.load(state).hosts.items()}
-        result = [{**h.to_dict(), "overlay_ip": overlay.get(h.name)} for h in hosts]
+            waiting = {h.name for h in hosts} - set(Mesh.load(state).hosts)  # this run's, or an earlier one's
+            if enrolment:
+                enrolment.wait(waiting, join_timeout)
+    except BaseException:
+        boot.revoke()
+        raise
+    if join_timeout:
+        joined = Mesh.load(state)
+        for name in waiting:
+            agentctl.wait_agent(state, joined, joined.host(name), timeout=join_timeout)
+    members = Mesh.load(state).hosts
+    result = [
+        {**h.to_dict(), "overlay_ip": members[h.name].overlay_ip if h.name in members else None,
+         "joined": h.name in members}
+        for h in hosts
+    ]  # fmt: skip
     return {"plan": plan, "provider": provider, "hosts": result}
 
 
@@ -109,6 +107,7 @@ def decommission(
     if provider is None:
         mesh = Mesh.load(state) if Mesh.exists(state) else None
         found = {m.provider for n, m in (mesh.hosts.items() if mesh else []) if mine.fullmatch(n)}
+        found |= {p for n, p in tokens.issued(state).items() if mine.fullmatch(n)}  # made, not joined yet
         if len(found) != 1:
             raise SkyferryError(f"cannot tell which provider plan {plan!r} is on", hint="pass --provider")
         provider = found.pop()
@@ -122,4 +121,6 @@ def decommission(
         mesh = Mesh.load(state) if Mesh.exists(state) else None
         strays = [n for n, m in (mesh.hosts.items() if mesh else []) if mine.fullmatch(n) and m.provider == provider]
         left = inventory.leave(state, sorted(set(names) | set(strays)))
+        for name in names:  # a host that never joined leaves a token behind
+            tokens.revoke(state, name)
     return {"plan": plan, "provider": provider, "removed": removed, "left_mesh": left}

@@ -3,6 +3,8 @@
 import zlib
 from pathlib import Path
 
+from skyferry.netplane.mesh import MACHINE_INTERFACE, MACHINE_STATE_ROOT
+
 AGENT_PORT = 7420
 # Checkpoint images hold every secret in a container's memory: tmpfs only, per mesh and host.
 IMAGES_TMPFS = Path("/dev/shm/skyferry")
@@ -13,3 +15,10 @@ def page_server(mig: str, overlay_ip: str) -> str:
     """Where a source serves a post-copy migration's pages: derived from the migration, so the target
     (and a controller that resumes after a crash) find it without asking."""
     return f"{overlay_ip}:{PAGE_SERVER_PORTS[0] + zlib.crc32(mig.encode()) % PAGE_SERVER_PORTS[1]}"
+
+
+# A real machine's layout, made by `skyferry join` (local hosts keep theirs under the controller's state).
+HOST_STATE = Path(MACHINE_STATE_ROOT)
+WG_INTERFACE = MACHINE_INTERFACE
+WG_CONFIG = Path("/etc/wireguard") / f"{WG_INTERFACE}.conf"
+VENV = Path("/opt/skyferry")

@@ -6,6 +6,7 @@ whose certificate this CA signed, so an agent of another mesh, or anyone without
 """
 
 import datetime as dt
+import hashlib
 import ipaddress
 import os
 import ssl
@@ -87,9 +88,16 @@ def issue(ca_dir: Path, out_dir: Path, common_name: str, ips: list[str]) -> Iden
     ident = Identity(ca=out_dir / "ca.pem", cert=out_dir / "cert.pem", key=out_dir / "key.pem")
     if ident.cert.exists() and ident.key.exists() and ident.ca.exists():
         return ident
+    key = ec.generate_private_key(ec.SECP256R1())
+    _write_private(ident.key, _key_pem(key))
+    _write_private(ident.cert, _sign(ca_dir, key.public_key(), common_name, ips).encode())
+    _write_private(ident.ca, (ca_dir / "ca.pem").read_bytes())
+    return ident
+
+
+def _sign(ca_dir: Path, public_key: ec.EllipticCurvePublicKey, common_name: str, ips: list[str]) -> str:
     ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), password=None)
     ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca.pem").read_bytes())
-    key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
     sans: list[x509.GeneralName] = [x509.DNSName(common_name)]
     sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
@@ -97,7 +105,7 @@ def issue(ca_dir: Path, out_dir: Path, common_name: str, ips: list[str]) -> Iden
         x509.CertificateBuilder()
         .subject_name(_name(common_name))
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + VALIDITY)
@@ -105,7 +113,32 @@ def issue(ca_dir: Path, out_dir: Path, common_name: str, ips: list[str]) -> Iden
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
     )
-    _write_private(ident.key, _key_pem(key))
-    _write_private(ident.cert, cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(ident.ca, ca_cert.public_bytes(serialization.Encoding.PEM))
-    return ident
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def make_csr(common_name: str, key_path: Path) -> str:
+    """A new private key at `key_path` (0600; it never leaves this machine) and a signing request for it."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    _write_private(key_path, _key_pem(key))
+    csr = x509.CertificateSigningRequestBuilder().subject_name(_name(common_name)).sign(key, hashes.SHA256())
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def sign_csr(ca_dir: Path, csr_pem: str, common_name: str, ips: list[str]) -> str:
+    """A certificate for the key in `csr_pem`, with the name and addresses the CA decides, not the CSR."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem.encode())
+    except ValueError as exc:
+        raise ValueError(f"not a PEM certificate signing request: {exc}") from None
+    if not csr.is_signature_valid:
+        raise ValueError("the signing request's signature does not match its key")
+    key = csr.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise ValueError("the signing request must carry an EC key")
+    return _sign(ca_dir, key, common_name, ips)
+
+
+def pin(ca_pem: bytes) -> str:
+    """What a joining host checks the controller's CA against: sha256 of the CA certificate (DER)."""
+    der = x509.load_pem_x509_certificate(ca_pem).public_bytes(serialization.Encoding.DER)
+    return "sha256:" + hashlib.sha256(der).hexdigest()

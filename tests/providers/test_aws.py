@@ -28,6 +28,9 @@ def test_full_ec2_cycle(aws_env: str, plan: str, tmp_path) -> None:
     described = client.describe_instances(Filters=[{"Name": f"tag:{PLAN_TAG}", "Values": [plan]}])
     instances = [i for r in described["Reservations"] for i in r["Instances"]]
     assert len(instances) == 2
+    for inst in instances:  # IMDSv2 only, and one hop: containers on the host cannot reach it
+        meta = inst["MetadataOptions"]
+        assert (meta["HttpTokens"], meta["HttpPutResponseHopLimit"]) == ("required", 1), meta
     attr = client.describe_instance_attribute(InstanceId=instances[0]["InstanceId"], Attribute="userData")
     assert attr["UserData"]["Value"]  # base64 of the per-host document
     assert {k["KeyName"] for k in client.describe_key_pairs()["KeyPairs"]} >= {f"skyferry-{plan}"}

@@ -9,12 +9,16 @@ from pathlib import Path
 
 import boto3
 import pytest
+import yaml
 from kit.cloudinit_check import assert_valid
 from kit.gce_fake import GceFake
+from kit.keys import new_wireguard_key
 from kit.moto_server import PatchedMotoServer
 from skyferry.netplane.ipam import Ipam
 from skyferry.netplane.mesh import Mesh, MeshHost
-from skyferry.providers.cloudinit import new_wireguard_key
+from skyferry.pipeline.controller import db
+from skyferry.pipeline.hostapi import pki
+from skyferry.pipeline.hostapi.enrolment import JOIN_PORT
 from skyferry.providers.naming import PLAN_TAG
 
 pytestmark = pytest.mark.integration
@@ -44,7 +48,8 @@ def skyferry(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
 def test_aws_provision_twice_then_decommission(
     aws_env: str, moto_server: PatchedMotoServer, mesh: Mesh, state: Path, plan: str
 ) -> None:
-    args = ["--provider", "aws", "--count", "2", "--size", "t3.micro", "--image", "ami-785db401"]
+    # The hosts moto makes never boot, so nothing joins: --join-timeout 0 returns once EC2 has them.
+    args = ["--provider", "aws", "--count", "2", "--size", "t3.micro", "--image", "ami-785db401", "--join-timeout", "0"]
     out = json.loads(skyferry("provision", *args, "--plan", plan, "--endpoint-url", aws_env, "--json").stdout)
     hosts = out["hosts"]
     assert sorted(h["name"] for h in hosts) == [f"{plan}-0", f"{plan}-1"]
@@ -59,11 +64,9 @@ def test_aws_provision_twice_then_decommission(
         assert_valid(user_data)
         name = {t["Key"]: t["Value"] for t in inst["Tags"]}["skyferry-host"]
         assert f"hostname: {name}\n" in user_data
+        _joins_without_a_key(user_data, name, state)
     joined = Mesh.load(state)
-    for h in hosts:
-        member = joined.hosts[h["name"]]
-        assert member.endpoint == f"{h['address']}:51820" and member.overlay_ip == h["overlay_ip"]
-        assert member.provider == "aws" and len(member.public_key) == 44
+    assert not joined.hosts and not any(h["joined"] for h in hosts)  # members once they join
 
     # Twice: same hosts, no RunInstances, mesh unchanged.
     runs = moto_server.quirks.actions.count("RunInstances")
@@ -74,7 +77,8 @@ def test_aws_provision_twice_then_decommission(
 
     gone = json.loads(skyferry("decommission", "--plan", plan, "--json").stdout)  # provider from the mesh
     assert gone["provider"] == "aws" and {h["id"] for h in hosts} <= set(gone["removed"])
-    assert sorted(gone["left_mesh"]) == [f"{plan}-0", f"{plan}-1"]
+    assert gone["left_mesh"] == []
+    assert not db.connect(state).execute("SELECT * FROM join_tokens WHERE used IS NULL").fetchall()  # revoked
     assert not [i for r in client.describe_instances(Filters=flt)["Reservations"] for i in r["Instances"]]
     assert Mesh.load(state).hosts == {}
     assert set(Ipam(state).allocations().values()) == {"host:controller"}
@@ -82,7 +86,7 @@ def test_aws_provision_twice_then_decommission(
 
 
 def test_gcp_provision_twice_then_decommission(gce: GceFake, mesh: Mesh, state: Path, plan: str) -> None:
-    args = ["--provider", "gcp", "--count", "2", "--size", "e2-small", "--plan", plan, "--json"]
+    args = ["--provider", "gcp", "--count", "2", "--size", "e2-small", "--plan", plan, "--join-timeout", "0", "--json"]
     hosts = json.loads(skyferry("provision", *args).stdout)["hosts"]
     assert sorted(h["name"] for h in hosts) == [f"{plan}-0", f"{plan}-1"]
     assert sorted(gce.instances) == [f"{plan}-0", f"{plan}-1"]
@@ -91,7 +95,7 @@ def test_gcp_provision_twice_then_decommission(gce: GceFake, mesh: Mesh, state: 
         meta = {i["key"]: i["value"] for i in inst["metadata"]["items"]}
         assert_valid(meta["user-data"])
         assert f"hostname: {inst['name']}" in meta["user-data"]
-    assert sorted(Mesh.load(state).hosts) == [f"{plan}-0", f"{plan}-1"]
+        _joins_without_a_key(meta["user-data"], inst["name"], state)
 
     start = len(gce.requests)
     again = json.loads(skyferry("provision", *args).stdout)["hosts"]
@@ -101,6 +105,19 @@ def test_gcp_provision_twice_then_decommission(gce: GceFake, mesh: Mesh, state: 
     gone = json.loads(skyferry("decommission", "--plan", plan, "--provider", "gcp", "--json").stdout)
     assert set(gone["removed"]) == {h["id"] for h in hosts} | {f"skyferry-{plan}-wg"}
     assert gce.instances == {} and gce.firewalls == {} and Mesh.load(state).hosts == {}
+
+
+def _joins_without_a_key(user_data: str, name: str, state: Path) -> None:
+    """The document names the host, the controller and the CA pin, and holds a one-time token (stored
+    only as a hash), but no private key of any kind."""
+    doc = yaml.safe_load(user_data)
+    join = doc["runcmd"][-1]
+    assert join[1:4] == ["join", f"https://203.0.113.1:{JOIN_PORT}", "--name"] and join[4] == name
+    token = join[join.index("--token") + 1]
+    assert join[join.index("--ca-pin") + 1] == pki.pin((state / "ca" / "ca.pem").read_bytes())
+    assert "PRIVATE KEY" not in user_data and "PrivateKey" not in user_data
+    rows = db.connect(state).execute("SELECT * FROM join_tokens WHERE host=?", (name,)).fetchall()
+    assert len(rows) == 1 and rows[0]["used"] is None and token.split(".")[1] not in str(tuple(rows[0]))
 
 
 def test_errors_are_one_line_with_a_hint(aws_env: str, mesh: Mesh, plan: str) -> None:

@@ -1,23 +1,15 @@
-"""Rendered user-data passes the real `cloud-init schema` check and says what a host needs."""
+"""Rendered user-data passes the real `cloud-init schema` check, and joins with a token, not a key."""
 
 import yaml
 from kit.cloudinit_check import assert_valid, schema_check
-from skyferry.providers.cloudinit import HostBootstrap, Peer, new_wireguard_key, render_user_data
+from skyferry.providers.cloudinit import HostBootstrap, render_user_data
+
+PIN = "sha256:" + "ab" * 32
+TOKEN = "0123456789ab." + "cd" * 16
 
 
 def _bootstrap() -> HostBootstrap:
-    private, _ = new_wireguard_key()
-    _, controller_pub = new_wireguard_key()
-    return HostBootstrap(
-        name="demo-0",
-        mesh="sfab12",
-        overlay_ip="100.64.0.9",
-        private_key=private,
-        peers=[Peer(controller_pub, "203.0.113.10:51820", ["100.64.0.1/32"])],
-        ca_pem="-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
-        cert_pem="-----BEGIN CERTIFICATE-----\nMIIC\n-----END CERTIFICATE-----\n",
-        key_pem="-----BEGIN PRIVATE KEY-----\nMIID\n-----END PRIVATE KEY-----\n",
-    )
+    return HostBootstrap("demo-0", "https://203.0.113.10:7421", PIN, TOKEN, "skyferry-0.1.0-py3-none-any.whl")
 
 
 def test_user_data_is_valid_cloud_config() -> None:
@@ -34,33 +26,16 @@ def test_validator_rejects_a_broken_document() -> None:
 
 
 def test_user_data_contents() -> None:
-    b = _bootstrap()
-    text = render_user_data(b)
+    text = render_user_data(_bootstrap())
     assert text.startswith("#cloud-config\n")
     doc = yaml.safe_load(text)
     files = {f["path"]: f for f in doc["write_files"]}
-    wg = files["/etc/wireguard/skyferry.conf"]
-    assert wg["permissions"] == "0600"
-    assert f"PrivateKey = {b.private_key}" in wg["content"]
-    assert "Address = 100.64.0.9/32" in wg["content"]
-    assert "Endpoint = 203.0.113.10:51820" in wg["content"]
     assert "CRIU_VERSION=4.2.1" in files["/usr/local/sbin/skyferry-bootstrap-host"]["content"]
-    unit = files["/etc/systemd/system/skyferry-agent.service"]["content"]
-    assert "skyferry agent --host demo-0 --mesh sfab12" in unit and "--listen 100.64.0.9" in unit
-    assert files["/var/lib/skyferry/host/tls/key.pem"]["permissions"] == "0600"
-    cmds = [" ".join(c) for c in doc["runcmd"]]
-    assert cmds[0] == "/usr/local/sbin/skyferry-bootstrap-host"
-    assert cmds[-1] == "systemctl enable --now skyferry-agent.service"
+    assert "def main(url: str, pin: str, wheel: str)" in files["/usr/local/sbin/skyferry-install"]["content"]
+    bootstrap, install, join = doc["runcmd"]
+    assert bootstrap[-1] == "[ -e /etc/skyferry/golden-image ] || /usr/local/sbin/skyferry-bootstrap-host"
+    assert install[1:] == ["/usr/local/sbin/skyferry-install", "https://203.0.113.10:7421", PIN, _bootstrap().wheel]
+    assert join == ["/opt/skyferry/bin/skyferry", "join", "https://203.0.113.10:7421", "--name", "demo-0",
+                    "--token", TOKEN, "--ca-pin", PIN]  # fmt: skip
+    assert "PRIVATE KEY" not in text and "PrivateKey" not in text and "/etc/wireguard" not in text
     assert len(text.encode()) < 16384  # EC2's user-data limit
-
-
-def test_wireguard_keys_pair_up() -> None:
-    import base64
-
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
-    private, public = new_wireguard_key()
-    key = X25519PrivateKey.from_private_bytes(base64.b64decode(private))
-    assert base64.b64encode(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)).decode() == public
-    assert len(base64.b64decode(public)) == 32

@@ -4,12 +4,12 @@ import os
 from pathlib import Path
 
 import pytest
+from kit.keys import new_wireguard_key
 from skyferry.netplane import wg
 from skyferry.netplane.ipam import Ipam
 from skyferry.netplane.mesh import Mesh
 from skyferry.providers import inventory
 from skyferry.providers.base import Host
-from skyferry.providers.cloudinit import new_wireguard_key
 from skyferry.providers.errors import ProviderError
 from skyferry.providers.local import LocalProvider
 

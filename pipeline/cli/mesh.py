@@ -1,0 +1,95 @@
+"""`skyferry mesh`: a mesh whose controller is this machine, and keeping every member's peers right."""
+
+import secrets
+
+import typer
+
+from . import output
+from .app import app
+
+mesh_app = typer.Typer(
+    no_args_is_help=True,
+    help=(
+        "The WireGuard mesh itself, when hosts are machines made elsewhere.\n\n"
+        "  skyferry mesh init --endpoint 203.0.113.7\n\n"
+        "  skyferry hosts join web-1\n\n"
+        "  skyferry mesh sync"
+    ),
+)
+app.add_typer(mesh_app, name="mesh")
+
+
+@mesh_app.command("init")
+def init(
+    endpoint: str = typer.Option(..., "--endpoint", help="The address hosts reach this machine at."),
+    name: str | None = typer.Option(None, "--name", help="Mesh id (default: sf + 4 random hex digits)."),
+    cidr: str | None = typer.Option(None, "--cidr", help="Overlay range for host and container addresses."),
+    port: int = typer.Option(51820, "--port", help="This machine's WireGuard UDP port."),
+    interface: str = typer.Option("skyferry", "--interface", help="Name of the WireGuard interface to create."),
+    json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP),
+) -> None:
+    """Make a mesh with only this machine in it, as its controller; hosts then come in with `hosts join`.
+
+    Idempotent: run again with the same endpoint it finds the mesh and changes nothing.
+
+    Example: skyferry mesh init --endpoint 203.0.113.7 --cidr 100.64.0.0/16
+    """
+    from skyferry.netplane import controller
+    from skyferry.pipeline.controller.state import state_dir
+
+    mesh, created = controller.init(state_dir(), name or "sf" + secrets.token_hex(2), endpoint, cidr, port, interface)
+    ctl = mesh.controller
+    info = {"mesh": mesh.name, "cidr": mesh.cidr, "controller": ctl.overlay_ip, "endpoint": ctl.endpoint,
+            "interface": ctl.interface, "wireguard": mesh.backend, "created": created}  # fmt: skip
+    if json_out:
+        output.print_json(info)
+    else:
+        verb = "created" if created else "already here:"
+        output.console.print(f"{verb} mesh {mesh.name} ({mesh.cidr}); controller {ctl.overlay_ip} at {ctl.endpoint}")
+        output.console.print("next: skyferry hosts join NAME")
+
+
+@mesh_app.command("sync")
+def sync(json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP)) -> None:
+    """Send every member its whole peer list again (after a host was unreachable during a change).
+
+    Safe to repeat. Example: skyferry mesh sync
+    """
+    from skyferry.netplane import routes
+    from skyferry.netplane.mesh import Mesh
+    from skyferry.pipeline.controller import agentctl
+    from skyferry.pipeline.controller.state import state_dir
+
+    state = state_dir()
+    mesh = Mesh.load(state)
+    routes.apply(mesh, agentctl.Pusher(state, mesh))
+    members = [m.name for m in mesh.members]
+    if json_out:
+        output.print_json({"mesh": mesh.name, "synced": members})
+    else:
+        output.console.print(f"mesh {mesh.name}: peers sent to {', '.join(members)}")
+
+
+@mesh_app.command("serve")
+def serve(
+    timeout: float = typer.Option(0, "--timeout", help="Stop after this many seconds (0: until Ctrl-C)."),
+) -> None:
+    """Serve joins (TCP 7421 on the controller's endpoint address) for hosts that hold tokens.
+
+    `hosts join` and `provision` serve while they wait; this is for hosts made by Terraform
+    (`inventory tfvars`) or provisioned with --join-timeout 0.
+    """
+    import time
+
+    from skyferry.pipeline.controller import enrol
+    from skyferry.pipeline.controller.state import state_dir
+
+    with enrol.serving(state_dir()) as enrolment:
+        output.err_console.print("serving joins; Ctrl-C to stop")
+        deadline = time.monotonic() + timeout if timeout else None
+        seen: set[str] = set()
+        while deadline is None or time.monotonic() < deadline:
+            time.sleep(1)
+            for name in sorted(set(enrolment.joined) - seen):
+                output.console.print(f"{name} joined as {enrolment.joined[name].overlay_ip}")
+                seen.add(name)
