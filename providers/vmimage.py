@@ -126,8 +126,8 @@ VENV_SETUP = rf"""
 set -eu
 root="$1"
 chroot "$root" python3 -m venv {VENV}
-pip="{VENV}/bin/python -m pip --disable-pip-version-check --no-cache-dir --progress-bar off"
-chroot "$root" $pip install --no-index --find-links {STAGING}/wheels --require-hashes --no-deps \
+pip="{VENV}/bin/python -m pip --disable-pip-version-check --no-cache-dir"
+chroot "$root" $pip install --progress-bar off --no-index --find-links {STAGING}/wheels --require-hashes --no-deps \
   -r {STAGING}/requirements.lock
 # pycriu's pyproject has a `license` table that the locked setuptools accepts with a deprecation notice.
 chroot "$root" env PYTHONWARNINGS=ignore $pip install --no-index --no-deps --no-build-isolation {STAGING}/criu-lib
@@ -271,7 +271,7 @@ def _download_wheels(dest: Path) -> None:
     """Every wheel requirements.lock names, hash-checked, into `dest`: pip's cache and index are the host's."""
     _run_logged(
         [sys.executable, "-m", "pip", "--disable-pip-version-check", "download", "--progress-bar", "off",
-         "--require-hashes", "--no-deps", "--only-binary", ":all:", "-r", str(LOCK_FILE), "-d", str(dest)],
+         "-q", "--require-hashes", "--no-deps", "--only-binary", ":all:", "-r", str(LOCK_FILE), "-d", str(dest)],
         "pip download",
     )  # fmt: skip
 
