@@ -20,6 +20,7 @@ from skyferry.providers.cloudinit import HostBootstrap, Peer, new_wireguard_key,
 from skyferry.providers.registry import NAMES, get_provider
 
 DEFAULT_PLAN = "skyferry"
+DEFAULT_PLANS = {"vm": "vm"}  # VM hosts are vm-1, vm-2, …
 
 
 def _cloud(provider: str, state: Path, region: str | None, endpoint_url: str | None) -> Any:
@@ -27,6 +28,8 @@ def _cloud(provider: str, state: Path, region: str | None, endpoint_url: str | N
         raise SkyferryError(f"unknown provider {provider!r}", hint=f"use one of: {', '.join(NAMES)}")
     if provider == "aws":
         return get_provider("aws", region=region, endpoint_url=endpoint_url, key_dir=state / "keys")
+    if provider == "vm":  # QEMU on this machine, on the local mesh's underlay
+        return get_provider("vm", state=state)
     return get_provider("gcp", region=region, endpoint_url=endpoint_url, cache_dir=state / "cache")
 
 
@@ -84,7 +87,7 @@ def provision(
         hosts = get_provider("local", state=state).provision(plan or "", count)
         result = [h.to_dict() for h in hosts]
     else:
-        plan = plan or DEFAULT_PLAN
+        plan = plan or DEFAULT_PLANS.get(provider, DEFAULT_PLAN)
         mesh = Mesh.load(state)  # a clear NetplaneError when there is none
         cloud = _cloud(provider, state, region, endpoint_url)
         boot = Bootstrapper(state, mesh)
