@@ -43,10 +43,10 @@ def _check_args(name: str, count: int, cidr: str) -> None:
             f"bad mesh name {name!r}: 1-8 lowercase letters and digits, starting with a letter",
             hint="it prefixes every namespace and interface name, which the kernel limits to 15 characters",
         )
-    if not 1 <= count <= MAX_HOSTS:
-        raise NetplaneError(f"--count must be between 1 and {MAX_HOSTS}, not {count}")
+    if not 0 <= count <= MAX_HOSTS:  # 0: just the underlay and the controller, for VM or cloud hosts
+        raise NetplaneError(f"--count must be between 0 and {MAX_HOSTS}, not {count}")
     net = parse_cidr(cidr)
-    need = (count + 1) + 4 * count  # every member, and room for at least 4 containers per host
+    need = (count + 1) + 4 * max(count, 1)  # every member, and room for at least 4 containers per host
     if net.num_addresses - 2 < need:
         raise NetplaneError(
             f"overlay CIDR {net} is too small: {max(net.num_addresses - 2, 0)} usable addresses, "
@@ -74,6 +74,15 @@ def _in_use(name: str) -> list[str]:
     found = [n for n in netns.RUN_DIR.glob(f"{name}-*")] if netns.RUN_DIR.exists() else []
     found += list(wg.SOCKET_DIR.glob(f"{name}-*.sock")) if wg.SOCKET_DIR.exists() else []
     return [str(p) for p in found]
+
+
+def _local_members(mesh: Mesh) -> list[MeshHost]:
+    """The controller and the local hosts: the members whose namespaces and processes are ours."""
+    return [m for m in mesh.members if m is mesh.controller or m.provider == "local"]
+
+
+def _local_hosts(mesh: Mesh) -> list[MeshHost]:
+    return [h for h in mesh.hosts.values() if h.provider == "local"]
 
 
 def _veth_to_switch(switch: str, member_netns: str, switch_if: str, address: str) -> None:
@@ -151,7 +160,7 @@ class LocalProvider:
             f"{what} is {have}, not {want}"
             for what, have, want in (
                 ("name", mesh.name, name or mesh.name),
-                ("host count", len(mesh.hosts), count),
+                ("local host count", len(_local_hosts(mesh)), count),
                 ("overlay CIDR", mesh.cidr, str(parse_cidr(self.cidr)) if self.cidr else mesh.cidr),
                 ("WAN", have_wan, wanted_wan),
             )
@@ -171,7 +180,7 @@ class LocalProvider:
 
     def _problems(self, mesh: Mesh) -> list[str]:
         problems = []
-        for m in mesh.members:
+        for m in _local_members(mesh):
             if m.netns and not netns.exists(m.netns):
                 problems.append(f"network namespace {m.netns} is gone")
             if mesh.backend == wg.USERSPACE and not (m.pid and wg.process_matches(m.pid, m.interface)):
@@ -239,10 +248,11 @@ class LocalProvider:
             _wireguard(mesh, m, ipaddress.ip_network(mesh.cidr).prefixlen)
         if self.wan_spec and mesh.wan:
             self._wan(mesh, self.wan_spec)
-        # No agent runs yet: the provider that made these namespaces configures them, as cloud-init would.
-        routes.apply(mesh, routes.here, keepalive=False)
-        routes.apply(mesh, routes.here)  # now every member knows every peer: start the handshakes
-        routes.wait_handshakes(mesh)
+        if mesh.hosts:  # a controller alone has no peers to tell or wait for
+            # No agent runs yet: the provider that made these namespaces configures them, as cloud-init would.
+            routes.apply(mesh, routes.here, keepalive=False)
+            routes.apply(mesh, routes.here)  # now every member knows every peer: start the handshakes
+            routes.wait_handshakes(mesh)
         mesh.persist()
 
     def _wan(self, mesh: Mesh, spec: WanSpec) -> None:
@@ -271,7 +281,8 @@ class LocalProvider:
         removed: list[str] = []
         if mesh.wan and wg.stop_process(mesh.wan.relay_pid, wan.RELAY_MARKER):
             removed.append(f"process {mesh.wan.relay_pid} (WAN relay)")
-        for m in mesh.members:
+        # Only what this provider made: a cloud or VM member's interface and state root are on its own machine.
+        for m in _local_members(mesh):
             if wg.stop_process(m.pid, m.interface):
                 removed.append(f"process {m.pid} (wireguard-go {m.interface})")
             if wg.remove_socket(m.interface):
@@ -280,7 +291,7 @@ class LocalProvider:
         for path in sorted(netns.RUN_DIR.glob(f"{mesh.name}-*")) if netns.RUN_DIR.exists() else []:
             if netns.remove(path.name):
                 removed.append(f"netns {path.name}")
-        for m in mesh.members:
+        for m in _local_members(mesh):
             if Path(m.state_root).exists():
                 shutil.rmtree(m.state_root)
                 removed.append(f"dir {m.state_root}")
@@ -335,5 +346,5 @@ class LocalProvider:
                 state="running" if h.netns and netns.exists(h.netns) else "terminated",
                 tags={"netns": h.netns or "", "interface": h.interface},
             )
-            for h in mesh.hosts.values()
+            for h in _local_hosts(mesh)
         ]

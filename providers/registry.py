@@ -6,7 +6,7 @@ from typing import Any
 from .base import Provider
 from .errors import ProviderError
 
-NAMES = ("aws", "gcp", "local")
+NAMES = ("aws", "gcp", "local", "vm")
 
 # The options each provider takes, from the CLI's common ones (None values are dropped).
 _OPTIONS = {
@@ -16,6 +16,7 @@ _OPTIONS = {
         "credentials": "credentials", "cache_dir": "cache_dir",
     },
     "local": {"state": "state", "cidr": "cidr", "wan_spec": "wan_spec"},
+    "vm": {"state": "state", "nice": "nice"},
 }  # fmt: skip
 
 
@@ -37,8 +38,12 @@ def get_provider(name: str, **options: Any) -> Provider:
         from .gcp import GcpProvider
 
         return GcpProvider(**kwargs)
+    if "state" not in kwargs:
+        raise ProviderError(f"the {name} provider needs a state directory")
+    if name == "vm":
+        from .vm import VmProvider
+
+        return VmProvider(Path(kwargs.pop("state")), **kwargs)
     from .local import LocalProvider
 
-    if "state" not in kwargs:
-        raise ProviderError("the local provider needs a state directory")
     return LocalProvider(Path(kwargs.pop("state")), **kwargs)

@@ -5,8 +5,13 @@ with `-kernel/-initrd` (the kernel and initrd are extracted next to it) and `roo
 on its own qcow2 overlay, so the golden image is never written to.
 
 Images are cached under /var/cache/skyferry/vm/<recipe hash>/: any change to the recipe (packages,
-sources, the CRIU binary, the customisation script) gives a new hash and a new build; an existing
-complete build is reused at once.
+sources, the CRIU binary, requirements.lock, the customisation scripts) gives a new hash and a new build;
+an existing complete build is reused at once.
+
+The image carries skyferry's dependencies, but not skyferry: a venv at /opt/skyferry with every wheel of
+requirements.lock (hash-checked, no resolver, as scripts/install-venv.sh makes the host's) and pycriu
+from the host's CRIU tree. Hosts get the controller's own skyferry wheel when they join.
+`/etc/skyferry/golden-image` holds the recipe digest, so user-data can skip what the image already has.
 """
 
 import fcntl
@@ -18,6 +23,7 @@ import re
 import selectors
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,7 +36,12 @@ log = logging.getLogger(__name__)
 
 CACHE_ROOT = Path("/var/cache/skyferry/vm")
 HOST_CRIU = Path("/usr/local/sbin/criu")
-RECIPE_VERSION = 1  # bump when the build steps change in a way the recipe fields do not capture
+CRIU_LIB = Path("/var/cache/skyferry/criu-4.2.1/lib")  # pycriu's source, left by bootstrap-host.sh
+LOCK_FILE = Path(__file__).resolve().parents[1] / "requirements.lock"
+VENV = "/opt/skyferry"
+MARKER = "/etc/skyferry/golden-image"
+STAGING = "/tmp/skyferry-build"  # inside the root, while the build runs
+RECIPE_VERSION = 2  # bump when the build steps change in a way the recipe fields do not capture
 SUITE = "bookworm"
 
 PACKAGES = (
@@ -109,6 +120,21 @@ if chroot "$root" ldd /usr/local/sbin/criu | grep 'not found'; then
 fi
 """
 
+# Runs in the target root ($1) once the wheels, requirements.lock and pycriu's source are staged in it.
+# The guest's python3 is Debian 12's 3.11, as on the host, so the host's wheels fit.
+VENV_SETUP = rf"""
+set -eu
+root="$1"
+chroot "$root" python3 -m venv {VENV}
+pip="{VENV}/bin/python -m pip --disable-pip-version-check --no-cache-dir"
+chroot "$root" $pip install --progress-bar off --no-index --find-links {STAGING}/wheels --require-hashes --no-deps \
+  -r {STAGING}/requirements.lock
+# pycriu's pyproject has a `license` table that the locked setuptools accepts with a deprecation notice.
+chroot "$root" env PYTHONWARNINGS=ignore $pip install --no-index --no-deps --no-build-isolation {STAGING}/criu-lib
+chroot "$root" $pip check
+rm -rf "$root{STAGING}"
+"""
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -118,7 +144,9 @@ class Recipe:
     packages: tuple[str, ...] = PACKAGES
     sources: tuple[str, ...] = field(default_factory=lambda: tuple(host_debian_sources()))
     criu_sha256: str = field(default_factory=lambda: _sha256_file(HOST_CRIU))
+    lock_sha256: str = field(default_factory=lambda: _sha256_file(LOCK_FILE))
     customize: str = CUSTOMIZE
+    venv_setup: str = VENV_SETUP
     size_gib: int = 4
     version: int = RECIPE_VERSION
 
@@ -218,7 +246,10 @@ def _build(recipe: Recipe, cache_root: Path) -> Image:
     started = time.monotonic()
     try:
         rootfs = work / "rootfs"
-        _mmdebstrap(recipe, rootfs)
+        wheels = work / "wheels"
+        _download_wheels(wheels)
+        _mmdebstrap(recipe, rootfs, wheels)
+        shutil.rmtree(wheels)
         kernel_version = _extract_boot(rootfs, work)
         _make_disk(rootfs, work, recipe.size_gib)
         shutil.rmtree(rootfs)
@@ -236,7 +267,21 @@ def _build(recipe: Recipe, cache_root: Path) -> Image:
     return image
 
 
-def _mmdebstrap(recipe: Recipe, rootfs: Path) -> None:
+def _download_wheels(dest: Path) -> None:
+    """Every wheel requirements.lock names, hash-checked, into `dest`: pip's cache and index are the host's."""
+    _run_logged(
+        [sys.executable, "-m", "pip", "--disable-pip-version-check", "download", "--progress-bar", "off",
+         "-q", "--require-hashes", "--no-deps", "--only-binary", ":all:", "-r", str(LOCK_FILE), "-d", str(dest)],
+        "pip download",
+    )  # fmt: skip
+
+
+def _mmdebstrap(recipe: Recipe, rootfs: Path, wheels: Path) -> None:
+    if not (CRIU_LIB / "pyproject.toml").is_file():
+        raise ProviderError(f"{CRIU_LIB} is missing", hint="run make host (scripts/bootstrap-host.sh)")
+    stage = f'mkdir -p "$1{STAGING}" && cp -r {wheels} {LOCK_FILE} "$1{STAGING}/"'
+    stage += f' && cp -r {CRIU_LIB} "$1{STAGING}/criu-lib"'
+    marker = f'mkdir -p "$1{Path(MARKER).parent}" && echo {recipe.digest()} > "$1{MARKER}"'
     argv = [
         "nice", "-n", "10", "mmdebstrap",
         "--variant=minbase",
@@ -244,6 +289,9 @@ def _mmdebstrap(recipe: Recipe, rootfs: Path) -> None:
         f"--include={','.join(recipe.packages)}",
         f"--customize-hook=copy-in {HOST_CRIU} /usr/local/sbin",
         f"--customize-hook={recipe.customize}",
+        f"--customize-hook={stage}",
+        f"--customize-hook={recipe.venv_setup}",
+        f"--customize-hook={marker}",
         recipe.suite,
         str(rootfs),
         *recipe.sources,

@@ -1,6 +1,8 @@
-"""`skyferry hosts`: bring local hosts up and down, list them, run commands on them."""
+"""`skyferry hosts`: bring local and VM hosts up and down, list them, run commands on them."""
 
+import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ from skyferry.netplane.mesh import Mesh
 from skyferry.netplane.wan import WanSpec
 from skyferry.pipeline.controller.state import state_dir
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.providers import vm
 from skyferry.providers.local import LocalProvider
 
 from . import output
@@ -20,6 +23,7 @@ hosts_app = typer.Typer(
     help=(
         "Hosts of the mesh: local ones are network namespaces joined by WireGuard over an emulated WAN.\n\n"
         "  skyferry hosts up --local --count 3 --wan rate=1gbit,rtt=30ms\n\n"
+        "  skyferry hosts up --vm --count 2\n\n"
         "  skyferry hosts ls\n\n"
         "  skyferry hosts exec local-1 -- ip -br addr\n\n"
         "  skyferry hosts down"
@@ -29,21 +33,45 @@ app.add_typer(hosts_app, name="hosts")
 
 
 def _rows(mesh: Mesh) -> list[dict[str, Any]]:
-    relay = mesh.wan.relay_address if mesh.wan else None
-    return [
-        {
-            "name": m.name,
-            "role": "controller" if m is mesh.controller else "host",
-            "overlay_ip": m.overlay_ip,
-            "endpoint": m.endpoint,
-            "interface": m.interface,
-            "netns": m.netns,
-            "provider": m.provider,
-            "up": bool(m.netns and netns.exists(m.netns)),
-            "via_relay": bool(relay and m is not mesh.controller),
-        }
-        for m in mesh.members
-    ]
+    """Every member, then every recorded VM not (yet) in the mesh; VMs carry their accelerator."""
+    relays = mesh.wan.relay_ports if mesh.wan and mesh.wan.relay_address else {}
+    vms = {r.name: r for r in vm.records(mesh.state or state_dir())}
+    rows = []
+    for m in mesh.members:
+        rec = vms.pop(m.name, None)
+        rows.append(
+            {
+                "name": m.name,
+                "role": "controller" if m is mesh.controller else "host",
+                "overlay_ip": m.overlay_ip,
+                "endpoint": m.endpoint,
+                "interface": m.interface,
+                "netns": m.netns,
+                "provider": m.provider,
+                "up": rec.alive() if rec else bool(m.netns and netns.exists(m.netns)),
+                "via_relay": any(m.name in pair.split(",") for pair in relays),
+                **(_vm_fields(rec) if rec else {}),
+            }
+        )
+    for rec in vms.values():  # booted, not joined (yet)
+        rows.append(
+            {
+                "name": rec.name, "role": "host", "overlay_ip": None, "endpoint": f"{rec.address}:51820",
+                "interface": None, "netns": None, "provider": "vm", "up": rec.alive(), "via_relay": False,
+                **_vm_fields(rec),
+            }
+        )  # fmt: skip
+    return rows
+
+
+def _vm_fields(rec: vm.VmRecord) -> dict[str, Any]:
+    return {
+        "address": rec.address,
+        "accelerator": rec.accelerator,
+        "state": "running" if rec.alive() else "stopped",
+        "pid": rec.pid,
+        "console": str(rec.console),
+    }
 
 
 def _summary(mesh: Mesh) -> dict[str, Any]:
@@ -59,18 +87,23 @@ def _summary(mesh: Mesh) -> dict[str, Any]:
 
 def _print(mesh: Mesh, title: str) -> None:
     wan = f", WAN rate={mesh.wan.rate or '-'} rtt={mesh.wan.rtt or '-'}" if mesh.wan else ""
-    cols = ["name", "role", "overlay_ip", "endpoint", "interface", "netns", "up"]
+    cols = ["name", "role", "provider", "overlay_ip", "endpoint", "interface", "netns", "accelerator", "up"]
     output.print_table(
         f"{title} {mesh.name} ({mesh.cidr}, {mesh.backend}, mtu {mesh.mtu}{wan})",
         cols,
-        [[r[c] for c in cols] for r in _rows(mesh)],
+        [[r.get(c) for c in cols] for r in _rows(mesh)],
     )
 
 
 @hosts_app.command("up")
 def up(
     local: bool = typer.Option(False, "--local", help="Create the hosts as network namespaces on this machine."),
-    count: int = typer.Option(3, "--count", "-n", min=1, help="How many hosts (local-1 … local-N)."),
+    vm_hosts: bool = typer.Option(
+        False, "--vm", help="Boot the hosts as QEMU VMs (vm-1 …) on the local mesh's underlay and WAN."
+    ),
+    count: int = typer.Option(3, "--count", "-n", min=1, help="How many hosts (local-1 … or vm-1 …)."),
+    size: str | None = typer.Option(None, "--size", help="VM size, NcpuMg (default 2cpu-1g); --vm only."),
+    timeout: float = typer.Option(1800, "--timeout", help="Seconds to wait for VMs to boot; --vm only."),
     wan: str | None = typer.Option(
         None, "--wan", help="Emulated WAN between hosts: rate (tbf) and/or round-trip time, e.g. rate=1gbit,rtt=30ms."
     ),
@@ -88,11 +121,16 @@ def up(
       skyferry hosts up --local --count 3
 
       skyferry hosts up --local --count 3 --wan rate=1gbit,rtt=30ms --cidr 100.64.0.0/16 --name demo
+
+      skyferry hosts up --vm --count 2 --size 2cpu-2g      (on an empty state: first a controller-only mesh)
     """
-    if not local:
-        raise SkyferryError(
-            "only local hosts can be brought up here", hint="add --local, or use `skyferry provision` for clouds"
-        )
+    if local == vm_hosts:
+        raise SkyferryError("say which hosts to bring up: --local or --vm", hint="use `skyferry provision` for clouds")
+    if vm_hosts:
+        _up_vms(count, size, wan, cidr, name, timeout, json_out)
+        return
+    if size is not None:
+        raise SkyferryError("--size is for VM hosts", hint="local hosts share this machine's CPUs and memory")
     from skyferry.pipeline.controller import agentctl
 
     state = state_dir()
@@ -109,6 +147,54 @@ def up(
         output.print_json({**_summary(mesh), "created": created})
     else:
         _print(mesh, "created mesh" if created else "mesh already up:")
+
+
+def _up_vms(
+    count: int, size: str | None, wan: str | None, cidr: str | None, name: str | None, timeout: float, json_out: bool
+) -> None:
+    """`hosts up --vm`: a controller-only local mesh first if there is none, then the VMs through the same
+    provisioning path as AWS and GCP (controller/provision.py)."""
+    from skyferry.pipeline.controller import provision as provisioning
+
+    _progress_on_stderr()
+    state = state_dir()
+    vm.parse_size(size)  # a bad size fails before anything is made
+    wan_spec = WanSpec.parse(wan) if wan else None
+    made_mesh = False
+    if Mesh.exists(state):
+        mesh = Mesh.load(state)
+        have = (mesh.wan.rate, mesh.wan.rtt) if mesh.wan else (None, None)
+        want = (wan_spec.rate_text, wan_spec.rtt_text) if wan_spec else have
+        if have != want or (name and name != mesh.name) or cidr:
+            raise SkyferryError(
+                f"mesh {mesh.name} is already up; VMs join it as it is (WAN rate={have[0]} rtt={have[1]})",
+                hint="leave out --wan/--name/--cidr, or skyferry hosts down first",
+            )
+    else:
+        logging.getLogger("skyferry.providers").info("no mesh yet: creating a controller-only local mesh")
+        mesh, made_mesh = LocalProvider(state, cidr=cidr, wan_spec=wan_spec).up(0, name)
+    before = {r.name for r in vm.records(state)}
+    try:
+        result = provisioning.provision(state, "vm", count, size=size, timeout=timeout)
+    except BaseException:
+        if made_mesh:  # leave nothing behind that this call made
+            _down_all(state)
+        raise
+    created = [h["name"] for h in result["hosts"] if h["name"] not in before]
+    mesh = Mesh.load(state)
+    if json_out:
+        output.print_json({**_summary(mesh), "vms": result["hosts"], "created": created, "mesh_created": made_mesh})
+    else:
+        _print(mesh, f"VMs {', '.join(created) or 'already up'} in mesh")
+
+
+def _progress_on_stderr() -> None:
+    """Long waits (image build, boot) log progress lines; show them on stderr, outside --json's stdout."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("> %(message)s"))
+    logger = logging.getLogger("skyferry.providers")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 @hosts_app.command("ls")
@@ -129,15 +215,24 @@ def exec_(
     host: str = typer.Argument(..., help="Host name (local-1 …) or `controller`."),
     command: list[str] = typer.Argument(..., help="The command and its arguments, after `--`."),
 ) -> None:
-    """Run a command inside a local host's network namespace (ip netns exec).
+    """Run a command inside a local host's network namespace (ip netns exec), or in a VM through its guest
+    agent (exit code, stdout and stderr passed through).
 
     Examples:
 
       skyferry hosts exec local-1 -- ip -br addr
 
       skyferry hosts exec local-3 -- iperf3 -c 100.64.0.2
+
+      skyferry hosts exec vm-1 -- cloud-init status --long
     """
-    member = Mesh.load(state_dir()).host(host)
+    state = state_dir()
+    if vm.record(state, host):
+        rc, out, err = vm.VmProvider(state).exec(host, command)
+        sys.stdout.write(out)
+        sys.stderr.write(err)
+        raise typer.Exit(rc)
+    member = Mesh.load(state).host(host)
     if member.netns is None:
         raise SkyferryError(f"{host} is not a local host", hint="reach cloud hosts with ssh")
     os.execvp("ip", ["ip", "netns", "exec", member.netns, *command])
@@ -152,18 +247,17 @@ def down(json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_
     Example: skyferry hosts down
     """
     state = state_dir()
-    removed: list[str] = []
-    name = None
-    if Mesh.exists(state):
-        from skyferry.pipeline.controller import agentctl
-
-        mesh = Mesh.load(state)
-        name = mesh.name
-        agentctl.stop_agents(mesh, state)
-        removed = LocalProvider(Path(state)).down()
+    name = Mesh.load(state).name if Mesh.exists(state) else None
+    removed = _down_all(state)
     if json_out:
         output.print_json({"mesh": name, "removed": removed})
-    elif name:
+    elif name or removed:
         output.console.print(f"mesh {name} is down; removed {len(removed)} objects")
     else:
         output.console.print("no mesh here; nothing to do")
+
+
+def _down_all(state: Path) -> list[str]:
+    from skyferry.pipeline.controller import provision
+
+    return provision.teardown(state)

@@ -11,6 +11,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from skyferry.netplane import controller
 from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller import agentctl, dist, enrol, tokens
 from skyferry.pipeline.errors import SkyferryError
@@ -20,6 +21,7 @@ from skyferry.providers.cloudinit import HostBootstrap, render_user_data
 from skyferry.providers.registry import NAMES, get_provider
 
 DEFAULT_PLAN = "skyferry"
+DEFAULT_PLANS = {"vm": "vm"}  # VM hosts are vm-1, vm-2, …
 
 
 def _cloud(provider: str, state: Path, region: str | None, endpoint_url: str | None) -> Any:
@@ -27,7 +29,7 @@ def _cloud(provider: str, state: Path, region: str | None, endpoint_url: str | N
         raise SkyferryError(f"unknown provider {provider!r}", hint=f"use one of: {', '.join(NAMES)}")
     if provider == "aws":
         return get_provider("aws", region=region, endpoint_url=endpoint_url, key_dir=state / "keys")
-    if provider == "vm":
+    if provider == "vm":  # QEMU on this machine, on the local mesh's underlay
         return get_provider("vm", state=state)
     return get_provider("gcp", region=region, endpoint_url=endpoint_url, cache_dir=state / "cache")
 
@@ -70,7 +72,7 @@ def provision(
     if provider == "local":
         hosts = get_provider("local", state=state).provision(plan or "", count)
         return {"plan": plan, "provider": provider, "hosts": [h.to_dict() for h in hosts]}
-    plan = plan or DEFAULT_PLAN
+    plan = plan or DEFAULT_PLANS.get(provider, DEFAULT_PLAN)
     mesh = Mesh.load(state)  # a clear NetplaneError when there is none
     cloud = _cloud(provider, state, region, endpoint_url)
     boot = Bootstrapper(state, mesh, provider, ttl=max(join_timeout, tokens.DEFAULT_TTL) + timeout)
@@ -124,3 +126,23 @@ def decommission(
         for name in names:  # a host that never joined leaves a token behind
             tokens.revoke(state, name)
     return {"plan": plan, "provider": provider, "removed": removed, "left_mesh": left}
+
+
+def teardown(state: Path) -> list[str]:
+    """What `hosts down` does: agents, then VMs (even without a mesh: a crash may have left only their
+    rows), then the local mesh, or the controller's own interface of a `mesh init` mesh."""
+    mesh = Mesh.load(state) if Mesh.exists(state) else None
+    if mesh and mesh.local is None:
+        machines = sorted(n for n, m in mesh.hosts.items() if m.provider != "vm")
+        if machines:
+            raise SkyferryError(
+                f"mesh {mesh.name} still has hosts made elsewhere: {', '.join(machines)}",
+                hint="skyferry decommission --plan PLAN for cloud hosts first",
+            )
+    if mesh:
+        agentctl.stop_agents(mesh, state)
+    vms = get_provider("vm", state=state)
+    removed = [item for plan in vms.plans() for item in vms.destroy(plan)]
+    if mesh and mesh.local is None:
+        return removed + controller.down(state)
+    return removed + get_provider("local", state=state).down()

@@ -15,7 +15,7 @@ from typing import Any
 from skyferry.netplane import netns
 from skyferry.netplane.mesh import Mesh
 from skyferry.netplane.wan import WanSpec
-from skyferry.pipeline.controller import agentctl, containers
+from skyferry.pipeline.controller import agentctl, containers, provision
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.scenarios import workload_counter
 from skyferry.providers.local import LocalProvider
@@ -37,10 +37,7 @@ def mesh_up(state: Path, count: int, wan: str | None = None, name: str | None = 
 
 
 def mesh_down(state: Path) -> list[str]:
-    if not Mesh.exists(state):
-        return []
-    agentctl.stop_agents(Mesh.load(state), state)
-    return LocalProvider(state).down()
+    return provision.teardown(state)
 
 
 def counter_rootfs(workdir: Path) -> Path:
