@@ -2,7 +2,10 @@
 go to the `Host`, migration steps to the migration's `SourceSession` or `TargetSession`, by name.
 
 Routes (JSON in, JSON out; errors are {"error", "hint"} with 4xx/5xx):
-  GET    /v1/facts                          kernel, CRIU version and features, CPU flags
+  GET    /v1/facts                          kernel, CRIU version and kernel features, CPU flags
+  GET    /v1/cpuinfo                        {"image": base64}: this CPU as `criu cpuinfo dump` describes it
+  POST   /v1/cpuinfo/check                  {"image": base64} of another host's: {"ok", "error"} of
+                                            `criu cpuinfo check` here (the check stage, before any freeze)
   GET    /v1/capacity                       free memory and CPU, for placement (pipeline/agent/capacity.py)
   GET    /v1/containers                     list
   POST   /v1/containers                     run a ContainerSpec
@@ -107,6 +110,10 @@ class Agent:
         match method, parts:
             case "GET", ["facts"]:
                 return facts.collect(host.cfg.name, host.runtimes)
+            case "GET", ["cpuinfo"]:
+                return {"image": base64.b64encode(facts.cpuinfo_image()).decode()}
+            case "POST", ["cpuinfo", "check"]:
+                return facts.cpuinfo_check(body["image"])
             case "GET", ["capacity"]:
                 return capacity.collect(host)
             case "GET", ["containers"]:
