@@ -14,6 +14,10 @@ Routes (JSON in, JSON out; errors are {"error", "hint"} with 4xx/5xx):
   DELETE /v1/containers/NAME                stop and remove
   POST   /v1/containers/NAME/route          {"present": bool}: this host's /32 route to the container
   PUT    /v1/mesh/peers                     {"peers", "remove"}: this host's WireGuard peers (routes.PeerUpdate)
+  POST   /v1/containers/NAME/ingress        {"ports": ["80", "443=8443/tcp", …]}: DNAT exactly these ports of
+                                            this host's addresses to the container here (pipeline/agent/dnat.py)
+  DELETE /v1/containers/NAME/ingress        drop the container's published ports (it may have left already)
+  GET    /v1/ingress                        every published port on this host
   POST   /v1/migrations/ID/OP               OP is a step of the source (SOURCE_OPS: SourceSession's methods),
                                             of the target (TARGET_OPS: TargetSession's), or a test-cutover
                                             clone-* operation (pipeline/agent/clone.py)
@@ -40,7 +44,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from skyferry.netplane import routes
-from skyferry.pipeline.agent import capacity, clone, facts
+from skyferry.pipeline.agent import capacity, clone, dnat, facts
 from skyferry.pipeline.agent.host import Host, HostConfig
 from skyferry.pipeline.agent.source import Lane, SourceSession
 from skyferry.pipeline.agent.target import TargetSession
@@ -49,6 +53,7 @@ from skyferry.pipeline.hostapi import faults
 from skyferry.pipeline.hostapi.client import AgentClient
 from skyferry.pipeline.hostapi.layout import AGENT_PORT
 from skyferry.pipeline.hostapi.pki import Identity
+from skyferry.pipeline.hostapi.publish import PublicPort
 from skyferry.pipeline.hostapi.spec import ContainerSpec
 from skyferry.pipeline.hostapi.tlsserver import TLSServer
 from skyferry.pipeline.memory import lazypages
@@ -129,6 +134,14 @@ class Agent:
             case "POST", ["containers", name, "route"]:
                 host.set_route(name, bool(body["present"]))
                 return {"ok": True}
+            case "POST", ["containers", name, "ingress"]:
+                ports = [PublicPort.parse(p) for p in body["ports"]]
+                with host.lock(name):
+                    return {"published": host.publish(name, ports)}
+            case "DELETE", ["containers", name, "ingress"]:
+                return {"removed": dnat.unpublish(name)}
+            case "GET", ["ingress"]:
+                return dnat.published()
             case "DELETE", ["containers", name]:
                 with host.lock(name):
                     host.remove(name)

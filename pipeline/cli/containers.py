@@ -7,6 +7,7 @@ import typer
 from skyferry.pipeline.controller import containers
 from skyferry.pipeline.controller.state import state_dir
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.runbooks import ingress
 
 from . import output
 from .app import app
@@ -48,15 +49,26 @@ def run(
     """
     environment = dict(_kv(e, "--env") for e in env)
     labels = dict(_kv(item, "--label") for item in label)
+    if ingress.LABEL in labels:
+        ingress.parse(labels[ingress.LABEL], name)  # a bad label is refused before anything starts
+    state = state_dir()
     info = containers.run(
-        state_dir(), host, name, command, rootfs=rootfs, image=image, env=environment, labels=labels,
+        state, host, name, command, rootfs=rootfs, image=image, env=environment, labels=labels,
         runtime=runtime, volumes=volume,
     )  # fmt: skip
+    if ingress.LABEL in labels:  # its public address points here, and with ports it delivers here
+        info["ingress"] = ingress.at_start(state, info["name"])
     if json_out:
         output.print_json(info)
     else:
         who = f"{info['name']} ({info['runtime']})"
         output.console.print(f"{who} running on {host} at {info['ip']} (pid {info.get('pid')})")
+        if info.get("ingress"):
+            output.console.print(f"ingress: {info['ingress']['summary']}")
+    if (info.get("ingress") or {}).get("error"):
+        if not json_out:
+            output.console.print(f"error: {info['ingress']['error']}\nhint: {info['ingress']['hint']}")
+        raise typer.Exit(1)  # the container runs; its ingress did not apply
 
 
 def _kv(text: str, option: str) -> tuple[str, str]:
