@@ -27,7 +27,7 @@ def run(
         None, "--runtime", help="runc (default), podman or docker; or prefix the name: --name podman:web."
     ),
     label: list[str] = typer.Option(
-        [], "--label", "-l", help="k=v metadata, repeatable: priority=10, ingress=gateway (docs/runbooks.md)."
+        [], "--label", "-l", help="k=v metadata, repeatable: priority=10, ingress=eip:eipalloc-…:80 (docs/runbooks.md)."
     ),
     volume: list[str] = typer.Option(
         [], "--volume", "-v", help="A path in the container backed by a volume that moves with it, repeatable."
@@ -49,14 +49,14 @@ def run(
     """
     environment = dict(_kv(e, "--env") for e in env)
     labels = dict(_kv(item, "--label") for item in label)
-    if ingress.LABEL in labels:
-        ingress.parse(labels[ingress.LABEL], name)  # a bad label is refused before anything starts
+    # A bad label is refused before anything starts; one with ports is applied at once (docs/runbooks.md).
+    deliver = ingress.LABEL in labels and bool(ingress.parse(labels[ingress.LABEL], name).ports)
     state = state_dir()
     info = containers.run(
         state, host, name, command, rootfs=rootfs, image=image, env=environment, labels=labels,
         runtime=runtime, volumes=volume,
     )  # fmt: skip
-    if ingress.LABEL in labels:  # its public address points here, and with ports it delivers here
+    if deliver:  # its public address points here, and the host delivers the ports to it
         info["ingress"] = ingress.at_start(state, info["name"])
     if json_out:
         output.print_json(info)
