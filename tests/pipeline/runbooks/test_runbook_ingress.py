@@ -264,6 +264,13 @@ def test_a_public_port_delivers_to_the_container_and_follows_it(moto: str, mesh:
         assert fetch(mesh, "local-2", 80) == token
         assert refused(mesh, "local-1", 80) and published(state, mesh, "local-1") == []
         assert [p["name"] for p in published(state, mesh, "local-2")] == ["www"]
+
+        back = cli("migrate", "www", "--to", "local-1", "--json")  # `migrate` takes the label along too
+        assert back.returncode == 0, back.stdout + back.stderr
+        assert json.loads(back.stdout)["ingress"]["unpublished"]["host"] == "local-2"
+        assert a_record(moto, zone_id, record) == [mesh.hosts["local-1"].endpoint_address]
+        assert fetch(mesh, "local-1", 80) == token
+        assert refused(mesh, "local-2", 80) and published(state, mesh, "local-2") == []
     finally:
         remove_all(state)
     assert published(state, mesh, "local-2") == [], "a removed container takes its public ports along"
