@@ -22,6 +22,8 @@ from skyferry.pipeline.hostapi.compat import CRIU_FEATURES
 from skyferry.pipeline.runtimes.protocol import Runtime
 
 CPUINFO_IMAGE = "cpuinfo.img"
+# CRIU 4.2 has no `cpuinfo dump` on these (criu/arch/*/cpu.c returns -ENOTSUP): nothing to compare there.
+CPUINFO_UNSUPPORTED = ("aarch64", "armv7l", "riscv64")
 CPUINFO_MAX = 64 * 1024  # the image is about 100 bytes; anything near this is not one
 
 
@@ -57,8 +59,11 @@ def _criu_error(text: str) -> str:
 
 
 @functools.cache
-def cpuinfo_image() -> bytes:
-    """`criu cpuinfo dump`: this CPU as CRIU describes it, for a target's `cpuinfo check`."""
+def cpuinfo_image() -> bytes | None:
+    """`criu cpuinfo dump`: this CPU as CRIU describes it, for a target's `cpuinfo check`; None where
+    CRIU cannot describe CPUs."""
+    if platform.machine() in CPUINFO_UNSUPPORTED:
+        return None
     with tempfile.TemporaryDirectory(prefix="sf-cpuinfo-") as d:
         out = doctor.run([criu_version.binary(), "cpuinfo", "dump", "-D", d, "-o", "cpuinfo.log"])
         image = Path(d) / CPUINFO_IMAGE

@@ -4,6 +4,7 @@ go to the `Host`, migration steps to the migration's `SourceSession` or `TargetS
 Routes (JSON in, JSON out; errors are {"error", "hint"} with 4xx/5xx):
   GET    /v1/facts                          kernel, CRIU version and kernel features, CPU flags
   GET    /v1/cpuinfo                        {"image": base64}: this CPU as `criu cpuinfo dump` describes it
+                                            (null on architectures where CRIU has no cpuinfo)
   POST   /v1/cpuinfo/check                  {"image": base64} of another host's: {"ok", "error"} of
                                             `criu cpuinfo check` here (the check stage, before any freeze)
   GET    /v1/capacity                       free memory and CPU, for placement (pipeline/agent/capacity.py)
@@ -116,7 +117,8 @@ class Agent:
             case "GET", ["facts"]:
                 return facts.collect(host.cfg.name, host.runtimes)
             case "GET", ["cpuinfo"]:
-                return {"image": base64.b64encode(facts.cpuinfo_image()).decode()}
+                image = facts.cpuinfo_image()
+                return {"image": base64.b64encode(image).decode() if image else None}
             case "POST", ["cpuinfo", "check"]:
                 return facts.cpuinfo_check(body["image"])
             case "GET", ["capacity"]:
