@@ -141,7 +141,7 @@ def tcp_repair_result(err: int | None) -> CheckResult:
     return CheckResult(name, Status.FAIL, f"TCP_REPAIR failed: {os.strerror(err)}", "run as root")
 
 
-def _unchecked(output: Output | None) -> str | None:
+def unchecked(output: Output | None) -> str | None:
     """Why CRIU could not answer a feature question at all (not installed, not root, too old)."""
     if output is None:
         return "criu is not installed"
@@ -155,7 +155,7 @@ def lazy_pages_result(output: Output | None) -> CheckResult:
     name = "lazy pages (userfaultfd)"
     if output is not None and output.rc == 0:
         return CheckResult(name, Status.PASS, "userfaultfd works: post-copy (lazy pages) is available")
-    if why := _unchecked(output):
+    if why := unchecked(output):
         return CheckResult(name, Status.WARN, f"unknown, CRIU could not check: {why}", UNCHECKED_FIX)
     return CheckResult(
         name,
@@ -168,7 +168,7 @@ def lazy_pages_result(output: Output | None) -> CheckResult:
 def precopy_result(output: Output | None) -> CheckResult:
     """`output` is `criu check --feature mem_dirty_track`; it decides which pre-copy runs."""
     name = "pre-copy (soft-dirty)"
-    if why := _unchecked(output):
+    if why := unchecked(output):
         return CheckResult(name, Status.WARN, f"unknown, CRIU could not check: {why}", UNCHECKED_FIX)
     soft_dirty = output is not None and output.rc == 0
     method = criu_version.precopy_method({"mem_track": soft_dirty})

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from skyferry.netplane import attach
-from skyferry.pipeline.agent import netlock
+from skyferry.pipeline.agent import dnat, netlock
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.files import wire
 from skyferry.pipeline.hostapi.layout import IMAGES_TMPFS, page_server
+from skyferry.pipeline.hostapi.publish import PublicPort
 from skyferry.pipeline.hostapi.spec import ContainerSpec
 from skyferry.pipeline.runtimes.protocol import Runtime, runtimes
 
@@ -127,6 +128,7 @@ class Host:
             if runtime.owns(name):
                 runtime.remove(name)
         attach.detach(self.netns(name))
+        dnat.unpublish(name)  # a container that left this host takes its public ports along
 
     # --- containers ------------------------------------------------------------------------------
 
@@ -169,6 +171,13 @@ class Host:
     def remove(self, name: str) -> None:
         self.rt(name).remove(name)
         attach.detach(self.netns(name))
+        dnat.unpublish(name)
+
+    def publish(self, name: str, ports: list[PublicPort]) -> list[dict[str, Any]]:
+        """DNAT `ports` of this host's own addresses to container `name`'s /32 (only a container that is
+        here: the ingress runbook calls it on the target after the move)."""
+        ip = self.rt(name).spec(name).ip
+        return dnat.publish(self.cfg.name, name, ip, ports, self.cfg.overlay_ip)
 
     def set_route(self, name: str, present: bool) -> None:
         """This host's /32 route to the container's netns (the cutover adds it on the target). Removing

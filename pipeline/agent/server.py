@@ -2,7 +2,11 @@
 go to the `Host`, migration steps to the migration's `SourceSession` or `TargetSession`, by name.
 
 Routes (JSON in, JSON out; errors are {"error", "hint"} with 4xx/5xx):
-  GET    /v1/facts                          kernel, CRIU version and features, CPU flags
+  GET    /v1/facts                          kernel, CRIU version and kernel features, CPU flags
+  GET    /v1/cpuinfo                        {"image": base64}: this CPU as `criu cpuinfo dump` describes it
+                                            (null on architectures where CRIU has no cpuinfo)
+  POST   /v1/cpuinfo/check                  {"image": base64} of another host's: {"ok", "error"} of
+                                            `criu cpuinfo check` here (the check stage, before any freeze)
   GET    /v1/capacity                       free memory and CPU, for placement (pipeline/agent/capacity.py)
   GET    /v1/containers                     list
   POST   /v1/containers                     run a ContainerSpec
@@ -11,6 +15,10 @@ Routes (JSON in, JSON out; errors are {"error", "hint"} with 4xx/5xx):
   DELETE /v1/containers/NAME                stop and remove
   POST   /v1/containers/NAME/route          {"present": bool}: this host's /32 route to the container
   PUT    /v1/mesh/peers                     {"peers", "remove"}: this host's WireGuard peers (routes.PeerUpdate)
+  POST   /v1/containers/NAME/ingress        {"ports": ["80", "443=8443/tcp", …]}: DNAT exactly these ports of
+                                            this host's addresses to the container here (pipeline/agent/dnat.py)
+  DELETE /v1/containers/NAME/ingress        drop the container's published ports (it may have left already)
+  GET    /v1/ingress                        every published port on this host
   POST   /v1/migrations/ID/OP               OP is a step of the source (SOURCE_OPS: SourceSession's methods),
                                             of the target (TARGET_OPS: TargetSession's), or a test-cutover
                                             clone-* operation (pipeline/agent/clone.py)
@@ -37,7 +45,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from skyferry.netplane import routes
-from skyferry.pipeline.agent import capacity, clone, facts
+from skyferry.pipeline.agent import capacity, clone, dnat, facts
 from skyferry.pipeline.agent.host import Host, HostConfig
 from skyferry.pipeline.agent.source import Lane, SourceSession
 from skyferry.pipeline.agent.target import TargetSession
@@ -46,6 +54,7 @@ from skyferry.pipeline.hostapi import faults
 from skyferry.pipeline.hostapi.client import AgentClient
 from skyferry.pipeline.hostapi.layout import AGENT_PORT
 from skyferry.pipeline.hostapi.pki import Identity
+from skyferry.pipeline.hostapi.publish import PublicPort
 from skyferry.pipeline.hostapi.spec import ContainerSpec
 from skyferry.pipeline.hostapi.tlsserver import TLSServer
 from skyferry.pipeline.memory import lazypages
@@ -107,6 +116,11 @@ class Agent:
         match method, parts:
             case "GET", ["facts"]:
                 return facts.collect(host.cfg.name, host.runtimes)
+            case "GET", ["cpuinfo"]:
+                image = facts.cpuinfo_image()
+                return {"image": base64.b64encode(image).decode() if image else None}
+            case "POST", ["cpuinfo", "check"]:
+                return facts.cpuinfo_check(body["image"])
             case "GET", ["capacity"]:
                 return capacity.collect(host)
             case "GET", ["containers"]:
@@ -122,6 +136,14 @@ class Agent:
             case "POST", ["containers", name, "route"]:
                 host.set_route(name, bool(body["present"]))
                 return {"ok": True}
+            case "POST", ["containers", name, "ingress"]:
+                ports = [PublicPort.parse(p) for p in body["ports"]]
+                with host.lock(name):
+                    return {"published": host.publish(name, ports)}
+            case "DELETE", ["containers", name, "ingress"]:
+                return {"removed": dnat.unpublish(name)}
+            case "GET", ["ingress"]:
+                return dnat.published()
             case "DELETE", ["containers", name]:
                 with host.lock(name):
                     host.remove(name)

@@ -7,6 +7,7 @@ import typer
 from skyferry.pipeline.controller import containers
 from skyferry.pipeline.controller.state import state_dir
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.runbooks import ingress
 
 from . import output
 from .app import app
@@ -26,7 +27,7 @@ def run(
         None, "--runtime", help="runc (default), podman or docker; or prefix the name: --name podman:web."
     ),
     label: list[str] = typer.Option(
-        [], "--label", "-l", help="k=v metadata, repeatable: priority=10, ingress=gateway (docs/runbooks.md)."
+        [], "--label", "-l", help="k=v metadata, repeatable: priority=10, ingress=eip:eipalloc-…:80 (docs/runbooks.md)."
     ),
     volume: list[str] = typer.Option(
         [], "--volume", "-v", help="A path in the container backed by a volume that moves with it, repeatable."
@@ -48,15 +49,26 @@ def run(
     """
     environment = dict(_kv(e, "--env") for e in env)
     labels = dict(_kv(item, "--label") for item in label)
+    # A bad label is refused before anything starts; one with ports is applied at once (docs/runbooks.md).
+    deliver = ingress.LABEL in labels and bool(ingress.parse(labels[ingress.LABEL], name).ports)
+    state = state_dir()
     info = containers.run(
-        state_dir(), host, name, command, rootfs=rootfs, image=image, env=environment, labels=labels,
+        state, host, name, command, rootfs=rootfs, image=image, env=environment, labels=labels,
         runtime=runtime, volumes=volume,
     )  # fmt: skip
+    if deliver:  # its public address points here, and the host delivers the ports to it
+        info["ingress"] = ingress.at_start(state, info["name"])
     if json_out:
         output.print_json(info)
     else:
         who = f"{info['name']} ({info['runtime']})"
         output.console.print(f"{who} running on {host} at {info['ip']} (pid {info.get('pid')})")
+        if info.get("ingress"):
+            output.console.print(f"ingress: {info['ingress']['summary']}")
+    if (info.get("ingress") or {}).get("error"):
+        if not json_out:
+            output.console.print(f"error: {info['ingress']['error']}\nhint: {info['ingress']['hint']}")
+        raise typer.Exit(1)  # the container runs; its ingress did not apply
 
 
 def _kv(text: str, option: str) -> tuple[str, str]:

@@ -8,7 +8,9 @@ from typing import Any
 import typer
 from skyferry.pipeline.controller import containers, migration
 from skyferry.pipeline.controller.journal import Journal
+from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.controller.state import state_dir
+from skyferry.pipeline.runbooks import ingress
 
 from . import output
 from .app import app
@@ -47,6 +49,10 @@ def _print_report(report: dict[str, Any]) -> None:
     rows += [[f"  {name}", f"{secs * 1000:.1f} ms"] for name, secs in report["stages_s"].items()]
     if report.get("error"):
         rows.append(["error", report["error"]])
+    if report.get("ingress"):
+        rows.append(["ingress", report["ingress"]["summary"]])
+        if report["ingress"].get("error"):
+            rows += [["ingress error", report["ingress"]["error"]], ["hint", report["ingress"]["hint"]]]
     output.print_table(None, ["", ""], rows)
 
 
@@ -89,8 +95,24 @@ def migrate(
 
         return test_cutover(name, to, test, check, json_out)
     with _progress(not json_out) as progress:
-        report = migration.migrate(state_dir(), name, to, mode, progress)
+        report = _with_ingress(migration.migrate(state_dir(), name, to, mode, progress))
     output.print_json(report) if json_out else _print_report(report)
+    _exit_on_ingress_error(report)
+
+
+def _with_ingress(report: dict[str, Any]) -> dict[str, Any]:
+    """A container that arrived takes its ingress label along: its ports published on the target, its
+    address moved, the source's ports withdrawn (docs/runbooks.md, "Ingress that delivers")."""
+    if report["state"] != "done":
+        return report
+    entry = next((e for e in Registry(state_dir()).all() if e.name == report["container"]), None)
+    done = ingress.after_cutover(state_dir(), entry, report["target"], report["source"]) if entry else None
+    return {**report, "ingress": done} if done else report
+
+
+def _exit_on_ingress_error(report: dict[str, Any]) -> None:
+    if (report.get("ingress") or {}).get("error"):
+        raise typer.Exit(1)  # the container moved; its ingress did not (running it again re-applies it)
 
 
 @migrations_app.command("ls")
@@ -154,8 +176,9 @@ def resume(
 ) -> None:
     """Finish a migration whose controller died, from its first unfinished stage."""
     with _progress(not json_out) as progress:
-        report = migration.resume(state_dir(), mig_id, progress)
+        report = _with_ingress(migration.resume(state_dir(), mig_id, progress))
     output.print_json(report) if json_out else _print_report(report)
+    _exit_on_ingress_error(report)
 
 
 @migrations_app.command("rollback")

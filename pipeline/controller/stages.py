@@ -13,6 +13,7 @@ from skyferry.netplane import routes
 from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller.registry import Entry
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.hostapi import compat
 from skyferry.pipeline.hostapi.client import AgentClient
 from skyferry.pipeline.hostapi.layout import AGENT_PORT, page_server
 
@@ -44,7 +45,10 @@ class Stage(Protocol):
 
 
 class Check:
-    """Both hosts can do this migration: CRIU on both, the target at least as new, CPU flags a superset."""
+    """Both hosts can do this migration, decided before anything freezes: CRIU on both, the target's at
+    least as new; the kernel features the mode needs on each side (pipeline/hostapi/compat.py); and the
+    target's CPU passes CRIU's own `cpuinfo check` of the source's cpuinfo image. A refusal is one line
+    and a hint, never a failed restore (docs/migration.md, "check")."""
 
     name = "check"
 
@@ -66,16 +70,42 @@ class Check:
             )
         if src["arch"] != dst["arch"]:
             raise SkyferryError(f"architectures differ: {src['arch']} -> {dst['arch']}")
-        missing = sorted(set(src["cpu_flags"]) - set(dst["cpu_flags"]))
-        if missing:
+        lacking = compat.missing(src, dst, ctx.mode)
+        if lacking:
             raise SkyferryError(
-                f"target CPU lacks flags the source has: {', '.join(missing[:12])}",
-                hint="a restored process may use instructions the target cannot run; pick another target",
+                f"{ctx.source} -> {ctx.target} cannot run a {ctx.mode} migration: {'; '.join(map(str, lacking))}",
+                hint=compat.hint(lacking),
             )
+        cpu = self._cpu(ctx, src, dst)
         for t in ctx.dst.call("GET", "/v1/containers"):
             if t["name"] == ctx.entry.name:
                 raise SkyferryError(f"{ctx.target} already has a container named {ctx.entry.name!r}")
-        return {"criu": [src["criu"], dst["criu"]], "kernel": [src["kernel"], dst["kernel"]]}
+        return {
+            "criu": [src["criu"], dst["criu"]],
+            "kernel": [src["kernel"], dst["kernel"]],
+            "features": [src.get("features"), dst.get("features")],
+            "cpu": cpu,
+        }
+
+    def _cpu(self, ctx: Context, src: dict[str, Any], dst: dict[str, Any]) -> str:
+        """The source's `criu cpuinfo dump` image, checked by the target's `criu cpuinfo check`. A restored
+        process keeps using the instructions its libraries picked at start (glibc selects code paths by
+        CPU feature), so a target CPU without them kills it later with SIGILL, after the point of no
+        return. CRIU's check is the authority; the /proc/cpuinfo flags only name what differs."""
+        image = ctx.src.call("GET", "/v1/cpuinfo")["image"]
+        if image is None:
+            return f"not checked: CRIU has no cpuinfo check on {src['arch']}"
+        verdict = ctx.dst.call("POST", "/v1/cpuinfo/check", {"image": image})
+        if verdict["ok"]:
+            return "criu cpuinfo check passed"
+        flags = sorted(set(src["cpu_flags"]) - set(dst["cpu_flags"]))
+        named = f"; CPU flags {ctx.target} lacks: {', '.join(flags[:12])}" if flags else ""
+        raise SkyferryError(
+            f"{ctx.target}'s CPU lacks features {ctx.source}'s CPU has (criu cpuinfo check: {verdict['error']}){named}",
+            hint="pick a target with the same or a newer CPU model; CRIU's --cpu-cap (criu(8)) decides what is "
+            "compared, and skyferry keeps CRIU's default (fpu,ins), because a weaker check only moves the "
+            "failure to a SIGILL after the restore",
+        )
 
     def undo(self, ctx: Context) -> None:
         pass

@@ -43,12 +43,16 @@ def move(state: Path, name: str, target: str, progress: Progress = quiet) -> dic
             report = _finish(state, active.id, lambda s: progress(name, s))
             result["resumed"] = active.id
             if report["state"] == "done":  # it left the source: where it went is as good a place
-                return {**result, **_outcome(report), "ingress": _ingress(state, name, target)}
+                ingress_result = _ingress(state, name, report["target"], report["source"])
+                return {**result, **_outcome(report), "ingress": ingress_result}
         entry = Registry(state).get(name)
         if entry.host == target:
-            return {**result, "state": "already-there", "source": entry.host, "ingress": _ingress(state, name, target)}
+            last = _last_migration(state, name)  # a re-run: that move's source may still publish it
+            came_from = last["source"] if last and last["state"] == "done" and last["target"] == target else None
+            ingress_result = _ingress(state, name, target, came_from)
+            return {**result, "state": "already-there", "source": entry.host, "ingress": ingress_result}
         report = migration.migrate(state, name, target, progress=lambda s: progress(name, s))
-        return {**result, **_outcome(report), "ingress": _ingress(state, name, target)}
+        return {**result, **_outcome(report), "ingress": _ingress(state, name, target, report["source"])}
     except (SkyferryError, NetplaneError, ProviderError) as exc:
         last = _last_migration(state, name)
         return {
@@ -96,9 +100,9 @@ def _last_migration(state: Path, name: str) -> dict[str, Any] | None:
     return mig.report or {**mig.to_dict(), "stages_s": {}}
 
 
-def _ingress(state: Path, name: str, target: str) -> dict[str, Any] | None:
+def _ingress(state: Path, name: str, target: str, source: str | None) -> dict[str, Any] | None:
     entry = Registry(state).get(name)
-    return ingress.after_cutover(state, entry, target)
+    return ingress.after_cutover(state, entry, target, source)
 
 
 def targets_for(mesh: Mesh, host: str, to: list[str] | None, to_provider: str | None) -> list[str]:

@@ -3,10 +3,14 @@
 A public IP cannot cross clouds; the overlay /32 can. So what outside clients use is moved separately:
 
   ingress=gateway                      clients come in through a stable overlay gateway: nothing moves
-  ingress=route53:ZONE_ID:NAME         UPSERT NAME's A record to the target host's public address
-  ingress=eip:ALLOCATION_ID            re-associate the Elastic IP with the target host's instance
+  ingress=route53:ZONE_ID:NAME[:PORTS] UPSERT NAME's A record to the target host's public address
+  ingress=eip:ALLOCATION_ID[:PORTS]    re-associate the Elastic IP with the target host's instance
 
-All three are idempotent, so a re-run (or `evacuate` run again) simply re-applies them.
+With PORTS (`80,443`, `80=8080`, `53/udp`: pipeline/hostapi/publish.py), the address also delivers: the
+target host's agent DNATs those ports of the host's addresses to the container's /32 (agent/dnat.py)
+before the address moves, and the source's agent drops its DNAT after. Without PORTS, only the address
+moves (what the label meant before ports existed). Every step is idempotent, so a re-run (or `evacuate`
+run again) simply re-applies them.
 """
 
 from dataclasses import dataclass
@@ -15,13 +19,20 @@ from typing import Any
 
 from skyferry.netplane.errors import NetplaneError
 from skyferry.netplane.mesh import Mesh
-from skyferry.pipeline.controller.registry import Entry
+from skyferry.pipeline.controller import agentctl
+from skyferry.pipeline.controller.registry import Entry, Registry
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.hostapi import publish
+from skyferry.pipeline.hostapi.publish import PublicPort
 from skyferry.providers.errors import ProviderError
 from skyferry.providers.registry import get_provider
 
 LABEL = "ingress"
 KINDS = ("gateway", "route53", "eip")
+
+
+RERUN = "run the same command again: ingress is re-applied"
+GRAMMAR = "ingress=gateway | ingress=route53:ZONE_ID:NAME[:PORTS] | ingress=eip:eipalloc-…[:PORTS]"
 
 
 @dataclass(frozen=True)
@@ -30,22 +41,32 @@ class Ingress:
     zone: str | None = None
     record: str | None = None
     allocation: str | None = None
+    ports: tuple[PublicPort, ...] = ()  # DNATed on the host that holds the container
 
 
 def parse(value: str, container: str = "?") -> Ingress:
     kind, _, rest = value.partition(":")
-    if kind == "gateway" and not rest:
-        return Ingress("gateway")
-    if kind == "route53":
-        zone, _, record = rest.partition(":")
-        if zone and record:
-            return Ingress("route53", zone=zone, record=record)
-    if kind == "eip" and rest.startswith("eipalloc-"):
-        return Ingress("eip", allocation=rest)
+    try:
+        if kind == "gateway" and not rest:
+            return Ingress("gateway")
+        if kind == "route53":
+            zone, _, rest = rest.partition(":")
+            record, _, ports = rest.partition(":")
+            if zone and record:
+                return Ingress("route53", zone=zone, record=record, ports=_ports(ports))
+        if kind == "eip":
+            allocation, _, ports = rest.partition(":")
+            if allocation.startswith("eipalloc-"):
+                return Ingress("eip", allocation=allocation, ports=_ports(ports))
+    except SkyferryError as exc:
+        raise SkyferryError(f"container {container!r} has label ingress={value!r}: {exc}", hint=exc.hint) from None
     raise SkyferryError(
-        f"container {container!r} has label ingress={value!r}, which is not a known ingress",
-        hint="ingress=gateway | ingress=route53:ZONE_ID:NAME | ingress=eip:eipalloc-…",
+        f"container {container!r} has label ingress={value!r}, which is not a known ingress", hint=GRAMMAR
     )
+
+
+def _ports(text: str) -> tuple[PublicPort, ...]:
+    return tuple(publish.parse_list(text)) if text else ()
 
 
 @dataclass(frozen=True)
@@ -75,6 +96,17 @@ def apply(spec: Ingress, ip: str, target: Target, aws: Any = None) -> dict[str, 
             "summary": f"{spec.allocation} -> {instance}"}  # fmt: skip
 
 
+def deliver(state: Path, mesh: Mesh, name: str, host: str, ports: tuple[PublicPort, ...]) -> list[dict[str, Any]]:
+    """Have `host`'s agent DNAT exactly `ports` of its addresses to container `name` there."""
+    agent = agentctl.client(state, mesh, host)
+    return agent.call("POST", f"/v1/containers/{name}/ingress", {"ports": [str(p) for p in ports]})["published"]
+
+
+def withdraw(state: Path, mesh: Mesh, name: str, host: str) -> list[dict[str, Any]]:
+    """Have `host`'s agent drop whatever it publishes for container `name` (idempotent)."""
+    return agentctl.client(state, mesh, host).call("DELETE", f"/v1/containers/{name}/ingress")["removed"]
+
+
 def _instance_of(aws: Any, host: str) -> str:
     for h in aws.list():
         if h.name == host and h.state != "terminated":
@@ -85,16 +117,34 @@ def _instance_of(aws: Any, host: str) -> str:
     )
 
 
-def after_cutover(state: Path, entry: Entry, target: str) -> dict[str, Any] | None:
-    """Apply the container's ingress label, if it has one; errors are returned, not raised, because the
-    container itself has moved: the result says what to re-run."""
+def at_start(state: Path, name: str) -> dict[str, Any] | None:
+    """Point a container's ingress at the host it was just started on (`skyferry run`)."""
+    entry = Registry(state).get(name)
+    result = after_cutover(state, entry, entry.host)
+    if result and result.get("hint") == RERUN:  # `run` cannot be re-run on a container that exists
+        result["hint"] = f"the container runs without it: fix the cause, then `skyferry rm {name}` and run it again"
+    return result
+
+
+def after_cutover(state: Path, entry: Entry, target: str, source: str | None = None) -> dict[str, Any] | None:
+    """Apply the container's ingress label, if it has one: with ports, the target's DNAT first (so the
+    address delivers the moment it arrives), then the address, then the source's DNAT goes. Errors are
+    returned, not raised, because the container itself has moved: the result says what to re-run."""
     value = entry.spec.labels.get(LABEL)
     if not value:
         return None
     try:
         spec = parse(value, entry.name)
-        host = Mesh.load(state).host(target)
-        return apply(spec, entry.ip, Target(target, host.endpoint_address))
+        mesh = Mesh.load(state)
+        host = mesh.host(target)
+        published = deliver(state, mesh, entry.name, target, spec.ports) if spec.ports else None
+        done = apply(spec, entry.ip, Target(target, host.endpoint_address))
+        if published is None:
+            return done
+        removed = withdraw(state, mesh, entry.name, source) if source and source != target else []
+        ports = ", ".join(f"{p['public']}/{p['proto']}" for p in published)
+        return {**done, "published": published, "unpublished": {"host": source, "ports": removed},
+                "summary": f"{done['summary']}; {ports} on {target} -> {entry.ip}"}  # fmt: skip
     except (SkyferryError, NetplaneError, ProviderError) as exc:
         return {"kind": value.partition(":")[0], "error": str(exc), "summary": "FAILED",
-                "hint": getattr(exc, "hint", None) or "run the same command again: ingress is re-applied"}  # fmt: skip
+                "hint": getattr(exc, "hint", None) or RERUN}  # fmt: skip
