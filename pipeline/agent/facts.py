@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from skyferry.netplane import wg
 from skyferry.pipeline.agent import doctor
 from skyferry.pipeline.criu import version as criu_version
 from skyferry.pipeline.errors import SkyferryError
@@ -99,10 +100,11 @@ def _check(image: bytes) -> tuple[tuple[str, Any], ...]:
     return (("ok", out.rc == 0), ("error", None if out.rc == 0 else _criu_error(text)))
 
 
-def collect(host: str, runtimes: Mapping[str, Runtime]) -> dict[str, Any]:
+def collect(host: str, runtimes: Mapping[str, Runtime], wg_interface: str) -> dict[str, Any]:
     return {
         "host": host,
         "kernel": platform.release(),
+        "wireguard": wg.backend_of(None, wg_interface),  # "kernel", "wireguard-go", or None if it is gone
         "arch": platform.machine(),
         "criu": criu_version.installed(),
         "features": features(),

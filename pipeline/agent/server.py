@@ -115,7 +115,7 @@ class Agent:
         host = self.host
         match method, parts:
             case "GET", ["facts"]:
-                return facts.collect(host.cfg.name, host.runtimes)
+                return facts.collect(host.cfg.name, host.runtimes, host.cfg.wg_interface)
             case "GET", ["cpuinfo"]:
                 image = facts.cpuinfo_image()
                 return {"image": base64.b64encode(image).decode() if image else None}

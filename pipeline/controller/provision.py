@@ -11,7 +11,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from skyferry.netplane import controller
+from skyferry.netplane import controller, routes
 from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller import agentctl, dist, enrol, tokens
 from skyferry.pipeline.errors import SkyferryError
@@ -92,6 +92,8 @@ def provision(
         joined = Mesh.load(state)
         for name in waiting:
             agentctl.wait_agent(state, joined, joined.host(name), timeout=join_timeout)
+        if waiting:  # a host that joined while another's agent was still starting: tell everyone again
+            routes.apply(joined, agentctl.Pusher(state, joined))
     members = Mesh.load(state).hosts
     result = [
         {**h.to_dict(), "overlay_ip": members[h.name].overlay_ip if h.name in members else None,

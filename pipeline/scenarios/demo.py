@@ -51,10 +51,15 @@ def counter_rootfs(workdir: Path) -> Path:
 def start_counter(
     state: Path, host: str, name: str, workdir: Path, memory_mib: int = 0, dirty_mb_s: float = 0.0
 ) -> dict[str, Any]:
-    args = [PYTHON, "/app/counter.py", "serve", str(PORT)]
+    """The counter service on `host`. A machine (VM, cloud) cannot see this machine's files, so there it
+    runs from its source inline, with the host's own Python; a namespace host gets a rootfs."""
+    serve = ["serve", str(PORT)]
     if memory_mib:
-        args += ["--memory-mib", str(memory_mib), "--dirty-mb-s", str(dirty_mb_s)]
-    return containers.run(state, host, name, args, rootfs=counter_rootfs(workdir))
+        serve += ["--memory-mib", str(memory_mib), "--dirty-mb-s", str(dirty_mb_s)]
+    if Mesh.load(state).host(host).netns is None:
+        source = Path(workload_counter.__file__).read_text()
+        return containers.run(state, host, name, [PYTHON, "-c", source, *serve])
+    return containers.run(state, host, name, [PYTHON, "/app/counter.py", *serve], rootfs=counter_rootfs(workdir))
 
 
 @dataclass
