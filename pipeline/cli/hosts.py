@@ -10,6 +10,7 @@ from skyferry.netplane.mesh import Mesh
 from skyferry.netplane.wan import WanSpec
 from skyferry.pipeline.controller.state import state_dir
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.providers import inventory
 from skyferry.providers.local import LocalProvider
 
 from . import output
@@ -43,7 +44,19 @@ def _rows(mesh: Mesh) -> list[dict[str, Any]]:
             "via_relay": bool(relay and m is not mesh.controller),
         }
         for m in mesh.members
-    ]
+    ] + _waiting(mesh)
+
+
+def _waiting(mesh: Mesh) -> list[dict[str, Any]]:
+    """Hosts Terraform made (`inventory import`) that have not joined yet: no members, no overlay address."""
+    if mesh.state is None:
+        return []
+    return [
+        {"name": n, "role": "waiting", "overlay_ip": None, "endpoint": r.endpoint, "interface": None, "netns": None,
+         "provider": r.host.provider, "up": False, "via_relay": False}
+        for n, r in inventory.recorded(mesh.state).items()
+        if n not in mesh.hosts
+    ]  # fmt: skip
 
 
 def _summary(mesh: Mesh) -> dict[str, Any]:
@@ -113,7 +126,8 @@ def up(
 
 @hosts_app.command("ls")
 def ls(json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP)) -> None:
-    """List the mesh's members: the controller and every host, with overlay and underlay addresses.
+    """List the mesh's members: the controller and every host, with overlay and underlay addresses, and
+    the hosts Terraform made that have not joined yet (role `waiting`).
 
     Example: skyferry hosts ls --json
     """

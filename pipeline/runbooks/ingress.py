@@ -17,6 +17,7 @@ from skyferry.netplane.errors import NetplaneError
 from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller.registry import Entry
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.providers import inventory
 from skyferry.providers.errors import ProviderError
 from skyferry.providers.registry import get_provider
 
@@ -94,7 +95,9 @@ def after_cutover(state: Path, entry: Entry, target: str) -> dict[str, Any] | No
     try:
         spec = parse(value, entry.name)
         host = Mesh.load(state).host(target)
-        return apply(spec, entry.ip, Target(target, host.endpoint_address))
+        made = inventory.recorded(state).get(target)  # a Terraform host: its instance id, without a lookup
+        instance = made.host.id if made and made.host.provider == "aws" else None
+        return apply(spec, entry.ip, Target(target, host.endpoint_address, instance))
     except (SkyferryError, NetplaneError, ProviderError) as exc:
         return {"kind": value.partition(":")[0], "error": str(exc), "summary": "FAILED",
                 "hint": getattr(exc, "hint", None) or "run the same command again: ingress is re-applied"}  # fmt: skip
