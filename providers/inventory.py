@@ -19,7 +19,7 @@ from typing import Any
 
 from skyferry.netplane import netns, routes, store
 from skyferry.netplane.ipam import Ipam
-from skyferry.netplane.mesh import Mesh
+from skyferry.netplane.mesh import Mesh, MeshHost
 
 from .base import WIREGUARD_PORT, Host
 from .errors import ProviderError
@@ -172,12 +172,13 @@ def forget(state: Path, names: list[str]) -> list[str]:
     return gone
 
 
-def adopt(state: Path, records: list[Record]) -> list[str]:
+def adopt(state: Path, records: list[Record]) -> dict[str, MeshHost]:
     """Bring the mesh rows of hosts that have joined in line with their records, in the fields the cloud
     owns: provider, and endpoint (public address and port). Hosts not joined yet are not touched: they
-    are no members. Returns the members changed; their peers must be told (routes.apply)."""
+    are no members. Returns the members changed, as they were; peers of one whose endpoint moved must be
+    told (routes.apply)."""
     mesh = Mesh.load(state)
-    changed = []
+    changed = {}
     for r in records:
         old = mesh.hosts.get(r.host.name)
         if old is None or old.netns:
@@ -185,7 +186,7 @@ def adopt(state: Path, records: list[Record]) -> list[str]:
         new = replace(old, provider=r.host.provider, endpoint=r.endpoint)
         if new != old:
             mesh.hosts[new.name] = new
-            changed.append(new.name)
+            changed[new.name] = old
     if changed:
         mesh.save(state)
     return changed

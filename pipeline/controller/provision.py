@@ -159,11 +159,12 @@ def import_terraform(state: Path, source: Path) -> dict[str, Any]:
     changed = set(inventory.record(state, records))
     updated = inventory.adopt(state, records)
     mesh = Mesh.load(state)
-    if updated:
+    moved = {n for n, old in updated.items() if old.endpoint != mesh.hosts[n].endpoint}
+    if moved:
         try:
-            routes.apply(mesh, agentctl.Pusher(state, mesh), only=set(updated))
+            routes.apply(mesh, agentctl.Pusher(state, mesh), only=moved)
         except NetplaneError as exc:  # the rows are right; `skyferry mesh sync` repairs the members
-            log.warning("not every member learnt the new endpoints of %s: %s", ", ".join(updated), exc)
+            log.warning("not every member learnt the new endpoints of %s: %s", ", ".join(sorted(moved)), exc)
     valid = tokens.pending(state)
     rows = []
     for r in records:
