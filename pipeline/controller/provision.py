@@ -127,7 +127,7 @@ def decommission(
         gone = sorted(set(names) | set(strays) | {n for n, r in records.items() if r.host.provider == provider})
         left = inventory.leave(state, gone)
         inventory.forget(state, gone)
-        for name in gone:  # a host that never joined leaves a token behind
+        for name in set(gone) | {n for n in tokens.issued(state) if mine.fullmatch(n)}:  # the plan is gone
             tokens.revoke(state, name)
     return {"plan": plan, "provider": provider, "removed": removed, "left_mesh": left}
 
@@ -140,6 +140,8 @@ def _provider_of(state: Path, plan: str, mine: re.Pattern[str], records: dict[st
     known |= {n: m.provider for n, m in (mesh.hosts.items() if mesh else []) if mine.fullmatch(n)}
     known |= {n: r.host.provider for n, r in records.items()}
     found = set(known.values())
+    if len(found) > 1:  # a host of a Terraform plan that was not imported yet is on the others' cloud
+        found.discard(TERRAFORM)
     if found == {TERRAFORM}:
         raise SkyferryError(
             f"plan {plan!r} was made by Terraform and not imported yet, so its cloud is unknown",
@@ -153,8 +155,9 @@ def _provider_of(state: Path, plan: str, mine: re.Pattern[str], records: dict[st
 def import_terraform(state: Path, source: Path) -> dict[str, Any]:
     """`skyferry inventory import`: record what Terraform made and say which of those hosts have joined.
 
-    A joined host's mesh row follows its record (provider, endpoint) and its peers are told; a host not
-    joined yet stays a record only, `waiting` while it holds a valid token, `no-token` otherwise."""
+    A joined host's mesh row follows its record (provider, endpoint), its peers are told, and its unused
+    tokens are revoked; a host not joined yet stays a record only, `waiting` while it holds a valid token,
+    `no-token` otherwise."""
     records = inventory.parse_outputs(inventory.read_outputs(source), origin=str(source))
     changed = set(inventory.record(state, records))
     updated = inventory.adopt(state, records)
@@ -165,6 +168,8 @@ def import_terraform(state: Path, source: Path) -> dict[str, Any]:
             routes.apply(mesh, agentctl.Pusher(state, mesh), only=moved)
         except NetplaneError as exc:  # the rows are right; `skyferry mesh sync` repairs the members
             log.warning("not every member learnt the new endpoints of %s: %s", ", ".join(sorted(moved)), exc)
+    for name in set(mesh.hosts) & {r.host.name for r in records}:
+        tokens.revoke(state, name)  # a joined host's spare token (a later tfvars) would let a holder re-join
     valid = tokens.pending(state)
     rows = []
     for r in records:

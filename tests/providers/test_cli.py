@@ -230,7 +230,13 @@ def test_tfvars_terraform_apply_import_then_a_host_joins(
         assert served == f"tfx-0 joined as {member.overlay_ip}\n"
         assert member.endpoint == f"{JOINER_ADDRESS}:{mesh.listen_port}" and member.provider == "terraform"
 
+        # Tokens for one more host: tfvars renders every host's again, tfx-0's too. The import revokes the
+        # spare one of the joined host, which would otherwise let its holder re-join as tfx-0.
+        skyferry("inventory", "tfvars", "--plan", "tfx", "--count", "3")
+        spare = "SELECT host FROM join_tokens WHERE used IS NULL ORDER BY host"
+        assert [r[0] for r in db.connect(state).execute(spare)] == ["tfx-0", "tfx-1", "tfx-1", "tfx-2"]
         second = import_()
+        assert [r[0] for r in db.connect(state).execute(spare)] == ["tfx-1", "tfx-1", "tfx-2"]
         assert second["joined"] == ["tfx-0"] and second["waiting"] == ["tfx-1"]
         row = second["hosts"][0]
         assert (row["join"], row["overlay_ip"], row["changed"]) == ("joined", member.overlay_ip, True)

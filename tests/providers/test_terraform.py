@@ -149,6 +149,9 @@ def test_modules_open_wireguard_and_tag_the_plan() -> None:
     inst = gcp["google_compute_instance.host"]
     assert inst["labels"]["skyferry-plan"] == "${var.plan}" and inst["tags"] == ["skyferry-${var.plan}"]
     assert inst["metadata"]["user-data"] == "${var.user_data[count.index]}"
+    # User-data is read at first boot only: new tokens must not touch hosts that joined.
+    assert aws["aws_instance.host"]["lifecycle"][0]["ignore_changes"] == ["user_data"]
+    assert inst["lifecycle"][0]["ignore_changes"] == ['${metadata["user-data"]}']
 
 
 def test_example_root_outputs_both_clouds() -> None:

@@ -98,6 +98,12 @@ resource "aws_instance" "host" {
     encrypted = true
   }
 
+  lifecycle {
+    # User-data is read once, at first boot; fresh tokens from a later `inventory tfvars` (more hosts)
+    # must not stop or replace hosts that have joined.
+    ignore_changes = [user_data]
+  }
+
   tags = {
     "Name"          = "${var.plan}-${count.index}"
     "skyferry-plan" = var.plan

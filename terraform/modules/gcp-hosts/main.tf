@@ -95,6 +95,12 @@ resource "google_compute_instance" "host" {
     enable_vtpm                 = true
     enable_integrity_monitoring = true
   }
+
+  lifecycle {
+    # User-data is read once, at first boot; fresh tokens from a later `inventory tfvars` (more hosts)
+    # must not touch hosts that have joined.
+    ignore_changes = [metadata["user-data"]]
+  }
 }
 
 module "inventory" {
