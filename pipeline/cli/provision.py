@@ -138,6 +138,12 @@ def import_(
     cols = ["name", "provider", "id", "address", "region", "join", "overlay_ip", "changed"]
     title = f"mesh {result['mesh']}: {len(result['joined'])} of {len(rows)} host(s) joined"
     output.print_table(title, cols, [[r[c] for c in cols] for r in rows])
+    for r in rows:
+        if r["endpoint_was"]:
+            output.err_console.print(
+                f"{r['name']} was reached at {r['endpoint_was']}, Terraform says {r['address']}: now {r['endpoint']}."
+                f" If {r['name']} joined from an address not its own, someone else used its token: decommission it"
+            )
     if any(r["join"] == "no-token" for r in rows):
         output.err_console.print(
             "hosts marked no-token hold no valid join token: make new user-data (skyferry inventory tfvars) and"

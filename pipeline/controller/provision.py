@@ -182,6 +182,7 @@ def import_terraform(state: Path, source: Path) -> dict[str, Any]:
             "join": join, "overlay_ip": member.overlay_ip if member else None,
             "endpoint": member.endpoint if member else None, "token_expires": valid.get(h.name) if not member else None,
             "changed": h.name in changed or h.name in updated,
+            "endpoint_was": updated[h.name].endpoint if h.name in moved else None,
         })  # fmt: skip
     return {
         "mesh": mesh.name, "hosts": rows,

@@ -239,7 +239,9 @@ def test_tfvars_terraform_apply_import_then_a_host_joins(
         assert [r[0] for r in db.connect(state).execute(spare)] == ["tfx-1", "tfx-1", "tfx-2"]
         assert second["joined"] == ["tfx-0"] and second["waiting"] == ["tfx-1"]
         row = second["hosts"][0]
-        assert (row["join"], row["overlay_ip"], row["changed"]) == ("joined", member.overlay_ip, True)
+        assert (row["join"], row["overlay_ip"], row["changed"], row["endpoint_was"]) == (
+            "joined", member.overlay_ip, True, None
+        )  # fmt: skip
         assert second["hosts"][1]["join"] == "waiting" and not second["hosts"][1]["changed"]
         members = Mesh.load(state).hosts
         after = members["tfx-0"]

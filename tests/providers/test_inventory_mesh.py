@@ -55,6 +55,7 @@ def test_import_records_waiting_hosts_and_follows_joined_ones(state: Path, tmp_p
         source = _outputs(tmp_path, {"p-0": "198.51.100.30", "p-1": "198.51.100.21"})
         out = import_terraform(state, source)
         assert out["joined"] == ["p-0"] and [h["changed"] for h in out["hosts"]] == [True, False]
+        assert out["hosts"][0]["endpoint_was"] == "198.51.100.20:51820"  # said, in case it joined from elsewhere
         member = Mesh.load(state).hosts["p-0"]
         assert (member.endpoint, member.provider, member.public_key) == ("198.51.100.30:51820", "aws", key)
         for m in (mesh.controller, mesh.hosts["local-1"]):
