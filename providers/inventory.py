@@ -1,54 +1,56 @@
-"""Hosts made elsewhere (Terraform) or by a provider, added to the mesh (its rows in `<state>/skyferry.db`).
+"""Hosts made elsewhere (Terraform): what their cloud says about them, kept in the table `inventory_hosts`
+of `<state>/skyferry.db` where `decommission`, ingress and `hosts ls` find them, joined or not.
 
-Terraform contract: the root module has an output `skyferry_hosts`, a list of objects with
-name, provider, plan, id, public_ip, private_ip, region, wireguard_port and wireguard_public_key
-(terraform/modules/*/outputs.tf). `skyferry inventory import` reads the JSON of `terraform output -json`
-(a file, or a directory holding it as terraform-output.json).
+Terraform contract: the root module has an output `skyferry_hosts`, a list of objects with name, provider,
+plan, id, public_ip, private_ip, region, size and wireguard_port (terraform/modules/inventory). It holds
+no key: each host makes its own and joins the mesh by itself with the one-time token in its user-data
+(`skyferry inventory tfvars`, served by `skyferry mesh serve`). A host is a mesh member only once it has
+joined; until then it is only a record here. `skyferry inventory import` reads the JSON of
+`terraform output -json` (a file, or a directory holding it as terraform-output.json).
 """
 
-import base64
-import binascii
 import ipaddress
 import json
 import re
-from dataclasses import dataclass
+from contextlib import closing
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from skyferry.netplane import netns, routes
+from skyferry.netplane import netns, routes, store
 from skyferry.netplane.ipam import Ipam
-from skyferry.netplane.mesh import MACHINE_INTERFACE, MACHINE_STATE_ROOT, Mesh, MeshHost
+from skyferry.netplane.mesh import Mesh, MeshHost
 
 from .base import WIREGUARD_PORT, Host
 from .errors import ProviderError
 
 OUTPUT = "skyferry_hosts"
 OUTPUT_FILE = "terraform-output.json"
-FIELDS = ("name", "provider", "public_ip", "wireguard_public_key")
+FIELDS = ("name", "provider", "public_ip")
 _NAME = re.compile(r"[a-z][a-z0-9-]{0,62}")
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS inventory_hosts (
+  name TEXT PRIMARY KEY, provider TEXT NOT NULL, plan TEXT NOT NULL, id TEXT NOT NULL, public_ip TEXT NOT NULL,
+  private_ip TEXT, region TEXT, size TEXT, wireguard_port INTEGER NOT NULL
+);
+"""
+_COLUMNS = ("name", "provider", "plan", "id", "public_ip", "private_ip", "region", "size", "wireguard_port")
 
 
 @dataclass(frozen=True)
-class Member:
-    """A host that should be in the mesh: where WireGuard reaches it and the key it answers with."""
+class Record:
+    """A host as its cloud knows it, and the UDP port its WireGuard is reachable at."""
 
     host: Host
-    public_key: str
     port: int = WIREGUARD_PORT
 
     @property
     def endpoint(self) -> str:
         return f"{self.host.address}:{self.port}"
 
-
-def check_public_key(key: str, where: str) -> str:
-    try:
-        raw = base64.b64decode(key, validate=True)
-    except (binascii.Error, ValueError):
-        raw = b""
-    if len(raw) != 32:
-        raise ProviderError(f"{where}: {key!r} is not a WireGuard public key (base64 of 32 bytes)")
-    return key
+    def _row(self) -> tuple[Any, ...]:
+        h = self.host
+        return (h.name, h.provider, h.plan, h.id, h.address, h.private_address, h.region, h.size, self.port)
 
 
 def read_outputs(source: Path) -> dict[str, Any]:
@@ -70,7 +72,7 @@ def read_outputs(source: Path) -> dict[str, Any]:
     return data
 
 
-def parse_outputs(data: dict[str, Any], origin: str = "terraform outputs") -> list[Member]:
+def parse_outputs(data: dict[str, Any], origin: str = "terraform outputs") -> list[Record]:
     """Validate the `skyferry_hosts` output; every problem names the host and field."""
     if OUTPUT not in data:
         found = ", ".join(sorted(data)) or "none"
@@ -82,7 +84,7 @@ def parse_outputs(data: dict[str, Any], origin: str = "terraform outputs") -> li
     value = entry.get("value") if isinstance(entry, dict) and "value" in entry else entry
     if not isinstance(value, list):
         raise ProviderError(f"{origin}: {OUTPUT} must be a list of hosts, not {type(value).__name__}")
-    members, seen = [], set()
+    records, seen = [], set()
     for i, item in enumerate(value):
         where = f"{origin}: {OUTPUT}[{i}]"
         if not isinstance(item, dict):
@@ -112,45 +114,81 @@ def parse_outputs(data: dict[str, Any], origin: str = "terraform outputs") -> li
             id=str(item.get("id") or name),
             address=address,
             private_address=private,
-            state="running",
+            state="unknown",  # Terraform's output does not say; the cloud does (`provision`, `decommission`)
             region=item.get("region"),
             size=item.get("size"),
         )
-        members.append(Member(host, check_public_key(str(item["wireguard_public_key"]), where), port))
-    return members
+        records.append(Record(host, port))
+    return records
 
 
-def join(state: Path, members: list[Member]) -> list[str]:
-    """Add or update `members` in the mesh at `state`; returns the names added or changed.
-
-    Each gets an overlay address from IPAM (kept if it already has one). When the controller's
-    WireGuard interface is up on this machine (a local mesh), it learns the new peers at once.
-    """
+def record(state: Path, records: list[Record]) -> list[str]:
+    """Keep what the cloud says about `records` (upsert, checked against the mesh); returns the names
+    added or changed. The port must be the mesh's: a joined host's WireGuard listens on no other."""
     mesh = Mesh.load(state)
-    ipam = Ipam(state)
-    changed = []
-    for m in members:
-        if m.host.name == mesh.controller.name:
-            raise ProviderError(f"host name {m.host.name!r} is reserved for the controller")
-        old = mesh.hosts.get(m.host.name)
-        if old and old.provider == "local":
-            raise ProviderError(f"host {m.host.name!r} is already a local host of mesh {mesh.name}")
-        new = MeshHost(
-            name=m.host.name,
-            overlay_ip=old.overlay_ip if old else ipam.allocate(f"host:{m.host.name}"),
-            endpoint=m.endpoint,
-            public_key=m.public_key,
-            interface=MACHINE_INTERFACE,
-            netns=None,
-            state_root=MACHINE_STATE_ROOT,
-            provider=m.host.provider,
+    for r in records:
+        name = r.host.name
+        if name == mesh.controller.name:
+            raise ProviderError(f"host {name!r}: the name is reserved for the controller")
+        if name in mesh.hosts and mesh.hosts[name].netns:
+            raise ProviderError(f"host {name!r} is already a local host of mesh {mesh.name}")
+        if r.port != mesh.listen_port:
+            raise ProviderError(
+                f"host {name!r}: wireguard_port {r.port} is not mesh {mesh.name}'s port {mesh.listen_port}",
+                hint=f"joined hosts listen on {mesh.listen_port}: set the module's wireguard_port to it",
+            )
+    old = recorded(state)
+    changed = [r.host.name for r in records if r.host.name not in old or old[r.host.name] != r]
+    marks = ",".join("?" * len(_COLUMNS))
+    with closing(store.connect(state, SCHEMA)) as conn, store.immediate(conn):
+        conn.executemany(
+            f"INSERT OR REPLACE INTO inventory_hosts ({','.join(_COLUMNS)}) VALUES ({marks})",
+            [r._row() for r in records if r.host.name in changed],
         )
+    return changed
+
+
+def recorded(state: Path, plan: str | None = None) -> dict[str, Record]:
+    """The hosts imported so far (of `plan`, if given), by name."""
+    with closing(store.connect(state, SCHEMA)) as conn:
+        rows = conn.execute("SELECT * FROM inventory_hosts ORDER BY name").fetchall()
+    out = {}
+    for r in rows:
+        if plan is None or r["plan"] == plan:
+            host = Host(
+                name=r["name"], provider=r["provider"], plan=r["plan"], id=r["id"], address=r["public_ip"],
+                private_address=r["private_ip"], state="unknown", region=r["region"], size=r["size"],
+            )  # fmt: skip
+            out[r["name"]] = Record(host, r["wireguard_port"])
+    return out
+
+
+def forget(state: Path, names: list[str]) -> list[str]:
+    """Drop the records of `names` (their machines are gone); returns those that were recorded."""
+    known = recorded(state)
+    gone = [n for n in names if n in known]
+    with closing(store.connect(state, SCHEMA)) as conn, store.immediate(conn):
+        conn.executemany("DELETE FROM inventory_hosts WHERE name=?", [(n,) for n in gone])
+    return gone
+
+
+def adopt(state: Path, records: list[Record]) -> dict[str, MeshHost]:
+    """Bring the mesh rows of hosts that have joined in line with their records, in the fields the cloud
+    owns: provider, and endpoint (public address and port). Hosts not joined yet are not touched: they
+    are no members. Returns the members changed, as they were; peers of one whose endpoint moved must be
+    told (routes.apply)."""
+    mesh = Mesh.load(state)
+    changed = {}
+    for r in records:
+        old = mesh.hosts.get(r.host.name)
+        if old is None or old.netns:
+            continue
+        new = replace(old, provider=r.host.provider, endpoint=r.endpoint)
         if new != old:
-            mesh.hosts[m.host.name] = new
-            changed.append(m.host.name)
+            mesh.hosts[new.name] = new
+            changed[new.name] = old
     if changed:
         mesh.save(state)
-        _tell_controller(mesh, set(changed))
     return changed
 
 
@@ -172,8 +210,3 @@ def leave(state: Path, names: list[str]) -> list[str]:
 
 def _controller_is_here(mesh: Mesh) -> bool:
     return bool(mesh.controller.netns) and netns.exists(mesh.controller.netns)
-
-
-def _tell_controller(mesh: Mesh, names: set[str]) -> None:
-    if _controller_is_here(mesh):
-        routes.here(mesh.controller, routes.desired(mesh, mesh.controller, only=names))

@@ -12,7 +12,7 @@ from skyferry.netplane.mesh import Mesh
 from skyferry.netplane.wan import WanSpec
 from skyferry.pipeline.controller.state import state_dir
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.providers import vm
+from skyferry.providers import inventory, vm
 from skyferry.providers.local import LocalProvider
 
 from . import output
@@ -61,7 +61,7 @@ def _rows(mesh: Mesh) -> list[dict[str, Any]]:
                 **_vm_fields(rec),
             }
         )  # fmt: skip
-    return rows
+    return rows + _waiting(mesh)
 
 
 def _vm_fields(rec: vm.VmRecord) -> dict[str, Any]:
@@ -72,6 +72,18 @@ def _vm_fields(rec: vm.VmRecord) -> dict[str, Any]:
         "pid": rec.pid,
         "console": str(rec.console),
     }
+
+
+def _waiting(mesh: Mesh) -> list[dict[str, Any]]:
+    """Hosts Terraform made (`inventory import`) that have not joined yet: no members, no overlay address."""
+    if mesh.state is None:
+        return []
+    return [
+        {"name": n, "role": "waiting", "overlay_ip": None, "endpoint": r.endpoint, "interface": None, "netns": None,
+         "provider": r.host.provider, "up": False, "via_relay": False}
+        for n, r in inventory.recorded(mesh.state).items()
+        if n not in mesh.hosts
+    ]  # fmt: skip
 
 
 def _summary(mesh: Mesh) -> dict[str, Any]:
@@ -199,7 +211,8 @@ def _progress_on_stderr() -> None:
 
 @hosts_app.command("ls")
 def ls(json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP)) -> None:
-    """List the mesh's members: the controller and every host, with overlay and underlay addresses.
+    """List the mesh's members: the controller and every host, with overlay and underlay addresses, and
+    the hosts Terraform made that have not joined yet (role `waiting`).
 
     Example: skyferry hosts ls --json
     """

@@ -77,7 +77,9 @@ def serve(
     """Serve joins (TCP 7421 on the controller's endpoint address) for hosts that hold tokens.
 
     `hosts join` and `provision` serve while they wait; this is for hosts made by Terraform
-    (`inventory tfvars`) or provisioned with --join-timeout 0.
+    (`inventory tfvars`) or provisioned with --join-timeout 0. Prints each host that joins; Ctrl-C stops.
+
+    Example: skyferry mesh serve --timeout 3600
     """
     import time
 
@@ -88,8 +90,12 @@ def serve(
         output.err_console.print("serving joins; Ctrl-C to stop")
         deadline = time.monotonic() + timeout if timeout else None
         seen: set[str] = set()
-        while deadline is None or time.monotonic() < deadline:
-            time.sleep(1)
-            for name in sorted(set(enrolment.joined) - seen):
-                output.console.print(f"{name} joined as {enrolment.joined[name].overlay_ip}")
-                seen.add(name)
+        try:
+            while deadline is None or time.monotonic() < deadline:
+                time.sleep(1)
+                for name in sorted(set(enrolment.joined) - seen):
+                    output.console.print(f"{name} joined as {enrolment.joined[name].overlay_ip}")
+                    seen.add(name)
+        except KeyboardInterrupt:  # the way to stop it: no traceback
+            pass
+    output.err_console.print(f"stopped serving joins; {len(seen)} host(s) joined")

@@ -1,4 +1,4 @@
-"""`skyferry provision`, `skyferry decommission` and `skyferry inventory import`: hosts from clouds.
+"""`skyferry provision`, `skyferry decommission` and `skyferry inventory`: hosts from clouds.
 
 The work is pipeline/controller/provision.py's; this module parses and prints.
 """
@@ -10,8 +10,6 @@ import typer
 from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller import provision as provisioning
 from skyferry.pipeline.controller.state import state_dir
-from skyferry.providers import inventory
-from skyferry.providers.base import Host
 from skyferry.providers.naming import check_plan, host_name
 
 from . import output
@@ -102,8 +100,9 @@ def decommission(
 inventory_app = typer.Typer(
     no_args_is_help=True,
     help=(
-        "Hosts made outside skyferry, added to the mesh.\n\n"
+        "Hosts made outside skyferry (Terraform): user-data that joins them, and what their cloud says.\n\n"
         "  skyferry inventory tfvars --plan tfaws --count 2 > aws.json\n\n"
+        "  skyferry mesh serve    # while terraform apply runs and the hosts boot\n\n"
         "  terraform -chdir=terraform/examples/aws-and-gcp output -json > hosts.json\n\n"
         "  skyferry inventory import --terraform hosts.json"
     ),
@@ -120,21 +119,36 @@ def import_(
     ),
     json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP),
 ) -> None:
-    """Add the hosts of a Terraform environment (its skyferry_hosts output) to the mesh. Idempotent.
+    """Record the hosts of a Terraform environment (its skyferry_hosts output) and say which have joined.
+
+    Hosts join by themselves, with the token in their user-data, while `skyferry mesh serve` runs; this
+    adds no one to the mesh. It keeps each host's cloud identity (provider, instance id, address, region)
+    for `decommission`, ingress and `hosts ls`, updates a joined host's provider and endpoint, and lists
+    the hosts still waiting to join. Idempotent; run again after they joined or after a terraform apply.
 
     skyferry inventory import --terraform terraform/examples/aws-and-gcp
 
     skyferry inventory import --terraform hosts.json --json
     """
-    state = state_dir()
-    members = inventory.parse_outputs(inventory.read_outputs(terraform), origin=str(terraform))
-    changed = inventory.join(state, members)
-    mesh = Mesh.load(state)
-    rows = [_row(m.host, mesh, m.host.name in changed) for m in members]
+    result = provisioning.import_terraform(state_dir(), terraform)
+    rows = result["hosts"]
     if json_out:
-        output.print_json({"mesh": mesh.name, "hosts": rows})
-    else:
-        _print_hosts(f"mesh {mesh.name}: {len(changed)} of {len(rows)} host(s) added or updated", rows)
+        output.print_json(result)
+        return
+    cols = ["name", "provider", "id", "address", "region", "join", "overlay_ip", "changed"]
+    title = f"mesh {result['mesh']}: {len(result['joined'])} of {len(rows)} host(s) joined"
+    output.print_table(title, cols, [[r[c] for c in cols] for r in rows])
+    for r in rows:
+        if r["endpoint_was"]:
+            output.err_console.print(
+                f"{r['name']} was reached at {r['endpoint_was']}, Terraform says {r['address']}: now {r['endpoint']}."
+                f" If {r['name']} joined from an address not its own, someone else used its token: decommission it"
+            )
+    if any(r["join"] == "no-token" for r in rows):
+        output.err_console.print(
+            "hosts marked no-token hold no valid join token: make new user-data (skyferry inventory tfvars) and"
+            " replace them, or run `skyferry hosts join NAME` and the command it prints on the host"
+        )
 
 
 @inventory_app.command("tfvars")
@@ -147,17 +161,13 @@ def tfvars(
 ) -> None:
     """Print per-host cloud-init user-data as JSON, for terraform/modules/*.
 
-    Each document carries a one-time join token; the hosts join while `skyferry mesh serve` runs.
+    Each document carries a one-time join token (valid TTL seconds) and no key; the hosts make their own
+    keys and join while `skyferry mesh serve` runs. Then `inventory import` records them.
 
       skyferry inventory tfvars --plan tfaws --count 2 > terraform/examples/aws-and-gcp/aws.json
     """
     state = state_dir()
     check_plan(plan)
-    boot = provisioning.Bootstrapper(state, Mesh.load(state), "terraform", ttl=ttl)
+    boot = provisioning.Bootstrapper(state, Mesh.load(state), provisioning.TERRAFORM, ttl=ttl)
     names = [host_name(plan, i) for i in range(count)]
     output.print_json({"plan": plan, "user_data": [boot(n) for n in names]})
-
-
-def _row(host: Host, mesh: Mesh, changed: bool) -> dict[str, Any]:
-    member = mesh.hosts[host.name]
-    return {**host.to_dict(), "overlay_ip": member.overlay_ip, "endpoint": member.endpoint, "changed": changed}

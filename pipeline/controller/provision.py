@@ -6,12 +6,14 @@ joins through the enrolment service this process serves while it waits (controll
 member once it has joined and its agent answers over the overlay. docs/providers.md explains the choices.
 """
 
+import logging
 import re
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from skyferry.netplane import controller, routes
+from skyferry.netplane.errors import NetplaneError
 from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller import agentctl, dist, enrol, tokens
 from skyferry.pipeline.errors import SkyferryError
@@ -22,6 +24,8 @@ from skyferry.providers.registry import NAMES, get_provider
 
 DEFAULT_PLAN = "skyferry"
 DEFAULT_PLANS = {"vm": "vm"}  # VM hosts are vm-1, vm-2, …
+TERRAFORM = "terraform"  # the provider a token from `inventory tfvars` names, until the import says which cloud
+log = logging.getLogger(__name__)
 
 
 def _cloud(provider: str, state: Path, region: str | None, endpoint_url: str | None) -> Any:
@@ -106,15 +110,14 @@ def provision(
 def decommission(
     state: Path, plan: str, provider: str | None = None, region: str | None = None, endpoint_url: str | None = None
 ) -> dict[str, Any]:
-    """Remove everything `plan` made and take its hosts out of the mesh; safe to run twice."""
+    """Remove everything `plan` made and take its hosts out of the mesh; safe to run twice. For hosts
+    Terraform made, run `terraform destroy` first: this then finds nothing left in the cloud and only
+    takes them out of the mesh and forgets their records."""
     mine = re.compile(rf"{re.escape(plan)}-\d+")
-    if provider is None:
-        mesh = Mesh.load(state) if Mesh.exists(state) else None
-        found = {m.provider for n, m in (mesh.hosts.items() if mesh else []) if mine.fullmatch(n)}
-        found |= {p for n, p in tokens.issued(state).items() if mine.fullmatch(n)}  # made, not joined yet
-        if len(found) != 1:
-            raise SkyferryError(f"cannot tell which provider plan {plan!r} is on", hint="pass --provider")
-        provider = found.pop()
+    records = inventory.recorded(state, plan)
+    provider = provider or _provider_of(state, plan, mine, records)
+    if region is None and len({r.host.region for r in records.values() if r.host.provider == provider}) == 1:
+        region = next(r.host.region for r in records.values() if r.host.provider == provider)
     if provider == "local":
         removed = get_provider("local", state=state).destroy(plan)
         left: list[str] = []
@@ -124,8 +127,10 @@ def decommission(
         removed = cloud.destroy(plan)
         mesh = Mesh.load(state) if Mesh.exists(state) else None
         strays = [n for n, m in (mesh.hosts.items() if mesh else []) if mine.fullmatch(n) and m.provider == provider]
-        left = inventory.leave(state, sorted(set(names) | set(strays)))
-        for name in names:  # a host that never joined leaves a token behind
+        gone = sorted(set(names) | set(strays) | {n for n, r in records.items() if r.host.provider == provider})
+        left = inventory.leave(state, gone)
+        inventory.forget(state, gone)
+        for name in set(gone) | {n for n in tokens.issued(state) if mine.fullmatch(n)}:  # the plan is gone
             tokens.revoke(state, name)
     return {"plan": plan, "provider": provider, "removed": removed, "left_mesh": left}
 
@@ -148,3 +153,62 @@ def teardown(state: Path) -> list[str]:
     if mesh and mesh.local is None:
         return removed + controller.down(state)
     return removed + get_provider("local", state=state).down()
+
+
+def _provider_of(state: Path, plan: str, mine: re.Pattern[str], records: dict[str, inventory.Record]) -> str:
+    """The one provider `plan`'s hosts are on: per host, what its import recorded, else its mesh row,
+    else its token (hosts made but not joined yet)."""
+    mesh = Mesh.load(state) if Mesh.exists(state) else None
+    known = {n: p for n, p in tokens.issued(state).items() if mine.fullmatch(n)}
+    known |= {n: m.provider for n, m in (mesh.hosts.items() if mesh else []) if mine.fullmatch(n)}
+    known |= {n: r.host.provider for n, r in records.items()}
+    found = set(known.values())
+    if len(found) > 1:  # a host of a Terraform plan that was not imported yet is on the others' cloud
+        found.discard(TERRAFORM)
+    if found == {TERRAFORM}:
+        raise SkyferryError(
+            f"plan {plan!r} was made by Terraform and not imported yet, so its cloud is unknown",
+            hint="run skyferry inventory import --terraform DIR first, or pass --provider",
+        )
+    if len(found) != 1:
+        raise SkyferryError(f"cannot tell which provider plan {plan!r} is on", hint="pass --provider")
+    return found.pop()
+
+
+def import_terraform(state: Path, source: Path) -> dict[str, Any]:
+    """`skyferry inventory import`: record what Terraform made and say which of those hosts have joined.
+
+    A joined host's mesh row follows its record (provider, endpoint), its peers are told, and its unused
+    tokens are revoked; a host not joined yet stays a record only, `waiting` while it holds a valid token,
+    `no-token` otherwise."""
+    records = inventory.parse_outputs(inventory.read_outputs(source), origin=str(source))
+    changed = set(inventory.record(state, records))
+    updated = inventory.adopt(state, records)
+    mesh = Mesh.load(state)
+    moved = {n for n, old in updated.items() if old.endpoint != mesh.hosts[n].endpoint}
+    if moved:
+        try:
+            routes.apply(mesh, agentctl.Pusher(state, mesh), only=moved)
+        except NetplaneError as exc:  # the rows are right; `skyferry mesh sync` repairs the members
+            log.warning("not every member learnt the new endpoints of %s: %s", ", ".join(sorted(moved)), exc)
+    for name in set(mesh.hosts) & {r.host.name for r in records}:
+        tokens.revoke(state, name)  # a joined host's spare token (a later tfvars) would let a holder re-join
+    valid = tokens.pending(state)
+    rows = []
+    for r in records:
+        member = mesh.hosts.get(r.host.name)
+        join = "joined" if member else "waiting" if r.host.name in valid else "no-token"
+        h = r.host
+        rows.append({
+            "name": h.name, "provider": h.provider, "plan": h.plan, "id": h.id, "address": h.address,
+            "private_address": h.private_address, "region": h.region, "size": h.size, "wireguard_port": r.port,
+            "join": join, "overlay_ip": member.overlay_ip if member else None,
+            "endpoint": member.endpoint if member else None, "token_expires": valid.get(h.name) if not member else None,
+            "changed": h.name in changed or h.name in updated,
+            "endpoint_was": updated[h.name].endpoint if h.name in moved else None,
+        })  # fmt: skip
+    return {
+        "mesh": mesh.name, "hosts": rows,
+        "joined": [r["name"] for r in rows if r["join"] == "joined"],
+        "waiting": [r["name"] for r in rows if r["join"] != "joined"],
+    }  # fmt: skip

@@ -66,6 +66,16 @@ def issued(state: Path) -> dict[str, str]:
         return {r["host"]: r["provider"] for r in conn.execute("SELECT host, provider FROM join_tokens")}
 
 
+def pending(state: Path) -> dict[str, float]:
+    """Hosts that hold a token still good for a join, and when their newest one expires."""
+    with closing(db.connect(state)) as conn:
+        rows = conn.execute(
+            "SELECT host, MAX(expires) AS expires FROM join_tokens WHERE used IS NULL AND expires > ? GROUP BY host",
+            (time.time(),),
+        )
+        return {r["host"]: r["expires"] for r in rows}
+
+
 def revoke(state: Path, host: str) -> int:
     """Forget every unused token for `host` (a provision that failed); returns how many."""
     with closing(db.connect(state)) as conn:

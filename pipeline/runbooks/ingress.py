@@ -24,6 +24,7 @@ from skyferry.pipeline.controller.registry import Entry, Registry
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi import publish
 from skyferry.pipeline.hostapi.publish import PublicPort
+from skyferry.providers import inventory
 from skyferry.providers.errors import ProviderError
 from skyferry.providers.registry import get_provider
 
@@ -138,7 +139,9 @@ def after_cutover(state: Path, entry: Entry, target: str, source: str | None = N
         mesh = Mesh.load(state)
         host = mesh.host(target)
         published = deliver(state, mesh, entry.name, target, spec.ports) if spec.ports else None
-        done = apply(spec, entry.ip, Target(target, host.endpoint_address))
+        made = inventory.recorded(state).get(target)  # a Terraform host: its instance id, without a lookup
+        instance = made.host.id if made and made.host.provider == "aws" else None
+        done = apply(spec, entry.ip, Target(target, host.endpoint_address, instance))
         if published is None:
             return done
         removed = withdraw(state, mesh, entry.name, source) if source and source != target else []

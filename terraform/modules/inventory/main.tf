@@ -1,5 +1,6 @@
 # Provider-free: turns a provider module's instances into the list `skyferry inventory import` reads.
-# Keeping the shape here, once, is what lets both cloud modules promise the same output.
+# Keeping the shape here, once, is what lets both cloud modules promise the same output. It carries no key:
+# hosts make their own when they join (docs/providers.md, "Terraform").
 
 terraform {
   required_version = ">= 1.5"
@@ -25,9 +26,13 @@ variable "region" {
 }
 
 variable "wireguard_port" {
-  description = "UDP port each host's WireGuard listens on."
+  description = "UDP port each host's WireGuard listens on: the mesh's listen port, which joined hosts use."
   type        = number
   default     = 51820
+  validation {
+    condition     = var.wireguard_port >= 1 && var.wireguard_port <= 65535 && floor(var.wireguard_port) == var.wireguard_port
+    error_message = "wireguard_port must be a UDP port (1-65535)."
+  }
 }
 
 variable "instances" {
@@ -39,31 +44,25 @@ variable "instances" {
     private_ip = string
     size       = string
   }))
-}
-
-variable "wireguard_public_keys" {
-  description = "Each host's WireGuard public key, in host order (from `skyferry inventory tfvars`)."
-  type        = list(string)
   validation {
-    condition     = alltrue([for k in var.wireguard_public_keys : can(regex("^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$", k))])
-    error_message = "Every WireGuard public key is 44 characters of base64 (32 bytes)."
+    condition     = alltrue([for i in var.instances : can(regex("^[a-z][a-z0-9-]{0,62}$", i.name))])
+    error_message = "Every host name is lowercase letters, digits and '-', starting with a letter: the name its join token was made for."
   }
 }
 
 output "skyferry_hosts" {
   description = "The hosts, in the shape `skyferry inventory import` reads."
   value = [
-    for i, inst in var.instances : {
-      name                 = inst.name
-      provider             = var.provider_name
-      plan                 = var.plan
-      id                   = inst.id
-      public_ip            = inst.public_ip
-      private_ip           = inst.private_ip
-      region               = var.region
-      size                 = inst.size
-      wireguard_port       = var.wireguard_port
-      wireguard_public_key = var.wireguard_public_keys[i]
+    for inst in var.instances : {
+      name           = inst.name
+      provider       = var.provider_name
+      plan           = var.plan
+      id             = inst.id
+      public_ip      = inst.public_ip
+      private_ip     = inst.private_ip
+      region         = var.region
+      size           = inst.size
+      wireguard_port = var.wireguard_port
     }
   ]
 }

@@ -7,21 +7,18 @@ controller and a host over the overlay. VM tests run the same join through cloud
 """
 
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from kit.machine import machine_on_underlay, run_in
 from kit.mesh import local_mesh
 from skyferry.netplane import netns, wg
 from skyferry.netplane.mesh import Mesh
-from skyferry.netplane.netns import in_netns
 from skyferry.pipeline.agent.join import Layout, fetch_ca, join
 from skyferry.pipeline.controller import enrol, tokens
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi import pki
-from skyferry.providers.local import _veth_to_switch
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -31,34 +28,11 @@ JOINER_ADDRESS = "198.18.0.200"
 @pytest.fixture(scope="module")
 def joined_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Mesh, str]]:
     """A local mesh with one host, and an empty netns `<mesh>-jn` on its underlay: the new machine."""
-    with local_mesh(tmp_path_factory, count=1, prefix="j") as (state, mesh):
-        machine = f"{mesh.name}-jn"
-        netns.create(machine)
-        try:
-            assert mesh.local is not None
-            _veth_to_switch(mesh.local.switch_netns, machine, "jn", JOINER_ADDRESS)
-            yield state, mesh, machine
-        finally:
-            netns.remove(machine)
-
-
-def _in(machine: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run `fn` in a thread that sits in netns `machine` (as the joining machine would)."""
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        with in_netns(machine):
-            try:
-                out["value"] = fn(*args, **kwargs)
-            except BaseException as exc:
-                out["error"] = exc
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
+    with (
+        local_mesh(tmp_path_factory, count=1, prefix="j") as (state, mesh),
+        machine_on_underlay(mesh, JOINER_ADDRESS) as machine,
+    ):
+        yield state, mesh, machine
 
 
 def test_join_admits_a_machine_whose_keys_never_leave_it(joined_mesh: tuple[Path, Mesh, str], tmp_path: Path) -> None:
@@ -69,20 +43,20 @@ def test_join_admits_a_machine_whose_keys_never_leave_it(joined_mesh: tuple[Path
     ifname = f"{mesh.name}wj"
     pid = None
     with enrol.serving(state) as service:
-        result = _in(machine, join, enrol.url(mesh), token, pin, "edge-1", start=False, layout=layout)
+        result = run_in(machine, join, enrol.url(mesh), token, pin, "edge-1", start=False, layout=layout)
         assert set(service.joined) == {"edge-1"}
         # The same token again is refused, and so are tokens that expired or name another host.
         with pytest.raises(SkyferryError, match="already used"):
-            _in(machine, join, enrol.url(mesh), token, pin, "edge-1", start=False, layout=_fresh(tmp_path, "again"))
+            run_in(machine, join, enrol.url(mesh), token, pin, "edge-1", start=False, layout=_fresh(tmp_path, "again"))
         expired = tokens.issue(state, "edge-2", "manual", ttl=-1)
         with pytest.raises(SkyferryError, match="expired"):
-            _in(machine, join, enrol.url(mesh), expired, pin, "edge-2", start=False, layout=_fresh(tmp_path, "exp"))
+            run_in(machine, join, enrol.url(mesh), expired, pin, "edge-2", start=False, layout=_fresh(tmp_path, "exp"))
         other = tokens.issue(state, "edge-3", "manual")
         with pytest.raises(SkyferryError, match="is for host 'edge-3'"):
-            _in(machine, join, enrol.url(mesh), other, pin, "edge-4", start=False, layout=_fresh(tmp_path, "oth"))
+            run_in(machine, join, enrol.url(mesh), other, pin, "edge-4", start=False, layout=_fresh(tmp_path, "oth"))
         # A controller whose CA does not match the pin is not trusted with the request at all.
         with pytest.raises(SkyferryError, match="not the pinned"):
-            _in(machine, fetch_ca, enrol.url(mesh), "sha256:" + "0" * 64)
+            run_in(machine, fetch_ca, enrol.url(mesh), "sha256:" + "0" * 64)
     try:
         after = Mesh.load(state)
         member = after.host("edge-1")

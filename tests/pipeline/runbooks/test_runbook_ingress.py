@@ -14,18 +14,23 @@ from pathlib import Path
 
 import boto3
 import pytest
+from kit.keys import new_wireguard_key
 from kit.moto_server import PatchedMotoServer
 from kit.runbook import cli, counter, local_mesh, remove_all
-from skyferry.netplane.mesh import Mesh
+from skyferry.netplane.ipam import Ipam
+from skyferry.netplane.mesh import Mesh, MeshHost
 from skyferry.netplane.netns import in_netns
 from skyferry.pipeline.agent import dnat
 from skyferry.pipeline.controller import agentctl
-from skyferry.pipeline.controller.registry import Registry
+from skyferry.pipeline.controller.registry import Entry, Registry
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi.publish import PublicPort
+from skyferry.pipeline.hostapi.spec import ContainerSpec
 from skyferry.pipeline.runbooks import evacuate, exitplan, ingress
 from skyferry.pipeline.scenarios import demo as scenario
+from skyferry.providers import inventory
 from skyferry.providers.aws import AwsProvider
+from skyferry.providers.base import Host
 from skyferry.providers.naming import PLAN_TAG
 
 pytestmark = pytest.mark.integration
@@ -92,6 +97,33 @@ def test_elastic_ip_moves_to_the_target_instance(moto: str) -> None:
     ingress.apply(spec, "100.64.0.9", ingress.Target("cloud-b-1", None, second), AwsProvider(endpoint_url=moto))
     assert ec2.describe_addresses(AllocationIds=[alloc])["Addresses"][0]["InstanceId"] == second
     ec2.terminate_instances(InstanceIds=[first, second])
+
+
+def test_elastic_ip_follows_to_a_terraform_host_by_its_recorded_id(moto: str, tmp_path: Path) -> None:
+    """A host Terraform made carries no tags AwsProvider.list knows, in whatever region; `inventory import`
+    recorded its instance id, which is what the Elastic IP follows after a cutover."""
+    ec2 = boto3.client("ec2", endpoint_url=moto)
+    instance = ec2.run_instances(ImageId=IMAGE, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+    alloc = ec2.allocate_address(Domain="vpc")["AllocationId"]
+    state, key = tmp_path / "state", new_wireguard_key()[1]
+    ctl = MeshHost("controller", Ipam(state).allocate("host:controller"), "203.0.113.1:51820", key, "wg0", None,
+                   str(state), "controller")  # fmt: skip
+    mesh = Mesh(name="ing" + os.urandom(2).hex(), cidr=Ipam(state).cidr, controller=ctl)
+    mesh.hosts["tf-0"] = MeshHost("tf-0", Ipam(state).allocate("host:tf-0"), "198.51.100.7:51820",
+                                  new_wireguard_key()[1], "skyferry", None, "/var/lib/skyferry/host",
+                                  "aws")  # fmt: skip
+    mesh.save(state)
+    entry = Entry(
+        "web", "tf-0", "100.64.0.9", ContainerSpec("web", ["true"], "100.64.0.9", labels={"ingress": f"eip:{alloc}"})
+    )
+    unknown = ingress.after_cutover(state, entry, "tf-0")  # the control: without a record, no instance
+    assert unknown is not None and "not an instance the AWS provider knows" in unknown["error"]
+    host = Host("tf-0", "aws", "tf", instance, "198.51.100.7", region="us-east-1")
+    assert inventory.record(state, [inventory.Record(host)]) == ["tf-0"]
+    moved = ingress.after_cutover(state, entry, "tf-0")
+    assert moved is not None and moved.get("instance") == instance, moved
+    assert ec2.describe_addresses(AllocationIds=[alloc])["Addresses"][0]["InstanceId"] == instance
+    ec2.terminate_instances(InstanceIds=[instance])
 
 
 def test_gateway_and_bad_labels() -> None:
