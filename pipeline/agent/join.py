@@ -5,6 +5,7 @@ What it leaves behind is one readable description each: /etc/wireguard/skyferry.
 skyferry-agent.service, both started through systemd, so the host comes back by itself after a reboot.
 """
 
+import ipaddress
 import json
 import os
 import platform
@@ -101,7 +102,9 @@ def wg_quick_config(answer: JoinAnswer, private_key: str) -> str:
         "# Written by `skyferry join`; peers change at run time through the agent (PUT /v1/mesh/peers).",
         "[Interface]",
         f"PrivateKey = {private_key}",
-        f"Address = {answer.overlay_ip}/32",
+        # The whole overlay through this interface: peers added later at run time (`wg set`) get no route
+        # of their own from wg-quick, which routes only the allowed-ips it saw at `up`.
+        f"Address = {answer.overlay_ip}/{ipaddress.ip_network(answer.cidr).prefixlen}",
         f"ListenPort = {answer.listen_port}",
         f"MTU = {answer.mtu}",
         "PostUp = sysctl -qw net.ipv4.ip_forward=1",
