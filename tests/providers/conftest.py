@@ -7,6 +7,13 @@ from pathlib import Path
 import pytest
 from kit.gce_fake import GceFake, new_service_account
 from kit.moto_server import PatchedMotoServer
+from kit.vms import Session, vm_session
+
+
+@pytest.fixture(scope="session")
+def vms(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
+    """One local host and two VMs in one mesh, shared by every VM test of the run (kit/vms.py)."""
+    yield from vm_session(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
