@@ -25,6 +25,7 @@ from skyferry.pipeline.hostapi.client import AgentClient
 from skyferry.pipeline.hostapi.layout import AGENT_PORT, IMAGES_TMPFS
 
 PIDS = "agents.json"
+START_TIMEOUT_ENV = "SKYFERRY_AGENT_START_TIMEOUT"  # seconds to wait for a local agent (default 20)
 
 
 def controller_identity(state: Path, mesh: Mesh) -> pki.Identity:
@@ -105,7 +106,9 @@ def start_agents(mesh: Mesh, state: Path) -> None:
         _wait_ready(state, mesh, host)
 
 
-def _wait_ready(state: Path, mesh: Mesh, host: MeshHost, timeout: float = 20.0) -> None:
+def _wait_ready(state: Path, mesh: Mesh, host: MeshHost) -> None:
+    # An agent answers within a second or two; in a VM under TCG (no nested KVM) it takes minutes.
+    timeout = float(os.environ.get(START_TIMEOUT_ENV) or 20.0)
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:

@@ -78,14 +78,14 @@ class CounterClient:
     def stop_file(self) -> Path:
         return self.workdir / f"client-{self.ip}.stop"
 
-    def start(self) -> "CounterClient":
+    def start(self, timeout: float = 15.0) -> "CounterClient":
         self.stop_file.unlink(missing_ok=True)
         self.out.unlink(missing_ok=True)
         argv = [PYTHON, workload_counter.__file__, "client", self.ip, str(PORT), "--interval", str(self.interval),
                 "--out", str(self.out), "--stop-file", str(self.stop_file)]  # fmt: skip
         self.progress_file.unlink(missing_ok=True)
         self.proc = subprocess.Popen(netns.command(self.host_netns, argv), stdin=subprocess.DEVNULL, close_fds=True)
-        self.wait_for(1)
+        self.wait_for(1, timeout)
         return self
 
     @property
