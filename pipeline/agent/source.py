@@ -92,9 +92,11 @@ class SourceSession:
         rounds: SourceEngine | PredumpSource
         if method == criu_version.PRECOPY_SOFT_DIRTY:
 
-            def pre_dump(images: Path, parent: str | None) -> None:
-                # One work dir per round: host.wipe keeps each round's CRIU log (work*/*.log).
-                runtime.pre_dump(self.name, images, parent, self.dir / f"work-round{images.name}")
+            def pre_dump(images: Path, parent: str | None) -> Path:
+                # One work dir per round (CRIU's log and stats-dump): host.wipe keeps work*/*.log.
+                work = self.dir / f"work-round{images.name}"
+                runtime.pre_dump(self.name, images, parent, work)
+                return work
 
             rounds = self.chain = PredumpSource(self.dir / "rounds", pre_dump)
         else:
@@ -217,7 +219,7 @@ class SourceSession:
         pre-copy rounds: then everything travels."""
         images = self.dir / "images"
         if self.chain is not None:
-            delta = self.chain.final(images)
+            delta = self.chain.final(images, self.dir / "work")
             return "precopy-final", delta, delta.stats
         if self.engine is None:
             return None

@@ -1,5 +1,6 @@
-"""CRIU's own account of a dump or pre-dump: the `stats-dump` image it leaves in the image directory,
-read through pycriu. Soft-dirty pre-copy feeds these numbers to the round policy (memory/predump.py)."""
+"""CRIU's own account of a dump or pre-dump: the `stats-dump` image it leaves in its work directory (the
+image directory unless a work directory is given, as runc's --work-path does), read through pycriu.
+Soft-dirty pre-copy feeds these numbers to the round policy (memory/predump.py)."""
 
 from __future__ import annotations
 
@@ -36,14 +37,14 @@ def parse(entry: dict[str, int]) -> DumpStats:
     )
 
 
-def read(image_dir: Path) -> DumpStats:
-    """The stats of the dump or pre-dump CRIU wrote into `image_dir`."""
-    path = image_dir / STATS_FILE
+def read(work_dir: Path) -> DumpStats:
+    """The stats of the dump or pre-dump whose work directory was `work_dir`."""
+    path = work_dir / STATS_FILE
     try:
         with path.open("rb") as f:
             image = pycriu.images.load(f)
     except (OSError, pycriu.images.MagicException) as exc:
-        raise SkyferryError(f"no CRIU dump statistics in {image_dir}: {exc}", hint="see the CRIU dump log") from None
+        raise SkyferryError(f"no CRIU dump statistics in {work_dir}: {exc}", hint="see the CRIU dump log") from None
     dump = image["entries"][0].get("dump") if image.get("entries") else None
     if dump is None:
         raise SkyferryError(f"{path} holds no dump statistics", hint="see the CRIU dump log")

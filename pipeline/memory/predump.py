@@ -2,12 +2,13 @@
 which keeps the rounds as a chain of parent images and restores from it (docs/precopy.md#soft-dirty).
 
 Source side (`PredumpSource`, next to the running container):
-    chain = PredumpSource(rounds_dir, pre_dump)   # pre_dump(images, parent): CRIU pre-dump --track-mem
+    chain = PredumpSource(rounds_dir, pre_dump)   # pre_dump(images, parent): CRIU pre-dump --track-mem,
+                                                  #   returns the directory CRIU wrote stats-dump into
     while True:
         send(chain.round())                       # round k: rounds/k, parent ../k-1 (pages written since)
         if policy.decide(chain.history).stop: break
-    freeze; dump into dump_dir with parent chain.parent_for(dump_dir)
-    send(chain.final(dump_dir))                   # every file of the dump: its pages are the last delta
+    freeze; dump into dump_dir with parent chain.parent_for(dump_dir), CRIU's work dir work_dir
+    send(chain.final(dump_dir, work_dir))         # every file of the dump: its pages are the last delta
 
 Target side (`PredumpTarget`):
     target = PredumpTarget(rounds_dir)
@@ -48,7 +49,8 @@ FORMAT = Format(
 )
 PARENT = "parent"  # CRIU's name for the link to the parent image directory
 
-PreDump = Callable[[Path, str | None], None]  # (image dir, parent relative to it or None)
+# (image dir, parent relative to it or None) -> CRIU's work dir, where it leaves stats-dump and its log
+PreDump = Callable[[Path, str | None], Path]
 
 
 class PredumpSource:
@@ -87,16 +89,17 @@ class PredumpSource:
     def _round_frames(self, images: Path, stats: RoundStats) -> Iterator[bytes]:
         shutil.rmtree(images, ignore_errors=True)  # a round repeated after a failed stream starts clean
         images.mkdir()
-        self.pre_dump(images, self.parent_for(images))
-        yield from self._frames("round", images, stats)
+        work = self.pre_dump(images, self.parent_for(images))
+        yield from self._frames("round", images, work, stats)
 
-    def final(self, dump_dir: Path) -> Transfer:
-        """The freeze-time stream: every file of the final dump, made with `parent_for(dump_dir)`."""
+    def final(self, dump_dir: Path, work: Path) -> Transfer:
+        """The freeze-time stream: every file of the final dump, made with `parent_for(dump_dir)` and
+        CRIU's work dir `work`."""
         stats = RoundStats("final", self.seq + 1, time.monotonic())
-        return Transfer(stats, self._frames("final", dump_dir, stats), lambda: None)
+        return Transfer(stats, self._frames("final", dump_dir, work, stats), lambda: None)
 
-    def _frames(self, kind: str, images: Path, stats: RoundStats) -> Iterator[bytes]:
-        counted = dumpstats.read(images)
+    def _frames(self, kind: str, images: Path, work: Path, stats: RoundStats) -> Iterator[bytes]:
+        counted = dumpstats.read(work)
         stats.processes = sum(1 for p in images.glob("pagemap-*.img") if not p.name.startswith("pagemap-shmem"))
         stats.pages_scanned = counted.pages_scanned
         stats.pages_changed = counted.pages_written

@@ -3,7 +3,8 @@ a host picks, CRIU's dump statistics as pycriu reads them from a real dump, and 
 sides keep. The pre-dumps themselves run in a VM: tests/pipeline/memory/test_predump_vm.py.
 
 The chain tests stand a small writer in for `runc checkpoint --pre-dump` (which this kernel refuses): it
-lays out what CRIU writes (inventory, pagemap, pages, stats-dump made with pycriu), so the streaming and
+lays out what CRIU writes (inventory, pagemap, pages; stats-dump, made with pycriu, and the log in the work
+directory), so the streaming and
 the parent links are tested, not CRIU.
 """
 
@@ -110,7 +111,7 @@ class FakeCriu:
         self.total, self.written = total, list(written)
         self.calls: list[tuple[str, str | None]] = []
 
-    def __call__(self, images: Path, parent: str | None) -> None:
+    def __call__(self, images: Path, parent: str | None) -> Path:
         self.calls.append((images.name, parent))
         if parent is not None:
             assert (images / parent / "pagemap-1.img").exists(), "CRIU needs the parent's pagemap"
@@ -118,12 +119,15 @@ class FakeCriu:
         (images / "inventory.img").write_bytes(b"inventory of " + images.name.encode())
         (images / "pagemap-1.img").write_bytes(b"pagemap " + images.name.encode())
         (images / "pages-1.img").write_bytes(os.urandom(written * 4096))  # zstd cannot shrink it
-        (images / "dump.log").write_text("logs stay on the source\n")
+        work = images.parent / f"work-{images.name}"
+        work.mkdir()
+        (work / "dump.log").write_text("logs stay on the source\n")
         entry = {"pages_scanned": self.total, "pages_written": written,
                  "pages_skipped_parent": self.total - written, "frozen_time": 1500, "freezing_time": 100,
                  "memdump_time": 800, "memwrite_time": 3000, "pages_lazy": 0}  # fmt: skip
-        with (images / "stats-dump").open("wb") as f:
+        with (work / "stats-dump").open("wb") as f:
             pycriu.images.dump({"magic": "STATS", "entries": [{"dump": entry}]}, f)
+        return work
 
 
 def _send(transfer: Iterable[bytes], target: PredumpTarget) -> None:
@@ -158,15 +162,14 @@ def test_rounds_become_a_parent_chain_on_the_target(tmp_path: Path) -> None:
     for k in ("2", "3"):
         assert os.readlink(dst / k / "parent") == f"../{int(k) - 1}"
     assert (dst / "2" / "pages-1.img").stat().st_size == 300 * 4096
-    assert not list(dst.glob("*/dump.log"))
+    assert not list(dst.rglob("*.log")) and not list(dst.rglob("stats-dump"))
 
     # The final dump, made with the last round as parent, lands in the image dir that restore reads.
     images = tmp_path / "src" / "images"
     images.mkdir()
     parent = source.parent_for(images)
     assert parent == "../rounds/3"
-    criu(images, parent)
-    final = source.final(images)
+    final = source.final(images, criu(images, parent))
     target_images = tmp_path / "dst" / "images"
     stats = target.build_image(iter(list(final)), target_images)
     assert final.stats.kind == "final" and final.stats.pages_changed == 10
@@ -196,8 +199,8 @@ def test_a_damaged_round_leaves_the_chain_as_it_was(tmp_path: Path) -> None:
     with pytest.raises(StreamError, match="expected final 2"):
         images = tmp_path / "img"
         images.mkdir()
-        criu(images, "../src/1")
-        target.build_image(iter(list(source.final(images))), tmp_path / "dst-images")
+        work = criu(images, "../src/1")
+        target.build_image(iter(list(source.final(images, work))), tmp_path / "dst-images")
     assert not (tmp_path / "dst-images").exists()
 
 
@@ -206,9 +209,9 @@ def test_a_final_needs_rounds(tmp_path: Path) -> None:
     source = PredumpSource(tmp_path / "src", criu)
     images = tmp_path / "images"
     images.mkdir()
-    criu(images, None)
+    work = criu(images, None)
     with pytest.raises(StreamError, match="no round came before it"):
-        PredumpTarget(tmp_path / "dst").build_image(iter(list(source.final(images))), tmp_path / "out")
+        PredumpTarget(tmp_path / "dst").build_image(iter(list(source.final(images, work))), tmp_path / "out")
 
 
 def test_only_runc_pre_dumps() -> None:
