@@ -74,23 +74,21 @@ class PredumpSource:
         return os.path.relpath(self.dir / str(self.seq), image_dir)
 
     def round(self) -> Transfer:
-        """Pre-dump the running container and stream the round's image files."""
+        """Pre-dump the running container, then return the stream of the round's image files. The dump runs
+        here, not in the stream: a failed pre-dump raises before anything is sent."""
         seq = self.seq + 1
         stats = RoundStats("round", seq, time.monotonic())
         images = self.dir / str(seq)
+        shutil.rmtree(images, ignore_errors=True)  # a round repeated after a failed stream starts clean
+        images.mkdir()
+        work = self.pre_dump(images, self.parent_for(images))
 
         def commit() -> None:
             _drop_pages(images)  # on the target now; CRIU's next pre-dump reads only the pagemaps
             self.seq = seq
             self.history.append(stats)
 
-        return Transfer(stats, self._round_frames(images, stats), commit)
-
-    def _round_frames(self, images: Path, stats: RoundStats) -> Iterator[bytes]:
-        shutil.rmtree(images, ignore_errors=True)  # a round repeated after a failed stream starts clean
-        images.mkdir()
-        work = self.pre_dump(images, self.parent_for(images))
-        yield from self._frames("round", images, work, stats)
+        return Transfer(stats, self._frames("round", images, work, stats), commit)
 
     def final(self, dump_dir: Path, work: Path) -> Transfer:
         """The freeze-time stream: every file of the final dump, made with `parent_for(dump_dir)` and
