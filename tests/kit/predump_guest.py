@@ -63,8 +63,10 @@ def _runc_list(state_root: Path) -> list[str]:
 
 
 def _parent_lines(log: Path) -> list[str]:
-    """What a CRIU log says about parent images (a pre-dump or dump on top of an earlier one)."""
-    return [ln.strip() for ln in log.read_text(errors="replace").splitlines() if re.search(r"[Pp]arent", ln)][:5]
+    """The parent images a CRIU (pre-)dump opened: "Opened local page read 2 (parent 1)" per image in
+    the chain; none when it had no parent."""
+    lines = log.read_text(errors="replace").splitlines()
+    return [ln.strip() for ln in lines if re.search(r"Opened local page read \d+ \(parent \d+\)", ln)]
 
 
 def main() -> None:
