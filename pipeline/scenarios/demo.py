@@ -68,6 +68,7 @@ class CounterClient:
     ip: str
     workdir: Path
     interval: float = 0.05
+    timeout: float = 60.0  # the longest wait for one answer before the client gives up
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -82,7 +83,7 @@ class CounterClient:
         self.stop_file.unlink(missing_ok=True)
         self.out.unlink(missing_ok=True)
         argv = [PYTHON, workload_counter.__file__, "client", self.ip, str(PORT), "--interval", str(self.interval),
-                "--out", str(self.out), "--stop-file", str(self.stop_file)]  # fmt: skip
+                "--out", str(self.out), "--stop-file", str(self.stop_file), "--timeout", str(self.timeout)]  # fmt: skip
         self.progress_file.unlink(missing_ok=True)
         self.proc = subprocess.Popen(netns.command(self.host_netns, argv), stdin=subprocess.DEVNULL, close_fds=True)
         self.wait_for(1, timeout)

@@ -13,6 +13,7 @@ import re
 import subprocess
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ NAME = "mem"
 
 
 def run(memory_mib: int, dirty_mb_s: float) -> dict[str, Any]:
+    """Everything the outer test asserts; a step that fails is recorded under "error" with what came before,
+    so the outer test shows how far it got."""
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="sdguest-") as tmp:
         workdir, state = Path(tmp), Path(tmp) / "state"
@@ -35,22 +38,25 @@ def run(memory_mib: int, dirty_mb_s: float) -> dict[str, Any]:
             source = mesh.hosts["local-1"]
             info = scenario.start_counter(state, "local-1", NAME, workdir, memory_mib=memory_mib,
                                           dirty_mb_s=dirty_mb_s)  # fmt: skip
-            client = scenario.CounterClient(mesh.hosts["local-1"].netns or "", info["ip"], workdir, interval=0.1)
+            # Under TCG the freeze alone can pass a minute: the client waits up to 10 for an answer.
+            client = scenario.CounterClient(mesh.hosts["local-1"].netns or "", info["ip"], workdir, interval=0.1,
+                                            timeout=600)  # fmt: skip
             try:
                 client.start(timeout=300)
                 out["before"] = scenario.check_memory(client.host_netns, info["ip"])
                 t0 = time.monotonic()
                 out["report"] = migration.migrate(state, NAME, "local-2", mode="precopy")
                 out["migrate_s"] = round(time.monotonic() - t0, 2)
-                client.wait_for(client.progress() + 5, timeout=120)
-                out["after"] = scenario.check_memory(client.host_netns, info["ip"])
-                out["hosts"] = sorted(r["host"] for r in containers.live(state) if r["name"] == NAME)
-                out["source_runc"] = _runc_list(Path(source.state_root))
-                out["client"] = client.stop()
                 logs = Path(source.state_root) / "logs" / out["report"]["id"]
                 out["criu_logs"] = {p.name: _parent_lines(p) for p in sorted(logs.glob("*.log"))}
+                out["hosts"] = sorted(r["host"] for r in containers.live(state) if r["name"] == NAME)
+                out["source_runc"] = _runc_list(Path(source.state_root))
+                out["after"] = scenario.check_memory(client.host_netns, info["ip"])
+                client.wait_for(client.progress() + 5, timeout=300)
+            except Exception:
+                out["error"] = traceback.format_exc()
             finally:
-                client.stop()
+                out["client"] = client.stop()
                 containers.remove(state, NAME)
     return out
 
