@@ -1,7 +1,9 @@
 """Runs inside a VM whose kernel tracks soft-dirty pages (tests/pipeline/memory/test_predump_vm.py boots it
 and shares this worktree into it): a local mesh of two hosts, a counter that holds memory and dirties it,
-migrated local-1 -> local-2 by pre-copy while a client keeps talking to it (from local-1's netns: a third
-host would cost the VM another agent, minutes under TCG). Prints one JSON object for the outer test.
+migrated local-1 -> local-2 by pre-copy while a client keeps talking to it from the controller's netns
+(a mesh member, so its address is an overlay one; a third host would cost the VM another agent, minutes
+under TCG; and a client in the source host's netns reaches the container over the local veth with its
+underlay address, which the target's WireGuard then refuses). Prints one JSON object for the outer test.
 
     cd tests && ../.venv/bin/python -m kit.predump_guest --memory-mib 64 --dirty-mb-s 2 [--precopy content]
 """
@@ -39,7 +41,7 @@ def run(memory_mib: int, dirty_mb_s: float) -> dict[str, Any]:
             info = scenario.start_counter(state, "local-1", NAME, workdir, memory_mib=memory_mib,
                                           dirty_mb_s=dirty_mb_s)  # fmt: skip
             # Under TCG the freeze alone can pass a minute: the client waits up to 10 for an answer.
-            client = scenario.CounterClient(mesh.hosts["local-1"].netns or "", info["ip"], workdir, interval=0.1,
+            client = scenario.CounterClient(mesh.controller.netns or "", info["ip"], workdir, interval=0.1,
                                             timeout=600)  # fmt: skip
             try:
                 client.start(timeout=300)
