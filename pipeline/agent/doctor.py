@@ -20,6 +20,8 @@ from enum import StrEnum
 from pathlib import Path
 
 from skyferry.pipeline.criu import version as criu_version
+from skyferry.pipeline.criu.version import PRECOPY_ENV, PRECOPY_SOFT_DIRTY
+from skyferry.pipeline.runtimes.runc import Runc
 
 PIPE_MAX_MIN = 4 * 1024 * 1024  # lazy pages splice up to 4 MiB per pipe
 CAP_SYS_RESOURCE = 24
@@ -166,20 +168,22 @@ def lazy_pages_result(output: Output | None) -> CheckResult:
 
 
 def precopy_result(output: Output | None) -> CheckResult:
-    """`output` is `criu check --feature mem_dirty_track`; it decides which pre-copy runs."""
+    """`output` is `criu check --feature mem_dirty_track`; it decides which pre-copy runs (pre-copy moves
+    runc containers only, and runc can pre-dump; Podman and Docker move by stop-copy)."""
     name = "pre-copy (soft-dirty)"
     if why := unchecked(output):
         return CheckResult(name, Status.WARN, f"unknown, CRIU could not check: {why}", UNCHECKED_FIX)
     soft_dirty = output is not None and output.rc == 0
-    method = criu_version.precopy_method({"mem_track": soft_dirty})
+    method = criu_version.precopy_method(soft_dirty, Runc.pre_dumps)
     if soft_dirty:
-        return CheckResult(name, Status.PASS, f"soft-dirty tracking works; pre-copy: {method}", value=method)
+        how = "CRIU's iterative pre-dump" if method == PRECOPY_SOFT_DIRTY else f"forced by ${PRECOPY_ENV}"
+        return CheckResult(name, Status.PASS, f"soft-dirty tracking works; pre-copy: {method} ({how})", value=method)
     # CRIU says "Warn  (criu/cr-check.c:824): Dirty tracking is OFF. Memory snapshot will not work."
     why = re.sub(r"^\w+\s+\([^)]*\):\s*", "", output.first_line).split(".")[0] if output else ""
     return CheckResult(
         name,
         Status.WARN,
-        f"no soft-dirty tracking ({why}); pre-copy: {method}",
+        f"no soft-dirty tracking ({why}); pre-copy: {method} (live memory hashed each round)",
         "for CRIU's iterative pre-dump use a kernel with CONFIG_MEM_SOFT_DIRTY=y (most x86_64 cloud kernels)",
         method,
     )

@@ -111,4 +111,12 @@ def collect(host: str, runtimes: Mapping[str, Runtime], wg_interface: str) -> di
         "cpu_flags": cpu_flags(),
         "runtimes": list(runtimes),
         "modes": {name: list(runtime.modes) for name, runtime in runtimes.items()},
+        # `criu check --feature mem_dirty_track`, asked once per agent; with an engine that pre-dumps it
+        # makes pre-copy CRIU's iterative pre-dump ("soft-dirty"), else it is content-based ("content").
+        "soft_dirty": criu_version.soft_dirty(),
+        "precopy_method": {
+            name: criu_version.precopy_method(criu_version.soft_dirty(), runtime.pre_dumps)
+            for name, runtime in runtimes.items()
+            if "precopy" in runtime.modes
+        },
     }

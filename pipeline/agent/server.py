@@ -49,6 +49,7 @@ from skyferry.pipeline.agent import capacity, clone, dnat, facts
 from skyferry.pipeline.agent.host import Host, HostConfig
 from skyferry.pipeline.agent.source import Lane, SourceSession
 from skyferry.pipeline.agent.target import TargetSession
+from skyferry.pipeline.criu.version import PRECOPY_CONTENT
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi import faults
 from skyferry.pipeline.hostapi.client import AgentClient
@@ -171,7 +172,8 @@ class Agent:
         match op:
             case "precopy":
                 policy = ConvergencePolicy(**body.get("policy", {}))
-                return session.precopy(*self._lanes(session.mig, body["target"], session.name), policy)
+                lanes = self._lanes(session.mig, body["target"], session.name)
+                return session.precopy(*lanes, policy, body.get("method", "auto"))
             case "checkpoint":
                 return session.checkpoint(lazy=bool(body.get("lazy")))
             case "transfer":
@@ -187,7 +189,7 @@ class Agent:
             case "prepare":
                 session.prepare(ContainerSpec.from_dict(body["spec"]))
             case "precopy-reset":
-                session.precopy_reset()
+                session.precopy_reset(body.get("method", PRECOPY_CONTENT))
             case "hold":
                 return {"held": session.hold([base64.b64decode(p) for p in body["packets"]])}
             case "restore":

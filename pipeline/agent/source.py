@@ -28,6 +28,7 @@ from skyferry.pipeline import proctree
 from skyferry.pipeline.agent import netlock
 from skyferry.pipeline.agent.holdback import Holdback
 from skyferry.pipeline.agent.host import POSTCOPY_TIMEOUT, Host
+from skyferry.pipeline.criu import version as criu_version
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.files import wire
 from skyferry.pipeline.files.fsync import FsStats, FsTracker
@@ -35,6 +36,7 @@ from skyferry.pipeline.hostapi import faults
 from skyferry.pipeline.memory import hybrid
 from skyferry.pipeline.memory.policy import ConvergencePolicy
 from skyferry.pipeline.memory.precopy import SourceEngine
+from skyferry.pipeline.memory.predump import PredumpSource
 
 
 class Upload(Protocol):
@@ -58,7 +60,8 @@ class SourceSession:
     def __init__(self, host: Host, mig: str, name: str) -> None:
         self.host, self.mig, self.name = host, mig, name
         self.dir = host.mig_dir(mig)
-        self.engine: SourceEngine | None = None  # pre-copy memory rounds
+        self.engine: SourceEngine | None = None  # content-based pre-copy memory rounds
+        self.chain: PredumpSource | None = None  # soft-dirty pre-copy: CRIU pre-dumps
         self.tracker: FsTracker | None = None  # pre-copy file rounds
         self.lazy_dump: subprocess.Popen[bytes] | None = None  # post-copy: CRIU's page server
         self.freeze_scan: hybrid.FreezeScan | None = None  # hybrid: what the target holds, and more
@@ -69,28 +72,49 @@ class SourceSession:
         """This host's session of migration `mig`, made on first use."""
         return host.session(host.sources, cls, mig, name)
 
-    def precopy(self, mem: Lane, fs: Lane, policy: ConvergencePolicy) -> dict[str, Any]:
+    def precopy(self, mem: Lane, fs: Lane, policy: ConvergencePolicy, method: str = "auto") -> dict[str, Any]:
         """Rounds while the container runs, until the policy stops them: memory, then the files of its
-        rootfs and volumes. A repeated call starts afresh (the target resets its store)."""
-        mem.call("precopy-reset", {})
+        rootfs and volumes. A repeated call starts afresh (the target resets its store).
+
+        `method` "auto" takes CRIU's pre-dump where this kernel tracks soft-dirty pages and the engine can
+        pre-dump, else content-based rounds; "content" (hybrid, whose freeze scan needs the hashes) forces
+        the latter."""
         runtime = self.host.rt(self.name)
         state = runtime.state(self.name)
         if state is None or state["status"] != "running":
             raise SkyferryError(f"container {self.name!r} is not running on {self.host.cfg.name}")
-        engine = self.engine = SourceEngine(int(state["pid"]))
+        if method not in ("auto", criu_version.PRECOPY_CONTENT):
+            raise SkyferryError(f"unknown pre-copy method {method!r}", hint="auto or content")
+        if method == "auto":
+            method = criu_version.precopy_method(criu_version.soft_dirty(), runtime.pre_dumps)
+        mem.call("precopy-reset", {"method": method})
+        self.engine = self.chain = None
+        rounds: SourceEngine | PredumpSource
+        if method == criu_version.PRECOPY_SOFT_DIRTY:
+
+            def pre_dump(images: Path, parent: str | None) -> Path:
+                # One work dir per round (CRIU's log and stats-dump): host.wipe keeps work*/*.log.
+                work = self.dir / f"work-round{images.name}"
+                runtime.pre_dump(self.name, images, parent, work)
+                return work
+
+            rounds = self.chain = PredumpSource(self.dir / "rounds", pre_dump)
+        else:
+            rounds = self.engine = SourceEngine(int(state["pid"]))
         tracker = self.tracker = FsTracker(runtime.payload(self.name))
         _prewarm(self.dir / "images", proctree.tree_rss(int(state["pid"])))
         fs_rounds = []
         while True:
-            mem.upload("precopy-round", engine.round())
+            mem.upload("precopy-round", rounds.round())
             stats = FsStats()
             fs.upload("fs-round", tracker.round(stats))
             fs_rounds.append(stats.as_dict())
-            decision = policy.decide(engine.history)
+            decision = policy.decide(rounds.history)
             if decision.stop:
                 break
         return {
-            "rounds": [r.as_dict() for r in engine.history],
+            "method": method,
+            "rounds": [r.as_dict() for r in rounds.history],
             "fs_rounds": fs_rounds,
             "stop": decision.reason,
             "why": decision.detail,
@@ -117,6 +141,8 @@ class SourceSession:
         t_frozen = time.monotonic()
         wire.wipe(images)  # a retried checkpoint starts clean
         if lazy:
+            if self.chain is not None:  # a lazy dump cannot take a pre-dump parent: hybrid pre-copies by content
+                raise SkyferryError(f"migration {self.mig}: a lazy checkpoint after soft-dirty rounds")
             self._stop_lazy_dump()
             engine = self.engine
             with ThreadPoolExecutor(1) as pool:  # the scan reads memory while CRIU dumps the rest
@@ -126,7 +152,8 @@ class SourceSession:
                 if scan is not None:
                     self.freeze_scan = scan.result()
         else:
-            runtime.checkpoint(self.name, images, self.dir / "work")
+            parent = self.chain.parent_for(images) if self.chain else None
+            runtime.checkpoint(self.name, images, self.dir / "work", parent=parent)
         return {"pause_s": t_frozen - t0, "dump_s": time.monotonic() - t_frozen, "image_bytes": _du(images)}
 
     def transfer(self, mem: Lane, fs: Lane) -> dict[str, Any]:
@@ -190,9 +217,12 @@ class SourceSession:
         """The memory's final delta from the checkpoint, and the stream it goes to: the pages the target
         lacks ("precopy-final"), or after a lazy dump the clean map ("lazy-final"). None without
         pre-copy rounds: then everything travels."""
+        images = self.dir / "images"
+        if self.chain is not None:
+            delta = self.chain.final(images, self.dir / "work")
+            return "precopy-final", delta, delta.stats
         if self.engine is None:
             return None
-        images = self.dir / "images"
         if self.freeze_scan is not None:
             delta = hybrid.lazy_final(self.engine, images, self.freeze_scan)
             return "lazy-final", delta, delta.stats
@@ -261,7 +291,7 @@ class SourceSession:
         if self.holdback is not None:
             self.holdback.close()
             self.holdback = None
-        self.engine = self.tracker = self.freeze_scan = None
+        self.engine = self.chain = self.tracker = self.freeze_scan = None
         self.host.wipe(self.mig)
         if self.host.sources.get(self.mig) is self:
             del self.host.sources[self.mig]

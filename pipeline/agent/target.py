@@ -25,6 +25,7 @@ from skyferry.netplane import attach
 from skyferry.pipeline.agent import netlock
 from skyferry.pipeline.agent.holdback import Holdback
 from skyferry.pipeline.agent.host import POSTCOPY_TIMEOUT, Host
+from skyferry.pipeline.criu.version import PRECOPY_CONTENT, PRECOPY_SOFT_DIRTY
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.files import wire
 from skyferry.pipeline.files.applier import FsApplier
@@ -32,6 +33,7 @@ from skyferry.pipeline.hostapi.spec import ContainerSpec
 from skyferry.pipeline.memory import hybrid
 from skyferry.pipeline.memory.lazypages import Pager
 from skyferry.pipeline.memory.pages import HashTable
+from skyferry.pipeline.memory.predump import PredumpTarget
 from skyferry.pipeline.memory.store import TargetStore
 
 
@@ -40,6 +42,7 @@ class TargetSession:
         self.host, self.mig, self.name = host, mig, name
         self.dir = host.mig_dir(mig)
         self.store: TargetStore | None = None  # pre-copied pages (post-copy: the pages fetched)
+        self.chain: PredumpTarget | None = None  # soft-dirty pre-copy: the source's pre-dumps
         self.applier: FsApplier | None = None  # pre-copied files
         self.clean_map: dict[int, HashTable] = {}  # hybrid: the pages the store holds unchanged
         self.pager: Future[Pager] | None = None  # post-copy and hybrid: started during the transfer
@@ -65,12 +68,19 @@ class TargetSession:
         runtime.prepare(spec, self.host.netns_path(spec.name))
         self.dir.mkdir(parents=True, exist_ok=True)
 
-    def precopy_reset(self) -> None:
-        """A fresh store for a new pre-copy session (an earlier one for this migration is dropped)."""
+    def precopy_reset(self, method: str = PRECOPY_CONTENT) -> None:
+        """A fresh store (content-based) or chain of pre-dumps (soft-dirty) for a new pre-copy session (an
+        earlier one for this migration is dropped)."""
         payload = self.host.rt(self.name).payload(self.name)  # raises unless prepared
+        if method not in (PRECOPY_CONTENT, PRECOPY_SOFT_DIRTY):
+            raise SkyferryError(f"unknown pre-copy method {method!r}", hint="upgrade both agents")
         if self.store is not None:
             self.store.close()
-        self.store = TargetStore(self.dir / "store")
+        self.store = self.chain = None
+        if method == PRECOPY_SOFT_DIRTY:
+            self.chain = PredumpTarget(self.dir / "rounds")
+        else:
+            self.store = TargetStore(self.dir / "store")
         self.applier = FsApplier(payload)
 
     def hold(self, packets: list[bytes]) -> int:
@@ -94,12 +104,17 @@ class TargetSession:
         return {"bytes_wire": stats.bytes_wire, "sha256": stats.sha256}
 
     def precopy_round(self, body: BinaryIO) -> dict[str, Any]:
+        if self.chain is not None:
+            return self.chain.apply(_chunks(body)).as_dict()
         return self._the_store().apply(_chunks(body)).as_dict()
 
     def precopy_final(self, body: BinaryIO) -> dict[str, Any]:
-        """The final delta: builds the restorable image, whose `parent` is the store."""
+        """The final delta: builds the restorable image, whose `parent` is the store (content-based) or
+        the last pre-dump (soft-dirty)."""
         images = self.dir / "images"
         wire.wipe(images)
+        if self.chain is not None:
+            return self.chain.build_image(_chunks(body), images).as_dict()
         return self._the_store().build_image(_chunks(body), images).as_dict()
 
     def lazy_final(self, body: BinaryIO, page_server: str | None) -> dict[str, Any]:
@@ -200,7 +215,7 @@ class TargetSession:
         if self.holdback is not None:
             self.holdback.close()
             self.holdback = None
-        self.applier = None
+        self.applier = self.chain = None
         self.host.wipe(self.mig)
         if self.host.targets.get(self.mig) is self:
             del self.host.targets[self.mig]

@@ -40,6 +40,8 @@ def _print_report(report: dict[str, Any]) -> None:
         ["bytes on the wire", _size(report.get("bytes_wire"))],
         ["  inside the freeze", _size(report.get("bytes_at_freeze"))],
     ]
+    if report.get("precopy_method"):
+        rows.append(["  pre-copy method", report["precopy_method"]])
     for r in report.get("rounds", []):
         rows.append(
             [f"  round {r['seq']}", f"{r['pages_changed']} pages, {_size(r['bytes_out'])}, {r['duration']:.2f} s"]

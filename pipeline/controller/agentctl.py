@@ -26,6 +26,7 @@ from skyferry.pipeline.hostapi.client import AgentClient
 from skyferry.pipeline.hostapi.layout import AGENT_PORT, IMAGES_TMPFS
 
 PIDS = "agents.json"
+START_TIMEOUT_ENV = "SKYFERRY_AGENT_START_TIMEOUT"  # seconds to wait for a local agent (default 20)
 
 
 def controller_identity(state: Path, mesh: Mesh) -> pki.Identity:
@@ -122,8 +123,10 @@ def start_agents(mesh: Mesh, state: Path) -> None:
         wait_agent(state, mesh, host)
 
 
-def wait_agent(state: Path, mesh: Mesh, host: MeshHost, timeout: float = 20.0) -> None:
-    """Until `host`'s agent answers over the overlay."""
+def wait_agent(state: Path, mesh: Mesh, host: MeshHost, timeout: float | None = None) -> None:
+    """Until `host`'s agent answers over the overlay. An agent answers within a second or two; in a VM
+    under TCG (no nested KVM) it takes minutes."""
+    timeout = timeout or float(os.environ.get(START_TIMEOUT_ENV) or 20.0)
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:

@@ -32,11 +32,14 @@ from skyferry.pipeline.controller.stages import (
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi import faults
 
-# precopy: content-based memory rounds (works without soft-dirty); postcopy: CRIU lazy pages; hybrid:
-# rounds, then lazy pages for what changed since; stop-copy: the baseline.
+# precopy: memory rounds, CRIU pre-dumps where the source has soft-dirty tracking, else content-based;
+# postcopy: CRIU lazy pages; hybrid: content-based rounds, then lazy pages for what changed since;
+# stop-copy: the baseline.
 MODES = {"precopy": PRECOPY, "hybrid": HYBRID, "postcopy": POSTCOPY, "stop-copy": STOP_COPY}
 DEFAULT_MODE = "precopy"
 Progress = Callable[[str], None]
+# What the report keeps of each pre-copy round (frozen_ms: soft-dirty only, CRIU's freeze per pre-dump).
+ROUND_KEYS = ("seq", "duration", "pages_scanned", "pages_changed", "pages_zero", "bytes_out", "frozen_ms")
 
 
 def _quiet(_: str) -> None:
@@ -191,10 +194,7 @@ def _report(journal: Journal, mig: Migration) -> dict[str, Any]:
             detail[t["stage"]] = t["detail"] or {}
             stages[t["stage"]] = detail[t["stage"]].get("seconds", 0.0)
     transfer, precopy = detail.get("transfer", {}), detail.get("precopy", {})
-    rounds = [
-        {k: r[k] for k in ("seq", "duration", "pages_scanned", "pages_changed", "pages_zero", "bytes_out")}
-        for r in precopy.get("rounds", [])
-    ]
+    rounds = [{k: r.get(k, 0) for k in ROUND_KEYS} for r in precopy.get("rounds", [])]
     bytes_wire = None
     if "bytes_wire" in transfer:
         bytes_wire = transfer["bytes_wire"] + sum(r["bytes_out"] for r in rounds)
@@ -216,6 +216,8 @@ def _report(journal: Journal, mig: Migration) -> dict[str, Any]:
         "bytes_at_freeze": transfer.get("bytes_wire"),
         "rounds": rounds,
         "precopy_stop": precopy.get("stop"),
+        # "soft-dirty" (CRIU pre-dumps) or "content"; None without rounds. Older agents ran only content.
+        "precopy_method": precopy.get("method", "content") if precopy else None,
         "stages_s": stages,
         # post-copy and hybrid: the lazy phase after the restore (hybrid: pages from the store vs the source)
         "lazy": {k: v for k, v in detail.get("cleanup", {}).items() if k != "seconds"} or None,

@@ -130,11 +130,14 @@ class PreCopy:
     # A final delta this small costs ~10 ms at 1 Gbit/s: not worth another round.
     policy = {"max_delta_bytes": 1 << 20}
 
+    def __init__(self, method: str = "auto") -> None:
+        # "auto": the source picks soft-dirty (CRIU pre-dump) where it can, else content-based rounds.
+        self.method = method
+
     def run(self, ctx: Context) -> dict[str, Any]:
         target = ctx.mesh.host(ctx.target)
-        return ctx.mig_call(
-            ctx.src, "precopy", target={"address": target.overlay_ip, "port": AGENT_PORT}, policy=self.policy
-        )
+        address = {"address": target.overlay_ip, "port": AGENT_PORT}
+        return ctx.mig_call(ctx.src, "precopy", target=address, policy=self.policy, method=self.method)
 
     def undo(self, ctx: Context) -> None:
         # The rounds left an engine and a (pre-warmed) image directory on the source; Checkpoint's undo
@@ -263,7 +266,8 @@ PRECOPY: list[Stage] = [
 # pages the target holds unchanged; the target's lazy-pages daemon takes those from its store and only
 # the pages that changed since the last round from the source (pipeline/memory/hybrid.py).
 HYBRID: list[Stage] = [
-    Check(), Prepare(), PreCopy(), LazyCheckpoint(), Transfer(), Cutover(), LazyRestore(), Confirm(), Cleanup(),
+    Check(), Prepare(), PreCopy("content"), LazyCheckpoint(), Transfer(), Cutover(), LazyRestore(), Confirm(),
+    Cleanup(),
 ]  # fmt: skip
 POINT_OF_NO_RETURN = "restore"
 FREEZE_FROM, FREEZE_TO = "checkpoint", "restore"

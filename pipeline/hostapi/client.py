@@ -118,6 +118,11 @@ class AgentClient:
                     # An agent that refuses a stream part-way (a damaged frame) answers and hangs up while we
                     # are still sending: its answer, not our broken pipe, says what went wrong.
                     send_error = exc
+                except BaseException:
+                    # The body's producer failed part-way (a dump, a read): hang up, so that the agent sees a
+                    # truncated stream and lets go, instead of waiting on this kept-alive connection for more.
+                    self.close()
+                    raise
                 resp = conn.getresponse()
                 payload = resp.read()
             except (OSError, http.client.HTTPException) as exc:

@@ -30,7 +30,8 @@ class RoundStats:
     pages_parent: int = 0  # final only: pages the target already has, marked in-parent
     bytes_raw: int = 0  # uncompressed page data in the stream
     bytes_out: int = 0  # the whole stream as sent
-    bytes_files: int = 0  # final only: the non-page image files
+    bytes_files: int = 0  # final only: the non-page image files (soft-dirty: every image file, pages too)
+    frozen_ms: float = 0.0  # soft-dirty only: how long CRIU froze the tasks to collect this round's pages
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

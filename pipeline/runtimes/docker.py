@@ -35,6 +35,7 @@ TAR_XATTRS = ["--xattrs", "--xattrs-include=trusted.*", "--numeric-owner"]
 class Docker:
     name = "docker"
     modes = ("stop-copy",)  # see Runtime.modes
+    pre_dumps = False  # no pre-copy at all
 
     def __init__(self, state_root: Path, cgroup_prefix: str) -> None:
         self.home = state_root / "docker"

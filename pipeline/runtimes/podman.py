@@ -31,6 +31,7 @@ STATUS = {"running": "running", "paused": "paused", "created": "created"}  # any
 class Podman:
     name = "podman"
     modes = ("stop-copy",)  # see Runtime.modes
+    pre_dumps = False  # no pre-copy at all
 
     def __init__(self, state_root: Path, cgroup_prefix: str) -> None:
         self.home = state_root / "podman"

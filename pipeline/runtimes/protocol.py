@@ -23,6 +23,9 @@ class Runtime(Protocol):
     # memory and builds CRIU images beside the engine; only runc restores straight from such a directory,
     # so Podman and Docker (through their own CLIs) move by stop-copy. The first mode is the default.
     modes: tuple[str, ...]
+    # Whether pre-copy rounds may be CRIU pre-dumps (`pre_dump`, then `checkpoint(..., parent=)` on the
+    # last one) where the kernel tracks soft-dirty pages; reported in /v1/facts beside the modes.
+    pre_dumps: bool
 
     def owns(self, name: str) -> bool:
         """True if this engine on this host has a container `name` (running or not)."""
@@ -44,8 +47,14 @@ class Runtime(Protocol):
 
     def resume(self, name: str) -> None: ...
 
-    def checkpoint(self, name: str, images: Path, work: Path) -> None:
-        """Dump a paused container into `images`; it must stay paused (frozen) afterwards."""
+    def checkpoint(self, name: str, images: Path, work: Path, parent: str | None = None) -> None:
+        """Dump a paused container into `images`; it must stay paused (frozen) afterwards. `parent` (only
+        where `pre_dumps`): the last pre-dump, relative to `images`; unchanged pages stay there."""
+        ...
+
+    def pre_dump(self, name: str, images: Path, parent: str | None, work: Path) -> None:
+        """Only where `pre_dumps`: the running container's memory into `images` (it keeps running), only
+        the pages written since the pre-dump `parent` (relative to `images`) when one is given."""
         ...
 
     def payload(self, name: str) -> dict[str, Path]:

@@ -27,6 +27,7 @@ class Runc:
 
     name = "runc"
     modes = ("precopy", "hybrid", "postcopy", "stop-copy")  # see Runtime.modes
+    pre_dumps = True  # `runc checkpoint --pre-dump` (CRIU with --track-mem) where the kernel has soft-dirty
 
     def __init__(self, state_root: Path, cgroup_prefix: str) -> None:
         self.root = state_root / "runc"
@@ -139,13 +140,26 @@ class Runc:
         if self.state(name) is not None:
             self._runc("delete", "--force", name)
 
-    def checkpoint(self, name: str, images: Path, work: Path) -> None:
+    def checkpoint(self, name: str, images: Path, work: Path, parent: str | None = None) -> None:
         """Dump a paused container and leave it paused: the source stays frozen, not killed,
-        until the target confirms. CRIU restores the freezer state it found (FROZEN)."""
+        until the target confirms. CRIU restores the freezer state it found (FROZEN). With `parent` (a
+        pre-dump, relative to `images`), runc asks CRIU to track memory, and the pages not written since
+        that pre-dump are only marked as in the parent."""
         images.mkdir(parents=True, exist_ok=True)
         work.mkdir(parents=True, exist_ok=True)
         args = ["checkpoint", "--leave-running", "--tcp-established", "--file-locks"]
         args += ["--image-path", str(images), "--work-path", str(work)]
+        args += ["--parent-path", parent] if parent else []
+        self._runc(*args, name, criu_log=work / "dump.log")
+
+    def pre_dump(self, name: str, images: Path, parent: str | None, work: Path) -> None:
+        """CRIU pre-dump of the running container: its memory only, the tasks frozen just long enough to
+        collect the pages into pipes, then resumed while CRIU writes them. runc refuses ("CRIU is missing
+        features") where the kernel has no soft-dirty tracking."""
+        images.mkdir(parents=True, exist_ok=True)
+        work.mkdir(parents=True, exist_ok=True)
+        args = ["checkpoint", "--pre-dump", "--image-path", str(images), "--work-path", str(work)]
+        args += ["--parent-path", parent] if parent else []
         self._runc(*args, name, criu_log=work / "dump.log")
 
     def checkpoint_lazy(self, name: str, images: Path, work: Path, page_server: str) -> subprocess.Popen[bytes]:

@@ -70,6 +70,7 @@ class CounterClient:
     ip: str
     workdir: Path
     interval: float = 0.05
+    timeout: float = 60.0  # the longest wait for one answer before the client gives up
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -80,14 +81,14 @@ class CounterClient:
     def stop_file(self) -> Path:
         return self.workdir / f"client-{self.ip}.stop"
 
-    def start(self) -> "CounterClient":
+    def start(self, timeout: float = 15.0) -> "CounterClient":
         self.stop_file.unlink(missing_ok=True)
         self.out.unlink(missing_ok=True)
         argv = [PYTHON, workload_counter.__file__, "client", self.ip, str(PORT), "--interval", str(self.interval),
-                "--out", str(self.out), "--stop-file", str(self.stop_file)]  # fmt: skip
+                "--out", str(self.out), "--stop-file", str(self.stop_file), "--timeout", str(self.timeout)]  # fmt: skip
         self.progress_file.unlink(missing_ok=True)
         self.proc = subprocess.Popen(netns.command(self.host_netns, argv), stdin=subprocess.DEVNULL, close_fds=True)
-        self.wait_for(1)
+        self.wait_for(1, timeout)
         return self
 
     @property

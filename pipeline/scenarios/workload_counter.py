@@ -91,12 +91,16 @@ def _serve_one(conn: socket.socket, memory: HeldMemory | None) -> None:
             f.flush()
 
 
-def client(host: str, port: int, interval: float, out: str, stop_file: str | None, duration: float) -> None:
-    """Send SEQ every `interval` on one connection; the largest gap is the longest wait for an answer."""
+def client(
+    host: str, port: int, interval: float, out: str, stop_file: str | None, duration: float, timeout: float = 60
+) -> None:
+    """Send SEQ every `interval` on one connection; the largest gap is the longest wait for an answer, and
+    one longer than `timeout` seconds ends the client (a VM under TCG freezes for minutes)."""
     result = {"requests": 0, "max_gap_ms": 0.0, "errors": [], "survived": True, "gaps_over_200ms": []}
     start = time.monotonic()
     try:
         conn = _connect(host, port, deadline=time.monotonic() + 20)
+        conn.settimeout(timeout)
         f = conn.makefile("rwb")
         seq = 0
         while time.monotonic() - start < duration and not (stop_file and os.path.exists(stop_file)):
@@ -166,6 +170,7 @@ def main() -> int:
     c.add_argument("--out", required=True)
     c.add_argument("--stop-file")
     c.add_argument("--duration", type=float, default=3600)
+    c.add_argument("--timeout", type=float, default=60)
     k = sub.add_parser("check")
     k.add_argument("host")
     k.add_argument("port", type=int)
@@ -175,7 +180,7 @@ def main() -> int:
     elif args.cmd == "check":
         return check(args.host, args.port)
     else:
-        client(args.host, args.port, args.interval, args.out, args.stop_file, args.duration)
+        client(args.host, args.port, args.interval, args.out, args.stop_file, args.duration, args.timeout)
     return 0
 
 

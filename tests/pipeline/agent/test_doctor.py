@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from skyferry.pipeline.agent import doctor
 from skyferry.pipeline.agent.doctor import Output, Status
-from skyferry.pipeline.criu.version import PRECOPY_CONTENT, PRECOPY_CRIU
+from skyferry.pipeline.criu.version import PRECOPY_CONTENT, PRECOPY_SOFT_DIRTY
 
 # Not imported from conftest.py: with several conftest.py files that module name is ambiguous.
 NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -72,7 +72,7 @@ def test_precopy_method_follows_soft_dirty() -> None:
     assert "CONFIG_MEM_SOFT_DIRTY" in here.fix
     # `criu check --feature X` prints "X is supported" when it is, as for uffd-noncoop above.
     cloud = doctor.precopy_result(Output(0, "mem_dirty_track is supported"))
-    assert (cloud.status, cloud.value) == (Status.PASS, PRECOPY_CRIU)
+    assert (cloud.status, cloud.value) == (Status.PASS, PRECOPY_SOFT_DIRTY)
     # When CRIU cannot look, doctor must not claim a method.
     for unknown in (Output(1, CRIU_AS_NOBODY), Output(1, CRIU_317_CHECK), None):
         result = doctor.precopy_result(unknown)
@@ -162,7 +162,7 @@ def test_doctor_tells_the_truth_about_this_machine() -> None:
 
     config = kernel_config()
     soft_dirty = re.search(r"^CONFIG_MEM_SOFT_DIRTY=y$", config, re.M) is not None
-    assert report["precopy_method"] == (PRECOPY_CRIU if soft_dirty else PRECOPY_CONTENT)
+    assert report["precopy_method"] == (PRECOPY_SOFT_DIRTY if soft_dirty else PRECOPY_CONTENT)
     assert checks["pre-copy (soft-dirty)"]["value"] == report["precopy_method"]
 
     uffd = re.search(r"^CONFIG_USERFAULTFD=y$", config, re.M) is not None
