@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from skyferry.pipeline.criu import version as criu_version
 from skyferry.pipeline.criu.version import PRECOPY_ENV, PRECOPY_SOFT_DIRTY
@@ -376,3 +377,10 @@ def run_checks() -> list[CheckResult]:
 
 def failed(results: Sequence[CheckResult]) -> bool:
     return any(r.status is Status.FAIL for r in results)
+
+
+def report() -> dict[str, Any]:
+    """Every check of this host, as `skyferry doctor --json` prints it (and GET /v1/doctor answers)."""
+    results = run_checks()
+    precopy = next((r.value for r in results if r.name.startswith("pre-copy")), None)
+    return {"ok": not failed(results), "precopy_method": precopy, "checks": [r.as_dict() for r in results]}

@@ -14,6 +14,7 @@ Routes (JSON in, JSON out; errors are {"error", "hint"} with 4xx/5xx):
   GET    /v1/containers/NAME/logs           raw log bytes
   DELETE /v1/containers/NAME                stop and remove
   POST   /v1/containers/NAME/route          {"present": bool}: this host's /32 route to the container
+  GET    /v1/doctor                         every `skyferry doctor` check, run on this host
   PUT    /v1/mesh/peers                     {"peers", "remove"}: this host's WireGuard peers (routes.PeerUpdate)
   POST   /v1/containers/NAME/ingress        {"ports": ["80", "443=8443/tcp", …]}: DNAT exactly these ports of
                                             this host's addresses to the container here (pipeline/agent/dnat.py)
@@ -45,7 +46,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from skyferry.netplane import routes
-from skyferry.pipeline.agent import capacity, clone, dnat, facts
+from skyferry.pipeline.agent import capacity, clone, dnat, doctor, facts
 from skyferry.pipeline.agent.host import Host, HostConfig
 from skyferry.pipeline.agent.source import Lane, SourceSession
 from skyferry.pipeline.agent.target import TargetSession
@@ -122,6 +123,8 @@ class Agent:
                 return {"image": base64.b64encode(image).decode() if image else None}
             case "POST", ["cpuinfo", "check"]:
                 return facts.cpuinfo_check(body["image"])
+            case "GET", ["doctor"]:
+                return doctor.report()
             case "GET", ["capacity"]:
                 return capacity.collect(host)
             case "GET", ["containers"]:

@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from skyferry.pipeline.controller import migration
+from skyferry.pipeline.controller import agentctl, migration, provision
 from skyferry.pipeline.controller.state import state_dir
 from skyferry.pipeline.scenarios import demo as scenario
 
 from . import output
 from .app import app
+from .hosts import progress_on_stderr
 from .migrate import _print_report
 
 
@@ -25,6 +26,9 @@ def _say(quiet: bool, text: str) -> None:
 def demo(
     keep: bool = typer.Option(False, "--keep", help="Leave the hosts and the container running to explore."),
     wan: str = typer.Option("rate=1gbit,rtt=30ms", "--wan", help="Emulated WAN between the hosts."),
+    vm: bool = typer.Option(
+        False, "--vm", help="Move the service between two QEMU VMs with their own kernels (minutes under TCG)."
+    ),
     json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP),
 ) -> None:
     """Bring up 3 local hosts on an emulated WAN, run a TCP counter service on local-1, keep a client on
@@ -32,8 +36,11 @@ def demo(
 
     Everything runs in network namespaces on this machine and is torn down at the end (unless --keep;
     then `skyferry demo --keep` prints how to point the CLI at it, and a later `skyferry demo` replaces it).
+
+    With --vm the service moves from vm-1 to vm-2, two VMs booted from a Debian 12 image (built on first
+    use, which takes minutes) that join the mesh as a cloud host would; the client runs on local-1.
     """
-    state = state_dir() / "demo"
+    state = state_dir() / ("demo-vm" if vm else "demo")
     state.mkdir(mode=0o700, exist_ok=True)
     os.environ["SKYFERRY_STATE"] = str(state)  # the agents and any `skyferry` run from here use the demo's state
     quiet = json_out
@@ -45,22 +52,36 @@ def demo(
     try:
         with tempfile.TemporaryDirectory(prefix="skyferry-demo-") as tmp:
             workdir = Path(tmp)
-            _say(quiet, f"bringing up local-1, local-2, local-3 with WAN {wan}")
+            source, target, client_host = ("vm-1", "vm-2", "local-1") if vm else ("local-1", "local-2", "local-3")
             t0 = time.monotonic()
-            mesh = scenario.mesh_up(state, 3, wan)
+            if vm:
+                _say(quiet, f"bringing up local-1 with WAN {wan}, then vm-1 and vm-2 (they boot and join)")
+                mesh = scenario.mesh_up(state, 1, wan)
+                progress_on_stderr()
+                provision.provision(state, "vm", 2, timeout=3600, join_timeout=3600)
+            else:
+                _say(quiet, f"bringing up local-1, local-2, local-3 with WAN {wan}")
+                mesh = scenario.mesh_up(state, 3, wan)
             _say(quiet, f"mesh {mesh.name} up with agents in {time.monotonic() - t0:.1f} s")
-            info = scenario.start_counter(state, "local-1", "counter", workdir)
-            _say(quiet, f"counter service running on local-1 at {info['ip']}:{scenario.PORT}")
-            assert mesh.hosts["local-3"].netns is not None
-            client = scenario.CounterClient(mesh.hosts["local-3"].netns, info["ip"], workdir).start()
-            _say(quiet, "client on local-3 holds one connection and sends a request every 50 ms")
+            info = scenario.start_counter(state, source, "counter", workdir)
+            _say(quiet, f"counter service running on {source} at {info['ip']}:{scenario.PORT}")
+            client_netns = mesh.hosts[client_host].netns
+            assert client_netns is not None
+            client = scenario.CounterClient(client_netns, info["ip"], workdir).start()
+            _say(quiet, f"client on {client_host} holds one connection and sends a request every 50 ms")
             time.sleep(1.0)
-            _say(quiet, "migrating counter: local-1 -> local-2")
-            report = migration.migrate(state, "counter", "local-2")
+            _say(quiet, f"migrating counter: {source} -> {target}")
+            facts = {h: agentctl.client(state, mesh, h).call("GET", "/v1/facts") for h in (source, target)}
+            report = migration.migrate(state, "counter", target)
             time.sleep(1.5)
             seen = client.stop()
             client = None
             result = {"migration": report, "client": seen}
+            if vm:
+                result |= {
+                    "source_kernel": facts[source]["kernel"], "target_kernel": facts[target]["kernel"],
+                    "wireguard": facts[target]["wireguard"], "precopy_method": report.get("precopy_method"),
+                }  # fmt: skip
     finally:
         if client is not None:
             client.stop()
@@ -73,7 +94,7 @@ def demo(
         seen = result["client"]
         verdict = "yes, nothing lost or repeated" if seen["survived"] else f"NO: {seen['errors']}"
         output.console.print(
-            f"client on local-3: {seen['requests']} requests on one connection, largest gap "
+            f"client on {'local-1' if vm else 'local-3'}: {seen['requests']} requests on one connection, largest gap "
             f"{seen['max_gap_ms']} ms (freeze {result['migration']['freeze_ms']} ms); connection survived: {verdict}",
             highlight=False,
         )

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import platform
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,12 @@ app.add_typer(hosts_app, name="hosts")
 
 def _rows(mesh: Mesh) -> list[dict[str, Any]]:
     """Every member, then every recorded VM not (yet) in the mesh; VMs carry their accelerator."""
+    from skyferry.pipeline.controller import enrol
+
     relays = mesh.wan.relay_ports if mesh.wan and mesh.wan.relay_address else {}
     vms = {r.name: r for r in vm.records(mesh.state or state_dir())}
+    joined = enrol.reported(mesh.state or state_dir())
+    here = {"kernel": platform.release(), "wireguard": mesh.backend}  # members on this machine
     rows = []
     for m in mesh.members:
         rec = vms.pop(m.name, None)
@@ -50,6 +55,7 @@ def _rows(mesh: Mesh) -> list[dict[str, Any]]:
                 "provider": m.provider,
                 "up": rec.alive() if rec else bool(m.netns and netns.exists(m.netns)),
                 "via_relay": any(m.name in pair.split(",") for pair in relays),
+                **(joined.get(m.name) or (here if m.netns or m is mesh.controller else {})),
                 **(_vm_fields(rec) if rec else {}),
             }
         )
@@ -99,7 +105,7 @@ def _summary(mesh: Mesh) -> dict[str, Any]:
 
 def _print(mesh: Mesh, title: str) -> None:
     wan = f", WAN rate={mesh.wan.rate or '-'} rtt={mesh.wan.rtt or '-'}" if mesh.wan else ""
-    cols = ["name", "role", "provider", "overlay_ip", "endpoint", "interface", "netns", "accelerator", "up"]
+    cols = ["name", "role", "provider", "overlay_ip", "endpoint", "kernel", "wireguard", "accelerator", "up"]
     output.print_table(
         f"{title} {mesh.name} ({mesh.cidr}, {mesh.backend}, mtu {mesh.mtu}{wan})",
         cols,
@@ -168,7 +174,7 @@ def _up_vms(
     provisioning path as AWS and GCP (controller/provision.py)."""
     from skyferry.pipeline.controller import provision as provisioning
 
-    _progress_on_stderr()
+    progress_on_stderr()
     state = state_dir()
     vm.parse_size(size)  # a bad size fails before anything is made
     wan_spec = WanSpec.parse(wan) if wan else None
@@ -200,7 +206,7 @@ def _up_vms(
         _print(mesh, f"VMs {', '.join(created) or 'already up'} in mesh")
 
 
-def _progress_on_stderr() -> None:
+def progress_on_stderr() -> None:
     """Long waits (image build, boot) log progress lines; show them on stderr, outside --json's stdout."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("> %(message)s"))

@@ -26,6 +26,9 @@ CREATE TABLE IF NOT EXISTS join_tokens (
   id TEXT PRIMARY KEY, secret_sha256 TEXT NOT NULL, host TEXT NOT NULL, provider TEXT NOT NULL,
   created REAL NOT NULL, expires REAL NOT NULL, used REAL
 );
+CREATE TABLE IF NOT EXISTS joins (
+  host TEXT PRIMARY KEY, kernel TEXT NOT NULL, wireguard TEXT NOT NULL, at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS exit_progress (
   plan TEXT NOT NULL, step TEXT NOT NULL, status TEXT NOT NULL, detail TEXT, updated REAL NOT NULL,
   PRIMARY KEY (plan, step)

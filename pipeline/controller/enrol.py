@@ -10,8 +10,9 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -23,7 +24,7 @@ from skyferry.netplane.errors import NetplaneError
 from skyferry.netplane.ipam import Ipam
 from skyferry.netplane.mesh import Mesh, MeshHost
 from skyferry.netplane.netns import in_netns
-from skyferry.pipeline.controller import agentctl, dist, tokens
+from skyferry.pipeline.controller import agentctl, db, dist, tokens
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi import pki
 from skyferry.pipeline.hostapi.enrolment import JOIN_PORT, JoinAnswer, JoinRequest
@@ -70,6 +71,11 @@ class Enrolment:
         except NetplaneError as exc:  # the new host still reaches the controller; `mesh sync` repairs
             log.warning("host %s joined, but not every member learnt it: %s", req.name, exc)
         log.info("host %s joined mesh %s as %s (%s, WireGuard %s)", req.name, mesh.name, ip, req.kernel, req.wireguard)
+        with closing(db.connect(self.state)) as conn:  # what the host said of itself, for `hosts ls`
+            conn.execute(
+                "INSERT OR REPLACE INTO joins (host, kernel, wireguard, at) VALUES (?,?,?,?)",
+                (req.name, req.kernel, req.wireguard, time.time()),
+            )
         with self.changed:
             self.joined[req.name] = member
             self.changed.notify_all()
@@ -93,6 +99,14 @@ class Enrolment:
                     )
                 self.changed.wait(5.0)
                 waited += 5.0
+
+
+def reported(state: Path) -> dict[str, dict[str, str]]:
+    """What each joined host said of itself when it joined: {"kernel", "wireguard"} by host name."""
+    with closing(db.connect(state)) as conn:
+        return {
+            r["host"]: {"kernel": r["kernel"], "wireguard": r["wireguard"]} for r in conn.execute("SELECT * FROM joins")
+        }
 
 
 def address(mesh: Mesh) -> str:

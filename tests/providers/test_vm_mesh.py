@@ -67,6 +67,15 @@ def test_vms_joined_with_their_own_keys_over_kernel_wireguard(vms: Session, cont
         assert b"PRIVATE KEY" not in seed.read_bytes() and b"PrivateKey" not in seed.read_bytes()
 
 
+def test_doctor_and_ls_say_what_each_vm_uses(vms: Session, controller: Path) -> None:
+    report = vms.json("doctor", "--host", "vm-1", timeout=900)  # through vm-1's own agent
+    assert report["precopy_method"] == "soft-dirty", report
+    rows = {r["name"]: r for r in vms.json("hosts", "ls")["hosts"]}
+    for name in ("vm-1", "vm-2"):
+        assert rows[name]["wireguard"] == "kernel" and rows[name]["kernel"].startswith("6.1."), rows[name]
+    assert rows["local-1"]["wireguard"] == Mesh.load(vms.state).backend
+
+
 def test_live_migration_vm_to_vm_keeps_the_connection(vms: Session, controller: Path) -> None:
     info = scenario.start_counter(vms.state, "vm-1", "vmcounter", controller)
     client = _client(vms.state, info["ip"], controller)
@@ -78,6 +87,7 @@ def test_live_migration_vm_to_vm_keeps_the_connection(vms: Session, controller: 
         seen = client.stop()
     print(f"vm-1 -> vm-2: freeze {report['freeze_ms']} ms, stages {report['stages_s']}, client {seen}")
     assert report["state"] == "done" and report["source"] == "vm-1" and report["target"] == "vm-2"
+    assert report["precopy_method"] == "soft-dirty"  # CRIU's own pre-dump: the VMs' kernel tracks dirty pages
     assert seen["survived"] and not seen["errors"], seen
     assert Registry(vms.state).get("vmcounter").host == "vm-2"
     assert [c["state"] for c in _live(vms.state, "vm-2", "vmcounter")] == ["running"]
