@@ -46,6 +46,14 @@ class PeerUpdate(BaseModel):
 Push = Callable[[MeshHost, PeerUpdate], None]
 
 
+class PushFailed(NetplaneError):
+    """Some members did not get their peer list (the others did)."""
+
+    def __init__(self, message: str, members: list[str], hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.members = members
+
+
 def configure(netns: str | None, interface: str, update: PeerUpdate) -> None:
     """Apply `update` to WireGuard interface `interface` of this machine (in `netns`): one `wg set`."""
     args = [a for p in update.peers for a in p.args()]
@@ -108,9 +116,10 @@ def _all(members: list[MeshHost], fn: Callable[[MeshHost], None]) -> None:
     failed = {name: f.exception() for name, f in futures.items() if f.exception() is not None}
     if failed:
         name, exc = next(iter(failed.items()))
-        raise NetplaneError(
+        raise PushFailed(
             f"could not update the WireGuard peers of {', '.join(failed)}: {name}: {exc}",
-            hint="check that the member's agent runs (skyferry hosts ls), then retry",
+            sorted(failed),
+            hint="check that the member's agent runs (skyferry hosts ls); skyferry mesh sync repairs it",
         )
 
 
@@ -155,10 +164,23 @@ def _check(mesh: Mesh, ip: str) -> str:
 
 
 def publish(mesh: Mesh, ip: str, host: str, push: Push) -> None:
-    """Route `ip`/32 to `host` on every member (and off its previous home), and record it as its home."""
+    """Route `ip`/32 to `host` on every member (and off its previous home), and record it as its home.
+
+    A member that cannot be reached does not stop the others, nor the record: it raises PushFailed
+    afterwards, naming it (its list is stale until `mesh sync`)."""
     ip = _check(mesh, ip)
     mesh.host(host)
-    mesh.set_home(ip, host, then=lambda previous: apply(mesh, push, {host} | ({previous} if previous else set())))
+    failed: list[PushFailed] = []
+
+    def push_all(previous: str | None) -> None:
+        try:
+            apply(mesh, push, {host} | ({previous} if previous else set()))
+        except PushFailed as exc:
+            failed.append(exc)
+
+    mesh.set_home(ip, host, then=push_all)
+    if failed:
+        raise failed[0]
 
 
 def withdraw(mesh: Mesh, ip: str, push: Push) -> None:

@@ -31,6 +31,7 @@ from skyferry.pipeline.controller.stages import (
 )
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi import faults
+from skyferry.pipeline.hostapi.client import AgentUnreachable
 
 # precopy: memory rounds, CRIU pre-dumps where the source has soft-dirty tracking, else content-based;
 # postcopy: CRIU lazy pages; hybrid: content-based rounds, then lazy pages for what changed since;
@@ -155,6 +156,7 @@ def _drive(ctx: Context, journal: Journal, stages: list[Stage], progress: Progre
 
 def _undo(ctx: Context, journal: Journal, stages: list[Stage], progress: Progress, cause: str | None = None) -> None:
     statuses = journal.stage_status(ctx.mig_id)
+    lost: list[str] = []
     for stage in reversed(stages):
         if statuses.get(stage.name) not in ("started", "done", "failed", "undoing"):
             continue
@@ -162,20 +164,34 @@ def _undo(ctx: Context, journal: Journal, stages: list[Stage], progress: Progres
         journal.transition(ctx.mig_id, stage.name, "undoing")
         try:
             stage.undo(ctx)
+        except AgentUnreachable as exc:
+            if exc.host != ctx.target or "restore" in statuses:
+                raise _stopped(ctx, journal, stage, exc, cause) from exc
+            # The target is gone before it ever ran a copy: there is nothing of the container to undo
+            # there, and the source's own undo steps (thaw, unlock) must still run.
+            journal.transition(ctx.mig_id, stage.name, "undo-skipped", {"error": str(exc)})
+            lost.append(stage.name)
+            continue
         except ForwardOnly as exc:
             # Nothing was undone: the migration stays resumable, and resume finishes it.
             journal.transition(ctx.mig_id, stage.name, "undo-refused", {"error": str(exc)})
             journal.finish(ctx.mig_id, "running", error=str(exc))
             raise
         except Exception as exc:
-            error = f"rollback stopped at {stage.name}: {exc}" + (f" (after {cause})" if cause else "")
-            journal.finish(ctx.mig_id, "failed", error=error)
-            raise SkyferryError(
-                f"migration {ctx.mig_id}: {error}",
-                hint=f"the container stays frozen until this succeeds: skyferry migrations rollback {ctx.mig_id}",
-            ) from exc
+            raise _stopped(ctx, journal, stage, exc, cause) from exc
         journal.transition(ctx.mig_id, stage.name, "undone")
+    if lost:
+        cause = f"{cause or 'failed'}; {ctx.target} was unreachable, its {', '.join(lost)} left undone"
     journal.finish(ctx.mig_id, "rolled-back", error=cause)
+
+
+def _stopped(ctx: Context, journal: Journal, stage: Stage, exc: Exception, cause: str | None) -> SkyferryError:
+    error = f"rollback stopped at {stage.name}: {exc}" + (f" (after {cause})" if cause else "")
+    journal.finish(ctx.mig_id, "failed", error=error)
+    return SkyferryError(
+        f"migration {ctx.mig_id}: {error}",
+        hint=f"the container stays frozen until this succeeds: skyferry migrations rollback {ctx.mig_id}",
+    )
 
 
 def _report(journal: Journal, mig: Migration) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller.registry import Entry
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi import compat
-from skyferry.pipeline.hostapi.client import AgentClient
+from skyferry.pipeline.hostapi.client import AgentClient, AgentUnreachable
 from skyferry.pipeline.hostapi.layout import AGENT_PORT, page_server
 
 
@@ -209,7 +209,13 @@ class Cutover:
         return {"ip": ctx.entry.ip}
 
     def undo(self, ctx: Context) -> None:
-        routes.publish(ctx.mesh, ctx.entry.ip, ctx.source, ctx.push)
+        try:
+            routes.publish(ctx.mesh, ctx.entry.ip, ctx.source, ctx.push)
+        except routes.PushFailed as exc:
+            if exc.members != [ctx.target]:
+                raise
+            # Everyone else routes to the source again; a lost target keeps nothing that matters.
+            raise AgentUnreachable(str(exc), host=ctx.target) from exc
         ctx.dst.call("POST", f"/v1/containers/{ctx.entry.name}/route", {"present": False})
 
 

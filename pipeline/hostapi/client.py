@@ -46,7 +46,9 @@ class _Connection(http.client.HTTPSConnection):
 
 
 class AgentUnreachable(SkyferryError):
-    pass
+    def __init__(self, message: str, hint: str | None = None, host: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.host = host  # the agent's label (its host's name)
 
 
 def _transient(exc: BaseException) -> bool:
@@ -128,7 +130,9 @@ class AgentClient:
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
                 lost = send_error or exc
-                raise AgentUnreachable(f"agent {self.label}: connection lost during {method} {path}: {lost}") from lost
+                raise AgentUnreachable(
+                    f"agent {self.label}: connection lost during {method} {path}: {lost}", host=self.label
+                ) from lost
             if resp.will_close or send_error is not None:
                 self.close()
         if resp.getheader("Content-Type") == "application/octet-stream":
@@ -155,9 +159,12 @@ class AgentClient:
         try:
             return attempt()
         except ssl.SSLError as exc:
-            raise AgentUnreachable(f"agent {self.label} refused our certificate or we refused its: {exc}") from exc
+            raise AgentUnreachable(
+                f"agent {self.label} refused our certificate or we refused its: {exc}", host=self.label
+            ) from exc
         except OSError as exc:
             raise AgentUnreachable(
                 f"agent {self.label} ({self.address}:{self.port}) is unreachable: {exc}",
                 hint="is the host up? `skyferry hosts ls`; the agent log is in the host's state root",
+                host=self.label,
             ) from exc

@@ -16,8 +16,12 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from skyferry.netplane.mesh import Mesh
+from skyferry.pipeline.controller import agentctl
+from skyferry.pipeline.scenarios import demo as scenario
 from skyferry.providers import vm
 
 SKYFERRY = str(Path(sys.executable).parent / "skyferry")
@@ -67,3 +71,14 @@ def vm_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
     finally:
         s.cli("hosts", "down", timeout=300)
         shutil.rmtree(state, ignore_errors=True)
+
+
+def containers_on(state: Path, host: str, name: str) -> list[dict[str, Any]]:
+    mesh = Mesh.load(state)
+    return [c for c in agentctl.client(state, mesh, host).call("GET", "/v1/containers") if c["name"] == name]
+
+
+def counter_client(state: Path, ip: str, workdir: Path) -> scenario.CounterClient:
+    netns = Mesh.load(state).host("local-1").netns
+    assert netns is not None
+    return scenario.CounterClient(netns, ip, workdir).start()

@@ -3,19 +3,14 @@ joined through provision's token path, and a namespace host on this machine's ke
 WAN (the shared session of kit/vms.py). The client always runs on the namespace host, local-1.
 """
 
-import os
-import signal
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from kit.vms import Session, vm_integration
+from kit.vms import Session, containers_on, counter_client, vm_integration
 from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller import agentctl, containers, migration
-from skyferry.pipeline.controller.journal import Journal
 from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.scenarios import demo as scenario
@@ -34,17 +29,6 @@ def controller(vms: Session, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
 def _facts(state: Path, host: str) -> dict[str, Any]:
     mesh = Mesh.load(state)
     return agentctl.client(state, mesh, host).call("GET", "/v1/facts")  # type: ignore[no-any-return]
-
-
-def _live(state: Path, host: str, name: str) -> list[dict[str, Any]]:
-    mesh = Mesh.load(state)
-    return [c for c in agentctl.client(state, mesh, host).call("GET", "/v1/containers") if c["name"] == name]
-
-
-def _client(state: Path, ip: str, workdir: Path) -> scenario.CounterClient:
-    netns = Mesh.load(state).host("local-1").netns
-    assert netns is not None
-    return scenario.CounterClient(netns, ip, workdir).start()
 
 
 def test_vms_joined_with_their_own_keys_over_kernel_wireguard(vms: Session, controller: Path) -> None:
@@ -78,7 +62,7 @@ def test_doctor_and_ls_say_what_each_vm_uses(vms: Session, controller: Path) -> 
 
 def test_live_migration_vm_to_vm_keeps_the_connection(vms: Session, controller: Path) -> None:
     info = scenario.start_counter(vms.state, "vm-1", "vmcounter", controller)
-    client = _client(vms.state, info["ip"], controller)
+    client = counter_client(vms.state, info["ip"], controller)
     try:
         client.wait_for(client.progress() + 5, timeout=60)
         report = migration.migrate(vms.state, "vmcounter", "vm-2")
@@ -90,8 +74,8 @@ def test_live_migration_vm_to_vm_keeps_the_connection(vms: Session, controller: 
     assert report["precopy_method"] == "soft-dirty"  # CRIU's own pre-dump: the VMs' kernel tracks dirty pages
     assert seen["survived"] and not seen["errors"], seen
     assert Registry(vms.state).get("vmcounter").host == "vm-2"
-    assert [c["state"] for c in _live(vms.state, "vm-2", "vmcounter")] == ["running"]
-    assert _live(vms.state, "vm-1", "vmcounter") == []
+    assert [c["state"] for c in containers_on(vms.state, "vm-2", "vmcounter")] == ["running"]
+    assert containers_on(vms.state, "vm-1", "vmcounter") == []
     containers.remove(vms.state, "vmcounter")
 
 
@@ -101,7 +85,7 @@ def test_namespace_host_and_vm(vms: Session, controller: Path, source: str, targ
     the connection kept, or the check refuses it before any freeze, with the container untouched."""
     name = f"x{source[0]}{target[0]}"
     info = scenario.start_counter(vms.state, source, name, controller)
-    client = _client(vms.state, info["ip"], controller)
+    client = counter_client(vms.state, info["ip"], controller)
     try:
         client.wait_for(client.progress() + 3, timeout=60)
         try:
@@ -116,49 +100,9 @@ def test_namespace_host_and_vm(vms: Session, controller: Path, source: str, targ
     if report["state"] == "refused":
         assert "failed at check" in report["error"], report
         assert Registry(vms.state).get(name).host == source
-        assert [c["state"] for c in _live(vms.state, source, name)] == ["running"]
+        assert [c["state"] for c in containers_on(vms.state, source, name)] == ["running"]
     else:
         assert report["state"] == "done"
         assert Registry(vms.state).get(name).host == target
-    assert len(_live(vms.state, source, name)) + len(_live(vms.state, target, name)) == 1
+    assert len(containers_on(vms.state, source, name)) + len(containers_on(vms.state, target, name)) == 1
     containers.remove(vms.state, name)
-
-
-def test_zz_a_lost_target_vm_leaves_the_container_running_once(vms: Session, controller: Path) -> None:
-    """kill -9 of the target's QEMU while the source is checkpointing: the migration fails and the
-    container runs on the source, exactly once, not frozen. (Runs last here: vm-2 stays dead.)"""
-    info = scenario.start_counter(vms.state, "vm-1", "lost", controller)
-    client = _client(vms.state, info["ip"], controller)
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            migration.migrate(vms.state, "lost", "vm-2", mode="stop-copy")
-        except BaseException as exc:
-            errors.append(exc)
-
-    mover = threading.Thread(target=run)
-    try:
-        client.wait_for(client.progress() + 3, timeout=60)
-        mover.start()
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            migs = [m for m in Journal(vms.state).all() if m.container == "lost"]
-            if migs and Journal(vms.state).stage_status(migs[-1].id).get("checkpoint"):
-                break
-            time.sleep(0.05)
-        pid = vm.record(vms.state, "vm-2").pid  # type: ignore[union-attr]
-        assert pid is not None
-        os.kill(pid, signal.SIGKILL)
-        mover.join(timeout=900)
-        assert not mover.is_alive()
-        client.wait_for(client.progress() + 3, timeout=120)
-    finally:
-        seen = client.stop()
-    assert errors and isinstance(errors[0], SkyferryError), errors
-    print(f"target lost: {errors[0]}")
-    assert "Rolled back: lost runs on vm-1" in str(errors[0])
-    live = _live(vms.state, "vm-1", "lost")
-    assert [(c["state"], c["frozen_for_migration"]) for c in live] == [("running", False)]
-    assert Registry(vms.state).get("lost").host == "vm-1"
-    assert seen["survived"], seen

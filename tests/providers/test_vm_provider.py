@@ -5,17 +5,13 @@ The integration tests share one session: a local mesh with one host and two VMs,
 nice (TCG here). Everything carries the run's unique mesh id; `hosts down` runs even on failure.
 """
 
-import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from kit.net import leftovers
-from kit.vms import WAN_RTT, Session, vm_integration
-from skyferry.netplane import netns, store
-from skyferry.netplane.mesh import Mesh
+from kit.vms import Session, vm_integration
 from skyferry.providers import vm
 from skyferry.providers.errors import ProviderError
 
@@ -161,41 +157,6 @@ class TestVmHosts:
         python = vms.cli("hosts", "exec", "vm-1", "--", "/opt/skyferry/bin/python", "-c", "import pycriu, pydantic")
         assert python.returncode == 0, python.stderr
 
-    def test_relay_pair_delays_udp_between_the_vms(self, vms: Session) -> None:
-        """vm-1 -> relay port of (vm-1, vm-2) -> vm-2 and back adds the WAN's rtt to the direct round trip."""
-        mesh = Mesh.load(vms.state)
-        assert mesh.wan is not None
-        port = mesh.wan.relay_ports[mesh.wan.pair("vm-1", "vm-2")]
-        for name in ("vm-1", "vm-2"):
-            assert mesh.peer_endpoint(mesh.host(name), mesh.controller).startswith("198.18.0.1:")
-            assert mesh.wan.pair(name, "local-1") in mesh.wan.relay_ports
-        # WireGuard may hold port 51820 if the user-data brought it up; the relay pairs that port.
-        for name in ("vm-1", "vm-2"):
-            vms.sh(name, "ip link del skyferry 2>/dev/null; true")
-        echo = (
-            "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('0.0.0.0', 51820)); "
-            "s.settimeout(120)\nfor _ in range(40):\n d, a = s.recvfrom(2048); s.sendto(d, a)"
-        )
-        vms.sh("vm-2", f'nohup python3 -c "{echo}" >/dev/null 2>&1 &')
-        probe = (
-            "import json, socket, time; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
-            "s.bind(('0.0.0.0', 51820)); s.settimeout(5); r={}\n"
-            f"for key, dst in (('relay', ('198.18.0.1', {port})), ('direct', ('198.18.0.102', 51820))):\n"
-            " t=[]\n for i in range(8):\n  a=time.monotonic(); s.sendto(b'x', dst); s.recvfrom(64); "
-            "t.append(time.monotonic()-a)\n r[key]=min(t)\nprint(json.dumps(r))"
-        )
-        time.sleep(5)  # the echo server's python starts slowly under TCG
-        done = vms.sh("vm-1", f'python3 -c "{probe}"')
-        assert done.returncode == 0, done.stderr
-        rtt = json.loads(done.stdout)
-        print(f"UDP round trip vm-1 -> vm-2: {rtt}")
-        extra = rtt["relay"] - rtt["direct"]
-        assert 0.9 * WAN_RTT <= extra <= WAN_RTT + 0.5, rtt
-        tc = subprocess.run(
-            ["tc", "-n", f"{vms.run}-wan", "qdisc", "show", "dev", f"{vms.run}-vm-1"], capture_output=True, text=True
-        )
-        assert "tbf" in tc.stdout and "100Mbit" in tc.stdout, tc.stdout
-
     def test_rerun_creates_nothing(self, vms: Session) -> None:
         pids = {r.name: r.pid for r in vm.records(vms.state)}
         again = vms.json("hosts", "up", "--vm", "--count", "2")
@@ -207,22 +168,3 @@ class TestVmHosts:
         assert unknown.returncode == 2 and "vm-9" in unknown.stderr and "Traceback" not in unknown.stderr
         bad = vms.cli("hosts", "up", "--vm", "--count", "2", "--size", "huge")
         assert bad.returncode == 2 and "2cpu-2g" in bad.stderr and "Traceback" not in bad.stderr
-
-    def test_zz_down_leaves_nothing(self, vms: Session) -> None:
-        recs = vm.records(vms.state)
-        assert len(recs) == 2
-        started = time.monotonic()
-        done = vms.json("hosts", "down")
-        print(f"hosts down: {time.monotonic() - started:.1f} s, removed {done['removed']}")
-        assert any(r.startswith("process") and "QEMU vm-1" in r for r in done["removed"]), done
-        for rec in recs:
-            assert not _running(rec.pid), f"QEMU {rec.pid} still runs"
-            assert not Path(rec.dir).exists()
-        assert not netns.exists(f"{vms.run}-wan")
-        assert not (vms.state / "vm").exists()
-        assert leftovers(vms.run) == []
-        with store.transaction(vms.state, write=False) as conn:
-            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            for table in ("vm_hosts", "vm_relays", "mesh", "mesh_hosts"):
-                if table in tables:
-                    assert conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0, table

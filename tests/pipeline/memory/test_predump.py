@@ -1,6 +1,6 @@
 """Soft-dirty pre-copy, the parts that run on a kernel without soft-dirty tracking (this one): which method
 a host picks, CRIU's dump statistics as pycriu reads them from a real dump, and the chain of rounds both
-sides keep. The pre-dumps themselves run in a VM: tests/pipeline/memory/test_predump_vm.py.
+sides keep. The pre-dumps themselves run between VM hosts: tests/providers/test_vm_mesh.py.
 
 The chain tests stand a small writer in for `runc checkpoint --pre-dump` (which this kernel refuses): it
 lays out what CRIU writes (inventory, pagemap, pages; stats-dump, made with pycriu, and the log in the work
