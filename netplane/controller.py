@@ -26,6 +26,10 @@ def init(
     interface: str = MACHINE_INTERFACE,
 ) -> tuple[Mesh, bool]:
     """Make the mesh, or find the same one already here; returns (mesh, created)."""
+    try:
+        ipaddress.ip_address(endpoint)
+    except ValueError:
+        raise NetplaneError(f"--endpoint {endpoint!r} is not an IP address", hint="the address hosts reach") from None
     if Mesh.exists(state):
         mesh = Mesh.load(state)
         if (mesh.name, mesh.controller.endpoint) != (name, f"{endpoint}:{port}"):
@@ -34,10 +38,6 @@ def init(
                 hint="skyferry hosts down first to change it",
             )
         return mesh, False
-    try:
-        ipaddress.ip_address(endpoint)
-    except ValueError:
-        raise NetplaneError(f"--endpoint {endpoint!r} is not an IP address", hint="the address hosts reach") from None
     net = str(parse_cidr(cidr or DEFAULT_CIDR))
     with IPRoute() as ipr:
         if ipr.link_lookup(ifname=interface):
