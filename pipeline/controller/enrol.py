@@ -87,18 +87,19 @@ class Enrolment:
 
     def wait(self, names: set[str], timeout: float, alive: Callable[[], None] = lambda: None) -> None:
         """Until every host in `names` has joined; `alive()` may raise to give up early (a VM died)."""
+        deadline = time.monotonic() + timeout
         with self.changed:
-            waited = 0.0
             while not names <= set(self.joined):
                 alive()
-                if waited >= timeout:
+                left = deadline - time.monotonic()
+                if left <= 0:
                     missing = ", ".join(sorted(names - set(self.joined)))
                     raise SkyferryError(
-                        f"hosts did not join within {timeout:.0f} s: {missing}",
-                        hint="look at the host's cloud-init log (/var/log/cloud-init-output.log)",
+                        f"hosts did not join within {timeout:g} s: {missing}",
+                        hint="they keep their tokens: run the same command again once they boot (their cloud-init "
+                        "log, /var/log/cloud-init-output.log, says how far they got)",
                     )
-                self.changed.wait(5.0)
-                waited += 5.0
+                self.changed.wait(min(left, 5.0))
 
 
 def reported(state: Path) -> dict[str, dict[str, str]]:

@@ -84,14 +84,16 @@ def provision(
         # Bad input fails here, before anything is served; a host that boots before the service is up
         # retries (scripts/host-install.py).
         hosts = cloud.provision(plan, count, size=size, image=image, user_data=boot)
-        with enrol.serving(state) if join_timeout else nullcontext() as enrolment:
-            hosts = cloud.wait_ready(hosts, timeout=timeout)
-            waiting = {h.name for h in hosts} - set(Mesh.load(state).hosts)  # this run's, or an earlier one's
-            if enrolment:
-                enrolment.wait(waiting, join_timeout)
     except BaseException:
-        boot.revoke()
+        boot.revoke()  # the cloud removed what this call made: nobody will use these tokens
         raise
+    # From here the hosts exist and keep their tokens (valid for the ttl), so a re-run that serves joins
+    # again admits hosts that were late.
+    with enrol.serving(state) if join_timeout else nullcontext() as enrolment:
+        hosts = cloud.wait_ready(hosts, timeout=timeout)
+        waiting = {h.name for h in hosts} - set(Mesh.load(state).hosts)  # this run's, or an earlier one's
+        if enrolment:
+            enrolment.wait(waiting, join_timeout)
     if join_timeout:
         joined = Mesh.load(state)
         for name in waiting:

@@ -367,7 +367,7 @@ def _provision(state: Path, plan: Plan, record: Steps) -> dict[str, Any]:
         t = plan.target
         try:
             out = provisioning.provision(state, t.provider, t.count, plan.name, size=t.size, region=t.region,
-                                         image=t.image)  # fmt: skip
+                                         image=t.image, join_timeout=t.agent_timeout)  # fmt: skip
         except (SkyferryError, ProviderError, NetplaneError) as exc:
             hint = getattr(exc, "hint", None) or "fix it and run the same command again"
             raise SkyferryError(f"provisioning {t.count} {t.provider} host(s) failed: {exc}", hint=hint) from exc
