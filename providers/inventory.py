@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from skyferry.netplane import netns, routes, store
+from skyferry.netplane import store
 from skyferry.netplane.ipam import Ipam
 from skyferry.netplane.mesh import Mesh, MeshHost
 
@@ -193,7 +193,8 @@ def adopt(state: Path, records: list[Record]) -> dict[str, MeshHost]:
 
 
 def leave(state: Path, names: list[str]) -> list[str]:
-    """Remove hosts from the mesh and release their overlay addresses; returns those removed."""
+    """Remove hosts from the mesh and release their overlay addresses; returns those removed. The members'
+    WireGuard is the caller's to update (routes.remove_peer)."""
     if not Mesh.exists(state):
         return []
     mesh = Mesh.load(state)
@@ -203,10 +204,4 @@ def leave(state: Path, names: list[str]) -> list[str]:
         member = mesh.remove_host(name)
         assert member is not None
         ipam.release(member.overlay_ip)
-        if _controller_is_here(mesh):
-            routes.here(mesh.controller, routes.PeerUpdate(remove=[member.public_key]))
     return gone
-
-
-def _controller_is_here(mesh: Mesh) -> bool:
-    return bool(mesh.controller.netns) and netns.exists(mesh.controller.netns)

@@ -130,7 +130,15 @@ def decommission(
         mesh = Mesh.load(state) if Mesh.exists(state) else None
         strays = [n for n, m in (mesh.hosts.items() if mesh else []) if mine.fullmatch(n) and m.provider == provider]
         gone = sorted(set(names) | set(strays) | {n for n, r in records.items() if r.host.provider == provider})
+        members = [mesh.hosts[n] for n in gone if mesh and n in mesh.hosts]
         left = inventory.leave(state, gone)
+        if members:  # every remaining member drops their peers: the controller here, hosts through agents
+            rest = Mesh.load(state)
+            for member in members:
+                try:
+                    routes.remove_peer(rest, member, agentctl.Pusher(state, rest))
+                except NetplaneError as exc:  # the rows are right; `skyferry mesh sync` repairs the members
+                    log.warning("not every member dropped %s: %s", member.name, exc)
         inventory.forget(state, gone)
         for name in set(gone) | {n for n in tokens.issued(state) if mine.fullmatch(n)}:  # the plan is gone
             tokens.revoke(state, name)

@@ -71,6 +71,9 @@ def test_import_records_waiting_hosts_and_follows_joined_ones(state: Path, tmp_p
             import_terraform(state, _outputs(tmp_path, {"p-0": "198.51.100.30"}, port=51821))
 
         assert inventory.leave(state, ["p-0"]) == ["p-0"]
-        assert key not in wg.wg(mesh.controller.netns, "show", mesh.controller.interface, "peers")
+        rest = Mesh.load(state)  # what decommission does next: every member drops the peer
+        routes.remove_peer(rest, member, agentctl.Pusher(state, rest))
+        for m in (rest.controller, rest.hosts["local-1"]):
+            assert key not in wg.wg(m.netns, "show", m.interface, "peers"), m.name
         assert inventory.forget(state, ["p-0", "p-1", "p-9"]) == ["p-0", "p-1"]
         assert inventory.recorded(state) == {} and inventory.leave(state, ["p-0"]) == []
