@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller import agentctl, migration, provision
 from skyferry.pipeline.controller.state import state_dir
 from skyferry.pipeline.scenarios import demo as scenario
@@ -47,44 +48,10 @@ def demo(
     removed = scenario.mesh_down(state)
     if removed:
         _say(quiet, f"removed an earlier demo ({len(removed)} objects)")
-    result: dict[str, Any] = {}
-    client = None
     try:
         with tempfile.TemporaryDirectory(prefix="skyferry-demo-") as tmp:
-            workdir = Path(tmp)
-            source, target, client_host = ("vm-1", "vm-2", "local-1") if vm else ("local-1", "local-2", "local-3")
-            t0 = time.monotonic()
-            if vm:
-                _say(quiet, f"bringing up local-1 with WAN {wan}, then vm-1 and vm-2 (they boot and join)")
-                mesh = scenario.mesh_up(state, 1, wan)
-                progress_on_stderr()
-                provision.provision(state, "vm", 2, timeout=3600, join_timeout=3600)
-            else:
-                _say(quiet, f"bringing up local-1, local-2, local-3 with WAN {wan}")
-                mesh = scenario.mesh_up(state, 3, wan)
-            _say(quiet, f"mesh {mesh.name} up with agents in {time.monotonic() - t0:.1f} s")
-            info = scenario.start_counter(state, source, "counter", workdir)
-            _say(quiet, f"counter service running on {source} at {info['ip']}:{scenario.PORT}")
-            client_netns = mesh.hosts[client_host].netns
-            assert client_netns is not None
-            client = scenario.CounterClient(client_netns, info["ip"], workdir).start()
-            _say(quiet, f"client on {client_host} holds one connection and sends a request every 50 ms")
-            time.sleep(1.0)
-            _say(quiet, f"migrating counter: {source} -> {target}")
-            facts = {h: agentctl.client(state, mesh, h).call("GET", "/v1/facts") for h in (source, target)}
-            report = migration.migrate(state, "counter", target)
-            time.sleep(1.5)
-            seen = client.stop()
-            client = None
-            result = {"migration": report, "client": seen}
-            if vm:
-                result |= {
-                    "source_kernel": facts[source]["kernel"], "target_kernel": facts[target]["kernel"],
-                    "wireguard": facts[target]["wireguard"], "precopy_method": report.get("precopy_method"),
-                }  # fmt: skip
+            result = _run(state, Path(tmp), vm, wan, quiet)
     finally:
-        if client is not None:
-            client.stop()
         if not keep:
             scenario.mesh_down(state)
     if json_out:
@@ -102,3 +69,40 @@ def demo(
             output.console.print(f"still running. Explore with: export SKYFERRY_STATE={state}; skyferry ps")
     if not result["client"]["survived"]:
         raise typer.Exit(1)
+
+
+def _run(state: Path, workdir: Path, vm: bool, wan: str, quiet: bool) -> dict[str, Any]:
+    """The demo itself: hosts, the counter and its client, one migration; what the client saw."""
+    source, target, client_host = ("vm-1", "vm-2", "local-1") if vm else ("local-1", "local-2", "local-3")
+    t0 = time.monotonic()
+    if vm:
+        _say(quiet, f"bringing up local-1 with WAN {wan}, then vm-1 and vm-2 (they boot and join)")
+        scenario.mesh_up(state, 1, wan)
+        progress_on_stderr()
+        provision.provision(state, "vm", 2, timeout=3600, join_timeout=3600)
+    else:
+        _say(quiet, f"bringing up local-1, local-2, local-3 with WAN {wan}")
+        scenario.mesh_up(state, 3, wan)
+    mesh = Mesh.load(state)
+    _say(quiet, f"mesh {mesh.name} up with agents in {time.monotonic() - t0:.1f} s")
+    info = scenario.start_counter(state, source, "counter", workdir)
+    _say(quiet, f"counter service running on {source} at {info['ip']}:{scenario.PORT}")
+    client_netns = mesh.hosts[client_host].netns
+    assert client_netns is not None
+    client = scenario.CounterClient(client_netns, info["ip"], workdir).start()
+    try:
+        _say(quiet, f"client on {client_host} holds one connection and sends a request every 50 ms")
+        time.sleep(1.0)
+        _say(quiet, f"migrating counter: {source} -> {target}")
+        facts = {h: agentctl.client(state, mesh, h).call("GET", "/v1/facts") for h in (source, target)}
+        report = migration.migrate(state, "counter", target)
+        time.sleep(1.5)
+    finally:
+        seen = client.stop()
+    result = {"migration": report, "client": seen}
+    if vm:
+        result |= {
+            "source_kernel": facts[source]["kernel"], "target_kernel": facts[target]["kernel"],
+            "wireguard": facts[target]["wireguard"], "precopy_method": report.get("precopy_method"),
+        }  # fmt: skip
+    return result
