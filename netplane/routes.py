@@ -184,10 +184,17 @@ def publish(mesh: Mesh, ip: str, host: str, push: Push) -> None:
 
 
 def withdraw(mesh: Mesh, ip: str, push: Push) -> None:
-    """Stop routing `ip` anywhere in the mesh. Safe to repeat."""
+    """Stop routing `ip` anywhere in the mesh, and forget its home. Safe to repeat. As for publish, a
+    member that cannot be reached raises PushFailed only after the others and the record are done."""
+    failed: list[PushFailed] = []
 
     def unroute(previous: str | None) -> None:
-        if previous is not None:
-            apply(mesh, push, {previous})
+        try:
+            if previous is not None:
+                apply(mesh, push, {previous})
+        except PushFailed as exc:
+            failed.append(exc)
 
     mesh.remove_home(ip, then=unroute)
+    if failed:
+        raise failed[0]

@@ -1,6 +1,8 @@
 """Containers on mesh hosts, as the controller sees them: run, list, logs, remove."""
 
+import logging
 import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,8 @@ from skyferry.pipeline.controller import agentctl
 from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi.spec import HOST_DIRS, ContainerSpec
+
+log = logging.getLogger(__name__)
 
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")
 RUNTIMES = ("runc", "podman", "docker")
@@ -88,7 +92,7 @@ def run(
     )  # fmt: skip
     try:
         info = agentctl.client(state, mesh, host).call("POST", "/v1/containers", spec.to_dict())
-        routes.publish(mesh, ip, host, agentctl.Pusher(state, mesh))
+        _tolerate_stale(lambda: routes.publish(mesh, ip, host, agentctl.Pusher(state, mesh)), host)
     except Exception:
         if not existing:
             ipam.release(ip)
@@ -150,7 +154,18 @@ def remove(state: Path, name: str) -> bool:
         return False
     mesh = Mesh.load(state)
     agentctl.client(state, mesh, entry.host).call("DELETE", f"/v1/containers/{name}")
-    routes.withdraw(mesh, entry.ip, agentctl.Pusher(state, mesh))
+    _tolerate_stale(lambda: routes.withdraw(mesh, entry.ip, agentctl.Pusher(state, mesh)), entry.host)
     Ipam(state).release(entry.ip)
     registry.remove(name)
     return True
+
+
+def _tolerate_stale(change: Callable[[], None], host: str) -> None:
+    """A route change that missed only members other than the container's own host (a host that is down)
+    is recorded and took effect everywhere else: warn, and let `mesh sync` repair those members."""
+    try:
+        change()
+    except routes.PushFailed as exc:
+        if host in exc.members:
+            raise
+        log.warning("%s (run skyferry mesh sync once they are back)", exc)

@@ -188,7 +188,9 @@ class Docker:
     def resume(self, name: str) -> None:
         self._docker("unpause", name, what="unpause")
 
-    def checkpoint(self, name: str, images: Path, work: Path) -> None:
+    def checkpoint(self, name: str, images: Path, work: Path, parent: str | None = None) -> None:
+        if parent is not None:  # pre_dumps is False: the source never builds a chain for Docker
+            raise SkyferryError("docker cannot dump against a pre-dump parent")
         """CRIU images into `images`; the writable layer and the image archive into the payload."""
         info = self._app(name)
         if info is None:

@@ -143,7 +143,9 @@ class Podman:
     def resume(self, name: str) -> None:
         self._podman("unpause", name, what="unpause")
 
-    def checkpoint(self, name: str, images: Path, work: Path) -> None:
+    def checkpoint(self, name: str, images: Path, work: Path, parent: str | None = None) -> None:
+        if parent is not None:  # pre_dumps is False: the source never builds a chain for Podman
+            raise SkyferryError("podman cannot dump against a pre-dump parent")
         """Export checkpoint + writable layer into `images`; the image archive goes to the payload."""
         images.mkdir(parents=True, exist_ok=True)
         info = self._inspect(name)

@@ -3,6 +3,7 @@ joined through provision's token path, and a namespace host on this machine's ke
 WAN (the shared session of kit/vms.py). The client always runs on the namespace host, local-1.
 """
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,8 +53,12 @@ def test_vms_joined_with_their_own_keys_over_kernel_wireguard(vms: Session, cont
 
 
 def test_doctor_and_ls_say_what_each_vm_uses(vms: Session, controller: Path) -> None:
-    report = vms.json("doctor", "--host", "vm-1", timeout=900)  # through vm-1's own agent
+    done = vms.cli("doctor", "--host", "vm-1", "--json", timeout=900)  # through vm-1's own agent
+    report = json.loads(done.stdout)
+    assert done.returncode == (0 if report["ok"] else 1), done.stderr  # 1: a check FAILs (no Docker there)
+    checks = {c["name"]: c for c in report["checks"]}
     assert report["precopy_method"] == "soft-dirty", report
+    assert checks["criu check"]["status"] == "PASS" and checks["tcp repair"]["status"] == "PASS", checks
     rows = {r["name"]: r for r in vms.json("hosts", "ls")["hosts"]}
     for name in ("vm-1", "vm-2"):
         assert rows[name]["wireguard"] == "kernel" and rows[name]["kernel"].startswith("6.1."), rows[name]
