@@ -1,5 +1,7 @@
 """skyferry doctor: check this host for everything a live migration depends on."""
 
+from typing import Any
+
 import typer
 from rich.markup import escape
 from skyferry.pipeline.agent import doctor as checks
@@ -11,7 +13,10 @@ _STYLE = {checks.Status.PASS: "green", checks.Status.WARN: "yellow", checks.Stat
 
 
 @app.command()
-def doctor(json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP)) -> None:
+def doctor(
+    host: str | None = typer.Option(None, "--host", help="Check a mesh host through its agent (local, VM or cloud)."),
+    json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP),
+) -> None:
     """Check this host: CRIU, TCP repair, lazy pages, soft-dirty, WireGuard, runtimes, namespaces.
 
     Each check prints [green]PASS[/green], [yellow]WARN[/yellow] (works, but slower or with a feature off) or [red]FAIL[/red] (migrations will fail), with a one-line fix.
@@ -22,25 +27,35 @@ def doctor(json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTIO
 
         skyferry doctor
 
+        skyferry doctor --host vm-1
+
         skyferry doctor --json | jq -r '.checks[] | select(.status != "PASS") | .fix'
     """  # noqa: E501  (Typer keeps line breaks in rich help, so each paragraph is one line)
-    results = checks.run_checks()
-    precopy = next((r.value for r in results if r.name.startswith("pre-copy")), None)
+    report = _remote(host) if host else checks.report()
     if json_out:
-        report = {"ok": not checks.failed(results), "precopy_method": precopy}
-        output.print_json(report | {"checks": [r.as_dict() for r in results]})
+        output.print_json(report)
     else:
-        width = max(len(r.name) for r in results)
-        for r in results:
-            status = f"[{_STYLE[r.status]}]{r.status}[/]"
-            output.console.print(f"{status}  {r.name:<{width}}  {escape(r.detail)}", highlight=False, soft_wrap=True)
-            if r.fix:
-                output.console.print(
-                    f"      {'':<{width}}  [dim]fix:[/dim] {escape(r.fix)}", highlight=False, soft_wrap=True
-                )
+        rows = report["checks"]
+        width = max(len(r["name"]) for r in rows)
+        for r in rows:
+            status = f"[{_STYLE[checks.Status(r['status'])]}]{r['status']}[/]"
+            line = f"{status}  {r['name']:<{width}}  {escape(r['detail'])}"
+            output.console.print(line, highlight=False, soft_wrap=True)
+            if r["fix"]:
+                fix = f"      {'':<{width}}  [dim]fix:[/dim] {escape(r['fix'])}"
+                output.console.print(fix, highlight=False, soft_wrap=True)
         output.console.print(
-            f"\npre-copy method on this host: [bold]{precopy or 'unknown'}[/bold]",
+            f"\npre-copy method on {host or 'this host'}: [bold]{report['precopy_method'] or 'unknown'}[/bold]",
             highlight=False,
             soft_wrap=True,
         )
-    raise typer.Exit(1 if checks.failed(results) else 0)
+    raise typer.Exit(0 if report["ok"] else 1)
+
+
+def _remote(host: str) -> dict[str, Any]:
+    from skyferry.netplane.mesh import Mesh
+    from skyferry.pipeline.controller import agentctl
+    from skyferry.pipeline.controller.state import state_dir
+
+    state = state_dir()
+    return agentctl.client(state, Mesh.load(state), host).call("GET", "/v1/doctor")  # type: ignore[no-any-return]
