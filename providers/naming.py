@@ -24,9 +24,10 @@ def host_name(plan: str, index: int) -> str:
     return f"{plan}-{index}"
 
 
-def missing_names(plan: str, existing: list[str], count: int) -> list[str]:
-    """Names for the hosts to create so that `count` exist, filling gaps left by earlier deletes."""
-    taken, names, i = set(existing), [], 0
+def missing_names(plan: str, existing: list[str], count: int, first: int = 0) -> list[str]:
+    """Names for the hosts to create so that `count` exist, numbered from `first`, filling gaps left by
+    earlier deletes."""
+    taken, names, i = set(existing), [], first
     while len(taken) + len(names) < count:
         if host_name(plan, i) not in taken:
             names.append(host_name(plan, i))

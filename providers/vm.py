@@ -40,7 +40,7 @@ from . import qemu, vmimage
 from .base import WIREGUARD_PORT, Host
 from .errors import ProviderError
 from .local import RELAY_BASE_PORT, SWITCH_ADDRESS, UNDERLAY
-from .naming import UserData, user_data_for
+from .naming import UserData, missing_names, user_data_for
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +92,8 @@ def vm_index(plan: str, name: str) -> int | None:
 
 
 def missing_vms(plan: str, existing: builtins.list[str], count: int) -> builtins.list[str]:
-    """Names to create so that `count` VMs exist, 1-based, filling gaps left by earlier removals."""
-    taken, names, k = set(existing), [], 1
-    while len(taken) + len(names) < count:
-        if vm_name(plan, k) not in taken:
-            names.append(vm_name(plan, k))
-        k += 1
-    return names
+    """Names to create so that `count` VMs exist, 1-based (vm-1 …), filling gaps left by earlier removals."""
+    return missing_names(plan, existing, count, first=1)
 
 
 def underlay_address(index: int) -> str:

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from skyferry.netplane import netns as nsutil
@@ -50,10 +51,24 @@ class Pusher:
         self.state, self.mesh = state, mesh
         self._clients = dict(clients or {})
 
+    def warm(self) -> None:
+        """Connect to every host now (in parallel), so the cutover's pushes, inside the client's pause,
+        pay no TLS handshake. A host that does not answer is left for the push itself to report."""
+
+        def connect(name: str) -> None:
+            with contextlib.suppress(SkyferryError):
+                self._client(name).connect()
+
+        with ThreadPoolExecutor(max_workers=max(1, len(self.mesh.hosts))) as pool:
+            list(pool.map(connect, self.mesh.hosts))
+
+    def _client(self, name: str) -> AgentClient:
+        if name not in self._clients:
+            self._clients[name] = client(self.state, self.mesh, name)
+        return self._clients[name]
+
     def __call__(self, member: MeshHost, update: routes.PeerUpdate) -> None:
-        if member.name not in self._clients:
-            self._clients[member.name] = client(self.state, self.mesh, member.name)
-        self._clients[member.name].call("PUT", "/v1/mesh/peers", update.model_dump(), retry_for=2.0)
+        self._client(member.name).call("PUT", "/v1/mesh/peers", update.model_dump(), retry_for=2.0)
 
 
 def _pids(state: Path) -> dict[str, int]:

@@ -104,6 +104,8 @@ def rollback(state: Path, mig_id: str, progress: Progress = _quiet) -> dict[str,
 def _context(state: Path, mig: Migration, mesh: Mesh) -> Context:
     entry = Registry(state).get(mig.container)
     src, dst = agentctl.client(state, mesh, mig.source), agentctl.client(state, mesh, mig.target)
+    push = agentctl.Pusher(state, mesh, {mig.source: src, mig.target: dst})
+    push.warm()  # the cutover pushes to every member inside the freeze: no handshakes there
     return Context(
         mig_id=mig.id,
         entry=entry,
@@ -113,7 +115,7 @@ def _context(state: Path, mig: Migration, mesh: Mesh) -> Context:
         state=state,
         src=src,
         dst=dst,
-        push=agentctl.Pusher(state, mesh, {mig.source: src, mig.target: dst}),
+        push=push,
         mode=mig.mode,
     )
 

@@ -83,6 +83,11 @@ class AgentClient:
         """PUT a stream with chunked encoding (size unknown up front)."""
         return self._request("PUT", path, chunks, {"Content-Type": "application/octet-stream"}, 5.0, chunked=True)
 
+    def connect(self, retry_for: float = 2.0) -> None:
+        """Open (or keep) the connection now, so a later call inside a freeze pays no handshake."""
+        with self._lock:
+            self._reusable(retry_for)
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
