@@ -73,6 +73,7 @@ def test_stats_parse_adds_shared_memory_and_tolerates_missing_counters() -> None
 
 
 @NEEDS_ROOT
+@pytest.mark.integration  # real CRIU: not in a chroot (docs/host-setup.md)
 def test_stats_of_a_real_criu_dump(tmp_path: Path) -> None:
     """A plain `criu dump` works on this kernel: its stats-dump, read through pycriu, counts the pages it
     wrote, and a 16 MiB buffer of written pages shows up in them."""
