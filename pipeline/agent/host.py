@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from skyferry.pipeline.hostapi.spec import ContainerSpec
 from skyferry.pipeline.runtimes.protocol import Runtime, runtimes
 
 POSTCOPY_TIMEOUT = 900.0  # seconds for the target to fetch every page
+STARTUP_GRACE = 0.5  # seconds a new container must keep running for `run` to call it started
 
 
 @dataclass(frozen=True)
@@ -142,10 +144,26 @@ class Host:
         attach.attach(self.netns(spec.name), spec.ip, mtu=self.cfg.mtu)
         try:
             runtime.run(spec, self.netns_path(spec.name))
+            self._check_started(runtime, spec.name)
         except Exception:
             attach.detach(self.netns(spec.name))
             raise
         return self.info(spec.name)
+
+    def _check_started(self, runtime: Runtime, name: str) -> None:
+        """A command that dies at once (a missing file, a bad flag) fails `run` with its last log lines,
+        and leaves nothing behind, rather than being reported as running."""
+        deadline = time.monotonic() + STARTUP_GRACE
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            status = (runtime.state(name) or {}).get("status")
+            if status not in ("running", "created"):
+                tail = runtime.logs(name).decode(errors="replace").strip().splitlines()[-5:]
+                runtime.remove(name)
+                raise SkyferryError(
+                    f"container {name!r} exited at once ({status or 'gone'})",
+                    hint="its last log lines:\n  " + "\n  ".join(tail) if tail else "it wrote no log",
+                )
 
     def info(self, name: str) -> dict[str, Any]:
         runtime = self.rt(name)

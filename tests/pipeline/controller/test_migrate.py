@@ -257,8 +257,8 @@ def test_postcopy_reports_a_lost_source_clearly(counter: dict) -> None:
     lose_source_during_lazy_phase(counter["state"], counter["mesh"], counter["name"], "postcopy")
 
 
-def test_image_container_through_the_cli(mesh: tuple[Path, Mesh], tmp_path: Path) -> None:
-    """`run --image` (a docker-save tarball of busybox), `ps --json`, `logs`, a migration, `rm` twice."""
+def busybox_image(tmp_path: Path) -> Path:
+    """A docker-save tarball of busybox with sh, sleep and echo."""
     layer = tmp_path / "layer.tar"
     with tarfile.open(layer, "w") as tar:
         tar.add("/bin/busybox", arcname="bin/busybox")
@@ -273,6 +273,12 @@ def test_image_container_through_the_cli(mesh: tuple[Path, Mesh], tmp_path: Path
         info = tarfile.TarInfo("manifest.json")
         info.size = len(manifest)
         tar.addfile(info, io.BytesIO(manifest))
+    return image
+
+
+def test_image_container_through_the_cli(mesh: tuple[Path, Mesh], tmp_path: Path) -> None:
+    """`run --image` (a docker-save tarball of busybox), `ps --json`, `logs`, a migration, `rm` twice."""
+    image = busybox_image(tmp_path)
     script = "i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.1; done"
     started = cli(
         "run", "--host", "local-1", "--name", "bb", "--image", str(image), "--json", "--", "/bin/sh", "-c", script
@@ -292,3 +298,21 @@ def test_image_container_through_the_cli(mesh: tuple[Path, Mesh], tmp_path: Path
         first, second = cli("rm", "bb", "--json"), cli("rm", "bb", "--json")
     assert json.loads(first.stdout) == {"removed": "bb"} and json.loads(second.stdout) == {"removed": None}
     assert "bb" not in {r["name"] for r in json.loads(cli("ps", "--json").stdout)}
+
+
+def test_run_fails_a_command_that_exits_at_once(mesh: tuple[Path, Mesh], tmp_path: Path) -> None:
+    """`run` reports a command that dies at once as failed, with its last log lines, and keeps nothing:
+    the same name then runs a command that stays up (the control)."""
+    image = busybox_image(tmp_path)
+    died = cli("run", "--host", "local-1", "--name", "dies", "--image", str(image), "--", "/bin/sh", "-c",
+               "echo \"can't open file '/app.py'\" >&2; exit 2")  # fmt: skip
+    assert died.returncode != 0
+    assert "exited at once" in died.stderr and "can't open file '/app.py'" in died.stderr, died.stderr
+    assert "dies" not in {r["name"] for r in json.loads(cli("ps", "--json").stdout)}
+    assert "dies" not in host_containers(*mesh, "local-1")
+    started = cli("run", "--host", "local-1", "--name", "dies", "--image", str(image), "--json", "--", "sleep", "60")
+    try:
+        assert started.returncode == 0, started.stderr
+        assert json.loads(started.stdout)["state"] == "running"
+    finally:
+        cli("rm", "dies")
