@@ -1,7 +1,7 @@
 """The host agent: HTTPS with mutual TLS on the host's overlay address. Routing only: container requests
 go to the `Host`, migration steps to the migration's `SourceSession` or `TargetSession`, by name.
 
-Routes (JSON in, JSON out; errors are {"error", "hint"} with 4xx/5xx):
+Routes (JSON in, JSON out; errors are {"error", "hint"} with 4xx/5xx, and "log": the failing tool's log tail):
   GET    /v1/facts                          kernel, CRIU version and kernel features, CPU flags
   GET    /v1/cpuinfo                        {"image": base64}: this CPU as `criu cpuinfo dump` describes it
                                             (null on architectures where CRIU has no cpuinfo)
@@ -290,7 +290,7 @@ def _handler(agent: Agent) -> type[BaseHTTPRequestHandler]:
                 self._reply(HTTPStatus.NOT_FOUND, {"error": str(exc), "hint": None})
             except SkyferryError as exc:
                 log.warning("%s %s: %s", self.command, self.path, exc)
-                self._reply(HTTPStatus.CONFLICT, {"error": str(exc), "hint": exc.hint})
+                self._reply(HTTPStatus.CONFLICT, {"error": str(exc), "hint": exc.hint, "log": exc.log})
             except (KeyError, ValueError, TypeError) as exc:
                 self._reply(HTTPStatus.BAD_REQUEST, {"error": f"bad request: {exc!r}", "hint": None})
                 self.close_connection = True

@@ -163,12 +163,16 @@ def show(
         ["+ms", "STAGE", "STATUS", "DETAIL"],
         [[f"{(t['at'] - t0) * 1000:.0f}", t["stage"], t["status"], _brief(t["detail"])] for t in transitions],
     )
+    for t in transitions:
+        if t["status"] == "failed" and (t["detail"] or {}).get("log"):
+            output.console.print(f"\nlog of the failed {t['stage']}:", style="bold")
+            print(t["detail"]["log"])  # as written: a log is copied into bug reports, unwrapped
 
 
 def _brief(detail: Any) -> str:
     if not detail:
         return ""
-    return ", ".join(f"{k}={v}" for k, v in detail.items() if k != "sha256")[:100]
+    return ", ".join(f"{k}={v}" for k, v in detail.items() if k not in ("sha256", "log"))[:100]
 
 
 @migrations_app.command("resume")

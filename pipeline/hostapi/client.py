@@ -145,8 +145,8 @@ class AgentClient:
         result = json.loads(payload or b"null")
         if resp.status >= 400:
             error = result.get("error", "?") if isinstance(result, dict) else str(result)
-            hint = result.get("hint") if isinstance(result, dict) else None
-            raise SkyferryError(f"{self.label}: {error}", hint=hint)
+            hint, log = (result.get("hint"), result.get("log")) if isinstance(result, dict) else (None, None)
+            raise SkyferryError(f"{self.label}: {error}", hint=hint, log=log)
         return result
 
     def _connect(self, retry_for: float) -> _Connection:

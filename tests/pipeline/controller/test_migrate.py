@@ -316,3 +316,40 @@ def test_run_fails_a_command_that_exits_at_once(mesh: tuple[Path, Mesh], tmp_pat
         assert json.loads(started.stdout)["state"] == "running"
     finally:
         cli("rm", "dies")
+
+
+TRACED = """
+import ctypes, os, time
+child = os.fork()
+if child == 0:
+    while True:
+        time.sleep(1)
+assert ctypes.CDLL(None).ptrace(0x4206, child, None, None) == 0  # PTRACE_SEIZE: the child is traced
+while True:
+    time.sleep(1)
+"""
+
+
+def test_a_criu_failure_names_its_cause_and_keeps_its_log(mesh: tuple[Path, Mesh], tmp_path: Path) -> None:
+    """CRIU cannot seize a task that another task traces. The error names CRIU's first real error (the
+    task), not its final "Dumping FAILED"; the journal keeps CRIU's log after the images are wiped."""
+    state, _ = mesh
+    started = cli("run", "--host", "local-1", "--name", "traced", "--", "python3", "-c", TRACED)
+    assert started.returncode == 0, started.stderr
+    try:
+        moved = cli("migrate", "traced", "--to", "local-2", "--mode", "stop-copy", "--json")
+        assert moved.returncode != 0
+        error = json.loads(moved.stdout)
+        assert "found while seizing" in error["error"] and "FAILED" not in error["error"], error
+        mig = Journal(state).all()[-1]
+        assert error["hint"] == f"the tool's log: skyferry migrations show {mig.id}"
+        assert mig.state == "rolled-back"
+        shown = json.loads(cli("migrations", "show", mig.id, "--json").stdout)
+        failed = [t for t in shown["transitions"] if t["status"] == "failed"]
+        assert [t["stage"] for t in failed] == ["checkpoint"]
+        log = failed[0]["detail"]["log"]
+        assert "--- CRIU dump.log" in log and "Error (criu/seize.c" in log, log
+        assert "found while seizing" in cli("migrations", "show", mig.id).stdout
+        assert (where(state, "traced")["host"], where(state, "traced")["state"]) == ("local-1", "running")
+    finally:
+        cli("rm", "traced")
