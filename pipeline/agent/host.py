@@ -186,6 +186,17 @@ class Host:
     def logs(self, name: str) -> bytes:
         return self.rt(name).logs(name)
 
+    def exec(self, name: str, argv: list[str], stdin: bytes, timeout: float) -> tuple[int, bytes, bytes]:
+        """`skyferry exec`: only in a container that runs and is not frozen for a migration."""
+        status = (self.state(name) or {}).get("status", "gone")
+        if status != "running" or netlock.is_locked(self.netns(name)):
+            raise SkyferryError(
+                f"container {name!r} on {self.cfg.name} is {status}"
+                + (", frozen for a migration" if status == "paused" else ""),
+                hint="a migration freezes a container for under a second: try again" if status == "paused" else None,
+            )
+        return self.rt(name).exec(name, argv, stdin, timeout)
+
     def remove(self, name: str) -> None:
         self.rt(name).remove(name)
         attach.detach(self.netns(name))

@@ -12,6 +12,8 @@ Routes (JSON in, JSON out; errors are {"error", "hint"} with 4xx/5xx, and "log":
   POST   /v1/containers                     run a ContainerSpec
   GET    /v1/containers/NAME                one container
   GET    /v1/containers/NAME/logs           raw log bytes
+  POST   /v1/containers/NAME/exec           {"args", "stdin", "timeout"}: run a command inside the container
+                                            (hostapi/execute.py); {"exit_code", "stdout", "stderr"}
   DELETE /v1/containers/NAME                stop and remove
   POST   /v1/containers/NAME/route          {"present": bool}: this host's /32 route to the container
   GET    /v1/doctor                         every `skyferry doctor` check, run on this host
@@ -54,6 +56,7 @@ from skyferry.pipeline.criu.version import PRECOPY_CONTENT
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi import faults
 from skyferry.pipeline.hostapi.client import AgentClient
+from skyferry.pipeline.hostapi.execute import ExecRequest, ExecResult
 from skyferry.pipeline.hostapi.layout import AGENT_PORT
 from skyferry.pipeline.hostapi.pki import Identity
 from skyferry.pipeline.hostapi.publish import PublicPort
@@ -137,6 +140,10 @@ class Agent:
                 return host.info(name)
             case "GET", ["containers", name, "logs"]:
                 return host.logs(name)
+            case "POST", ["containers", name, "exec"]:
+                req = ExecRequest.model_validate(body)
+                done = host.exec(name, req.args, base64.b64decode(req.stdin), req.timeout)
+                return ExecResult.of(*done).model_dump()
             case "POST", ["containers", name, "route"]:
                 host.set_route(name, bool(body["present"]))
                 return {"ok": True}

@@ -1,5 +1,6 @@
-"""`skyferry run | ps | logs | rm`: containers on mesh hosts, each with a stable overlay /32."""
+"""`skyferry run | ps | logs | exec | rm`: containers on mesh hosts, each with a stable overlay /32."""
 
+import base64
 import sys
 from pathlib import Path
 
@@ -96,6 +97,36 @@ def ps(json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HE
 def logs(name: str = typer.Argument(..., help="Container name.")) -> None:
     """Print a container's stdout and stderr (from wherever it runs now)."""
     sys.stdout.buffer.write(containers.logs(state_dir(), name))
+
+
+@app.command("exec", rich_help_panel=PANEL, context_settings={"allow_interspersed_args": False})
+def exec_(
+    name: str = typer.Argument(..., help="Container name."),
+    command: list[str] = typer.Argument(..., help="The command to run inside, after `--`."),
+    interactive: bool = typer.Option(False, "--interactive", "-i", help="Pass this command's stdin to it."),
+    timeout: float = typer.Option(60.0, "--timeout", help="Seconds to wait for the command (runc then kills it)."),
+    json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP),
+) -> None:
+    """Run a command inside a running container, wherever it runs now, and exit with its exit code.
+
+    It runs as the engine's own exec would (the container's namespaces, cgroup, capabilities and
+    seccomp), without a terminal: `skyferry exec web -- cat /etc/hostname`,
+    `skyferry exec -i web -- sh -c 'cat > /tmp/x' < x`.
+    """
+    command = command[1:] if command[:1] == ["--"] else command  # options end at NAME, so `--` is optional
+    if not command:
+        raise SkyferryError("no command given", hint="skyferry exec NAME -- CMD ARGS…")
+    stdin = sys.stdin.buffer.read() if interactive else b""
+    done = containers.exec_(state_dir(), name, command, stdin, timeout)
+    if json_out:
+        output.print_json(
+            {"exit_code": done.exit_code, **{k: base64.b64decode(getattr(done, k)).decode(errors="replace")
+                                             for k in ("stdout", "stderr")}}
+        )  # fmt: skip
+    else:
+        sys.stdout.buffer.write(base64.b64decode(done.stdout))
+        sys.stderr.buffer.write(base64.b64decode(done.stderr))
+    raise typer.Exit(done.exit_code)
 
 
 @app.command(rich_help_panel=PANEL)

@@ -1,5 +1,6 @@
 """Containers on mesh hosts, as the controller sees them: run, list, logs, remove."""
 
+import base64
 import logging
 import re
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller import agentctl
 from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.hostapi.execute import ExecRequest, ExecResult
 from skyferry.pipeline.hostapi.spec import HOST_DIRS, ContainerSpec
 
 log = logging.getLogger(__name__)
@@ -144,6 +146,15 @@ def logs(state: Path, name: str) -> bytes:
     entry = Registry(state).get(name)
     data = agentctl.client(state, Mesh.load(state), entry.host).call("GET", f"/v1/containers/{name}/logs")
     return data if isinstance(data, bytes) else str(data).encode()
+
+
+def exec_(state: Path, name: str, args: list[str], stdin: bytes = b"", timeout: float = 60.0) -> ExecResult:
+    """Run `args` inside container `name` (or `runtime:name`), wherever it runs now; its exit code and output."""
+    name = resolve(state, name)
+    entry = Registry(state).get(name)
+    req = ExecRequest(args=args, stdin=base64.b64encode(stdin).decode(), timeout=timeout)
+    client = agentctl.client(state, Mesh.load(state), entry.host)
+    return ExecResult.model_validate(client.call("POST", f"/v1/containers/{name}/exec", req.model_dump()))
 
 
 def remove(state: Path, name: str) -> bool:

@@ -6,9 +6,11 @@ runc drives CRIU through the same swrk RPC that pycriu speaks; going through run
 (cgroups, mounts, `runc list`) consistent on both hosts, which raw CRIU would not.
 """
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any
 from skyferry.pipeline.criu import logs
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi.spec import HOST_DIRS, ContainerSpec
+from skyferry.pipeline.runtimes import engines
 from skyferry.pipeline.runtimes.images import unpack_image
 
 RUNC = "runc"
@@ -129,6 +132,17 @@ class Runc:
             [RUNC, "--root", str(self.root), "state", name], capture_output=True, text=True, check=False
         )
         return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+    def exec(self, name: str, argv: list[str], stdin: bytes, timeout: float) -> tuple[int, bytes, bytes]:
+        with tempfile.TemporaryDirectory(dir=self.root) as tmp:
+            pid_file = Path(tmp) / "pid"
+
+            def kill() -> None:  # runc exec, killed, leaves the command running in the container
+                with contextlib.suppress(OSError, ValueError):
+                    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+            argv = [RUNC, "--root", str(self.root), "exec", "--pid-file", str(pid_file), name, *argv]
+            return engines.run_io(argv, stdin, timeout, on_timeout=kill)
 
     def pause(self, name: str) -> None:
         self._runc("pause", name)

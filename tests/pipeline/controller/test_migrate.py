@@ -258,11 +258,11 @@ def test_postcopy_reports_a_lost_source_clearly(counter: dict) -> None:
 
 
 def busybox_image(tmp_path: Path) -> Path:
-    """A docker-save tarball of busybox with sh, sleep and echo."""
+    """A docker-save tarball of busybox with sh, sleep, echo, cat and ls."""
     layer = tmp_path / "layer.tar"
     with tarfile.open(layer, "w") as tar:
         tar.add("/bin/busybox", arcname="bin/busybox")
-        for applet in ("sh", "sleep", "echo"):
+        for applet in ("sh", "sleep", "echo", "cat", "ls"):
             link = tarfile.TarInfo(f"bin/{applet}")
             link.type, link.linkname = tarfile.SYMTYPE, "busybox"
             tar.addfile(link)
@@ -353,3 +353,31 @@ def test_a_criu_failure_names_its_cause_and_keeps_its_log(mesh: tuple[Path, Mesh
         assert (where(state, "traced")["host"], where(state, "traced")["state"]) == ("local-1", "running")
     finally:
         cli("rm", "traced")
+
+
+def test_exec_runs_inside_the_container_wherever_it_runs(mesh: tuple[Path, Mesh], tmp_path: Path) -> None:
+    """`skyferry exec` sees the container's rootfs, passes stdin (-i) and the exit code, follows the
+    container to another host, and kills a command that outlives --timeout."""
+    image = busybox_image(tmp_path)
+    started = cli("run", "--host", "local-1", "--name", "ex", "--image", str(image), "--", "sleep", "3600")
+    assert started.returncode == 0, started.stderr
+    try:
+        listing = cli("exec", "ex", "--", "ls", "/bin")
+        assert listing.returncode == 0, listing.stderr
+        assert set(listing.stdout.split()) == {"busybox", "sh", "sleep", "echo", "cat", "ls"}  # not the host's /bin
+        piped = subprocess.run(
+            [SKYFERRY, "exec", "-i", "ex", "--", "sh", "-c", "cat > /in; cat /in; exit 7"],
+            input="through stdin\n", capture_output=True, text=True,
+        )  # fmt: skip
+        assert (piped.returncode, piped.stdout) == (7, "through stdin\n"), piped.stderr
+        assert cli("migrate", "ex", "--to", "local-2").returncode == 0
+        moved = json.loads(cli("exec", "--json", "ex", "--", "cat", "/in").stdout)
+        assert moved == {"exit_code": 0, "stdout": "through stdin\n", "stderr": ""}
+        slow = cli("exec", "--timeout", "1", "ex", "--", "sleep", "1234")
+        assert slow.returncode != 0 and "ran longer than 1 s" in slow.stderr, slow.stderr
+        procs = cli("exec", "ex", "--", "sh", "-c", "cat /proc/[0-9]*/cmdline")
+        assert "1234" not in procs.stdout.replace("\0", " "), procs.stdout
+        gone = cli("exec", "nosuch", "--", "true")
+        assert gone.returncode != 0 and "nosuch" in gone.stderr
+    finally:
+        cli("rm", "ex")
