@@ -1,11 +1,11 @@
-"""`skyferry run | ps | logs | exec | rm`: containers on mesh hosts, each with a stable overlay /32."""
+"""`skyferry run | ps | logs | exec | cp | rm`: containers on mesh hosts, each with a stable overlay /32."""
 
 import base64
 import sys
 from pathlib import Path
 
 import typer
-from skyferry.pipeline.controller import containers
+from skyferry.pipeline.controller import containers, copy
 from skyferry.pipeline.controller.state import state_dir
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.runbooks import ingress
@@ -127,6 +127,31 @@ def exec_(
         sys.stdout.buffer.write(base64.b64decode(done.stdout))
         sys.stderr.buffer.write(base64.b64decode(done.stderr))
     raise typer.Exit(done.exit_code)
+
+
+@app.command(rich_help_panel=PANEL)
+def cp(
+    src: str = typer.Argument(..., help="A local path, or NAME:/PATH in a container."),
+    dest: str = typer.Argument(..., help="A local path, or NAME:/PATH in a container."),
+    json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP),
+) -> None:
+    """Copy files between this machine and a container, wherever it runs, like `docker cp`.
+
+    `skyferry cp app.conf web:/etc/app/` puts a file into a directory; `skyferry cp web:/var/log ./logs`
+    takes a directory out. The container's own tar does its side (up to 16 MiB per copy); what comes
+    out is unpacked safely (no absolute paths, `..`, links out or devices).
+    """
+    (src_name, src_path), (dest_name, dest_path) = copy.split(src), copy.split(dest)
+    if src_name is None and dest_name is not None:
+        sent = copy.copy_in(state_dir(), Path(src_path), dest_name, dest_path)
+    elif src_name is not None and dest_name is None:
+        sent = copy.copy_out(state_dir(), src_name, src_path, Path(dest_path))
+    else:
+        raise SkyferryError("give one container path and one local path", hint="skyferry cp FILE NAME:/DIR")
+    if json_out:
+        output.print_json({"copied": src, "to": dest, "bytes": sent})
+    else:
+        output.console.print(f"copied {src} to {dest} ({sent} B)")
 
 
 @app.command(rich_help_panel=PANEL)

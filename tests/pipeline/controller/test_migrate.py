@@ -257,12 +257,15 @@ def test_postcopy_reports_a_lost_source_clearly(counter: dict) -> None:
     lose_source_during_lazy_phase(counter["state"], counter["mesh"], counter["name"], "postcopy")
 
 
+APPLETS = ("sh", "sleep", "echo", "cat", "ls", "tar", "ln", "mkdir")
+
+
 def busybox_image(tmp_path: Path) -> Path:
-    """A docker-save tarball of busybox with sh, sleep, echo, cat and ls."""
+    """A docker-save tarball of busybox with the applets the tests use."""
     layer = tmp_path / "layer.tar"
     with tarfile.open(layer, "w") as tar:
         tar.add("/bin/busybox", arcname="bin/busybox")
-        for applet in ("sh", "sleep", "echo", "cat", "ls"):
+        for applet in APPLETS:
             link = tarfile.TarInfo(f"bin/{applet}")
             link.type, link.linkname = tarfile.SYMTYPE, "busybox"
             tar.addfile(link)
@@ -364,7 +367,7 @@ def test_exec_runs_inside_the_container_wherever_it_runs(mesh: tuple[Path, Mesh]
     try:
         listing = cli("exec", "ex", "--", "ls", "/bin")
         assert listing.returncode == 0, listing.stderr
-        assert set(listing.stdout.split()) == {"busybox", "sh", "sleep", "echo", "cat", "ls"}  # not the host's /bin
+        assert set(listing.stdout.split()) == {"busybox", *APPLETS}  # not the host's /bin
         piped = subprocess.run(
             [SKYFERRY, "exec", "-i", "ex", "--", "sh", "-c", "cat > /in; cat /in; exit 7"],
             input="through stdin\n", capture_output=True, text=True,
@@ -381,3 +384,35 @@ def test_exec_runs_inside_the_container_wherever_it_runs(mesh: tuple[Path, Mesh]
         assert gone.returncode != 0 and "nosuch" in gone.stderr
     finally:
         cli("rm", "ex")
+
+
+def test_cp_in_and_out_and_a_hostile_link_stays_inside(mesh: tuple[Path, Mesh], tmp_path: Path) -> None:
+    """`skyferry cp` both ways, file and directory, into a directory or under a new name; a link the
+    container points at a host path is refused on the way out (the control: a plain file comes out)."""
+    image = busybox_image(tmp_path)
+    started = cli("run", "--host", "local-1", "--name", "cpx", "--image", str(image), "--", "sleep", "3600")
+    assert started.returncode == 0, started.stderr
+    try:
+        (tmp_path / "conf.txt").write_text("setting=1\n")
+        (tmp_path / "tree" / "sub").mkdir(parents=True)
+        (tmp_path / "tree" / "sub" / "leaf.txt").write_text("leaf\n")
+        assert cli("exec", "cpx", "--", "mkdir", "/etc").returncode == 0
+        for src, dest in (("conf.txt", "cpx:/etc"), ("tree", "cpx:/data")):
+            done = cli("cp", str(tmp_path / src), dest)
+            assert done.returncode == 0, done.stderr
+        assert cli("exec", "cpx", "--", "cat", "/etc/conf.txt").stdout == "setting=1\n"
+        assert cli("exec", "cpx", "--", "cat", "/data/sub/leaf.txt").stdout == "leaf\n"
+        out = tmp_path / "out"
+        out.mkdir()
+        assert cli("cp", "cpx:/data", str(out / "copy")).returncode == 0
+        assert (out / "copy" / "sub" / "leaf.txt").read_text() == "leaf\n"
+        assert cli("cp", "cpx:/etc/conf.txt", str(out)).returncode == 0
+        assert (out / "conf.txt").read_text() == "setting=1\n"
+        assert cli("exec", "cpx", "--", "ln", "-s", "/etc/shadow", "/data/evil").returncode == 0
+        hostile = cli("cp", "cpx:/data", str(out / "hostile"))
+        assert hostile.returncode != 0 and "refused" in hostile.stderr, hostile.stderr
+        assert not (out / "hostile" / "evil").is_symlink()
+        bad = cli("cp", str(tmp_path / "conf.txt"), str(out))
+        assert bad.returncode != 0 and "one container path" in bad.stderr
+    finally:
+        cli("rm", "cpx")
