@@ -56,9 +56,9 @@ from skyferry.pipeline.agent.source import Lane, SourceSession
 from skyferry.pipeline.agent.target import TargetSession
 from skyferry.pipeline.criu.version import PRECOPY_CONTENT
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.hostapi import faults
+from skyferry.pipeline.hostapi import faults, privdir
 from skyferry.pipeline.hostapi.client import AgentClient
-from skyferry.pipeline.hostapi.layout import AGENT_PORT
+from skyferry.pipeline.hostapi.layout import AGENT_PORT, IMAGES_TMPFS
 from skyferry.pipeline.hostapi.pki import Identity
 from skyferry.pipeline.hostapi.publish import PublicPort
 from skyferry.pipeline.hostapi.revocation import RevocationList
@@ -364,6 +364,7 @@ class _LimitedReader:
 def serve(cfg: HostConfig, identity: Identity, listen: str, port: int = AGENT_PORT) -> None:
     """Run until SIGTERM. `listen` is the host's overlay address: the agent never binds elsewhere."""
     host = Host(cfg)
+    privdir.ensure(host.images_root, below=IMAGES_TMPFS.parent)  # /dev/shm is anyone's: check ours before use
     for pid in lazypages.stop_strays(host.images_root):  # an earlier agent died mid lazy restore
         log.warning("stopped lazy-pages daemon %d left behind by an earlier agent", pid)
     agent = Agent(host, identity)

@@ -7,6 +7,7 @@ so stopping them kills exactly what was started.
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -23,12 +24,13 @@ from skyferry.pipeline.controller import certs
 from skyferry.pipeline.controller.journal import Journal
 from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.hostapi import pki
+from skyferry.pipeline.hostapi import pki, privdir
 from skyferry.pipeline.hostapi.client import AgentClient
 from skyferry.pipeline.hostapi.layout import AGENT_PORT, IMAGES_TMPFS
 from skyferry.pipeline.hostapi.revocation import RevokedFile, checker
 
 PIDS = "agents.json"
+log = logging.getLogger(__name__)
 START_TIMEOUT_ENV = "SKYFERRY_AGENT_START_TIMEOUT"  # seconds to wait for a local agent (default 20)
 
 
@@ -198,8 +200,12 @@ def stop_agents(mesh: Mesh, state: Path, hosts: list[str] | None = None) -> None
     if hosts is None:
         (state / PIDS).unlink(missing_ok=True)
         _remove_cgroups(mesh.name)
-        shutil.rmtree(IMAGES_TMPFS / mesh.name, ignore_errors=True)
-        _rmdir(IMAGES_TMPFS)
+        try:
+            if privdir.verified(IMAGES_TMPFS / mesh.name, below=IMAGES_TMPFS.parent):
+                shutil.rmtree(IMAGES_TMPFS / mesh.name, ignore_errors=True)
+                _rmdir(IMAGES_TMPFS)
+        except SkyferryError as exc:  # someone else's directory or link: leave it, say so, finish going down
+            log.warning("%s%s", exc, f" ({exc.hint})" if exc.hint else "")
 
 
 def _reap(pid: int) -> None:
