@@ -64,4 +64,3 @@ def revoked(state: Path) -> RevocationList:
             "SELECT serial FROM certs WHERE revoked IS NOT NULL AND not_after > ? ORDER BY serial", (time.time(),)
         ).fetchall()
     return RevocationList(serials=[r["serial"] for r in rows])
-
