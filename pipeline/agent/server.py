@@ -18,7 +18,8 @@ Routes (JSON in, JSON out; errors are {"error", "hint"} with 4xx/5xx, and "log":
   PUT    /v1/mesh/peers                     {"peers", "remove"}: this host's WireGuard peers (routes.PeerUpdate)
   POST   /v1/tls/csr                        {"csr_pem"}: a new key made here and its signing request (mesh rotate)
   PUT    /v1/tls/cert                       {"cert_pem"}: install the certificate for that key (agent/certs.py)
-  PUT    /v1/tls/revoked                    {"serials"}: the controller's revocation list (hostapi/revocation.py)
+  PUT    /v1/tls/revoked                    {"serials"}: the controller's revocation list (hostapi/revocation.py);
+                                            open connections of peers it now revokes are cut ({"cut": n})
   POST   /v1/containers/NAME/ingress        {"ports": ["80", "443=8443/tcp", …]}: DNAT exactly these ports of
                                             this host's addresses to the container here (pipeline/agent/dnat.py)
   DELETE /v1/containers/NAME/ingress        drop the container's published ports (it may have left already)
@@ -114,6 +115,7 @@ class Agent:
         self.host = host
         self.identity = identity
         self.live = LiveIdentity(identity)  # renewed and revocation-checked without a restart
+        self.recheck: Callable[[], int] = lambda: 0  # cuts open connections of peers revoked since (serve)
         self._peers: dict[tuple[str, int, str], AgentClient] = {}
         self._peers_lock = threading.Lock()
 
@@ -166,7 +168,7 @@ class Agent:
                 return {"serial": self.live.install(NewCert.model_validate(body))}
             case "PUT", ["tls", "revoked"]:
                 self.live.revoked.write(RevocationList.model_validate(body))
-                return {"ok": True}
+                return {"ok": True, "cut": self.recheck()}
             case "POST", ["migrations", mig, op] if MIGRATION_ID.fullmatch(mig):  # not `..`: it names a dir
                 return self._step(mig, op, body)
         raise _NotFound(f"no route {method} {path}")
@@ -369,6 +371,7 @@ def serve(cfg: HostConfig, identity: Identity, listen: str, port: int = AGENT_PO
         log.warning("stopped lazy-pages daemon %d left behind by an earlier agent", pid)
     agent = Agent(host, identity)
     server = TLSServer((listen, port), _handler(agent), agent.live.server, agent.live.check)
+    agent.recheck = server.recheck
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     log.info("agent for %s listening on %s:%d (pid %d)", cfg.name, listen, port, os.getpid())
     try:

@@ -1,8 +1,10 @@
 """The HTTPS server under the agent and the controller's enrolment service."""
 
+import contextlib
 import logging
 import socket
 import ssl
+import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -17,7 +19,8 @@ class TLSServer(ThreadingHTTPServer):
 
     `ctx` may be a function giving the context to use for the next connection: an agent's certificate
     is then replaced (`mesh rotate`) without a restart. `check` sees each peer after its handshake and
-    refuses it by raising ssl.SSLError (a revoked certificate: hostapi/revocation.py)."""
+    refuses it by raising ssl.SSLError (a revoked certificate: hostapi/revocation.py); `recheck` runs it
+    again on every connection still open (a kept-alive one from a peer revoked since)."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -32,6 +35,8 @@ class TLSServer(ThreadingHTTPServer):
         super().__init__(address, handler)
         self.ctx = ctx
         self.check = check
+        self._open: set[ssl.SSLSocket] = set()
+        self._open_lock = threading.Lock()
 
     def get_request(self) -> tuple[Any, Any]:
         sock, addr = self.socket.accept()
@@ -52,4 +57,28 @@ class TLSServer(ThreadingHTTPServer):
         except (ssl.SSLError, OSError) as exc:
             log.warning("refused %s: %s", client_address[0], exc)
             return
-        super().finish_request(request, client_address)
+        with self._open_lock:
+            self._open.add(request)
+        try:
+            super().finish_request(request, client_address)
+        finally:
+            with self._open_lock:
+                self._open.discard(request)
+
+    def recheck(self) -> int:
+        """Cut every open connection whose peer `check` now refuses; returns how many."""
+        if self.check is None:
+            return 0
+        with self._open_lock:
+            open_now = list(self._open)
+        cut = 0
+        for sock in open_now:
+            try:
+                self.check(sock)
+            except ssl.SSLError as exc:
+                log.warning("cut a connection open since before: %s", exc)
+                # The plain socket's shutdown: the handler thread's next TLS read then sees the end.
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                cut += 1
+        return cut

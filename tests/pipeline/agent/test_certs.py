@@ -144,6 +144,59 @@ def test_a_revoked_certificate_is_refused(mesh: tuple[Path, Mesh], tmp_path: Pat
     assert _accepted(_ask(m, "local-1", agentctl.controller_identity(state, m).client_context()))
 
 
+def _keepalive(m: Mesh, host: str, ctx: ssl.SSLContext) -> ssl.SSLSocket:
+    with in_netns(m.controller.netns):
+        sock = socket.create_connection((m.hosts[host].overlay_ip, AGENT_PORT), 5)
+    sock.settimeout(10)
+    return ctx.wrap_socket(sock, server_hostname=m.hosts[host].overlay_ip)
+
+
+def _exchange(tls: ssl.SSLSocket) -> bytes | Exception:
+    """One request on a kept-alive connection: the whole reply (by its Content-Length), or the error."""
+    try:
+        tls.sendall(b"GET /v1/facts HTTP/1.1\r\nHost: agent\r\n\r\n")
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            chunk = tls.recv(65536)
+            if not chunk:
+                return ConnectionError("closed")
+            reply += chunk
+        head, _, body = reply.partition(b"\r\n\r\n")
+        length = int(
+            next(v for k, v in (ln.split(b":", 1) for ln in head.split(b"\r\n")[1:]) if k.lower() == b"content-length")
+        )
+        while len(body) < length:
+            chunk = tls.recv(65536)
+            if not chunk:
+                return ConnectionError("closed mid-reply")
+            body += chunk
+        return head
+    except (ssl.SSLError, OSError) as exc:
+        return exc
+
+
+def test_a_connection_open_before_the_revocation_is_cut(mesh: tuple[Path, Mesh], tmp_path: Path) -> None:
+    """A kept-alive connection outlives its handshake: when the list arrives, the agent cuts those whose
+    peer it now revokes. The controller's connection, open just as long, keeps working (control)."""
+    state, m = mesh
+    ident = pki.issue(state / "ca", tmp_path / "spare", "spare-6", ["100.64.0.252"])
+    certs.record_file(state, "spare-6", ident.cert)
+    doomed = _keepalive(m, "local-1", _ctx(ident))
+    control = _keepalive(m, "local-1", agentctl.controller_identity(state, m).client_context())
+    try:
+        assert _accepted(_exchange(doomed)) and _accepted(_exchange(control))
+        log_path = Path(m.hosts["local-1"].state_root) / "agent.log"
+        seen = len(log_path.read_text())
+        certs.revoke_subjects(state, ["spare-6"])
+        assert revoke.push(state, m) == []
+        assert "cut a connection" in log_path.read_text()[seen:]
+        assert _accepted(_exchange(control)), "the controller's kept-alive connection still answers"
+        assert not _accepted(_exchange(doomed))
+    finally:
+        doomed.close()
+        control.close()
+
+
 def test_an_expired_certificate_is_refused(mesh: tuple[Path, Mesh], tmp_path: Path) -> None:
     state, m = mesh
     now = dt.datetime.now(dt.UTC)
