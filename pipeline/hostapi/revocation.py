@@ -38,10 +38,6 @@ def serial(cert: x509.Certificate) -> str:
     return format(cert.serial_number, "x")
 
 
-def serial_of_pem(pem: bytes | str) -> str:
-    return serial(x509.load_pem_x509_certificate(pem.encode() if isinstance(pem, str) else pem))
-
-
 def peer_serial(sock: ssl.SSLSocket) -> str | None:
     der = sock.getpeercert(binary_form=True)
     return serial(x509.load_der_x509_certificate(der)) if der else None
