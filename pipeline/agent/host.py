@@ -23,6 +23,7 @@ from skyferry.netplane import attach
 from skyferry.pipeline.agent import dnat, netlock
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.files import wire
+from skyferry.pipeline.hostapi import privdir
 from skyferry.pipeline.hostapi.layout import IMAGES_TMPFS, page_server
 from skyferry.pipeline.hostapi.publish import PublicPort
 from skyferry.pipeline.hostapi.spec import ContainerSpec
@@ -217,4 +218,5 @@ class Host:
 
     def shutdown(self) -> None:
         """Remove this host's tmpfs images and empty cgroup parents (the agent is stopping)."""
-        shutil.rmtree(self.images_root, ignore_errors=True)
+        if privdir.verified(self.images_root, below=IMAGES_TMPFS.parent):  # never rmtree through a planted link
+            shutil.rmtree(self.images_root, ignore_errors=True)

@@ -18,6 +18,10 @@ Routes (JSON in, JSON out; errors are {"error", "hint"} with 4xx/5xx, and "log":
   POST   /v1/containers/NAME/route          {"present": bool}: this host's /32 route to the container
   GET    /v1/doctor                         every `skyferry doctor` check, run on this host
   PUT    /v1/mesh/peers                     {"peers", "remove"}: this host's WireGuard peers (routes.PeerUpdate)
+  POST   /v1/tls/csr                        {"csr_pem"}: a new key made here and its signing request (mesh rotate)
+  PUT    /v1/tls/cert                       {"cert_pem"}: install the certificate for that key (agent/certs.py)
+  PUT    /v1/tls/revoked                    {"serials"}: the controller's revocation list (hostapi/revocation.py);
+                                            open connections of peers it now revokes are cut ({"cut": n})
   POST   /v1/containers/NAME/ingress        {"ports": ["80", "443=8443/tcp", …]}: DNAT exactly these ports of
                                             this host's addresses to the container here (pipeline/agent/dnat.py)
   DELETE /v1/containers/NAME/ingress        drop the container's published ports (it may have left already)
@@ -49,17 +53,19 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 from skyferry.netplane import routes
 from skyferry.pipeline.agent import capacity, clone, dnat, doctor, facts
+from skyferry.pipeline.agent.certs import LiveIdentity, NewCert
 from skyferry.pipeline.agent.host import Host, HostConfig
 from skyferry.pipeline.agent.source import Lane, SourceSession
 from skyferry.pipeline.agent.target import TargetSession
 from skyferry.pipeline.criu.version import PRECOPY_CONTENT
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.hostapi import faults
+from skyferry.pipeline.hostapi import faults, privdir
 from skyferry.pipeline.hostapi.client import AgentClient
 from skyferry.pipeline.hostapi.execute import ExecRequest, ExecResult
-from skyferry.pipeline.hostapi.layout import AGENT_PORT
+from skyferry.pipeline.hostapi.layout import AGENT_PORT, IMAGES_TMPFS
 from skyferry.pipeline.hostapi.pki import Identity
 from skyferry.pipeline.hostapi.publish import PublicPort
+from skyferry.pipeline.hostapi.revocation import RevocationList
 from skyferry.pipeline.hostapi.spec import ContainerSpec
 from skyferry.pipeline.hostapi.tlsserver import TLSServer
 from skyferry.pipeline.memory import lazypages
@@ -111,7 +117,8 @@ class Agent:
     def __init__(self, host: Host, identity: Identity) -> None:
         self.host = host
         self.identity = identity
-        self.peer_ctx = identity.client_context()
+        self.live = LiveIdentity(identity)  # renewed and revocation-checked without a restart
+        self.recheck: Callable[[], int] = lambda: 0  # cuts open connections of peers revoked since (serve)
         self._peers: dict[tuple[str, int, str], AgentClient] = {}
         self._peers_lock = threading.Lock()
 
@@ -162,6 +169,13 @@ class Agent:
             case "PUT", ["mesh", "peers"]:
                 routes.configure(None, host.cfg.wg_interface, routes.PeerUpdate.model_validate(body))
                 return {"ok": True}
+            case "POST", ["tls", "csr"]:
+                return {"csr_pem": self.live.csr(host.cfg.name)}
+            case "PUT", ["tls", "cert"]:
+                return {"serial": self.live.install(NewCert.model_validate(body))}
+            case "PUT", ["tls", "revoked"]:
+                self.live.revoked.write(RevocationList.model_validate(body))
+                return {"ok": True, "cut": self.recheck()}
             case "POST", ["migrations", mig, op] if MIGRATION_ID.fullmatch(mig):  # not `..`: it names a dir
                 return self._step(mig, op, body)
         raise _NotFound(f"no route {method} {path}")
@@ -240,13 +254,15 @@ class Agent:
 
     def _lane(self, mig: str, target: dict[str, Any], name: str, lane: str) -> Lane:
         """One kept-alive client per peer and lane: the connections warmed by the pre-copy rounds carry
-        the final deltas inside the freeze without a new TCP and TLS handshake across the WAN. Fault drills
-        may damage an upload on the way (faults.corrupt)."""
+        the final deltas inside the freeze without a new TCP and TLS handshake across the WAN; a connection
+        opened later shows this host's current certificate. Fault drills may damage an upload on the way
+        (faults.corrupt)."""
         key = (target["address"], int(target.get("port", AGENT_PORT)), lane)
         with self._peers_lock:
             if key not in self._peers:
-                self._peers[key] = AgentClient(key[0], key[1], self.peer_ctx)
+                self._peers[key] = AgentClient(key[0], key[1], self.live.client(), check=self.live.check)
             peer = self._peers[key]
+            peer.context = self.live.client()
         state_root = self.host.cfg.state_root
 
         def upload(stream: str, chunks: Iterable[bytes], **query: str) -> dict[str, Any]:
@@ -357,10 +373,12 @@ class _LimitedReader:
 def serve(cfg: HostConfig, identity: Identity, listen: str, port: int = AGENT_PORT) -> None:
     """Run until SIGTERM. `listen` is the host's overlay address: the agent never binds elsewhere."""
     host = Host(cfg)
+    privdir.ensure(host.images_root, below=IMAGES_TMPFS.parent)  # /dev/shm is anyone's: check ours before use
     for pid in lazypages.stop_strays(host.images_root):  # an earlier agent died mid lazy restore
         log.warning("stopped lazy-pages daemon %d left behind by an earlier agent", pid)
     agent = Agent(host, identity)
-    server = TLSServer((listen, port), _handler(agent), identity.server_context())
+    server = TLSServer((listen, port), _handler(agent), agent.live.server, agent.live.check)
+    agent.recheck = server.recheck
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     log.info("agent for %s listening on %s:%d (pid %d)", cfg.name, listen, port, os.getpid())
     try:

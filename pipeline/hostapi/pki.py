@@ -18,7 +18,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-VALIDITY = dt.timedelta(days=365)
+# Member certificates: 90 days, renewed by `skyferry mesh rotate` (or by `issue` once a third is left), so a
+# stolen key that nobody revoked stops working within a quarter. The CA itself lasts ten years.
+VALIDITY = dt.timedelta(days=90)
+CA_VALIDITY = dt.timedelta(days=3650)
+RENEW_BEFORE = VALIDITY / 3
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,7 @@ def ensure_ca(ca_dir: Path, mesh_name: str) -> Path:
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + 10 * VALIDITY)
+        .not_valid_after(now + CA_VALIDITY)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .sign(key, hashes.SHA256())
     )
@@ -84,15 +88,22 @@ def ensure_ca(ca_dir: Path, mesh_name: str) -> Path:
 
 
 def issue(ca_dir: Path, out_dir: Path, common_name: str, ips: list[str]) -> Identity:
-    """Sign a certificate for `common_name` (valid for `ips`) into out_dir; reuses one already there."""
+    """Sign a certificate for `common_name` (valid for `ips`) into out_dir; reuses one already there
+    unless it is due for renewal."""
     ident = Identity(ca=out_dir / "ca.pem", cert=out_dir / "cert.pem", key=out_dir / "key.pem")
-    if ident.cert.exists() and ident.key.exists() and ident.ca.exists():
+    if ident.cert.exists() and ident.key.exists() and ident.ca.exists() and not renewal_due(ident.cert):
         return ident
     key = ec.generate_private_key(ec.SECP256R1())
     _write_private(ident.key, _key_pem(key))
     _write_private(ident.cert, _sign(ca_dir, key.public_key(), common_name, ips).encode())
     _write_private(ident.ca, (ca_dir / "ca.pem").read_bytes())
     return ident
+
+
+def renewal_due(cert_path: Path, before: dt.timedelta = RENEW_BEFORE) -> bool:
+    """Whether the certificate at `cert_path` expires within `before`."""
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    return cert.not_valid_after_utc - dt.datetime.now(dt.UTC) < before
 
 
 def _sign(ca_dir: Path, public_key: ec.EllipticCurvePublicKey, common_name: str, ips: list[str]) -> str:

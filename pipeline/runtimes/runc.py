@@ -18,6 +18,7 @@ from typing import Any
 
 from skyferry.pipeline.criu import logs
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.hostapi import privdir
 from skyferry.pipeline.hostapi.spec import HOST_DIRS, ContainerSpec
 from skyferry.pipeline.runtimes import engines
 from skyferry.pipeline.runtimes.images import unpack_image
@@ -94,8 +95,8 @@ class Runc:
         shutil.rmtree(self.bundle(name), ignore_errors=True)
 
     def logs(self, name: str) -> bytes:
-        path = self.rootfs(name) / LOG_IN_CONTAINER.lstrip("/")
-        return path.read_bytes() if path.exists() else b""
+        # The container owns its rootfs: its log may have become a symlink to any host file.
+        return privdir.read_beneath(self.rootfs(name), LOG_IN_CONTAINER.lstrip("/")) or b""
 
     def volume(self, name: str, index: int) -> Path:
         return self.bundle(name) / "volumes" / str(index)
