@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from skyferry.netplane import attach
-from skyferry.pipeline.agent import dnat, netlock
+from skyferry.pipeline.agent import dnat, netlock, preflight
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.files import wire
 from skyferry.pipeline.hostapi import privdir
@@ -186,6 +186,10 @@ class Host:
 
     def logs(self, name: str) -> bytes:
         return self.rt(name).logs(name)
+
+    def preflight(self, name: str) -> list[preflight.Finding]:
+        pid = (self.state(name) or {}).get("pid")
+        return preflight.scan(pid) if pid else []
 
     def exec(self, name: str, argv: list[str], stdin: bytes, timeout: float) -> tuple[int, bytes, bytes]:
         """`skyferry exec`: only in a container that runs and is not frozen for a migration."""

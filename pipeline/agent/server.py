@@ -12,6 +12,7 @@ Routes (JSON in, JSON out; errors are {"error", "hint"} with 4xx/5xx, and "log":
   POST   /v1/containers                     run a ContainerSpec
   GET    /v1/containers/NAME                one container
   GET    /v1/containers/NAME/logs           raw log bytes
+  GET    /v1/containers/NAME/preflight      process shapes CRIU cannot dump, found while it runs (agent/preflight.py)
   POST   /v1/containers/NAME/exec           {"args", "stdin", "timeout"}: run a command inside the container
                                             (hostapi/execute.py); {"exit_code", "stdout", "stderr"}
   DELETE /v1/containers/NAME                stop and remove
@@ -45,6 +46,7 @@ import re
 import signal
 import threading
 from collections.abc import Callable, Iterable
+from dataclasses import asdict
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -147,6 +149,8 @@ class Agent:
                 return host.info(name)
             case "GET", ["containers", name, "logs"]:
                 return host.logs(name)
+            case "GET", ["containers", name, "preflight"]:
+                return [asdict(f) for f in host.preflight(name)]
             case "POST", ["containers", name, "exec"]:
                 req = ExecRequest.model_validate(body)
                 done = host.exec(name, req.args, base64.b64decode(req.stdin), req.timeout)

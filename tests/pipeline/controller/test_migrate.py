@@ -321,6 +321,12 @@ def test_run_fails_a_command_that_exits_at_once(mesh: tuple[Path, Mesh], tmp_pat
         cli("rm", "dies")
 
 
+USERFAULTFD = """
+import ctypes, time
+assert ctypes.CDLL(None).syscall(323, 1) >= 0  # userfaultfd(UFFD_USER_MODE_ONLY): CRIU cannot dump one
+while True:
+    time.sleep(1)
+"""
 TRACED = """
 import ctypes, os, time
 child = os.fork()
@@ -334,16 +340,16 @@ while True:
 
 
 def test_a_criu_failure_names_its_cause_and_keeps_its_log(mesh: tuple[Path, Mesh], tmp_path: Path) -> None:
-    """CRIU cannot seize a task that another task traces. The error names CRIU's first real error (the
-    task), not its final "Dumping FAILED"; the journal keeps CRIU's log after the images are wiped."""
+    """CRIU cannot dump a userfaultfd. The error names CRIU's first real error (the file), not its final
+    "Dumping FAILED"; the journal keeps CRIU's log after the images are wiped."""
     state, _ = mesh
-    started = cli("run", "--host", "local-1", "--name", "traced", "--", "python3", "-c", TRACED)
+    started = cli("run", "--host", "local-1", "--name", "uffd", "--", "python3", "-c", USERFAULTFD)
     assert started.returncode == 0, started.stderr
     try:
-        moved = cli("migrate", "traced", "--to", "local-2", "--mode", "stop-copy", "--json")
+        moved = cli("migrate", "uffd", "--to", "local-2", "--mode", "stop-copy", "--json")
         assert moved.returncode != 0
         error = json.loads(moved.stdout)
-        assert "found while seizing" in error["error"] and "FAILED" not in error["error"], error
+        assert "anon_inode:[userfaultfd]" in error["error"] and "FAILED" not in error["error"], error
         mig = Journal(state).all()[-1]
         assert error["hint"] == f"the tool's log: skyferry migrations show {mig.id}"
         assert mig.state == "rolled-back"
@@ -351,11 +357,45 @@ def test_a_criu_failure_names_its_cause_and_keeps_its_log(mesh: tuple[Path, Mesh
         failed = [t for t in shown["transitions"] if t["status"] == "failed"]
         assert [t["stage"] for t in failed] == ["checkpoint"]
         log = failed[0]["detail"]["log"]
-        assert "--- CRIU dump.log" in log and "Error (criu/seize.c" in log, log
-        assert "found while seizing" in cli("migrations", "show", mig.id).stdout
+        assert "--- CRIU dump.log" in log and "Dumping FAILED" in log, log
+        assert "Can't dump file" in cli("migrations", "show", mig.id).stdout
+        assert (where(state, "uffd")["host"], where(state, "uffd")["state"]) == ("local-1", "running")
+    finally:
+        cli("rm", "uffd")
+
+
+def test_a_traced_task_is_refused_before_the_freeze(mesh: tuple[Path, Mesh]) -> None:
+    """CRIU cannot seize a task another task traces; the check stage names it while the container runs
+    (no checkpoint is tried, nothing freezes). The control: the same image without the tracer moves."""
+    state, _ = mesh
+    started = cli("run", "--host", "local-1", "--name", "traced", "--", "python3", "-c", TRACED)
+    assert started.returncode == 0, started.stderr
+    try:
+        moved = cli("migrate", "traced", "--to", "local-2", "--json")
+        error = json.loads(moved.stdout)
+        assert moved.returncode != 0 and "is traced by pid" in error["error"] and "ptrace" in error["hint"], error
+        mig = Journal(state).all()[-1]
+        assert [t["stage"] for t in Journal(state).transitions(mig.id) if t["status"] == "failed"] == ["check"]
+        assert "checkpoint" not in Journal(state).stage_status(mig.id)
         assert (where(state, "traced")["host"], where(state, "traced")["state"]) == ("local-1", "running")
     finally:
         cli("rm", "traced")
+    plain = cli(
+        "run",
+        "--host",
+        "local-1",
+        "--name",
+        "untraced",
+        "--",
+        "python3",
+        "-c",
+        TRACED.split("assert")[0] + "time.sleep(3600)",
+    )
+    try:
+        assert plain.returncode == 0, plain.stderr
+        assert cli("migrate", "untraced", "--to", "local-2").returncode == 0
+    finally:
+        cli("rm", "untraced")
 
 
 def test_exec_runs_inside_the_container_wherever_it_runs(mesh: tuple[Path, Mesh], tmp_path: Path) -> None:
