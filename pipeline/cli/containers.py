@@ -8,6 +8,7 @@ import typer
 from skyferry.pipeline.controller import containers, copy
 from skyferry.pipeline.controller.state import state_dir
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.hostapi.spec import HOST_PROGRAMS, parse_user
 from skyferry.pipeline.runbooks import ingress
 
 from . import output
@@ -33,29 +34,43 @@ def run(
     volume: list[str] = typer.Option(
         [], "--volume", "-v", help="A path in the container backed by a volume that moves with it, repeatable."
     ),
+    user: str | None = typer.Option(None, "--user", "-u", help="UID[:GID] to run as (numbers; GID defaults to UID)."),
+    host_programs: bool = typer.Option(
+        False, "--host-programs", help="Bind the host's /usr, /bin, /lib… read-only: host programs (python3)."
+    ),
+    host_dir: list[str] = typer.Option(
+        [], "--host-dir", help="A host directory to bind read-only at the same path, repeatable (runc)."
+    ),
     json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP),
 ) -> None:
     """Start a container (runc, Podman or Docker) on HOST with its own netns and overlay IP.
 
-    With neither --rootfs nor --image the container sees the host's /usr and /etc read-only, so host
-    programs such as python3 work inside. Stdio goes to a log (`skyferry logs NAME`).
+    A runc container gets its own rootfs (--rootfs, --image, or else busybox) with its own /etc, Docker's
+    default capabilities and seccomp profile, and no_new_privs; it sees no host file unless asked:
+    --host-programs binds the host's /usr read-only so programs such as python3 run, --host-dir binds
+    others (docs/security.md). Stdio goes to a log (`skyferry logs NAME`).
 
     Podman and Docker containers need --image (a rootfs tarball, imported, or a `docker save` archive).
 
-    Example: skyferry run --host local-1 --name web -- python3 -m http.server 8080
+    Example: skyferry run --host local-1 --name web --host-programs -- python3 -m http.server 8080
 
-    Example: skyferry run --host local-1 --name db --volume /data -- python3 /app/db.py
+    Example: skyferry run --host local-1 --name db --host-programs --user 1000 --volume /data -- python3 /app/db.py
 
     Example: skyferry run --host local-1 --name podman:db --image rootfs.tar -- /app/serve
     """
     environment = dict(_kv(e, "--env") for e in env)
+    try:
+        ids = parse_user(user) if user is not None else (0, 0)
+    except ValueError as exc:
+        raise SkyferryError(str(exc), hint="e.g. --user 1000 or --user 1000:1000") from None
+    host_dirs = list(dict.fromkeys([*(HOST_PROGRAMS if host_programs else ()), *host_dir]))
     labels = dict(_kv(item, "--label") for item in label)
     # A bad label is refused before anything starts; one with ports is applied at once (docs/runbooks.md).
     deliver = ingress.LABEL in labels and bool(ingress.parse(labels[ingress.LABEL], name).ports)
     state = state_dir()
     info = containers.run(
         state, host, name, command, rootfs=rootfs, image=image, env=environment, labels=labels,
-        runtime=runtime, volumes=volume,
+        runtime=runtime, volumes=volume, user=ids, host_dirs=host_dirs,
     )  # fmt: skip
     if deliver:  # its public address points here, and the host delivers the ports to it
         info["ingress"] = ingress.at_start(state, info["name"])

@@ -15,7 +15,7 @@ from skyferry.pipeline.controller import agentctl
 from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi.execute import ExecRequest, ExecResult
-from skyferry.pipeline.hostapi.spec import HOST_DIRS, ContainerSpec
+from skyferry.pipeline.hostapi.spec import ContainerSpec
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,13 @@ def resolve(state: Path, text: str) -> str:
 def run(
     state: Path, host: str, name: str, args: list[str], *, rootfs: Path | None = None,
     image: Path | None = None, env: dict[str, str] | None = None, runtime: str | None = None,
-    labels: dict[str, str] | None = None, volumes: list[str] | None = None,
+    labels: dict[str, str] | None = None, volumes: list[str] | None = None, user: tuple[int, int] = (0, 0),
+    host_dirs: list[str] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Start `args` in a new container on `host` with its own overlay /32; idempotent per (name, host).
 
-    `runtime` is runc (default), podman or docker; it may also prefix the name: `podman:web`.
+    `runtime` is runc (default), podman or docker; it may also prefix the name: `podman:web`. `user` is
+    (uid, gid); `host_dirs` are host directories bound read-only (runc only; HOST_PROGRAMS for python3).
     """
     prefixed, name = split_name(name)
     if prefixed and runtime and prefixed != runtime:
@@ -74,6 +76,8 @@ def run(
         raise SkyferryError(f"--rootfs {rootfs} is not a directory")
     if image and not image.is_file():
         raise SkyferryError(f"--image {image} is not a file")
+    if host_dirs and runtime != "runc":
+        raise SkyferryError(f"--host-dir and --host-programs are for runc containers, not {runtime}")
     mesh = Mesh.load(state)
     mesh.host(host)
     registry = Registry(state)
@@ -85,13 +89,19 @@ def run(
     ipam = Ipam(state)
     owner = f"container:{name}"
     ip = ipam.lookup(owner) or ipam.allocate(owner)
-    spec = ContainerSpec(
-        name=name, args=list(args), ip=ip, env=dict(env or {}),
-        rootfs=str(rootfs.resolve()) if rootfs else None, image=str(image.resolve()) if image else None,
-        runtime=runtime,
-        labels=dict(labels or {}),
-        volumes=_volumes(volumes or [], runtime),
-    )  # fmt: skip
+    try:
+        spec = ContainerSpec(
+            name=name, args=list(args), ip=ip, env=dict(env or {}),
+            rootfs=str(rootfs.resolve()) if rootfs else None, image=str(image.resolve()) if image else None,
+            runtime=runtime,
+            labels=dict(labels or {}),
+            volumes=_volumes(volumes or [], runtime, host_dirs or []),
+            uid=user[0], gid=user[1], host_dirs=list(host_dirs or []),
+        )  # fmt: skip
+    except (ValueError, SkyferryError) as exc:
+        if not existing:
+            ipam.release(ip)
+        raise exc if isinstance(exc, SkyferryError) else SkyferryError(str(exc)) from None
     try:
         info = agentctl.client(state, mesh, host).call("POST", "/v1/containers", spec.to_dict())
         _tolerate_stale(lambda: routes.publish(mesh, ip, host, agentctl.Pusher(state, mesh)), host)
@@ -103,13 +113,14 @@ def run(
     return info
 
 
-def _volumes(paths: list[str], runtime: str) -> list[str]:
-    """Volume mount points: absolute, distinct, and not over the system dirs a default rootfs shares."""
+def _volumes(paths: list[str], runtime: str, host_dirs: list[str]) -> list[str]:
+    """Volume mount points: absolute, distinct, and neither / nor in a read-only host directory."""
     if paths and runtime != "runc":
         raise SkyferryError(f"--volume is supported for runc containers, not {runtime}")
     for path in paths:
         clean = "/" + "/".join(p for p in path.split("/") if p)
-        if not path.startswith("/") or ".." in path.split("/") or clean == "/" or clean in HOST_DIRS:
+        shadowed = any(clean == d or clean.startswith(d + "/") for d in host_dirs)
+        if not path.startswith("/") or ".." in path.split("/") or clean == "/" or shadowed:
             raise SkyferryError(f"bad volume path {path!r}", hint="an absolute path such as /data, not / or /usr")
     if len(set(paths)) != len(paths):
         raise SkyferryError("the same volume path was given twice")

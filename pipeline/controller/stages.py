@@ -74,6 +74,13 @@ class Check:
             )
         if src["arch"] != dst["arch"]:
             raise SkyferryError(f"architectures differ: {src['arch']} -> {dst['arch']}")
+        spec = ctx.entry.spec
+        if (spec.uid, spec.gid) != (0, 0) and not src.get("dumps_other_users", True):
+            raise SkyferryError(
+                f"CRIU on {ctx.source} cannot dump {spec.name!r}, which runs as {spec.uid}:{spec.gid}: root there "
+                "lacks CAP_SYS_RESOURCE, which CRIU needs to read another user's rlimits (prlimit(2))",
+                hint="run the source's agent with root's full capabilities (docs/security.md, Containers)",
+            )
         lacking = compat.missing(src, dst, ctx.mode)
         if lacking:
             raise SkyferryError(

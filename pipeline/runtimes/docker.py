@@ -147,7 +147,10 @@ class Docker:
 
     def _create_args(self, spec: ContainerSpec, ref: str) -> list[str]:
         env = [a for k, v in spec.env.items() for a in ("--env", f"{k}={v}")]
+        # Docker's own defaults (capabilities, seccomp, masked paths) stay as they are: nothing here adds
+        # a capability, a privilege or a host path.
         args = ["--pull", "never", "--name", spec.name, "--network", f"container:{spec.name}.netns", *env]
+        args += engines.user_args(spec.uid, spec.gid)
         return [*args, "--label", f"{engines.LABEL}={json.dumps(spec.to_dict())}", ref, *spec.args]
 
     def holds_netns(self, name: str) -> bool:

@@ -87,6 +87,11 @@ def tcp_established() -> Iterator[None]:
             RUNC_CONF.unlink(missing_ok=True)
 
 
+def user_args(uid: int, gid: int) -> list[str]:
+    """`--user UID:GID` for `docker run` / `podman run`; none for root, so the image's own USER applies."""
+    return ["--user", f"{uid}:{gid}"] if (uid, gid) != (0, 0) else []
+
+
 def image_ref(tarball: Path) -> str:
     """The engine image name for a rootfs tarball: the same content gives the same name on every host."""
     digest = hashlib.sha256()

@@ -109,6 +109,8 @@ class Podman:
         env = [a for k, v in spec.env.items() for a in ("--env", f"{k}={v}")]
         args = ["run", "-d", "--name", spec.name, "--network", f"ns:{netns_path}"]
         args += ["--cgroup-parent", self.cgroup_parent, "--pull", "never", *ULIMITS, *env]
+        # Podman's own defaults stay as they are: nothing here adds a capability, privilege or host path.
+        args += engines.user_args(spec.uid, spec.gid)
         args += ["--label", f"{engines.LABEL}={json.dumps(spec.to_dict())}", ref, *spec.args]
         try:
             self._podman(*args, what="run")

@@ -19,12 +19,12 @@ from typing import Any
 from skyferry.pipeline.criu import logs
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi import privdir
-from skyferry.pipeline.hostapi.spec import HOST_DIRS, ContainerSpec
-from skyferry.pipeline.runtimes import engines
+from skyferry.pipeline.hostapi.spec import ContainerSpec
+from skyferry.pipeline.runtimes import engines, isolation
 from skyferry.pipeline.runtimes.images import unpack_image
+from skyferry.pipeline.runtimes.isolation import LOG_IN_CONTAINER
 
 RUNC = "runc"
-LOG_IN_CONTAINER = "/.skyferry/app.log"
 
 
 class Runc:
@@ -64,29 +64,35 @@ class Runc:
     def create_bundle(self, spec: ContainerSpec, netns_path: str, fill_rootfs: bool = True) -> Path:
         """Write config.json (netns by path: runc then treats it as external and re-attaches it on restore).
 
+        The rootfs is the image, or the --rootfs copy, or nothing, plus what isolation.prepare_rootfs adds
+        (its own /etc; busybox where it has no shell); host directories only where the spec names them.
         With fill_rootfs=False the rootfs content is expected to arrive later (a migration target).
         """
         bundle = self.bundle(spec.name)
         rootfs = bundle / "rootfs"
         rootfs.mkdir(parents=True, exist_ok=True)
-        mounts = _base_mounts()
-        if spec.image:
-            if fill_rootfs:
+        if fill_rootfs:
+            if spec.image:
                 unpack_image(Path(spec.image), rootfs)
-        else:
-            if spec.rootfs and fill_rootfs:
+            elif spec.rootfs:
                 shutil.copytree(spec.rootfs, rootfs, symlinks=True, dirs_exist_ok=True)
-            mounts += _host_dir_mounts(rootfs)
-        (rootfs / ".skyferry").mkdir(exist_ok=True)
+            try:
+                isolation.prepare_rootfs(rootfs, spec.name, spec.ip, spec.uid, spec.gid, spec.host_dirs)
+            except (OSError, ValueError, subprocess.CalledProcessError) as exc:
+                raise SkyferryError(f"cannot prepare the rootfs of {spec.name!r}: {exc}") from exc
+        try:
+            mounts = _base_mounts() + isolation.host_dir_mounts(rootfs, spec.host_dirs)
+        except (OSError, ValueError) as exc:
+            raise SkyferryError(f"{spec.name!r}: {exc}", hint="--host-dir names directories of the host") from exc
         for i, path in enumerate(spec.volumes):
             source = self.volume(spec.name, i)
             source.mkdir(parents=True, exist_ok=True)
             (rootfs / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
             mounts.append({"destination": path, "type": "bind", "source": str(source), "options": ["rbind", "rw"]})
-        env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", **spec.env}
         # Redirect stdio inside the container: CRIU cannot dump fds that point at host files.
         wrapped = ["/bin/sh", "-c", f'exec "$@" </dev/null >>{LOG_IN_CONTAINER} 2>&1', "sh", *spec.args]
-        config = _config(wrapped, env, mounts, netns_path, f"{self.cgroup_prefix}/{spec.name}", spec.name)
+        process = isolation.process(wrapped, spec.env, spec.uid, spec.gid)
+        config = _config(process, mounts, netns_path, f"{self.cgroup_prefix}/{spec.name}", spec.name)
         (bundle / "config.json").write_text(json.dumps(config, indent=2))
         (bundle / "spec.json").write_text(json.dumps(spec.to_dict(), indent=2))
         return bundle
@@ -248,21 +254,6 @@ def _failure(what: str, stderr: str, criu_log: Path | None) -> SkyferryError:
     return SkyferryError(f"{what} failed: {cause}", log=log)
 
 
-def _host_dir_mounts(rootfs: Path) -> list[dict[str, Any]]:
-    """Read-only binds of the host's system dirs; merged-/usr symlinks (/lib -> usr/lib) stay symlinks,
-    because CRIU cannot move a mount whose source is a symlink."""
-    mounts = []
-    for d in HOST_DIRS:
-        target = rootfs / d.lstrip("/")
-        if os.path.islink(d):
-            if not target.is_symlink():
-                target.symlink_to(os.readlink(d))
-        elif os.path.isdir(d):
-            target.mkdir(parents=True, exist_ok=True)
-            mounts.append({"destination": d, "type": "bind", "source": d, "options": ["rbind", "ro"]})
-    return mounts
-
-
 def _base_mounts() -> list[dict[str, Any]]:
     return [
         {"destination": "/proc", "type": "proc", "source": "proc"},
@@ -294,35 +285,11 @@ def _base_mounts() -> list[dict[str, Any]]:
 
 
 def _config(
-    args: list[str],
-    env: dict[str, str],
-    mounts: list[dict[str, Any]],
-    netns_path: str,
-    cgroup: str,
-    hostname: str,
+    process: dict[str, Any], mounts: list[dict[str, Any]], netns_path: str, cgroup: str, hostname: str
 ) -> dict[str, Any]:
-    caps = [
-        "CAP_AUDIT_WRITE",
-        "CAP_KILL",
-        "CAP_NET_BIND_SERVICE",
-        "CAP_CHOWN",
-        "CAP_DAC_OVERRIDE",
-        "CAP_FOWNER",
-        "CAP_SETUID",
-        "CAP_SETGID",
-    ]
     return {
         "ociVersion": "1.0.2",
-        "process": {
-            "terminal": False,
-            "user": {"uid": 0, "gid": 0},
-            "args": args,
-            "env": [f"{k}={v}" for k, v in env.items()],
-            "cwd": "/",
-            "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
-            "noNewPrivileges": True,
-        },
+        "process": process,
         "root": {"path": "rootfs", "readonly": False},
         "hostname": hostname,
         "mounts": mounts,
@@ -335,7 +302,8 @@ def _config(
                 {"type": "mount"},
                 {"type": "network", "path": netns_path},
             ],
-            "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"],
-            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
+            "seccomp": isolation.seccomp(),
+            "maskedPaths": list(isolation.MASKED),
+            "readonlyPaths": list(isolation.READONLY),
         },
     }

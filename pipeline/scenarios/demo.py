@@ -17,11 +17,12 @@ from skyferry.netplane.mesh import Mesh
 from skyferry.netplane.wan import WanSpec
 from skyferry.pipeline.controller import agentctl, containers, provision
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.hostapi.spec import HOST_PROGRAMS
 from skyferry.pipeline.scenarios import workload_counter
 from skyferry.providers.local import LocalProvider
 
 PORT = 9000
-PYTHON = "/usr/bin/python3"  # the host's python, also visible read-only inside default containers
+PYTHON = "/usr/bin/python3"  # the host's python; a container sees it only when it asks for HOST_PROGRAMS
 
 
 def mesh_up(state: Path, count: int, wan: str | None = None, name: str | None = None) -> Mesh:
@@ -41,7 +42,7 @@ def mesh_down(state: Path) -> list[str]:
 
 
 def counter_rootfs(workdir: Path) -> Path:
-    """A rootfs holding just the counter service; the host's /usr and /etc are bound in read-only."""
+    """A rootfs holding just the counter service; run it with host_dirs=HOST_PROGRAMS for the host's python3."""
     rootfs = workdir / "counter-rootfs"
     (rootfs / "app").mkdir(parents=True, exist_ok=True)
     shutil.copy(workload_counter.__file__, rootfs / "app" / "counter.py")
@@ -52,14 +53,16 @@ def start_counter(
     state: Path, host: str, name: str, workdir: Path, memory_mib: int = 0, dirty_mb_s: float = 0.0
 ) -> dict[str, Any]:
     """The counter service on `host`. A machine (VM, cloud) cannot see this machine's files, so there it
-    runs from its source inline, with the host's own Python; a namespace host gets a rootfs."""
+    runs from its source inline, with the host's own Python; a namespace host gets a rootfs. Either way
+    the container asks for the host's programs (read-only /usr), and sees nothing else of the host."""
     serve = ["serve", str(PORT)]
     if memory_mib:
         serve += ["--memory-mib", str(memory_mib), "--dirty-mb-s", str(dirty_mb_s)]
     if Mesh.load(state).host(host).netns is None:
         source = Path(workload_counter.__file__).read_text()
-        return containers.run(state, host, name, [PYTHON, "-c", source, *serve])
-    return containers.run(state, host, name, [PYTHON, "/app/counter.py", *serve], rootfs=counter_rootfs(workdir))
+        return containers.run(state, host, name, [PYTHON, "-c", source, *serve], host_dirs=list(HOST_PROGRAMS))
+    args = [PYTHON, "/app/counter.py", *serve]
+    return containers.run(state, host, name, args, rootfs=counter_rootfs(workdir), host_dirs=list(HOST_PROGRAMS))
 
 
 @dataclass

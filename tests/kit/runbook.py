@@ -10,6 +10,7 @@ from typing import Any
 
 from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller import agentctl, containers
+from skyferry.pipeline.hostapi.spec import HOST_PROGRAMS
 from skyferry.pipeline.scenarios import demo as scenario
 
 from kit.mesh import mesh_in
@@ -33,7 +34,8 @@ def counter(
     args = [scenario.PYTHON, "/app/counter.py", "serve", str(scenario.PORT)]
     if memory_mib:
         args += ["--memory-mib", str(memory_mib)]
-    return containers.run(state, host, name, args, rootfs=scenario.counter_rootfs(workdir), labels=labels)
+    rootfs = scenario.counter_rootfs(workdir)
+    return containers.run(state, host, name, args, rootfs=rootfs, labels=labels, host_dirs=list(HOST_PROGRAMS))
 
 
 def client(mesh: Mesh, host: str, ip: str, workdir: Path) -> scenario.CounterClient:

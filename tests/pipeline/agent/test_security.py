@@ -27,6 +27,7 @@ from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi import pki
 from skyferry.pipeline.hostapi.client import AgentClient, AgentUnreachable
 from skyferry.pipeline.hostapi.layout import AGENT_PORT, IMAGES_TMPFS
+from skyferry.pipeline.hostapi.spec import HOST_PROGRAMS
 from skyferry.pipeline.scenarios import demo as scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
@@ -290,7 +291,8 @@ def test_images_hold_secrets_live_on_tmpfs_only_and_are_wiped(
     secret = "sf-secret-" + secrets.token_hex(12)
     name = f"secret-{outcome}"
     args = [scenario.PYTHON, "/app/counter.py", "serve", str(scenario.PORT)]
-    containers.run(state, "local-1", name, args, rootfs=scenario.counter_rootfs(tmp_path), env={"SF_TOKEN": secret})
+    rootfs = scenario.counter_rootfs(tmp_path)
+    containers.run(state, "local-1", name, args, rootfs=rootfs, env={"SF_TOKEN": secret}, host_dirs=list(HOST_PROGRAMS))
     seen: dict[str, list[Path]] = {}
     target_faults = Path(m.hosts["local-2"].state_root) / "faults"
 

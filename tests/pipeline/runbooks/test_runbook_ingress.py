@@ -262,7 +262,7 @@ def web_rootfs(tmp_path: Path, token: str) -> Path:
 def run_web(name: str, label: str, rootfs: Path, host: str = "local-1") -> subprocess.CompletedProcess[str]:
     server = [scenario.PYTHON, "-m", "http.server", "8080", "--bind", "0.0.0.0", "--directory", "/srv"]
     return cli("run", "--host", host, "--name", name, "--rootfs", str(rootfs), "--label", f"ingress={label}",
-               "--json", "--", *server)  # fmt: skip
+               "--host-programs", "--json", "--", *server)  # fmt: skip
 
 
 def published(state: Path, mesh: Mesh, host: str) -> list[dict]:
