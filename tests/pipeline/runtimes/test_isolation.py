@@ -83,8 +83,10 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Mesh]
 
 
 def _output(state: Path, name: str, args: list[str], **kw: object) -> str:
-    """Run `args` then `echo END` in a new container; its output once END appears. Removed afterwards."""
-    containers.run(state, "local-1", name, ["/bin/sh", "-c", '"$@"; echo END', "sh", *args], **kw)  # type: ignore[arg-type]
+    """Run `args` then `echo END` in a new container, which then sleeps (`run` fails a command that exits
+    at once); its output once END appears. Removed afterwards."""
+    script = '"$@"; echo END; exec sleep 100000'
+    containers.run(state, "local-1", name, ["/bin/sh", "-c", script, "sh", *args], **kw)  # type: ignore[arg-type]
     try:
         return _wait_for_end(state, name)
     finally:
@@ -165,7 +167,7 @@ def test_the_seccomp_filter_refuses_what_dockers_refuses(mesh: tuple[Path, Mesh]
 @needs_root
 def test_user_runs_the_command_as_that_user(mesh: tuple[Path, Mesh]) -> None:
     state, _ = mesh
-    script = "id -u; id -g; grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status; echo END"
+    script = "id -u; id -g; grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status; echo END; exec sleep 100000"
     argv = [SKYFERRY, "run", "--host", "local-1", "--name", "user", "--user", "1000", "--json"]
     proc = subprocess.run([*argv, "--", "/bin/sh", "-c", script], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
