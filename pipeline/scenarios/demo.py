@@ -50,8 +50,9 @@ def counter_rootfs(workdir: Path) -> Path:
 
 
 def start_counter(
-    state: Path, host: str, name: str, workdir: Path, memory_mib: int = 0, dirty_mb_s: float = 0.0
-) -> dict[str, Any]:
+    state: Path, host: str, name: str, workdir: Path, memory_mib: int = 0, dirty_mb_s: float = 0.0,
+    user: tuple[int, int] = (0, 0),
+) -> dict[str, Any]:  # fmt: skip
     """The counter service on `host`. A machine (VM, cloud) cannot see this machine's files, so there it
     runs from its source inline, with the host's own Python; a namespace host gets a rootfs. Either way
     the container asks for the host's programs (read-only /usr), and sees nothing else of the host."""
@@ -60,9 +61,10 @@ def start_counter(
         serve += ["--memory-mib", str(memory_mib), "--dirty-mb-s", str(dirty_mb_s)]
     if Mesh.load(state).host(host).netns is None:
         source = Path(workload_counter.__file__).read_text()
-        return containers.run(state, host, name, [PYTHON, "-c", source, *serve], host_dirs=list(HOST_PROGRAMS))
-    args = [PYTHON, "/app/counter.py", *serve]
-    return containers.run(state, host, name, args, rootfs=counter_rootfs(workdir), host_dirs=list(HOST_PROGRAMS))
+        args = [PYTHON, "-c", source, *serve]
+        return containers.run(state, host, name, args, user=user, host_dirs=list(HOST_PROGRAMS))
+    args, rootfs = [PYTHON, "/app/counter.py", *serve], counter_rootfs(workdir)
+    return containers.run(state, host, name, args, rootfs=rootfs, user=user, host_dirs=list(HOST_PROGRAMS))
 
 
 @dataclass
