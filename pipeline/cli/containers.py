@@ -41,6 +41,9 @@ def run(
     host_dir: list[str] = typer.Option(
         [], "--host-dir", help="A host directory to bind read-only at the same path, repeatable (runc)."
     ),
+    seccomp: str = typer.Option(
+        "default", "--seccomp", help="default (Docker's profile) or unconfined (no filter: only on purpose)."
+    ),
     json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP),
 ) -> None:
     """Start a container (runc, Podman or Docker) on HOST with its own netns and overlay IP.
@@ -70,7 +73,7 @@ def run(
     state = state_dir()
     info = containers.run(
         state, host, name, command, rootfs=rootfs, image=image, env=environment, labels=labels,
-        runtime=runtime, volumes=volume, user=ids, host_dirs=host_dirs,
+        runtime=runtime, volumes=volume, user=ids, host_dirs=host_dirs, seccomp=seccomp,
     )  # fmt: skip
     if deliver:  # its public address points here, and the host delivers the ports to it
         info["ingress"] = ingress.at_start(state, info["name"])

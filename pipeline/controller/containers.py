@@ -48,12 +48,13 @@ def run(
     state: Path, host: str, name: str, args: list[str], *, rootfs: Path | None = None,
     image: Path | None = None, env: dict[str, str] | None = None, runtime: str | None = None,
     labels: dict[str, str] | None = None, volumes: list[str] | None = None, user: tuple[int, int] = (0, 0),
-    host_dirs: list[str] | None = None,
+    host_dirs: list[str] | None = None, seccomp: str = "default",
 ) -> dict[str, Any]:  # fmt: skip
     """Start `args` in a new container on `host` with its own overlay /32; idempotent per (name, host).
 
     `runtime` is runc (default), podman or docker; it may also prefix the name: `podman:web`. `user` is
-    (uid, gid); `host_dirs` are host directories bound read-only (runc only; HOST_PROGRAMS for python3).
+    (uid, gid); `host_dirs` are host directories bound read-only (runc only; HOST_PROGRAMS for python3);
+    `seccomp` is "default" (Docker's profile) or "unconfined".
     """
     prefixed, name = split_name(name)
     if prefixed and runtime and prefixed != runtime:
@@ -96,7 +97,7 @@ def run(
             runtime=runtime,
             labels=dict(labels or {}),
             volumes=_volumes(volumes or [], runtime, host_dirs or []),
-            uid=user[0], gid=user[1], host_dirs=list(host_dirs or []),
+            uid=user[0], gid=user[1], host_dirs=list(host_dirs or []), seccomp=seccomp,
         )  # fmt: skip
     except (ValueError, SkyferryError) as exc:
         if not existing:

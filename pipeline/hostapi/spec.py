@@ -11,6 +11,7 @@ HOST_PROGRAMS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin")
 # Kernel file systems every container gets its own of; a host bind over them would hand it the host's.
 NO_HOST_BIND = ("/proc", "/sys", "/dev")
 MAX_ID = 2**32 - 2  # (uid_t)-1 means "no change" to the kernel
+SECCOMP = ("default", "unconfined")  # Docker's default profile, or none (`--seccomp unconfined`)
 
 
 @dataclass
@@ -29,10 +30,13 @@ class ContainerSpec:
     uid: int = 0  # the user the command runs as (`--user UID[:GID]`); root inside by default
     gid: int = 0
     host_dirs: list[str] = field(default_factory=list)  # host directories bound read-only at the same path
+    seccomp: str = "default"  # one of SECCOMP
 
     def __post_init__(self) -> None:
         check_user(self.uid, self.gid)
         self.host_dirs = check_host_dirs(self.host_dirs)
+        if self.seccomp not in SECCOMP:
+            raise ValueError(f"bad seccomp {self.seccomp!r}: one of {', '.join(SECCOMP)}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

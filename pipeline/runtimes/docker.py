@@ -150,7 +150,7 @@ class Docker:
         # Docker's own defaults (capabilities, seccomp, masked paths) stay as they are: nothing here adds
         # a capability, a privilege or a host path.
         args = ["--pull", "never", "--name", spec.name, "--network", f"container:{spec.name}.netns", *env]
-        args += engines.user_args(spec.uid, spec.gid)
+        args += engines.user_args(spec)
         return [*args, "--label", f"{engines.LABEL}={json.dumps(spec.to_dict())}", ref, *spec.args]
 
     def holds_netns(self, name: str) -> bool:

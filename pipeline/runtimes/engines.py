@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.hostapi.spec import ContainerSpec
 
 LABEL = "skyferry.spec"  # the ContainerSpec as JSON, on every container skyferry runs in an engine
 BUSYBOX = Path("/bin/busybox")  # busybox-static (scripts/bootstrap-host.sh); it runs in any rootfs
@@ -87,9 +88,11 @@ def tcp_established() -> Iterator[None]:
             RUNC_CONF.unlink(missing_ok=True)
 
 
-def user_args(uid: int, gid: int) -> list[str]:
-    """`--user UID:GID` for `docker run` / `podman run`; none for root, so the image's own USER applies."""
-    return ["--user", f"{uid}:{gid}"] if (uid, gid) != (0, 0) else []
+def user_args(spec: ContainerSpec) -> list[str]:
+    """`docker run` / `podman run` options for the spec's user and seccomp: `--user UID:GID` (none for root,
+    so the image's own USER applies) and `--security-opt seccomp=unconfined` only when asked for."""
+    args = ["--user", f"{spec.uid}:{spec.gid}"] if (spec.uid, spec.gid) != (0, 0) else []
+    return args + (["--security-opt", "seccomp=unconfined"] if spec.seccomp == "unconfined" else [])
 
 
 def image_ref(tarball: Path) -> str:

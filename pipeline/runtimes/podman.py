@@ -110,7 +110,7 @@ class Podman:
         args = ["run", "-d", "--name", spec.name, "--network", f"ns:{netns_path}"]
         args += ["--cgroup-parent", self.cgroup_parent, "--pull", "never", *ULIMITS, *env]
         # Podman's own defaults stay as they are: nothing here adds a capability, privilege or host path.
-        args += engines.user_args(spec.uid, spec.gid)
+        args += engines.user_args(spec)
         args += ["--label", f"{engines.LABEL}={json.dumps(spec.to_dict())}", ref, *spec.args]
         try:
             self._podman(*args, what="run")

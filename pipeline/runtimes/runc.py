@@ -93,6 +93,8 @@ class Runc:
         wrapped = ["/bin/sh", "-c", f'exec "$@" </dev/null >>{LOG_IN_CONTAINER} 2>&1', "sh", *spec.args]
         process = isolation.process(wrapped, spec.env, spec.uid, spec.gid)
         config = _config(process, mounts, netns_path, f"{self.cgroup_prefix}/{spec.name}", spec.name)
+        if spec.seccomp == "unconfined":  # asked for by name, as `docker run --security-opt seccomp=unconfined`
+            del config["linux"]["seccomp"]
         (bundle / "config.json").write_text(json.dumps(config, indent=2))
         (bundle / "spec.json").write_text(json.dumps(spec.to_dict(), indent=2))
         return bundle

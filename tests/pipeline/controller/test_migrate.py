@@ -343,7 +343,9 @@ def test_a_criu_failure_names_its_cause_and_keeps_its_log(mesh: tuple[Path, Mesh
     """CRIU cannot dump a userfaultfd. The error names CRIU's first real error (the file), not its final
     "Dumping FAILED"; the journal keeps CRIU's log after the images are wiped."""
     state, _ = mesh
-    started = cli("run", "--host", "local-1", "--name", "uffd", "--", "python3", "-c", USERFAULTFD)
+    # Docker's default seccomp profile refuses userfaultfd(2): this container runs without a filter.
+    started = cli("run", "--host", "local-1", "--name", "uffd", "--host-programs", "--seccomp", "unconfined",
+                  "--", "python3", "-c", USERFAULTFD)  # fmt: skip
     assert started.returncode == 0, started.stderr
     try:
         moved = cli("migrate", "uffd", "--to", "local-2", "--mode", "stop-copy", "--json")
@@ -368,7 +370,7 @@ def test_a_traced_task_is_refused_before_the_freeze(mesh: tuple[Path, Mesh]) -> 
     """CRIU cannot seize a task another task traces; the check stage names it while the container runs
     (no checkpoint is tried, nothing freezes). The control: the same image without the tracer moves."""
     state, _ = mesh
-    started = cli("run", "--host", "local-1", "--name", "traced", "--", "python3", "-c", TRACED)
+    started = cli("run", "--host", "local-1", "--name", "traced", "--host-programs", "--", "python3", "-c", TRACED)
     assert started.returncode == 0, started.stderr
     try:
         moved = cli("migrate", "traced", "--to", "local-2", "--json")
@@ -386,6 +388,7 @@ def test_a_traced_task_is_refused_before_the_freeze(mesh: tuple[Path, Mesh]) -> 
         "local-1",
         "--name",
         "untraced",
+        "--host-programs",
         "--",
         "python3",
         "-c",

@@ -49,6 +49,8 @@ def test_host_dirs_are_checked_at_the_boundary() -> None:
             ContainerSpec(name="a", args=["true"], ip="100.64.0.9", host_dirs=bad)
     with pytest.raises(ValueError):
         ContainerSpec.from_dict({"name": "a", "args": ["true"], "ip": "100.64.0.9", "uid": -1})
+    with pytest.raises(ValueError):
+        ContainerSpec(name="a", args=["true"], ip="100.64.0.9", seccomp="off")
 
 
 def test_the_seccomp_profile_has_dockers_semantics() -> None:
@@ -64,6 +66,7 @@ def test_the_seccomp_profile_has_dockers_semantics() -> None:
         "keyctl", "add_key", "request_key", "mount", "umount2", "unshare", "setns", "pivot_root", "bpf",
         "perf_event_open", "kexec_load", "init_module", "finit_module", "reboot", "swapon", "userfaultfd",
         "open_by_handle_at", "clock_settime", "settimeofday", "acct", "syslog", "iopl", "clone", "clone3",
+        "io_uring_setup", "io_uring_enter",
     }  # fmt: skip
     assert not denied & allowed
     by_name = {r["names"][0]: r for r in profile["syscalls"] if len(r["names"]) == 1}
@@ -161,6 +164,10 @@ def test_the_seccomp_filter_refuses_what_dockers_refuses(mesh: tuple[Path, Mesh]
     assert libc.syscall(KEYCTL, 0, -3, 0) >= 0, "control: keyctl works on the host"
     out = _output(state, "keyctl", [scenario.PYTHON, "-c", probe], host_dirs=list(HOST_PROGRAMS))
     assert "keyctl -1 1\n" in out, out  # EPERM, from the filter: keyctl needs no capability
+    # The control inside: the same container asked to run without a filter (`--seccomp unconfined`).
+    unconfined = _output(state, "keyctl-free", [scenario.PYTHON, "-c", probe], host_dirs=list(HOST_PROGRAMS),
+                         seccomp="unconfined")  # fmt: skip
+    assert "keyctl -1" not in unconfined and "keyctl " in unconfined, unconfined
 
 
 @pytest.mark.integration
