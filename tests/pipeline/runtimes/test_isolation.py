@@ -180,6 +180,10 @@ def test_user_runs_the_command_as_that_user(mesh: tuple[Path, Mesh]) -> None:
     assert proc.returncode == 0, proc.stderr
     try:
         out = _wait_for_end(state, "user")
+        # `skyferry exec` runs as the container's user too, under its filter (runc exec reads config.json).
+        probe = ["/bin/sh", "-c", "id -u; grep Seccomp: /proc/self/status"]
+        inside = subprocess.run([SKYFERRY, "exec", "user", "--", *probe], capture_output=True, text=True)
+        assert inside.returncode == 0 and inside.stdout.split() == ["1000", "Seccomp:", "2"], inside
     finally:
         containers.remove(state, "user")
     lines = out.splitlines()
