@@ -76,6 +76,34 @@ def test_the_seccomp_profile_has_dockers_semantics() -> None:
     assert "chroot" not in {n for r in isolation.seccomp(caps=(), machine="x86_64")["syscalls"] for n in r["names"]}
 
 
+@needs_root
+def test_preparing_a_rootfs_never_writes_through_its_symlinks(tmp_path: Path) -> None:
+    """A --rootfs or image may hold links to host files where skyferry writes (/etc/hosts, the log): the
+    files outside stay as they were, and a rootfs whose /etc is a link is refused."""
+    canary = tmp_path / "canary"
+    canary.write_text("host file\n")
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "etc").mkdir(parents=True)
+    for name in ("hosts", "resolv.conf", "hostname"):
+        (rootfs / "etc" / name).symlink_to(canary)
+    (rootfs / ".skyferry").mkdir()
+    (rootfs / ".skyferry" / "app.log").symlink_to(canary)
+    with pytest.raises(OSError):  # the log: O_NOFOLLOW
+        isolation.prepare_rootfs(rootfs, "c", "100.64.0.9", 1000, 1000, [])
+    (rootfs / ".skyferry" / "app.log").unlink()
+    isolation.prepare_rootfs(rootfs, "c", "100.64.0.9", 1000, 1000, [])
+    assert canary.read_text() == "host file\n" and canary.stat().st_uid == 0
+    assert not (rootfs / "etc" / "hosts").is_symlink() and "100.64.0.9\tc" in (rootfs / "etc" / "hosts").read_text()
+    assert (rootfs / ".skyferry" / "app.log").stat().st_uid == 1000  # the user appends; the dir stays root's
+    assert (rootfs / "bin" / "sh").resolve() == (rootfs / "bin" / "busybox").resolve()  # a shell of its own
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "etc").symlink_to(tmp_path / "outside-etc")
+    with pytest.raises(ValueError, match="symlink"):
+        isolation.prepare_rootfs(linked, "c", "100.64.0.9", 0, 0, [])
+    assert not (tmp_path / "outside-etc").exists()
+
+
 # --- real containers -----------------------------------------------------------------------------------
 
 
