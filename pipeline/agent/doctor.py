@@ -203,6 +203,17 @@ def pipe_max_size_result(value: int, cap_eff: int) -> CheckResult:
     return CheckResult(name, Status.FAIL, detail, fix, str(value))
 
 
+def other_users_result(cap_eff: int) -> CheckResult:
+    """CRIU reads every task's rlimits with prlimit(2); for another user's task (a container run with
+    --user) that needs CAP_SYS_RESOURCE, so without it only root containers can be checkpointed."""
+    name = "dump --user containers"
+    if cap_eff >> CAP_SYS_RESOURCE & 1:
+        return CheckResult(name, Status.PASS, "root has CAP_SYS_RESOURCE: CRIU can dump non-root tasks", value="yes")
+    detail = "root lacks CAP_SYS_RESOURCE: a container run with --user cannot migrate from here (check refuses it)"
+    fix = "run the agent with root's full capabilities (not inside a container that drops CAP_SYS_RESOURCE)"
+    return CheckResult(name, Status.WARN, detail, fix, "no")
+
+
 def wireguard_result(module: str, wireguard_go: Output | None, wg: Output | None) -> CheckResult:
     """`module` is "loaded", "loadable" or "missing"; the outputs are `wireguard-go --version` and
     `wg --version`."""
@@ -363,6 +374,7 @@ def run_checks() -> list[CheckResult]:
         lambda: lazy_pages_result(feature("uffd-noncoop")),
         lambda: precopy_result(feature("mem_dirty_track")),
         lambda: pipe_max_size_result(int(Path("/proc/sys/fs/pipe-max-size").read_text()), probe_cap_eff()),
+        lambda: other_users_result(probe_cap_eff()),
         lambda: wireguard_result(
             probe_wireguard_module(), run(["wireguard-go", "--version"]), run(["wg", "--version"])
         ),

@@ -26,16 +26,13 @@ CPUINFO_IMAGE = "cpuinfo.img"
 # CRIU 4.2 has no `cpuinfo dump` on these (criu/arch/*/cpu.c returns -ENOTSUP): nothing to compare there.
 CPUINFO_UNSUPPORTED = ("aarch64", "armv7l", "riscv64")
 CPUINFO_MAX = 64 * 1024  # the image is about 100 bytes; anything near this is not one
-CAP_SYS_RESOURCE = 24
 
 
 def dumps_other_users() -> bool:
     """Whether CRIU here can dump a task of another user (a container run with --user): CRIU reads each
     task's rlimits with prlimit(2), which for a task whose uids differ from the caller's needs
     CAP_SYS_RESOURCE. Root has it on real machines and VMs; root in some container sandboxes does not."""
-    with open("/proc/self/status") as f:
-        eff = next(line.split()[1] for line in f if line.startswith("CapEff:"))
-    return bool(int(eff, 16) >> CAP_SYS_RESOURCE & 1)
+    return bool(doctor.probe_cap_eff() >> doctor.CAP_SYS_RESOURCE & 1)
 
 
 def cpu_flags() -> list[str]:

@@ -94,6 +94,12 @@ def test_pipe_max_size() -> None:
     assert doctor.pipe_max_size_result(PIPE_MAX_DEBIAN_DEFAULT, CAPS_FULL).status is Status.WARN
 
 
+def test_dumping_non_root_containers_needs_cap_sys_resource() -> None:
+    here = doctor.other_users_result(CAPS_HERE)  # this machine's root: no CAP_SYS_RESOURCE
+    assert here.status is Status.WARN and here.value == "no" and "--user" in here.detail and here.fix
+    assert doctor.other_users_result(CAPS_FULL).status is Status.PASS
+
+
 def test_tcp_repair_errors() -> None:
     assert doctor.tcp_repair_result(None).status is Status.PASS
     for err in (errno.EPERM, errno.ENOPROTOOPT, errno.EINVAL):
