@@ -14,6 +14,7 @@ from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller import containers
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi.layout import IMAGES_TMPFS
+from skyferry.pipeline.hostapi.spec import HOST_PROGRAMS
 from skyferry.pipeline.scenarios import demo as scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
@@ -47,8 +48,9 @@ def test_a_log_symlinked_to_a_host_file_is_not_followed(mesh: tuple[Path, Mesh],
         f"os.symlink({str(canary)!r}, '/.skyferry/app.new'); os.replace('/.skyferry/app.new', '/.skyferry/app.log'); "
         "time.sleep(600)"
     )
-    containers.run(state, "local-1", "plainlog", _python(plain), rootfs=rootfs)
-    containers.run(state, "local-1", "hostilelog", _python(hostile), rootfs=rootfs)
+    programs = list(HOST_PROGRAMS)  # the host's python3, read-only
+    containers.run(state, "local-1", "plainlog", _python(plain), rootfs=rootfs, host_dirs=programs)
+    containers.run(state, "local-1", "hostilelog", _python(hostile), rootfs=rootfs, host_dirs=programs)
     try:
         deadline = time.monotonic() + 30
         while b"hello from plain" not in containers.logs(state, "plainlog") and time.monotonic() < deadline:
