@@ -33,6 +33,7 @@ from skyferry.pipeline.hostapi import pki
 from skyferry.pipeline.hostapi.client import AgentClient, AgentUnreachable
 from skyferry.pipeline.hostapi.layout import AGENT_PORT
 from skyferry.pipeline.hostapi.revocation import serial
+from skyferry.pipeline.hostapi.spec import HOST_PROGRAMS
 from skyferry.pipeline.scenarios import demo as scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
@@ -259,7 +260,8 @@ def test_mesh_rotate_renews_every_certificate_while_a_container_runs(mesh: tuple
     state, m = mesh
     name = "rotated"
     args = [scenario.PYTHON, "/app/counter.py", "serve", str(scenario.PORT)]
-    containers.run(state, "local-1", name, args, rootfs=scenario.counter_rootfs(tmp_path))
+    rootfs = scenario.counter_rootfs(tmp_path)
+    containers.run(state, "local-1", name, args, rootfs=rootfs, host_dirs=list(HOST_PROGRAMS))  # the host's python3
     try:
         before = {h: _served(state, m, h) for h in m.hosts}
         controller_before = x509.load_pem_x509_certificate(agentctl.controller_identity(state, m).cert.read_bytes())
