@@ -33,7 +33,7 @@ START_TIMEOUT_ENV = "SKYFERRY_AGENT_START_TIMEOUT"  # seconds to wait for a loca
 def controller_identity(state: Path, mesh: Mesh) -> pki.Identity:
     ca = state / "ca"
     pki.ensure_ca(ca, mesh.name)
-    return pki.issue(ca, ca / "controller", "controller", [mesh.controller.overlay_ip])
+    return pki.issue(ca, ca / "controller", "controller", [mesh.controller.overlay_ip], role=pki.CONTROLLER)
 
 
 def client(state: Path, mesh: Mesh, host: str) -> AgentClient:
@@ -118,7 +118,7 @@ def start_agents(mesh: Mesh, state: Path) -> None:
         if host.name in pids and _alive(pids[host.name]):
             continue
         root = Path(host.state_root)
-        pki.issue(ca, root / "tls", host.name, [host.overlay_ip])
+        pki.issue(ca, root / "tls", host.name, [host.overlay_ip], role=pki.HOST)
         argv = _agent_argv(
             mesh, host, "--listen", host.overlay_ip, "--mtu", str(mesh.mtu), "--wg-interface", host.interface
         )
