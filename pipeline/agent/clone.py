@@ -32,22 +32,22 @@ CHECK_TIMEOUT_S = 30.0
 OPS = ("clone-prepare", "clone-checkpoint", "clone-transfer", "clone-restore", "clone-check", "clone-discard")
 
 
-def dispatch(host: Host, mig: str, op: str, body: dict[str, Any], lane: Callable[[str], Lane]) -> Any:
-    """One clone operation; the agent holds the lock of body["name"] around it. `lane(name)` is the
-    channel to the target (body["target"]) for streams addressed to container `name` there."""
+def dispatch(host: Host, mig: str, op: str, req: Any, lane: Callable[[str], Lane]) -> Any:
+    """One clone operation (`req`: its bodies.STEPS model); the agent holds the lock of req.name around
+    it. `lane(name)` is the channel to the target (req.target) for streams addressed to container `name`."""
     match op:
         case "clone-prepare":
-            return prepare(host, mig, ContainerSpec.from_dict(body["spec"]))
+            return prepare(host, mig, req.spec)
         case "clone-checkpoint":
-            return checkpoint(host, mig, body["name"])
+            return checkpoint(host, mig, req.name)
         case "clone-transfer":
-            return transfer(host, mig, body["name"], lane(clone_name(body["name"])))
+            return transfer(host, mig, req.name, lane(clone_name(req.name)))
         case "clone-restore":
-            return restore(host, mig, body["name"])
+            return restore(host, mig, req.name)
         case "clone-check":
-            return check(host, body["name"], body.get("cmd"), bool(body.get("live")), body.get("timeout"))
+            return check(host, req.name, req.cmd, req.live, req.timeout)
         case "clone-discard":
-            return discard(host, mig, body.get("clone"))
+            return discard(host, mig, req.clone)
     raise SkyferryError(f"no clone operation {op!r}")
 
 
