@@ -1,5 +1,5 @@
 """Who may call an agent, and with what: roles in certificates, migrations bound to their peer, bodies and
-paths checked at the boundary (docs/security.md, "Authorization").
+paths checked at the boundary, health checks confined to the container (docs/security.md, "Authorization").
 
 Real agents in a real three-host mesh, reached with the real certificates each member holds (a host's own
 key is what an attacker who took that host has). Every refusal has a positive control on the same route:
@@ -279,3 +279,43 @@ def test_rootfs_and_image_paths_stay_in_the_hosts_imports(mesh: tuple[Path, Mesh
         assert not (imports / name).exists(), "the staged copy outlived the run"
     finally:
         containers.remove(state, name)
+
+
+@pytest.fixture
+def running(mesh: tuple[Path, Mesh], tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """A counter container on local-1 with a marker file in its rootfs, and a file only the host has."""
+    state, _ = mesh
+    name = f"hc-{secrets.token_hex(3)}"
+    rootfs = scenario.counter_rootfs(tmp_path)
+    (rootfs / "app" / "marker").write_text("in the container\n")
+    host_only = Path("/tmp") / f"sf-authz-host-only-{secrets.token_hex(4)}"
+    host_only.write_text("host\n")
+    args = [scenario.PYTHON, "/app/counter.py", "serve", str(scenario.PORT)]
+    info = containers.run(state, "local-1", name, args, rootfs=rootfs)
+    try:
+        yield {"name": name, "ip": info["ip"], "host_only": host_only}
+    finally:
+        containers.remove(state, name)
+        host_only.unlink()
+
+
+def test_a_health_check_runs_inside_the_container(mesh: tuple[Path, Mesh], running: dict[str, Any]) -> None:
+    state, m = mesh
+    ctl = agentctl.client(state, m, "local-1")
+
+    def check(cmd: str) -> dict[str, Any]:
+        body = {"name": running["name"], "cmd": cmd, "live": True}
+        return ctl.call("POST", f"/v1/migrations/hc-{secrets.token_hex(3)}/clone-check", body)
+
+    # Positive controls: it sees the container's own files, address and processes.
+    assert check("cat /app/marker")["output"] == "in the container"
+    assert check(f'ip -o -4 addr show | grep -q " {running["ip"]}/"')["ok"]
+    assert "/app/counter.py" in check("tr '\\0' ' ' </proc/1/cmdline")["output"]
+    # And nothing of the host: a file the host has (and the check's own host-side view would see) ...
+    assert running["host_only"].exists()
+    seen = check(f"cat {running['host_only']}")
+    assert seen["rc"] != 0 and "No such file" in seen["output"], seen
+    # ... nor root: nobody, no capabilities, no way to gain them.
+    assert check("id -u")["output"] == "65534"
+    assert check("grep CapEff /proc/self/status")["output"].split()[-1] == "0000000000000000"
+    assert check("grep NoNewPrivs /proc/self/status")["output"].split()[-1] == "1"
