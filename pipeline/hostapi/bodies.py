@@ -68,7 +68,7 @@ class Prepare(Step):
 class Precopy(Step):
     target: Target
     policy: Policy = Policy()
-    method: Literal["auto"] | Method = "auto"
+    method: Literal["auto", "content"] = "auto"  # the source picks soft-dirty itself where it can
 
 
 class Checkpoint(Step):
