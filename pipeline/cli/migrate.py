@@ -83,8 +83,8 @@ def migrate(
     json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP),
     test: bool = typer.Option(False, "--test", help="Test cutover: a clone restored on the target, isolated, "
                               "checked and discarded; the source keeps running (docs/runbooks.md)."),
-    check: str | None = typer.Option(None, "--check", help="With --test: shell health check run in the clone's "
-                                     "netns ($SKYFERRY_IP set); exit 0 means healthy."),
+    check: str | None = typer.Option(None, "--check", help="With --test: shell health check run inside the "
+                                     "clone, as nobody ($SKYFERRY_IP set); exit 0 means healthy."),
 ) -> None:  # fmt: skip
     """Live-migrate a running container to another host; its IP and TCP connections survive.
 
