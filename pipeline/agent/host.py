@@ -26,7 +26,7 @@ from skyferry.pipeline.files import wire
 from skyferry.pipeline.hostapi import privdir
 from skyferry.pipeline.hostapi.layout import IMAGES_TMPFS, page_server
 from skyferry.pipeline.hostapi.publish import PublicPort
-from skyferry.pipeline.hostapi.spec import ContainerSpec
+from skyferry.pipeline.hostapi.spec import IMPORTS, ContainerSpec
 from skyferry.pipeline.runtimes.protocol import Runtime, runtimes
 
 POSTCOPY_TIMEOUT = 900.0  # seconds for the target to fetch every page
@@ -115,9 +115,25 @@ class Host:
     def page_server(self, mig: str) -> str:
         return page_server(mig, self.cfg.overlay_ip)
 
+    def bind(self, mig: str, peer: str) -> None:
+        """Migration `mig` takes streams from host `peer` only (the controller names it at prepare). Kept in
+        the state root, so an agent restart does not forget who may send them; `wipe` drops it."""
+        path = self._binding(mig)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        path.write_text(peer)
+
+    def peer(self, mig: str) -> str | None:
+        """The host bound to migration `mig` here, or None: this host was never prepared for it."""
+        path = self._binding(mig)
+        return path.read_text() if path.exists() else None
+
+    def _binding(self, mig: str) -> Path:
+        return self.cfg.state_root / "bindings" / mig
+
     def wipe(self, mig: str) -> None:
-        """Remove a migration's images (they hold the container's memory), keeping CRIU's logs, which do
-        not, in <state_root>/logs/<mig>/ for whoever investigates a failure."""
+        """Remove a migration's images (they hold the container's memory) and its peer binding, keeping
+        CRIU's logs, which do not, in <state_root>/logs/<mig>/ for whoever investigates a failure."""
+        self._binding(mig).unlink(missing_ok=True)
         src = self.mig_dir(mig)
         for log in src.glob("work*/*.log"):
             dest = self.cfg.state_root / "logs" / mig / f"{log.parent.name}-{log.name}"
@@ -136,6 +152,7 @@ class Host:
     # --- containers ------------------------------------------------------------------------------
 
     def run(self, spec: ContainerSpec) -> dict[str, Any]:
+        self._confine(spec)
         runtime = self.engine(spec)
         state = self.state(spec.name)
         if state is not None:
@@ -165,6 +182,14 @@ class Host:
                     f"container {name!r} exited at once ({status or 'gone'})",
                     hint="its last log lines:\n  " + "\n  ".join(tail) if tail else "it wrote no log",
                 )
+
+    def _confine(self, spec: ContainerSpec) -> None:
+        """A rootfs or image is read from this host's imports directory only (<state_root>/imports/),
+        never from anywhere else a caller names: not the host's /etc, not this agent's own TLS key."""
+        imports = (self.cfg.state_root / IMPORTS).resolve()
+        for what, path in (("rootfs", spec.rootfs), ("image", spec.image)):
+            if path is not None and not Path(path).resolve().is_relative_to(imports):
+                raise ValueError(f"{what} {path} is outside {imports}: put it there first (the controller does)")
 
     def info(self, name: str) -> dict[str, Any]:
         runtime = self.rt(name)

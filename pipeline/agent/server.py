@@ -36,6 +36,16 @@ Routes (JSON in, JSON out; errors are {"error", "hint"} with 4xx/5xx, and "log":
                                             `lazy-final` (hybrid: a lazy dump and the clean map), or
                                             `fs-round` (files changed since the last round); TargetSession
                                             handles each in the method of the same name
+
+Who may call what (ACCESS, checked before a request body is read): every certificate names its holder's
+role and name (pipeline/hostapi/pki.py). Everything is the controller's, except what one host sends
+another during a migration: the streams above and the target steps `precopy-reset` and `hold`. Those
+only the host the controller bound to that migration id may call: `prepare` (and a test cutover's
+`clone-prepare`) names the source host as `peer`, and the target takes that migration's streams from a
+certificate of that name, with the host role, and from nobody else (the controller included). A refusal
+is 403 with a JSON {"error", "hint"}; a certificate without a role (made before roles existed) is
+refused on every route. Every body is a pydantic model (pipeline/hostapi/bodies.py): a malformed one,
+a bad container name in the path, or a rootfs or image outside the host's imports directory is a 400.
 """
 
 import base64
@@ -59,16 +69,15 @@ from skyferry.pipeline.agent.certs import LiveIdentity, NewCert
 from skyferry.pipeline.agent.host import Host, HostConfig
 from skyferry.pipeline.agent.source import Lane, SourceSession
 from skyferry.pipeline.agent.target import TargetSession
-from skyferry.pipeline.criu.version import PRECOPY_CONTENT
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.hostapi import faults, privdir
+from skyferry.pipeline.hostapi import bodies, faults, pki, privdir
 from skyferry.pipeline.hostapi.client import AgentClient
 from skyferry.pipeline.hostapi.execute import ExecRequest, ExecResult
 from skyferry.pipeline.hostapi.layout import AGENT_PORT, IMAGES_TMPFS
 from skyferry.pipeline.hostapi.pki import Identity
 from skyferry.pipeline.hostapi.publish import PublicPort
 from skyferry.pipeline.hostapi.revocation import RevocationList
-from skyferry.pipeline.hostapi.spec import ContainerSpec
+from skyferry.pipeline.hostapi.spec import SPEC_NAME, ContainerSpec
 from skyferry.pipeline.hostapi.tlsserver import TLSServer
 from skyferry.pipeline.memory import lazypages
 from skyferry.pipeline.memory.policy import ConvergencePolicy
@@ -76,7 +85,39 @@ from skyferry.pipeline.memory.policy import ConvergencePolicy
 SOURCE_OPS = ("precopy", "checkpoint", "transfer", "rollback", "confirm")  # SourceSession's steps
 TARGET_OPS = ("prepare", "precopy-reset", "hold", "restore", "abort", "cleanup")  # TargetSession's steps
 MIGRATION_ID = re.compile(r"[A-Za-z0-9_-]+")  # it names directories (images, logs)
-PAGE_SERVER = re.compile(r"\d{1,3}(\.\d{1,3}){3}:\d{1,5}")  # a source's CRIU page server, addr:port
+STREAMS = ("receive", "precopy-round", "precopy-final", "lazy-final", "fs-round")  # TargetSession's streams
+CONTROLLER, PEER = "controller", "peer"  # the controller's certificate; the migration's bound source host
+# Every route and who may call it (the path after /v1/; NAME and OP are one segment, ID a migration id).
+# The first match decides; a path that matches none is the controller's (and then most likely a 404).
+ACCESS: tuple[tuple[str, str, str], ...] = (
+    ("GET", "facts", CONTROLLER),
+    ("GET", "cpuinfo", CONTROLLER),
+    ("POST", "cpuinfo/check", CONTROLLER),
+    ("GET", "capacity", CONTROLLER),
+    ("GET", "doctor", CONTROLLER),
+    ("GET", "containers", CONTROLLER),
+    ("POST", "containers", CONTROLLER),
+    ("GET", "containers/NAME", CONTROLLER),
+    ("GET", "containers/NAME/logs", CONTROLLER),
+    ("GET", "containers/NAME/preflight", CONTROLLER),
+    ("POST", "containers/NAME/exec", CONTROLLER),
+    ("DELETE", "containers/NAME", CONTROLLER),
+    ("POST", "containers/NAME/route", CONTROLLER),
+    ("POST", "containers/NAME/ingress", CONTROLLER),
+    ("DELETE", "containers/NAME/ingress", CONTROLLER),
+    ("GET", "ingress", CONTROLLER),
+    ("PUT", "mesh/peers", CONTROLLER),
+    ("POST", "tls/csr", CONTROLLER),
+    ("PUT", "tls/cert", CONTROLLER),
+    ("PUT", "tls/revoked", CONTROLLER),
+    ("POST", "migrations/ID/(precopy-reset|hold)", PEER),
+    ("POST", "migrations/ID/OP", CONTROLLER),
+    ("PUT", f"migrations/ID/({'|'.join(STREAMS)})", PEER),
+)
+_SHAPES = [
+    (method, re.compile(shape.replace("NAME", "[^/]+").replace("OP", "[^/]+").replace("ID", MIGRATION_ID.pattern)), who)
+    for method, shape, who in ACCESS
+]
 log = logging.getLogger("skyferry.agent")
 
 
@@ -124,8 +165,30 @@ class Agent:
         self._peers: dict[tuple[str, int, str], AgentClient] = {}
         self._peers_lock = threading.Lock()
 
+    def authorize(self, caller: tuple[str | None, str], method: str, path: str) -> None:
+        """Raise _Forbidden unless `caller` ((role, name) of its certificate) may call `method path`."""
+        role, name = caller
+        if role is None:
+            raise _Forbidden(
+                f"the certificate of {name!r} carries no role (it was issued before roles existed)",
+                hint="re-issue the mesh's certificates: skyferry mesh rotate",
+            )
+        rest = path.removeprefix("/v1/")
+        who = next((who for m, shape, who in _SHAPES if m == method and shape.fullmatch(rest)), CONTROLLER)
+        if who == CONTROLLER:
+            if role != pki.CONTROLLER:
+                raise _Forbidden(f"{method} {path} is the controller's; {role} {name!r} may not call it")
+            return
+        mig = rest.split("/")[1]
+        bound = self.host.peer(mig)
+        if role != pki.HOST or name != bound:
+            why = f"it takes them from {bound} only" if bound else f"{self.host.cfg.name} was not prepared for it"
+            raise _Forbidden(f"{role} {name!r} may not send migration {mig}'s streams: {why}")
+
     def handle(self, method: str, path: str, query: dict[str, list[str]], body: Any) -> Any:
         parts = [p for p in path.split("/") if p][1:]  # drop "v1"
+        if parts[:1] == ["containers"] and len(parts) > 1 and not SPEC_NAME.fullmatch(parts[1]):
+            raise ValueError(f"bad container name {parts[1]!r}")  # it names a bundle and a netns
         host = self.host
         match method, parts:
             case "GET", ["facts"]:
@@ -134,7 +197,7 @@ class Agent:
                 image = facts.cpuinfo_image()
                 return {"image": base64.b64encode(image).decode() if image else None}
             case "POST", ["cpuinfo", "check"]:
-                return facts.cpuinfo_check(body["image"])
+                return facts.cpuinfo_check(bodies.CpuinfoCheck.model_validate(body).image)
             case "GET", ["doctor"]:
                 return doctor.report()
             case "GET", ["capacity"]:
@@ -156,10 +219,10 @@ class Agent:
                 done = host.exec(name, req.args, base64.b64decode(req.stdin), req.timeout)
                 return ExecResult.of(*done).model_dump()
             case "POST", ["containers", name, "route"]:
-                host.set_route(name, bool(body["present"]))
+                host.set_route(name, bodies.Route.model_validate(body).present)
                 return {"ok": True}
             case "POST", ["containers", name, "ingress"]:
-                ports = [PublicPort.parse(p) for p in body["ports"]]
+                ports = [PublicPort.parse(p) for p in bodies.Ingress.model_validate(body).ports]
                 with host.lock(name):
                     return {"published": host.publish(name, ports)}
             case "DELETE", ["containers", name, "ingress"]:
@@ -184,44 +247,46 @@ class Agent:
                 return self._step(mig, op, body)
         raise _NotFound(f"no route {method} {path}")
 
-    def _step(self, mig: str, op: str, body: dict[str, Any]) -> Any:
-        name = body["name"]
+    def _step(self, mig: str, op: str, body: Any) -> Any:
         if op not in SOURCE_OPS + TARGET_OPS + clone.OPS:
             raise _NotFound(f"no migration operation {op!r}")
+        req = bodies.STEPS[op].model_validate(body)
         faults.check(self.host.cfg.state_root, op)
-        with self.host.lock(name):
+        with self.host.lock(req.name):
+            if isinstance(req, bodies.Prepare):  # the source host whose streams this migration takes
+                self.host.bind(mig, req.peer)
             if op in clone.OPS:
-                return clone.dispatch(self.host, mig, op, body, lambda to: self._lane(mig, body["target"], to, "mem"))
+                return clone.dispatch(self.host, mig, op, req, lambda to: self._lane(mig, req.target, to, "mem"))
             if op in SOURCE_OPS:
-                return self._source_step(SourceSession.of(self.host, mig, name), op, body)
-            return self._target_step(TargetSession.of(self.host, mig, name), op, body)
+                return self._source_step(SourceSession.of(self.host, mig, req.name), op, req)
+            return self._target_step(TargetSession.of(self.host, mig, req.name), op, req)
 
-    def _source_step(self, session: SourceSession, op: str, body: dict[str, Any]) -> Any:
+    def _source_step(self, session: SourceSession, op: str, req: Any) -> Any:
         match op:
             case "precopy":
-                policy = ConvergencePolicy(**body.get("policy", {}))
-                lanes = self._lanes(session.mig, body["target"], session.name)
-                return session.precopy(*lanes, policy, body.get("method", "auto"))
+                policy = ConvergencePolicy(**req.policy.model_dump(exclude_none=True))
+                lanes = self._lanes(session.mig, req.target, session.name)
+                return session.precopy(*lanes, policy, req.method)
             case "checkpoint":
-                return session.checkpoint(lazy=bool(body.get("lazy")))
+                return session.checkpoint(lazy=req.lazy)
             case "transfer":
-                return session.transfer(*self._lanes(session.mig, body["target"], session.name))
+                return session.transfer(*self._lanes(session.mig, req.target, session.name))
             case "rollback":
                 return session.rollback()
             case "confirm":
                 return session.confirm()
         raise _NotFound(f"no source operation {op!r}")
 
-    def _target_step(self, session: TargetSession, op: str, body: dict[str, Any]) -> Any:
+    def _target_step(self, session: TargetSession, op: str, req: Any) -> Any:
         match op:
             case "prepare":
-                session.prepare(ContainerSpec.from_dict(body["spec"]))
+                session.prepare(req.spec)
             case "precopy-reset":
-                session.precopy_reset(body.get("method", PRECOPY_CONTENT))
+                session.precopy_reset(req.method)
             case "hold":
-                return {"held": session.hold([base64.b64decode(p) for p in body["packets"]])}
+                return {"held": session.hold([base64.b64decode(p) for p in req.packets])}
             case "restore":
-                return session.restore(page_server=body.get("page_server"))
+                return session.restore(page_server=req.page_server)
             case "abort":
                 session.abort()
             case "cleanup":
@@ -231,37 +296,34 @@ class Agent:
         return {"ok": True}
 
     def stream_in(self, mig: str, stream: str, query: dict[str, list[str]], reader: Any) -> Any:
-        name = query["name"][0]
+        q = bodies.StreamQuery.model_validate({k: v[0] for k, v in query.items()})
         faults.check(self.host.cfg.state_root, stream)
-        page_server = query.get("page_server", [""])[0]
-        if page_server and not PAGE_SERVER.fullmatch(page_server):
-            raise SkyferryError(f"bad page server address {page_server!r}")
-        with self.host.lock(name):
-            session = TargetSession.of(self.host, mig, name)
+        with self.host.lock(q.name):
+            session = TargetSession.of(self.host, mig, q.name)
             match stream:
                 case "receive":
-                    return session.receive(reader, page_server or None)
+                    return session.receive(reader, q.page_server)
                 case "precopy-round":
                     return session.precopy_round(reader)
                 case "precopy-final":
                     return session.precopy_final(reader)
                 case "lazy-final":
-                    return session.lazy_final(reader, page_server or None)
+                    return session.lazy_final(reader, q.page_server)
                 case "fs-round":
                     return session.fs_round(reader)
         raise _NotFound(f"no stream {stream!r}")
 
-    def _lanes(self, mig: str, target: dict[str, Any], name: str) -> tuple[Lane, Lane]:
+    def _lanes(self, mig: str, target: bodies.Target, name: str) -> tuple[Lane, Lane]:
         """The memory and file lanes to the target's agent for this migration (the session never sees the
         clients behind them)."""
         return self._lane(mig, target, name, "mem"), self._lane(mig, target, name, "fs")
 
-    def _lane(self, mig: str, target: dict[str, Any], name: str, lane: str) -> Lane:
+    def _lane(self, mig: str, target: bodies.Target, name: str, lane: str) -> Lane:
         """One kept-alive client per peer and lane: the connections warmed by the pre-copy rounds carry
         the final deltas inside the freeze without a new TCP and TLS handshake across the WAN; a connection
         opened later shows this host's current certificate. Fault drills may damage an upload on the way
         (faults.corrupt)."""
-        key = (target["address"], int(target.get("port", AGENT_PORT)), lane)
+        key = (target.address, target.port, lane)
         with self._peers_lock:
             if key not in self._peers:
                 self._peers[key] = AgentClient(key[0], key[1], self.live.client(), check=self.live.check)
@@ -280,6 +342,10 @@ class Agent:
 
 
 class _NotFound(Exception):
+    pass
+
+
+class _Forbidden(SkyferryError):
     pass
 
 
@@ -319,7 +385,7 @@ def _handler(agent: Agent) -> type[BaseHTTPRequestHandler]:
                 log.warning("%s %s: %s", self.command, self.path, exc)
                 self._reply(HTTPStatus.CONFLICT, {"error": str(exc), "hint": exc.hint, "log": exc.log})
             except (KeyError, ValueError, TypeError) as exc:
-                self._reply(HTTPStatus.BAD_REQUEST, {"error": f"bad request: {exc!r}", "hint": None})
+                self._reply(HTTPStatus.BAD_REQUEST, {"error": f"bad request: {exc}", "hint": None})
                 self.close_connection = True
             except Exception as exc:  # an agent bug must not kill the agent
                 log.exception("%s %s failed", self.command, self.path)
@@ -343,8 +409,14 @@ def _handler(agent: Agent) -> type[BaseHTTPRequestHandler]:
                 self._reply(HTTPStatus.NOT_FOUND, {"error": "not found", "hint": None})
                 return
             query = parse_qs(url.query)
-            streams = "receive|precopy-round|precopy-final|lazy-final|fs-round"
-            m = re.fullmatch(rf"/v1/migrations/([A-Za-z0-9_-]+)/({streams})", url.path)
+            try:
+                agent.authorize(pki.identify(self.connection.getpeercert(binary_form=True)), self.command, url.path)
+            except _Forbidden as exc:  # nothing of the request is read or run
+                log.warning("refused %s %s: %s", self.command, self.path, exc)
+                self.close_connection = True  # a refused stream's body stays unread
+                self._reply(HTTPStatus.FORBIDDEN, {"error": str(exc), "hint": exc.hint})
+                return
+            m = re.fullmatch(rf"/v1/migrations/({MIGRATION_ID.pattern})/({'|'.join(STREAMS)})", url.path)
             if self.command == "PUT" and m:
                 chunked = self.headers.get("Transfer-Encoding", "").lower() == "chunked"
                 self._dispatch(

@@ -55,6 +55,9 @@ def run(
 
     Podman and Docker containers need --image (a rootfs tarball, imported, or a `docker save` archive).
 
+    A local host gets a copy of --rootfs or --image; a joined machine's agent reads them only from its
+    own /var/lib/skyferry/host/imports/, so put them there first (docs/security.md).
+
     Example: skyferry run --host local-1 --name web --host-programs -- python3 -m http.server 8080
 
     Example: skyferry run --host local-1 --name db --host-programs --user 1000 --volume /data -- python3 /app/db.py

@@ -37,7 +37,7 @@ START_TIMEOUT_ENV = "SKYFERRY_AGENT_START_TIMEOUT"  # seconds to wait for a loca
 def controller_identity(state: Path, mesh: Mesh) -> pki.Identity:
     ca = state / "ca"
     pki.ensure_ca(ca, mesh.name)
-    ident = pki.issue(ca, ca / "controller", "controller", [mesh.controller.overlay_ip])
+    ident = pki.issue(ca, ca / "controller", "controller", [mesh.controller.overlay_ip], role=pki.CONTROLLER)
     certs.record_file(state, "controller", ident.cert)
     return ident
 
@@ -126,7 +126,7 @@ def start_agents(mesh: Mesh, state: Path) -> None:
         if host.name in pids and _alive(pids[host.name]):
             continue
         root = Path(host.state_root)
-        ident = pki.issue(ca, root / "tls", host.name, [host.overlay_ip])
+        ident = pki.issue(ca, root / "tls", host.name, [host.overlay_ip], role=pki.HOST)
         certs.record_file(state, host.name, ident.cert)
         RevokedFile(root / "tls" / "revoked.json").write(certs.revoked(state))  # before it takes a connection
         argv = _agent_argv(

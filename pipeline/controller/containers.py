@@ -2,7 +2,7 @@
 
 import base64
 import logging
-import re
+import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -10,16 +10,15 @@ from typing import Any
 
 from skyferry.netplane import routes
 from skyferry.netplane.ipam import Ipam
-from skyferry.netplane.mesh import Mesh
+from skyferry.netplane.mesh import Mesh, MeshHost
 from skyferry.pipeline.controller import agentctl
 from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi.execute import ExecRequest, ExecResult
-from skyferry.pipeline.hostapi.spec import ContainerSpec
+from skyferry.pipeline.hostapi.spec import IMPORTS, NAME, ContainerSpec
 
 log = logging.getLogger(__name__)
 
-NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")
 RUNTIMES = ("runc", "podman", "docker")
 
 
@@ -90,16 +89,19 @@ def run(
     ipam = Ipam(state)
     owner = f"container:{name}"
     ip = ipam.lookup(owner) or ipam.allocate(owner)
+    staged = _stage(mesh.host(host), name, rootfs or image)
     try:
         spec = ContainerSpec(
             name=name, args=list(args), ip=ip, env=dict(env or {}),
-            rootfs=str(rootfs.resolve()) if rootfs else None, image=str(image.resolve()) if image else None,
+            rootfs=staged if rootfs else None, image=staged if image else None,
             runtime=runtime,
             labels=dict(labels or {}),
             volumes=_volumes(volumes or [], runtime, host_dirs or []),
             uid=user[0], gid=user[1], host_dirs=list(host_dirs or []), seccomp=seccomp,
         )  # fmt: skip
     except (ValueError, SkyferryError) as exc:
+        if staged and mesh.host(host).netns is not None:
+            shutil.rmtree(Path(staged).parent, ignore_errors=True)
         if not existing:
             ipam.release(ip)
         raise exc if isinstance(exc, SkyferryError) else SkyferryError(str(exc)) from None
@@ -110,8 +112,29 @@ def run(
         if not existing:
             ipam.release(ip)
         raise
+    finally:
+        if staged and mesh.host(host).netns is not None:
+            shutil.rmtree(Path(staged).parent, ignore_errors=True)  # the agent has copied or loaded it
     registry.add(spec, host)
     return info
+
+
+def _stage(member: MeshHost, name: str, source: Path | None) -> str | None:
+    """Where the agent of `member` reads a rootfs or image: its imports directory, the only place it
+    reads them from (docs/security.md). A local host's is on this machine, so it is copied there; a
+    joined machine's must already hold the path given (under <its state root>/imports/)."""
+    if source is None:
+        return None
+    if member.netns is None:
+        return str(source.resolve())
+    dest = Path(member.state_root) / IMPORTS / name / source.name
+    shutil.rmtree(dest.parent, ignore_errors=True)
+    dest.parent.mkdir(parents=True, mode=0o700)
+    if source.is_dir():
+        shutil.copytree(source, dest, symlinks=True)
+    else:
+        shutil.copyfile(source, dest)
+    return str(dest)
 
 
 def _volumes(paths: list[str], runtime: str, host_dirs: list[str]) -> list[str]:

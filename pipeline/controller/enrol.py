@@ -62,7 +62,7 @@ class Enrolment:
         )
         mesh.hosts[req.name] = member
         mesh.save(self.state)
-        cert = pki.sign_csr(self.state / "ca", req.csr_pem, req.name, [ip])
+        cert = pki.sign_csr(self.state / "ca", req.csr_pem, req.name, [ip], role=pki.HOST)
         certs.record(self.state, req.name, cert)
         push = agentctl.Pusher(self.state, mesh)
         if old and old.public_key != member.public_key:  # a rejoin with a new key: drop the old one
@@ -127,7 +127,7 @@ def serving(state: Path, listen: str | None = None) -> Iterator[Enrolment]:
     ca = state / "ca"
     pki.ensure_ca(ca, mesh.name)
     bind = listen or _bind_address(mesh)
-    ident = pki.issue(ca, ca / f"enrolment-{bind}", "controller", [address(mesh)])
+    ident = pki.issue(ca, ca / f"enrolment-{bind}", "controller", [address(mesh)], role=pki.CONTROLLER)
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(str(ident.cert), str(ident.key))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3

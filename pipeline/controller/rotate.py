@@ -55,7 +55,7 @@ def _host(state: Path, mesh: Mesh, name: str) -> dict[str, Any]:
     try:
         old = serial(x509.load_der_x509_certificate(client.peer_certificate()))
         csr = client.call("POST", "/v1/tls/csr", {})["csr_pem"]
-        pem = pki.sign_csr(state / "ca", csr, name, [member.overlay_ip])
+        pem = pki.sign_csr(state / "ca", csr, name, [member.overlay_ip], role=pki.HOST)
         new = certs.record(state, name, pem)
         client.call("PUT", "/v1/tls/cert", {"cert_pem": pem})
     finally:
@@ -79,7 +79,7 @@ def _controller(state: Path, mesh: Mesh) -> dict[str, Any]:
     old = serial(x509.load_pem_x509_certificate(current.cert.read_bytes()))
     staging = ca / "controller.next"
     shutil.rmtree(staging, ignore_errors=True)
-    made = pki.issue(ca, staging, "controller", [mesh.controller.overlay_ip])
+    made = pki.issue(ca, staging, "controller", [mesh.controller.overlay_ip], role=pki.CONTROLLER)
     new = certs.record_file(state, "controller", made.cert)
     os.replace(made.key, current.key)
     os.replace(made.cert, current.cert)

@@ -123,12 +123,13 @@ class Check:
 
 
 class Prepare:
-    """The target gets the same netns and IP (no route yet) and an empty bundle."""
+    """The target gets the same netns and IP (no route yet) and an empty bundle, and takes this
+    migration's streams from the source host only (`peer`)."""
 
     name = "prepare"
 
     def run(self, ctx: Context) -> None:
-        ctx.mig_call(ctx.dst, "prepare", spec=ctx.entry.spec.to_dict())
+        ctx.mig_call(ctx.dst, "prepare", spec=ctx.entry.spec.to_dict(), peer=ctx.source)
 
     def undo(self, ctx: Context) -> None:
         ctx.mig_call(ctx.dst, "abort")

@@ -1,8 +1,18 @@
-"""What a container is, as the controller and every agent agree: it moves with the container."""
+"""What a container is, as the controller and every agent agree: it moves with the container.
 
+The spec is validated wherever it is made or read (a pydantic dataclass): an agent refuses a malformed
+one with a 400 before anything acts on it. Names become kernel objects and paths (netns, bundles), so a
+name is a closed alphabet, never `..` or a slash.
+"""
+
+import ipaddress
 import posixpath
-from dataclasses import asdict, dataclass, field
-from typing import Any
+import re
+from dataclasses import asdict, field
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, Field, StringConstraints
+from pydantic.dataclasses import dataclass
 
 CLONE_SUFFIX = ".test"  # container names cannot contain a dot, so a test cutover's clone never collides
 # What `--host-programs` binds read-only, so host programs such as python3 run inside: the host's /usr
@@ -11,32 +21,59 @@ HOST_PROGRAMS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin")
 # Kernel file systems every container gets its own of; a host bind over them would hand it the host's.
 NO_HOST_BIND = ("/proc", "/sys", "/dev")
 MAX_ID = 2**32 - 2  # (uid_t)-1 means "no change" to the kernel
-SECCOMP = ("default", "unconfined")  # Docker's default profile, or none (`--seccomp unconfined`)
+NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")  # a container's name, as users give it
+IMPORTS = "imports"  # in a host's state root: the one place `run` reads a rootfs or image from
+SPEC_NAME = re.compile(f"{NAME.pattern}(?:{re.escape(CLONE_SUFFIX)})?")  # ... or a test cutover's clone
+
+
+def _ipv4(text: str) -> str:
+    ipaddress.IPv4Address(text)  # ValueError names the bad address
+    return text
+
+
+def _absolute(path: str) -> str:
+    if not path.startswith("/") or "\0" in path or ".." in path.split("/"):
+        raise ValueError(f"{path!r} is not an absolute path without '..'")
+    return path
+
+
+def check_host_dirs(paths: list[str]) -> list[str]:
+    """Host directories to bind read-only: absolute, normalised, distinct, and neither / nor a kernel file
+    system (/proc, /sys, /dev) nor anything below one."""
+    for path in paths:
+        if not path.startswith("/") or posixpath.normpath(path) != path:
+            raise ValueError(f"bad host directory {path!r}: an absolute, normalised path such as /usr")
+        if path == "/" or any(path == d or path.startswith(d + "/") for d in NO_HOST_BIND):
+            raise ValueError(f"host directory {path!r} cannot be bound into a container")
+    if len(set(paths)) != len(paths):
+        raise ValueError("the same host directory was given twice")
+    return paths
+
+
+ContainerName = Annotated[str, StringConstraints(pattern=f"^{SPEC_NAME.pattern}$")]
+Path = Annotated[str, StringConstraints(max_length=4096), AfterValidator(_absolute)]
+Text = Annotated[str, StringConstraints(max_length=1 << 16)]
+Id = Annotated[int, Field(strict=True, ge=0, le=MAX_ID)]
 
 
 @dataclass
 class ContainerSpec:
     """What a container is, independent of the host it runs on; moves with it."""
 
-    name: str
-    args: list[str]
-    ip: str
-    env: dict[str, str] = field(default_factory=dict)
-    rootfs: str | None = None  # a directory copied into the bundle at `run`
-    image: str | None = None  # an OCI or `docker save` tarball unpacked at `run`
-    runtime: str = "runc"  # which adapter runs it (pipeline/runtimes/protocol.py)
-    volumes: list[str] = field(default_factory=list)  # paths in the container backed by volumes that move with it
-    labels: dict[str, str] = field(default_factory=dict)  # operator metadata: priority, ingress (docs/runbooks.md)
-    uid: int = 0  # the user the command runs as (`--user UID[:GID]`); root inside by default
-    gid: int = 0
-    host_dirs: list[str] = field(default_factory=list)  # host directories bound read-only at the same path
-    seccomp: str = "default"  # one of SECCOMP
-
-    def __post_init__(self) -> None:
-        check_user(self.uid, self.gid)
-        self.host_dirs = check_host_dirs(self.host_dirs)
-        if self.seccomp not in SECCOMP:
-            raise ValueError(f"bad seccomp {self.seccomp!r}: one of {', '.join(SECCOMP)}")
+    name: ContainerName
+    args: Annotated[list[Text], Field(min_length=1, max_length=4096)]
+    ip: Annotated[str, AfterValidator(_ipv4)]
+    env: dict[Annotated[str, StringConstraints(pattern=r"^[^=\x00]{1,256}$")], Text] = field(default_factory=dict)
+    rootfs: Path | None = None  # a directory copied into the bundle at `run`
+    image: Path | None = None  # an OCI or `docker save` tarball unpacked at `run`
+    runtime: Annotated[str, StringConstraints(pattern=r"^[a-z]{1,16}$")] = "runc"  # pipeline/runtimes/protocol.py
+    volumes: list[Path] = field(default_factory=list)  # paths in the container backed by volumes that move with it
+    labels: dict[Text, Text] = field(default_factory=dict)  # operator metadata: priority, ingress (docs/runbooks.md)
+    uid: Id = 0  # the user the command runs as (`--user UID[:GID]`); root inside by default
+    gid: Id = 0
+    # host directories bound read-only at the same path (runc; --host-programs, --host-dir)
+    host_dirs: Annotated[list[Path], AfterValidator(check_host_dirs)] = field(default_factory=list)
+    seccomp: Literal["default", "unconfined"] = "default"  # Docker's default profile, or none
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,27 +91,9 @@ def parse_user(text: str) -> tuple[int, int]:
         ids = int(uid), int(gid) if sep else int(uid)
     except ValueError:
         raise ValueError(f"--user {text!r} is not UID[:GID] (numbers)") from None
-    check_user(*ids)
+    if not all(0 <= n <= MAX_ID for n in ids):
+        raise ValueError(f"--user {text!r}: UID[:GID] from 0 to {MAX_ID}")
     return ids
-
-
-def check_user(uid: int, gid: int) -> None:
-    for what, n in (("uid", uid), ("gid", gid)):
-        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_ID:
-            raise ValueError(f"bad {what} {n!r}: a number from 0 to {MAX_ID}")
-
-
-def check_host_dirs(paths: list[str]) -> list[str]:
-    """Host directories to bind read-only: absolute, normalised, distinct, and neither / nor a kernel file
-    system (/proc, /sys, /dev) nor anything below one."""
-    for path in paths:
-        if not isinstance(path, str) or not path.startswith("/") or posixpath.normpath(path) != path:
-            raise ValueError(f"bad host directory {path!r}: an absolute, normalised path such as /usr")
-        if path == "/" or any(path == d or path.startswith(d + "/") for d in NO_HOST_BIND):
-            raise ValueError(f"host directory {path!r} cannot be bound into a container")
-    if len(set(paths)) != len(paths):
-        raise ValueError("the same host directory was given twice")
-    return list(paths)
 
 
 def clone_name(name: str) -> str:

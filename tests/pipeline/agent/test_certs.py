@@ -99,7 +99,12 @@ def _sign(state: Path, out: Path, name: str, ip: str, start: dt.datetime, end: d
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(end)
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]), False)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address(ip)), x509.UniformResourceIdentifier(pki.ROLE_URI + pki.HOST)]
+            ),
+            False,
+        )
         .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
     )
     out.mkdir(parents=True, exist_ok=True)
@@ -134,7 +139,7 @@ def test_new_certificates_last_90_days(mesh: tuple[Path, Mesh]) -> None:
 
 def test_a_revoked_certificate_is_refused(mesh: tuple[Path, Mesh], tmp_path: Path) -> None:
     state, m = mesh
-    ident = pki.issue(state / "ca", tmp_path / "spare", "spare-1", ["100.64.0.250"])
+    ident = pki.issue(state / "ca", tmp_path / "spare", "spare-1", ["100.64.0.250"], role=pki.HOST)
     certs.record_file(state, "spare-1", ident.cert)
     assert _accepted(_ask(m, "local-1", _ctx(ident))), "positive control: the CA's certificate is answered"
     revoked = certs.revoke_subjects(state, ["spare-1"])
@@ -180,7 +185,7 @@ def test_a_connection_open_before_the_revocation_is_cut(mesh: tuple[Path, Mesh],
     """A kept-alive connection outlives its handshake: when the list arrives, the agent cuts those whose
     peer it now revokes. The controller's connection, open just as long, keeps working (control)."""
     state, m = mesh
-    ident = pki.issue(state / "ca", tmp_path / "spare", "spare-6", ["100.64.0.252"])
+    ident = pki.issue(state / "ca", tmp_path / "spare", "spare-6", ["100.64.0.252"], role=pki.HOST)
     certs.record_file(state, "spare-6", ident.cert)
     doomed = _keepalive(m, "local-1", _ctx(ident))
     control = _keepalive(m, "local-1", agentctl.controller_identity(state, m).client_context())
@@ -216,8 +221,8 @@ def test_a_revoked_or_expired_agent_is_refused_by_the_controller(mesh: tuple[Pat
     certificate is refused; the same impostor with a valid one completes the handshake (positive control)."""
     state, m = mesh
     now = dt.datetime.now(dt.UTC)
-    good = pki.issue(state / "ca", tmp_path / "good", "spare-3", ["127.0.0.1"])
-    gone = pki.issue(state / "ca", tmp_path / "gone", "spare-4", ["127.0.0.1"])
+    good = pki.issue(state / "ca", tmp_path / "good", "spare-3", ["127.0.0.1"], role=pki.HOST)
+    gone = pki.issue(state / "ca", tmp_path / "gone", "spare-4", ["127.0.0.1"], role=pki.HOST)
     certs.record_file(state, "spare-3", good.cert)
     certs.record_file(state, "spare-4", gone.cert)
     certs.revoke_subjects(state, ["spare-4"])
@@ -303,7 +308,7 @@ def test_a_bad_certificate_is_not_installed(mesh: tuple[Path, Mesh], tmp_path: P
     state, m = mesh
     client = agentctl.client(state, m, "local-2")
     before = _served(state, m, "local-2")
-    other = pki.issue(state / "ca", tmp_path / "other", "local-2", [m.hosts["local-2"].overlay_ip])
+    other = pki.issue(state / "ca", tmp_path / "other", "local-2", [m.hosts["local-2"].overlay_ip], role=pki.HOST)
     client.call("POST", "/v1/tls/csr", {})
     with pytest.raises(SkyferryError, match="not for the key"):
         client.call("PUT", "/v1/tls/cert", {"cert_pem": other.cert.read_text()})

@@ -361,6 +361,14 @@ def test_a_criu_failure_names_its_cause_and_keeps_its_log(mesh: tuple[Path, Mesh
         log = failed[0]["detail"]["log"]
         assert "--- CRIU dump.log" in log and "Dumping FAILED" in log, log
         assert "Can't dump file" in cli("migrations", "show", mig.id).stdout
+        spans = json.loads(cli("migrations", "show", "--json", "--timeline", mig.id).stdout)["timeline"]
+        by = {sp["label"]: sp for sp in spans}
+        assert by["checkpoint"]["status"] == "failed" and by["undo checkpoint"]["status"] == "undone"
+        assert by["freeze"]["start_ms"] == by["checkpoint"]["start_ms"]
+        assert (by["freeze"]["end_ms"], by["freeze"]["status"]) == (
+            by["undo checkpoint"]["end_ms"],
+            "thawed on the source",
+        )
         assert (where(state, "uffd")["host"], where(state, "uffd")["state"]) == ("local-1", "running")
     finally:
         cli("rm", "uffd")
@@ -416,7 +424,18 @@ def test_exec_runs_inside_the_container_wherever_it_runs(mesh: tuple[Path, Mesh]
             input="through stdin\n", capture_output=True, text=True,
         )  # fmt: skip
         assert (piped.returncode, piped.stdout) == (7, "through stdin\n"), piped.stderr
-        assert cli("migrate", "ex", "--to", "local-2").returncode == 0
+        moved = json.loads(cli("migrate", "ex", "--to", "local-2", "--json").stdout)
+        spans = json.loads(cli("migrations", "show", moved["id"], "--timeline", "--json").stdout)["timeline"]
+        stages = [sp for sp in spans if sp["kind"] == "stage"]
+        assert [sp["start_ms"] for sp in spans] == sorted(sp["start_ms"] for sp in spans)
+        assert all(sp["status"] == "done" and sp["end_ms"] >= sp["start_ms"] for sp in stages)
+        freeze = next(sp for sp in spans if sp["kind"] == "freeze")
+        by = {sp["label"]: sp for sp in stages}
+        assert (freeze["start_ms"], freeze["end_ms"]) == (by["checkpoint"]["start_ms"], by["restore"]["end_ms"])
+        assert abs(freeze["end_ms"] - freeze["start_ms"] - moved["freeze_ms"]) < 1
+        rounds = [sp for sp in spans if sp["kind"] == "round"]
+        assert rounds and all(by["precopy"]["start_ms"] <= r["start_ms"] <= by["precopy"]["end_ms"] for r in rounds)
+        assert "freeze" in cli("migrations", "show", moved["id"], "--timeline").stdout
         moved = json.loads(cli("exec", "--json", "ex", "--", "cat", "/in").stdout)
         assert moved == {"exit_code": 0, "stdout": "through stdin\n", "stderr": ""}
         slow = cli("exec", "--timeout", "1", "ex", "--", "sleep", "1234")
