@@ -18,7 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.hostapi.spec import ContainerSpec
 from skyferry.pipeline.runtimes.images import unpack_image
+from skyferry.pipeline.runtimes.runc import Runc
 
 
 def _layer(files: dict[str, bytes | None]) -> bytes:
@@ -274,3 +276,43 @@ def test_symlink_then_opaque_empties_the_canary_only_for_a_naive_unpacker(tmp_pa
     assert _chrooted(safe, unpack_image) in (0, REFUSED)
     assert _snapshot(safe) == before
     assert (safe / "rootfs/x").is_symlink(), "the link itself is kept, as the image says"
+
+
+@needs_root
+def test_a_runc_bundle_keeps_the_images_links_inside_its_rootfs(tmp_path: Path) -> None:
+    """After unpacking, the runc adapter makes /.skyferry and volume mount points, and reads /.skyferry/app.log
+    for `skyferry logs`: an image's links must lead inside the rootfs there too. The links are relative,
+    so that followed from the host they would reach the canary beside the bundles and a bug would show."""
+    state = tmp_path / "state"
+    canary = state / "canary"
+    canary.mkdir(parents=True)
+    (canary / "secret").write_bytes(b"host secret")
+    runc = Runc(state, "/skyferry/test")
+    out = "../../../canary"  # from <state>/containers/<name>/rootfs
+
+    def bundle(name: str, layer: list[tuple]) -> None:
+        image = _hostile_image(tmp_path / f"{name}.tar", [layer])
+        spec = ContainerSpec(name=name, args=["true"], ip="10.0.0.2", image=str(image), volumes=["/data/planted"])
+        runc.create_bundle(spec, "/run/netns/none")
+
+    for name, link in (("dot", ".skyferry"), ("vol", "data")):
+        with pytest.raises(SkyferryError, match="in the container's rootfs: No such file"):
+            bundle(name, [("symlink", link, out)])  # inside the rootfs, the link leads nowhere
+    assert sorted(p.name for p in canary.iterdir()) == ["secret"], "nothing may be made through an image's link"
+    bundle("inside", [("dir", "srv"), ("symlink", "data", "/srv")])  # an absolute link, followed in the rootfs
+    assert (runc.rootfs("inside") / "srv/planted").is_dir(), "positive control: links do lead, inside"
+
+    bundle("log", [("dir", ".skyferry"), ("symlink", ".skyferry/app.log", f"../{out}/secret")])
+    with pytest.raises(SkyferryError, match="symlink; not followed"):
+        runc.logs("log")
+    assert (runc.rootfs("log") / ".skyferry/app.log").read_bytes() == b"host secret", "followed, it would leak"
+
+
+def _hostile_image(path: Path, layers: list[list[tuple]]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        names = []
+        for i, layer in enumerate(layers):
+            names.append(f"l{i}/layer.tar")
+            _add(tar, names[-1], _hostile_layer(layer))
+        _add(tar, "manifest.json", json.dumps([{"Config": "c.json", "Layers": names}]).encode())
+    return path
