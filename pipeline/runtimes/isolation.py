@@ -12,9 +12,11 @@ which needs CAP_SYS_ADMIN and no filter on CRIU itself), and the restorer instal
 See docs/security.md, "Containers".
 """
 
+import errno
 import ipaddress
 import os
 import platform
+import stat
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -174,14 +176,28 @@ def prepare_rootfs(rootfs: Path, name: str, ip: str, uid: int, gid: int, host_di
     _write(etc / "resolv.conf", _resolv_conf())
     _write(etc / "passwd", "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n", keep=True)
     _write(etc / "group", "root:x:0:\nnogroup:x:65534:\n", keep=True)
-    fd = os.open(rootfs / LOG_IN_CONTAINER.lstrip("/"), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    try:
-        os.fchown(fd, uid, gid)  # the command's user appends to it; the directory stays root's
-    finally:
-        os.close(fd)
+    _own_log(rootfs / LOG_IN_CONTAINER.lstrip("/"), uid, gid)
     bin_dir = rootfs / "bin"
     if "/bin" not in host_dirs and not bin_dir.is_symlink() and not os.path.lexists(bin_dir / "sh"):
         _busybox(bin_dir)
+
+
+def _own_log(path: Path, uid: int, gid: int) -> None:
+    """The log, made by root and given to the command's user, who appends to it (the directory stays
+    root's). A log the rootfs brought as a symlink, FIFO or hard link is left as it is: never followed,
+    never chowned, and `skyferry logs` refuses to read it (hostapi/privdir.read_beneath)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO):  # a symlink; a FIFO without a reader
+            return
+        raise
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+            os.fchown(fd, uid, gid)
+    finally:
+        os.close(fd)
 
 
 def _no_link(path: Path) -> Path:

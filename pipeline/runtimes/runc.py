@@ -18,6 +18,7 @@ from typing import Any
 
 from skyferry.pipeline.criu import logs
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.files.inroot import Root
 from skyferry.pipeline.hostapi import privdir
 from skyferry.pipeline.hostapi.spec import ContainerSpec
 from skyferry.pipeline.runtimes import engines, isolation
@@ -76,6 +77,9 @@ class Runc:
                 unpack_image(Path(spec.image), rootfs)
             elif spec.rootfs:
                 shutil.copytree(spec.rootfs, rootfs, symlinks=True, dirs_exist_ok=True)
+        # /.skyferry first, resolved inside the rootfs: an image's link there leads nowhere on the host.
+        _mkdir_in(rootfs, LOG_IN_CONTAINER.rpartition("/")[0])
+        if fill_rootfs:
             try:
                 isolation.prepare_rootfs(rootfs, spec.name, spec.ip, spec.uid, spec.gid, spec.host_dirs)
             except (OSError, ValueError, subprocess.CalledProcessError) as exc:
@@ -87,7 +91,7 @@ class Runc:
         for i, path in enumerate(spec.volumes):
             source = self.volume(spec.name, i)
             source.mkdir(parents=True, exist_ok=True)
-            (rootfs / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
+            _mkdir_in(rootfs, path)
             mounts.append({"destination": path, "type": "bind", "source": str(source), "options": ["rbind", "rw"]})
         # Redirect stdio inside the container: CRIU cannot dump fds that point at host files.
         wrapped = ["/bin/sh", "-c", f'exec "$@" </dev/null >>{LOG_IN_CONTAINER} 2>&1', "sh", *spec.args]
@@ -309,3 +313,13 @@ def _config(
             "readonlyPaths": list(isolation.READONLY),
         },
     }
+
+
+def _mkdir_in(rootfs: Path, path: str) -> None:
+    """Directory `path` of the container (and its parents), resolved inside `rootfs`: a symlink from the
+    image (`.skyferry -> /etc`) leads inside the rootfs, never to the host."""
+    try:
+        with Root(rootfs) as root, root.dir(path.strip("/"), create=True):
+            pass
+    except OSError as exc:
+        raise SkyferryError(f"cannot make {path} in the container's rootfs: {exc.strerror}") from exc
