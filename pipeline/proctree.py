@@ -31,16 +31,15 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def stopped(pids: list[int]) -> list[dict[str, int | str]]:
-    """Those of `pids` that are stopped (state T, by a signal) or stopped under a tracer (t): {pid, state,
-    comm}. CRIU cannot dump such a task inside a frozen cgroup (docs/reliability.md)."""
-    found: list[dict[str, int | str]] = []
+def stopped(pids: list[int]) -> list[int]:
+    """Those of `pids` stopped by a signal (state T). CRIU cannot dump such a task inside a frozen cgroup
+    (docs/reliability.md, "The freeze bound")."""
+    found = []
     for pid in pids:
         try:
             stat = Path(f"/proc/{pid}/stat").read_text()
         except (FileNotFoundError, ProcessLookupError):
             continue
-        comm, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :]
-        if rest[0] in "Tt":
-            found.append({"pid": pid, "state": rest[0], "comm": comm})
+        if stat[stat.rindex(")") + 2] == "T":
+            found.append(pid)
     return found
