@@ -1,7 +1,8 @@
 """The freeze bound: no container stays frozen for a migration with nobody working on it.
 
-From the moment the source pauses a container (`checkpoint`), or a CRIU pre-dump freezes it for a
-round (`pre-dump`), the source agent keeps a record on its state dir, `<state_root>/freezes/<mig>.json`:
+From the moment the source pauses a container (`checkpoint`), a CRIU pre-dump freezes it for a round
+(`pre-dump`), or a test cutover pauses it for its clone's dump (`clone-checkpoint`), the source agent
+keeps a record on its state dir, `<state_root>/freezes/<mig>.json`:
 the container, since when, the deadline, and the target's agent. A `Watchdog` thread, started with the
 agent (so also by an agent that restarts after a crash), ends each freeze that is past its deadline
 (`SourceSession`'s `expire` in pipeline/agent/source.py says how). A record goes when the migration
@@ -24,12 +25,15 @@ from skyferry.pipeline.errors import SkyferryError
 
 log = logging.getLogger("skyferry.agent.freeze")
 TICK = 0.5  # seconds between the watchdog's looks at the records
+# Only after a `checkpoint` may the target hold a copy: that freeze ends with a fence, and the migration
+# is refused from then on. The others only pause the container for a dump of their own.
+Phase = Literal["checkpoint", "pre-dump", "clone-checkpoint"]
 
 
 class Freeze(BaseModel):
     mig: str
     name: str
-    phase: Literal["checkpoint", "pre-dump"]
+    phase: Phase
     since: float
     deadline: float
     bound: float
@@ -45,8 +49,7 @@ class Freezes:
         # Migration -> the process groups killed: their steps stop at once (uploads check it per chunk).
         self.expiring: dict[str, list[int]] = {}
 
-    def arm(self, mig: str, name: str, phase: Literal["checkpoint", "pre-dump"], bound: float,
-            target: str | None) -> Freeze:  # fmt: skip
+    def arm(self, mig: str, name: str, phase: Phase, bound: float, target: str | None = None) -> Freeze:
         """Start the clock for `mig` (before the freeze starts). A repeated checkpoint keeps the first
         record: the bound counts from the pause on."""
         self.check(mig)
@@ -100,11 +103,14 @@ class Freezes:
 
 
 class Watchdog:
-    """A daemon thread that calls `expire(record)` for every live freeze past its deadline; an `expire`
-    that cannot finish yet (the target unreachable) leaves the record live and is tried again."""
+    """A daemon thread that has `expire(record)` called for every live freeze past its deadline, each in
+    a thread of its own (one may wait for its container's lock, or for an unreachable target, without
+    holding up the others); an `expire` that cannot finish yet leaves the record live and is tried again."""
 
     def __init__(self, freezes: Freezes, expire: Callable[[Freeze], None]) -> None:
         self.freezes, self.expire = freezes, expire
+        self._busy: set[str] = set()
+        self._guard = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="freeze-watchdog", daemon=True)
 
     def start(self) -> "Watchdog":
@@ -115,9 +121,18 @@ class Watchdog:
         while True:
             for record in self.freezes.all():
                 if record.expired is None and time.time() >= record.deadline:
-                    try:
-                        self.expire(record)
-                    except Exception:  # the watchdog must outlive any one failure; it tries again
-                        log.exception("ending the freeze of %s (migration %s) failed; retrying", record.name,
-                                      record.mig)  # fmt: skip
+                    with self._guard:
+                        if record.mig in self._busy:
+                            continue
+                        self._busy.add(record.mig)
+                    threading.Thread(target=self._end, args=(record,), name=f"freeze-{record.mig}", daemon=True).start()
             time.sleep(TICK)
+
+    def _end(self, record: Freeze) -> None:
+        try:
+            self.expire(record)
+        except Exception:  # the watchdog outlives any one failure; it tries again at the next tick
+            log.exception("ending the freeze of %s (migration %s) failed; retrying", record.name, record.mig)
+        finally:
+            with self._guard:
+                self._busy.discard(record.mig)

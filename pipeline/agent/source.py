@@ -116,7 +116,7 @@ class SourceSession:
             def pre_dump(images: Path, parent: str | None) -> Path:
                 # One work dir per round (CRIU's log and stats-dump): host.wipe keeps work*/*.log.
                 work = self.dir / f"work-round{images.name}"
-                self.host.freezes.arm(self.mig, self.name, "pre-dump", freeze_timeout, None)
+                self.host.freezes.arm(self.mig, self.name, "pre-dump", freeze_timeout)
                 try:
                     runtime.pre_dump(self.name, images, parent, work)
                 except SkyferryError:
@@ -395,8 +395,8 @@ def expire(host: Host, record: Freeze, peer: Peer) -> None:
     2. fence the target (after a checkpoint): its `abort` removes its copy, and with it any later
        restore; or it refuses because its copy is live: then the point of no return has passed, the
        frozen copy here is stale, and it stays frozen for confirm to remove (nothing to thaw);
-    3. thaw the container here (unlock, resume, replay) and mark the record expired, so that every later
-       step of the migration is refused and the controller rolls back.
+    3. thaw the container here (unlock, resume, replay) and, after a checkpoint, mark the record expired,
+       so that every later step of the migration is refused and the controller rolls back.
     A target that cannot be reached raises: the watchdog tries again, and the container stays frozen
     (a live copy there is possible, and two live copies would be worse than a longer freeze)."""
     if host.state(record.name) is None:  # the container is gone: nothing is frozen any more
@@ -419,6 +419,9 @@ def expire(host: Host, record: Freeze, peer: Peer) -> None:
         session = SourceSession.of(host, record.mig, record.name)
         session._thaw()
         session.close()
+        if record.phase != "checkpoint":
+            host.freezes.forget(record.mig)  # its own step failed, saying why; the migration may go on
+            return
         stuck = f"; killed process group {', '.join(map(str, killed))}" if killed else ""
         host.freezes.mark_expired(record, f"frozen since {time.ctime(record.since)}, thawed by the watchdog at "
                                           f"{time.ctime()} during {record.phase}{stuck}")  # fmt: skip
