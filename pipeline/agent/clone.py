@@ -79,8 +79,8 @@ def checkpoint(host: Host, mig: str, name: str) -> dict[str, Any]:
                 netlock.unlock(host.netns(name))
         finally:
             runtime.resume(name)
-    except SkyferryError:
-        host.freezes.check(mig)  # the bound was hit: say so
+    except SkyferryError as exc:
+        host.freezes.check(mig, exc)  # the bound was hit: say so
         raise
     finally:
         host.freezes.forget(mig)

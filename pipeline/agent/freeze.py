@@ -78,13 +78,14 @@ class Freezes:
         self._write(record.model_copy(update={"expired": why}))
         self.expiring.pop(record.mig, None)
 
-    def check(self, mig: str) -> None:
-        """Refuse a step of a migration whose freeze hit its bound: it rolls back."""
+    def check(self, mig: str, cause: Exception | None = None) -> None:
+        """Refuse a step of a migration whose freeze hit its bound: it rolls back. `cause`: what the step
+        itself raised (a killed runc), whose tool log the refusal carries on."""
         record = self.get(mig)
         if mig in self.expiring or (record is not None and record.expired):
-            raise self.error(mig, record)
+            raise self.error(mig, record, getattr(cause, "log", None)) from cause
 
-    def error(self, mig: str, record: Freeze | None) -> SkyferryError:
+    def error(self, mig: str, record: Freeze | None, log: str | None = None) -> SkyferryError:
         bound = f" ({record.bound:g} s)" if record else ""
         what = record.expired if record and record.expired else "the watchdog is ending the freeze"
         killed = self.expiring.get(mig)
@@ -92,7 +93,8 @@ class Freezes:
         return SkyferryError(
             f"migration {mig}: the freeze bound{bound} was hit: {what}{stuck}",
             hint="the source thawed the container; the migration rolls back. A longer bound: skyferry migrate "
-            "--freeze-timeout SECONDS; what hung is in the CRIU log in the source host's logs/",
+            "--freeze-timeout SECONDS; what hung is in the CRIU log (skyferry migrations show ID)",
+            log=log,
         )
 
     def _write(self, record: Freeze) -> None:

@@ -119,8 +119,8 @@ class SourceSession:
                 self.host.freezes.arm(self.mig, self.name, "pre-dump", freeze_timeout)
                 try:
                     runtime.pre_dump(self.name, images, parent, work)
-                except SkyferryError:
-                    self.host.freezes.check(self.mig)  # the bound was hit: say so, not runc's last line
+                except SkyferryError as exc:
+                    self.host.freezes.check(self.mig, exc)  # the bound was hit: say so, not runc's last line
                     raise
                 self.host.freezes.forget(self.mig)
                 return work
@@ -169,8 +169,8 @@ class SourceSession:
         freeze = self.host.freezes.arm(self.mig, self.name, "checkpoint", freeze_timeout, target)
         try:
             t_frozen = self._freeze_and_dump(runtime, state, images, netns, lazy)
-        except Exception:
-            self.host.freezes.check(self.mig)  # the bound was hit: say so, not runc's last line
+        except Exception as exc:
+            self.host.freezes.check(self.mig, exc)  # the bound was hit: say so, not runc's last line
             raise
         return {
             "pause_s": t_frozen - t0,
@@ -220,8 +220,8 @@ class SourceSession:
         self.host.freezes.check(self.mig)
         try:
             return self._transfer(mem, fs, t0)
-        except Exception:
-            self.host.freezes.check(self.mig)  # the bound was hit mid-stream: say so
+        except Exception as exc:
+            self.host.freezes.check(self.mig, exc)  # the bound was hit mid-stream: say so
             raise
 
     def _transfer(self, mem: Lane, fs: Lane, t0: float) -> dict[str, Any]:

@@ -296,7 +296,8 @@ def _bounded(runtime: Runtime, name: str, mig: str, deadline: float | None) -> I
             raise SkyferryError(
                 f"migration {mig}: the freeze bound was hit during the restore: killed the restore (process "
                 f"group {', '.join(map(str, killed))}); the source thaws {name!r}",
-                hint="the migration rolls back; what hung is in the CRIU restore log in this host's logs/",
+                hint="the migration rolls back; what hung is in the CRIU restore log (skyferry migrations show ID)",
+                log=exc.log,
             ) from exc
         raise
     finally:
