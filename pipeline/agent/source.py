@@ -121,7 +121,7 @@ class SourceSession:
                     runtime.pre_dump(self.name, images, parent, work)
                 except SkyferryError as exc:
                     self.host.freezes.check(self.mig, exc)  # the bound was hit: say so, not runc's last line
-                    raise
+                    raise  # the record stays: the watchdog thaws what a failed pre-dump may have left frozen
                 self.host.freezes.forget(self.mig)
                 return work
 
