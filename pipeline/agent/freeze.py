@@ -80,21 +80,22 @@ class Freezes:
 
     def check(self, mig: str, cause: Exception | None = None) -> None:
         """Refuse a step of a migration whose freeze hit its bound: it rolls back. `cause`: what the step
-        itself raised (a killed runc), whose tool log the refusal carries on."""
+        itself raised (a killed runc, a stream cut short), named in the refusal, whose tool log it keeps."""
         record = self.get(mig)
         if mig in self.expiring or (record is not None and record.expired):
-            raise self.error(mig, record, getattr(cause, "log", None)) from cause
+            raise self.error(mig, record, cause) from cause
 
-    def error(self, mig: str, record: Freeze | None, log: str | None = None) -> SkyferryError:
+    def error(self, mig: str, record: Freeze | None, cause: Exception | None = None) -> SkyferryError:
         bound = f" ({record.bound:g} s)" if record else ""
         what = record.expired if record and record.expired else "the watchdog is ending the freeze"
         killed = self.expiring.get(mig)
         stuck = f"; killed the stuck runc/CRIU (process group {', '.join(map(str, killed))})" if killed else ""
+        step = f" (the step itself: {cause})" if cause else ""
         return SkyferryError(
-            f"migration {mig}: the freeze bound{bound} was hit: {what}{stuck}",
+            f"migration {mig}: the freeze bound{bound} was hit: {what}{stuck}{step}",
             hint="the source thawed the container; the migration rolls back. A longer bound: skyferry migrate "
             "--freeze-timeout SECONDS; what hung is in the CRIU log (skyferry migrations show ID)",
-            log=log,
+            log=getattr(cause, "log", None),
         )
 
     def _write(self, record: Freeze) -> None:
