@@ -440,6 +440,11 @@ def _fence(record: Freeze, peer: Peer) -> bool:
     except SkyferryError as exc:  # unreachable included: the watchdog tries again
         if "is live on" in str(exc):  # TargetSession.abort's refusal
             return False
+        if "was not prepared for it" in str(exc):
+            # The target holds no binding for this migration (server.authorize): never prepared, or its
+            # copy already removed (a binding goes only with the whole migration: abort, cleanup; and a
+            # cleanup comes after our confirm, which ends the freeze record). Nothing there can go live.
+            return True
         raise
     finally:
         client.close()
