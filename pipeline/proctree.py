@@ -29,3 +29,17 @@ def tree_rss(pid: int) -> int:
             continue
         total += next((int(ln.split()[1]) * 1024 for ln in status.splitlines() if ln.startswith("VmRSS:")), 0)
     return total
+
+
+def stopped(pids: list[int]) -> list[int]:
+    """Those of `pids` stopped by a signal (state T). CRIU cannot dump such a task inside a frozen cgroup
+    (docs/reliability.md, "The freeze bound")."""
+    found = []
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if stat[stat.rindex(")") + 2] == "T":
+            found.append(pid)
+    return found

@@ -27,6 +27,7 @@ from skyferry.pipeline.agent.host import Host
 from skyferry.pipeline.agent.source import Lane
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.files import wire
+from skyferry.pipeline.hostapi.layout import FREEZE_TIMEOUT
 from skyferry.pipeline.hostapi.spec import CLONE_SUFFIX, ContainerSpec, clone_name
 
 CHECK_TIMEOUT_S = 30.0
@@ -67,15 +68,22 @@ def checkpoint(host: Host, mig: str, name: str) -> dict[str, Any]:
     images = host.mig_dir(mig) / "images"
     wire.wipe(images)
     t0 = time.monotonic()
-    runtime.pause(name)
+    host.freezes.arm(mig, name, "clone-checkpoint", FREEZE_TIMEOUT)  # a hung dump is killed at the bound
     try:
-        netlock.lock(host.netns(name))
+        runtime.pause(name)
         try:
-            runtime.checkpoint(name, images, host.mig_dir(mig) / "work")
+            netlock.lock(host.netns(name))
+            try:
+                runtime.checkpoint(name, images, host.mig_dir(mig) / "work")
+            finally:
+                netlock.unlock(host.netns(name))
         finally:
-            netlock.unlock(host.netns(name))
+            runtime.resume(name)
+    except SkyferryError as exc:
+        host.freezes.check(mig, exc)  # the bound was hit: say so
+        raise
     finally:
-        runtime.resume(name)
+        host.freezes.forget(mig)
     return {"pause_s": round(time.monotonic() - t0, 4), "pid": state.get("pid")}
 
 

@@ -21,6 +21,7 @@ from typing import Any, Protocol, TypeVar
 
 from skyferry.netplane import attach
 from skyferry.pipeline.agent import dnat, netlock, preflight
+from skyferry.pipeline.agent.freeze import Freezes
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.files import wire
 from skyferry.pipeline.hostapi import privdir
@@ -63,6 +64,7 @@ class Host:
         self.images_root = IMAGES_TMPFS / cfg.mesh / cfg.name
         self.sources: dict[str, Session] = {}  # by migration id: SourceSession
         self.targets: dict[str, Session] = {}  # by migration id: TargetSession
+        self.freezes = Freezes(cfg.state_root)  # the source's freeze records, which its watchdog bounds
         self.pool = ThreadPoolExecutor(4, thread_name_prefix="pager")  # target sessions start pagers here
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()

@@ -25,6 +25,9 @@ class Finding:
 
 
 TRACED_HINT = "CRIU seizes every task with ptrace and cannot seize one that is traced: detach the debugger first"
+# runc has CRIU freeze through the cgroup freezer, and CRIU's PTRACE_SEIZE of a stopped task in a frozen
+# cgroup waits forever in ptrace_attach (checkpoint-restore/criu#1905): the freeze bound would end it.
+STOPPED_HINT = "CRIU cannot checkpoint a stopped task in a frozen container: continue it (kill -CONT PID) or end it"
 IO_URING_HINT = "CRIU 4.2 cannot dump io_uring (it cannot pass its fd): stop the program or run it without io_uring"
 
 
@@ -34,10 +37,15 @@ def scan(root_pid: int) -> list[Finding]:
     for pid in proctree.descendants(root_pid):
         try:
             comm = Path(f"/proc/{pid}/comm").read_text().strip()
-            found += _traced(pid, comm) + _io_uring(pid, comm)
+            found += _stopped(pid, comm) + _traced(pid, comm) + _io_uring(pid, comm)
         except (FileNotFoundError, ProcessLookupError):
             continue  # it exited meanwhile
     return found
+
+
+def _stopped(pid: int, comm: str) -> list[Finding]:
+    stopped = proctree.stopped([pid])
+    return [Finding(pid, comm, "is stopped (state T: SIGSTOP or SIGTSTP)", STOPPED_HINT)] if stopped else []
 
 
 def _traced(pid: int, comm: str) -> list[Finding]:

@@ -39,7 +39,8 @@ Routes (JSON in, JSON out; errors are {"error", "hint"} with 4xx/5xx, and "log":
 
 Who may call what (ACCESS, checked before a request body is read): every certificate names its holder's
 role and name (pipeline/hostapi/pki.py). Everything is the controller's, except what one host sends
-another during a migration: the streams above and the target steps `precopy-reset` and `hold`. Those
+another during a migration: the streams above and the target steps `precopy-reset` and `hold` (and
+`abort`, the controller's too: the source's freeze watchdog fences the target with it). Those
 only the host the controller bound to that migration id may call: `prepare` (and a test cutover's
 `clone-prepare`) names the source host as `peer`, and the target takes that migration's streams from a
 certificate of that name, with the host role, and from nobody else (the controller included). A refusal
@@ -64,10 +65,10 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from skyferry.netplane import routes
-from skyferry.pipeline.agent import capacity, clone, dnat, doctor, facts
+from skyferry.pipeline.agent import capacity, clone, dnat, doctor, facts, freeze
 from skyferry.pipeline.agent.certs import LiveIdentity, NewCert
 from skyferry.pipeline.agent.host import Host, HostConfig
-from skyferry.pipeline.agent.source import Lane, SourceSession
+from skyferry.pipeline.agent.source import Lane, SourceSession, expire
 from skyferry.pipeline.agent.target import TargetSession
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi import bodies, faults, pki, privdir
@@ -87,6 +88,7 @@ TARGET_OPS = ("prepare", "precopy-reset", "hold", "restore", "abort", "cleanup")
 MIGRATION_ID = re.compile(r"[A-Za-z0-9_-]+")  # it names directories (images, logs)
 STREAMS = ("receive", "precopy-round", "precopy-final", "lazy-final", "fs-round")  # TargetSession's streams
 CONTROLLER, PEER = "controller", "peer"  # the controller's certificate; the migration's bound source host
+CONTROLLER_OR_PEER = "controller or peer"
 # Every route and who may call it (the path after /v1/; NAME and OP are one segment, ID a migration id).
 # The first match decides; a path that matches none is the controller's (and then most likely a 404).
 ACCESS: tuple[tuple[str, str, str], ...] = (
@@ -111,6 +113,7 @@ ACCESS: tuple[tuple[str, str, str], ...] = (
     ("PUT", "tls/cert", CONTROLLER),
     ("PUT", "tls/revoked", CONTROLLER),
     ("POST", "migrations/ID/(precopy-reset|hold)", PEER),
+    ("POST", "migrations/ID/abort", CONTROLLER_OR_PEER),  # the source's freeze watchdog fences the target
     ("POST", "migrations/ID/OP", CONTROLLER),
     ("PUT", f"migrations/ID/({'|'.join(STREAMS)})", PEER),
 )
@@ -175,7 +178,7 @@ class Agent:
             )
         rest = path.removeprefix("/v1/")
         who = next((who for m, shape, who in _SHAPES if m == method and shape.fullmatch(rest)), CONTROLLER)
-        if who == CONTROLLER:
+        if who == CONTROLLER or (who == CONTROLLER_OR_PEER and role == pki.CONTROLLER):
             if role != pki.CONTROLLER:
                 raise _Forbidden(f"{method} {path} is the controller's; {role} {name!r} may not call it")
             return
@@ -266,9 +269,10 @@ class Agent:
             case "precopy":
                 policy = ConvergencePolicy(**req.policy.model_dump(exclude_none=True))
                 lanes = self._lanes(session.mig, req.target, session.name)
-                return session.precopy(*lanes, policy, req.method)
+                return session.precopy(*lanes, policy, req.method, req.freeze_timeout)
             case "checkpoint":
-                return session.checkpoint(lazy=req.lazy)
+                fence = f"{req.target.address}:{req.target.port}" if req.target else None  # the watchdog's fence
+                return session.checkpoint(req.lazy, req.freeze_timeout, fence)
             case "transfer":
                 return session.transfer(*self._lanes(session.mig, req.target, session.name))
             case "rollback":
@@ -286,7 +290,7 @@ class Agent:
             case "hold":
                 return {"held": session.hold([base64.b64decode(p) for p in req.packets])}
             case "restore":
-                return session.restore(page_server=req.page_server)
+                return session.restore(req.page_server, req.freeze_deadline)
             case "abort":
                 session.abort()
             case "cleanup":
@@ -339,6 +343,10 @@ class Agent:
             return peer.call("POST", f"/v1/migrations/{mig}/{op}", {"name": name, **body})
 
         return Lane(upload, call)
+
+    def peer(self, address: str, port: int) -> AgentClient:
+        """A fresh client to another agent (the freeze watchdog's fence), with this host's current identity."""
+        return AgentClient(address, port, self.live.client(), check=self.live.check)
 
 
 class _NotFound(Exception):
@@ -453,6 +461,7 @@ def serve(cfg: HostConfig, identity: Identity, listen: str, port: int = AGENT_PO
     for pid in lazypages.stop_strays(host.images_root):  # an earlier agent died mid lazy restore
         log.warning("stopped lazy-pages daemon %d left behind by an earlier agent", pid)
     agent = Agent(host, identity)
+    freeze.Watchdog(host.freezes, lambda record: expire(host, record, agent.peer)).start()
     server = TLSServer((listen, port), _handler(agent), agent.live.server, agent.live.check)
     agent.recheck = server.recheck
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())

@@ -9,16 +9,20 @@ Steps, named as the controller's stages and the agent's operations (POST /v1/mig
   confirm     end the frozen copy (after post-copy, once the target has every page)
 Each step is idempotent: a resumed controller may call it again. The session talks to the target only
 through `Lane`s the server builds (functions, no sockets), and `close()` releases everything it holds.
+
+Every freeze here is bounded (pipeline/agent/freeze.py): `expire` ends one that outlived its deadline,
+called by the agent's watchdog thread.
 """
 
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +30,7 @@ from typing import Any, Protocol
 
 from skyferry.pipeline import proctree
 from skyferry.pipeline.agent import netlock
+from skyferry.pipeline.agent.freeze import Freeze
 from skyferry.pipeline.agent.holdback import Holdback
 from skyferry.pipeline.agent.host import POSTCOPY_TIMEOUT, Host
 from skyferry.pipeline.criu import version as criu_version
@@ -33,10 +38,16 @@ from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.files import wire
 from skyferry.pipeline.files.fsync import FsStats, FsTracker
 from skyferry.pipeline.hostapi import faults
+from skyferry.pipeline.hostapi.client import AgentClient
+from skyferry.pipeline.hostapi.layout import FREEZE_TIMEOUT
 from skyferry.pipeline.memory import hybrid
 from skyferry.pipeline.memory.policy import ConvergencePolicy
 from skyferry.pipeline.memory.precopy import SourceEngine
 from skyferry.pipeline.memory.predump import PredumpSource
+from skyferry.pipeline.runtimes.children import kill_groups
+from skyferry.pipeline.runtimes.protocol import Runtime
+
+log = logging.getLogger("skyferry.agent.source")
 
 
 class Upload(Protocol):
@@ -45,6 +56,9 @@ class Upload(Protocol):
 
 class Call(Protocol):
     def __call__(self, op: str, body: dict[str, Any]) -> dict[str, Any]: ...
+
+
+Peer = Callable[[str, int], AgentClient]  # a client to another agent at (address, port)
 
 
 @dataclass(frozen=True)
@@ -72,13 +86,20 @@ class SourceSession:
         """This host's session of migration `mig`, made on first use."""
         return host.session(host.sources, cls, mig, name)
 
-    def precopy(self, mem: Lane, fs: Lane, policy: ConvergencePolicy, method: str = "auto") -> dict[str, Any]:
+    def precopy(
+        self,
+        mem: Lane,
+        fs: Lane,
+        policy: ConvergencePolicy,
+        method: str = "auto",
+        freeze_timeout: float = FREEZE_TIMEOUT,
+    ) -> dict[str, Any]:
         """Rounds while the container runs, until the policy stops them: memory, then the files of its
         rootfs and volumes. A repeated call starts afresh (the target resets its store).
 
         `method` "auto" takes CRIU's pre-dump where this kernel tracks soft-dirty pages and the engine can
         pre-dump, else content-based rounds; "content" (hybrid, whose freeze scan needs the hashes) forces
-        the latter."""
+        the latter. A CRIU pre-dump freezes the container for its round: bounded like the checkpoint."""
         runtime = self.host.rt(self.name)
         state = runtime.state(self.name)
         if state is None or state["status"] != "running":
@@ -95,7 +116,13 @@ class SourceSession:
             def pre_dump(images: Path, parent: str | None) -> Path:
                 # One work dir per round (CRIU's log and stats-dump): host.wipe keeps work*/*.log.
                 work = self.dir / f"work-round{images.name}"
-                runtime.pre_dump(self.name, images, parent, work)
+                self.host.freezes.arm(self.mig, self.name, "pre-dump", freeze_timeout)
+                try:
+                    runtime.pre_dump(self.name, images, parent, work)
+                except SkyferryError as exc:
+                    self.host.freezes.check(self.mig, exc)  # the bound was hit: say so, not runc's last line
+                    raise  # the record stays: the watchdog thaws what a failed pre-dump may have left frozen
+                self.host.freezes.forget(self.mig)
                 return work
 
             rounds = self.chain = PredumpSource(self.dir / "rounds", pre_dump)
@@ -120,12 +147,18 @@ class SourceSession:
             "why": decision.detail,
         }
 
-    def checkpoint(self, lazy: bool) -> dict[str, Any]:
+    def checkpoint(
+        self, lazy: bool, freeze_timeout: float = FREEZE_TIMEOUT, target: str | None = None
+    ) -> dict[str, Any]:
         """Freeze, silence and dump the container; it stays frozen here until confirm or rollback.
         With `lazy` (post-copy) the pages stay in the frozen processes, served by a CRIU page server
         on this host's overlay address until the target has fetched them all. After pre-copy rounds
         (hybrid), the frozen memory is also scanned, alongside the dump, for the pages the target
-        holds unchanged: the target takes those from its store and only the rest from the page server."""
+        holds unchanged: the target takes those from its store and only the rest from the page server.
+
+        The freeze is bounded from the pause on: past `freeze_timeout` seconds without the target's
+        restore, the watchdog kills whatever hangs, fences the `target` ("address:port" of its agent)
+        and thaws the container here (`expire`)."""
         runtime = self.host.rt(self.name)
         state = runtime.state(self.name)
         if state is None or state["status"] not in ("running", "paused"):
@@ -133,6 +166,23 @@ class SourceSession:
         images = self.dir / "images"
         netns = self.host.netns(self.name)
         t0 = time.monotonic()
+        freeze = self.host.freezes.arm(self.mig, self.name, "checkpoint", freeze_timeout, target)
+        try:
+            t_frozen = self._freeze_and_dump(runtime, state, images, netns, lazy)
+        except Exception as exc:
+            self.host.freezes.check(self.mig, exc)  # the bound was hit: say so, not runc's last line
+            raise
+        return {
+            "pause_s": t_frozen - t0,
+            "dump_s": time.monotonic() - t_frozen,
+            "image_bytes": _du(images),
+            "freeze_deadline": freeze.deadline,  # the target's restore must be done by then
+            "freeze_timeout": freeze.bound,
+        }
+
+    def _freeze_and_dump(self, runtime: Runtime, state: dict[str, Any], images: Path, netns: str, lazy: bool) -> float:
+        """Pause, lock, dump; when the container was frozen and locked (monotonic)."""
+        faults.act(self.host.cfg.state_root, "stop-task:checkpoint", lambda: _stop_newest_task(int(state["pid"])))
         if state["status"] == "running":
             runtime.pause(self.name)
         netlock.lock(netns)
@@ -154,7 +204,7 @@ class SourceSession:
         else:
             parent = self.chain.parent_for(images) if self.chain else None
             runtime.checkpoint(self.name, images, self.dir / "work", parent=parent)
-        return {"pause_s": t_frozen - t0, "dump_s": time.monotonic() - t_frozen, "image_bytes": _du(images)}
+        return t_frozen
 
     def transfer(self, mem: Lane, fs: Lane) -> dict[str, Any]:
         """Stream the frozen container's state to the target, and the client segments our lock has
@@ -167,6 +217,14 @@ class SourceSession:
         SHA-256 both ends must agree on.
         """
         t0 = time.monotonic()
+        self.host.freezes.check(self.mig)
+        try:
+            return self._transfer(mem, fs, t0)
+        except Exception as exc:
+            self.host.freezes.check(self.mig, exc)  # the bound was hit mid-stream: say so
+            raise
+
+    def _transfer(self, mem: Lane, fs: Lane, t0: float) -> dict[str, Any]:
         # After a lazy dump the target starts its pager as soon as the images are in, outside the restore.
         lazy = {"page_server": self.host.page_server(self.mig)} if self.lazy_dump is not None else {}
         final = self._final()
@@ -176,12 +234,12 @@ class SourceSession:
             stream, chunks, mem_stats = final
 
             def files_then_segments() -> int:
-                fs.upload("fs-round", fs_final)
+                fs.upload("fs-round", self._bounded(fs_final))
                 return self._hand_over(fs)
 
             with ThreadPoolExecutor(1) as pool:
                 side = pool.submit(files_then_segments)
-                mem.upload(stream, chunks, **lazy)
+                mem.upload(stream, self._bounded(chunks), **lazy)
                 t_mem = time.monotonic()
                 handed_over = side.result()
             return {
@@ -199,7 +257,7 @@ class SourceSession:
             raise SkyferryError(f"migration {self.mig}: no checkpoint of {self.name!r} on {self.host.cfg.name}")
         stats = wire.StreamStats()
         whole = wire.encode({"images": images, **self.host.rt(self.name).payload(self.name)}, stats)
-        received = mem.upload("receive", whole, **lazy)
+        received = mem.upload("receive", self._bounded(whole), **lazy)
         if received.get("sha256") != stats.sha256:
             raise SkyferryError(
                 f"image stream for {self.name!r} arrived corrupted (digest mismatch); nothing was restored",
@@ -238,6 +296,14 @@ class SourceSession:
         pids = proctree.descendants(int(state["pid"])) if state.get("pid") else []
         return self.tracker.final(stats, pids=pids)
 
+    def _bounded(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        """`chunks`, cut short once the watchdog ends this freeze: the target lets go of the stream (and of
+        its container lock, which the watchdog's fence needs) instead of taking in the rest."""
+        for chunk in chunks:
+            if self.mig in self.host.freezes.expiring:
+                raise self.host.freezes.error(self.mig, self.host.freezes.get(self.mig))
+            yield chunk
+
     def _hand_over(self, lane: Lane) -> int:
         """Pass the segments our lock has dropped so far to the target; how many."""
         held = self.holdback.snapshot() if self.holdback else []
@@ -247,18 +313,32 @@ class SourceSession:
 
     def rollback(self) -> dict[str, Any]:
         """Resume the frozen source: unlock its network, thaw it. Safe to call at any point before confirm."""
+        replayed = self._thaw()
+        self.close()
+        self.host.freezes.forget(self.mig)
+        return {**self.host.info(self.name), "replayed": replayed}
+
+    def _thaw(self) -> int:
+        """End whatever dump still runs (a hung one, or one an agent that died left behind: thawed, its
+        CRIU would go on and freeze the container again when it finishes), unlock, thaw, and replay the
+        held client segments; how many."""
         state = self.host.state(self.name)
         if state is None:
             raise SkyferryError(f"container {self.name!r} is gone from {self.host.cfg.name}; cannot resume it here")
+        runtime = self.host.rt(self.name)
+        netns = self.host.netns(self.name)
+        stuck = runtime.started(self.name)
+        if stuck:
+            kill_groups(stuck)
+            netlock.clear_criu_lock(netns)  # CRIU's own network lock, which a killed dump leaves in place
         self._stop_lazy_dump()
-        netlock.unlock(self.host.netns(self.name))
+        netlock.unlock(netns)
         if state["status"] == "paused":
-            self.host.rt(self.name).resume(self.name)
+            runtime.resume(self.name)
         # Clients whose packets the lock dropped have backed off; hand them to the thawed container now.
         replayed = self.holdback.replay() if self.holdback else 0
         self.holdback = None
-        self.close()
-        return {**self.host.info(self.name), "replayed": replayed}
+        return replayed
 
     def confirm(self) -> dict[str, Any]:
         """The target runs and is routed: end the frozen copy and everything it held here. After a
@@ -283,6 +363,7 @@ class SourceSession:
             self.lazy_dump = None
         self.host.remove_if_present(self.name)
         self.close()
+        self.host.freezes.forget(self.mig)
         return {"postcopy_s": waited}
 
     def close(self) -> None:
@@ -304,6 +385,81 @@ class SourceSession:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             netlock.clear_criu_lock(self.host.netns(self.name))
+
+
+def expire(host: Host, record: Freeze, peer: Peer) -> None:
+    """End a freeze that outlived its deadline (the watchdog calls this; pipeline/agent/freeze.py):
+
+    1. kill the engine processes a step of this container waits on (a hung runc or CRIU), and stop this
+       migration's uploads, so the step holding the container lets go;
+    2. fence the target (after a checkpoint): its `abort` removes its copy, and with it any later
+       restore; or it refuses because its copy is live: then the point of no return has passed, the
+       frozen copy here is stale, and it stays frozen for confirm to remove (nothing to thaw);
+    3. thaw the container here (unlock, resume, replay) and, after a checkpoint, mark the record expired,
+       so that every later step of the migration is refused and the controller rolls back.
+    A target that cannot be reached raises: the watchdog tries again, and the container stays frozen
+    (a live copy there is possible, and two live copies would be worse than a longer freeze)."""
+    if host.state(record.name) is None:  # the container is gone: nothing is frozen any more
+        host.freezes.forget(record.mig)
+        return
+    killed = host.freezes.expiring[record.mig] = host.rt(record.name).started(record.name)
+    kill_groups(killed)  # after marking the migration expiring: the step that wakes up must see the bound
+    log.warning("freeze of %s (migration %s) passed its %g s bound; killed %s", record.name, record.mig,
+                record.bound, killed or "nothing")  # fmt: skip
+    with host.lock(record.name):
+        current = host.freezes.get(record.mig)
+        if current is None or current.expired:
+            host.freezes.expiring.pop(record.mig, None)
+            return  # a rollback or confirm got here first
+        if record.phase == "checkpoint" and not _fence(record, peer):
+            log.warning("%s is live on the target of %s: the frozen copy here waits for confirm", record.name,
+                        record.mig)  # fmt: skip
+            host.freezes.forget(record.mig)
+            return
+        session = SourceSession.of(host, record.mig, record.name)
+        session._thaw()
+        session.close()
+        if record.phase != "checkpoint":
+            host.freezes.forget(record.mig)  # its own step failed, saying why; the migration may go on
+            return
+        stuck = f"; killed process group {', '.join(map(str, killed))}" if killed else ""
+        host.freezes.mark_expired(record, f"frozen since {time.ctime(record.since)}, thawed by the watchdog at "
+                                          f"{time.ctime()} during {record.phase}{stuck}")  # fmt: skip
+
+
+def _fence(record: Freeze, peer: Peer) -> bool:
+    """Whether the target holds no copy of the container that is, or may still become, live: True once its
+    `abort` went through (TargetSession.abort, under the container's lock, so it waits for a restore in
+    progress), False if it refused because the copy there is live."""
+    if record.target is None:
+        return True  # no target was named: nothing was sent anywhere that could be restored
+    address, port = record.target.rsplit(":", 1)
+    client = peer(address, int(port))
+    try:
+        client.call("POST", f"/v1/migrations/{record.mig}/abort", {"name": record.name})
+    except SkyferryError as exc:  # unreachable included: the watchdog tries again
+        if "is live on" in str(exc):  # TargetSession.abort's refusal
+            return False
+        if "was not prepared for it" in str(exc):
+            # The target holds no binding for this migration (server.authorize): never prepared, or its
+            # copy already removed (a binding goes only with the whole migration: abort, cleanup; and a
+            # cleanup comes after our confirm, which ends the freeze record). Nothing there can go live.
+            return True
+        raise
+    finally:
+        client.close()
+    return True
+
+
+def _stop_newest_task(pid: int) -> None:
+    """Fault drill `stop-task:checkpoint`: SIGSTOP the container's last task (as a workload that stops a
+    child would) and wait until it is stopped, right before the pause: CRIU then hangs in ptrace_attach."""
+    task = proctree.descendants(pid)[-1]
+    os.kill(task, signal.SIGSTOP)
+    for _ in range(200):
+        if proctree.stopped([task]):
+            return
+        time.sleep(0.01)
 
 
 def _prewarm(directory: Path, size: int) -> None:

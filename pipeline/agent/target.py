@@ -15,6 +15,8 @@ Each step is idempotent; `close()` releases everything the session holds.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -35,6 +37,8 @@ from skyferry.pipeline.memory.lazypages import Pager
 from skyferry.pipeline.memory.pages import HashTable
 from skyferry.pipeline.memory.predump import PredumpTarget
 from skyferry.pipeline.memory.store import TargetStore
+from skyferry.pipeline.runtimes.children import kill_groups
+from skyferry.pipeline.runtimes.protocol import Runtime
 
 
 class TargetSession:
@@ -141,34 +145,23 @@ class TargetSession:
 
     # --- the freeze ends here ----------------------------------------------------------------------
 
-    def restore(self, page_server: str | None) -> dict[str, Any]:
+    def restore(self, page_server: str | None, deadline: float | None = None) -> dict[str, Any]:
         """Restore, then open the netns: from here on the container is live on this host.
 
         CRIU resumes the tasks only once the whole restore succeeded, so a failed restore never ran the
         copy and rolling back stays safe. The netns opens right after, so the restored process's first
         replies go out instead of being dropped (which would make its sockets back off for seconds).
+
+        `deadline` (wall clock) is the source's freeze bound: a restore does not start after it, and one
+        still running then is killed, so the source's watchdog, which fences this host with `abort` before
+        it thaws the source, never waits on a restore for long.
         """
         runtime = self.host.rt(self.name)
         state = runtime.state(self.name)
         t0 = time.monotonic()
         if state is None or state["status"] != "running":
-            # Right after a failed attempt CRIU can hit "Can't fork for PID: File exists" until the old
-            # PID is reaped; one retry after a short wait covers it.
-            for attempt in (1, 2):
-                try:
-                    images, work = self.dir / "images", self.dir / f"work{attempt}"
-                    if page_server:
-                        self._ready_pager(page_server, work)
-                        t_pager = time.monotonic()
-                        runtime.restore_lazy(self.name, images, work)
-                    else:
-                        runtime.restore(self.name, images, work)
-                    break
-                except SkyferryError:
-                    self._stop_pager()
-                    if attempt == 2 or runtime.state(self.name) is not None:
-                        raise
-                    time.sleep(0.2)
+            with _bounded(runtime, self.name, self.mig, deadline):
+                t_pager = self._restore(runtime, page_server, t0)
         restored = time.monotonic()
         netlock.unlock(self.host.netns(self.name))
         holdback, self.holdback = self.holdback, None
@@ -177,6 +170,28 @@ class TargetSession:
         if page_server and state is None:
             timings["pager_wait_s"] = t_pager - t0
         return {**timings, "replayed": replayed}
+
+    def _restore(self, runtime: Runtime, page_server: str | None, t0: float) -> float:
+        """Run the engine's restore (lazily with `page_server`); when the pager was ready (monotonic)."""
+        t_pager = t0
+        # Right after a failed attempt CRIU can hit "Can't fork for PID: File exists" until the old PID is
+        # reaped; one retry after a short wait covers it.
+        for attempt in (1, 2):
+            try:
+                images, work = self.dir / "images", self.dir / f"work{attempt}"
+                if page_server:
+                    self._ready_pager(page_server, work)
+                    t_pager = time.monotonic()
+                    runtime.restore_lazy(self.name, images, work)
+                else:
+                    runtime.restore(self.name, images, work)
+                break
+            except SkyferryError:
+                self._stop_pager()
+                if attempt == 2 or runtime.state(self.name) is not None:
+                    raise
+                time.sleep(0.2)
+        return t_pager
 
     def abort(self) -> None:
         """Undo prepare/receive/restore: nothing of the container stays on the target. Refused once the
@@ -252,6 +267,41 @@ class TargetSession:
         pager = _started(early) if early is not None else None  # let it finish starting before stopping it
         if pager is not None:
             pager.stop()
+
+
+@contextlib.contextmanager
+def _bounded(runtime: Runtime, name: str, mig: str, deadline: float | None) -> Iterator[None]:
+    """Run the block (a restore) only before `deadline`, and kill the engine processes it waits on if it
+    is still running then; a restore cut short raises an error that names the bound."""
+    if deadline is None:
+        yield
+        return
+    if time.time() >= deadline:
+        raise SkyferryError(
+            f"migration {mig}: the freeze bound was hit before the restore began; the source thaws {name!r}",
+            hint="the migration rolls back; a longer bound: skyferry migrate --freeze-timeout SECONDS",
+        )
+    killed: list[int] = []
+
+    def expire() -> None:
+        killed.extend(runtime.started(name))
+        kill_groups(killed)
+
+    timer = threading.Timer(deadline - time.time(), expire)
+    timer.start()
+    try:
+        yield
+    except SkyferryError as exc:
+        if killed:
+            raise SkyferryError(
+                f"migration {mig}: the freeze bound was hit during the restore: killed the restore (process "
+                f"group {', '.join(map(str, killed))}); the source thaws {name!r}",
+                hint="the migration rolls back; what hung is in the CRIU restore log (skyferry migrations show ID)",
+                log=exc.log,
+            ) from exc
+        raise
+    finally:
+        timer.cancel()
 
 
 def _started(future: Future[Pager]) -> Pager | None:

@@ -13,6 +13,7 @@ from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.controller.state import state_dir
 from skyferry.pipeline.controller.timeline import Span
 from skyferry.pipeline.controller.timeline import spans as timeline_of
+from skyferry.pipeline.hostapi.layout import FREEZE_TIMEOUT
 from skyferry.pipeline.runbooks import ingress
 
 from . import output
@@ -85,14 +86,18 @@ def migrate(
                               "checked and discarded; the source keeps running (docs/runbooks.md)."),
     check: str | None = typer.Option(None, "--check", help="With --test: shell health check run inside the "
                                      "clone, as nobody ($SKYFERRY_IP set); exit 0 means healthy."),
+    freeze_timeout: float = typer.Option(FREEZE_TIMEOUT, "--freeze-timeout", metavar="SECONDS", min=0.1, max=86400,
+                                         help="The longest the container may stay frozen: past it, the source "
+                                         "thaws it and the migration rolls back (docs/reliability.md)."),
 ) -> None:  # fmt: skip
     """Live-migrate a running container to another host; its IP and TCP connections survive.
 
     Stages: check, prepare, [precopy,] checkpoint, transfer, cutover, restore, confirm, cleanup.
     A failure before the restore succeeds rolls back: the container keeps running on the source,
-    exactly once. From then on the target's copy is live, and a failure is finished forward.
+    exactly once. From then on the target's copy is live, and a failure is finished forward. The freeze
+    is bounded: the source's own watchdog thaws it after --freeze-timeout, even if this command dies.
 
-    Examples: skyferry migrate web --to local-2; skyferry migrate podman:db --to local-3
+    Examples: skyferry migrate web --to local-2; skyferry migrate podman:db --to local-3 --freeze-timeout 60
     """
     name = containers.resolve(state_dir(), name)
     if test or check:
@@ -100,7 +105,7 @@ def migrate(
 
         return test_cutover(name, to, test, check, json_out)
     with _progress(not json_out) as progress:
-        report = _with_ingress(migration.migrate(state_dir(), name, to, mode, progress))
+        report = _with_ingress(migration.migrate(state_dir(), name, to, mode, progress, freeze_timeout))
     output.print_json(report) if json_out else _print_report(report)
     _exit_on_ingress_error(report)
 

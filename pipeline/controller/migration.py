@@ -32,6 +32,7 @@ from skyferry.pipeline.controller.stages import (
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi import faults
 from skyferry.pipeline.hostapi.client import AgentUnreachable
+from skyferry.pipeline.hostapi.layout import FREEZE_TIMEOUT
 
 # precopy: memory rounds, CRIU pre-dumps where the source has soft-dirty tracking, else content-based;
 # postcopy: CRIU lazy pages; hybrid: content-based rounds, then lazy pages for what changed since;
@@ -48,12 +49,21 @@ def _quiet(_: str) -> None:
 
 
 def migrate(
-    state: Path, name: str, target: str, mode: str | None = None, progress: Progress = _quiet
+    state: Path,
+    name: str,
+    target: str,
+    mode: str | None = None,
+    progress: Progress = _quiet,
+    freeze_timeout: float = FREEZE_TIMEOUT,
 ) -> dict[str, Any]:
     """Move container `name` to host `target`; returns the report. Raises SkyferryError after rolling back.
-    Without a mode, the engine's best one (runc: precopy; Podman and Docker: stop-copy)."""
+    Without a mode, the engine's best one (runc: precopy; Podman and Docker: stop-copy). The container
+    stays frozen at most `freeze_timeout` seconds without the target's restore: then the source's
+    watchdog thaws it and the migration rolls back (docs/reliability.md, "The freeze bound")."""
     if mode is not None and mode not in MODES:
         raise SkyferryError(f"unknown mode {mode!r}", hint=f"modes: {', '.join(MODES)}")
+    if not 0 < freeze_timeout < 86400:
+        raise SkyferryError(f"freeze timeout {freeze_timeout:g} s is out of range", hint="between 0 and 86400 s")
     mesh = Mesh.load(state)
     entry = Registry(state).get(name)
     mesh.host(target)  # unknown host -> clear error
@@ -68,7 +78,9 @@ def migrate(
         raise SkyferryError(f"{runtime} containers do not migrate by {mode}", hint=f"--mode {' or '.join(modes)}")
     journal = Journal(state)
     mig = journal.begin(name, entry.host, target, mode)
-    return _drive(_context(state, mig, mesh), journal, MODES[mode], progress)
+    ctx = _context(state, mig, mesh, journal)
+    ctx.freeze_timeout = freeze_timeout
+    return _drive(ctx, journal, MODES[mode], progress)
 
 
 def resume(state: Path, mig_id: str, progress: Progress = _quiet) -> dict[str, Any]:
@@ -81,7 +93,7 @@ def resume(state: Path, mig_id: str, progress: Progress = _quiet) -> dict[str, A
     if "undone" in statuses.values() or mig.state == "failed":
         raise SkyferryError(f"migration {mig_id} was being rolled back", hint=f"skyferry migrations rollback {mig_id}")
     journal.claim(mig_id)
-    return _drive(_context(state, mig, Mesh.load(state)), journal, MODES[mig.mode], progress)
+    return _drive(_context(state, mig, Mesh.load(state), journal), journal, MODES[mig.mode], progress)
 
 
 def rollback(state: Path, mig_id: str, progress: Progress = _quiet) -> dict[str, Any]:
@@ -96,12 +108,15 @@ def rollback(state: Path, mig_id: str, progress: Progress = _quiet) -> dict[str,
             hint=f"migrate it back: skyferry migrate {mig.container} --to {mig.source}",
         )
     journal.claim(mig_id)
-    ctx = _context(state, mig, Mesh.load(state))
+    ctx = _context(state, mig, Mesh.load(state), journal)
     _undo(ctx, journal, MODES[mig.mode], progress)
     return _report(journal, journal.get(mig_id))
 
 
-def _context(state: Path, mig: Migration, mesh: Mesh) -> Context:
+def _context(state: Path, mig: Migration, mesh: Mesh, journal: Journal) -> Context:
+    """What the stages need; for a resumed migration also what its finished stages journalled: the freeze
+    bound (check) and the source's freeze deadline (checkpoint)."""
+    done = {t["stage"]: t["detail"] or {} for t in journal.transitions(mig.id) if t["status"] == "done"}
     entry = Registry(state).get(mig.container)
     src, dst = agentctl.client(state, mesh, mig.source), agentctl.client(state, mesh, mig.target)
     push = agentctl.Pusher(state, mesh, {mig.source: src, mig.target: dst})
@@ -117,6 +132,8 @@ def _context(state: Path, mig: Migration, mesh: Mesh) -> Context:
         dst=dst,
         push=push,
         mode=mig.mode,
+        freeze_timeout=done.get("check", {}).get("freeze_timeout", FREEZE_TIMEOUT),
+        notes={"freeze_deadline": done.get("checkpoint", {}).get("freeze_deadline")},
     )
 
 

@@ -15,7 +15,7 @@ from skyferry.pipeline.controller.registry import Entry
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi import compat
 from skyferry.pipeline.hostapi.client import AgentClient, AgentUnreachable
-from skyferry.pipeline.hostapi.layout import AGENT_PORT, page_server
+from skyferry.pipeline.hostapi.layout import AGENT_PORT, FREEZE_TIMEOUT, page_server
 
 
 @dataclass
@@ -30,7 +30,14 @@ class Context:
     dst: AgentClient
     push: routes.Push
     mode: str = "stop-copy"
+    # Seconds the container may stay frozen before the source's watchdog thaws it and the migration rolls
+    # back (journalled by the check stage, so a resumed migration keeps its bound).
+    freeze_timeout: float = FREEZE_TIMEOUT
+    # "freeze_deadline": the source's deadline (wall clock) from its checkpoint, bounding the restore.
     notes: dict[str, Any] = field(default_factory=dict)
+
+    def target_agent(self) -> dict[str, Any]:
+        return {"address": self.mesh.host(self.target).overlay_ip, "port": AGENT_PORT}
 
     def mig_call(self, agent: AgentClient, op: str, **body: Any) -> Any:
         return agent.call("POST", f"/v1/migrations/{self.mig_id}/{op}", {"name": self.entry.name, **body})
@@ -96,6 +103,7 @@ class Check:
             "kernel": [src["kernel"], dst["kernel"]],
             "features": [src.get("features"), dst.get("features")],
             "cpu": cpu,
+            "freeze_timeout": ctx.freeze_timeout,
         }
 
     def _cpu(self, ctx: Context, src: dict[str, Any], dst: dict[str, Any]) -> str:
@@ -147,9 +155,8 @@ class PreCopy:
         self.method = method
 
     def run(self, ctx: Context) -> dict[str, Any]:
-        target = ctx.mesh.host(ctx.target)
-        address = {"address": target.overlay_ip, "port": AGENT_PORT}
-        return ctx.mig_call(ctx.src, "precopy", target=address, policy=self.policy, method=self.method)
+        return ctx.mig_call(ctx.src, "precopy", target=ctx.target_agent(), policy=self.policy, method=self.method,
+                            freeze_timeout=ctx.freeze_timeout)  # fmt: skip
 
     def undo(self, ctx: Context) -> None:
         # The rounds left an engine and a (pre-warmed) image directory on the source; Checkpoint's undo
@@ -159,12 +166,17 @@ class PreCopy:
 
 
 class Checkpoint:
-    """Freeze, lock the network, dump. The source stays frozen, not killed, until confirm."""
+    """Freeze, lock the network, dump. The source stays frozen, not killed, until confirm; or until its
+    freeze bound, when the source's own watchdog fences the target and thaws it."""
 
     name = "checkpoint"
+    lazy = False
 
     def run(self, ctx: Context) -> dict[str, Any]:
-        return ctx.mig_call(ctx.src, "checkpoint")
+        done = ctx.mig_call(ctx.src, "checkpoint", lazy=self.lazy, target=ctx.target_agent(),
+                            freeze_timeout=ctx.freeze_timeout)  # fmt: skip
+        ctx.notes["freeze_deadline"] = done.get("freeze_deadline")
+        return done
 
     def undo(self, ctx: Context) -> None:
         ctx.mig_call(ctx.src, "rollback")
@@ -176,8 +188,7 @@ class Transfer:
     name = "transfer"
 
     def run(self, ctx: Context) -> dict[str, Any]:
-        target = ctx.mesh.host(ctx.target)
-        return ctx.mig_call(ctx.src, "transfer", target={"address": target.overlay_ip, "port": AGENT_PORT})
+        return ctx.mig_call(ctx.src, "transfer", target=ctx.target_agent())
 
     def undo(self, ctx: Context) -> None:
         pass  # the target's received files go with Prepare's undo
@@ -195,7 +206,7 @@ class Restore:
     name = "restore"
 
     def run(self, ctx: Context) -> dict[str, Any]:
-        return ctx.mig_call(ctx.dst, "restore")
+        return ctx.mig_call(ctx.dst, "restore", freeze_deadline=ctx.notes.get("freeze_deadline"))
 
     def undo(self, ctx: Context) -> None:
         live = [c for c in ctx.dst.call("GET", "/v1/containers") if c["name"] == ctx.entry.name]
@@ -234,8 +245,7 @@ class Cutover:
 class LazyCheckpoint(Checkpoint):
     """Post-copy: dump everything but the memory; the frozen source serves its pages on demand."""
 
-    def run(self, ctx: Context) -> dict[str, Any]:
-        return ctx.mig_call(ctx.src, "checkpoint", lazy=True)
+    lazy = True
 
 
 class LazyRestore(Restore):
@@ -244,7 +254,8 @@ class LazyRestore(Restore):
 
     def run(self, ctx: Context) -> dict[str, Any]:
         source = ctx.mesh.host(ctx.source)
-        return ctx.mig_call(ctx.dst, "restore", page_server=page_server(ctx.mig_id, source.overlay_ip))
+        return ctx.mig_call(ctx.dst, "restore", page_server=page_server(ctx.mig_id, source.overlay_ip),
+                            freeze_deadline=ctx.notes.get("freeze_deadline"))  # fmt: skip
 
 
 class Confirm:

@@ -9,7 +9,7 @@ image directories, so `../` or a slash never reaches a path. ContainerSpec valid
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
-from skyferry.pipeline.hostapi.layout import AGENT_PORT
+from skyferry.pipeline.hostapi.layout import AGENT_PORT, FREEZE_TIMEOUT
 from skyferry.pipeline.hostapi.spec import SPEC_NAME, ContainerSpec
 
 ContainerName = Annotated[str, StringConstraints(pattern=f"^{SPEC_NAME.pattern}$")]
@@ -18,6 +18,7 @@ IPv4 = Annotated[str, StringConstraints(pattern=r"^\d{1,3}(\.\d{1,3}){3}$")]
 PageServer = Annotated[str, StringConstraints(pattern=r"^\d{1,3}(\.\d{1,3}){3}:\d{1,5}$")]  # a CRIU page server
 Base64 = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9+/]*={0,2}$", max_length=1 << 20)]
 Method = Literal["content", "soft-dirty"]  # criu/version.py: PRECOPY_CONTENT, PRECOPY_SOFT_DIRTY
+FreezeTimeout = Annotated[float, Field(gt=0, lt=86400)]  # seconds a container may stay frozen (freeze.py)
 
 
 class Body(BaseModel):
@@ -69,10 +70,13 @@ class Precopy(Step):
     target: Target
     policy: Policy = Policy()
     method: Literal["auto", "content"] = "auto"  # the source picks soft-dirty itself where it can
+    freeze_timeout: FreezeTimeout = FREEZE_TIMEOUT  # bounds each CRIU pre-dump's freeze
 
 
 class Checkpoint(Step):
     lazy: StrictBool = False
+    freeze_timeout: FreezeTimeout = FREEZE_TIMEOUT
+    target: Target | None = None  # the agent the source's watchdog fences (abort) before it thaws
 
 
 class Transfer(Step):
@@ -89,6 +93,7 @@ class Hold(Step):
 
 class Restore(Step):
     page_server: PageServer | None = None
+    freeze_deadline: Annotated[float, Field(gt=0)] | None = None  # the source's, wall clock: no restore after it
 
 
 class CloneCheck(Step):

@@ -9,6 +9,9 @@ AGENT_PORT = 7420
 # Checkpoint images hold every secret in a container's memory: tmpfs only, per mesh and host.
 IMAGES_TMPFS = Path("/dev/shm/skyferry")
 PAGE_SERVER_PORTS = (27000, 2000)  # first port, how many
+# How long a container may stay frozen for a migration before the source's watchdog thaws it and the
+# migration rolls back (`skyferry migrate --freeze-timeout`; docs/reliability.md, "The freeze bound").
+FREEZE_TIMEOUT = 30.0
 
 
 def page_server(mig: str, overlay_ip: str) -> str:

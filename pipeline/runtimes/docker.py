@@ -215,6 +215,11 @@ class Docker:
     def resume(self, name: str) -> None:
         self._docker("unpause", name, what="unpause")
 
+    def started(self, name: str) -> list[int]:
+        # Docker's CRIU runs under its daemon (containerd's shim), not under a process we started; the CLI
+        # call is bounded by engines.run's timeout. The watchdog still thaws the container (unpause).
+        return []
+
     def checkpoint(self, name: str, images: Path, work: Path, parent: str | None = None) -> None:
         if parent is not None:  # pre_dumps is False: the source never builds a chain for Docker
             raise SkyferryError("docker cannot dump against a pre-dump parent")

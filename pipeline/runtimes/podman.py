@@ -148,6 +148,11 @@ class Podman:
     def resume(self, name: str) -> None:
         self._podman("unpause", name, what="unpause")
 
+    def started(self, name: str) -> list[int]:
+        # Not tracked yet: podman's CRIU runs under the OCI runtime podman starts, and engines.run bounds
+        # the CLI call by its timeout only (docs/reliability.md). The watchdog still thaws the container.
+        return []
+
     def checkpoint(self, name: str, images: Path, work: Path, parent: str | None = None) -> None:
         if parent is not None:  # pre_dumps is False: the source never builds a chain for Podman
             raise SkyferryError("podman cannot dump against a pre-dump parent")

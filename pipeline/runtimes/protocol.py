@@ -52,6 +52,11 @@ class Runtime(Protocol):
 
     def resume(self, name: str) -> None: ...
 
+    def started(self, name: str) -> list[int]:
+        """The process groups of engine commands this host started for `name` that a step still waits on
+        (a hung checkpoint or restore), and only those: what the freeze watchdog kills."""
+        ...
+
     def checkpoint(self, name: str, images: Path, work: Path, parent: str | None = None) -> None:
         """Dump a paused container into `images`; it must stay paused (frozen) afterwards. `parent` (only
         where `pre_dumps`): the last pre-dump, relative to `images`; unchanged pages stay there."""

@@ -22,6 +22,7 @@ from skyferry.pipeline.files.inroot import Root
 from skyferry.pipeline.hostapi import privdir
 from skyferry.pipeline.hostapi.spec import ContainerSpec
 from skyferry.pipeline.runtimes import engines, isolation
+from skyferry.pipeline.runtimes.children import Children
 from skyferry.pipeline.runtimes.images import unpack_image
 from skyferry.pipeline.runtimes.isolation import LOG_IN_CONTAINER
 
@@ -39,6 +40,7 @@ class Runc:
         self.root = state_root / "runc"
         self.bundles = state_root / "containers"
         self.cgroup_prefix = cgroup_prefix.rstrip("/")
+        self.children = Children(state_root / "children" / "runc")
 
     # --- bundles ---------------------------------------------------------------------------------
 
@@ -127,7 +129,7 @@ class Runc:
         try:
             # -d: runc exits once the container runs; its stderr goes to a file, never a pipe the
             # container would inherit and keep open.
-            self._runc("run", "-d", "--bundle", str(self.bundle(spec.name)), spec.name)
+            self._runc("run", "-d", "--bundle", str(self.bundle(spec.name)), spec.name, own_session=False)
         except SkyferryError:
             self.remove(spec.name)
             raise
@@ -162,6 +164,11 @@ class Runc:
 
     def resume(self, name: str) -> None:
         self._runc("resume", name)
+
+    def started(self, name: str) -> list[int]:
+        """The runc calls (each with its CRIU) this host started for `name` and still waits on, also those
+        of an agent that died meanwhile: process group ids (children.kill_groups ends them)."""
+        return self.children.started(name)
 
     def delete(self, name: str) -> None:
         """Kill (even when frozen) and forget the container; idempotent."""
@@ -209,7 +216,8 @@ class Runc:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                                     pass_fds=(ready_w,), start_new_session=True)  # fmt: skip
         os.close(ready_w)
-        with os.fdopen(ready_r, "rb") as ready:
+        # Killable while the dump runs; once it is done, the page server it becomes is the session's to end.
+        with os.fdopen(ready_r, "rb") as ready, self.children.waiting_on(name, proc.pid):
             ok = ready.read(1)  # one byte when the dump is done; EOF if runc or CRIU gave up
         if not ok:
             proc.wait()
@@ -230,18 +238,23 @@ class Runc:
         args += ["--image-path", str(images), "--work-path", str(work), "--bundle", str(self.bundle(name))]
         self._runc(*args, name, criu_log=work / "restore.log")
 
-    def _runc(self, *args: str, criu_log: Path | None = None) -> None:
+    def _runc(self, *args: str, criu_log: Path | None = None, own_session: bool = True) -> None:
+        """Run runc on the container named by the last argument. In its own session (`own_session`), so
+        that a freeze watchdog can kill exactly it and its CRIU (`started`); not `runc run`, whose
+        container would inherit the session."""
         self.root.mkdir(parents=True, exist_ok=True)
         # stderr goes to an anonymous file, not a pipe: `runc run -d` hands its stderr to the container,
         # which would hold a pipe open forever. One file per call: migrations run in parallel threads.
         with tempfile.TemporaryFile(dir=self.root) as err:
-            proc = subprocess.run(
+            proc = subprocess.Popen(
                 [RUNC, "--root", str(self.root), *args],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=err,
-                check=False,
+                start_new_session=own_session,
             )
+            with self.children.waiting_on(args[-1], proc.pid) if own_session else contextlib.nullcontext():
+                proc.wait()
             err.seek(0)
             message = err.read().decode(errors="replace").strip()
         if proc.returncode != 0:

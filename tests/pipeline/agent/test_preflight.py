@@ -14,6 +14,10 @@ TRACED = (
     "import ctypes, os, time\nchild = os.fork()\nif child == 0:\n    time.sleep(60)\n"
     "assert ctypes.CDLL(None).ptrace(0x4206, child, None, None) == 0\nprint('ready', flush=True)\ntime.sleep(60)"
 )
+STOPPED = (
+    "import os, signal, time\nchild = os.fork()\nif child == 0:\n    time.sleep(60)\n"
+    "os.kill(child, signal.SIGSTOP)\nos.waitpid(child, os.WUNTRACED)\nprint('ready', flush=True)\ntime.sleep(60)"
+)
 IO_URING = (
     "import ctypes, os, time\nif os.fork() == 0:\n"
     "    assert ctypes.CDLL(None).syscall(425, 8, ctypes.create_string_buffer(120)) >= 0\n"
@@ -52,3 +56,11 @@ def test_an_io_uring_is_found() -> None:
         found = preflight.scan(pid)
     assert len(found) == 1 and found[0].pid != pid, found
     assert "holds an io_uring instance" in str(found[0]) and "python" in str(found[0])
+
+
+def test_a_stopped_task_is_found() -> None:
+    """A SIGSTOPped task hangs CRIU's seize in a frozen cgroup (docs/reliability.md): found before the freeze."""
+    with tree(STOPPED) as pid:
+        found = preflight.scan(pid)
+    assert len(found) == 1 and found[0].pid != pid and found[0].what.startswith("is stopped"), found
+    assert "kill -CONT" in found[0].hint

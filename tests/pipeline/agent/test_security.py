@@ -280,6 +280,12 @@ def _files_containing(root: Path, needle: bytes) -> list[Path]:
     return found
 
 
+# at_restore reads every image file of both hosts inside the freeze. On a machine loaded far past its cores
+# that can outlast the default freeze bound (30 s), and the watchdog's fence then removes the target's copy
+# mid-scan (one run at load 12 saw the target's store vanish under the scan).
+LONG_FREEZE = 600.0
+
+
 @pytest.mark.parametrize("outcome", ["success", "failure"])
 def test_images_hold_secrets_live_on_tmpfs_only_and_are_wiped(
     mesh: tuple[Path, Mesh], tmp_path: Path, outcome: str
@@ -308,9 +314,9 @@ def test_images_hold_secrets_live_on_tmpfs_only_and_are_wiped(
         if outcome == "failure":
             target_faults.write_text("restore\n")
             with pytest.raises(SkyferryError, match="Rolled back"):
-                migration.migrate(state, name, "local-2", progress=at_restore)
+                migration.migrate(state, name, "local-2", progress=at_restore, freeze_timeout=LONG_FREEZE)
         else:
-            report = migration.migrate(state, name, "local-2", progress=at_restore)
+            report = migration.migrate(state, name, "local-2", progress=at_restore, freeze_timeout=LONG_FREEZE)
             assert report["state"] == "done"
     finally:
         target_faults.unlink(missing_ok=True)

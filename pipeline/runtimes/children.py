@@ -1,0 +1,60 @@
+"""The engine processes a step is waiting on, per container, recorded on disk: what a freeze watchdog may
+kill, and nothing else.
+
+A `runc checkpoint` whose CRIU hangs (a stopped task inside the frozen cgroup waits forever in
+`ptrace_attach`) keeps the container frozen for as long as it runs. Each such child is started in its own
+session, so its process group is exactly what we started (runc and the CRIU it spawned), and listed in
+`<dir>/<container>/<pgid>` with its start time while the step waits on it. An agent that restarts finds
+the list of the one that died, and the start time keeps a recycled PID from being mistaken for ours.
+"""
+
+import contextlib
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class Children:
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+
+    @contextlib.contextmanager
+    def waiting_on(self, name: str, pid: int) -> Iterator[None]:
+        """Record `pid` (a session leader we started) as container `name`'s while the block runs."""
+        entry = self.dir / name / str(pid)
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        entry.write_text(_start_time(pid) or "")
+        try:
+            yield
+        finally:
+            entry.unlink(missing_ok=True)
+
+    def started(self, name: str) -> list[int]:
+        """The process groups recorded for `name` that still run; entries of processes gone are dropped
+        (a recycled PID has another start time, so it is never taken for ours)."""
+        ours = []
+        for entry in sorted((self.dir / name).glob("*")):
+            pid = int(entry.name)
+            started = entry.read_text()
+            if started and _start_time(pid) == started:
+                ours.append(pid)
+            else:
+                entry.unlink(missing_ok=True)
+        return ours
+
+
+def kill_groups(pgids: list[int]) -> None:
+    """SIGKILL each process group (runc and the CRIU it runs): CRIU detaches from the tasks it seized."""
+    for pgid in pgids:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+
+
+def _start_time(pid: int) -> str | None:
+    """Field 22 of /proc/PID/stat (start time in clock ticks since boot); None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]

@@ -1,0 +1,47 @@
+"""The source's freeze records (pipeline/agent/freeze.py): the bound counts from the first pause, an expired
+freeze refuses the migration's later steps, and the watchdog ends exactly the freezes past their deadline."""
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from skyferry.pipeline.agent.freeze import Freeze, Freezes, Watchdog
+from skyferry.pipeline.errors import SkyferryError
+
+
+def test_a_repeated_checkpoint_keeps_the_first_deadline(tmp_path: Path) -> None:
+    freezes = Freezes(tmp_path)
+    first = freezes.arm("m1", "web", "checkpoint", 30, "10.0.0.2:7420")
+    again = freezes.arm("m1", "web", "checkpoint", 300, "10.0.0.2:7420")
+    assert again == first and freezes.get("m1") == first
+
+
+def test_an_expired_freeze_refuses_the_migration_until_it_is_forgotten(tmp_path: Path) -> None:
+    freezes = Freezes(tmp_path)
+    record = freezes.arm("m1", "web", "checkpoint", 3)
+    freezes.check("m1")  # control: a live freeze refuses nothing
+    freezes.mark_expired(record, "thawed by the watchdog")
+    for step in (lambda: freezes.check("m1"), lambda: freezes.arm("m1", "web", "checkpoint", 3)):
+        with pytest.raises(SkyferryError, match=r"the freeze bound \(3 s\) was hit: thawed by the watchdog"):
+            step()
+    freezes.forget("m1")  # a rollback
+    freezes.check("m1")
+
+
+def test_the_watchdog_ends_only_freezes_past_their_deadline(tmp_path: Path) -> None:
+    freezes = Freezes(tmp_path)
+    freezes.arm("due", "web", "checkpoint", 0.2)
+    freezes.arm("later", "db", "checkpoint", 3600)
+    ended: list[str] = []
+    done = threading.Event()
+
+    def expire(record: Freeze) -> None:
+        ended.append(record.mig)
+        freezes.mark_expired(record, "test")
+        done.set()
+
+    Watchdog(freezes, expire).start()
+    assert done.wait(60)
+    time.sleep(1)  # two more ticks: an expired record is not ended again, a live one not early
+    assert ended == ["due"]

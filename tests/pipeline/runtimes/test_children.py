@@ -1,0 +1,39 @@
+"""What a freeze watchdog may kill: only the process groups we started and still wait on (real processes)."""
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from skyferry.pipeline.runtimes.children import Children, kill_groups
+
+
+@pytest.fixture
+def sleeper() -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def test_a_recorded_child_is_listed_while_waited_on_and_killed_with_its_group(
+    tmp_path: Path, sleeper: subprocess.Popen[bytes]
+) -> None:
+    children = Children(tmp_path)
+    with children.waiting_on("web", sleeper.pid):
+        assert children.started("web") == [sleeper.pid]
+        assert children.started("other") == []
+        kill_groups(children.started("web"))
+        assert sleeper.wait(timeout=30) == -9
+    assert children.started("web") == [], "the record goes with the wait"
+
+
+def test_a_recycled_pid_is_never_taken_for_ours(tmp_path: Path, sleeper: subprocess.Popen[bytes]) -> None:
+    """An entry left by an agent that died names a PID; if another process now has it (another start time),
+    it is dropped, not killed."""
+    entry = tmp_path / "web" / str(sleeper.pid)
+    entry.parent.mkdir()
+    entry.write_text("1")  # a start time that is not this process's
+    assert Children(tmp_path).started("web") == []
+    assert not entry.exists()
+    assert sleeper.poll() is None, "the stranger still runs"
