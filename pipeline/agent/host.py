@@ -189,7 +189,8 @@ class Host:
         """A rootfs or image is read from this host's imports directory only (<state_root>/imports/),
         never from anywhere else a caller names: not the host's /etc, not this agent's own TLS key."""
         imports = (self.cfg.state_root / IMPORTS).resolve()
-        for what, path in (("rootfs", spec.rootfs), ("image", spec.image)):
+        seeds = [(f"volume seed {v}", src) for v, src in spec.seeds.items()]
+        for what, path in (("rootfs", spec.rootfs), ("image", spec.image), *seeds):
             if path is not None and not Path(path).resolve().is_relative_to(imports):
                 raise ValueError(f"{what} {path} is outside {imports}: put it there first (the controller does)")
 

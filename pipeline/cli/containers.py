@@ -32,7 +32,11 @@ def run(
         [], "--label", "-l", help="k=v metadata, repeatable: priority=10, ingress=eip:eipalloc-…:80 (docs/runbooks.md)."
     ),
     volume: list[str] = typer.Option(
-        [], "--volume", "-v", help="A path in the container backed by a volume that moves with it, repeatable."
+        [],
+        "--volume",
+        "-v",
+        help="PATH in the container backed by a volume that moves with it; HOSTDIR:PATH starts it with a copy "
+        "of HOSTDIR. Repeatable.",
     ),
     user: str | None = typer.Option(None, "--user", "-u", help="UID[:GID] to run as (numbers; GID defaults to UID)."),
     host_programs: bool = typer.Option(

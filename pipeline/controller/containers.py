@@ -78,6 +78,7 @@ def run(
         raise SkyferryError(f"--image {image} is not a file")
     if host_dirs and runtime != "runc":
         raise SkyferryError(f"--host-dir and --host-programs are for runc containers, not {runtime}")
+    mounts, sources = _volumes(volumes or [], runtime, host_dirs or [])
     mesh = Mesh.load(state)
     mesh.host(host)
     registry = Registry(state)
@@ -89,19 +90,19 @@ def run(
     ipam = Ipam(state)
     owner = f"container:{name}"
     ip = ipam.lookup(owner) or ipam.allocate(owner)
-    staged = _stage(mesh.host(host), name, rootfs or image)
+    staged = _stage(mesh.host(host), name, rootfs or image, "fs")
+    seeds = {path: _stage(mesh.host(host), name, src, f"volume{i}") for i, (path, src) in enumerate(sources.items())}
     try:
         spec = ContainerSpec(
             name=name, args=list(args), ip=ip, env=dict(env or {}),
             rootfs=staged if rootfs else None, image=staged if image else None,
             runtime=runtime,
             labels=dict(labels or {}),
-            volumes=_volumes(volumes or [], runtime, host_dirs or []),
+            volumes=mounts, seeds=seeds,
             uid=user[0], gid=user[1], host_dirs=list(host_dirs or []), seccomp=seccomp,
         )  # fmt: skip
     except (ValueError, SkyferryError) as exc:
-        if staged and mesh.host(host).netns is not None:
-            shutil.rmtree(Path(staged).parent, ignore_errors=True)
+        _unstage(mesh.host(host), name)
         if not existing:
             ipam.release(ip)
         raise exc if isinstance(exc, SkyferryError) else SkyferryError(str(exc)) from None
@@ -113,21 +114,21 @@ def run(
             ipam.release(ip)
         raise
     finally:
-        if staged and mesh.host(host).netns is not None:
-            shutil.rmtree(Path(staged).parent, ignore_errors=True)  # the agent has copied or loaded it
+        _unstage(mesh.host(host), name)  # the agent has copied or loaded it
     registry.add(spec, host)
     return info
 
 
-def _stage(member: MeshHost, name: str, source: Path | None) -> str | None:
-    """Where the agent of `member` reads a rootfs or image: its imports directory, the only place it
-    reads them from (docs/security.md). A local host's is on this machine, so it is copied there; a
-    joined machine's must already hold the path given (under <its state root>/imports/)."""
+def _stage(member: MeshHost, name: str, source: Path | None, slot: str) -> str | None:
+    """Where the agent of `member` reads a rootfs, image or volume seed: its imports directory, the only
+    place it reads them from (docs/security.md). A local host's is on this machine, so it is copied there
+    (into imports/NAME/SLOT/); a joined machine's must already hold the path given (under <its state
+    root>/imports/)."""
     if source is None:
         return None
     if member.netns is None:
         return str(source.resolve())
-    dest = Path(member.state_root) / IMPORTS / name / source.name
+    dest = Path(member.state_root) / IMPORTS / name / slot / source.name
     shutil.rmtree(dest.parent, ignore_errors=True)
     dest.parent.mkdir(parents=True, mode=0o700)
     if source.is_dir():
@@ -137,18 +138,31 @@ def _stage(member: MeshHost, name: str, source: Path | None) -> str | None:
     return str(dest)
 
 
-def _volumes(paths: list[str], runtime: str, host_dirs: list[str]) -> list[str]:
-    """Volume mount points: absolute, distinct, and neither / nor in a read-only host directory."""
-    if paths and runtime != "runc":
+def _unstage(member: MeshHost, name: str) -> None:
+    if member.netns is not None:
+        shutil.rmtree(Path(member.state_root) / IMPORTS / name, ignore_errors=True)
+
+
+def _volumes(specs: list[str], runtime: str, host_dirs: list[str]) -> tuple[list[str], dict[str, Path]]:
+    """`--volume PATH` or `--volume HOSTDIR:PATH` -> (mount points, {mount point: seed directory}). A mount
+    point is absolute, distinct, and neither / nor in a read-only host directory."""
+    if specs and runtime != "runc":
         raise SkyferryError(f"--volume is supported for runc containers, not {runtime}")
-    for path in paths:
+    paths, seeds = [], {}
+    for spec in specs:
+        src, _, path = spec.rpartition(":")
         clean = "/" + "/".join(p for p in path.split("/") if p)
         shadowed = any(clean == d or clean.startswith(d + "/") for d in host_dirs)
         if not path.startswith("/") or ".." in path.split("/") or clean == "/" or shadowed:
             raise SkyferryError(f"bad volume path {path!r}", hint="an absolute path such as /data, not / or /usr")
+        if src:
+            if not Path(src).is_dir():
+                raise SkyferryError(f"--volume {spec}: {src} is not a directory", hint="-v HOSTDIR:PATH seeds PATH")
+            seeds[path] = Path(src)
+        paths.append(path)
     if len(set(paths)) != len(paths):
         raise SkyferryError("the same volume path was given twice")
-    return list(paths)
+    return paths, seeds
 
 
 def live(state: Path) -> list[dict[str, Any]]:

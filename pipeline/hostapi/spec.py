@@ -68,6 +68,8 @@ class ContainerSpec:
     image: Path | None = None  # an OCI or `docker save` tarball unpacked at `run`
     runtime: Annotated[str, StringConstraints(pattern=r"^[a-z]{1,16}$")] = "runc"  # pipeline/runtimes/protocol.py
     volumes: list[Path] = field(default_factory=list)  # paths in the container backed by volumes that move with it
+    # volume path -> a directory in the host's imports whose content the volume starts with (`-v SRC:PATH`)
+    seeds: dict[Path, Path] = field(default_factory=dict)
     labels: dict[Text, Text] = field(default_factory=dict)  # operator metadata: priority, ingress (docs/runbooks.md)
     uid: Id = 0  # the user the command runs as (`--user UID[:GID]`); root inside by default
     gid: Id = 0

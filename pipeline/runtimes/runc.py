@@ -93,6 +93,11 @@ class Runc:
         for i, path in enumerate(spec.volumes):
             source = self.volume(spec.name, i)
             source.mkdir(parents=True, exist_ok=True)
+            if fill_rootfs:  # a new container's volume: its seed's copy, owned by the container's user
+                seed = spec.seeds.get(path)
+                if seed:
+                    shutil.copytree(seed, source, symlinks=True, dirs_exist_ok=True)
+                _chown_tree(source, spec.uid, spec.gid)
             _mkdir_in(rootfs, path)
             mounts.append({"destination": path, "type": "bind", "source": str(source), "options": ["rbind", "rw"]})
         # Redirect stdio inside the container: CRIU cannot dump fds that point at host files.
@@ -271,6 +276,16 @@ def _failure(what: str, stderr: str, criu_log: Path | None) -> SkyferryError:
     if text and criu_log:
         log += f"\n--- CRIU {criu_log.name}\n{logs.tail(text)}"
     return SkyferryError(f"{what} failed: {cause}", log=log)
+
+
+def _chown_tree(top: Path, uid: int, gid: int) -> None:
+    """lchown `top` and everything below (links themselves, never what they point at)."""
+    if (uid, gid) == (0, 0):
+        return
+    os.lchown(top, uid, gid)
+    for root, dirs, files in os.walk(top):
+        for entry in dirs + files:
+            os.lchown(os.path.join(root, entry), uid, gid)
 
 
 def _base_mounts() -> list[dict[str, Any]]:

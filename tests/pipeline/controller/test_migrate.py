@@ -502,3 +502,35 @@ def test_no_checkpoint_image_on_persistent_disk(counter: dict) -> None:
     assert imagescan.on_disk(watch.seen) == [], "checkpoint images on persistent disk"
     assert any(IMAGES_TMPFS in p.parents for p in watch.seen), f"the watcher must see them ({watch.polls} polls)"
     assert imagescan.images(roots) == {}, "every image is wiped after the migration"
+
+
+def test_a_volume_seeded_from_a_host_directory_starts_with_its_copy(mesh: tuple[Path, Mesh], tmp_path: Path) -> None:
+    """`-v HOSTDIR:PATH`: the volume starts with a copy of HOSTDIR, owned by the container's user, and
+    moves with the container; the host directory is never written to, and its links stay links."""
+    image = busybox_image(tmp_path)
+    seed = tmp_path / "seed"
+    (seed / "sub").mkdir(parents=True)
+    (seed / "sub" / "greeting").write_text("hello\n")
+    (seed / "shadow").symlink_to("/etc/shadow")
+    try:
+        mine = cli("run", "--host", "local-1", "--name", "seeded", "--image", str(image), "--user", "1000",
+                   "-v", f"{seed}:/data", "--", "sleep", "3600")  # fmt: skip
+        assert mine.returncode == 0, mine.stderr
+        assert cli("exec", "seeded", "--", "cat", "/data/sub/greeting").stdout == "hello\n"
+        wrote = cli("exec", "seeded", "--", "sh", "-c", "echo mine > /data/sub/new && cat /data/sub/new")
+        assert (wrote.returncode, wrote.stdout) == (0, "mine\n"), wrote.stderr  # uid 1000 owns its volume
+        leak = cli("exec", "seeded", "--", "cat", "/data/shadow")
+        assert leak.returncode != 0 and "root:" not in leak.stdout  # the link resolves in the container
+        assert sorted(p.name for p in seed.rglob("*")) == ["greeting", "shadow", "sub"]  # the host's is untouched
+        cli("rm", "seeded")
+        root = cli("run", "--host", "local-1", "--name", "seeded", "--image", str(image), "-v", f"{seed}:/data",
+                   "--", "sleep", "3600")  # fmt: skip
+        assert root.returncode == 0, root.stderr
+        assert cli("migrate", "seeded", "--to", "local-2").returncode == 0
+        assert cli("exec", "seeded", "--", "cat", "/data/sub/greeting").stdout == "hello\n"
+        missing = cli(
+            "run", "--host", "local-1", "--name", "unseeded", "-v", f"{tmp_path / 'nope'}:/data", "--", "true"
+        )
+        assert missing.returncode != 0 and "is not a directory" in missing.stderr
+    finally:
+        cli("rm", "seeded")
