@@ -109,7 +109,10 @@ def rollback(state: Path, mig_id: str, progress: Progress = _quiet) -> dict[str,
         )
     journal.claim(mig_id)
     ctx = _context(state, mig, Mesh.load(state), journal)
-    _undo(ctx, journal, MODES[mig.mode], progress)
+    # A rollback that finishes one a failure started keeps that failure as its cause.
+    failed = next((t for t in journal.transitions(mig_id) if t["status"] == "failed"), None)
+    cause = f"{failed['stage']} failed: {(failed['detail'] or {}).get('error')}" if failed else None
+    _undo(ctx, journal, MODES[mig.mode], progress, cause=cause)
     return _report(journal, journal.get(mig_id))
 
 
