@@ -125,7 +125,7 @@ def http(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
             progress.error(f"keep-alive connection {i} after {served[i]} requests: {type(exc).__name__}: {exc}")
 
     def fetch() -> None:
-        got, digest = 0, hashlib.sha256()
+        got, digest, paced = 0, hashlib.sha256(), True
         try:
             sock = socket.socket()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # before connect: a small window
@@ -137,14 +137,15 @@ def http(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
                 size = int(headers["content-length"])
                 download.update(status=code, size=size)
                 while got < size:
-                    chunk = reader.read1(min(64 * 1024, size - got))
+                    chunk = reader.read1(min(16 * 1024 if paced else 1 << 20, size - got))
                     if not chunk:
                         raise ConnectionError(f"the server closed the download at {got} of {size} bytes")
                     got += len(chunk)
                     digest.update(chunk)
                     download["bytes"] = got
-                    if not args.release.exists():
-                        time.sleep(0.02)  # ~3 MB/s: the download stays in flight across migrations
+                    paced = paced and not args.release.exists()
+                    if paced:  # ~80 kB/s: the download stays in flight across minutes of migrations
+                        time.sleep(0.2)
         except Exception as exc:
             progress.error(f"download after {got} bytes: {type(exc).__name__}: {exc}")
         download.update(bytes=got, sha256=digest.hexdigest())

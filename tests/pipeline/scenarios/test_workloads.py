@@ -3,8 +3,9 @@
 Each test runs one workload (PostgreSQL 15, nginx, memcached) from an image built by mmdebstrap
 (pipeline/scenarios/workload_images.py, cached under /var/cache/skyferry/workloads), on local-1 with its
 client on local-3, moves it to local-2 in the default pre-copy mode and back in hybrid mode, and then
-checks the client's verdict: nothing acknowledged lost, no connection reset. The migration reports go to
-the test's log (`-rA`) for docs/compatibility.md.
+checks the client's verdict: nothing acknowledged lost, no connection reset. PostgreSQL runs as its own
+user, which CRIU cannot dump where root lacks CAP_SYS_RESOURCE: there its test proves the rollback instead.
+The migration reports and verdicts go to the test's log (`-rA`) for docs/compatibility.md.
 """
 
 import json
@@ -110,7 +111,7 @@ def test_nginx_keepalive_and_download_in_flight(
         ["--connections", "3", "--interval", "0.02", "--download", "/big.bin", "--release", str(release)],
     )  # fmt: skip
     try:
-        made = containers.exec_(state, "web", ["/bin/sh", "-c", "head -c 48M /dev/urandom > /var/www/html/big.bin"
+        made = containers.exec_(state, "web", ["/bin/sh", "-c", "head -c 16M /dev/urandom > /var/www/html/big.bin"
                                                " && sha256sum /var/www/html/big.bin"])  # fmt: skip
         assert made.exit_code == 0, made
         expected = workloads._decode(made.stdout).split()[0]
