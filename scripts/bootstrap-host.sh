@@ -34,7 +34,7 @@ command -v apt-get >/dev/null || die "apt-get not found; nothing was changed"
 RUNTIME_PKGS=(runc wireguard-tools wireguard-go iproute2 iptables nftables iperf3 kmod procps
               python3 python3-venv python3-dev git make gcc cloud-init busybox-static
               podman conmon docker.io containerd tar  # engines: pipeline/runtimes/podman.py, pipeline/runtimes/docker.py
-              qemu-system-x86 qemu-utils mmdebstrap genisoimage iputils-ping)  # VM hosts: providers/qemu.py, vmimage.py
+              qemu-system-x86 qemu-utils mmdebstrap genisoimage iputils-ping)  # VM hosts: providers/qemu.py, vmimage.py; workload_images.py
 BUILD_PKGS=(libbsd-dev libcap-dev libgnutls28-dev libnet1-dev libnftables-dev libnl-3-dev
             libprotobuf-c-dev libprotobuf-dev pkgconf protobuf-c-compiler protobuf-compiler
             python3-protobuf uuid-dev dpkg-dev xz-utils)

@@ -42,6 +42,7 @@ DEFAULT_MODE = "precopy"
 Progress = Callable[[str], None]
 # What the report keeps of each pre-copy round (frozen_ms: soft-dirty only, CRIU's freeze per pre-dump).
 ROUND_KEYS = ("seq", "duration", "pages_scanned", "pages_changed", "pages_zero", "bytes_out", "frozen_ms")
+FS_ROUND_KEYS = ("seq", "duration", "files_scanned", "files_sent", "bytes_raw", "bytes_wire")
 
 
 def _quiet(_: str) -> None:
@@ -240,9 +241,12 @@ def _report(journal: Journal, mig: Migration) -> dict[str, Any]:
             stages[t["stage"]] = detail[t["stage"]].get("seconds", 0.0)
     transfer, precopy = detail.get("transfer", {}), detail.get("precopy", {})
     rounds = [{k: r.get(k, 0) for k in ROUND_KEYS} for r in precopy.get("rounds", [])]
+    fs_rounds = [{k: r.get(k, 0) for k in FS_ROUND_KEYS} for r in precopy.get("fs_rounds", [])]
     bytes_wire = None
     if "bytes_wire" in transfer:
-        bytes_wire = transfer["bytes_wire"] + sum(r["bytes_out"] for r in rounds)
+        bytes_wire = (
+            transfer["bytes_wire"] + sum(r["bytes_out"] for r in rounds) + sum(r["bytes_wire"] for r in fs_rounds)
+        )
     freeze = None
     if FREEZE_FROM in started and FREEZE_TO in finished:
         freeze = round((finished[FREEZE_TO] - started[FREEZE_FROM]) * 1000, 1)
@@ -260,6 +264,8 @@ def _report(journal: Journal, mig: Migration) -> dict[str, Any]:
         "bytes_wire": bytes_wire,
         "bytes_at_freeze": transfer.get("bytes_wire"),
         "rounds": rounds,
+        # the rootfs and volumes, copied while the container runs: an image's whole root the first time
+        "fs_rounds": fs_rounds,
         "precopy_stop": precopy.get("stop"),
         # "soft-dirty" (CRIU pre-dumps) or "content"; None without rounds. Older agents ran only content.
         "precopy_method": precopy.get("method", "content") if precopy else None,
