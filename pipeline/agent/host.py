@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from skyferry.netplane import attach
-from skyferry.pipeline.agent import dnat, netlock, preflight
+from skyferry.pipeline.agent import dnat, facts, netlock, preflight
 from skyferry.pipeline.agent.freeze import Freezes
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.files import wire
@@ -217,7 +217,7 @@ class Host:
 
     def preflight(self, name: str) -> list[preflight.Finding]:
         pid = (self.state(name) or {}).get("pid")
-        return preflight.scan(pid) if pid else []
+        return preflight.scan(pid, facts.dumps_other_users()) if pid else []
 
     def exec(self, name: str, argv: list[str], stdin: bytes, timeout: float) -> tuple[int, bytes, bytes]:
         """`skyferry exec`: only in a container that runs and is not frozen for a migration."""

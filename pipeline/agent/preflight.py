@@ -29,15 +29,22 @@ TRACED_HINT = "CRIU seizes every task with ptrace and cannot seize one that is t
 # cgroup waits forever in ptrace_attach (checkpoint-restore/criu#1905): the freeze bound would end it.
 STOPPED_HINT = "CRIU cannot checkpoint a stopped task in a frozen container: continue it (kill -CONT PID) or end it"
 IO_URING_HINT = "CRIU 4.2 cannot dump io_uring (it cannot pass its fd): stop the program or run it without io_uring"
+OTHER_USER_HINT = (
+    "CRIU reads each task's rlimits with prlimit(2), which for another user's task needs CAP_SYS_RESOURCE, and "
+    "root on this host lacks it (skyferry doctor): run the program as root in the container, or move it from "
+    "a host whose root has it (real machines and VMs do)"
+)
 
 
-def scan(root_pid: int) -> list[Finding]:
-    """Every finding in the process tree of `root_pid` (the container's init)."""
+def scan(root_pid: int, dumps_other_users: bool = True) -> list[Finding]:
+    """Every finding in the process tree of `root_pid` (the container's init). `dumps_other_users`: whether
+    CRIU here may read another user's tasks (facts.dumps_other_users)."""
     found: list[Finding] = []
     for pid in proctree.descendants(root_pid):
         try:
             comm = Path(f"/proc/{pid}/comm").read_text().strip()
             found += _stopped(pid, comm) + _traced(pid, comm) + _io_uring(pid, comm)
+            found += [] if dumps_other_users else _other_user(pid, comm)
         except (FileNotFoundError, ProcessLookupError):
             continue  # it exited meanwhile
     return found
@@ -63,3 +70,12 @@ def _io_uring(pid: int, comm: str) -> list[Finding]:
         except FileNotFoundError:
             continue
     return []
+
+
+def _other_user(pid: int, comm: str) -> list[Finding]:
+    """A task whose uids or gids are not all root's (PostgreSQL's postgres, nginx's www-data workers)."""
+    ids = {ln.split(":")[0]: ln.split()[1:] for ln in Path(f"/proc/{pid}/status").read_text().splitlines()
+           if ln.startswith(("Uid:", "Gid:"))}  # fmt: skip
+    if set(ids["Uid"]) | set(ids["Gid"]) == {"0"}:
+        return []
+    return [Finding(pid, comm, f"runs as uid {ids['Uid'][1]} gid {ids['Gid'][1]}", OTHER_USER_HINT)]

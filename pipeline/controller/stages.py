@@ -67,6 +67,13 @@ class Check:
                 f"container {ctx.entry.name!r} is {info['state']} on {ctx.source}, not running",
                 hint="only running containers migrate live",
             )
+        spec = ctx.entry.spec
+        if (spec.uid, spec.gid) != (0, 0) and not src.get("dumps_other_users", True):
+            raise SkyferryError(
+                f"CRIU on {ctx.source} cannot dump {spec.name!r}, which runs as {spec.uid}:{spec.gid}: root there "
+                "lacks CAP_SYS_RESOURCE, which CRIU needs to read another user's rlimits (prlimit(2))",
+                hint="run the source's agent with root's full capabilities (docs/security.md, Containers)",
+            )
         found = ctx.src.call("GET", f"/v1/containers/{ctx.entry.name}/preflight")
         if found:
             shapes = "; ".join(f"{f['comm']} (pid {f['pid']}) {f['what']}" for f in found)
@@ -81,13 +88,6 @@ class Check:
             )
         if src["arch"] != dst["arch"]:
             raise SkyferryError(f"architectures differ: {src['arch']} -> {dst['arch']}")
-        spec = ctx.entry.spec
-        if (spec.uid, spec.gid) != (0, 0) and not src.get("dumps_other_users", True):
-            raise SkyferryError(
-                f"CRIU on {ctx.source} cannot dump {spec.name!r}, which runs as {spec.uid}:{spec.gid}: root there "
-                "lacks CAP_SYS_RESOURCE, which CRIU needs to read another user's rlimits (prlimit(2))",
-                hint="run the source's agent with root's full capabilities (docs/security.md, Containers)",
-            )
         lacking = compat.missing(src, dst, ctx.mode)
         if lacking:
             raise SkyferryError(

@@ -64,3 +64,18 @@ def test_a_stopped_task_is_found() -> None:
         found = preflight.scan(pid)
     assert len(found) == 1 and found[0].pid != pid and found[0].what.startswith("is stopped"), found
     assert "kill -CONT" in found[0].hint
+
+
+OTHER_USER = (
+    "import os, time\nif os.fork() == 0:\n    os.setgid(65534)\n    os.setuid(65534)\n    time.sleep(60)\n"
+    "time.sleep(60)"
+)
+
+
+def test_another_users_task_is_found_only_where_criu_cannot_read_it() -> None:
+    """Root without CAP_SYS_RESOURCE cannot prlimit(2) another user's task, so CRIU cannot dump it."""
+    with tree(OTHER_USER) as pid:
+        time.sleep(0.3)
+        found = preflight.scan(pid, dumps_other_users=False)
+        assert preflight.scan(pid, dumps_other_users=True) == []  # the control: a host whose root can
+    assert len(found) == 1 and found[0].what == "runs as uid 65534 gid 65534" and "CAP_SYS_RESOURCE" in found[0].hint
