@@ -22,7 +22,7 @@ from skyferry.netplane import attach
 from skyferry.pipeline.agent import dnat, netlock
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.files import wire
-from skyferry.pipeline.hostapi.layout import IMAGES_TMPFS, page_server
+from skyferry.pipeline.hostapi.layout import IMAGES_TMPFS
 from skyferry.pipeline.hostapi.publish import PublicPort
 from skyferry.pipeline.hostapi.spec import ContainerSpec
 from skyferry.pipeline.runtimes.protocol import Runtime, runtimes
@@ -108,9 +108,6 @@ class Host:
 
     def mig_dir(self, mig: str) -> Path:
         return self.images_root / mig
-
-    def page_server(self, mig: str) -> str:
-        return page_server(mig, self.cfg.overlay_ip)
 
     def wipe(self, mig: str) -> None:
         """Remove a migration's images (they hold the container's memory), keeping CRIU's logs, which do

@@ -49,7 +49,7 @@ from skyferry.netplane import routes
 from skyferry.pipeline.agent import capacity, clone, dnat, doctor, facts
 from skyferry.pipeline.agent.host import Host, HostConfig
 from skyferry.pipeline.agent.source import Lane, SourceSession
-from skyferry.pipeline.agent.target import TargetSession
+from skyferry.pipeline.agent.target import TargetSession, stop_unfinished_lazy
 from skyferry.pipeline.criu.version import PRECOPY_CONTENT
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi import faults
@@ -60,12 +60,14 @@ from skyferry.pipeline.hostapi.publish import PublicPort
 from skyferry.pipeline.hostapi.spec import ContainerSpec
 from skyferry.pipeline.hostapi.tlsserver import TLSServer
 from skyferry.pipeline.memory import lazypages
+from skyferry.pipeline.memory.pagetunnel import PageSource
 from skyferry.pipeline.memory.policy import ConvergencePolicy
 
 SOURCE_OPS = ("precopy", "checkpoint", "transfer", "rollback", "confirm")  # SourceSession's steps
-TARGET_OPS = ("prepare", "precopy-reset", "hold", "restore", "abort", "cleanup")  # TargetSession's steps
+TARGET_OPS = ("prepare", "precopy-reset", "hold", "restore", "lazy", "abort", "cleanup")  # TargetSession's steps
 MIGRATION_ID = re.compile(r"[A-Za-z0-9_-]+")  # it names directories (images, logs)
-PAGE_SERVER = re.compile(r"\d{1,3}(\.\d{1,3}){3}:\d{1,5}")  # a source's CRIU page server, addr:port
+PAGE_SERVER = re.compile(r"\d{1,3}(\.\d{1,3}){3}:\d{1,5}")  # a source's page tunnel, addr:port
+HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # the CN the page tunnel must present
 log = logging.getLogger("skyferry.agent")
 
 
@@ -109,6 +111,7 @@ class Agent:
         self.host = host
         self.identity = identity
         self.peer_ctx = identity.client_context()
+        self.tunnel_ctx = identity.server_context()  # a source's page tunnel (made here: not in the freeze)
         self._peers: dict[tuple[str, int, str], AgentClient] = {}
         self._peers_lock = threading.Lock()
 
@@ -178,7 +181,11 @@ class Agent:
                 lanes = self._lanes(session.mig, body["target"], session.name)
                 return session.precopy(*lanes, policy, body.get("method", "auto"))
             case "checkpoint":
-                return session.checkpoint(lazy=bool(body.get("lazy")))
+                lazy = bool(body.get("lazy"))
+                peer = body.get("peer")
+                if lazy and not (isinstance(peer, str) and HOST_NAME.fullmatch(peer)):
+                    raise SkyferryError(f"a lazy checkpoint needs the target host's name, not {peer!r}")
+                return session.checkpoint(lazy=lazy, peer=peer, tls=self.tunnel_ctx)
             case "transfer":
                 return session.transfer(*self._lanes(session.mig, body["target"], session.name))
             case "rollback":
@@ -196,7 +203,9 @@ class Agent:
             case "hold":
                 return {"held": session.hold([base64.b64decode(p) for p in body["packets"]])}
             case "restore":
-                return session.restore(page_server=body.get("page_server"))
+                return session.restore(lazy=bool(body.get("lazy")))
+            case "lazy":
+                return session.lazy()
             case "abort":
                 session.abort()
             case "cleanup":
@@ -208,20 +217,21 @@ class Agent:
     def stream_in(self, mig: str, stream: str, query: dict[str, list[str]], reader: Any) -> Any:
         name = query["name"][0]
         faults.check(self.host.cfg.state_root, stream)
-        page_server = query.get("page_server", [""])[0]
-        if page_server and not PAGE_SERVER.fullmatch(page_server):
-            raise SkyferryError(f"bad page server address {page_server!r}")
+        page_server, page_peer = query.get("page_server", [""])[0], query.get("page_peer", [""])[0]
+        if page_server and not (PAGE_SERVER.fullmatch(page_server) and HOST_NAME.fullmatch(page_peer)):
+            raise SkyferryError(f"bad page server {page_server!r} of {page_peer!r}")
+        source = PageSource(page_server, page_peer, self.peer_ctx) if page_server else None
         with self.host.lock(name):
             session = TargetSession.of(self.host, mig, name)
             match stream:
                 case "receive":
-                    return session.receive(reader, page_server or None)
+                    return session.receive(reader, source)
                 case "precopy-round":
                     return session.precopy_round(reader)
                 case "precopy-final":
                     return session.precopy_final(reader)
                 case "lazy-final":
-                    return session.lazy_final(reader, page_server or None)
+                    return session.lazy_final(reader, source)
                 case "fs-round":
                     return session.fs_round(reader)
         raise _NotFound(f"no stream {stream!r}")
@@ -350,7 +360,11 @@ class _LimitedReader:
 def serve(cfg: HostConfig, identity: Identity, listen: str, port: int = AGENT_PORT) -> None:
     """Run until SIGTERM. `listen` is the host's overlay address: the agent never binds elsewhere."""
     host = Host(cfg)
-    for pid in lazypages.stop_strays(host.images_root):  # an earlier agent died mid lazy restore
+    # An earlier agent died mid lazy restore: stop the copies first (their guards hold the uffds, so the
+    # pages never fetched cannot read as zeros meanwhile), then the daemons that no proxy serves any more.
+    for name in stop_unfinished_lazy(host):
+        log.error("stopped %s: restored lazily by an earlier agent that died before every page arrived", name)
+    for pid in lazypages.stop_strays(host.images_root):
         log.warning("stopped lazy-pages daemon %d left behind by an earlier agent", pid)
     agent = Agent(host, identity)
     server = TLSServer((listen, port), _handler(agent), identity.server_context())

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import os
 import signal
+import ssl
 import subprocess
 import time
 from collections.abc import Iterable
@@ -33,7 +34,7 @@ from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.files import wire
 from skyferry.pipeline.files.fsync import FsStats, FsTracker
 from skyferry.pipeline.hostapi import faults
-from skyferry.pipeline.memory import hybrid
+from skyferry.pipeline.memory import hybrid, pagetunnel
 from skyferry.pipeline.memory.policy import ConvergencePolicy
 from skyferry.pipeline.memory.precopy import SourceEngine
 from skyferry.pipeline.memory.predump import PredumpSource
@@ -63,7 +64,8 @@ class SourceSession:
         self.engine: SourceEngine | None = None  # content-based pre-copy memory rounds
         self.chain: PredumpSource | None = None  # soft-dirty pre-copy: CRIU pre-dumps
         self.tracker: FsTracker | None = None  # pre-copy file rounds
-        self.lazy_dump: subprocess.Popen[bytes] | None = None  # post-copy: CRIU's page server
+        self.lazy_dump: subprocess.Popen[bytes] | None = None  # post-copy: CRIU's page server (loopback)
+        self.tunnel: pagetunnel.Tunnel | None = None  # post-copy: TLS to it, for the target only
         self.freeze_scan: hybrid.FreezeScan | None = None  # hybrid: what the target holds, and more
         self.holdback: Holdback | None = None  # client segments, replayed if a rollback thaws us
 
@@ -120,10 +122,12 @@ class SourceSession:
             "why": decision.detail,
         }
 
-    def checkpoint(self, lazy: bool) -> dict[str, Any]:
+    def checkpoint(self, lazy: bool, peer: str | None = None, tls: ssl.SSLContext | None = None) -> dict[str, Any]:
         """Freeze, silence and dump the container; it stays frozen here until confirm or rollback.
-        With `lazy` (post-copy) the pages stay in the frozen processes, served by a CRIU page server
-        on this host's overlay address until the target has fetched them all. After pre-copy rounds
+        With `lazy` (post-copy) the pages stay in the frozen processes, served by a CRIU page server on
+        loopback until the target has fetched them all, behind a tunnel (`pagetunnel.Tunnel`) on this
+        host's overlay address that only host `peer` (the target) may enter, with mutual TLS (`tls`, this
+        agent's server context); both on ports the kernel picks. After pre-copy rounds
         (hybrid), the frozen memory is also scanned, alongside the dump, for the pages the target
         holds unchanged: the target takes those from its store and only the rest from the page server."""
         runtime = self.host.rt(self.name)
@@ -141,20 +145,34 @@ class SourceSession:
         t_frozen = time.monotonic()
         wire.wipe(images)  # a retried checkpoint starts clean
         if lazy:
+            if peer is None or tls is None:
+                raise SkyferryError(f"migration {self.mig}: a lazy checkpoint needs the target's name")
             if self.chain is not None:  # a lazy dump cannot take a pre-dump parent: hybrid pre-copies by content
                 raise SkyferryError(f"migration {self.mig}: a lazy checkpoint after soft-dirty rounds")
             self._stop_lazy_dump()
             engine = self.engine
             with ThreadPoolExecutor(1) as pool:  # the scan reads memory while CRIU dumps the rest
                 scan = pool.submit(hybrid.freeze_scan, engine) if engine else None
-                server = self.host.page_server(self.mig)
+                port = pagetunnel.free_loopback_port()
+                server = f"{pagetunnel.LOOPBACK}:{port}"
                 self.lazy_dump = runtime.checkpoint_lazy(self.name, images, self.dir / "work", server)
+                self.tunnel = pagetunnel.Tunnel(tls, self.host.cfg.overlay_ip, peer, port, self._drill())
                 if scan is not None:
                     self.freeze_scan = scan.result()
         else:
             parent = self.chain.parent_for(images) if self.chain else None
             runtime.checkpoint(self.name, images, self.dir / "work", parent=parent)
-        return {"pause_s": t_frozen - t0, "dump_s": time.monotonic() - t_frozen, "image_bytes": _du(images)}
+        timings = {"pause_s": t_frozen - t0, "dump_s": time.monotonic() - t_frozen, "image_bytes": _du(images)}
+        return {**timings, "page_server": self.tunnel.address} if self.tunnel else timings
+
+    def _drill(self) -> pagetunnel.Drill | None:
+        """Fault drills of the lazy phase: `lose-page-server` (the link dies 64 KiB into the pages) and
+        `hold-pages` (no page passes while it is listed)."""
+        root = self.host.cfg.state_root
+        if not faults.listed(root, "lose-page-server") and not faults.listed(root, "hold-pages"):
+            return None
+        cut = 64 << 10 if faults.listed(root, "lose-page-server") else None
+        return pagetunnel.Drill(cut, lambda: faults.listed(root, "hold-pages"))
 
     def transfer(self, mem: Lane, fs: Lane) -> dict[str, Any]:
         """Stream the frozen container's state to the target, and the client segments our lock has
@@ -168,7 +186,9 @@ class SourceSession:
         """
         t0 = time.monotonic()
         # After a lazy dump the target starts its pager as soon as the images are in, outside the restore.
-        lazy = {"page_server": self.host.page_server(self.mig)} if self.lazy_dump is not None else {}
+        lazy = {}
+        if self.tunnel is not None:
+            lazy = {"page_server": self.tunnel.address, "page_peer": self.host.cfg.name}
         final = self._final()
         fs_stats = FsStats()
         fs_final = self._fs_final(fs_stats)
@@ -262,11 +282,11 @@ class SourceSession:
 
     def confirm(self) -> dict[str, Any]:
         """The target runs and is routed: end the frozen copy and everything it held here. After a
-        post-copy restore, first wait until the target has fetched every page from our page server."""
+        post-copy restore (the controller has the target's word that every page arrived: its `lazy`
+        step), first wait until our page server has seen the target hang up."""
         waited = 0.0
         proc = self.lazy_dump
         if proc is not None:
-            faults.act(self.host.cfg.state_root, "lose-page-server", lambda: os.killpg(proc.pid, signal.SIGKILL))
             t0 = time.monotonic()
             try:
                 rc = proc.wait(timeout=POSTCOPY_TIMEOUT)
@@ -297,8 +317,11 @@ class SourceSession:
             del self.host.sources[self.mig]
 
     def _stop_lazy_dump(self) -> None:
-        """End a post-copy page server (and the CRIU dump it belongs to). The frozen tasks it held stay
-        frozen in their cgroup, so a rollback can still thaw them."""
+        """End a post-copy page server (and the CRIU dump it belongs to) and its tunnel. The frozen tasks
+        it held stay frozen in their cgroup, so a rollback can still thaw them."""
+        tunnel, self.tunnel = self.tunnel, None
+        if tunnel is not None:
+            tunnel.close()
         proc, self.lazy_dump = self.lazy_dump, None
         if proc is not None and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
