@@ -156,7 +156,9 @@ class SourceSession:
                 port = pagetunnel.free_loopback_port()
                 server = f"{pagetunnel.LOOPBACK}:{port}"
                 self.lazy_dump = runtime.checkpoint_lazy(self.name, images, self.dir / "work", server)
-                self.tunnel = pagetunnel.Tunnel(tls, self.host.cfg.overlay_ip, peer, port, self._drill())
+                # The drill `lose-page-server`: the link to the target dies 64 KiB into the pages.
+                cut = 64 << 10 if faults.listed(self.host.cfg.state_root, "lose-page-server") else None
+                self.tunnel = pagetunnel.Tunnel(tls, self.host.cfg.overlay_ip, peer, port, cut)
                 if scan is not None:
                     self.freeze_scan = scan.result()
         else:
@@ -164,15 +166,6 @@ class SourceSession:
             runtime.checkpoint(self.name, images, self.dir / "work", parent=parent)
         timings = {"pause_s": t_frozen - t0, "dump_s": time.monotonic() - t_frozen, "image_bytes": _du(images)}
         return {**timings, "page_server": self.tunnel.address} if self.tunnel else timings
-
-    def _drill(self) -> pagetunnel.Drill | None:
-        """Fault drills of the lazy phase: `lose-page-server` (the link dies 64 KiB into the pages) and
-        `hold-pages` (no page passes while it is listed)."""
-        root = self.host.cfg.state_root
-        if not faults.listed(root, "lose-page-server") and not faults.listed(root, "hold-pages"):
-            return None
-        cut = 64 << 10 if faults.listed(root, "lose-page-server") else None
-        return pagetunnel.Drill(cut, lambda: faults.listed(root, "hold-pages"))
 
     def transfer(self, mem: Lane, fs: Lane) -> dict[str, Any]:
         """Stream the frozen container's state to the target, and the client segments our lock has

@@ -16,7 +16,10 @@ Each step is idempotent; `close()` releases everything the session holds.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -31,8 +34,9 @@ from skyferry.pipeline.criu.version import PRECOPY_CONTENT, PRECOPY_SOFT_DIRTY
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.files import wire
 from skyferry.pipeline.files.applier import FsApplier
+from skyferry.pipeline.hostapi import faults
 from skyferry.pipeline.hostapi.spec import ContainerSpec
-from skyferry.pipeline.memory import hybrid
+from skyferry.pipeline.memory import hybrid, lazypages
 from skyferry.pipeline.memory.lazypages import Pager
 from skyferry.pipeline.memory.pages import HashTable
 from skyferry.pipeline.memory.pagetunnel import PageSource
@@ -165,8 +169,10 @@ class TargetSession:
         t0 = time.monotonic()
         if state is None or state["status"] != "running":
             # Right after a failed attempt CRIU can hit "Can't fork for PID: File exists" until the old
-            # PID is reaped; one retry after a short wait covers it.
-            for attempt in (1, 2):
+            # PID is reaped; one retry after a short wait covers it. Not after a lazy restore: the source's
+            # page server serves one client, and that was the first attempt's.
+            attempts = (1,) if lazy else (1, 2)
+            for attempt in attempts:
                 try:
                     images, work = self.dir / "images", self.dir / f"work{attempt}"
                     if page_source:
@@ -174,14 +180,16 @@ class TargetSession:
                         t_pager = time.monotonic()
                         self._lazy_marker().parent.mkdir(mode=0o700, exist_ok=True)
                         self._lazy_marker().write_text(self.mig)
-                        runtime.restore_lazy(self.name, images, work)
+                        with _unstick(pager, work):
+                            runtime.restore_lazy(self.name, images, work)
                         _guard(pager, runtime.kill_argv(self.name))
+                        pager.proxy.held = functools.partial(faults.listed, self.host.cfg.state_root, "hold-pages")
                     else:
                         runtime.restore(self.name, images, work)
                     break
                 except SkyferryError:
                     self._stop_pager()
-                    if attempt == 2 or runtime.state(self.name) is not None:
+                    if attempt == attempts[-1] or runtime.state(self.name) is not None:
                         raise
                     time.sleep(0.2)
         restored = time.monotonic()
@@ -313,6 +321,31 @@ def stop_unfinished_lazy(host: Host) -> list[str]:
         mig = (marker.read_text().split() or ["?"])[0]
         marker.write_text(f"{mig} lost\n")
     return stopped
+
+
+@contextlib.contextmanager
+def _unstick(pager: Pager, work: Path) -> Iterator[None]:
+    """While a lazy restore in `work` runs: if the lazy-pages daemon dies first, kill the CRIU restore. CRIU
+    then gives up on the restore but waits for the tasks it killed, which are runc's children, while
+    runc waits for CRIU: the restore would never return (seen here with CRIU 4.2.1 and runc 1.1.5)."""
+    done = threading.Event()
+    killed: list[int] = []
+
+    def watch() -> None:
+        while not done.wait(0.05):
+            if not pager.alive():
+                killed.extend(lazypages.stop_restore(work))
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True, name="unstick")
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+        if killed:
+            lazypages.unmount_under(work)
 
 
 def _guard(pager: Pager, kill: list[str]) -> None:

@@ -142,3 +142,48 @@ def stop_strays(under: Path) -> list[int]:
                 os.kill(int(entry.name), signal.SIGKILL)
                 killed.append(int(entry.name))
     return killed
+
+
+def stop_restore(work: Path) -> list[int]:
+    """Kill the CRIU of a `runc restore` whose work directory is `work` (runc then returns, failed)."""
+    flag = str(work).encode()
+    runcs = {e.name for e in Path("/proc").iterdir() if e.name.isdigit() and _argv(e)[:1] == [b"runc"]
+             and flag in _argv(e)}  # fmt: skip
+    killed = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+        except (OSError, IndexError):
+            continue
+        if ppid in runcs and _comm(entry) == "criu":
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+    return killed
+
+
+def _argv(entry: Path) -> list[bytes]:
+    try:
+        return (entry / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
+def _comm(entry: Path) -> str:
+    try:
+        return (entry / "comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def unmount_under(work: Path) -> list[str]:
+    """Lazily unmount whatever a killed CRIU left mounted under `work` (its cgroup yard), so that the
+    migration's directory can be wiped."""
+    prefix = str(work) + "/"
+    points = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    left = sorted((p for p in points if p.startswith(prefix)), reverse=True)
+    for point in left:
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+    return left

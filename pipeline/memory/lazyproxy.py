@@ -72,6 +72,7 @@ class LazyProxy:
         self.up: socket.socket | None = None
         self.threads: list[threading.Thread] = []
         self.started = time.monotonic()
+        self.held: Callable[[], bool] = lambda: False  # a fault drill: no page goes to the daemon while true
 
     def _plan(self, vpid: int, entries: list[memimage.Entry], clean: HashTable | None) -> None:
         """Mark the clean lazy pages ready and queue the others for prefetch."""
@@ -99,7 +100,6 @@ class LazyProxy:
             self.listener.close()
             raise
         self.up.settimeout(None)
-        self.up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for target in (self._serve, self._receive, self._prefetch):
             t = threading.Thread(target=target, daemon=True, name=f"lazyproxy-{target.__name__}")
             t.start()
@@ -234,6 +234,8 @@ class LazyProxy:
     def _answer(self, conn: socket.socket, vpid: int, vpn: int, n: int) -> None:
         """Send the longest READY prefix of [vpn, vpn + n), asking the source first if it is not READY.
         Sent under the lock: the store's file may be re-laid out when a fetched page opens a new slab."""
+        while self.held() and not self._stopped():
+            time.sleep(0.05)
         with self.cv:
             first = int(self.state[vpid].get(np.array([vpn], np.uint64))[0])
             if first != READY:

@@ -51,24 +51,12 @@ def free_loopback_port() -> int:
         return int(s.getsockname()[1])
 
 
-@dataclass(frozen=True)
-class Drill:
-    """Fault drills on the pages' way to the target: `cut_after` bytes, then hang up (a lost source);
-    pass nothing while `hold()` is true (keeps a migration in its lazy phase)."""
-
-    cut_after: int | None = None
-    hold: Callable[[], bool] = lambda: False
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, drill: Drill | None = None) -> None:
-    """Copy until EOF (or what `drill` says)."""
-    drill = drill or Drill()
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cut_after: int | None = None) -> None:
+    """Copy until EOF, or until `cut_after` bytes have passed (a fault drill: the link dies mid-stream)."""
     sent = 0
     try:
-        while (drill.cut_after is None or sent < drill.cut_after) and (data := await reader.read(CHUNK)):
-            while drill.hold():
-                await asyncio.sleep(0.05)
-            data = data if drill.cut_after is None else data[: drill.cut_after - sent]
+        while (cut_after is None or sent < cut_after) and (data := await reader.read(CHUNK)):
+            data = data if cut_after is None else data[: cut_after - sent]
             writer.write(data)
             await writer.drain()
             sent += len(data)
@@ -78,10 +66,11 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dril
         writer.close()
 
 
-async def _splice(a: Stream, b: Stream, b_drill: Drill | None = None) -> None:
-    """Both directions until either side hangs up (or `b_drill` ends b's); then both are closed."""
+async def _splice(a: Stream, b: Stream, b_cut_after: int | None = None) -> None:
+    """Both directions until either side hangs up (or `b_cut_after` bytes from b have passed); then both
+    are closed."""
     _, pending = await asyncio.wait(
-        [asyncio.ensure_future(_pipe(a[0], b[1])), asyncio.ensure_future(_pipe(b[0], a[1], b_drill))],
+        [asyncio.ensure_future(_pipe(a[0], b[1])), asyncio.ensure_future(_pipe(b[0], a[1], b_cut_after))],
         return_when=asyncio.FIRST_COMPLETED,
     )
     for task in pending:
@@ -95,6 +84,7 @@ class _Loop:
 
     def __init__(self, name: str) -> None:
         self.loop = asyncio.new_event_loop()
+        self.tasks: set[asyncio.Task[Any]] = set()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name=name)
         self.thread.start()
 
@@ -102,7 +92,14 @@ class _Loop:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
 
     def spawn(self, coro: Callable[[], Awaitable[Any]]) -> None:
-        self.loop.call_soon_threadsafe(lambda: self.loop.create_task(coro()))  # type: ignore[arg-type]
+        """Run `coro()` on the loop; the task is kept here, since the loop itself keeps only a weak one."""
+
+        def start() -> None:
+            task = self.loop.create_task(coro())  # type: ignore[arg-type]
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+        self.loop.call_soon_threadsafe(start)
 
     def stop(self) -> None:
         def cancel_all() -> None:
@@ -120,10 +117,10 @@ class _Loop:
 class Tunnel:
     """The source's end: TLS on (`bind`, a port the kernel picks) for the host named `peer` only, piped
     to the page server on loopback port `upstream`. `address` is what the target connects to.
-    `drill`: fault drills only."""
+    `cut_after` (fault drills only): hang up after that many bytes of pages, as a lost source would."""
 
-    def __init__(self, ctx: ssl.SSLContext, bind: str, peer: str, upstream: int, drill: Drill | None = None):
-        self.peer, self.upstream, self.drill = peer, upstream, drill
+    def __init__(self, ctx: ssl.SSLContext, bind: str, peer: str, upstream: int, cut_after: int | None = None):
+        self.peer, self.upstream, self.cut_after = peer, upstream, cut_after
         self.refused: list[str] = []  # who tried and was not the peer (for the log and the tests)
         self.served = False
         self._loop = _Loop("pagetunnel")
@@ -150,7 +147,7 @@ class Tunnel:
             log.warning("page tunnel: the page server on port %d is gone: %s", self.upstream, exc)
             writer.close()
             return
-        await _splice((reader, writer), up, self.drill)
+        await _splice((reader, writer), up, self.cut_after)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
