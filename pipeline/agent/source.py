@@ -66,6 +66,7 @@ class SourceSession:
         self.tracker: FsTracker | None = None  # pre-copy file rounds
         self.lazy_dump: subprocess.Popen[bytes] | None = None  # post-copy: CRIU's page server (loopback)
         self.tunnel: pagetunnel.Tunnel | None = None  # post-copy: TLS to it, for the target only
+        self.page_port: int | None = None  # post-copy: the page server's port, firewalled to loopback
         self.freeze_scan: hybrid.FreezeScan | None = None  # hybrid: what the target holds, and more
         self.holdback: Holdback | None = None  # client segments, replayed if a rollback thaws us
 
@@ -153,7 +154,8 @@ class SourceSession:
             engine = self.engine
             with ThreadPoolExecutor(1) as pool:  # the scan reads memory while CRIU dumps the rest
                 scan = pool.submit(hybrid.freeze_scan, engine) if engine else None
-                port = pagetunnel.free_loopback_port()
+                port = self.page_port = pagetunnel.free_loopback_port()
+                netlock.loopback_only(port)  # CRIU binds every address, whatever runc passes
                 server = f"{pagetunnel.LOOPBACK}:{port}"
                 self.lazy_dump = runtime.checkpoint_lazy(self.name, images, self.dir / "work", server)
                 # The drill `lose-page-server`: the link to the target dies 64 KiB into the pages.
@@ -315,6 +317,9 @@ class SourceSession:
         tunnel, self.tunnel = self.tunnel, None
         if tunnel is not None:
             tunnel.close()
+        port, self.page_port = self.page_port, None
+        if port is not None:
+            netlock.release_port(port)
         proc, self.lazy_dump = self.lazy_dump, None
         if proc is not None and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
