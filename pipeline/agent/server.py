@@ -21,7 +21,8 @@ Routes (JSON in, JSON out; errors are {"error", "hint"} with 4xx/5xx):
   DELETE /v1/containers/NAME/ingress        drop the container's published ports (it may have left already)
   GET    /v1/ingress                        every published port on this host
   POST   /v1/migrations/ID/OP               OP is a step of the source (SOURCE_OPS: SourceSession's methods),
-                                            of the target (TARGET_OPS: TargetSession's), or a test-cutover
+                                            of the target (TARGET_OPS: TargetSession's; `lazy` waits for the
+                                            last lazy page), or a test-cutover
                                             clone-* operation (pipeline/agent/clone.py)
   PUT    /v1/migrations/ID/STREAM?name=N    from the source agent (chunked): STREAM is `receive` (stop-copy:
                                             images and payload in one tar), `precopy-round`, or
