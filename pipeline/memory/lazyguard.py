@@ -63,12 +63,15 @@ def main(argv: list[str]) -> int:
     def commands() -> None:
         # The agent writes one line after the restore; EOF (the agent died) changes nothing.
         for line in sys.stdin:
-            msg = json.loads(line)
+            error = None
             with lock:
-                if daemon.poll() is None:
-                    held.extend(grab_uffds(daemon.pid))
-                kill[:] = msg["kill"]
-            print(json.dumps({"held": len(held)}), flush=True)
+                kill[:] = json.loads(line)["kill"]
+                try:
+                    if daemon.poll() is None:
+                        held.extend(grab_uffds(daemon.pid))
+                except OSError as exc:  # still kill on the daemon's death, a moment later than faults see it
+                    error = str(exc)
+            print(json.dumps({"held": len(held), "error": error}), flush=True)
 
     threading.Thread(target=commands, daemon=True).start()
     rc = daemon.wait()

@@ -5,6 +5,7 @@ has arrived."""
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -22,6 +23,7 @@ from skyferry.pipeline.memory.pagetunnel import Dialled, PageSource
 from skyferry.pipeline.memory.store import TargetStore
 
 START_TIMEOUT_S = 10.0
+log = logging.getLogger("skyferry.lazypages")
 
 
 class Pager:
@@ -63,9 +65,12 @@ class Pager:
         try:
             self.daemon.stdin.write(json.dumps({"kill": kill}).encode() + b"\n")
             self.daemon.stdin.flush()
-            self.held = int(json.loads(self.daemon.stdout.readline())["held"])
+            answer = json.loads(self.daemon.stdout.readline())
+            self.held = int(answer["held"])
         except (OSError, ValueError, KeyError) as exc:
             raise SkyferryError(f"the lazy-pages guard did not answer: {exc}", hint=f"see {self.work}") from None
+        if answer.get("error"):
+            log.warning("the lazy-pages guard holds %d uffds: %s", self.held, answer["error"])
         return self.held
 
     def finish(self, timeout: float) -> tuple[int | None, dict[str, Any]]:
