@@ -61,14 +61,14 @@ from skyferry.pipeline.hostapi.publish import PublicPort
 from skyferry.pipeline.hostapi.spec import ContainerSpec
 from skyferry.pipeline.hostapi.tlsserver import TLSServer
 from skyferry.pipeline.memory import lazypages
-from skyferry.pipeline.memory.pagetunnel import PageSource
+from skyferry.pipeline.memory.pagetunnel import PageSource, peer_name
 from skyferry.pipeline.memory.policy import ConvergencePolicy
 
 SOURCE_OPS = ("precopy", "checkpoint", "transfer", "rollback", "confirm")  # SourceSession's steps
 TARGET_OPS = ("prepare", "precopy-reset", "hold", "restore", "lazy", "abort", "cleanup")  # TargetSession's steps
 MIGRATION_ID = re.compile(r"[A-Za-z0-9_-]+")  # it names directories (images, logs)
 PAGE_SERVER = re.compile(r"\d{1,3}(\.\d{1,3}){3}:\d{1,5}")  # a source's page tunnel, addr:port
-HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # the CN the page tunnel must present
+HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # a host's name: the CN a page tunnel admits
 log = logging.getLogger("skyferry.agent")
 
 
@@ -215,13 +215,15 @@ class Agent:
                 raise _NotFound(f"no target operation {op!r}")
         return {"ok": True}
 
-    def stream_in(self, mig: str, stream: str, query: dict[str, list[str]], reader: Any) -> Any:
+    def stream_in(self, mig: str, stream: str, query: dict[str, list[str]], reader: Any, sender: str | None) -> Any:
+        """A stream from the source agent `sender` (its certificate's CN): after a lazy dump, the page tunnel
+        it names (`page_server`) must present that same certificate."""
         name = query["name"][0]
         faults.check(self.host.cfg.state_root, stream)
-        page_server, page_peer = query.get("page_server", [""])[0], query.get("page_peer", [""])[0]
-        if page_server and not (PAGE_SERVER.fullmatch(page_server) and HOST_NAME.fullmatch(page_peer)):
-            raise SkyferryError(f"bad page server {page_server!r} of {page_peer!r}")
-        source = PageSource(page_server, page_peer, self.peer_ctx) if page_server else None
+        page_server = query.get("page_server", [""])[0]
+        if page_server and not (PAGE_SERVER.fullmatch(page_server) and sender):
+            raise SkyferryError(f"bad page server {page_server!r} (from {sender!r})")
+        source = PageSource(page_server, sender, self.peer_ctx) if page_server and sender else None
         with self.host.lock(name):
             session = TargetSession.of(self.host, mig, name)
             match stream:
@@ -337,6 +339,7 @@ def _handler(agent: Agent) -> type[BaseHTTPRequestHandler]:
                         m.group(2),
                         query,
                         _ChunkedReader(self.rfile) if chunked else _LimitedReader(self.rfile, self._length()),
+                        peer_name(self.connection),
                     )
                 )
                 return

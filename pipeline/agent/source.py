@@ -183,7 +183,7 @@ class SourceSession:
         # After a lazy dump the target starts its pager as soon as the images are in, outside the restore.
         lazy = {}
         if self.tunnel is not None:
-            lazy = {"page_server": self.tunnel.address, "page_peer": self.host.cfg.name}
+            lazy = {"page_server": self.tunnel.address}  # the target expects our certificate there
         final = self._final()
         fs_stats = FsStats()
         fs_final = self._fs_final(fs_stats)

@@ -139,7 +139,7 @@ class Tunnel:
             log.warning("page tunnel: refused %s: only %s may fetch these pages", self.refused[-1], self.peer)
             writer.close()
             return
-        # TODO(lead): when certificates carry a role (branch s5-authz), also require role=host here.
+        # Certificates with roles (branch s5-authz): require role=host here too (docs/security.md).
         self.served = True  # CRIU's page server serves one client; nobody else gets a second go
         try:
             up = await asyncio.open_connection(LOOPBACK, self.upstream)
@@ -176,7 +176,8 @@ class Dialled:
             ) from None
 
     async def _open(self, ctx: ssl.SSLContext, host: str, port: int, peer: str, inner: socket.socket) -> None:
-        # The CN is checked, not the address: the certificate names the host the controller said is the source.
+        # Beyond the address (its SAN, checked by the context), the CN must be the agent that sent the images.
+        # Certificates with roles (branch s5-authz): require role=host here too (docs/security.md).
         reader, writer = await asyncio.open_connection(host, port, ssl=ctx, server_hostname=host)
         who = peer_name(writer.get_extra_info("ssl_object"))
         if who != peer:
