@@ -141,23 +141,27 @@ def test_only_the_peer_reads_memory_in_flight(service: dict) -> None:
     assert crashed.returncode == 137, crashed.stderr
     mig = Journal(state).active_for(name)
     assert mig is not None
-    done = [t for t in Journal(state).transitions(mig.id) if t["stage"] == "checkpoint" and t["status"] == "done"]
-    tunnel = done[-1]["detail"]["page_server"]
-    overlay = m.hosts[SRC].overlay_ip
-    listeners = _listening(m, SRC)
-    criu = [p for _, p, who in listeners if who == "criu"]
-    assert len(criu) == 1, listeners
-    assert _connects(m, overlay, AGENT_PORT), "positive control: the agent is reachable from there"
-    for address in (overlay, m.hosts[SRC].endpoint_address):  # the page server, from another host
-        assert _connects(m, address, criu[0]) is False, f"CRIU's page server is reachable at {address}"
-    on_overlay = sorted(p for a, p, who in listeners if a == overlay or (a in ("0.0.0.0", "*") and who != "criu"))
-    assert on_overlay == sorted([AGENT_PORT, int(tunnel.rsplit(":", 1)[1])]), listeners
-    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    assert tunnel.startswith(f"{overlay}:") and low <= int(tunnel.rsplit(":", 1)[1]) <= high
-    # Not the migration's peer: refused, not one byte of memory.
-    assert _fetch_page(m, tunnel, OTHER, state) == b""
-    assert _fetch_page(m, tunnel, None, state) == b""
-    assert "refused" in (Path(m.hosts[SRC].state_root) / "agent.log").read_text()
+    try:
+        done = [t for t in Journal(state).transitions(mig.id) if t["stage"] == "checkpoint" and t["status"] == "done"]
+        tunnel = done[-1]["detail"]["page_server"]
+        overlay = m.hosts[SRC].overlay_ip
+        listeners = _listening(m, SRC)
+        criu = [p for _, p, who in listeners if who == "criu"]
+        assert len(criu) == 1, listeners
+        assert _connects(m, overlay, AGENT_PORT), "positive control: the agent is reachable from there"
+        for address in (overlay, m.hosts[SRC].endpoint_address):  # the page server, from another host
+            assert _connects(m, address, criu[0]) is False, f"CRIU's page server is reachable at {address}"
+        on_overlay = sorted(p for a, p, who in listeners if a == overlay or (a in ("0.0.0.0", "*") and who != "criu"))
+        assert on_overlay == sorted([AGENT_PORT, int(tunnel.rsplit(":", 1)[1])]), listeners
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        assert tunnel.startswith(f"{overlay}:") and low <= int(tunnel.rsplit(":", 1)[1]) <= high
+        # Not the migration's peer: refused, not one byte of memory.
+        assert _fetch_page(m, tunnel, OTHER, state) == b""
+        assert _fetch_page(m, tunnel, None, state) == b""
+        assert "refused" in (Path(m.hosts[SRC].state_root) / "agent.log").read_text()
+    except BaseException:
+        migration.rollback(state, mig.id)  # thaw the frozen source and end its lazy dump
+        raise
     # Positive control: the target (its certificate) fetches every page, the migration completes.
     resumed = _cli("migrations", "resume", mig.id, "--json")
     assert resumed.returncode == 0, resumed.stderr
