@@ -8,12 +8,13 @@ Target: `clone-prepare` makes the clone's own netns (`<mesh>-<host>-<name>.test`
 container's /32 on its loopback, with no veth, no host route and nothing published: the clone's
 restored TCP sockets cannot reach the real clients (their packets loop back and are dropped), and no
 packet from the mesh reaches the clone.
-`clone-restore` brings it up there; `clone-check` runs the health check inside that netns (or, with
-"live": true, inside the real container's netns, to verify a cutover); `clone-discard` removes it all.
+`clone-restore` brings it up there; `clone-check` runs the health check inside the clone (or, with
+"live": true, inside the real container, to verify a cutover): in its mount, net, pid, ipc and uts
+namespaces, as nobody without capabilities (`inside`), never as root on the host; `clone-discard`
+removes it all.
 """
 
 import contextlib
-import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -29,25 +30,27 @@ from skyferry.pipeline.files import wire
 from skyferry.pipeline.hostapi.spec import CLONE_SUFFIX, ContainerSpec, clone_name
 
 CHECK_TIMEOUT_S = 30.0
+CHECK_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+NOBODY = 65534  # who a health check runs as, inside the container
 OPS = ("clone-prepare", "clone-checkpoint", "clone-transfer", "clone-restore", "clone-check", "clone-discard")
 
 
-def dispatch(host: Host, mig: str, op: str, body: dict[str, Any], lane: Callable[[str], Lane]) -> Any:
-    """One clone operation; the agent holds the lock of body["name"] around it. `lane(name)` is the
-    channel to the target (body["target"]) for streams addressed to container `name` there."""
+def dispatch(host: Host, mig: str, op: str, req: Any, lane: Callable[[str], Lane]) -> Any:
+    """One clone operation (`req`: its bodies.STEPS model); the agent holds the lock of req.name around
+    it. `lane(name)` is the channel to the target (req.target) for streams addressed to container `name`."""
     match op:
         case "clone-prepare":
-            return prepare(host, mig, ContainerSpec.from_dict(body["spec"]))
+            return prepare(host, mig, req.spec)
         case "clone-checkpoint":
-            return checkpoint(host, mig, body["name"])
+            return checkpoint(host, mig, req.name)
         case "clone-transfer":
-            return transfer(host, mig, body["name"], lane(clone_name(body["name"])))
+            return transfer(host, mig, req.name, lane(clone_name(req.name)))
         case "clone-restore":
-            return restore(host, mig, body["name"])
+            return restore(host, mig, req.name)
         case "clone-check":
-            return check(host, body["name"], body.get("cmd"), bool(body.get("live")), body.get("timeout"))
+            return check(host, req.name, req.cmd, req.live, req.timeout)
         case "clone-discard":
-            return discard(host, mig, body.get("clone"))
+            return discard(host, mig, req.clone)
     raise SkyferryError(f"no clone operation {op!r}")
 
 
@@ -129,18 +132,19 @@ def restore(host: Host, mig: str, clone: str) -> dict[str, Any]:
 
 
 def check(host: Host, name: str, cmd: str | None, live: bool, timeout: float | None) -> dict[str, Any]:
-    """Is it running, and does `cmd` (run in its netns, $SKYFERRY_IP set) exit 0?"""
+    """Is it running, and does `cmd` (run inside it, $SKYFERRY_IP set) exit 0?"""
     runtime = host.rt(name)
     state = runtime.state(name) or {}
     result: dict[str, Any] = {"running": state.get("status") == "running", "pid": state.get("pid"), "cmd": cmd}
     if not cmd or not result["running"]:
         result["ok"] = result["running"]
         return result
-    env = {**os.environ, "SKYFERRY_IP": runtime.spec(name).ip, "SKYFERRY_CONTAINER": name.removesuffix(CLONE_SUFFIX)}
+    env = {"PATH": CHECK_PATH, "HOME": "/", "SKYFERRY_IP": runtime.spec(name).ip,
+           "SKYFERRY_CONTAINER": name.removesuffix(CLONE_SUFFIX)}  # fmt: skip
     t0 = time.monotonic()
     try:
         proc = subprocess.run(
-            netns.command(host.netns(name), ["/bin/sh", "-c", cmd]),
+            inside(int(state["pid"]), ["/bin/sh", "-c", cmd]),
             capture_output=True, text=True, timeout=timeout or CHECK_TIMEOUT_S, env=env,
             stdin=subprocess.DEVNULL, check=False,
         )  # fmt: skip
@@ -149,6 +153,18 @@ def check(host: Host, name: str, cmd: str | None, live: bool, timeout: float | N
         rc, out = 124, f"timed out after {timeout or CHECK_TIMEOUT_S} s"
     result.update(rc=rc, output=out.strip(), seconds=round(time.monotonic() - t0, 3), ok=rc == 0, live=live)
     return result
+
+
+def inside(pid: int, argv: list[str]) -> list[str]:
+    """`argv` run in the namespaces of the container whose init is `pid` (mount, with its root and working
+    directory, net, pid, ipc, uts), as nobody, with no capabilities and no way to gain any (no_new_privs:
+    a setuid binary in the container does not help). The check sees what the container sees and less:
+    never the host's files, processes or root."""
+    return [
+        "setpriv", "--no-new-privs",
+        "nsenter", f"--target={pid}", "--mount", "--net", "--pid", "--ipc", "--uts", "--root", "--wd",
+        f"--setuid={NOBODY}", f"--setgid={NOBODY}", "--", *argv,
+    ]  # fmt: skip
 
 
 def discard(host: Host, mig: str, clone: str | None) -> dict[str, Any]:

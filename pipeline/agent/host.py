@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,15 +20,17 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from skyferry.netplane import attach
-from skyferry.pipeline.agent import dnat, netlock
+from skyferry.pipeline.agent import dnat, netlock, preflight
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.files import wire
+from skyferry.pipeline.hostapi import privdir
 from skyferry.pipeline.hostapi.layout import IMAGES_TMPFS
 from skyferry.pipeline.hostapi.publish import PublicPort
-from skyferry.pipeline.hostapi.spec import ContainerSpec
+from skyferry.pipeline.hostapi.spec import IMPORTS, ContainerSpec
 from skyferry.pipeline.runtimes.protocol import Runtime, runtimes
 
 POSTCOPY_TIMEOUT = 900.0  # seconds for the target to fetch every page
+STARTUP_GRACE = 0.5  # seconds a new container must keep running for `run` to call it started
 
 
 @dataclass(frozen=True)
@@ -109,9 +112,25 @@ class Host:
     def mig_dir(self, mig: str) -> Path:
         return self.images_root / mig
 
+    def bind(self, mig: str, peer: str) -> None:
+        """Migration `mig` takes streams from host `peer` only (the controller names it at prepare). Kept in
+        the state root, so an agent restart does not forget who may send them; `wipe` drops it."""
+        path = self._binding(mig)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        path.write_text(peer)
+
+    def peer(self, mig: str) -> str | None:
+        """The host bound to migration `mig` here, or None: this host was never prepared for it."""
+        path = self._binding(mig)
+        return path.read_text() if path.exists() else None
+
+    def _binding(self, mig: str) -> Path:
+        return self.cfg.state_root / "bindings" / mig
+
     def wipe(self, mig: str) -> None:
-        """Remove a migration's images (they hold the container's memory), keeping CRIU's logs, which do
-        not, in <state_root>/logs/<mig>/ for whoever investigates a failure."""
+        """Remove a migration's images (they hold the container's memory) and its peer binding, keeping
+        CRIU's logs, which do not, in <state_root>/logs/<mig>/ for whoever investigates a failure."""
+        self._binding(mig).unlink(missing_ok=True)
         src = self.mig_dir(mig)
         for log in src.glob("work*/*.log"):
             dest = self.cfg.state_root / "logs" / mig / f"{log.parent.name}-{log.name}"
@@ -130,6 +149,7 @@ class Host:
     # --- containers ------------------------------------------------------------------------------
 
     def run(self, spec: ContainerSpec) -> dict[str, Any]:
+        self._confine(spec)
         runtime = self.engine(spec)
         state = self.state(spec.name)
         if state is not None:
@@ -139,10 +159,34 @@ class Host:
         attach.attach(self.netns(spec.name), spec.ip, mtu=self.cfg.mtu)
         try:
             runtime.run(spec, self.netns_path(spec.name))
+            self._check_started(runtime, spec.name)
         except Exception:
             attach.detach(self.netns(spec.name))
             raise
         return self.info(spec.name)
+
+    def _check_started(self, runtime: Runtime, name: str) -> None:
+        """A command that dies at once (a missing file, a bad flag) fails `run` with its last log lines,
+        and leaves nothing behind, rather than being reported as running."""
+        deadline = time.monotonic() + STARTUP_GRACE
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            status = (runtime.state(name) or {}).get("status")
+            if status not in ("running", "created"):
+                tail = runtime.logs(name).decode(errors="replace").strip().splitlines()[-5:]
+                runtime.remove(name)
+                raise SkyferryError(
+                    f"container {name!r} exited at once ({status or 'gone'})",
+                    hint="its last log lines:\n  " + "\n  ".join(tail) if tail else "it wrote no log",
+                )
+
+    def _confine(self, spec: ContainerSpec) -> None:
+        """A rootfs or image is read from this host's imports directory only (<state_root>/imports/),
+        never from anywhere else a caller names: not the host's /etc, not this agent's own TLS key."""
+        imports = (self.cfg.state_root / IMPORTS).resolve()
+        for what, path in (("rootfs", spec.rootfs), ("image", spec.image)):
+            if path is not None and not Path(path).resolve().is_relative_to(imports):
+                raise ValueError(f"{what} {path} is outside {imports}: put it there first (the controller does)")
 
     def info(self, name: str) -> dict[str, Any]:
         runtime = self.rt(name)
@@ -165,6 +209,21 @@ class Host:
     def logs(self, name: str) -> bytes:
         return self.rt(name).logs(name)
 
+    def preflight(self, name: str) -> list[preflight.Finding]:
+        pid = (self.state(name) or {}).get("pid")
+        return preflight.scan(pid) if pid else []
+
+    def exec(self, name: str, argv: list[str], stdin: bytes, timeout: float) -> tuple[int, bytes, bytes]:
+        """`skyferry exec`: only in a container that runs and is not frozen for a migration."""
+        status = (self.state(name) or {}).get("status", "gone")
+        if status != "running" or netlock.is_locked(self.netns(name)):
+            raise SkyferryError(
+                f"container {name!r} on {self.cfg.name} is {status}"
+                + (", frozen for a migration" if status == "paused" else ""),
+                hint="a migration freezes a container for under a second: try again" if status == "paused" else None,
+            )
+        return self.rt(name).exec(name, argv, stdin, timeout)
+
     def remove(self, name: str) -> None:
         self.rt(name).remove(name)
         attach.detach(self.netns(name))
@@ -185,4 +244,5 @@ class Host:
 
     def shutdown(self) -> None:
         """Remove this host's tmpfs images and empty cgroup parents (the agent is stopping)."""
-        shutil.rmtree(self.images_root, ignore_errors=True)
+        if privdir.verified(self.images_root, below=IMAGES_TMPFS.parent):  # never rmtree through a planted link
+            shutil.rmtree(self.images_root, ignore_errors=True)

@@ -25,6 +25,7 @@ from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi import pki
 from skyferry.pipeline.hostapi.enrolment import JoinAnswer, JoinRequest
 from skyferry.pipeline.hostapi.layout import AGENT_PORT, HOST_STATE, WG_CONFIG, WG_INTERFACE
+from skyferry.pipeline.hostapi.revocation import RevokedFile
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ def join(
     verified = ssl.create_default_context(cafile=str(tls / "ca.pem"))
     answer = JoinAnswer.model_validate_json(_call(f"{url}/v1/join", verified, req.model_dump_json().encode()))
     (tls / "cert.pem").write_text(answer.cert_pem)
+    RevokedFile(tls / "revoked.json").write(answer.revoked)
     private = (layout.state_root / "wireguard" / "private.key").read_text().strip()
     _write_private(layout.wg_config, wg_quick_config(answer, private))
     layout.agent_unit.write_text(agent_unit(answer, layout.state_root))

@@ -1,7 +1,7 @@
 """The host agent: HTTPS with mutual TLS on the host's overlay address. Routing only: container requests
 go to the `Host`, migration steps to the migration's `SourceSession` or `TargetSession`, by name.
 
-Routes (JSON in, JSON out; errors are {"error", "hint"} with 4xx/5xx):
+Routes (JSON in, JSON out; errors are {"error", "hint"} with 4xx/5xx, and "log": the failing tool's log tail):
   GET    /v1/facts                          kernel, CRIU version and kernel features, CPU flags
   GET    /v1/cpuinfo                        {"image": base64}: this CPU as `criu cpuinfo dump` describes it
                                             (null on architectures where CRIU has no cpuinfo)
@@ -12,10 +12,17 @@ Routes (JSON in, JSON out; errors are {"error", "hint"} with 4xx/5xx):
   POST   /v1/containers                     run a ContainerSpec
   GET    /v1/containers/NAME                one container
   GET    /v1/containers/NAME/logs           raw log bytes
+  GET    /v1/containers/NAME/preflight      process shapes CRIU cannot dump, found while it runs (agent/preflight.py)
+  POST   /v1/containers/NAME/exec           {"args", "stdin", "timeout"}: run a command inside the container
+                                            (hostapi/execute.py); {"exit_code", "stdout", "stderr"}
   DELETE /v1/containers/NAME                stop and remove
   POST   /v1/containers/NAME/route          {"present": bool}: this host's /32 route to the container
   GET    /v1/doctor                         every `skyferry doctor` check, run on this host
   PUT    /v1/mesh/peers                     {"peers", "remove"}: this host's WireGuard peers (routes.PeerUpdate)
+  POST   /v1/tls/csr                        {"csr_pem"}: a new key made here and its signing request (mesh rotate)
+  PUT    /v1/tls/cert                       {"cert_pem"}: install the certificate for that key (agent/certs.py)
+  PUT    /v1/tls/revoked                    {"serials"}: the controller's revocation list (hostapi/revocation.py);
+                                            open connections of peers it now revokes are cut ({"cut": n})
   POST   /v1/containers/NAME/ingress        {"ports": ["80", "443=8443/tcp", …]}: DNAT exactly these ports of
                                             this host's addresses to the container here (pipeline/agent/dnat.py)
   DELETE /v1/containers/NAME/ingress        drop the container's published ports (it may have left already)
@@ -30,6 +37,16 @@ Routes (JSON in, JSON out; errors are {"error", "hint"} with 4xx/5xx):
                                             `lazy-final` (hybrid: a lazy dump and the clean map), or
                                             `fs-round` (files changed since the last round); TargetSession
                                             handles each in the method of the same name
+
+Who may call what (ACCESS, checked before a request body is read): every certificate names its holder's
+role and name (pipeline/hostapi/pki.py). Everything is the controller's, except what one host sends
+another during a migration: the streams above and the target steps `precopy-reset` and `hold`. Those
+only the host the controller bound to that migration id may call: `prepare` (and a test cutover's
+`clone-prepare`) names the source host as `peer`, and the target takes that migration's streams from a
+certificate of that name, with the host role, and from nobody else (the controller included). A refusal
+is 403 with a JSON {"error", "hint"}; a certificate without a role (made before roles existed) is
+refused on every route. Every body is a pydantic model (pipeline/hostapi/bodies.py): a malformed one,
+a bad container name in the path, or a rootfs or image outside the host's imports directory is a 400.
 """
 
 import base64
@@ -40,6 +57,7 @@ import re
 import signal
 import threading
 from collections.abc import Callable, Iterable
+from dataclasses import asdict
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -48,27 +66,60 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 from skyferry.netplane import routes
 from skyferry.pipeline.agent import capacity, clone, dnat, doctor, facts
+from skyferry.pipeline.agent.certs import LiveIdentity, NewCert
 from skyferry.pipeline.agent.host import Host, HostConfig
 from skyferry.pipeline.agent.source import Lane, SourceSession
 from skyferry.pipeline.agent.target import TargetSession, stop_unfinished_lazy
-from skyferry.pipeline.criu.version import PRECOPY_CONTENT
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.hostapi import faults
+from skyferry.pipeline.hostapi import bodies, faults, pki, privdir
 from skyferry.pipeline.hostapi.client import AgentClient
-from skyferry.pipeline.hostapi.layout import AGENT_PORT
+from skyferry.pipeline.hostapi.execute import ExecRequest, ExecResult
+from skyferry.pipeline.hostapi.layout import AGENT_PORT, IMAGES_TMPFS
 from skyferry.pipeline.hostapi.pki import Identity
 from skyferry.pipeline.hostapi.publish import PublicPort
-from skyferry.pipeline.hostapi.spec import ContainerSpec
+from skyferry.pipeline.hostapi.revocation import RevocationList
+from skyferry.pipeline.hostapi.spec import SPEC_NAME, ContainerSpec
 from skyferry.pipeline.hostapi.tlsserver import TLSServer
 from skyferry.pipeline.memory import lazypages
-from skyferry.pipeline.memory.pagetunnel import PageSource, peer_name
+from skyferry.pipeline.memory.pagetunnel import PageSource
 from skyferry.pipeline.memory.policy import ConvergencePolicy
 
 SOURCE_OPS = ("precopy", "checkpoint", "transfer", "rollback", "confirm")  # SourceSession's steps
 TARGET_OPS = ("prepare", "precopy-reset", "hold", "restore", "lazy", "abort", "cleanup")  # TargetSession's steps
 MIGRATION_ID = re.compile(r"[A-Za-z0-9_-]+")  # it names directories (images, logs)
-PAGE_SERVER = re.compile(r"\d{1,3}(\.\d{1,3}){3}:\d{1,5}")  # a source's page tunnel, addr:port
-HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # a host's name: the CN a page tunnel admits
+STREAMS = ("receive", "precopy-round", "precopy-final", "lazy-final", "fs-round")  # TargetSession's streams
+CONTROLLER, PEER = "controller", "peer"  # the controller's certificate; the migration's bound source host
+# Every route and who may call it (the path after /v1/; NAME and OP are one segment, ID a migration id).
+# The first match decides; a path that matches none is the controller's (and then most likely a 404).
+ACCESS: tuple[tuple[str, str, str], ...] = (
+    ("GET", "facts", CONTROLLER),
+    ("GET", "cpuinfo", CONTROLLER),
+    ("POST", "cpuinfo/check", CONTROLLER),
+    ("GET", "capacity", CONTROLLER),
+    ("GET", "doctor", CONTROLLER),
+    ("GET", "containers", CONTROLLER),
+    ("POST", "containers", CONTROLLER),
+    ("GET", "containers/NAME", CONTROLLER),
+    ("GET", "containers/NAME/logs", CONTROLLER),
+    ("GET", "containers/NAME/preflight", CONTROLLER),
+    ("POST", "containers/NAME/exec", CONTROLLER),
+    ("DELETE", "containers/NAME", CONTROLLER),
+    ("POST", "containers/NAME/route", CONTROLLER),
+    ("POST", "containers/NAME/ingress", CONTROLLER),
+    ("DELETE", "containers/NAME/ingress", CONTROLLER),
+    ("GET", "ingress", CONTROLLER),
+    ("PUT", "mesh/peers", CONTROLLER),
+    ("POST", "tls/csr", CONTROLLER),
+    ("PUT", "tls/cert", CONTROLLER),
+    ("PUT", "tls/revoked", CONTROLLER),
+    ("POST", "migrations/ID/(precopy-reset|hold)", PEER),
+    ("POST", "migrations/ID/OP", CONTROLLER),
+    ("PUT", f"migrations/ID/({'|'.join(STREAMS)})", PEER),
+)
+_SHAPES = [
+    (method, re.compile(shape.replace("NAME", "[^/]+").replace("OP", "[^/]+").replace("ID", MIGRATION_ID.pattern)), who)
+    for method, shape, who in ACCESS
+]
 log = logging.getLogger("skyferry.agent")
 
 
@@ -111,13 +162,35 @@ class Agent:
     def __init__(self, host: Host, identity: Identity) -> None:
         self.host = host
         self.identity = identity
-        self.peer_ctx = identity.client_context()
-        self.tunnel_ctx = identity.server_context()  # a source's page tunnel (made here: not in the freeze)
+        self.live = LiveIdentity(identity)  # renewed and revocation-checked without a restart
+        self.recheck: Callable[[], int] = lambda: 0  # cuts open connections of peers revoked since (serve)
         self._peers: dict[tuple[str, int, str], AgentClient] = {}
         self._peers_lock = threading.Lock()
 
+    def authorize(self, caller: tuple[str | None, str], method: str, path: str) -> None:
+        """Raise _Forbidden unless `caller` ((role, name) of its certificate) may call `method path`."""
+        role, name = caller
+        if role is None:
+            raise _Forbidden(
+                f"the certificate of {name!r} carries no role (it was issued before roles existed)",
+                hint="re-issue the mesh's certificates: skyferry mesh rotate",
+            )
+        rest = path.removeprefix("/v1/")
+        who = next((who for m, shape, who in _SHAPES if m == method and shape.fullmatch(rest)), CONTROLLER)
+        if who == CONTROLLER:
+            if role != pki.CONTROLLER:
+                raise _Forbidden(f"{method} {path} is the controller's; {role} {name!r} may not call it")
+            return
+        mig = rest.split("/")[1]
+        bound = self.host.peer(mig)
+        if role != pki.HOST or name != bound:
+            why = f"it takes them from {bound} only" if bound else f"{self.host.cfg.name} was not prepared for it"
+            raise _Forbidden(f"{role} {name!r} may not send migration {mig}'s streams: {why}")
+
     def handle(self, method: str, path: str, query: dict[str, list[str]], body: Any) -> Any:
         parts = [p for p in path.split("/") if p][1:]  # drop "v1"
+        if parts[:1] == ["containers"] and len(parts) > 1 and not SPEC_NAME.fullmatch(parts[1]):
+            raise ValueError(f"bad container name {parts[1]!r}")  # it names a bundle and a netns
         host = self.host
         match method, parts:
             case "GET", ["facts"]:
@@ -126,7 +199,7 @@ class Agent:
                 image = facts.cpuinfo_image()
                 return {"image": base64.b64encode(image).decode() if image else None}
             case "POST", ["cpuinfo", "check"]:
-                return facts.cpuinfo_check(body["image"])
+                return facts.cpuinfo_check(bodies.CpuinfoCheck.model_validate(body).image)
             case "GET", ["doctor"]:
                 return doctor.report()
             case "GET", ["capacity"]:
@@ -141,11 +214,17 @@ class Agent:
                 return host.info(name)
             case "GET", ["containers", name, "logs"]:
                 return host.logs(name)
+            case "GET", ["containers", name, "preflight"]:
+                return [asdict(f) for f in host.preflight(name)]
+            case "POST", ["containers", name, "exec"]:
+                req = ExecRequest.model_validate(body)
+                done = host.exec(name, req.args, base64.b64decode(req.stdin), req.timeout)
+                return ExecResult.of(*done).model_dump()
             case "POST", ["containers", name, "route"]:
-                host.set_route(name, bool(body["present"]))
+                host.set_route(name, bodies.Route.model_validate(body).present)
                 return {"ok": True}
             case "POST", ["containers", name, "ingress"]:
-                ports = [PublicPort.parse(p) for p in body["ports"]]
+                ports = [PublicPort.parse(p) for p in bodies.Ingress.model_validate(body).ports]
                 with host.lock(name):
                     return {"published": host.publish(name, ports)}
             case "DELETE", ["containers", name, "ingress"]:
@@ -159,52 +238,57 @@ class Agent:
             case "PUT", ["mesh", "peers"]:
                 routes.configure(None, host.cfg.wg_interface, routes.PeerUpdate.model_validate(body))
                 return {"ok": True}
+            case "POST", ["tls", "csr"]:
+                return {"csr_pem": self.live.csr(host.cfg.name)}
+            case "PUT", ["tls", "cert"]:
+                return {"serial": self.live.install(NewCert.model_validate(body))}
+            case "PUT", ["tls", "revoked"]:
+                self.live.revoked.write(RevocationList.model_validate(body))
+                return {"ok": True, "cut": self.recheck()}
             case "POST", ["migrations", mig, op] if MIGRATION_ID.fullmatch(mig):  # not `..`: it names a dir
                 return self._step(mig, op, body)
         raise _NotFound(f"no route {method} {path}")
 
-    def _step(self, mig: str, op: str, body: dict[str, Any]) -> Any:
-        name = body["name"]
+    def _step(self, mig: str, op: str, body: Any) -> Any:
         if op not in SOURCE_OPS + TARGET_OPS + clone.OPS:
             raise _NotFound(f"no migration operation {op!r}")
+        req = bodies.STEPS[op].model_validate(body)
         faults.check(self.host.cfg.state_root, op)
-        with self.host.lock(name):
+        with self.host.lock(req.name):
+            if isinstance(req, bodies.Prepare):  # the source host whose streams this migration takes
+                self.host.bind(mig, req.peer)
             if op in clone.OPS:
-                return clone.dispatch(self.host, mig, op, body, lambda to: self._lane(mig, body["target"], to, "mem"))
+                return clone.dispatch(self.host, mig, op, req, lambda to: self._lane(mig, req.target, to, "mem"))
             if op in SOURCE_OPS:
-                return self._source_step(SourceSession.of(self.host, mig, name), op, body)
-            return self._target_step(TargetSession.of(self.host, mig, name), op, body)
+                return self._source_step(SourceSession.of(self.host, mig, req.name), op, req)
+            return self._target_step(TargetSession.of(self.host, mig, req.name), op, req)
 
-    def _source_step(self, session: SourceSession, op: str, body: dict[str, Any]) -> Any:
+    def _source_step(self, session: SourceSession, op: str, req: Any) -> Any:
         match op:
             case "precopy":
-                policy = ConvergencePolicy(**body.get("policy", {}))
-                lanes = self._lanes(session.mig, body["target"], session.name)
-                return session.precopy(*lanes, policy, body.get("method", "auto"))
+                policy = ConvergencePolicy(**req.policy.model_dump(exclude_none=True))
+                lanes = self._lanes(session.mig, req.target, session.name)
+                return session.precopy(*lanes, policy, req.method)
             case "checkpoint":
-                lazy = bool(body.get("lazy"))
-                peer = body.get("peer")
-                if lazy and not (isinstance(peer, str) and HOST_NAME.fullmatch(peer)):
-                    raise SkyferryError(f"a lazy checkpoint needs the target host's name, not {peer!r}")
-                return session.checkpoint(lazy=lazy, peer=peer, tls=self.tunnel_ctx)
+                return session.checkpoint(lazy=req.lazy, peer=req.peer, tls=self.live.server(), check=self.live.check)
             case "transfer":
-                return session.transfer(*self._lanes(session.mig, body["target"], session.name))
+                return session.transfer(*self._lanes(session.mig, req.target, session.name))
             case "rollback":
                 return session.rollback()
             case "confirm":
                 return session.confirm()
         raise _NotFound(f"no source operation {op!r}")
 
-    def _target_step(self, session: TargetSession, op: str, body: dict[str, Any]) -> Any:
+    def _target_step(self, session: TargetSession, op: str, req: Any) -> Any:
         match op:
             case "prepare":
-                session.prepare(ContainerSpec.from_dict(body["spec"]))
+                session.prepare(req.spec)
             case "precopy-reset":
-                session.precopy_reset(body.get("method", PRECOPY_CONTENT))
+                session.precopy_reset(req.method)
             case "hold":
-                return {"held": session.hold([base64.b64decode(p) for p in body["packets"]])}
+                return {"held": session.hold([base64.b64decode(p) for p in req.packets])}
             case "restore":
-                return session.restore(lazy=bool(body.get("lazy")))
+                return session.restore(lazy=req.lazy)
             case "lazy":
                 return session.lazy()
             case "abort":
@@ -215,17 +299,19 @@ class Agent:
                 raise _NotFound(f"no target operation {op!r}")
         return {"ok": True}
 
-    def stream_in(self, mig: str, stream: str, query: dict[str, list[str]], reader: Any, sender: str | None) -> Any:
-        """A stream from the source agent `sender` (its certificate's CN): after a lazy dump, the page tunnel
-        it names (`page_server`) must present that same certificate."""
-        name = query["name"][0]
+    def stream_in(self, mig: str, stream: str, query: dict[str, list[str]], reader: Any) -> Any:
+        """A stream from the migration's source (authorize checked the sender). After a lazy dump it names
+        its page tunnel (`page_server`), which must present that same host's certificate."""
+        q = bodies.StreamQuery.model_validate({k: v[0] for k, v in query.items()})
         faults.check(self.host.cfg.state_root, stream)
-        page_server = query.get("page_server", [""])[0]
-        if page_server and not (PAGE_SERVER.fullmatch(page_server) and sender):
-            raise SkyferryError(f"bad page server {page_server!r} (from {sender!r})")
-        source = PageSource(page_server, sender, self.peer_ctx) if page_server and sender else None
-        with self.host.lock(name):
-            session = TargetSession.of(self.host, mig, name)
+        peer = self.host.peer(mig)
+        if q.page_server and peer is None:
+            raise SkyferryError(f"migration {mig} was not prepared on {self.host.cfg.name}")
+        source = (
+            PageSource(q.page_server, peer, self.live.client(), self.live.check) if q.page_server and peer else None
+        )
+        with self.host.lock(q.name):
+            session = TargetSession.of(self.host, mig, q.name)
             match stream:
                 case "receive":
                     return session.receive(reader, source)
@@ -239,20 +325,22 @@ class Agent:
                     return session.fs_round(reader)
         raise _NotFound(f"no stream {stream!r}")
 
-    def _lanes(self, mig: str, target: dict[str, Any], name: str) -> tuple[Lane, Lane]:
+    def _lanes(self, mig: str, target: bodies.Target, name: str) -> tuple[Lane, Lane]:
         """The memory and file lanes to the target's agent for this migration (the session never sees the
         clients behind them)."""
         return self._lane(mig, target, name, "mem"), self._lane(mig, target, name, "fs")
 
-    def _lane(self, mig: str, target: dict[str, Any], name: str, lane: str) -> Lane:
+    def _lane(self, mig: str, target: bodies.Target, name: str, lane: str) -> Lane:
         """One kept-alive client per peer and lane: the connections warmed by the pre-copy rounds carry
-        the final deltas inside the freeze without a new TCP and TLS handshake across the WAN. Fault drills
-        may damage an upload on the way (faults.corrupt)."""
-        key = (target["address"], int(target.get("port", AGENT_PORT)), lane)
+        the final deltas inside the freeze without a new TCP and TLS handshake across the WAN; a connection
+        opened later shows this host's current certificate. Fault drills may damage an upload on the way
+        (faults.corrupt)."""
+        key = (target.address, target.port, lane)
         with self._peers_lock:
             if key not in self._peers:
-                self._peers[key] = AgentClient(key[0], key[1], self.peer_ctx)
+                self._peers[key] = AgentClient(key[0], key[1], self.live.client(), check=self.live.check)
             peer = self._peers[key]
+            peer.context = self.live.client()
         state_root = self.host.cfg.state_root
 
         def upload(stream: str, chunks: Iterable[bytes], **query: str) -> dict[str, Any]:
@@ -266,6 +354,10 @@ class Agent:
 
 
 class _NotFound(Exception):
+    pass
+
+
+class _Forbidden(SkyferryError):
     pass
 
 
@@ -303,9 +395,9 @@ def _handler(agent: Agent) -> type[BaseHTTPRequestHandler]:
                 self._reply(HTTPStatus.NOT_FOUND, {"error": str(exc), "hint": None})
             except SkyferryError as exc:
                 log.warning("%s %s: %s", self.command, self.path, exc)
-                self._reply(HTTPStatus.CONFLICT, {"error": str(exc), "hint": exc.hint})
+                self._reply(HTTPStatus.CONFLICT, {"error": str(exc), "hint": exc.hint, "log": exc.log})
             except (KeyError, ValueError, TypeError) as exc:
-                self._reply(HTTPStatus.BAD_REQUEST, {"error": f"bad request: {exc!r}", "hint": None})
+                self._reply(HTTPStatus.BAD_REQUEST, {"error": f"bad request: {exc}", "hint": None})
                 self.close_connection = True
             except Exception as exc:  # an agent bug must not kill the agent
                 log.exception("%s %s failed", self.command, self.path)
@@ -329,8 +421,14 @@ def _handler(agent: Agent) -> type[BaseHTTPRequestHandler]:
                 self._reply(HTTPStatus.NOT_FOUND, {"error": "not found", "hint": None})
                 return
             query = parse_qs(url.query)
-            streams = "receive|precopy-round|precopy-final|lazy-final|fs-round"
-            m = re.fullmatch(rf"/v1/migrations/([A-Za-z0-9_-]+)/({streams})", url.path)
+            try:
+                agent.authorize(pki.identify(self.connection.getpeercert(binary_form=True)), self.command, url.path)
+            except _Forbidden as exc:  # nothing of the request is read or run
+                log.warning("refused %s %s: %s", self.command, self.path, exc)
+                self.close_connection = True  # a refused stream's body stays unread
+                self._reply(HTTPStatus.FORBIDDEN, {"error": str(exc), "hint": exc.hint})
+                return
+            m = re.fullmatch(rf"/v1/migrations/({MIGRATION_ID.pattern})/({'|'.join(STREAMS)})", url.path)
             if self.command == "PUT" and m:
                 chunked = self.headers.get("Transfer-Encoding", "").lower() == "chunked"
                 self._dispatch(
@@ -339,7 +437,6 @@ def _handler(agent: Agent) -> type[BaseHTTPRequestHandler]:
                         m.group(2),
                         query,
                         _ChunkedReader(self.rfile) if chunked else _LimitedReader(self.rfile, self._length()),
-                        peer_name(self.connection),
                     )
                 )
                 return
@@ -364,6 +461,7 @@ class _LimitedReader:
 def serve(cfg: HostConfig, identity: Identity, listen: str, port: int = AGENT_PORT) -> None:
     """Run until SIGTERM. `listen` is the host's overlay address: the agent never binds elsewhere."""
     host = Host(cfg)
+    privdir.ensure(host.images_root, below=IMAGES_TMPFS.parent)  # /dev/shm is anyone's: check ours before use
     # An earlier agent died mid lazy restore: stop the copies first (their guards hold the uffds, so the
     # pages never fetched cannot read as zeros meanwhile), then the daemons that no proxy serves any more.
     for name in stop_unfinished_lazy(host):
@@ -371,7 +469,8 @@ def serve(cfg: HostConfig, identity: Identity, listen: str, port: int = AGENT_PO
     for pid in lazypages.stop_strays(host.images_root):
         log.warning("stopped lazy-pages daemon %d left behind by an earlier agent", pid)
     agent = Agent(host, identity)
-    server = TLSServer((listen, port), _handler(agent), identity.server_context())
+    server = TLSServer((listen, port), _handler(agent), agent.live.server, agent.live.check)
+    agent.recheck = server.recheck
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     log.info("agent for %s listening on %s:%d (pid %d)", cfg.name, listen, port, os.getpid())
     try:

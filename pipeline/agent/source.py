@@ -123,14 +123,18 @@ class SourceSession:
             "why": decision.detail,
         }
 
-    def checkpoint(self, lazy: bool, peer: str | None = None, tls: ssl.SSLContext | None = None) -> dict[str, Any]:
+    def checkpoint(
+        self, lazy: bool, peer: str | None = None, tls: ssl.SSLContext | None = None,
+        check: pagetunnel.Check = pagetunnel.no_check,
+    ) -> dict[str, Any]:  # fmt: skip
         """Freeze, silence and dump the container; it stays frozen here until confirm or rollback.
         With `lazy` (post-copy) the pages stay in the frozen processes, served by a CRIU page server on
         loopback until the target has fetched them all, behind a tunnel (`pagetunnel.Tunnel`) on this
         host's overlay address that only host `peer` (the target) may enter, with mutual TLS (`tls`, this
-        agent's server context); both on ports the kernel picks. After pre-copy rounds
-        (hybrid), the frozen memory is also scanned, alongside the dump, for the pages the target
-        holds unchanged: the target takes those from its store and only the rest from the page server."""
+        agent's server context; `check` refuses revoked certificates); both on ports the kernel picks.
+        After pre-copy rounds (hybrid), the frozen memory is also scanned, alongside the dump, for the pages
+        the target holds unchanged: the target takes those from its store and only the rest from the page
+        server."""
         runtime = self.host.rt(self.name)
         state = runtime.state(self.name)
         if state is None or state["status"] not in ("running", "paused"):
@@ -160,7 +164,7 @@ class SourceSession:
                 self.lazy_dump = runtime.checkpoint_lazy(self.name, images, self.dir / "work", server)
                 # The drill `lose-page-server`: the link to the target dies 64 KiB into the pages.
                 cut = 64 << 10 if faults.listed(self.host.cfg.state_root, "lose-page-server") else None
-                self.tunnel = pagetunnel.Tunnel(tls, self.host.cfg.overlay_ip, peer, port, cut)
+                self.tunnel = pagetunnel.Tunnel(tls, self.host.cfg.overlay_ip, peer, port, check, cut_after=cut)
                 if scan is not None:
                     self.freeze_scan = scan.result()
         else:

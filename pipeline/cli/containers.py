@@ -1,10 +1,11 @@
-"""`skyferry run | ps | logs | rm`: containers on mesh hosts, each with a stable overlay /32."""
+"""`skyferry run | ps | logs | exec | cp | rm`: containers on mesh hosts, each with a stable overlay /32."""
 
+import base64
 import sys
 from pathlib import Path
 
 import typer
-from skyferry.pipeline.controller import containers
+from skyferry.pipeline.controller import containers, copy
 from skyferry.pipeline.controller.state import state_dir
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.runbooks import ingress
@@ -40,6 +41,9 @@ def run(
     programs such as python3 work inside. Stdio goes to a log (`skyferry logs NAME`).
 
     Podman and Docker containers need --image (a rootfs tarball, imported, or a `docker save` archive).
+
+    A local host gets a copy of --rootfs or --image; a joined machine's agent reads them only from its
+    own /var/lib/skyferry/host/imports/, so put them there first (docs/security.md).
 
     Example: skyferry run --host local-1 --name web -- python3 -m http.server 8080
 
@@ -96,6 +100,61 @@ def ps(json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HE
 def logs(name: str = typer.Argument(..., help="Container name.")) -> None:
     """Print a container's stdout and stderr (from wherever it runs now)."""
     sys.stdout.buffer.write(containers.logs(state_dir(), name))
+
+
+@app.command("exec", rich_help_panel=PANEL, context_settings={"allow_interspersed_args": False})
+def exec_(
+    name: str = typer.Argument(..., help="Container name."),
+    command: list[str] = typer.Argument(..., help="The command to run inside, after `--`."),
+    interactive: bool = typer.Option(False, "--interactive", "-i", help="Pass this command's stdin to it."),
+    timeout: float = typer.Option(60.0, "--timeout", help="Seconds to wait for the command (runc then kills it)."),
+    json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP),
+) -> None:
+    """Run a command inside a running container, wherever it runs now, and exit with its exit code.
+
+    It runs as the engine's own exec would (the container's namespaces, cgroup, capabilities and
+    seccomp), without a terminal: `skyferry exec web -- cat /etc/hostname`,
+    `skyferry exec -i web -- sh -c 'cat > /tmp/x' < x`.
+    """
+    command = command[1:] if command[:1] == ["--"] else command  # options end at NAME, so `--` is optional
+    if not command:
+        raise SkyferryError("no command given", hint="skyferry exec NAME -- CMD ARGS…")
+    stdin = sys.stdin.buffer.read() if interactive else b""
+    done = containers.exec_(state_dir(), name, command, stdin, timeout)
+    if json_out:
+        output.print_json(
+            {"exit_code": done.exit_code, **{k: base64.b64decode(getattr(done, k)).decode(errors="replace")
+                                             for k in ("stdout", "stderr")}}
+        )  # fmt: skip
+    else:
+        sys.stdout.buffer.write(base64.b64decode(done.stdout))
+        sys.stderr.buffer.write(base64.b64decode(done.stderr))
+    raise typer.Exit(done.exit_code)
+
+
+@app.command(rich_help_panel=PANEL)
+def cp(
+    src: str = typer.Argument(..., help="A local path, or NAME:/PATH in a container."),
+    dest: str = typer.Argument(..., help="A local path, or NAME:/PATH in a container."),
+    json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP),
+) -> None:
+    """Copy files between this machine and a container, wherever it runs, like `docker cp`.
+
+    `skyferry cp app.conf web:/etc/app/` puts a file into a directory; `skyferry cp web:/var/log ./logs`
+    takes a directory out. The container's own tar does its side (up to 16 MiB per copy); what comes
+    out is unpacked safely (no absolute paths, `..`, links out or devices).
+    """
+    (src_name, src_path), (dest_name, dest_path) = copy.split(src), copy.split(dest)
+    if src_name is None and dest_name is not None:
+        sent = copy.copy_in(state_dir(), Path(src_path), dest_name, dest_path)
+    elif src_name is not None and dest_name is None:
+        sent = copy.copy_out(state_dir(), src_name, src_path, Path(dest_path))
+    else:
+        raise SkyferryError("give one container path and one local path", hint="skyferry cp FILE NAME:/DIR")
+    if json_out:
+        output.print_json({"copied": src, "to": dest, "bytes": sent})
+    else:
+        output.console.print(f"copied {src} to {dest} ({sent} B)")
 
 
 @app.command(rich_help_panel=PANEL)

@@ -13,7 +13,8 @@ mesh_app = typer.Typer(
         "The WireGuard mesh itself, when hosts are machines made elsewhere.\n\n"
         "  skyferry mesh init --endpoint 203.0.113.7\n\n"
         "  skyferry hosts join web-1\n\n"
-        "  skyferry mesh sync"
+        "  skyferry mesh sync\n\n"
+        "  skyferry mesh rotate"
     ),
 )
 app.add_typer(mesh_app, name="mesh")
@@ -51,23 +52,63 @@ def init(
 
 @mesh_app.command("sync")
 def sync(json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP)) -> None:
-    """Send every member its whole peer list again (after a host was unreachable during a change).
+    """Send every member its whole peer list and the certificate revocation list again (after a host was
+    unreachable during a change).
 
     Safe to repeat. Example: skyferry mesh sync
     """
     from skyferry.netplane import routes
     from skyferry.netplane.mesh import Mesh
-    from skyferry.pipeline.controller import agentctl
+    from skyferry.pipeline.controller import agentctl, revoke
     from skyferry.pipeline.controller.state import state_dir
 
     state = state_dir()
     mesh = Mesh.load(state)
     routes.apply(mesh, agentctl.Pusher(state, mesh))
+    revoke.push(state, mesh)
     members = [m.name for m in mesh.members]
     if json_out:
         output.print_json({"mesh": mesh.name, "synced": members})
     else:
         output.console.print(f"mesh {mesh.name}: peers sent to {', '.join(members)}")
+
+
+@mesh_app.command("rotate")
+def rotate(
+    revoke_old: bool = typer.Option(
+        False, "--revoke-old", help="Also revoke the certificates replaced (a key may have been stolen)."
+    ),
+    json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP),
+) -> None:
+    """Give every host and the controller a new TLS certificate, with nothing stopped or restarted.
+
+    Each host's agent makes its new key itself and installs the certificate signed for it; it shows the
+    new one from its next connection on. Certificates last 90 days: rotate well before (monthly).
+
+    Example: skyferry mesh rotate --revoke-old
+    """
+    from skyferry.netplane.mesh import Mesh
+    from skyferry.pipeline.controller import rotate as rotation
+    from skyferry.pipeline.controller.state import state_dir
+    from skyferry.pipeline.errors import SkyferryError
+
+    state = state_dir()
+    report = rotation.rotate(state, Mesh.load(state), revoke_old=revoke_old)
+    if json_out:
+        output.print_json(report)  # "failed" names who kept an old certificate; the exit code is then 2
+        if report["failed"]:
+            raise typer.Exit(2)
+        return
+    for name, r in report["renewed"].items():
+        output.console.print(f"{name}: certificate {r['new']} until {r['not_after']} (was {r['old']})")
+    if report.get("revoked"):
+        output.console.print(f"revoked {len(report['revoked'])} replaced certificate(s)")
+    if report["failed"]:
+        name, error = next(iter(report["failed"].items()))
+        raise SkyferryError(
+            f"{len(report['failed'])} host(s) kept their old certificate: {name}: {error}",
+            hint="run skyferry mesh rotate again once they answer (skyferry hosts ls)",
+        )
 
 
 @mesh_app.command("serve")

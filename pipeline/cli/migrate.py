@@ -1,5 +1,6 @@
 """`skyferry migrate` and `skyferry migrations ls|show|resume|rollback`."""
 
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -10,6 +11,8 @@ from skyferry.pipeline.controller import containers, migration
 from skyferry.pipeline.controller.journal import Journal
 from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.controller.state import state_dir
+from skyferry.pipeline.controller.timeline import Span
+from skyferry.pipeline.controller.timeline import spans as timeline_of
 from skyferry.pipeline.runbooks import ingress
 
 from . import output
@@ -80,8 +83,8 @@ def migrate(
     json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP),
     test: bool = typer.Option(False, "--test", help="Test cutover: a clone restored on the target, isolated, "
                               "checked and discarded; the source keeps running (docs/runbooks.md)."),
-    check: str | None = typer.Option(None, "--check", help="With --test: shell health check run in the clone's "
-                                     "netns ($SKYFERRY_IP set); exit 0 means healthy."),
+    check: str | None = typer.Option(None, "--check", help="With --test: shell health check run inside the "
+                                     "clone, as nobody ($SKYFERRY_IP set); exit 0 means healthy."),
 ) -> None:  # fmt: skip
     """Live-migrate a running container to another host; its IP and TCP connections survive.
 
@@ -146,11 +149,22 @@ def ls(json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HE
 def show(
     mig_id: str = typer.Argument(..., metavar="ID"),
     json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP),
+    timeline: bool = typer.Option(
+        False, "--timeline", help="Each stage, pre-copy round and undo step on one time axis, with the freeze."
+    ),
 ) -> None:
-    """One migration with every stage transition."""
+    """One migration with every stage transition (or, with --timeline, its story on one time axis)."""
     journal = Journal(state_dir())
     mig = journal.get(mig_id)
     transitions = journal.transitions(mig_id)
+    if timeline:
+        found = timeline_of(journal, mig_id)
+        if json_out:
+            output.print_json({**mig.to_dict(), "timeline": [s.as_dict() for s in found]})
+        else:
+            output.console.print(f"{mig.id}: {mig.container} {mig.source} -> {mig.target} [{mig.state}]")
+            _print_timeline(found, {"source": mig.source, "target": mig.target})
+        return
     if json_out:
         output.print_json({**mig.to_dict(), "transitions": transitions})
         return
@@ -163,12 +177,37 @@ def show(
         ["+ms", "STAGE", "STATUS", "DETAIL"],
         [[f"{(t['at'] - t0) * 1000:.0f}", t["stage"], t["status"], _brief(t["detail"])] for t in transitions],
     )
+    for t in transitions:
+        if t["status"] == "failed" and (t["detail"] or {}).get("log"):
+            output.console.print(f"\nlog of the failed {t['stage']}:", style="bold")
+            print(t["detail"]["log"])  # as written: a log is copied into bug reports, unwrapped
+
+
+BAR = 40  # characters of the time axis
+STYLES = {"freeze": "red", "round": "cyan", "undo": "yellow"}
+
+
+def _print_timeline(found: list[Span], hosts: dict[str, str]) -> None:
+    """A row per span: its bar on a shared axis (the freeze in red), where it ran, and how long it took."""
+    end = max((s.end_ms for s in found), default=0.0) or 1.0
+    rows = []
+    for s in found:
+        first = min(int(s.start_ms / end * BAR), BAR - 1)
+        width = max(1, round((s.end_ms - s.start_ms) / end * BAR))
+        style = {"freeze": "red", "round": "cyan", "undo": "yellow"}.get(
+            s.kind, "green" if s.status == "done" else "red"
+        )
+        bar = " " * first + f"[{style}]" + "█" * min(width, BAR - first) + f"[/{style}]"
+        label = f"  {s.label}" if s.kind == "round" else s.label
+        where = re.sub(r"\b(source|target)\b", lambda m: hosts[m[1]], s.where)
+        rows.append([label, bar, f"{s.end_ms - s.start_ms:.0f} ms", s.status, where])
+    output.print_table(None, ["SPAN", f"0 … {end:.0f} ms", "TOOK", "STATUS", "WHERE"], rows)
 
 
 def _brief(detail: Any) -> str:
     if not detail:
         return ""
-    return ", ".join(f"{k}={v}" for k, v in detail.items() if k != "sha256")[:100]
+    return ", ".join(f"{k}={v}" for k, v in detail.items() if k not in ("sha256", "log"))[:100]
 
 
 @migrations_app.command("resume")

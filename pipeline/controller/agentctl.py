@@ -7,6 +7,7 @@ so stopping them kills exactly what was started.
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -19,28 +20,35 @@ from pathlib import Path
 from skyferry.netplane import netns as nsutil
 from skyferry.netplane import routes
 from skyferry.netplane.mesh import Mesh, MeshHost
+from skyferry.pipeline.controller import certs
 from skyferry.pipeline.controller.journal import Journal
 from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.hostapi import pki
+from skyferry.pipeline.hostapi import pki, privdir
 from skyferry.pipeline.hostapi.client import AgentClient
 from skyferry.pipeline.hostapi.layout import AGENT_PORT, IMAGES_TMPFS
+from skyferry.pipeline.hostapi.revocation import RevokedFile, checker
 
 PIDS = "agents.json"
+log = logging.getLogger(__name__)
 START_TIMEOUT_ENV = "SKYFERRY_AGENT_START_TIMEOUT"  # seconds to wait for a local agent (default 20)
 
 
 def controller_identity(state: Path, mesh: Mesh) -> pki.Identity:
     ca = state / "ca"
     pki.ensure_ca(ca, mesh.name)
-    return pki.issue(ca, ca / "controller", "controller", [mesh.controller.overlay_ip])
+    ident = pki.issue(ca, ca / "controller", "controller", [mesh.controller.overlay_ip], role=pki.CONTROLLER)
+    certs.record_file(state, "controller", ident.cert)
+    return ident
 
 
 def client(state: Path, mesh: Mesh, host: str) -> AgentClient:
-    """A client for `host`'s agent, connecting from the controller's place in the mesh."""
+    """A client for `host`'s agent, connecting from the controller's place in the mesh; it refuses an agent
+    whose certificate is revoked (the list is read at each new connection)."""
     member = mesh.host(host)
     ctx = controller_identity(state, mesh).client_context()
-    return AgentClient(member.overlay_ip, AGENT_PORT, ctx, netns=mesh.controller.netns, label=host)
+    check = checker(lambda: certs.revoked(state).serials)
+    return AgentClient(member.overlay_ip, AGENT_PORT, ctx, netns=mesh.controller.netns, label=host, check=check)
 
 
 class Pusher:
@@ -118,7 +126,9 @@ def start_agents(mesh: Mesh, state: Path) -> None:
         if host.name in pids and _alive(pids[host.name]):
             continue
         root = Path(host.state_root)
-        pki.issue(ca, root / "tls", host.name, [host.overlay_ip])
+        ident = pki.issue(ca, root / "tls", host.name, [host.overlay_ip], role=pki.HOST)
+        certs.record_file(state, host.name, ident.cert)
+        RevokedFile(root / "tls" / "revoked.json").write(certs.revoked(state))  # before it takes a connection
         argv = _agent_argv(
             mesh, host, "--listen", host.overlay_ip, "--mtu", str(mesh.mtu), "--wg-interface", host.interface
         )
@@ -190,8 +200,12 @@ def stop_agents(mesh: Mesh, state: Path, hosts: list[str] | None = None) -> None
     if hosts is None:
         (state / PIDS).unlink(missing_ok=True)
         _remove_cgroups(mesh.name)
-        shutil.rmtree(IMAGES_TMPFS / mesh.name, ignore_errors=True)
-        _rmdir(IMAGES_TMPFS)
+        try:
+            if privdir.verified(IMAGES_TMPFS / mesh.name, below=IMAGES_TMPFS.parent):
+                shutil.rmtree(IMAGES_TMPFS / mesh.name, ignore_errors=True)
+                _rmdir(IMAGES_TMPFS)
+        except SkyferryError as exc:  # someone else's directory or link: leave it, say so, finish going down
+            log.warning("%s%s", exc, f" ({exc.hint})" if exc.hint else "")
 
 
 def _reap(pid: int) -> None:

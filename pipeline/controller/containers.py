@@ -1,7 +1,8 @@
 """Containers on mesh hosts, as the controller sees them: run, list, logs, remove."""
 
+import base64
 import logging
-import re
+import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -9,15 +10,15 @@ from typing import Any
 
 from skyferry.netplane import routes
 from skyferry.netplane.ipam import Ipam
-from skyferry.netplane.mesh import Mesh
+from skyferry.netplane.mesh import Mesh, MeshHost
 from skyferry.pipeline.controller import agentctl
 from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.hostapi.spec import HOST_DIRS, ContainerSpec
+from skyferry.pipeline.hostapi.execute import ExecRequest, ExecResult
+from skyferry.pipeline.hostapi.spec import HOST_DIRS, IMPORTS, NAME, ContainerSpec
 
 log = logging.getLogger(__name__)
 
-NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")
 RUNTIMES = ("runc", "podman", "docker")
 
 
@@ -83,9 +84,10 @@ def run(
     ipam = Ipam(state)
     owner = f"container:{name}"
     ip = ipam.lookup(owner) or ipam.allocate(owner)
+    staged = _stage(mesh.host(host), name, rootfs or image)
     spec = ContainerSpec(
         name=name, args=list(args), ip=ip, env=dict(env or {}),
-        rootfs=str(rootfs.resolve()) if rootfs else None, image=str(image.resolve()) if image else None,
+        rootfs=staged if rootfs else None, image=staged if image else None,
         runtime=runtime,
         labels=dict(labels or {}),
         volumes=_volumes(volumes or [], runtime),
@@ -97,8 +99,29 @@ def run(
         if not existing:
             ipam.release(ip)
         raise
+    finally:
+        if staged and mesh.host(host).netns is not None:
+            shutil.rmtree(Path(staged).parent, ignore_errors=True)  # the agent has copied or loaded it
     registry.add(spec, host)
     return info
+
+
+def _stage(member: MeshHost, name: str, source: Path | None) -> str | None:
+    """Where the agent of `member` reads a rootfs or image: its imports directory, the only place it
+    reads them from (docs/security.md). A local host's is on this machine, so it is copied there; a
+    joined machine's must already hold the path given (under <its state root>/imports/)."""
+    if source is None:
+        return None
+    if member.netns is None:
+        return str(source.resolve())
+    dest = Path(member.state_root) / IMPORTS / name / source.name
+    shutil.rmtree(dest.parent, ignore_errors=True)
+    dest.parent.mkdir(parents=True, mode=0o700)
+    if source.is_dir():
+        shutil.copytree(source, dest, symlinks=True)
+    else:
+        shutil.copyfile(source, dest)
+    return str(dest)
 
 
 def _volumes(paths: list[str], runtime: str) -> list[str]:
@@ -144,6 +167,15 @@ def logs(state: Path, name: str) -> bytes:
     entry = Registry(state).get(name)
     data = agentctl.client(state, Mesh.load(state), entry.host).call("GET", f"/v1/containers/{name}/logs")
     return data if isinstance(data, bytes) else str(data).encode()
+
+
+def exec_(state: Path, name: str, args: list[str], stdin: bytes = b"", timeout: float = 60.0) -> ExecResult:
+    """Run `args` inside container `name` (or `runtime:name`), wherever it runs now; its exit code and output."""
+    name = resolve(state, name)
+    entry = Registry(state).get(name)
+    req = ExecRequest(args=args, stdin=base64.b64encode(stdin).decode(), timeout=timeout)
+    client = agentctl.client(state, Mesh.load(state), entry.host)
+    return ExecResult.model_validate(client.call("POST", f"/v1/containers/{name}/exec", req.model_dump()))
 
 
 def remove(state: Path, name: str) -> bool:

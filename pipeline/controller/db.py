@@ -1,7 +1,8 @@
 """The controller's tables in the one store (`<state>/skyferry.db`, opened by netplane.store).
 
-Every schema the controller owns is here: the container registry, the journal, join tokens and
-the cloud-exit plans' progress. netplane's own tables (IPAM, the mesh) live in the same file, defined in netplane.store.
+Every schema the controller owns is here: the container registry, the journal, join tokens, the
+certificates the mesh CA signed (and which are revoked) and the cloud-exit plans' progress. netplane's
+own tables (IPAM, the mesh) live in the same file, defined in netplane.store.
 """
 
 import sqlite3
@@ -28,6 +29,9 @@ CREATE TABLE IF NOT EXISTS join_tokens (
 );
 CREATE TABLE IF NOT EXISTS joins (
   host TEXT PRIMARY KEY, kernel TEXT NOT NULL, wireguard TEXT NOT NULL, at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS certs (
+  serial TEXT PRIMARY KEY, subject TEXT NOT NULL, not_after REAL NOT NULL, issued REAL NOT NULL, revoked REAL
 );
 CREATE TABLE IF NOT EXISTS exit_progress (
   plan TEXT NOT NULL, step TEXT NOT NULL, status TEXT NOT NULL, detail TEXT, updated REAL NOT NULL,

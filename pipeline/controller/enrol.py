@@ -24,7 +24,7 @@ from skyferry.netplane.errors import NetplaneError
 from skyferry.netplane.ipam import Ipam
 from skyferry.netplane.mesh import Mesh, MeshHost
 from skyferry.netplane.netns import in_netns
-from skyferry.pipeline.controller import agentctl, db, dist, tokens
+from skyferry.pipeline.controller import agentctl, certs, db, dist, tokens
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi import pki
 from skyferry.pipeline.hostapi.enrolment import JOIN_PORT, JoinAnswer, JoinRequest
@@ -62,7 +62,8 @@ class Enrolment:
         )
         mesh.hosts[req.name] = member
         mesh.save(self.state)
-        cert = pki.sign_csr(self.state / "ca", req.csr_pem, req.name, [ip])
+        cert = pki.sign_csr(self.state / "ca", req.csr_pem, req.name, [ip], role=pki.HOST)
+        certs.record(self.state, req.name, cert)
         push = agentctl.Pusher(self.state, mesh)
         if old and old.public_key != member.public_key:  # a rejoin with a new key: drop the old one
             routes.remove_peer(mesh, old, push)
@@ -82,7 +83,7 @@ class Enrolment:
         return JoinAnswer(
             mesh=mesh.name, name=req.name, overlay_ip=ip, cidr=mesh.cidr, listen_port=mesh.listen_port,
             mtu=mesh.mtu, cert_pem=cert, ca_pem=(self.state / "ca" / "ca.pem").read_text(),
-            peers=routes.desired(mesh, member).peers,
+            peers=routes.desired(mesh, member).peers, revoked=certs.revoked(self.state),
         )  # fmt: skip
 
     def wait(self, names: set[str], timeout: float, alive: Callable[[], None] = lambda: None) -> None:
@@ -126,7 +127,7 @@ def serving(state: Path, listen: str | None = None) -> Iterator[Enrolment]:
     ca = state / "ca"
     pki.ensure_ca(ca, mesh.name)
     bind = listen or _bind_address(mesh)
-    ident = pki.issue(ca, ca / f"enrolment-{bind}", "controller", [address(mesh)])
+    ident = pki.issue(ca, ca / f"enrolment-{bind}", "controller", [address(mesh)], role=pki.CONTROLLER)
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(str(ident.cert), str(ident.key))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3

@@ -146,7 +146,7 @@ def _drive(ctx: Context, journal: Journal, stages: list[Stage], progress: Progre
                 "page has arrived (docs/migration.md, post-copy)",
             ) from exc
         except Exception as exc:
-            journal.transition(ctx.mig_id, stage.name, "failed", {"error": str(exc)})
+            journal.transition(ctx.mig_id, stage.name, "failed", _failure(exc))
             if names.index(stage.name) > names.index(POINT_OF_NO_RETURN):
                 journal.finish(ctx.mig_id, "running", error=str(exc))
                 raise SkyferryError(
@@ -157,7 +157,8 @@ def _drive(ctx: Context, journal: Journal, stages: list[Stage], progress: Progre
             raise SkyferryError(
                 f"migration {ctx.mig_id} failed at {stage.name}: {exc}. Rolled back: "
                 f"{ctx.entry.name} runs on {ctx.source}",
-                hint=getattr(exc, "hint", None),
+                hint=getattr(exc, "hint", None)
+                or (f"the tool's log: skyferry migrations show {ctx.mig_id}" if getattr(exc, "log", None) else None),
             ) from exc
         detail["seconds"] = round(time.monotonic() - t0, 4)
         journal.transition(ctx.mig_id, stage.name, "done", detail)
@@ -168,6 +169,12 @@ def _drive(ctx: Context, journal: Journal, stages: list[Stage], progress: Progre
     report = _report(journal, mig)
     journal.finish(ctx.mig_id, "done", report=report)
     return _report(journal, journal.get(ctx.mig_id))
+
+
+def _failure(exc: Exception) -> dict[str, Any]:
+    """A failed stage's journal entry: the error, and the tool's log that explains it when there is one."""
+    log = getattr(exc, "log", None)
+    return {"error": str(exc), **({"log": log} if log else {})}
 
 
 def _undo(ctx: Context, journal: Journal, stages: list[Stage], progress: Progress, cause: str | None = None) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 from skyferry.netplane import controller, routes
 from skyferry.netplane.errors import NetplaneError
 from skyferry.netplane.mesh import Mesh
-from skyferry.pipeline.controller import agentctl, dist, enrol, tokens
+from skyferry.pipeline.controller import agentctl, certs, dist, enrol, revoke, tokens
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi import pki
 from skyferry.providers import inventory
@@ -121,6 +121,8 @@ def decommission(
     if region is None and len({r.host.region for r in records.values() if r.host.provider == provider}) == 1:
         region = next(r.host.region for r in records.values() if r.host.provider == provider)
     if provider == "local":
+        if Mesh.exists(state) and (mesh := Mesh.load(state)).name == plan:
+            certs.revoke_subjects(state, list(mesh.hosts))  # the CA stays: the plan's certificates must not
         removed = get_provider("local", state=state).destroy(plan)
         left: list[str] = []
     else:
@@ -134,6 +136,7 @@ def decommission(
         left = inventory.leave(state, gone)
         if members:  # every remaining member drops their peers: the controller here, hosts through agents
             rest = Mesh.load(state)
+            revoke.hosts(state, rest, [m.name for m in members])  # their certificates stop working everywhere
             for member in members:
                 try:
                     routes.remove_peer(rest, member, agentctl.Pusher(state, rest))
@@ -157,6 +160,8 @@ def teardown(state: Path) -> list[str]:
                 hint="skyferry decommission --plan PLAN for cloud hosts first",
             )
     if mesh:
+        # The CA outlives the mesh (the next `hosts up` uses it again): its hosts' certificates must not.
+        certs.revoke_subjects(state, list(mesh.hosts))
         agentctl.stop_agents(mesh, state)
     vms = get_provider("vm", state=state)
     removed = [item for plan in vms.plans() for item in vms.destroy(plan)]

@@ -60,6 +60,10 @@ class Check:
                 f"container {ctx.entry.name!r} is {info['state']} on {ctx.source}, not running",
                 hint="only running containers migrate live",
             )
+        found = ctx.src.call("GET", f"/v1/containers/{ctx.entry.name}/preflight")
+        if found:
+            shapes = "; ".join(f"{f['comm']} (pid {f['pid']}) {f['what']}" for f in found)
+            raise SkyferryError(f"CRIU cannot checkpoint {ctx.entry.name!r}: {shapes}", hint=found[0]["hint"])
         for facts in (src, dst):
             if not facts.get("criu"):
                 raise SkyferryError(f"{facts['host']} has no CRIU", hint="run scripts/bootstrap-host.sh there")
@@ -112,12 +116,13 @@ class Check:
 
 
 class Prepare:
-    """The target gets the same netns and IP (no route yet) and an empty bundle."""
+    """The target gets the same netns and IP (no route yet) and an empty bundle, and takes this
+    migration's streams from the source host only (`peer`)."""
 
     name = "prepare"
 
     def run(self, ctx: Context) -> None:
-        ctx.mig_call(ctx.dst, "prepare", spec=ctx.entry.spec.to_dict())
+        ctx.mig_call(ctx.dst, "prepare", spec=ctx.entry.spec.to_dict(), peer=ctx.source)
 
     def undo(self, ctx: Context) -> None:
         ctx.mig_call(ctx.dst, "abort")

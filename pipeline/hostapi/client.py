@@ -6,7 +6,7 @@ import select
 import socket
 import ssl
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from skyferry.netplane.netns import in_netns
@@ -29,10 +29,14 @@ def bound_stalls(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, STALL_TIMEOUT * 1000)
 
 
+Check = Callable[[ssl.SSLSocket], None]  # sees the peer after the handshake; raises ssl.SSLError to refuse it
+
+
 class _Connection(http.client.HTTPSConnection):
-    def __init__(self, host: str, port: int, context: ssl.SSLContext, netns: str | None) -> None:
+    def __init__(self, host: str, port: int, context: ssl.SSLContext, netns: str | None, check: Check | None) -> None:
         super().__init__(host, port, context=context, timeout=CALL_TIMEOUT)
         self.netns = netns
+        self.check = check
 
     def connect(self) -> None:
         with in_netns(self.netns):
@@ -43,6 +47,12 @@ class _Connection(http.client.HTTPSConnection):
         # Large send buffer: the bandwidth-delay product of 1 Gbit/s x 30 ms is ~4 MiB.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
+        if self.check is not None:
+            try:
+                self.check(self.sock)
+            except ssl.SSLError:
+                self.sock.close()
+                raise
 
 
 class AgentUnreachable(SkyferryError):
@@ -59,7 +69,8 @@ def _transient(exc: BaseException) -> bool:
 class AgentClient:
     """One agent, over one kept-alive connection (a TLS handshake per call would add round trips to
     every stage, and several stages run inside the freeze). Calls are retried only while the connection
-    cannot be made (bounded by tenacity); a request that reached the agent is never repeated."""
+    cannot be made (bounded by tenacity); a request that reached the agent is never repeated. `check`
+    refuses an agent whose certificate the CA signed but the controller revoked (hostapi/revocation.py)."""
 
     def __init__(
         self,
@@ -68,9 +79,11 @@ class AgentClient:
         context: ssl.SSLContext,
         netns: str | None = None,
         label: str | None = None,
+        check: Check | None = None,
     ) -> None:
         self.address, self.port, self.context, self.netns = address, port, context, netns
         self.label = label or address
+        self.check = check
         self._conn: _Connection | None = None
         self._lock = threading.Lock()  # one request at a time on the shared connection
 
@@ -87,6 +100,12 @@ class AgentClient:
         """Open (or keep) the connection now, so a later call inside a freeze pays no handshake."""
         with self._lock:
             self._reusable(retry_for)
+
+    def peer_certificate(self, retry_for: float = 2.0) -> bytes:
+        """The certificate (DER) the agent showed on the kept-alive connection, opened if need be."""
+        with self._lock:
+            sock = self._reusable(retry_for).sock
+            return sock.getpeercert(binary_form=True) or b""
 
     def close(self) -> None:
         if self._conn is not None:
@@ -145,8 +164,8 @@ class AgentClient:
         result = json.loads(payload or b"null")
         if resp.status >= 400:
             error = result.get("error", "?") if isinstance(result, dict) else str(result)
-            hint = result.get("hint") if isinstance(result, dict) else None
-            raise SkyferryError(f"{self.label}: {error}", hint=hint)
+            hint, log = (result.get("hint"), result.get("log")) if isinstance(result, dict) else (None, None)
+            raise SkyferryError(f"{self.label}: {error}", hint=hint, log=log)
         return result
 
     def _connect(self, retry_for: float) -> _Connection:
@@ -157,7 +176,7 @@ class AgentClient:
             reraise=True,
         )
         def attempt() -> _Connection:
-            conn = _Connection(self.address, self.port, self.context, self.netns)
+            conn = _Connection(self.address, self.port, self.context, self.netns, self.check)
             conn.connect()
             return conn
 

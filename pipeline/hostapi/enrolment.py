@@ -15,6 +15,7 @@ import re
 
 from pydantic import BaseModel, Field
 from skyferry.netplane.routes import PeerConfig
+from skyferry.pipeline.hostapi.revocation import RevocationList
 
 JOIN_PORT = 7421
 HOST_NAME = r"^[a-z][a-z0-9-]{0,62}$"
@@ -42,3 +43,4 @@ class JoinAnswer(BaseModel):
     cert_pem: str
     ca_pem: str
     peers: list[PeerConfig]
+    revoked: RevocationList = Field(default_factory=RevocationList)  # refused from the agent's first connection

@@ -3,6 +3,10 @@
 The CA is created with the mesh and lives in the controller's state (`<state>/ca/`, 0700). It signs one
 certificate per host (its overlay IP as SAN) and one for the controller. An agent accepts only peers
 whose certificate this CA signed, so an agent of another mesh, or anyone without a certificate, is refused.
+
+Each certificate names its holder's role in a SAN URI, `urn:skyferry:role:controller` or
+`urn:skyferry:role:host`, next to its name (the CN); the CA decides both, never the requester. Agents
+authorize each request by that (role, name) (`identify`; docs/security.md, "Authorization").
 """
 
 import datetime as dt
@@ -18,7 +22,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-VALIDITY = dt.timedelta(days=365)
+# Member certificates: 90 days, renewed by `skyferry mesh rotate` (or by `issue` once a third is left), so a
+# stolen key that nobody revoked stops working within a quarter. The CA itself lasts ten years.
+VALIDITY = dt.timedelta(days=90)
+CA_VALIDITY = dt.timedelta(days=3650)
+RENEW_BEFORE = VALIDITY / 3
+CONTROLLER, HOST = "controller", "host"  # the roles a certificate may carry
+ROLE_URI = "urn:skyferry:role:"
 
 
 @dataclass(frozen=True)
@@ -74,7 +84,7 @@ def ensure_ca(ca_dir: Path, mesh_name: str) -> Path:
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + 10 * VALIDITY)
+        .not_valid_after(now + CA_VALIDITY)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .sign(key, hashes.SHA256())
     )
@@ -83,23 +93,34 @@ def ensure_ca(ca_dir: Path, mesh_name: str) -> Path:
     return cert_path
 
 
-def issue(ca_dir: Path, out_dir: Path, common_name: str, ips: list[str]) -> Identity:
-    """Sign a certificate for `common_name` (valid for `ips`) into out_dir; reuses one already there."""
+def issue(ca_dir: Path, out_dir: Path, common_name: str, ips: list[str], *, role: str) -> Identity:
+    """Sign a certificate for `common_name` in `role` (valid for `ips`) into out_dir; reuses one already
+    there that carries this role and is not due for renewal (one made before roles existed is replaced)."""
     ident = Identity(ca=out_dir / "ca.pem", cert=out_dir / "cert.pem", key=out_dir / "key.pem")
-    if ident.cert.exists() and ident.key.exists() and ident.ca.exists():
-        return ident
+    if ident.cert.exists() and ident.key.exists() and ident.ca.exists() and not renewal_due(ident.cert):
+        held = x509.load_pem_x509_certificate(ident.cert.read_bytes()).public_bytes(serialization.Encoding.DER)
+        if identify(held) == (role, common_name):
+            return ident
     key = ec.generate_private_key(ec.SECP256R1())
     _write_private(ident.key, _key_pem(key))
-    _write_private(ident.cert, _sign(ca_dir, key.public_key(), common_name, ips).encode())
+    _write_private(ident.cert, _sign(ca_dir, key.public_key(), common_name, ips, role).encode())
     _write_private(ident.ca, (ca_dir / "ca.pem").read_bytes())
     return ident
 
 
-def _sign(ca_dir: Path, public_key: ec.EllipticCurvePublicKey, common_name: str, ips: list[str]) -> str:
+def renewal_due(cert_path: Path, before: dt.timedelta = RENEW_BEFORE) -> bool:
+    """Whether the certificate at `cert_path` expires within `before`."""
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    return cert.not_valid_after_utc - dt.datetime.now(dt.UTC) < before
+
+
+def _sign(ca_dir: Path, public_key: ec.EllipticCurvePublicKey, common_name: str, ips: list[str], role: str) -> str:
+    if role not in (CONTROLLER, HOST):
+        raise ValueError(f"no such role {role!r}")
     ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), password=None)
     ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca.pem").read_bytes())
     now = dt.datetime.now(dt.UTC)
-    sans: list[x509.GeneralName] = [x509.DNSName(common_name)]
+    sans: list[x509.GeneralName] = [x509.DNSName(common_name), x509.UniformResourceIdentifier(ROLE_URI + role)]
     sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
     cert = (
         x509.CertificateBuilder()
@@ -124,8 +145,8 @@ def make_csr(common_name: str, key_path: Path) -> str:
     return csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
-def sign_csr(ca_dir: Path, csr_pem: str, common_name: str, ips: list[str]) -> str:
-    """A certificate for the key in `csr_pem`, with the name and addresses the CA decides, not the CSR."""
+def sign_csr(ca_dir: Path, csr_pem: str, common_name: str, ips: list[str], *, role: str) -> str:
+    """A certificate for the key in `csr_pem`, with the name, role and addresses the CA decides, not the CSR."""
     try:
         csr = x509.load_pem_x509_csr(csr_pem.encode())
     except ValueError as exc:
@@ -135,7 +156,23 @@ def sign_csr(ca_dir: Path, csr_pem: str, common_name: str, ips: list[str]) -> st
     key = csr.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise ValueError("the signing request must carry an EC key")
-    return _sign(ca_dir, key, common_name, ips)
+    return _sign(ca_dir, key, common_name, ips, role)
+
+
+def identify(cert_der: bytes) -> tuple[str | None, str]:
+    """(role, name) of a peer's certificate (`getpeercert(binary_form=True)`, which TLS has already checked
+    against the mesh CA); role is None for a certificate issued before roles existed."""
+    cert = x509.load_der_x509_certificate(cert_der)
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    name = str(names[0].value) if names else ""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None, name
+    roles = {u.removeprefix(ROLE_URI) for u in san.get_values_for_type(x509.UniformResourceIdentifier)
+             if u.startswith(ROLE_URI)}  # fmt: skip
+    role = roles.pop() if len(roles) == 1 else None  # two roles in one certificate: none
+    return (role if role in (CONTROLLER, HOST) else None), name
 
 
 def pin(ca_pem: bytes) -> str:

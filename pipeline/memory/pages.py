@@ -10,6 +10,7 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import xxhash
@@ -42,6 +43,21 @@ FORMAT = Format(
     what="pre-copy stream",
     hint="nothing was restored from it; resend from a fresh round (SourceEngine.reset, TargetStore.reset)",
 )
+
+
+def check_head(fmt: Format, head: dict[str, Any], kind: str, session: str | None, seq: int) -> tuple[str, int]:
+    """(session, seq) of a stream's HEAD, refused unless it is the `kind` that follows (session, seq):
+    the same migration session (any, while none has started) and the next sequence number."""
+    got_session, got_seq = head.get("session"), head.get("seq")
+    if head["kind"] != kind:
+        raise fmt.error(f"expected a {kind} stream, got {head['kind']}")
+    if not isinstance(got_session, str) or not isinstance(got_seq, int):
+        raise fmt.error("its HEAD frame has no session or sequence number")
+    if session is not None and got_session != session:
+        raise fmt.error("it belongs to another migration session")
+    if got_seq != seq + 1:
+        raise fmt.error(f"expected {kind} {seq + 1}, got {got_seq}")
+    return got_session, got_seq
 
 
 def page_hashes(pages: np.ndarray) -> np.ndarray:

@@ -3,8 +3,8 @@ so neither end of it ever listens where another machine can reach it.
 
 - Source: CRIU's page server listens on loopback, on a port the kernel picks (`free_loopback_port`), and
   `Tunnel` listens on the host's overlay address, on another port the kernel picks. It accepts one TLS
-  connection whose client certificate the mesh CA signed for the migration's target host (its CN), and
-  pipes it to the page server. Connections from anyone else are refused without a byte of memory.
+  connection whose client certificate the mesh CA signed for the migration's target host (role host, its
+  CN, not revoked), and pipes it to the page server. Connections from anyone else are refused without a byte of memory.
 - Target: `connect` opens TLS to the source's tunnel, checks the server's certificate is the migration's
   source host, and hands the proxy (pipeline/memory/lazyproxy.py) a plain socket whose other end the
   tunnel pipes into that TLS connection. The proxy itself listens on loopback for CRIU's lazy-pages daemon.
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.hostapi import pki
 
 LOOPBACK = "127.0.0.1"
 CHUNK = 1 << 16
@@ -33,13 +34,29 @@ Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 log = logging.getLogger("skyferry.pagetunnel")
 
 
-def peer_name(obj: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
-    """The CN of the other end's certificate (already verified against the mesh CA)."""
-    cert = obj.getpeercert() if obj is not None else None
-    for rdn in (cert or {}).get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                return str(value)
+def peer_of(obj: ssl.SSLObject | None) -> tuple[str | None, str]:
+    """(role, name) of the other end's certificate (already verified against the mesh CA)."""
+    der = obj.getpeercert(binary_form=True) if obj is not None else None
+    return pki.identify(der) if der else (None, "")
+
+
+def no_check(_: Any) -> None:
+    pass
+
+
+Check = Callable[[Any], None]
+
+
+def _refusal(tls: ssl.SSLObject | None, role: str | None, who: str, peer: str, check: Check) -> str | None:
+    """Why the other end may not take part (None: it may): it must be host `peer` and not revoked."""
+    if role != pki.HOST:
+        return f"role {role}, not {pki.HOST}"
+    if who != peer:
+        return f"not {peer}"
+    try:
+        check(tls)
+    except Exception as exc:  # revocation.PeerRevoked, or a certificate it cannot read
+        return str(exc)
     return None
 
 
@@ -115,12 +132,16 @@ class _Loop:
 
 
 class Tunnel:
-    """The source's end: TLS on (`bind`, a port the kernel picks) for the host named `peer` only, piped
-    to the page server on loopback port `upstream`. `address` is what the target connects to.
-    `cut_after` (fault drills only): hang up after that many bytes of pages, as a lost source would."""
+    """The source's end: TLS on (`bind`, a port the kernel picks) for host `peer` only (role host, CN
+    `peer`, not revoked: `check` raises for a revoked certificate), piped to the page server on loopback
+    port `upstream`. `address` is what the target connects to. `cut_after` (fault drills only): hang up
+    after that many bytes of pages, as a lost source would."""
 
-    def __init__(self, ctx: ssl.SSLContext, bind: str, peer: str, upstream: int, cut_after: int | None = None):
-        self.peer, self.upstream, self.cut_after = peer, upstream, cut_after
+    def __init__(
+        self, ctx: ssl.SSLContext, bind: str, peer: str, upstream: int, check: Check = no_check,
+        cut_after: int | None = None,
+    ) -> None:  # fmt: skip
+        self.peer, self.upstream, self.check, self.cut_after = peer, upstream, check, cut_after
         self.refused: list[str] = []  # who tried and was not the peer (for the log and the tests)
         self.served = False
         self._loop = _Loop("pagetunnel")
@@ -133,13 +154,14 @@ class Tunnel:
         self.address = f"{host}:{port}"
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        who = peer_name(writer.get_extra_info("ssl_object"))
-        if who != self.peer or self.served:
-            self.refused.append(f"{writer.get_extra_info('peername')} (CN {who})")
-            log.warning("page tunnel: refused %s: only %s may fetch these pages", self.refused[-1], self.peer)
+        tls = writer.get_extra_info("ssl_object")
+        role, who = peer_of(tls)
+        why = _refusal(tls, role, who, self.peer, self.check) or ("served already" if self.served else None)
+        if why:
+            self.refused.append(f"{writer.get_extra_info('peername')} ({role} {who!r}: {why})")
+            log.warning("page tunnel: refused %s: only host %s may fetch these pages", self.refused[-1], self.peer)
             writer.close()
             return
-        # Certificates with roles (branch s5-authz): require role=host here too (docs/security.md).
         self.served = True  # CRIU's page server serves one client; nobody else gets a second go
         try:
             up = await asyncio.open_connection(LOOPBACK, self.upstream)
@@ -159,12 +181,12 @@ class Dialled:
     """The target's end: `sock` is a plain socket for the proxy; a thread pipes it through TLS to the
     source's tunnel. `close()` stops the pipe."""
 
-    def __init__(self, ctx: ssl.SSLContext, address: str, peer: str, timeout: float = 10.0) -> None:
+    def __init__(self, ctx: ssl.SSLContext, address: str, peer: str, check: Check = no_check) -> None:
         host, port = address.rsplit(":", 1)
         self.sock, inner = socket.socketpair()
         self._loop = _Loop("pagetunnel-dial")
         try:
-            self._loop.run(self._open(ctx, host, int(port), peer, inner), timeout)
+            self._loop.run(self._open(ctx, host, int(port), peer, check, inner), 10.0)
         except BaseException as exc:
             self.close()
             inner.close()
@@ -175,14 +197,18 @@ class Dialled:
                 hint="the source's lazy dump is gone; the migration rolls back",
             ) from None
 
-    async def _open(self, ctx: ssl.SSLContext, host: str, port: int, peer: str, inner: socket.socket) -> None:
-        # Beyond the address (its SAN, checked by the context), the CN must be the agent that sent the images.
-        # Certificates with roles (branch s5-authz): require role=host here too (docs/security.md).
+    async def _open(
+        self, ctx: ssl.SSLContext, host: str, port: int, peer: str, check: Check, inner: socket.socket
+    ) -> None:
+        # Beyond the address (its SAN, checked by the context): role host, the CN of the migration's source.
         reader, writer = await asyncio.open_connection(host, port, ssl=ctx, server_hostname=host)
-        who = peer_name(writer.get_extra_info("ssl_object"))
-        if who != peer:
+        tls = writer.get_extra_info("ssl_object")
+        role, who = peer_of(tls)
+        why = _refusal(tls, role, who, peer, check)
+        if why:
             writer.close()
-            raise SkyferryError(f"lazy restore: the page tunnel at {host}:{port} is {who!r}, not the source {peer!r}")
+            raise SkyferryError(f"lazy restore: the page tunnel at {host}:{port} is {role} {who!r}, not the "
+                                f"source {peer!r} ({why})")  # fmt: skip
         local = await asyncio.open_connection(sock=inner)
         self._loop.spawn(lambda: _splice((reader, writer), local))
 
@@ -200,6 +226,7 @@ class PageSource:
     address: str
     peer: str
     ctx: ssl.SSLContext
+    check: Check = no_check  # raises for a revoked certificate (certs.LiveIdentity.check)
 
     def dial(self) -> Dialled:
-        return Dialled(self.ctx, self.address, self.peer)
+        return Dialled(self.ctx, self.address, self.peer, self.check)

@@ -36,7 +36,7 @@ from typing import Any
 from skyferry.pipeline.criu import dumpstats
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi.framing import Format, FrameReader, FrameWriter
-from skyferry.pipeline.memory.pages import Transfer, file_frames, write_file_frame
+from skyferry.pipeline.memory.pages import Transfer, check_head, file_frames, write_file_frame
 from skyferry.pipeline.memory.policy import PAGE, RoundStats
 
 FORMAT = Format(
@@ -131,18 +131,9 @@ class PredumpTarget:
         self.seq = 0
 
     def _check_head(self, head: dict[str, Any], kind: str) -> tuple[str, int]:
-        session, seq = head.get("session"), head.get("seq")
-        if head["kind"] != kind:
-            raise FORMAT.error(f"expected a {kind} stream, got {head['kind']}")
-        if not isinstance(session, str) or not isinstance(seq, int):
-            raise FORMAT.error("its HEAD frame has no session or sequence number")
-        if self.session is not None and session != self.session:
-            raise FORMAT.error("it belongs to another migration session")
-        if seq != self.seq + 1:
-            raise FORMAT.error(f"expected {kind} {self.seq + 1}, got {seq}")
         if kind == "final" and self.session is None:
             raise FORMAT.error("no round came before it")
-        return session, seq
+        return check_head(FORMAT, head, kind, self.session, self.seq)
 
     def apply(self, chunks: Iterable[bytes]) -> RoundStats:
         """Keep one round as rounds/<seq>, its parent the round before. A refused or damaged stream

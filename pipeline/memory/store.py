@@ -30,6 +30,7 @@ from skyferry.pipeline.memory.pages import (
     STORE_FILE,
     ZERO_HASH,
     HashTable,
+    check_head,
     decode_pages,
     expand_runs,
     page_hashes,
@@ -181,19 +182,7 @@ class TargetStore:
 
     def check_head(self, head: dict[str, Any], kind: str) -> tuple[str, int]:
         """(session, seq) of a stream's HEAD, refused unless it is the `kind` this store expects next."""
-        session, seq = head.get("session"), head.get("seq")
-        if head["kind"] != kind:
-            raise FORMAT.error(f"expected a {kind} stream, got {head['kind']}")
-        if not isinstance(session, str) or not isinstance(seq, int):
-            raise FORMAT.error("its HEAD frame has no session or sequence number")
-        if self.session is None:
-            if seq != 1:
-                raise FORMAT.error(f"this store is empty and needs round 1 first, got {kind} {seq}")
-        elif session != self.session:
-            raise FORMAT.error("it belongs to another migration session")
-        elif seq != self.seq + 1:
-            raise FORMAT.error(f"expected {kind} {self.seq + 1}, got {seq}")
-        return session, seq
+        return check_head(FORMAT, head, kind, self.session, self.seq)
 
     def apply(self, chunks: Iterable[bytes]) -> RoundStats:
         """Apply one round's stream.

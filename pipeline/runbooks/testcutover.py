@@ -67,7 +67,7 @@ def run(
     try:
         step("check", lambda: Check().run(ctx))
         step("discard-leftovers", lambda: op(dst, "clone-discard", name=clone, clone=clone))
-        step("prepare", lambda: op(dst, "clone-prepare", name=clone, spec=spec))
+        step("prepare", lambda: op(dst, "clone-prepare", name=clone, spec=spec, peer=entry.host))
         report["pause_s"] = step("checkpoint", lambda: op(src, "clone-checkpoint", name=name))["pause_s"]
         address = {"address": mesh.host(target).overlay_ip, "port": AGENT_PORT}
         sent = step("transfer", lambda: op(src, "clone-transfer", name=name, target=address))

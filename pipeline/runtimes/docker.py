@@ -112,9 +112,20 @@ class Docker:
             return None
         return {"status": STATUS.get(info["State"]["Status"], "stopped"), "pid": info["State"].get("Pid") or 0}
 
-    def exec(self, name: str, argv: list[str]) -> str:
-        """Run `argv` inside the running container; its stdout."""
-        return self._docker("exec", name, *argv, what="exec")
+    def exec(self, name: str, argv: list[str], stdin: bytes, timeout: float) -> tuple[int, bytes, bytes]:
+        self._require_daemon("exec")
+        argv = [
+            "env",
+            f"DOCKER_CONFIG={self.home / 'cli'}",
+            DOCKER,
+            "-H",
+            f"unix://{self.socket}",
+            "exec",
+            "-i",
+            name,
+            *argv,
+        ]
+        return engines.run_io(argv, stdin, timeout)
 
     def logs(self, name: str) -> bytes:
         return self._docker("logs", name, what="logs").encode()

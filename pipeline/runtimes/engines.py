@@ -45,6 +45,20 @@ def run(argv: list[str], what: str, *, timeout: float = 120, env: dict[str, str]
     return proc.stdout
 
 
+def run_io(
+    argv: list[str], stdin: bytes, timeout: float, on_timeout: Callable[[], None] | None = None
+) -> tuple[int, bytes, bytes]:
+    """Run a command to its end with `stdin`: (exit code, stdout, stderr). For `exec`, whose exit code and
+    output are the user's, not an engine failure. `on_timeout` kills what the killed CLI leaves running."""
+    try:
+        proc = subprocess.run(argv, input=stdin, capture_output=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        if on_timeout:
+            on_timeout()
+        raise SkyferryError(f"the command ran longer than {timeout:g} s", hint="pass a longer --timeout") from None
+    return proc.returncode, proc.stdout, proc.stderr
+
+
 @contextlib.contextmanager
 def tcp_established() -> Iterator[None]:
     """Let CRIU checkpoint and restore established TCP connections for the runc calls made inside.

@@ -93,9 +93,8 @@ class Podman:
             return None
         return {"status": STATUS.get(info["State"]["Status"], "stopped"), "pid": info["State"].get("Pid") or 0}
 
-    def exec(self, name: str, argv: list[str]) -> str:
-        """Run `argv` inside the running container; its stdout."""
-        return self._podman("exec", name, *argv, what="exec")
+    def exec(self, name: str, argv: list[str], stdin: bytes, timeout: float) -> tuple[int, bytes, bytes]:
+        return engines.run_io([*self._base(), "exec", "-i", name, *argv], stdin, timeout)
 
     def logs(self, name: str) -> bytes:
         return self._podman("logs", name, what="logs").encode()

@@ -6,16 +6,21 @@ runc drives CRIU through the same swrk RPC that pycriu speaks; going through run
 (cgroups, mounts, `runc list`) consistent on both hosts, which raw CRIU would not.
 """
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from skyferry.pipeline.criu import logs
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.hostapi import privdir
 from skyferry.pipeline.hostapi.spec import HOST_DIRS, ContainerSpec
+from skyferry.pipeline.runtimes import engines
 from skyferry.pipeline.runtimes.images import unpack_image
 
 RUNC = "runc"
@@ -90,8 +95,8 @@ class Runc:
         shutil.rmtree(self.bundle(name), ignore_errors=True)
 
     def logs(self, name: str) -> bytes:
-        path = self.rootfs(name) / LOG_IN_CONTAINER.lstrip("/")
-        return path.read_bytes() if path.exists() else b""
+        # The container owns its rootfs: its log may have become a symlink to any host file.
+        return privdir.read_beneath(self.rootfs(name), LOG_IN_CONTAINER.lstrip("/")) or b""
 
     def volume(self, name: str, index: int) -> Path:
         return self.bundle(name) / "volumes" / str(index)
@@ -128,6 +133,17 @@ class Runc:
             [RUNC, "--root", str(self.root), "state", name], capture_output=True, text=True, check=False
         )
         return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+    def exec(self, name: str, argv: list[str], stdin: bytes, timeout: float) -> tuple[int, bytes, bytes]:
+        with tempfile.TemporaryDirectory(dir=self.root) as tmp:
+            pid_file = Path(tmp) / "pid"
+
+            def kill() -> None:  # runc exec, killed, leaves the command running in the container
+                with contextlib.suppress(OSError, ValueError):
+                    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+            argv = [RUNC, "--root", str(self.root), "exec", "--pid-file", str(pid_file), name, *argv]
+            return engines.run_io(argv, stdin, timeout, on_timeout=kill)
 
     def pause(self, name: str) -> None:
         self._runc("pause", name)
@@ -186,7 +202,7 @@ class Runc:
         if not ok:
             proc.wait()
             message = (work / "runc-checkpoint.err").read_text(errors="replace").strip()
-            raise SkyferryError(f"lazy checkpoint failed: {_last_error(message)}", hint=_criu_hint(work / "dump.log"))
+            raise _failure("lazy checkpoint", message, work / "dump.log")
         return proc
 
     def restore_lazy(self, name: str, images: Path, work: Path) -> None:
@@ -222,19 +238,19 @@ class Runc:
             err.seek(0)
             message = err.read().decode(errors="replace").strip()
         if proc.returncode != 0:
-            raise SkyferryError(f"runc {args[0]} failed: {_last_error(message)}", hint=_criu_hint(criu_log))
+            raise _failure(f"runc {args[0]}", message, criu_log)
 
 
-def _last_error(message: str) -> str:
-    lines = [ln for ln in message.splitlines() if "level=error" in ln] or message.splitlines() or ["?"]
-    return lines[-1][-300:]
-
-
-def _criu_hint(log: Path | None) -> str | None:
-    if log is None or not log.exists():
-        return None
-    errors = [ln for ln in log.read_text(errors="replace").splitlines() if "Error" in ln and "rlimit" not in ln]
-    return f"CRIU log {log}: " + " | ".join(errors[-3:]) if errors else f"see CRIU log {log}"
+def _failure(what: str, stderr: str, criu_log: Path | None) -> SkyferryError:
+    """The error names CRIU's first real error (the resource and the task) rather than runc's last
+    line; both logs go with it, for the journal (`skyferry migrations show ID`)."""
+    text = logs.read(criu_log)
+    runc_lines = [ln for ln in stderr.splitlines() if "level=error" in ln] or stderr.splitlines() or ["?"]
+    cause = logs.first_error(text) or runc_lines[-1][-300:]
+    log = f"--- runc\n{logs.tail(stderr)}"
+    if text and criu_log:
+        log += f"\n--- CRIU {criu_log.name}\n{logs.tail(text)}"
+    return SkyferryError(f"{what} failed: {cause}", log=log)
 
 
 def _host_dir_mounts(rootfs: Path) -> list[dict[str, Any]]:

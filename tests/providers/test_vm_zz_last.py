@@ -138,7 +138,7 @@ class TestLast:
         held = json.loads(out)
         print(f"relay hold per datagram, vm-1 -> local-1: {held}")
         assert len(held) >= 6, held
-        assert all(WAN_RTT / 2 * 0.95 <= h <= WAN_RTT / 2 + 1.0 for h in held), held
+        assert all(WAN_RTT / 2 * 0.8 <= h <= WAN_RTT / 2 + 1.0 for h in held), held
         tc = subprocess.run(
             ["tc", "-n", f"{vms.run}-wan", "qdisc", "show", "dev", f"{vms.run}-vm-1"], capture_output=True, text=True
         )

@@ -22,6 +22,8 @@ from skyferry.netplane.mesh import Mesh
 from skyferry.netplane.netns import in_netns
 from skyferry.pipeline.controller import agentctl
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.hostapi import pki
+from skyferry.pipeline.hostapi.client import AgentClient
 from skyferry.pipeline.hostapi.layout import AGENT_PORT, IMAGES_TMPFS
 from skyferry.pipeline.hostapi.spec import ContainerSpec
 from skyferry.pipeline.runbooks import exitplan
@@ -241,18 +243,22 @@ def test_agent_refuses_bad_content_lengths(agent: dict, content_length: str, pat
 
 
 @pytest.fixture(scope="module")
-def prepared(agent: dict) -> Iterator[dict]:
-    """A migration prepared on the agent (an empty target waiting for its streams), so stream bodies are
-    really decoded; aborted afterwards."""
+def prepared(agent: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """A migration prepared on the agent (an empty target waiting for its streams from a source host,
+    `fuzz-peer`, whose certificate the streams come with), so stream bodies are really decoded; aborted
+    afterwards."""
     state, m = agent["state"], agent["mesh"]
     ip = Ipam(state).allocate("fuzz-target")
     spec = ContainerSpec(name="fz-target", args=["/bin/true"], ip=ip)
     client = agentctl.client(state, m, "local-1")
+    peer = pki.issue(state / "ca", tmp_path_factory.mktemp("peer"), "fuzz-peer", [ip], role=pki.HOST)
     mig = "m-fuzz"
-    client.call("POST", f"/v1/migrations/{mig}/prepare", {"name": spec.name, "spec": spec.to_dict()})
-    client.call("POST", f"/v1/migrations/{mig}/precopy-reset", {"name": spec.name})
+    body = {"name": spec.name, "spec": spec.to_dict(), "peer": "fuzz-peer"}
+    client.call("POST", f"/v1/migrations/{mig}/prepare", body)
+    from_peer = AgentClient(m.hosts["local-1"].overlay_ip, AGENT_PORT, peer.client_context(), netns=m.controller.netns)
+    from_peer.call("POST", f"/v1/migrations/{mig}/precopy-reset", {"name": spec.name})
     try:
-        yield {**agent, "mig": mig, "name": spec.name}
+        yield {**agent, "mig": mig, "name": spec.name, "peer_ctx": peer.client_context()}
     finally:
         client.call("POST", f"/v1/migrations/{mig}/abort", {"name": spec.name})
         Ipam(state).release(ip)
@@ -289,5 +295,5 @@ def test_agent_refuses_bad_stream_bodies(
     # more (as it does for a chunk size larger than what follows), so that is not asked here.
     if bad_size is None and not terminate:
         return
-    _assert_clear_refusal(*_exchange(prepared, raw))
+    _assert_clear_refusal(*_exchange({**prepared, "ctx": prepared["peer_ctx"]}, raw))
     _assert_healthy(prepared)

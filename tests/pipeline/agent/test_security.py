@@ -45,7 +45,7 @@ def other_mesh_identity(tmp_path_factory: pytest.TempPathFactory) -> pki.Identit
     """What an agent (or controller) of another mesh holds: a certificate from that mesh's own CA."""
     ca = tmp_path_factory.mktemp("other-ca")
     pki.ensure_ca(ca, "other")
-    return pki.issue(ca, ca / "agent", "local-1", ["100.64.0.2"])
+    return pki.issue(ca, ca / "agent", "local-1", ["100.64.0.2"], role=pki.HOST)
 
 
 def _open(m: Mesh, host: str) -> socket.socket:

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from kit.machine import machine_on_underlay, run_in
 from kit.mesh import local_mesh
 from skyferry.netplane import netns, wg
@@ -62,6 +64,9 @@ def test_join_admits_a_machine_whose_keys_never_leave_it(joined_mesh: tuple[Path
         member = after.host("edge-1")
         assert result["overlay_ip"] == member.overlay_ip and member.netns is None
         assert member.endpoint == f"{JOINER_ADDRESS}:{mesh.listen_port}"
+        # Its certificate names it, in the host role the CA gave it (whatever its CSR asked for).
+        cert = x509.load_pem_x509_certificate((layout.state_root / "tls" / "cert.pem").read_bytes())
+        assert pki.identify(cert.public_bytes(serialization.Encoding.DER)) == (pki.HOST, "edge-1")
         public = member.public_key
         # Every other member learnt the new peer: the controller here, local-1 through its own agent.
         for m in (after.controller, after.host("local-1")):

@@ -257,12 +257,15 @@ def test_postcopy_rolls_back_when_it_loses_the_source(counter: dict) -> None:
     lose_source_during_lazy_phase(counter["state"], counter["mesh"], counter["name"], "postcopy")
 
 
-def test_image_container_through_the_cli(mesh: tuple[Path, Mesh], tmp_path: Path) -> None:
-    """`run --image` (a docker-save tarball of busybox), `ps --json`, `logs`, a migration, `rm` twice."""
+APPLETS = ("sh", "sleep", "echo", "cat", "ls", "tar", "ln", "mkdir")
+
+
+def busybox_image(tmp_path: Path) -> Path:
+    """A docker-save tarball of busybox with the applets the tests use."""
     layer = tmp_path / "layer.tar"
     with tarfile.open(layer, "w") as tar:
         tar.add("/bin/busybox", arcname="bin/busybox")
-        for applet in ("sh", "sleep", "echo"):
+        for applet in APPLETS:
             link = tarfile.TarInfo(f"bin/{applet}")
             link.type, link.linkname = tarfile.SYMTYPE, "busybox"
             tar.addfile(link)
@@ -273,6 +276,12 @@ def test_image_container_through_the_cli(mesh: tuple[Path, Mesh], tmp_path: Path
         info = tarfile.TarInfo("manifest.json")
         info.size = len(manifest)
         tar.addfile(info, io.BytesIO(manifest))
+    return image
+
+
+def test_image_container_through_the_cli(mesh: tuple[Path, Mesh], tmp_path: Path) -> None:
+    """`run --image` (a docker-save tarball of busybox), `ps --json`, `logs`, a migration, `rm` twice."""
+    image = busybox_image(tmp_path)
     script = "i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.1; done"
     started = cli(
         "run", "--host", "local-1", "--name", "bb", "--image", str(image), "--json", "--", "/bin/sh", "-c", script
@@ -292,3 +301,177 @@ def test_image_container_through_the_cli(mesh: tuple[Path, Mesh], tmp_path: Path
         first, second = cli("rm", "bb", "--json"), cli("rm", "bb", "--json")
     assert json.loads(first.stdout) == {"removed": "bb"} and json.loads(second.stdout) == {"removed": None}
     assert "bb" not in {r["name"] for r in json.loads(cli("ps", "--json").stdout)}
+
+
+def test_run_fails_a_command_that_exits_at_once(mesh: tuple[Path, Mesh], tmp_path: Path) -> None:
+    """`run` reports a command that dies at once as failed, with its last log lines, and keeps nothing:
+    the same name then runs a command that stays up (the control)."""
+    image = busybox_image(tmp_path)
+    died = cli("run", "--host", "local-1", "--name", "dies", "--image", str(image), "--", "/bin/sh", "-c",
+               "echo \"can't open file '/app.py'\" >&2; exit 2")  # fmt: skip
+    assert died.returncode != 0
+    assert "exited at once" in died.stderr and "can't open file '/app.py'" in died.stderr, died.stderr
+    assert "dies" not in {r["name"] for r in json.loads(cli("ps", "--json").stdout)}
+    assert "dies" not in host_containers(*mesh, "local-1")
+    started = cli("run", "--host", "local-1", "--name", "dies", "--image", str(image), "--json", "--", "sleep", "60")
+    try:
+        assert started.returncode == 0, started.stderr
+        assert json.loads(started.stdout)["state"] == "running"
+    finally:
+        cli("rm", "dies")
+
+
+USERFAULTFD = """
+import ctypes, time
+assert ctypes.CDLL(None).syscall(323, 1) >= 0  # userfaultfd(UFFD_USER_MODE_ONLY): CRIU cannot dump one
+while True:
+    time.sleep(1)
+"""
+TRACED = """
+import ctypes, os, time
+child = os.fork()
+if child == 0:
+    while True:
+        time.sleep(1)
+assert ctypes.CDLL(None).ptrace(0x4206, child, None, None) == 0  # PTRACE_SEIZE: the child is traced
+while True:
+    time.sleep(1)
+"""
+
+
+def test_a_criu_failure_names_its_cause_and_keeps_its_log(mesh: tuple[Path, Mesh], tmp_path: Path) -> None:
+    """CRIU cannot dump a userfaultfd. The error names CRIU's first real error (the file), not its final
+    "Dumping FAILED"; the journal keeps CRIU's log after the images are wiped."""
+    state, _ = mesh
+    started = cli("run", "--host", "local-1", "--name", "uffd", "--", "python3", "-c", USERFAULTFD)
+    assert started.returncode == 0, started.stderr
+    try:
+        moved = cli("migrate", "uffd", "--to", "local-2", "--mode", "stop-copy", "--json")
+        assert moved.returncode != 0
+        error = json.loads(moved.stdout)
+        assert "anon_inode:[userfaultfd]" in error["error"] and "FAILED" not in error["error"], error
+        mig = Journal(state).all()[-1]
+        assert error["hint"] == f"the tool's log: skyferry migrations show {mig.id}"
+        assert mig.state == "rolled-back"
+        shown = json.loads(cli("migrations", "show", mig.id, "--json").stdout)
+        failed = [t for t in shown["transitions"] if t["status"] == "failed"]
+        assert [t["stage"] for t in failed] == ["checkpoint"]
+        log = failed[0]["detail"]["log"]
+        assert "--- CRIU dump.log" in log and "Dumping FAILED" in log, log
+        assert "Can't dump file" in cli("migrations", "show", mig.id).stdout
+        spans = json.loads(cli("migrations", "show", "--json", "--timeline", mig.id).stdout)["timeline"]
+        by = {sp["label"]: sp for sp in spans}
+        assert by["checkpoint"]["status"] == "failed" and by["undo checkpoint"]["status"] == "undone"
+        assert by["freeze"]["start_ms"] == by["checkpoint"]["start_ms"]
+        assert (by["freeze"]["end_ms"], by["freeze"]["status"]) == (
+            by["undo checkpoint"]["end_ms"],
+            "thawed on the source",
+        )
+        assert (where(state, "uffd")["host"], where(state, "uffd")["state"]) == ("local-1", "running")
+    finally:
+        cli("rm", "uffd")
+
+
+def test_a_traced_task_is_refused_before_the_freeze(mesh: tuple[Path, Mesh]) -> None:
+    """CRIU cannot seize a task another task traces; the check stage names it while the container runs
+    (no checkpoint is tried, nothing freezes). The control: the same image without the tracer moves."""
+    state, _ = mesh
+    started = cli("run", "--host", "local-1", "--name", "traced", "--", "python3", "-c", TRACED)
+    assert started.returncode == 0, started.stderr
+    try:
+        moved = cli("migrate", "traced", "--to", "local-2", "--json")
+        error = json.loads(moved.stdout)
+        assert moved.returncode != 0 and "is traced by pid" in error["error"] and "ptrace" in error["hint"], error
+        mig = Journal(state).all()[-1]
+        assert [t["stage"] for t in Journal(state).transitions(mig.id) if t["status"] == "failed"] == ["check"]
+        assert "checkpoint" not in Journal(state).stage_status(mig.id)
+        assert (where(state, "traced")["host"], where(state, "traced")["state"]) == ("local-1", "running")
+    finally:
+        cli("rm", "traced")
+    plain = cli(
+        "run",
+        "--host",
+        "local-1",
+        "--name",
+        "untraced",
+        "--",
+        "python3",
+        "-c",
+        TRACED.split("assert")[0] + "time.sleep(3600)",
+    )
+    try:
+        assert plain.returncode == 0, plain.stderr
+        assert cli("migrate", "untraced", "--to", "local-2").returncode == 0
+    finally:
+        cli("rm", "untraced")
+
+
+def test_exec_runs_inside_the_container_wherever_it_runs(mesh: tuple[Path, Mesh], tmp_path: Path) -> None:
+    """`skyferry exec` sees the container's rootfs, passes stdin (-i) and the exit code, follows the
+    container to another host, and kills a command that outlives --timeout."""
+    image = busybox_image(tmp_path)
+    started = cli("run", "--host", "local-1", "--name", "ex", "--image", str(image), "--", "sleep", "3600")
+    assert started.returncode == 0, started.stderr
+    try:
+        listing = cli("exec", "ex", "--", "ls", "/bin")
+        assert listing.returncode == 0, listing.stderr
+        assert set(listing.stdout.split()) == {"busybox", *APPLETS}  # not the host's /bin
+        piped = subprocess.run(
+            [SKYFERRY, "exec", "-i", "ex", "--", "sh", "-c", "cat > /in; cat /in; exit 7"],
+            input="through stdin\n", capture_output=True, text=True,
+        )  # fmt: skip
+        assert (piped.returncode, piped.stdout) == (7, "through stdin\n"), piped.stderr
+        moved = json.loads(cli("migrate", "ex", "--to", "local-2", "--json").stdout)
+        spans = json.loads(cli("migrations", "show", moved["id"], "--timeline", "--json").stdout)["timeline"]
+        stages = [sp for sp in spans if sp["kind"] == "stage"]
+        assert [sp["start_ms"] for sp in spans] == sorted(sp["start_ms"] for sp in spans)
+        assert all(sp["status"] == "done" and sp["end_ms"] >= sp["start_ms"] for sp in stages)
+        freeze = next(sp for sp in spans if sp["kind"] == "freeze")
+        by = {sp["label"]: sp for sp in stages}
+        assert (freeze["start_ms"], freeze["end_ms"]) == (by["checkpoint"]["start_ms"], by["restore"]["end_ms"])
+        assert abs(freeze["end_ms"] - freeze["start_ms"] - moved["freeze_ms"]) < 1
+        rounds = [sp for sp in spans if sp["kind"] == "round"]
+        assert rounds and all(by["precopy"]["start_ms"] <= r["start_ms"] <= by["precopy"]["end_ms"] for r in rounds)
+        assert "freeze" in cli("migrations", "show", moved["id"], "--timeline").stdout
+        moved = json.loads(cli("exec", "--json", "ex", "--", "cat", "/in").stdout)
+        assert moved == {"exit_code": 0, "stdout": "through stdin\n", "stderr": ""}
+        slow = cli("exec", "--timeout", "1", "ex", "--", "sleep", "1234")
+        assert slow.returncode != 0 and "ran longer than 1 s" in slow.stderr, slow.stderr
+        procs = cli("exec", "ex", "--", "sh", "-c", "cat /proc/[0-9]*/cmdline")
+        assert "1234" not in procs.stdout.replace("\0", " "), procs.stdout
+        gone = cli("exec", "nosuch", "--", "true")
+        assert gone.returncode != 0 and "nosuch" in gone.stderr
+    finally:
+        cli("rm", "ex")
+
+
+def test_cp_in_and_out_and_a_hostile_link_stays_inside(mesh: tuple[Path, Mesh], tmp_path: Path) -> None:
+    """`skyferry cp` both ways, file and directory, into a directory or under a new name; a link the
+    container points at a host path is refused on the way out (the control: a plain file comes out)."""
+    image = busybox_image(tmp_path)
+    started = cli("run", "--host", "local-1", "--name", "cpx", "--image", str(image), "--", "sleep", "3600")
+    assert started.returncode == 0, started.stderr
+    try:
+        (tmp_path / "conf.txt").write_text("setting=1\n")
+        (tmp_path / "tree" / "sub").mkdir(parents=True)
+        (tmp_path / "tree" / "sub" / "leaf.txt").write_text("leaf\n")
+        assert cli("exec", "cpx", "--", "mkdir", "/etc").returncode == 0
+        for src, dest in (("conf.txt", "cpx:/etc"), ("tree", "cpx:/data")):
+            done = cli("cp", str(tmp_path / src), dest)
+            assert done.returncode == 0, done.stderr
+        assert cli("exec", "cpx", "--", "cat", "/etc/conf.txt").stdout == "setting=1\n"
+        assert cli("exec", "cpx", "--", "cat", "/data/sub/leaf.txt").stdout == "leaf\n"
+        out = tmp_path / "out"
+        out.mkdir()
+        assert cli("cp", "cpx:/data", str(out / "copy")).returncode == 0
+        assert (out / "copy" / "sub" / "leaf.txt").read_text() == "leaf\n"
+        assert cli("cp", "cpx:/etc/conf.txt", str(out)).returncode == 0
+        assert (out / "conf.txt").read_text() == "setting=1\n"
+        assert cli("exec", "cpx", "--", "ln", "-s", "/etc/shadow", "/data/evil").returncode == 0
+        hostile = cli("cp", "cpx:/data", str(out / "hostile"))
+        assert hostile.returncode != 0 and "refused" in hostile.stderr, hostile.stderr
+        assert not (out / "hostile" / "evil").is_symlink()
+        bad = cli("cp", str(tmp_path / "conf.txt"), str(out))
+        assert bad.returncode != 0 and "one container path" in bad.stderr
+    finally:
+        cli("rm", "cpx")

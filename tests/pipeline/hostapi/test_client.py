@@ -17,8 +17,9 @@ def test_a_body_that_fails_part_way_hangs_up(tmp_path: Path) -> None:
     the agent would wait for the next chunk for as long as the connection lives (found in the soft-dirty
     VM test: the rollback's abort on the target hung behind it)."""
     pki.ensure_ca(tmp_path / "ca", "t")
-    server = pki.issue(tmp_path / "ca", tmp_path / "server", "server", ["127.0.0.1"]).server_context()
-    client_ctx = pki.issue(tmp_path / "ca", tmp_path / "client", "client", ["127.0.0.1"]).client_context()
+    ca = tmp_path / "ca"
+    server = pki.issue(ca, tmp_path / "server", "server", ["127.0.0.1"], role=pki.HOST).server_context()
+    client_ctx = pki.issue(ca, tmp_path / "client", "client", ["127.0.0.1"], role=pki.HOST).client_context()
     listener = socket.create_server(("127.0.0.1", 0))
     seen: dict[str, bytes | bool] = {}
 

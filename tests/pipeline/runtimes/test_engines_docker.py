@@ -97,9 +97,9 @@ def test_docker_container_migrates_live_there_and_back(counter: dict) -> None:
     assert (now["host"], now["ip"], now["state"], now["runtime"]) == ("local-2", counter["ip"], "running", "docker")
     assert name not in docker_of(m, "local-1").names(), "the source's container must be gone after confirm"
     client.wait_for(client.progress() + 5)  # the same connection, the same per-connection counter
-    served = docker_of(m, "local-2").exec(name, ["cat", "/app/served"]).split()
+    served = cli("exec", f"docker:{name}", "--", "cat", "/app/served").stdout.split()
     assert str(before) in served[::2], "the writable layer must move with the container"
-    assert "seed" not in docker_of(m, "local-2").exec(name, ["ls", "/app"]).split(), "and its whiteouts too"
+    assert "seed" not in cli("exec", name, "--", "ls", "/app").stdout.split(), "and its whiteouts too"
 
     # Back through the CLI, named the way an operator names it: docker:NAME picks stop-copy by itself.
     proc = cli("migrate", f"docker:{name}", "--to", "local-1", "--json")

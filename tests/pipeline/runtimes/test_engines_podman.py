@@ -87,9 +87,9 @@ def test_podman_container_migrates_live_there_and_back(counter: dict) -> None:
     assert name not in podman_of(m, "local-1").names(), "the source's container must be gone after confirm"
     client.wait_for(client.progress() + 5)  # the same connection, the same per-connection counter
     # The writable layer moved: lines written before the move are in the target's copy.
-    served = podman_of(m, "local-2").exec(name, ["cat", "/app/served"]).split()
+    served = cli("exec", f"podman:{name}", "--", "cat", "/app/served").stdout.split()
     assert str(before) in served[::2], "the writable layer must move with the container"
-    assert "seed" not in podman_of(m, "local-2").exec(name, ["ls", "/app"]).split(), "and its whiteouts too"
+    assert "seed" not in cli("exec", name, "--", "ls", "/app").stdout.split(), "and its whiteouts too"
 
     # Back through the CLI, named the way an operator names it: podman:NAME picks stop-copy by itself.
     proc = cli("migrate", f"podman:{name}", "--to", "local-1", "--json")

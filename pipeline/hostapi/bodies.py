@@ -1,0 +1,118 @@
+"""The agent's request bodies, one pydantic model each: what a caller may send, and nothing else.
+
+The agent validates every body (and a stream's query) before it acts on it, and answers a malformed one
+with 400 and a JSON {"error", "hint"}; unknown fields are refused too, so a typo never becomes a default.
+Container names are checked here once for all routes (spec.SPEC_NAME): they name netns, bundles and
+image directories, so `../` or a slash never reaches a path. ContainerSpec validates itself (spec.py).
+"""
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
+from skyferry.pipeline.hostapi.layout import AGENT_PORT
+from skyferry.pipeline.hostapi.spec import SPEC_NAME, ContainerSpec
+
+ContainerName = Annotated[str, StringConstraints(pattern=f"^{SPEC_NAME.pattern}$")]
+HostName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9-]{0,62}$")]  # enrolment.HOST_NAME
+IPv4 = Annotated[str, StringConstraints(pattern=r"^\d{1,3}(\.\d{1,3}){3}$")]
+PageServer = Annotated[str, StringConstraints(pattern=r"^\d{1,3}(\.\d{1,3}){3}:\d{1,5}$")]  # a source's page tunnel
+Base64 = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9+/]*={0,2}$", max_length=1 << 20)]
+Method = Literal["content", "soft-dirty"]  # criu/version.py: PRECOPY_CONTENT, PRECOPY_SOFT_DIRTY
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CpuinfoCheck(Body):
+    image: Base64
+
+
+class Route(Body):
+    present: StrictBool
+
+
+class Ingress(Body):
+    ports: Annotated[list[Annotated[str, StringConstraints(max_length=32)]], Field(max_length=256)]
+
+
+class Target(Body):
+    """Where the source reaches the target's agent."""
+
+    address: IPv4
+    port: Annotated[int, Field(ge=1, le=65535)] = AGENT_PORT
+
+
+class Policy(Body):
+    """memory/policy.py's ConvergencePolicy, as the controller may set it; unset fields keep its defaults."""
+
+    max_delta_bytes: Annotated[int, Field(ge=0)] | None = None
+    max_rounds: Annotated[int, Field(ge=1, le=100)] | None = None
+    max_seconds: Annotated[float, Field(gt=0, le=86400)] | None = None
+    growth: Annotated[float, Field(ge=0)] | None = None
+    bandwidth: Annotated[float, Field(gt=0)] | None = None
+    dirty_ratio: Annotated[float, Field(gt=0)] | None = None
+
+
+class Step(Body):
+    """POST /v1/migrations/ID/OP: every step names the container it acts on."""
+
+    name: ContainerName
+
+
+class Prepare(Step):
+    spec: ContainerSpec
+    peer: HostName  # the source host: the only one whose streams this migration takes
+
+
+class Precopy(Step):
+    target: Target
+    policy: Policy = Policy()
+    method: Literal["auto", "content"] = "auto"  # the source picks soft-dirty itself where it can
+
+
+class Checkpoint(Step):
+    lazy: StrictBool = False
+    peer: HostName | None = None  # lazy: the target host, the only one whose certificate may fetch the pages
+
+
+class Transfer(Step):
+    target: Target
+
+
+class PrecopyReset(Step):
+    method: Method = "content"
+
+
+class Hold(Step):
+    packets: Annotated[list[Base64], Field(max_length=100_000)]
+
+
+class Restore(Step):
+    lazy: StrictBool = False  # through the page tunnel the transfer named (post-copy, hybrid)
+
+
+class CloneCheck(Step):
+    cmd: Annotated[str, StringConstraints(max_length=4096)] | None = None
+    live: StrictBool = False
+    timeout: Annotated[float, Field(gt=0, le=600)] | None = None
+
+
+class CloneDiscard(Step):
+    clone: ContainerName | None = None
+
+
+# Each operation's body (server.SOURCE_OPS, TARGET_OPS, clone.OPS).
+STEPS: dict[str, type[Step]] = {
+    "prepare": Prepare, "precopy-reset": PrecopyReset, "hold": Hold, "restore": Restore, "abort": Step,
+    "lazy": Step, "cleanup": Step, "precopy": Precopy, "checkpoint": Checkpoint, "transfer": Transfer, "rollback": Step,
+    "confirm": Step, "clone-prepare": Prepare, "clone-checkpoint": Step, "clone-transfer": Transfer,
+    "clone-restore": Step, "clone-check": CloneCheck, "clone-discard": CloneDiscard,
+}  # fmt: skip
+
+
+class StreamQuery(Body):
+    """PUT /v1/migrations/ID/STREAM?name=N[&page_server=A:P]"""
+
+    name: ContainerName
+    page_server: PageServer | None = None
