@@ -43,10 +43,12 @@ class Secrets:
 def ids(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pki.Identity]:
     ca = tmp_path_factory.mktemp("ca")
     pki.ensure_ca(ca, "t")
-    made = {h: pki.issue(ca, ca / h, h, ["127.0.0.1"]) for h in ("src", "dst", "other")}
+    made = {h: pki.issue(ca, ca / h, h, ["127.0.0.1"], role=pki.HOST) for h in ("src", "dst", "other")}
+    # The controller's role under the peer's very name (only a CA bug or a stolen CA key would make one).
+    made["controller"] = pki.issue(ca, ca / "ctl", "dst", ["127.0.0.1"], role=pki.CONTROLLER)
     stranger_ca = tmp_path_factory.mktemp("stranger")
     pki.ensure_ca(stranger_ca, "stranger")
-    made["stranger"] = pki.issue(stranger_ca, stranger_ca / "dst", "dst", ["127.0.0.1"])
+    made["stranger"] = pki.issue(stranger_ca, stranger_ca / "dst", "dst", ["127.0.0.1"], role=pki.HOST)
     return made
 
 
@@ -82,8 +84,10 @@ def _reads(address: str, ctx: ssl.SSLContext) -> bytes:
 
 def test_only_the_peer_host_reads_pages(tunnel: tuple[Tunnel, Secrets], ids: dict[str, pki.Identity]) -> None:
     t, secrets = tunnel
-    # Another member of the same mesh, with a valid certificate: refused, not a byte.
+    # Another member of the same mesh, with a valid certificate: refused, not a byte; so is the peer's name
+    # in the controller's role.
     assert _reads(t.address, ids["other"].client_context()) == b""
+    assert _reads(t.address, ids["controller"].client_context()) == b""
     # No client certificate, and a certificate of another mesh's CA under the peer's very name: no handshake.
     assert _reads(t.address, ssl.create_default_context(cafile=str(ids["dst"].ca))) == b""
     assert _reads(t.address, ids["stranger"].client_context()) == b""
@@ -94,7 +98,8 @@ def test_only_the_peer_host_reads_pages(tunnel: tuple[Tunnel, Secrets], ids: dic
         got = _read_all(raw, len(SECRET))
     assert SECRET[:16] not in got
     assert secrets.served == 0, "nobody but the peer ever reached the page server"
-    assert len(t.refused) == 1 and "(CN other)" in t.refused[0]  # the others failed the handshake
+    assert len(t.refused) == 2, t.refused  # the others failed the handshake
+    assert "host 'other': not dst" in t.refused[0] and "controller 'dst': role controller" in t.refused[1]
     # Positive control: the peer, through the target's own end, reads the pages and can ask for more.
     link = PageSource(t.address, "src", ids["dst"].client_context()).dial()
     try:
@@ -132,3 +137,26 @@ def test_ports_are_the_kernels_pick(ids: dict[str, pki.Identity]) -> None:
         for t in tunnels:
             t.close()
     assert len(set(ports)) == 3 and all(low <= p <= high for p in ports), ports
+
+
+def test_a_revoked_peer_is_refused_on_both_ends(ids: dict[str, pki.Identity]) -> None:
+    """The agents' revocation check (certs.LiveIdentity.check) applies to the tunnel too; the same peers
+    pass when it does not object (the positive control is the first test)."""
+
+    def revoked(tls: object) -> None:
+        raise PermissionError("certificate serial 1234 is revoked")
+
+    secrets = Secrets()
+    t = Tunnel(ids["src"].server_context(), LOOPBACK, "dst", secrets.port, revoked)
+    try:
+        assert _reads(t.address, ids["dst"].client_context()) == b""
+        assert "revoked" in t.refused[0] and secrets.served == 0
+    finally:
+        t.close()
+    t = Tunnel(ids["src"].server_context(), LOOPBACK, "dst", secrets.port)
+    try:
+        with pytest.raises(SkyferryError, match="revoked"):
+            PageSource(t.address, "src", ids["dst"].client_context(), revoked).dial()
+    finally:
+        t.close()
+        secrets.listener.close()
