@@ -147,11 +147,13 @@ def extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) ->
     if rel.is_absolute() or ".." in rel.parts or member.isdev():
         raise SkyferryError(f"refusing tar entry {member.name!r}")
     root = dest.resolve()
-    parent = (dest / rel).parent.resolve()
-    if parent != root and root not in parent.parents:
-        raise SkyferryError(f"tar entry {member.name!r} would be written outside {dest}")
-    if member.islnk() and ".." in Path(member.linkname).parts:
-        raise SkyferryError(f"refusing hard link {member.name!r} -> {member.linkname!r}")
+    for path in [rel, Path(member.linkname)] if member.islnk() else [rel]:
+        parent = (dest / path).parent.resolve()
+        if (parent != root and root not in parent.parents) or ".." in path.parts or path.is_absolute():
+            raise SkyferryError(f"tar entry {member.name!r} would reach outside {dest}")
+    target = dest / rel
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        target.unlink()  # tarfile writes a file through a symlink an earlier entry of the same name made
     tar.extract(member, dest, set_attrs=True)
 
 

@@ -5,9 +5,11 @@ one with its own data root and exec root). Docker cannot join a netns by path, s
 (`NAME.netns`, busybox) enters the netns the netplane prepared and sleeps; the app runs with
 `--network container:NAME.netns`, which Docker hands runc as a netns path, so CRIU treats it as external
 and re-attaches it on restore: the container keeps its overlay IP. Docker restores only from its own
-checkpoint folder and does not carry the writable layer, so the adapter copies the checkpoint into
-`<data root>/containers/<id>/checkpoints/` and the layer (a tar of the overlay upper dir, whiteouts and
-xattrs kept) into the new container before `docker start --checkpoint`. Established TCP needs CRIU's
+checkpoint folder and does not carry the writable layer, so the adapter bind-mounts the migration's tmpfs
+images at `<data root>/containers/<id>/checkpoints/` and unpacks the layer (a tar of the overlay upper
+dir, whiteouts and xattrs kept) into the new container before `docker start --checkpoint`. Checkpoint
+images never touch a disk: containerd's own copies go to its content store and TMPDIR, which
+engines.DockerDaemon mounts as tmpfs (a daemon without them is refused before the freeze). Established TCP needs CRIU's
 `tcp-established`, which Docker has no flag for: engines.tcp_established() provides it for exactly the
 checkpoint and the restore.
 """
@@ -194,7 +196,18 @@ class Docker:
                 "this host's Docker daemon cannot checkpoint: experimental features are off",
                 hint="start dockerd with --experimental (Docker's checkpoint is experimental)",
             )
+        self._require_volatile()
         self._docker("pause", name, what="pause")
+
+    def _require_volatile(self) -> None:
+        """Refuse a daemon whose containerd would copy checkpoint images to persistent disk."""
+        for rel in engines.DOCKER_VOLATILE:
+            path = self.home / rel
+            if not path.is_dir() or engines.fstype(path) != "tmpfs":
+                raise SkyferryError(
+                    f"this host's Docker daemon would copy checkpoint images to persistent disk ({path})",
+                    hint="start it with engines.DockerDaemon, which mounts tmpfs there (docs/engines.md)",
+                )
 
     def resume(self, name: str) -> None:
         self._docker("unpause", name, what="unpause")
@@ -225,22 +238,27 @@ class Docker:
 
     @contextlib.contextmanager
     def _criu_call(self) -> Iterator[None]:
-        """A checkpoint or restore: TCP allowed, and containerd's copies of the images cleaned afterwards
-        (ctrd-checkpoint* in its TMPDIR: ours for engines.DockerDaemon, else /tmp)."""
+        """A checkpoint or restore: TCP allowed, and containerd's copies of the images removed afterwards
+        (ctrd-checkpoint* in its TMPDIR: ours for engines.DockerDaemon, else /tmp; and the checkpoint's
+        blobs in its content store, which only its garbage collector would remove, some time later)."""
         tmps = [self.home / "tmp", Path("/tmp")]
-        before = {p for d in tmps for p in d.glob("ctrd-checkpoint*")}
+        blobs = [self.home / engines.DOCKER_VOLATILE[0] / "blobs" / "sha256"]
+        before = {p for d in tmps for p in d.glob("ctrd-checkpoint*")} | {p for d in blobs for p in d.glob("*")}
         try:
             with engines.tcp_established():
                 yield
         finally:
             for leftover in engines.new_entries(before, "ctrd-checkpoint*", tmps):
                 shutil.rmtree(leftover, ignore_errors=True)
+            for blob in engines.new_entries(before, "*", blobs):  # nothing else is in this store for Docker
+                blob.unlink(missing_ok=True)
 
     def payload(self, name: str) -> dict[str, Path]:
         return {"docker": self._staged(name)}
 
     def prepare(self, spec: ContainerSpec, netns_path: str) -> None:
         self._require_daemon("prepare")
+        self._require_volatile()
         staged = self._staged(spec.name)
         shutil.rmtree(staged, ignore_errors=True)
         staged.mkdir(parents=True)
@@ -267,14 +285,11 @@ class Docker:
             raise SkyferryError(f"docker create {name!r} left no container")
         upper = Path(info["GraphDriver"]["Data"]["UpperDir"])
         engines.run(["tar", *TAR_XATTRS, "-C", str(upper), "-xf", str(staged / LAYER_TAR)], "writable layer")
+        # Docker restores only from its own checkpoint folder (not --checkpoint-dir), on persistent disk:
+        # the migration's tmpfs images are bind-mounted there for the call instead of copied.
         target = self._root_dir() / "containers" / info["Id"] / "checkpoints" / CHECKPOINT
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(images, target)  # restoring from --checkpoint-dir is unsupported in Docker
-        try:
-            with self._criu_call():
-                self._docker("start", "--checkpoint", CHECKPOINT, name, what="start --checkpoint")
-        finally:
-            shutil.rmtree(target, ignore_errors=True)
+        with engines.volatile(target, source=images), self._criu_call():
+            self._docker("start", "--checkpoint", CHECKPOINT, name, what="start --checkpoint")
         shutil.rmtree(staged, ignore_errors=True)
 
     def _root_dir(self) -> Path:

@@ -26,6 +26,12 @@ BUSYBOX = Path("/bin/busybox")  # busybox-static (scripts/bootstrap-host.sh); it
 RUNC_CONF = Path("/etc/criu/runc.conf")
 RUNC_CONF_LOCK = Path("/run/lock/skyferry-criu-runc-conf.lock")
 PR_SET_PDEATHSIG = 1
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MNT_DETACH = 0x2, 0x4, 0x8, 0x1000, 0x2
+_LIBC = ctypes.CDLL(None, use_errno=True)
+# Where this host's dockerd (engines.DockerDaemon) and its containerd copy checkpoint images, relative
+# to the adapter's home: the content store (a tar of each checkpoint and restore) and containerd's TMPDIR
+# (ctd-checkpoint*, ctrd-checkpoint*: the images unpacked).
+DOCKER_VOLATILE = ("data/containerd/daemon/io.containerd.content.v1.content", "tmp")
 MARK = "# written by skyferry for one checkpoint or restore; removed right after\n"
 
 
@@ -85,6 +91,61 @@ def tcp_established() -> Iterator[None]:
             yield
         finally:
             RUNC_CONF.unlink(missing_ok=True)
+
+
+def fstype(path: Path) -> str:
+    """The type of the filesystem `path` is on ("tmpfs", "ext4", ...), by its device in the mount table."""
+    dev = os.stat(path).st_dev
+    wanted = f"{os.major(dev)}:{os.minor(dev)}"
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[2] == wanted:
+                return fields[fields.index("-") + 1]
+    raise SkyferryError(f"no mount holds {path} ({wanted})")
+
+
+@contextlib.contextmanager
+def volatile(path: Path, source: Path | None = None) -> Iterator[Path]:
+    """`path` on tmpfs for one engine call: a fresh tmpfs, or a bind mount of `source` (a directory that is
+    on tmpfs already). What the engine writes there (CRIU images) never reaches a disk, and the unmount
+    at the end wipes it (or leaves it to `source`'s owner), whether the call worked or not."""
+    made = [p for p in path.parents if not p.exists()]
+    if os.path.ismount(path):  # left by an agent that died mid-call
+        _LIBC.umount2(os.fsencode(path), MNT_DETACH)
+    shutil.rmtree(path, ignore_errors=True)  # whatever an earlier call left there, on disk
+    path.mkdir(parents=True)
+    if source is None:
+        _mount("skyferry-images", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0700")
+    else:
+        _mount(str(source), path, None, MS_BIND, None)
+    try:
+        yield path
+    finally:
+        # Docker unmounts everything below a container that failed to start: then it is gone already.
+        if os.path.ismount(path) and _LIBC.umount2(os.fsencode(path), MNT_DETACH) != 0:
+            raise SkyferryError(f"cannot unmount {path}: {os.strerror(ctypes.get_errno())}")
+        for dir_ in (path, *made):  # the directories made for it, where the engine left them empty
+            with contextlib.suppress(OSError):
+                dir_.rmdir()
+
+
+def mount_tmpfs(path: Path) -> None:
+    """A tmpfs at `path` for as long as it is mounted (a daemon's scratch directories)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if fstype(path) != "tmpfs":
+        _mount("skyferry-images", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0700")
+
+
+def _mount(source: str, target: Path, fs: str | None, flags: int, data: str | None) -> None:
+    # libc's mount(2), not mount(8): this runs inside the freeze, where spawning costs milliseconds.
+    if _LIBC.mount(_c(source), os.fsencode(target), _c(fs), ctypes.c_ulong(flags), _c(data)) != 0:
+        err = ctypes.get_errno()
+        raise SkyferryError(f"cannot mount {fs or source} at {target}: {os.strerror(err)}")
+
+
+def _c(text: str | None) -> bytes | None:
+    return None if text is None else text.encode()
 
 
 def image_ref(tarball: Path) -> str:
@@ -246,6 +307,13 @@ class DockerDaemon:
     def start(self, timeout: float = 60) -> "DockerDaemon":
         for d in ("data", "exec", "tmp"):
             (self.home / d).mkdir(parents=True, exist_ok=True)
+        # containerd copies every checkpoint through its content store and its TMPDIR: both tmpfs. dockerd
+        # bind-mounts its data root onto itself unless it is a mount point already, which would hide the
+        # tmpfs below it: so it is made one first.
+        if not os.path.ismount(self.home / "data"):
+            _mount(str(self.home / "data"), self.home / "data", None, MS_BIND, None)
+        for d in DOCKER_VOLATILE:
+            mount_tmpfs(self.home / d)
         (self.home / "daemon.json").write_text("{}\n")  # never the machine's /etc/docker/daemon.json
         argv = [
             "dockerd", "--config-file", str(self.home / "daemon.json"),

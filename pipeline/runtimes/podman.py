@@ -7,6 +7,8 @@ containers' cgroups under the host's cgroup prefix. Containers join the netns th
 parent in `spec.dump` and `config.dump`; the target rewrites both to its own before `restore --import`.
 Podman refuses to checkpoint a paused container, so `checkpoint` thaws it behind the network lock, dumps
 with --leave-running, and pauses it again: the source stays frozen until confirm, as the protocol asks.
+Podman has CRIU dump into and restore from `<userdata>/checkpoint` in its store, on disk: the adapter
+mounts a tmpfs there for each call, so the images never reach a disk and the unmount wipes them.
 """
 
 import hashlib
@@ -24,6 +26,8 @@ from skyferry.pipeline.runtimes import engines
 
 PODMAN = "podman"
 EXPORT = "checkpoint.tar"  # in the migration's images dir (tmpfs): it holds the container's memory
+CHECKPOINT_DIR = "checkpoint"  # in a container's userdata (on disk): CRIU's images, mounted as tmpfs here
+DEVSHM = "devshm-checkpoint.tar"  # in userdata too: the container's /dev/shm as Podman archives it
 ULIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]  # root lacks CAP_SYS_RESOURCE
 STATUS = {"running": "running", "paused": "paused", "created": "created"}  # anything else: stopped
 
@@ -153,14 +157,17 @@ class Podman:
         staged = self._staged(name)
         shutil.rmtree(staged, ignore_errors=True)
         staged.mkdir(parents=True)
+        userdata = Path(info["StaticDir"])
         if info["State"]["Status"] == "paused":
             self.resume(name)  # still silent: the netns stays locked, and CRIU freezes it again at once
         try:
-            self._podman(
-                "container", "checkpoint", "--leave-running", "--tcp-established", "--file-locks",
-                "--compress", "none", "--export", str(images / EXPORT), name, what="checkpoint",
-            )  # fmt: skip
+            with engines.volatile(userdata / CHECKPOINT_DIR):  # CRIU dumps there before the export
+                self._podman(
+                    "container", "checkpoint", "--leave-running", "--tcp-established", "--file-locks",
+                    "--compress", "none", "--export", str(images / EXPORT), name, what="checkpoint",
+                )  # fmt: skip
         finally:
+            (userdata / DEVSHM).unlink(missing_ok=True)  # Podman keeps it, and it is in the export
             self.pause(name)
         self.images.stage(info["ImageName"], staged)
 
@@ -186,13 +193,19 @@ class Podman:
         self.images.receive(staged, self._has_image, lambda path: self._podman("load", "-i", str(path), what="load"))
         work.mkdir(parents=True, exist_ok=True)
         fixed = work / EXPORT
-        _retarget(images / EXPORT, fixed, (staged / "netns").read_text(), self.cgroup_parent)
+        cid = _retarget(images / EXPORT, fixed, (staged / "netns").read_text(), self.cgroup_parent)
+        # The restored container keeps the source's ID, so where Podman unpacks the images is known before
+        # it exists: that directory is a tmpfs for the call.
+        userdata = self.home / "root" / "overlay-containers" / cid / "userdata"
         try:
-            self._podman(
-                "container", "restore", "--import", str(fixed), "--tcp-established", "--file-locks", what="restore"
-            )
+            with engines.volatile(userdata / CHECKPOINT_DIR):
+                self._podman(
+                    "container", "restore", "--import", str(fixed), "--tcp-established", "--file-locks",
+                    what="restore",
+                )  # fmt: skip
         finally:
             fixed.unlink(missing_ok=True)
+            (userdata / DEVSHM).unlink(missing_ok=True)  # removed by Podman after a restore that worked
         shutil.rmtree(staged, ignore_errors=True)
 
     def remove(self, name: str) -> None:
@@ -208,8 +221,8 @@ class Podman:
             engines.remove_tree(path)
 
 
-def _retarget(src: Path, dst: Path, netns_path: str, cgroup_parent: str) -> None:
-    """Copy a checkpoint export, pointing its netns and cgroup parent at this host's."""
+def _retarget(src: Path, dst: Path, netns_path: str, cgroup_parent: str) -> str:
+    """Copy a checkpoint export, pointing its netns and cgroup parent at this host's; the container's ID."""
     with tarfile.open(src) as tar:
         members = {os.path.normpath(m.name): m for m in tar.getmembers()}
         if "spec.dump" not in members or "config.dump" not in members:
@@ -228,6 +241,7 @@ def _retarget(src: Path, dst: Path, netns_path: str, cgroup_parent: str) -> None
                     out.addfile(member, io.BytesIO(data))
                 else:
                     out.addfile(member, tar.extractfile(member) if member.isfile() else None)
+    return str(config["id"])
 
 
 def _replace(text: str, pairs: dict[str, str]) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 
 from skyferry.pipeline.criu import logs
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.files.inroot import Root
 from skyferry.pipeline.hostapi import privdir
 from skyferry.pipeline.hostapi.spec import HOST_DIRS, ContainerSpec
 from skyferry.pipeline.runtimes import engines
@@ -77,11 +78,11 @@ class Runc:
             if spec.rootfs and fill_rootfs:
                 shutil.copytree(spec.rootfs, rootfs, symlinks=True, dirs_exist_ok=True)
             mounts += _host_dir_mounts(rootfs)
-        (rootfs / ".skyferry").mkdir(exist_ok=True)
+        _mkdir_in(rootfs, LOG_IN_CONTAINER.rpartition("/")[0])
         for i, path in enumerate(spec.volumes):
             source = self.volume(spec.name, i)
             source.mkdir(parents=True, exist_ok=True)
-            (rootfs / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
+            _mkdir_in(rootfs, path)
             mounts.append({"destination": path, "type": "bind", "source": str(source), "options": ["rbind", "rw"]})
         env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", **spec.env}
         # Redirect stdio inside the container: CRIU cannot dump fds that point at host files.
@@ -344,3 +345,13 @@ def _config(
             "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
         },
     }
+
+
+def _mkdir_in(rootfs: Path, path: str) -> None:
+    """Directory `path` of the container (and its parents), resolved inside `rootfs`: a symlink from the
+    image (`.skyferry -> /etc`) leads inside the rootfs, never to the host."""
+    try:
+        with Root(rootfs) as root, root.dir(path.strip("/"), create=True):
+            pass
+    except OSError as exc:
+        raise SkyferryError(f"cannot make {path} in the container's rootfs: {exc.strerror}") from exc

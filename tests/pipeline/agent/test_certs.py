@@ -182,9 +182,11 @@ def _exchange(tls: ssl.SSLSocket) -> bytes | Exception:
 
 def test_a_connection_open_before_the_revocation_is_cut(mesh: tuple[Path, Mesh], tmp_path: Path) -> None:
     """A kept-alive connection outlives its handshake: when the list arrives, the agent cuts those whose
-    peer it now revokes. The controller's connection, open just as long, keeps working (control)."""
+    peer it now revokes. The controller's connection, open just as long, keeps working (control).
+    The doomed one is a controller certificate too (as a replaced one is after `mesh rotate`), so its
+    requests are answered and its connection stays open until the list arrives."""
     state, m = mesh
-    ident = pki.issue(state / "ca", tmp_path / "spare", "spare-6", ["100.64.0.252"], role=pki.HOST)
+    ident = pki.issue(state / "ca", tmp_path / "spare", "spare-6", ["100.64.0.252"], role=pki.CONTROLLER)
     certs.record_file(state, "spare-6", ident.cert)
     doomed = _keepalive(m, "local-1", _ctx(ident))
     control = _keepalive(m, "local-1", agentctl.controller_identity(state, m).client_context())

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kit import imagescan
 from kit.mesh import local_mesh, lose_source_during_lazy_phase
 from skyferry.netplane import netns
 from skyferry.netplane.errors import NetplaneError
@@ -23,6 +24,7 @@ from skyferry.pipeline.controller import agentctl, containers, migration
 from skyferry.pipeline.controller.journal import Journal
 from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.hostapi.layout import IMAGES_TMPFS
 from skyferry.pipeline.runtimes.runc import Runc
 from skyferry.pipeline.scenarios import demo as scenario
 
@@ -475,3 +477,25 @@ def test_cp_in_and_out_and_a_hostile_link_stays_inside(mesh: tuple[Path, Mesh], 
         assert bad.returncode != 0 and "one container path" in bad.stderr
     finally:
         cli("rm", "cpx")
+
+
+def test_no_checkpoint_image_on_persistent_disk(counter: dict) -> None:
+    """runc's images live in the migration's tmpfs dir only, through pre-copy rounds, a restore that fails
+    (an injected fault) and one that works; then none is left. Seeing them there is the positive control."""
+    state, name, m = counter["state"], counter["name"], counter["mesh"]
+    roots = imagescan.distinct([state, IMAGES_TMPFS / m.name, *(Path(h.state_root) for h in m.hosts.values())])
+    faults = Path(m.hosts["local-2"].state_root) / "faults"
+    with imagescan.Watcher(roots) as watch:
+        faults.write_text("restore\n")
+        try:
+            with pytest.raises(SkyferryError, match=r"failed at restore.*Rolled back"):
+                migration.migrate(state, name, "local-2", mode="stop-copy")
+        finally:
+            faults.unlink()
+        after_failure = imagescan.images(roots)
+        report = migration.migrate(state, name, "local-2")
+    assert report["state"] == "done" and report["mode"] == "precopy"
+    assert after_failure == {}, "a failed migration's images must be wiped"
+    assert imagescan.on_disk(watch.seen) == [], "checkpoint images on persistent disk"
+    assert any(IMAGES_TMPFS in p.parents for p in watch.seen), f"the watcher must see them ({watch.polls} polls)"
+    assert imagescan.images(roots) == {}, "every image is wiped after the migration"

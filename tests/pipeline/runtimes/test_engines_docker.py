@@ -17,10 +17,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kit import imagescan
 from kit.mesh import local_mesh
 from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller import containers, migration
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.hostapi.layout import IMAGES_TMPFS
 from skyferry.pipeline.runtimes import engines
 from skyferry.pipeline.runtimes.docker import Docker
 from skyferry.pipeline.scenarios import demo as scenario
@@ -174,3 +176,52 @@ def test_docker_without_checkpoint_support_is_refused_before_the_freeze(
             containers.remove(state, "nockpt")
     finally:
         daemon.stop()
+
+
+def image_roots(state: Path, m: Mesh) -> list[Path]:
+    """Everywhere a checkpoint image could land: every host's state root (the engine's data root, exec root
+    and containerd's TMPDIR, the adapter's staging, the logs), the controller's state, the migrations' tmpfs."""
+    return imagescan.distinct([state, IMAGES_TMPFS / m.name, *(Path(h.state_root) for h in m.hosts.values())])
+
+
+def test_no_checkpoint_image_on_persistent_disk(counter: dict) -> None:
+    """During and after a Docker migration, every CRIU image (or archive of them) is on tmpfs; then none is
+    left at all. Seeing Docker's and containerd's own copies on tmpfs is the positive control."""
+    state, name, m = counter["state"], counter["name"], counter["mesh"]
+    roots = image_roots(state, m)
+    with imagescan.Watcher(roots) as watch:
+        report = migration.migrate(state, name, "local-2", mode="stop-copy")
+    assert report["state"] == "done"
+    assert imagescan.on_disk(watch.seen) == [], "checkpoint images on persistent disk"
+    engine_copies = [p for p in watch.seen if "/docker/data/" in str(p) or "/docker/tmp/" in str(p)]
+    assert engine_copies, f"the watcher must see Docker's own copies ({watch.polls} polls): {sorted(watch.seen)}"
+    assert any(IMAGES_TMPFS in p.parents for p in watch.seen), "and the migration's images"
+    assert imagescan.images(roots) == {}, "every image is wiped after the migration"
+
+
+def test_a_failed_docker_restore_leaves_no_image_anywhere(counter: dict) -> None:
+    """CRIU fails inside `docker start --checkpoint` (a damaged core image, after Docker and containerd
+    made their copies): no image on disk during it, none anywhere after it, no mount left behind."""
+    state, name, m = counter["state"], counter["name"], counter["mesh"]
+    host = docker_of(m, "local-1")
+    mig = IMAGES_TMPFS / m.name / f"imgtest-{os.urandom(3).hex()}"
+    spec, roots = host.spec(name), image_roots(state, m)
+    try:
+        with imagescan.Watcher(roots) as watch:
+            host.pause(name)
+            host.checkpoint(name, mig / "images", mig / "work")
+            payload = {p.name: p.read_bytes() for p in host.payload(name)["docker"].iterdir()}
+            next((mig / "images").glob("core-*.img")).write_bytes(b"damaged" * 64)
+            host.remove(name)  # the container moves to itself: gone here, then restored from the images
+            host.prepare(spec, f"/run/netns/{m.name}-local-1-{name}")
+            for file, data in payload.items():
+                (host.payload(name)["docker"] / file).write_bytes(data)
+            with pytest.raises(SkyferryError, match="start --checkpoint failed"):
+                host.restore(name, mig / "images", mig / "work")
+        assert imagescan.on_disk(watch.seen) == [], "checkpoint images on persistent disk"
+        assert [p for p in watch.seen if "/docker/data/containers/" in str(p)], "the bind mount was seen"
+        with open("/proc/self/mountinfo") as f:
+            assert "/checkpoints/" not in f.read(), "the checkpoint folder's bind mount must be gone"
+    finally:
+        shutil.rmtree(mig, ignore_errors=True)
+    assert imagescan.images(roots) == {}, "nothing left once the migration's tmpfs dir is wiped"

@@ -5,20 +5,24 @@ TCP counter imported from a rootfs tarball made here (no registry); a client on 
 connection to it and fails on any lost or repeated request. Everything is removed afterwards.
 """
 
+import io
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kit import imagescan
 from kit.mesh import local_mesh
 from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller import agentctl, containers, migration
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.hostapi.layout import IMAGES_TMPFS
 from skyferry.pipeline.runtimes import engines
 from skyferry.pipeline.runtimes.podman import Podman
 from skyferry.pipeline.scenarios import demo as scenario
@@ -169,3 +173,65 @@ def test_target_without_podman_is_refused_and_the_source_runs_on(
     client.wait_for(client.progress() + 3)
     seen = client.stop()
     assert seen["survived"], seen["errors"]
+
+
+def image_roots(state: Path, m: Mesh) -> list[Path]:
+    """Everywhere a checkpoint image could land: every host's state root (the Podman store, its tmpdir, the
+    adapter's staging, the logs) and Podman runroot, the controller's state, the migrations' tmpfs."""
+    hosts = [Path(h.state_root) for h in m.hosts.values()] + [podman_of(m, h).run_dir for h in m.hosts]
+    return imagescan.distinct([state, IMAGES_TMPFS / m.name, *(p for p in hosts if p.exists())])
+
+
+def test_no_checkpoint_image_on_persistent_disk(counter: dict) -> None:
+    """During and after a Podman migration, every CRIU image (or archive of them) is on tmpfs; then none is
+    left at all. Seeing Podman's own checkpoint directory, on tmpfs, is the positive control."""
+    state, name, m = counter["state"], counter["name"], counter["mesh"]
+    roots = image_roots(state, m)
+    with imagescan.Watcher(roots) as watch:
+        report = migration.migrate(state, name, "local-2", mode="stop-copy")
+    assert report["state"] == "done"
+    assert imagescan.on_disk(watch.seen) == [], "checkpoint images on persistent disk"
+    engine_copies = [p for p in watch.seen if "/overlay-containers/" in str(p)]
+    assert engine_copies, f"the watcher must see Podman's own images ({watch.polls} polls): {sorted(watch.seen)}"
+    assert any(IMAGES_TMPFS in p.parents for p in watch.seen), "and the migration's export"
+    assert imagescan.images(roots) == {}, "every image is wiped after the migration"
+
+
+def _damage(export: Path) -> None:
+    """Overwrite the core image inside a checkpoint export: CRIU's restore then fails."""
+    with tarfile.open(export) as tar:
+        members = [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar.getmembers()]  # type: ignore[union-attr]
+    with tarfile.open(export, "w", format=tarfile.PAX_FORMAT) as out:
+        for member, data in members:
+            if data is not None and re.fullmatch(r"(\./)?checkpoint/core-\d+\.img", member.name):
+                data = b"damaged" * 64
+                member.size = len(data)
+            out.addfile(member, None if data is None else io.BytesIO(data))
+
+
+def test_a_failed_podman_restore_leaves_no_image_anywhere(counter: dict) -> None:
+    """CRIU fails inside `podman container restore` (a damaged core image, after Podman unpacked the export
+    into its store): no image on disk during it, none anywhere after it, no mount left behind."""
+    state, name, m = counter["state"], counter["name"], counter["mesh"]
+    host = podman_of(m, "local-1")
+    mig = IMAGES_TMPFS / m.name / f"imgtest-{os.urandom(3).hex()}"
+    spec, roots = host.spec(name), image_roots(state, m)
+    try:
+        with imagescan.Watcher(roots) as watch:
+            host.pause(name)
+            host.checkpoint(name, mig / "images", mig / "work")
+            payload = {p.name: p.read_bytes() for p in host.payload(name)["podman"].iterdir()}
+            _damage(mig / "images" / "checkpoint.tar")
+            host.remove(name)  # the container moves to itself: gone here, then restored from the export
+            host.prepare(spec, f"/run/netns/{m.name}-local-1-{name}")
+            for file, data in payload.items():
+                (host.payload(name)["podman"] / file).write_bytes(data)
+            with pytest.raises(SkyferryError, match="podman restore failed"):
+                host.restore(name, mig / "images", mig / "work")
+        assert imagescan.on_disk(watch.seen) == [], "checkpoint images on persistent disk"
+        assert [p for p in watch.seen if "/overlay-containers/" in str(p)], "Podman's unpacked images were seen"
+        with open("/proc/self/mountinfo") as f:
+            assert "/userdata/checkpoint" not in f.read(), "the tmpfs on Podman's checkpoint dir must be gone"
+    finally:
+        shutil.rmtree(mig, ignore_errors=True)
+    assert imagescan.images(roots) == {}, "nothing left once the migration's tmpfs dir is wiped"

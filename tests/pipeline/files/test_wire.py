@@ -1,0 +1,62 @@
+"""The stop-copy stream's unpacking (wire.decode) keeps every entry inside its directory, even when a
+peer sends the same name twice (a symlink out, then a file) or a hard link through a symlink."""
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.files import wire
+from skyferry.pipeline.hostapi.framing import FrameWriter
+
+
+def _entry(tar: tarfile.TarFile, name: str, kind: str = "file", target: str = "", data: bytes = b"") -> None:
+    info = tarfile.TarInfo(name)
+    info.type = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "sym": tarfile.SYMTYPE, "hard": tarfile.LNKTYPE}[kind]
+    info.linkname, info.size, info.mode = target, len(data), 0o755 if kind == "dir" else 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _stream(entries: list[tuple]) -> tuple[bytes, bytes]:
+    """A stream as a peer could send it, and its bare tar."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for entry in entries:
+            _entry(tar, *entry)
+    writer = FrameWriter(wire.FORMAT, wire.ZSTD_LEVEL)
+    return writer.head("image") + writer.frame(wire.DATA, buf.getvalue()) + writer.end({"bytes_raw": 0}), buf.getvalue()
+
+
+@pytest.fixture
+def canary(tmp_path: Path) -> Path:
+    (tmp_path / "canary").mkdir()
+    (tmp_path / "canary" / "secret").write_bytes(b"host secret")
+    return tmp_path / "canary"
+
+
+def test_a_repeated_name_never_writes_through_the_first_ones_symlink(tmp_path: Path, canary: Path) -> None:
+    stream, bare = _stream([("rootfs/a", "sym", str(canary / "secret")), ("rootfs/a", "file", "", b"pwned")])
+    naive = tmp_path / "naive"
+    with tarfile.open(fileobj=io.BytesIO(bare)) as tar:
+        tar.extractall(naive)  # the positive control: plain tarfile writes through the link
+    assert (canary / "secret").read_bytes() == b"pwned"
+    (canary / "secret").write_bytes(b"host secret")
+
+    wire.decode(io.BytesIO(stream), {"rootfs": tmp_path / "dst"}, wire.StreamStats())
+    assert (canary / "secret").read_bytes() == b"host secret"
+    assert (tmp_path / "dst/a").read_bytes() == b"pwned" and not (tmp_path / "dst/a").is_symlink()
+
+
+def test_a_hard_link_through_a_symlink_is_refused(tmp_path: Path, canary: Path) -> None:
+    stream, _ = _stream([("rootfs/l", "sym", str(canary)), ("rootfs/h", "hard", "l/secret")])
+    with pytest.raises(SkyferryError, match="would reach outside"):
+        wire.decode(io.BytesIO(stream), {"rootfs": tmp_path / "dst"}, wire.StreamStats())
+    assert (canary / "secret").stat().st_nlink == 1, "no link to the host file may exist"
+
+
+def test_a_plain_stream_unpacks_in_full(tmp_path: Path) -> None:
+    entries = [("rootfs/d", "dir"), ("rootfs/d/f", "file", "", b"data"), ("rootfs/d/s", "sym", "f")]
+    stream, _ = _stream(entries)
+    wire.decode(io.BytesIO(stream), {"rootfs": tmp_path / "dst"}, wire.StreamStats())
+    assert (tmp_path / "dst/d/s").read_bytes() == b"data" and (tmp_path / "dst/d/s").is_symlink()
