@@ -25,7 +25,7 @@ from skyferry.pipeline.agent.freeze import Freezes
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.files import wire
 from skyferry.pipeline.hostapi import privdir
-from skyferry.pipeline.hostapi.layout import IMAGES_TMPFS, page_server
+from skyferry.pipeline.hostapi.layout import IMAGES_TMPFS
 from skyferry.pipeline.hostapi.publish import PublicPort
 from skyferry.pipeline.hostapi.spec import IMPORTS, ContainerSpec
 from skyferry.pipeline.runtimes.protocol import Runtime, runtimes
@@ -113,9 +113,6 @@ class Host:
 
     def mig_dir(self, mig: str) -> Path:
         return self.images_root / mig
-
-    def page_server(self, mig: str) -> str:
-        return page_server(mig, self.cfg.overlay_ip)
 
     def bind(self, mig: str, peer: str) -> None:
         """Migration `mig` takes streams from host `peer` only (the controller names it at prepare). Kept in

@@ -47,8 +47,8 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
-def _nft(netns: str, script: str) -> tuple[int, str]:
-    """Run an nft script in `netns`; (status, error text)."""
+def _nft(netns: str | None, script: str) -> tuple[int, str]:
+    """Run an nft script in `netns` (None: this agent's own); (status, error text)."""
     lib = _lib()
     with in_netns(netns):  # the context's netlink socket is opened, and stays, in this netns
         ctx = lib.nft_ctx_new(0)
@@ -80,6 +80,22 @@ def unlock(netns: str) -> None:
 
 def is_locked(netns: str) -> bool:
     return _nft(netns, f"list table inet {TABLE}")[0] == 0
+
+
+def loopback_only(port: int) -> None:
+    """Drop TCP to `port` in this agent's own netns unless it comes over loopback. For CRIU's lazy page
+    server: runc hands CRIU the address, but CRIU's lazy dump binds its page server to every address
+    (only the port counts), so without this any host could read the frozen memory. Idempotent."""
+    table = f"{TABLE}_ps{port}"
+    rule = f'chain pages {{ type filter hook input priority -300; iifname != "lo" tcp dport {port} drop; }}'
+    rc, err = _nft(None, f"table inet {table} {{}}\ndelete table inet {table}\ntable inet {table} {{\n{rule}\n}}\n")
+    if rc != 0:
+        raise SkyferryError(f"cannot keep the page server on port {port} to loopback: {err}")
+
+
+def release_port(port: int) -> None:
+    """Undo `loopback_only` (idempotent)."""
+    _nft(None, f"delete table inet {TABLE}_ps{port}")
 
 
 def clear_criu_lock(netns: str) -> None:

@@ -28,7 +28,8 @@ Routes (JSON in, JSON out; errors are {"error", "hint"} with 4xx/5xx, and "log":
   DELETE /v1/containers/NAME/ingress        drop the container's published ports (it may have left already)
   GET    /v1/ingress                        every published port on this host
   POST   /v1/migrations/ID/OP               OP is a step of the source (SOURCE_OPS: SourceSession's methods),
-                                            of the target (TARGET_OPS: TargetSession's), or a test-cutover
+                                            of the target (TARGET_OPS: TargetSession's; `lazy` waits for the
+                                            last lazy page), or a test-cutover
                                             clone-* operation (pipeline/agent/clone.py)
   PUT    /v1/migrations/ID/STREAM?name=N    from the source agent (chunked): STREAM is `receive` (stop-copy:
                                             images and payload in one tar), `precopy-round`, or
@@ -69,7 +70,7 @@ from skyferry.pipeline.agent import capacity, clone, dnat, doctor, facts, freeze
 from skyferry.pipeline.agent.certs import LiveIdentity, NewCert
 from skyferry.pipeline.agent.host import Host, HostConfig
 from skyferry.pipeline.agent.source import Lane, SourceSession, expire
-from skyferry.pipeline.agent.target import TargetSession
+from skyferry.pipeline.agent.target import TargetSession, stop_unfinished_lazy
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi import bodies, faults, pki, privdir
 from skyferry.pipeline.hostapi.client import AgentClient
@@ -81,10 +82,11 @@ from skyferry.pipeline.hostapi.revocation import RevocationList
 from skyferry.pipeline.hostapi.spec import SPEC_NAME, ContainerSpec
 from skyferry.pipeline.hostapi.tlsserver import TLSServer
 from skyferry.pipeline.memory import lazypages
+from skyferry.pipeline.memory.pagetunnel import PageSource
 from skyferry.pipeline.memory.policy import ConvergencePolicy
 
 SOURCE_OPS = ("precopy", "checkpoint", "transfer", "rollback", "confirm")  # SourceSession's steps
-TARGET_OPS = ("prepare", "precopy-reset", "hold", "restore", "abort", "cleanup")  # TargetSession's steps
+TARGET_OPS = ("prepare", "precopy-reset", "hold", "restore", "lazy", "abort", "cleanup")  # TargetSession's steps
 MIGRATION_ID = re.compile(r"[A-Za-z0-9_-]+")  # it names directories (images, logs)
 STREAMS = ("receive", "precopy-round", "precopy-final", "lazy-final", "fs-round")  # TargetSession's streams
 CONTROLLER, PEER = "controller", "peer"  # the controller's certificate; the migration's bound source host
@@ -272,7 +274,8 @@ class Agent:
                 return session.precopy(*lanes, policy, req.method, req.freeze_timeout)
             case "checkpoint":
                 fence = f"{req.target.address}:{req.target.port}" if req.target else None  # the watchdog's fence
-                return session.checkpoint(req.lazy, req.freeze_timeout, fence)
+                return session.checkpoint(req.lazy, req.freeze_timeout, fence, peer=req.peer,
+                                          tls=self.live.server(), check=self.live.check)  # fmt: skip
             case "transfer":
                 return session.transfer(*self._lanes(session.mig, req.target, session.name))
             case "rollback":
@@ -290,7 +293,9 @@ class Agent:
             case "hold":
                 return {"held": session.hold([base64.b64decode(p) for p in req.packets])}
             case "restore":
-                return session.restore(req.page_server, req.freeze_deadline)
+                return session.restore(lazy=req.lazy, deadline=req.freeze_deadline)
+            case "lazy":
+                return session.lazy()
             case "abort":
                 session.abort()
             case "cleanup":
@@ -300,19 +305,27 @@ class Agent:
         return {"ok": True}
 
     def stream_in(self, mig: str, stream: str, query: dict[str, list[str]], reader: Any) -> Any:
+        """A stream from the migration's source (authorize checked the sender). After a lazy dump it names
+        its page tunnel (`page_server`), which must present that same host's certificate."""
         q = bodies.StreamQuery.model_validate({k: v[0] for k, v in query.items()})
         faults.check(self.host.cfg.state_root, stream)
+        peer = self.host.peer(mig)
+        if q.page_server and peer is None:
+            raise SkyferryError(f"migration {mig} was not prepared on {self.host.cfg.name}")
+        source = (
+            PageSource(q.page_server, peer, self.live.client(), self.live.check) if q.page_server and peer else None
+        )
         with self.host.lock(q.name):
             session = TargetSession.of(self.host, mig, q.name)
             match stream:
                 case "receive":
-                    return session.receive(reader, q.page_server)
+                    return session.receive(reader, source)
                 case "precopy-round":
                     return session.precopy_round(reader)
                 case "precopy-final":
                     return session.precopy_final(reader)
                 case "lazy-final":
-                    return session.lazy_final(reader, q.page_server)
+                    return session.lazy_final(reader, source)
                 case "fs-round":
                     return session.fs_round(reader)
         raise _NotFound(f"no stream {stream!r}")
@@ -458,7 +471,11 @@ def serve(cfg: HostConfig, identity: Identity, listen: str, port: int = AGENT_PO
     """Run until SIGTERM. `listen` is the host's overlay address: the agent never binds elsewhere."""
     host = Host(cfg)
     privdir.ensure(host.images_root, below=IMAGES_TMPFS.parent)  # /dev/shm is anyone's: check ours before use
-    for pid in lazypages.stop_strays(host.images_root):  # an earlier agent died mid lazy restore
+    # An earlier agent died mid lazy restore: stop the copies first (their guards hold the uffds, so the
+    # pages never fetched cannot read as zeros meanwhile), then the daemons that no proxy serves any more.
+    for name in stop_unfinished_lazy(host):
+        log.error("stopped %s: restored lazily by an earlier agent that died before every page arrived", name)
+    for pid in lazypages.stop_strays(host.images_root):
         log.warning("stopped lazy-pages daemon %d left behind by an earlier agent", pid)
     agent = Agent(host, identity)
     freeze.Watchdog(host.freezes, lambda record: expire(host, record, agent.peer)).start()

@@ -20,6 +20,7 @@ import base64
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -40,7 +41,7 @@ from skyferry.pipeline.files.fsync import FsStats, FsTracker
 from skyferry.pipeline.hostapi import faults
 from skyferry.pipeline.hostapi.client import AgentClient
 from skyferry.pipeline.hostapi.layout import FREEZE_TIMEOUT
-from skyferry.pipeline.memory import hybrid
+from skyferry.pipeline.memory import hybrid, pagetunnel
 from skyferry.pipeline.memory.policy import ConvergencePolicy
 from skyferry.pipeline.memory.precopy import SourceEngine
 from skyferry.pipeline.memory.predump import PredumpSource
@@ -77,7 +78,9 @@ class SourceSession:
         self.engine: SourceEngine | None = None  # content-based pre-copy memory rounds
         self.chain: PredumpSource | None = None  # soft-dirty pre-copy: CRIU pre-dumps
         self.tracker: FsTracker | None = None  # pre-copy file rounds
-        self.lazy_dump: subprocess.Popen[bytes] | None = None  # post-copy: CRIU's page server
+        self.lazy_dump: subprocess.Popen[bytes] | None = None  # post-copy: CRIU's page server (loopback)
+        self.tunnel: pagetunnel.Tunnel | None = None  # post-copy: TLS to it, for the target only
+        self.page_port: int | None = None  # post-copy: the page server's port, firewalled to loopback
         self.freeze_scan: hybrid.FreezeScan | None = None  # hybrid: what the target holds, and more
         self.holdback: Holdback | None = None  # client segments, replayed if a rollback thaws us
 
@@ -148,13 +151,17 @@ class SourceSession:
         }
 
     def checkpoint(
-        self, lazy: bool, freeze_timeout: float = FREEZE_TIMEOUT, target: str | None = None
-    ) -> dict[str, Any]:
+        self, lazy: bool, freeze_timeout: float = FREEZE_TIMEOUT, target: str | None = None,
+        peer: str | None = None, tls: ssl.SSLContext | None = None, check: pagetunnel.Check = pagetunnel.no_check,
+    ) -> dict[str, Any]:  # fmt: skip
         """Freeze, silence and dump the container; it stays frozen here until confirm or rollback.
-        With `lazy` (post-copy) the pages stay in the frozen processes, served by a CRIU page server
-        on this host's overlay address until the target has fetched them all. After pre-copy rounds
-        (hybrid), the frozen memory is also scanned, alongside the dump, for the pages the target
-        holds unchanged: the target takes those from its store and only the rest from the page server.
+        With `lazy` (post-copy) the pages stay in the frozen processes, served by a CRIU page server on
+        loopback until the target has fetched them all, behind a tunnel (`pagetunnel.Tunnel`) on this
+        host's overlay address that only host `peer` (the target) may enter, with mutual TLS (`tls`, this
+        agent's server context; `check` refuses revoked certificates); both on ports the kernel picks.
+        After pre-copy rounds (hybrid), the frozen memory is also scanned, alongside the dump, for the pages
+        the target holds unchanged: the target takes those from its store and only the rest from the page
+        server.
 
         The freeze is bounded from the pause on: past `freeze_timeout` seconds without the target's
         restore, the watchdog kills whatever hangs, fences the `target` ("address:port" of its agent)
@@ -168,7 +175,7 @@ class SourceSession:
         t0 = time.monotonic()
         freeze = self.host.freezes.arm(self.mig, self.name, "checkpoint", freeze_timeout, target)
         try:
-            t_frozen = self._freeze_and_dump(runtime, state, images, netns, lazy)
+            t_frozen = self._freeze_and_dump(runtime, state, images, netns, lazy, peer, tls, check)
         except Exception as exc:
             self.host.freezes.check(self.mig, exc)  # the bound was hit: say so, not runc's last line
             raise
@@ -178,9 +185,13 @@ class SourceSession:
             "image_bytes": _du(images),
             "freeze_deadline": freeze.deadline,  # the target's restore must be done by then
             "freeze_timeout": freeze.bound,
+            **({"page_server": self.tunnel.address} if self.tunnel else {}),
         }
 
-    def _freeze_and_dump(self, runtime: Runtime, state: dict[str, Any], images: Path, netns: str, lazy: bool) -> float:
+    def _freeze_and_dump(
+        self, runtime: Runtime, state: dict[str, Any], images: Path, netns: str, lazy: bool,
+        peer: str | None, tls: ssl.SSLContext | None, check: pagetunnel.Check,
+    ) -> float:  # fmt: skip
         """Pause, lock, dump; when the container was frozen and locked (monotonic)."""
         faults.act(self.host.cfg.state_root, "stop-task:checkpoint", lambda: _stop_newest_task(int(state["pid"])))
         if state["status"] == "running":
@@ -191,14 +202,21 @@ class SourceSession:
         t_frozen = time.monotonic()
         wire.wipe(images)  # a retried checkpoint starts clean
         if lazy:
+            if peer is None or tls is None:
+                raise SkyferryError(f"migration {self.mig}: a lazy checkpoint needs the target's name")
             if self.chain is not None:  # a lazy dump cannot take a pre-dump parent: hybrid pre-copies by content
                 raise SkyferryError(f"migration {self.mig}: a lazy checkpoint after soft-dirty rounds")
             self._stop_lazy_dump()
             engine = self.engine
             with ThreadPoolExecutor(1) as pool:  # the scan reads memory while CRIU dumps the rest
                 scan = pool.submit(hybrid.freeze_scan, engine) if engine else None
-                server = self.host.page_server(self.mig)
+                port = self.page_port = pagetunnel.free_loopback_port()
+                netlock.loopback_only(port)  # CRIU binds every address, whatever runc passes
+                server = f"{pagetunnel.LOOPBACK}:{port}"
                 self.lazy_dump = runtime.checkpoint_lazy(self.name, images, self.dir / "work", server)
+                # The drill `lose-page-server`: the link to the target dies 64 KiB into the pages.
+                cut = 64 << 10 if faults.listed(self.host.cfg.state_root, "lose-page-server") else None
+                self.tunnel = pagetunnel.Tunnel(tls, self.host.cfg.overlay_ip, peer, port, check, cut_after=cut)
                 if scan is not None:
                     self.freeze_scan = scan.result()
         else:
@@ -226,7 +244,9 @@ class SourceSession:
 
     def _transfer(self, mem: Lane, fs: Lane, t0: float) -> dict[str, Any]:
         # After a lazy dump the target starts its pager as soon as the images are in, outside the restore.
-        lazy = {"page_server": self.host.page_server(self.mig)} if self.lazy_dump is not None else {}
+        lazy = {}
+        if self.tunnel is not None:
+            lazy = {"page_server": self.tunnel.address}  # the target expects our certificate there
         final = self._final()
         fs_stats = FsStats()
         fs_final = self._fs_final(fs_stats)
@@ -342,11 +362,11 @@ class SourceSession:
 
     def confirm(self) -> dict[str, Any]:
         """The target runs and is routed: end the frozen copy and everything it held here. After a
-        post-copy restore, first wait until the target has fetched every page from our page server."""
+        post-copy restore (the controller has the target's word that every page arrived: its `lazy`
+        step), first wait until our page server has seen the target hang up."""
         waited = 0.0
         proc = self.lazy_dump
         if proc is not None:
-            faults.act(self.host.cfg.state_root, "lose-page-server", lambda: os.killpg(proc.pid, signal.SIGKILL))
             t0 = time.monotonic()
             try:
                 rc = proc.wait(timeout=POSTCOPY_TIMEOUT)
@@ -378,8 +398,14 @@ class SourceSession:
             del self.host.sources[self.mig]
 
     def _stop_lazy_dump(self) -> None:
-        """End a post-copy page server (and the CRIU dump it belongs to). The frozen tasks it held stay
-        frozen in their cgroup, so a rollback can still thaw them."""
+        """End a post-copy page server (and the CRIU dump it belongs to) and its tunnel. The frozen tasks
+        it held stay frozen in their cgroup, so a rollback can still thaw them."""
+        tunnel, self.tunnel = self.tunnel, None
+        if tunnel is not None:
+            tunnel.close()
+        port, self.page_port = self.page_port, None
+        if port is not None:
+            netlock.release_port(port)
         proc, self.lazy_dump = self.lazy_dump, None
         if proc is not None and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

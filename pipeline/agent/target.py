@@ -5,8 +5,9 @@ Steps, named as the controller's stages and the agent's operations (POST /v1/mig
   precopy-reset  a fresh page store and file applier for the source's rounds
   hold           client segments the frozen source's lock dropped, replayed at the restore
   restore        restore, then open the netns: from here on the copy is live (the point of no return)
+  lazy           post-copy and hybrid: wait until every page has arrived; a lost page source stops the copy
   abort          undo all of the above (refused once the copy is live)
-  cleanup        drop what is left (after post-copy, once every page has arrived)
+  cleanup        drop what is left
 and the streams from the source (PUT /v1/migrations/ID/STREAM), each handled by the method of its name:
 `receive` (stop-copy: images and payload in one tar), `precopy-round`, `precopy-final` (builds the image
 on the pre-copied store), `lazy-final` (hybrid: a lazy dump and the clean map), `fs-round`.
@@ -16,6 +17,8 @@ Each step is idempotent; `close()` releases everything the session holds.
 from __future__ import annotations
 
 import contextlib
+import functools
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -31,10 +34,12 @@ from skyferry.pipeline.criu.version import PRECOPY_CONTENT, PRECOPY_SOFT_DIRTY
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.files import wire
 from skyferry.pipeline.files.applier import FsApplier
+from skyferry.pipeline.hostapi import faults
 from skyferry.pipeline.hostapi.spec import ContainerSpec
-from skyferry.pipeline.memory import hybrid
+from skyferry.pipeline.memory import hybrid, lazypages
 from skyferry.pipeline.memory.lazypages import Pager
 from skyferry.pipeline.memory.pages import HashTable
+from skyferry.pipeline.memory.pagetunnel import PageSource
 from skyferry.pipeline.memory.predump import PredumpTarget
 from skyferry.pipeline.memory.store import TargetStore
 from skyferry.pipeline.runtimes.children import kill_groups
@@ -50,6 +55,7 @@ class TargetSession:
         self.applier: FsApplier | None = None  # pre-copied files
         self.clean_map: dict[int, HashTable] = {}  # hybrid: the pages the store holds unchanged
         self.pager: Future[Pager] | None = None  # post-copy and hybrid: started during the transfer
+        self.page_source: PageSource | None = None  # post-copy and hybrid: the source's page tunnel
         self.holdback: Holdback | None = None  # client segments, replayed when the restore opens the netns
 
     @classmethod
@@ -96,15 +102,15 @@ class TargetSession:
 
     # --- streams from the source -----------------------------------------------------------------
 
-    def receive(self, body: BinaryIO, page_server: str | None) -> dict[str, Any]:
+    def receive(self, body: BinaryIO, page_source: PageSource | None) -> dict[str, Any]:
         """Stop-copy: the whole CRIU image and the payload (rootfs, volumes) in one stream."""
         dirs = dict(self.host.rt(self.name).payload(self.name))  # raises unless prepared
         images = self.dir / "images"
         wire.wipe(images)
         stats = wire.StreamStats()
         wire.decode(body, {"images": images, **dirs}, stats)
-        if page_server:
-            self._start_pager(page_server)
+        if page_source:
+            self._start_pager(page_source)
         return {"bytes_wire": stats.bytes_wire, "sha256": stats.sha256}
 
     def precopy_round(self, body: BinaryIO) -> dict[str, Any]:
@@ -121,13 +127,13 @@ class TargetSession:
             return self.chain.build_image(_chunks(body), images).as_dict()
         return self._the_store().build_image(_chunks(body), images).as_dict()
 
-    def lazy_final(self, body: BinaryIO, page_server: str | None) -> dict[str, Any]:
+    def lazy_final(self, body: BinaryIO, page_source: PageSource | None) -> dict[str, Any]:
         """Hybrid: the lazy dump's files and the clean map, checked against the store."""
         images = self.dir / "images"
         wire.wipe(images)
         stats, self.clean_map = hybrid.accept_lazy_final(self._the_store(), _chunks(body), images)
-        if page_server:
-            self._start_pager(page_server)
+        if page_source:
+            self._start_pager(page_source)
         return stats.as_dict()
 
     def fs_round(self, body: BinaryIO) -> dict[str, Any]:
@@ -145,50 +151,65 @@ class TargetSession:
 
     # --- the freeze ends here ----------------------------------------------------------------------
 
-    def restore(self, page_server: str | None, deadline: float | None = None) -> dict[str, Any]:
+    def restore(self, lazy: bool = False, deadline: float | None = None) -> dict[str, Any]:
         """Restore, then open the netns: from here on the container is live on this host.
 
         CRIU resumes the tasks only once the whole restore succeeded, so a failed restore never ran the
         copy and rolling back stays safe. The netns opens right after, so the restored process's first
         replies go out instead of being dropped (which would make its sockets back off for seconds).
 
+        `lazy` (post-copy, hybrid): restore without the pages the source still serves, through the page
+        source the transfer named. A marker (`lazy_marker`) says the copy depends on it until `lazy`
+        has seen every page arrive, and the guard holds the copy's uffds (pipeline/memory/lazyguard.py).
+
         `deadline` (wall clock) is the source's freeze bound: a restore does not start after it, and one
         still running then is killed, so the source's watchdog, which fences this host with `abort` before
         it thaws the source, never waits on a restore for long.
         """
+        page_source = self.page_source if lazy else None
+        if lazy and page_source is None:
+            raise SkyferryError(f"migration {self.mig}: no page source on {self.host.cfg.name} (agent restarted?)",
+                                hint="the migration rolls back; run it again")  # fmt: skip
         runtime = self.host.rt(self.name)
         state = runtime.state(self.name)
         t0 = time.monotonic()
         if state is None or state["status"] != "running":
             with _bounded(runtime, self.name, self.mig, deadline):
-                t_pager = self._restore(runtime, page_server, t0)
+                t_pager = self._restore(runtime, page_source, t0)
         restored = time.monotonic()
         netlock.unlock(self.host.netns(self.name))
         holdback, self.holdback = self.holdback, None
         replayed = holdback.replay() if holdback else 0
         timings = {"restore_s": restored - t0, "unlock_s": time.monotonic() - restored}
-        if page_server and state is None:
+        if page_source and state is None:
             timings["pager_wait_s"] = t_pager - t0
         return {**timings, "replayed": replayed}
 
-    def _restore(self, runtime: Runtime, page_server: str | None, t0: float) -> float:
-        """Run the engine's restore (lazily with `page_server`); when the pager was ready (monotonic)."""
+    def _restore(self, runtime: Runtime, page_source: PageSource | None, t0: float) -> float:
+        """Run the engine's restore (lazily through `page_source`); when the pager was ready (monotonic)."""
         t_pager = t0
         # Right after a failed attempt CRIU can hit "Can't fork for PID: File exists" until the old PID is
-        # reaped; one retry after a short wait covers it.
-        for attempt in (1, 2):
+        # reaped; one retry after a short wait covers it. Not after a lazy restore: the source's page server
+        # serves one client, and that was the first attempt's.
+        attempts = (1,) if page_source else (1, 2)
+        for attempt in attempts:
             try:
                 images, work = self.dir / "images", self.dir / f"work{attempt}"
-                if page_server:
-                    self._ready_pager(page_server, work)
+                if page_source:
+                    pager = self._ready_pager(page_source, work)
                     t_pager = time.monotonic()
-                    runtime.restore_lazy(self.name, images, work)
+                    self._lazy_marker().parent.mkdir(mode=0o700, exist_ok=True)
+                    self._lazy_marker().write_text(self.mig)
+                    with _unstick(pager, work):
+                        runtime.restore_lazy(self.name, images, work)
+                    _guard(pager, runtime.kill_argv(self.name))
+                    pager.proxy.held = functools.partial(faults.listed, self.host.cfg.state_root, "hold-pages")
                 else:
                     runtime.restore(self.name, images, work)
                 break
             except SkyferryError:
                 self._stop_pager()
-                if attempt == 2 or runtime.state(self.name) is not None:
+                if attempt == attempts[-1] or runtime.state(self.name) is not None:
                     raise
                 time.sleep(0.2)
         return t_pager
@@ -203,22 +224,38 @@ class TargetSession:
                 hint="finish the migration instead: skyferry migrations resume ID",
             )
         self.host.remove_if_present(self.name)
+        self._lazy_marker().unlink(missing_ok=True)
         self.close()
 
-    def cleanup(self) -> dict[str, Any]:
-        """Drop what the migration left here; after a post-copy restore, once every page has arrived."""
+    def lazy(self) -> dict[str, Any]:
+        """After a lazy restore: wait until every page has arrived, then the proxy's stats. If the page
+        source was lost first, the copy here has been stopped (by the guard, or by `stop_unfinished_lazy`
+        when this agent restarted) and the answer says so in "lost": the controller then rolls back to the
+        frozen source, which still holds every page."""
         early, self.pager = self.pager, None
         pager = _started(early) if early is not None else None
-        rc, lazy = pager.finish(POSTCOPY_TIMEOUT) if pager is not None else (0, {})
-        self.close()
+        marker = self._lazy_marker()
+        if pager is None:
+            if marker.exists():  # restored lazily, and this agent lost the pager before the end
+                state = self.host.state(self.name)
+                return {"lost": f"{self.host.cfg.name} lost the lazy phase of {self.name!r} (agent restarted); "
+                                f"the copy here was stopped ({(state or {}).get('status', 'gone')})"}  # fmt: skip
+            return {}  # finished earlier: a resumed controller asks again
+        rc, stats = pager.finish(POSTCOPY_TIMEOUT)
         if rc != 0:
-            why = f": {lazy['error']}" if lazy.get("error") else ""
-            raise SkyferryError(
-                f"post-copy: the lazy-pages daemon ended before every page arrived ({rc=}){why}; the restored "
-                "copy faults on the pages it never got",
-                hint="post-copy cannot survive losing the source; see the restore logs in the host's logs/",
-            )
-        return lazy
+            why = f": {stats['error']}" if stats.get("error") else ""
+            return {
+                **stats,
+                "lost": f"the lazy-pages daemon on {self.host.cfg.name} ended before every page arrived "
+                f"({'timeout' if rc is None else f'exit {rc}'}){why}; its guard stopped the copy",
+            }
+        marker.unlink(missing_ok=True)
+        return stats
+
+    def cleanup(self) -> dict[str, Any]:
+        """Drop what the migration left here (after `lazy`, in post-copy and hybrid)."""
+        self.close()
+        return {}
 
     def close(self) -> None:
         """Release everything the migration holds here (idempotent) and leave the host's registry."""
@@ -237,30 +274,36 @@ class TargetSession:
 
     # --- the lazy-pages pager (post-copy and hybrid) -----------------------------------------------
 
-    def _start_pager(self, page_server: str) -> None:
+    def _lazy_marker(self) -> Path:
+        return lazy_marker(self.host, self.name)
+
+    def _start_pager(self, page_source: PageSource) -> None:
         """Start the page-server proxy and CRIU's lazy-pages daemon as soon as the images are here
         (during the transfer), so that the restore inside the freeze only restores."""
+        self.page_source = page_source
         if self.pager is None:
-            self.pager = self.host.pool.submit(self._new_pager, page_server, self.dir / "work1")
+            self.pager = self.host.pool.submit(self._new_pager, page_source, self.dir / "work1")
 
-    def _ready_pager(self, page_server: str, work: Path) -> None:
+    def _ready_pager(self, page_source: PageSource, work: Path) -> Pager:
         """A running pager for a restore in `work`: the one started early if it came up there, else a new one."""
         if self.pager is not None:
             pager = _started(self.pager)
             if pager is not None and pager.alive() and pager.work == work:
-                return
+                return pager
             self._stop_pager()
+        pager = self._new_pager(page_source, work)
         ready: Future[Pager] = Future()
-        ready.set_result(self._new_pager(page_server, work))
+        ready.set_result(pager)
         self.pager = ready
+        return pager
 
-    def _new_pager(self, page_server: str, work: Path) -> Pager:
+    def _new_pager(self, page_source: PageSource, work: Path) -> Pager:
         """Clean pages (hybrid's map; none in post-copy) from the store, the rest prefetched from the
         source's page server, so the daemon never waits a WAN round trip per fault (see lazyproxy.py)."""
         if self.store is None:  # post-copy: the proxy keeps what it fetches in a fresh store
             self.store = TargetStore(self.dir / "store")
         images = self.dir / "images"
-        return Pager(self.store, self.clean_map, images, page_server, self.host.cfg.overlay_ip, work)
+        return Pager(self.store, self.clean_map, images, page_source, work)
 
     def _stop_pager(self) -> None:
         early, self.pager = self.pager, None
@@ -302,6 +345,64 @@ def _bounded(runtime: Runtime, name: str, mig: str, deadline: float | None) -> I
         raise
     finally:
         timer.cancel()
+
+
+def lazy_marker(host: Host, name: str) -> Path:
+    """Present from a lazy restore of `name` until every page has arrived: the copy depends on its pager.
+    In the host's state root, which outlives the agent (and its images tmpfs)."""
+    return host.cfg.state_root / "lazy" / name
+
+
+def stop_unfinished_lazy(host: Host) -> list[str]:
+    """Kill every container here restored lazily whose lazy phase never finished: its pager died with an
+    earlier agent, so the pages it never got would read as zeros. Run when an agent starts, before it stops
+    stray daemons and before it serves. The marker stays (now "lost") until the controller's rollback
+    aborts the migration here; the source still holds the frozen original."""
+    stopped = []
+    for marker in sorted((host.cfg.state_root / "lazy").glob("*")):
+        name = marker.name
+        state = host.state(name)
+        if state is not None and state["status"] in ("running", "paused", "created"):
+            runtime = host.rt(name)
+            subprocess.run(runtime.kill_argv(name), stdin=subprocess.DEVNULL, capture_output=True, check=False)
+            stopped.append(name)
+        mig = (marker.read_text().split() or ["?"])[0]
+        marker.write_text(f"{mig} lost\n")
+    return stopped
+
+
+@contextlib.contextmanager
+def _unstick(pager: Pager, work: Path) -> Iterator[None]:
+    """While a lazy restore in `work` runs: if the lazy-pages daemon dies first, kill the CRIU restore. CRIU
+    then gives up on the restore but waits for the tasks it killed, which are runc's children, while
+    runc waits for CRIU: the restore would never return (seen here with CRIU 4.2.1 and runc 1.1.5)."""
+    done = threading.Event()
+    killed: list[int] = []
+
+    def watch() -> None:
+        while not done.wait(0.05):
+            if not pager.alive():
+                killed.extend(lazypages.stop_restore(work))
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True, name="unstick")
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+        if killed:
+            lazypages.unmount_under(work)
+
+
+def _guard(pager: Pager, kill: list[str]) -> None:
+    """Hand the lazily restored copy to its pager's guard; a copy nobody guards must not run on."""
+    try:
+        pager.guard(kill)
+    except SkyferryError:
+        subprocess.run(kill, stdin=subprocess.DEVNULL, capture_output=True, check=False)
+        raise
 
 
 def _started(future: Future[Pager]) -> Pager | None:

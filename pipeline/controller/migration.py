@@ -27,6 +27,7 @@ from skyferry.pipeline.controller.stages import (
     STOP_COPY,
     Context,
     ForwardOnly,
+    LazyPhaseLost,
     Stage,
 )
 from skyferry.pipeline.errors import SkyferryError
@@ -152,6 +153,19 @@ def _drive(ctx: Context, journal: Journal, stages: list[Stage], progress: Progre
         t0 = time.monotonic()
         try:
             detail = stage.run(ctx) or {}
+        except LazyPhaseLost as exc:
+            # Past the point of no return, yet the target's copy is down and the frozen source holds every
+            # page: the one case where going back is right (and the only way the container runs again).
+            journal.transition(ctx.mig_id, stage.name, "failed", {"error": str(exc)})
+            _undo(ctx, journal, stages, progress, cause=f"{stage.name} failed: {exc}")
+            Registry(ctx.state).move(ctx.entry.name, ctx.source)
+            raise SkyferryError(
+                f"migration {ctx.mig_id}: post-copy lost its page source after the restore: {exc}. The copy on "
+                f"{ctx.target} was stopped before it could run on missing pages; rolled back: "
+                f"{ctx.entry.name} runs on {ctx.source}",
+                hint="post-copy cannot survive losing the source, the link or the target's agent before every "
+                "page has arrived (docs/migration.md, post-copy)",
+            ) from exc
         except Exception as exc:
             journal.transition(ctx.mig_id, stage.name, "failed", _failure(exc))
             if names.index(stage.name) > names.index(POINT_OF_NO_RETURN):
@@ -271,5 +285,5 @@ def _report(journal: Journal, mig: Migration) -> dict[str, Any]:
         "precopy_method": precopy.get("method", "content") if precopy else None,
         "stages_s": stages,
         # post-copy and hybrid: the lazy phase after the restore (hybrid: pages from the store vs the source)
-        "lazy": {k: v for k, v in detail.get("cleanup", {}).items() if k != "seconds"} or None,
+        "lazy": {k: v for k, v in detail.get("lazy", {}).items() if k != "seconds"} or None,
     }

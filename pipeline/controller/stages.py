@@ -15,7 +15,7 @@ from skyferry.pipeline.controller.registry import Entry
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi import compat
 from skyferry.pipeline.hostapi.client import AgentClient, AgentUnreachable
-from skyferry.pipeline.hostapi.layout import AGENT_PORT, FREEZE_TIMEOUT, page_server
+from skyferry.pipeline.hostapi.layout import AGENT_PORT, FREEZE_TIMEOUT
 
 
 @dataclass
@@ -173,8 +173,9 @@ class Checkpoint:
     lazy = False
 
     def run(self, ctx: Context) -> dict[str, Any]:
+        peer = {"peer": ctx.target} if self.lazy else {}  # lazy: the one host that may fetch the pages
         done = ctx.mig_call(ctx.src, "checkpoint", lazy=self.lazy, target=ctx.target_agent(),
-                            freeze_timeout=ctx.freeze_timeout)  # fmt: skip
+                            freeze_timeout=ctx.freeze_timeout, **peer)  # fmt: skip
         ctx.notes["freeze_deadline"] = done.get("freeze_deadline")
         return done
 
@@ -243,7 +244,8 @@ class Cutover:
 
 
 class LazyCheckpoint(Checkpoint):
-    """Post-copy: dump everything but the memory; the frozen source serves its pages on demand."""
+    """Post-copy: dump everything but the memory; the frozen source serves its pages on demand, to the
+    target host only (mutual TLS, its certificate's CN; docs/security.md, "Memory in flight")."""
 
     lazy = True
 
@@ -253,9 +255,51 @@ class LazyRestore(Restore):
     container runs at once, but until the last page has arrived it depends on the source."""
 
     def run(self, ctx: Context) -> dict[str, Any]:
-        source = ctx.mesh.host(ctx.source)
-        return ctx.mig_call(ctx.dst, "restore", page_server=page_server(ctx.mig_id, source.overlay_ip),
-                            freeze_deadline=ctx.notes.get("freeze_deadline"))  # fmt: skip
+        return ctx.mig_call(ctx.dst, "restore", lazy=True, freeze_deadline=ctx.notes.get("freeze_deadline"))
+
+
+class LazyPhaseLost(SkyferryError):
+    """The target lost its page source before every page arrived, and its copy has been stopped: the
+    frozen source, which still holds every page, is the one to bring back (the runner rolls back)."""
+
+
+class LazyPhase:
+    """Post-copy and hybrid: wait until the target has every page, before the source lets go of its frozen
+    copy. If the page source was lost (the source's page server, the link, or the target's agent and its
+    pager), the target's guard has stopped the copy there, since pages it never got would read as zeros;
+    this stage then checks the copy is down and hands the migration back to the source (LazyPhaseLost).
+    A target agent that restarts in the meantime is waited for: its answer after the restart is the
+    verdict (it stops such a copy when it starts)."""
+
+    name = "lazy"
+    wait_for_agent_s = 60.0  # a restarting target agent; the copy there is stopped either way
+
+    def run(self, ctx: Context) -> dict[str, Any]:
+        verdict = self._ask(ctx)
+        if not verdict.get("lost"):
+            return verdict
+        live = [c for c in ctx.dst.call("GET", "/v1/containers") if c["name"] == ctx.entry.name]
+        if live and live[0]["state"] == "running":
+            raise SkyferryError(
+                f"{ctx.entry.name} on {ctx.target} lost its page source ({verdict['lost']}) but still runs",
+                hint=f"stop it there before anything else: skyferry migrations rollback {ctx.mig_id}",
+            )
+        raise LazyPhaseLost(verdict["lost"])
+
+    def _ask(self, ctx: Context, tries: int = 3) -> dict[str, Any]:
+        """The target's verdict; a connection lost mid-wait (the agent restarted) is asked again."""
+        path = f"/v1/migrations/{ctx.mig_id}/lazy"
+        for attempt in range(1, tries + 1):
+            try:
+                verdict: dict[str, Any] = ctx.dst.call("POST", path, {"name": ctx.entry.name}, self.wait_for_agent_s)
+                return verdict
+            except AgentUnreachable:
+                if attempt == tries:
+                    raise
+        raise AssertionError("unreachable")
+
+    def undo(self, ctx: Context) -> None:
+        pass  # the copy on the target goes with Restore's undo
 
 
 class Confirm:
@@ -286,7 +330,7 @@ STOP_COPY: list[Stage] = [
 # Post-copy: the shortest freeze (no page is written or read inside it), at the price of a phase after
 # it in which the running copy still depends on the source for the pages it has not touched yet.
 POSTCOPY: list[Stage] = [
-    Check(), Prepare(), LazyCheckpoint(), Transfer(), Cutover(), LazyRestore(), Confirm(), Cleanup(),
+    Check(), Prepare(), LazyCheckpoint(), Transfer(), Cutover(), LazyRestore(), LazyPhase(), Confirm(), Cleanup(),
 ]  # fmt: skip
 PRECOPY: list[Stage] = [
     Check(), Prepare(), PreCopy(), Checkpoint(), Transfer(), Cutover(), Restore(), Confirm(), Cleanup(),
@@ -295,8 +339,8 @@ PRECOPY: list[Stage] = [
 # pages the target holds unchanged; the target's lazy-pages daemon takes those from its store and only
 # the pages that changed since the last round from the source (pipeline/memory/hybrid.py).
 HYBRID: list[Stage] = [
-    Check(), Prepare(), PreCopy("content"), LazyCheckpoint(), Transfer(), Cutover(), LazyRestore(), Confirm(),
-    Cleanup(),
+    Check(), Prepare(), PreCopy("content"), LazyCheckpoint(), Transfer(), Cutover(), LazyRestore(), LazyPhase(),
+    Confirm(), Cleanup(),
 ]  # fmt: skip
 POINT_OF_NO_RETURN = "restore"
 FREEZE_FROM, FREEZE_TO = "checkpoint", "restore"

@@ -15,7 +15,7 @@ from skyferry.pipeline.hostapi.spec import SPEC_NAME, ContainerSpec
 ContainerName = Annotated[str, StringConstraints(pattern=f"^{SPEC_NAME.pattern}$")]
 HostName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9-]{0,62}$")]  # enrolment.HOST_NAME
 IPv4 = Annotated[str, StringConstraints(pattern=r"^\d{1,3}(\.\d{1,3}){3}$")]
-PageServer = Annotated[str, StringConstraints(pattern=r"^\d{1,3}(\.\d{1,3}){3}:\d{1,5}$")]  # a CRIU page server
+PageServer = Annotated[str, StringConstraints(pattern=r"^\d{1,3}(\.\d{1,3}){3}:\d{1,5}$")]  # a source's page tunnel
 Base64 = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9+/]*={0,2}$", max_length=1 << 20)]
 Method = Literal["content", "soft-dirty"]  # criu/version.py: PRECOPY_CONTENT, PRECOPY_SOFT_DIRTY
 FreezeTimeout = Annotated[float, Field(gt=0, lt=86400)]  # seconds a container may stay frozen (freeze.py)
@@ -77,6 +77,7 @@ class Checkpoint(Step):
     lazy: StrictBool = False
     freeze_timeout: FreezeTimeout = FREEZE_TIMEOUT
     target: Target | None = None  # the agent the source's watchdog fences (abort) before it thaws
+    peer: HostName | None = None  # lazy: the target host, the only one whose certificate may fetch the pages
 
 
 class Transfer(Step):
@@ -92,7 +93,7 @@ class Hold(Step):
 
 
 class Restore(Step):
-    page_server: PageServer | None = None
+    lazy: StrictBool = False  # through the page tunnel the transfer named (post-copy, hybrid)
     freeze_deadline: Annotated[float, Field(gt=0)] | None = None  # the source's, wall clock: no restore after it
 
 
@@ -109,7 +110,7 @@ class CloneDiscard(Step):
 # Each operation's body (server.SOURCE_OPS, TARGET_OPS, clone.OPS).
 STEPS: dict[str, type[Step]] = {
     "prepare": Prepare, "precopy-reset": PrecopyReset, "hold": Hold, "restore": Restore, "abort": Step,
-    "cleanup": Step, "precopy": Precopy, "checkpoint": Checkpoint, "transfer": Transfer, "rollback": Step,
+    "lazy": Step, "cleanup": Step, "precopy": Precopy, "checkpoint": Checkpoint, "transfer": Transfer, "rollback": Step,
     "confirm": Step, "clone-prepare": Prepare, "clone-checkpoint": Step, "clone-transfer": Transfer,
     "clone-restore": Step, "clone-check": CloneCheck, "clone-discard": CloneDiscard,
 }  # fmt: skip

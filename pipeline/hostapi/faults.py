@@ -30,6 +30,14 @@ def check(state_root: Path, step: str) -> None:
         raise SkyferryError(f"injected fault at {step!r}", hint=f"remove {path} to stop injecting")
 
 
+def listed(state_root: Path, step: str) -> bool:
+    """True while step S is listed (a drill that lasts, e.g. `hold-pages`: after a lazy restore, the
+    target's page proxy hands no page to the daemon while it is listed, which keeps a post-copy migration
+    in its lazy phase)."""
+    path = state_root / "faults"
+    return path.exists() and step in path.read_text().split()
+
+
 def act(state_root: Path, step: str, action: Callable[[], None]) -> None:
     """Run `action` (the fault itself, e.g. killing a process) when step S is listed, as in check()."""
     path = state_root / "faults"

@@ -1,6 +1,5 @@
 """Where an agent can be found and what it keeps where: known to the controller and to every agent."""
 
-import zlib
 from pathlib import Path
 
 from skyferry.netplane.mesh import MACHINE_INTERFACE, MACHINE_STATE_ROOT
@@ -8,16 +7,9 @@ from skyferry.netplane.mesh import MACHINE_INTERFACE, MACHINE_STATE_ROOT
 AGENT_PORT = 7420
 # Checkpoint images hold every secret in a container's memory: tmpfs only, per mesh and host.
 IMAGES_TMPFS = Path("/dev/shm/skyferry")
-PAGE_SERVER_PORTS = (27000, 2000)  # first port, how many
 # How long a container may stay frozen for a migration before the source's watchdog thaws it and the
 # migration rolls back (`skyferry migrate --freeze-timeout`; docs/reliability.md, "The freeze bound").
 FREEZE_TIMEOUT = 30.0
-
-
-def page_server(mig: str, overlay_ip: str) -> str:
-    """Where a source serves a post-copy migration's pages: derived from the migration, so the target
-    (and a controller that resumes after a crash) find it without asking."""
-    return f"{overlay_ip}:{PAGE_SERVER_PORTS[0] + zlib.crc32(mig.encode()) % PAGE_SERVER_PORTS[1]}"
 
 
 # A real machine's layout, made by `skyferry join` (local hosts keep theirs under the controller's state).

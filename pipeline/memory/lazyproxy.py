@@ -20,12 +20,12 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from skyferry.pipeline.criu import memimage
-from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.memory.pages import HashTable, expand_runs
 from skyferry.pipeline.memory.procmem import PAGE, runs_of
 from skyferry.pipeline.memory.store import TargetStore
@@ -41,15 +41,19 @@ ANSWER_PAGES = 32
 WINDOW = 1 << 20  # bytes asked of the source and not yet received: bounds how long a fault waits behind prefetch
 NEEDED, ASKED, READY = 0, 1, 2
 CLOSE = (-1, 0, 0)  # in the in-flight queue: PS_IOV_CLOSE, answered by a 4-byte status
+LOOPBACK = "127.0.0.1"  # the daemon runs on this host: nobody else needs to reach the proxy
 
 
 class LazyProxy:
-    """Serve one lazy-pages daemon on `bind` (host, port 0 picks one) from `store`, `clean` and the
-    source page server at `upstream` ("addr:port"). `start()` connects and listens; `close()` stops."""
+    """Serve one lazy-pages daemon on loopback (a port the kernel picks) from `store`, `clean` and the
+    source's page server, reached through the socket `upstream()` returns (pipeline/memory/pagetunnel.py:
+    TLS to the source's tunnel). `start()` connects and listens; `close()` stops."""
 
-    def __init__(self, store: TargetStore, clean: dict[int, HashTable], image_dir: Path, upstream: str, bind: str):
+    def __init__(
+        self, store: TargetStore, clean: dict[int, HashTable], image_dir: Path, upstream: Callable[[], socket.socket]
+    ):
         self.store = store
-        self.upstream_addr = upstream
+        self.upstream = upstream
         self.state: dict[int, HashTable] = {}
         self.todo: collections.deque[tuple[int, int, int]] = collections.deque()  # prefetch: (vpid, vpn, n)
         for vpid, path in memimage.task_pagemaps(image_dir).items():
@@ -63,11 +67,12 @@ class LazyProxy:
         self.status: int | None = None
         self.error: str | None = None
         self.stats = {"pages_from_store": 0, "pages_from_source": 0, "requests": 0, "waits": 0, "fetch_s": 0.0}
-        self.listener = socket.create_server((bind, 0), backlog=1)
+        self.listener = socket.create_server((LOOPBACK, 0), backlog=1)
         self.port = self.listener.getsockname()[1]
         self.up: socket.socket | None = None
         self.threads: list[threading.Thread] = []
         self.started = time.monotonic()
+        self.held: Callable[[], bool] = lambda: False  # a fault drill: no page goes to the daemon while true
 
     def _plan(self, vpid: int, entries: list[memimage.Entry], clean: HashTable | None) -> None:
         """Mark the clean lazy pages ready and queue the others for prefetch."""
@@ -89,17 +94,12 @@ class LazyProxy:
         return f"{self.listener.getsockname()[0]}:{self.port}"
 
     def start(self) -> None:
-        host, port = self.upstream_addr.rsplit(":", 1)
         try:
-            self.up = socket.create_connection((host, int(port)), timeout=10)
-        except OSError as e:
+            self.up = self.upstream()
+        except BaseException:
             self.listener.close()
-            raise SkyferryError(
-                f"lazy restore: cannot reach the source's page server at {self.upstream_addr}: {e}",
-                hint="the source's lazy dump is gone; the migration rolls back",
-            ) from None
+            raise
         self.up.settimeout(None)
-        self.up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for target in (self._serve, self._receive, self._prefetch):
             t = threading.Thread(target=target, daemon=True, name=f"lazyproxy-{target.__name__}")
             t.start()
@@ -234,6 +234,8 @@ class LazyProxy:
     def _answer(self, conn: socket.socket, vpid: int, vpn: int, n: int) -> None:
         """Send the longest READY prefix of [vpn, vpn + n), asking the source first if it is not READY.
         Sent under the lock: the store's file may be re-laid out when a fetched page opens a new slab."""
+        while self.held() and not self._stopped():
+            time.sleep(0.05)
         with self.cv:
             first = int(self.state[vpid].get(np.array([vpn], np.uint64))[0])
             if first != READY:

@@ -237,6 +237,11 @@ class Runc:
         args += ["--image-path", str(images), "--work-path", str(work), "--bundle", str(self.bundle(name))]
         self._runc(*args, name, criu_log=work / "restore.log")
 
+    def kill_argv(self, name: str) -> list[str]:
+        """The command that SIGKILLs every process of the container: for a lazily restored copy whose page
+        source is gone (run by its guard, pipeline/memory/lazyguard.py, which may outlive this agent)."""
+        return [RUNC, "--root", str(self.root), "kill", "--all", name, "KILL"]
+
     def restore(self, name: str, images: Path, work: Path) -> None:
         work.mkdir(parents=True, exist_ok=True)
         args = ["restore", "-d", "--tcp-established", "--file-locks"]

@@ -60,7 +60,7 @@ def test_hybrid_serves_unchanged_pages_from_the_store(counter: dict) -> None:
     report = migration.migrate(state, name, "local-2", mode="hybrid")
     assert report["state"] == "done" and report["mode"] == "hybrid"
     assert list(report["stages_s"]) == ["check", "prepare", "precopy", "checkpoint", "transfer", "cutover",
-                                        "restore", "confirm", "cleanup"]  # fmt: skip
+                                        "restore", "lazy", "confirm", "cleanup"]  # fmt: skip
     lazy = report["lazy"]
     assert lazy["error"] is None
     # Most of the 48 MiB was pre-copied and unchanged at the freeze: the target's own store served it,
@@ -88,7 +88,7 @@ def test_hybrid_hands_over_to_postcopy_when_rounds_cannot_converge(fast_dirtier:
     assert seen["survived"], seen["errors"]
 
 
-def test_hybrid_reports_a_lost_source_clearly(fast_dirtier: dict) -> None:
+def test_hybrid_rolls_back_when_it_loses_the_source(fast_dirtier: dict) -> None:
     """Like post-copy, hybrid cannot survive losing the source before the changed pages it left lazy
     have arrived (here several seconds' worth at 40 Mbit/s)."""
     lose_source_during_lazy_phase(fast_dirtier["state"], fast_dirtier["mesh"], fast_dirtier["name"], "hybrid")

@@ -35,7 +35,7 @@ class FakeSource:
 
     def __init__(self) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.port = self.listener.getsockname()[1]
         self.asked: list[tuple[int, int]] = []
         self.closed = threading.Event()
         self.die_after: int | None = None
@@ -89,7 +89,7 @@ def setup(tmp_path: Path) -> Iterator[tuple[LazyProxy, FakeSource, set[int]]]:
     clean = HashTable()
     clean.set(clean_vpns, np.ones(len(clean_vpns), np.uint64))
     source = FakeSource()
-    proxy = LazyProxy(store, {VPID: clean}, images, source.address, "127.0.0.1")
+    proxy = LazyProxy(store, {VPID: clean}, images, lambda: socket.create_connection(("127.0.0.1", source.port)))
     try:
         yield proxy, source, set(clean_vpns.tolist())
     finally:
