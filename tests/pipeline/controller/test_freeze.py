@@ -26,6 +26,7 @@ from skyferry.pipeline import proctree
 from skyferry.pipeline.controller import agentctl, containers, migration
 from skyferry.pipeline.controller.journal import Journal
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.hostapi.spec import HOST_PROGRAMS
 from skyferry.pipeline.scenarios import demo as scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
@@ -47,7 +48,7 @@ def workload(mesh: tuple[Path, Mesh], tmp_path: Path, request: pytest.FixtureReq
     name = "fz-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.lower().removeprefix("test_"))[-24:].strip("-")
     rootfs = scenario.counter_rootfs(tmp_path)
     serve = f"sleep 1000000 & exec {scenario.PYTHON} /app/counter.py serve {scenario.PORT}"
-    info = containers.run(state, SRC, name, ["/bin/sh", "-c", serve], rootfs=rootfs)
+    info = containers.run(state, SRC, name, ["/bin/sh", "-c", serve], rootfs=rootfs, host_dirs=list(HOST_PROGRAMS))
     client = scenario.CounterClient(m.hosts[CLIENT].netns or "", info["ip"], tmp_path).start()
     faults = Path(m.hosts[SRC].state_root) / "faults"
     try:
