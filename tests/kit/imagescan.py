@@ -17,6 +17,9 @@ from pathlib import Path
 from skyferry.pipeline.runtimes import engines
 
 CRIU_IMAGE = re.compile(r"(pages|pagemap|core|mm)-\d+\.img|inventory\.img")
+# Never opened: closing any descriptor of an SQLite file drops every POSIX lock this process holds on it,
+# and the controller runs in this process (sqlite.org/howtocorrupt.html, 2.2). It corrupted the journal.
+SQLITE = re.compile(r".*\.db(-wal|-shm|-journal)?")
 POLL_S = 0.02
 
 
@@ -28,7 +31,7 @@ def images(roots: list[Path]) -> dict[Path, str]:
             for name in filenames:
                 path = Path(dirpath, name)
                 try:
-                    if CRIU_IMAGE.fullmatch(name) or _holds_images(path):
+                    if CRIU_IMAGE.fullmatch(name) or (not SQLITE.fullmatch(name) and _holds_images(path)):
                         found[path] = engines.fstype(path)
                 except (OSError, tarfile.TarError, EOFError):
                     continue  # removed, or still being written, while we looked
