@@ -59,13 +59,13 @@ def test_fast_subset_is_in_the_recorded_matrix() -> None:
 def test_write_doc_replaces_only_the_generated_table(tmp_path: Path) -> None:
     doc, results = tmp_path / "compatibility.md", tmp_path / "results.json"
     head = "# Compatibility\n\n## workloads\n\nkept\n\n## zdtm\n\nmethod, kept\n\n"
-    doc.write_text(f"{head}{zdtm.BEGIN}\nold\n{zdtm.END}\n\nquirks, kept\n")
+    doc.write_text(f"{head}{zdtm.BEGIN}\nSTALE TABLE\n{zdtm.END}\n\nquirks, kept\n")
     cell = zdtm.Cell(program="pipe00", engine="runc", mode="precopy", outcome="pass")
     bad = zdtm.Cell(program="stopped", engine="runc", mode="precopy", outcome="refused", stage="check",
                     reason="a stopped task", rolled_back=True)  # fmt: skip
     zdtm.write_doc(zdtm.Matrix(when="2026-12-03", kernel="6.18", criu="4.2.1", cells=[cell, bad]), doc, results)
     text = doc.read_text()
-    assert "kept\n" in text and "method, kept" in text and "quirks, kept" in text and "old" not in text
+    assert "kept\n" in text and "method, kept" in text and "quirks, kept" in text and "STALE TABLE" not in text
     assert "| `pipe00` | pipe |" in text and "refused (check) [1]" in text
-    assert "1. stopped, runc precopy: refused at check: a stopped task Rolled back" in text
+    assert "1. `stopped`, runc precopy: refused at check: a stopped task. Rolled back" in text
     assert zdtm.Matrix.model_validate_json(results.read_text()).cells == [cell, bad]
