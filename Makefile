@@ -8,7 +8,7 @@ STAMP      = $(VENV)/.installed
 SHELL      = /bin/bash
 .SHELLFLAGS = -euo pipefail -c
 
-.PHONY: host venv lock demo test lint unit bench bench-quick clean
+.PHONY: host venv lock demo test lint unit bench bench-quick compat-zdtm clean
 
 host:                      ## apt packages, CRIU 4.2, kernel knobs (idempotent, seconds when done)
 	scripts/bootstrap-host.sh
@@ -42,6 +42,9 @@ bench: venv
 
 bench-quick: venv
 	$(BIN)/skyferry bench --quick --out bench/out
+
+compat-zdtm: venv          ## CRIU's zdtm programs x engine x mode, migrated live; rewrites docs/compatibility.md
+	$(BIN)/python -m skyferry.pipeline.scenarios.zdtm --all --out $(VENV)/zdtm-cells.json
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
