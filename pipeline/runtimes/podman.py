@@ -11,15 +11,18 @@ Podman has CRIU dump into and restore from `<userdata>/checkpoint` in its store,
 mounts a tmpfs there for each call, so the images never reach a disk and the unmount wipes them.
 """
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import shutil
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from skyferry.pipeline.criu import logs
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi.spec import ContainerSpec
 from skyferry.pipeline.runtimes import engines
@@ -168,11 +171,11 @@ class Podman:
         if info["State"]["Status"] == "paused":
             self.resume(name)  # still silent: the netns stays locked, and CRIU freezes it again at once
         try:
-            with engines.volatile(userdata / CHECKPOINT_DIR):  # CRIU dumps there before the export
+            with engines.volatile(userdata / CHECKPOINT_DIR), _criu_log(userdata / "dump.log"):
                 self._podman(
                     "container", "checkpoint", "--leave-running", "--tcp-established", "--file-locks",
                     "--compress", "none", "--export", str(images / EXPORT), name, what="checkpoint",
-                )  # fmt: skip
+                )  # CRIU dumps into the tmpfs before the export  # fmt: skip
         finally:
             (userdata / DEVSHM).unlink(missing_ok=True)  # Podman keeps it, and it is in the export
             self.pause(name)
@@ -205,7 +208,7 @@ class Podman:
         # it exists: that directory is a tmpfs for the call.
         userdata = self.home / "root" / "overlay-containers" / cid / "userdata"
         try:
-            with engines.volatile(userdata / CHECKPOINT_DIR):
+            with engines.volatile(userdata / CHECKPOINT_DIR), _criu_log(userdata / "restore.log"):
                 self._podman(
                     "container", "restore", "--import", str(fixed), "--tcp-established", "--file-locks",
                     what="restore",
@@ -255,3 +258,20 @@ def _replace(text: str, pairs: dict[str, str]) -> str:
     for old, new in pairs.items():
         text = text.replace(json.dumps(old)[1:-1], json.dumps(new)[1:-1])
     return text
+
+
+@contextlib.contextmanager
+def _criu_log(log: Path) -> Iterator[None]:
+    """A failed Podman call names CRIU's first real error, not Podman's summary, and carries CRIU's log
+    (which Podman keeps beside the container's bundle: no memory in it) for the journal."""
+    try:
+        yield
+    except SkyferryError as exc:
+        text = logs.read(log)
+        cause = logs.first_error(text)
+        if not cause:
+            raise
+        what = str(exc).split(" failed:", 1)[0]
+        raise SkyferryError(
+            f"{what} failed: {cause}", hint=exc.hint, log=f"--- podman\n{exc}\n--- CRIU {log.name}\n{logs.tail(text)}"
+        ) from exc

@@ -226,8 +226,11 @@ def test_a_failed_podman_restore_leaves_no_image_anywhere(counter: dict) -> None
             host.prepare(spec, f"/run/netns/{m.name}-local-1-{name}")
             for file, data in payload.items():
                 (host.payload(name)["podman"] / file).write_bytes(data)
-            with pytest.raises(SkyferryError, match="podman restore failed"):
+            with pytest.raises(SkyferryError, match="podman restore failed") as failed:
                 host.restore(name, mig / "images", mig / "work")
+            # CRIU's own first error, and its log for the journal, rather than Podman's summary
+            assert failed.value.log and "--- CRIU restore.log" in failed.value.log, failed.value
+            assert "Error (criu/" not in str(failed.value) and "exit status" not in str(failed.value), failed.value
         assert imagescan.on_disk(watch.seen) == [], "checkpoint images on persistent disk"
         assert [p for p in watch.seen if "/overlay-containers/" in str(p)], "Podman's unpacked images were seen"
         with open("/proc/self/mountinfo") as f:
