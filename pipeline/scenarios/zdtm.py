@@ -154,12 +154,6 @@ FAST = ("pipe00", "fifo", "sockets00", "shm", "posix_timers", "file_locks00")
 EXTRA_ARGS = {"env00": ["--envname=ENV_00_TEST"], "umask00": ["--mask=0345"]}
 
 Outcome = Literal["pass", "refused", "failed", "hang", "no-start"]
-# Programs that hang a migration on this branch, so the full run does not start them unless asked: the
-# frozen container would wait for a watchdog that is not there (issue 17).
-HANGS = {
-    "stopped": "CRIU waits in ptrace_attach for the stopped task inside the frozen cgroup; runc checkpoint never "
-    "returns and the container stays frozen (seen 2026-12-03; FIELD-NOTES §7)",
-}
 MIGRATE_WAIT = 240.0  # seconds before a migration counts as hung (the container then stays frozen)
 
 
@@ -407,11 +401,9 @@ def run_matrix(
     programs: list[str],
     engine_modes: dict[str, tuple[str, ...]],
     progress: Callable[[str], None] = print,
-    run_hangs: bool = False,
     save: Path | None = None,
 ) -> Matrix:
-    """Every program, engine and mode on a private two-host mesh, torn down afterwards. Programs in HANGS
-    are recorded as hangs without starting them, unless `run_hangs`."""
+    """Every program, engine and mode on a private two-host mesh, torn down afterwards."""
     binaries = build(programs)
     cells: list[Cell] = []
     old_env = os.environ.get("SKYFERRY_STATE")
@@ -427,10 +419,7 @@ def run_matrix(
         for engine, mode in columns:
             for program in programs:
                 binary = binaries.get(program)
-                if program in HANGS and not run_hangs:
-                    cell = Cell(program=program, engine=engine, mode=mode, outcome="hang", stage="checkpoint",
-                                reason="not run by default: " + HANGS[program])  # fmt: skip
-                elif binary is None:
+                if binary is None:
                     cell = Cell(program=program, engine=engine, mode=mode, outcome="no-start", stage="build",
                                 reason="did not build statically from CRIU's tree")  # fmt: skip
                 else:
@@ -543,7 +532,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all", action="store_true", help="every program, engine and mode; rewrite the docs")
     parser.add_argument("--engine", action="append", choices=list(ENGINE_MODES), help="only these engines")
     parser.add_argument("--mode", action="append", help="only these modes")
-    parser.add_argument("--run-hangs", action="store_true", help=f"also start {', '.join(HANGS)} (needs a watchdog)")
     parser.add_argument("--out", type=Path, help="also write the cells as JSON here")
     parser.add_argument("--render", type=Path, help="only rewrite the docs from cells saved by --out")
     args = parser.parse_args(argv)
@@ -553,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     programs = [p.name for p in PROGRAMS] if args.all else (args.programs or list(FAST))
     engines = {e: tuple(m for m in modes if m in (args.mode or modes)) for e, modes in ENGINE_MODES.items()
                if e in (args.engine or ENGINE_MODES)}  # fmt: skip
-    matrix = run_matrix(programs, engines, run_hangs=args.run_hangs, save=args.out)
+    matrix = run_matrix(programs, engines, save=args.out)
     if args.all:
         write_doc(matrix)
         print(f"wrote {DOC} and {RESULTS}")
