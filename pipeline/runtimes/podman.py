@@ -30,7 +30,6 @@ from skyferry.pipeline.runtimes import engines
 PODMAN = "podman"
 EXPORT = "checkpoint.tar"  # in the migration's images dir (tmpfs): it holds the container's memory
 CHECKPOINT_DIR = "checkpoint"  # in a container's userdata (on disk): CRIU's images, mounted as tmpfs here
-DEVSHM = "devshm-checkpoint.tar"  # in userdata too: the container's /dev/shm as Podman archives it
 ULIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]  # root lacks CAP_SYS_RESOURCE
 STATUS = {"running": "running", "paused": "paused", "created": "created"}  # anything else: stopped
 
@@ -116,6 +115,9 @@ class Podman:
         env = [a for k, v in spec.env.items() for a in ("--env", f"{k}={v}")]
         args = ["run", "-d", "--name", spec.name, "--network", f"ns:{netns_path}"]
         args += ["--cgroup-parent", self.cgroup_parent, "--pull", "never", *ULIMITS, *env]
+        # /dev/shm as the container's own tmpfs, not Podman's ShmDir bind: CRIU then carries its contents in
+        # the images (on tmpfs), where Podman would archive them into its store on disk at each checkpoint.
+        args += ["--mount", "type=tmpfs,destination=/dev/shm,tmpfs-mode=1777"]
         # Podman's own defaults stay as they are: nothing here adds a capability, privilege or host path.
         args += engines.user_args(spec)
         args += ["--label", f"{engines.LABEL}={json.dumps(spec.to_dict())}", ref, *spec.args]
@@ -177,7 +179,6 @@ class Podman:
                     "--compress", "none", "--export", str(images / EXPORT), name, what="checkpoint",
                 )  # CRIU dumps into the tmpfs before the export  # fmt: skip
         finally:
-            (userdata / DEVSHM).unlink(missing_ok=True)  # Podman keeps it, and it is in the export
             self.pause(name)
         self.images.stage(info["ImageName"], staged)
 
@@ -215,7 +216,6 @@ class Podman:
                 )  # fmt: skip
         finally:
             fixed.unlink(missing_ok=True)
-            (userdata / DEVSHM).unlink(missing_ok=True)  # removed by Podman after a restore that worked
         shutil.rmtree(staged, ignore_errors=True)
 
     def remove(self, name: str) -> None:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from skyferry.pipeline.runtimes import engines
 
-CRIU_IMAGE = re.compile(r"(pages|pagemap|core|mm)-\d+\.img|inventory\.img")
+# CRIU's images, and Podman's archive of a container's /dev/shm (as private as its memory).
+CRIU_IMAGE = re.compile(r"(pages|pagemap|core|mm)-\d+\.img|inventory\.img|devshm-checkpoint\.tar")
 # Never opened: closing any descriptor of an SQLite file drops every POSIX lock this process holds on it,
 # and the controller runs in this process (sqlite.org/howtocorrupt.html, 2.2). It corrupted the journal.
 SQLITE = re.compile(r".*\.db(-wal|-shm|-journal)?")

@@ -187,9 +187,14 @@ def test_no_checkpoint_image_on_persistent_disk(counter: dict) -> None:
     left at all. Seeing Podman's own checkpoint directory, on tmpfs, is the positive control."""
     state, name, m = counter["state"], counter["name"], counter["mesh"]
     roots = image_roots(state, m)
+    secret = f"shm-secret-{os.urandom(4).hex()}"
+    put = cli("exec", f"podman:{name}", "--", "sh", "-c", f"echo {secret} > /dev/shm/secret")
+    assert put.returncode == 0, put.stderr
     with imagescan.Watcher(roots) as watch:
         report = migration.migrate(state, name, "local-2", mode="stop-copy")
     assert report["state"] == "done"
+    # The container's /dev/shm moved inside CRIU's images (its own tmpfs), never archived into the store.
+    assert cli("exec", f"podman:{name}", "--", "cat", "/dev/shm/secret").stdout.strip() == secret
     assert imagescan.on_disk(watch.seen) == [], "checkpoint images on persistent disk"
     engine_copies = [p for p in watch.seen if "/overlay-containers/" in str(p)]
     assert engine_copies, f"the watcher must see Podman's own images ({watch.polls} polls): {sorted(watch.seen)}"
