@@ -4,6 +4,7 @@ import ipaddress
 import itertools
 import socket
 import sqlite3
+import ssl
 import statistics
 import struct
 import threading
@@ -19,6 +20,7 @@ from skyferry.netplane import netns, store, wg
 from skyferry.netplane.mesh import Mesh
 from skyferry.netplane.netns import in_netns
 from skyferry.netplane.wan import WanSpec
+from skyferry.pipeline.hostapi.layout import AGENT_PORT
 from skyferry.providers.local import UNDERLAY, LocalProvider
 
 
@@ -229,3 +231,29 @@ def host_routes(ipr: Any, ip: str) -> list[int]:
     return [
         r.get("RTA_OIF") for r in ipr.get_routes(family=2, table=254) if r["dst_len"] == 32 and r.get("RTA_DST") == ip
     ]
+
+
+AGENT_REQUEST = b"GET /v1/facts HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
+
+
+def open_agent(m: Mesh, host: str) -> socket.socket:
+    """A TCP connection to `host`'s agent from the controller's netns."""
+    with in_netns(m.controller.netns):
+        return socket.create_connection((m.hosts[host].overlay_ip, AGENT_PORT), 5)
+
+
+def ask_agent(m: Mesh, host: str, ctx: ssl.SSLContext) -> bytes | Exception:
+    """One raw HTTPS request (AGENT_REQUEST) to `host`'s agent with `ctx`: the reply's bytes, or the error.
+    Any HTTP reply means the agent accepted the certificate (what it may then do is authorization's part)."""
+    sock = open_agent(m, host)
+    try:
+        tls = ctx.wrap_socket(sock, server_hostname=m.hosts[host].overlay_ip)
+        tls.sendall(AGENT_REQUEST)
+        reply = b""
+        while chunk := tls.recv(65536):
+            reply += chunk
+        return reply
+    except (ssl.SSLError, OSError) as exc:
+        return exc
+    finally:
+        sock.close()

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from kit.mesh import local_mesh, mesh_in
+from kit.net import ask_agent
 from skyferry.netplane.mesh import Mesh
 from skyferry.netplane.netns import in_netns
 from skyferry.pipeline.controller import agentctl, certs, containers, migration, revoke
@@ -38,7 +39,6 @@ from skyferry.pipeline.scenarios import demo as scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 SKYFERRY = str(Path(sys.executable).parent / "skyferry")
-REQUEST = b"GET /v1/facts HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
 
 
 @pytest.fixture(scope="module")
@@ -51,24 +51,6 @@ def _ctx(ident: pki.Identity) -> ssl.SSLContext:
     return ident.client_context()
 
 
-def _ask(m: Mesh, host: str, ctx: ssl.SSLContext) -> bytes | Exception:
-    """One raw HTTPS request to `host`'s agent from the controller's netns: the reply, or the error. Any
-    HTTP reply means the agent accepted the certificate (what it may then do is authorization's part)."""
-    with in_netns(m.controller.netns):
-        sock = socket.create_connection((m.hosts[host].overlay_ip, AGENT_PORT), 5)
-    try:
-        tls = ctx.wrap_socket(sock, server_hostname=m.hosts[host].overlay_ip)
-        tls.sendall(REQUEST)
-        reply = b""
-        while chunk := tls.recv(65536):
-            reply += chunk
-        return reply
-    except (ssl.SSLError, OSError) as exc:
-        return exc
-    finally:
-        sock.close()
-
-
 def _accepted(reply: bytes | Exception) -> bool:
     return isinstance(reply, bytes) and reply.startswith(b"HTTP/1.1 ")
 
@@ -78,7 +60,7 @@ def _assert_refused(m: Mesh, host: str, ctx: ssl.SSLContext, reason: str) -> Non
     client's handshake before the server judges its certificate, so the log is the proof that does not race)."""
     log_path = Path(m.hosts[host].state_root) / "agent.log"
     seen = len(log_path.read_text())
-    reply = _ask(m, host, ctx)
+    reply = ask_agent(m, host, ctx)
     assert not _accepted(reply), reply
     deadline = time.monotonic() + 10
     while reason not in (log := log_path.read_text()[seen:]) and time.monotonic() < deadline:
@@ -141,13 +123,13 @@ def test_a_revoked_certificate_is_refused(mesh: tuple[Path, Mesh], tmp_path: Pat
     state, m = mesh
     ident = pki.issue(state / "ca", tmp_path / "spare", "spare-1", ["100.64.0.250"], role=pki.HOST)
     certs.record_file(state, "spare-1", ident.cert)
-    assert _accepted(_ask(m, "local-1", _ctx(ident))), "positive control: the CA's certificate is answered"
+    assert _accepted(ask_agent(m, "local-1", _ctx(ident))), "positive control: the CA's certificate is answered"
     revoked = certs.revoke_subjects(state, ["spare-1"])
     assert revoked == [serial(x509.load_pem_x509_certificate(ident.cert.read_bytes()))]
     assert revoke.push(state, m) == []
     for host in m.hosts:
         _assert_refused(m, host, _ctx(ident), "revoked")
-    assert _accepted(_ask(m, "local-1", agentctl.controller_identity(state, m).client_context()))
+    assert _accepted(ask_agent(m, "local-1", agentctl.controller_identity(state, m).client_context()))
 
 
 def _keepalive(m: Mesh, host: str, ctx: ssl.SSLContext) -> ssl.SSLSocket:
@@ -211,7 +193,7 @@ def test_an_expired_certificate_is_refused(mesh: tuple[Path, Mesh], tmp_path: Pa
     valid = _sign(
         state, tmp_path / "valid", "spare-2", "100.64.0.251", now - dt.timedelta(days=1), now + dt.timedelta(days=1)
     )
-    assert _accepted(_ask(m, "local-1", _ctx(valid))), "positive control: the same kind of certificate, in date"
+    assert _accepted(ask_agent(m, "local-1", _ctx(valid))), "positive control: the same kind of certificate, in date"
     expired = _sign(
         state, tmp_path / "expired", "spare-2", "100.64.0.251", now - dt.timedelta(days=91), now - dt.timedelta(days=1)
     )
@@ -323,7 +305,7 @@ def test_a_host_taken_out_is_refused_everywhere(mesh: tuple[Path, Mesh]) -> None
     state, m = mesh
     tls = Path(m.hosts["local-3"].state_root) / "tls"
     local3 = pki.Identity(ca=tls / "ca.pem", cert=tls / "cert.pem", key=tls / "key.pem")
-    assert _accepted(_ask(m, "local-1", local3.client_context())), "positive control"
+    assert _accepted(ask_agent(m, "local-1", local3.client_context())), "positive control"
     agentctl.client(state, m, "local-3").call("GET", "/v1/facts")
     result = revoke.hosts(state, m, ["local-3"])
     assert result["revoked"] and result["not_told"] == []
@@ -344,5 +326,5 @@ def test_hosts_down_revokes_its_hosts_for_the_next_mesh(tmp_path_factory: pytest
     old = pki.Identity(ca=loot / "tls" / "ca.pem", cert=loot / "tls" / "cert.pem", key=loot / "tls" / "key.pem")
     with mesh_in(state, count=1, prefix="d") as second:
         assert (state / "ca" / "ca.pem").read_bytes() == old.ca.read_bytes(), "the same CA signs the next mesh"
-        assert _accepted(_ask(second, "local-1", agentctl.controller_identity(state, second).client_context()))
+        assert _accepted(ask_agent(second, "local-1", agentctl.controller_identity(state, second).client_context()))
         _assert_refused(second, "local-1", old.client_context(), "revoked")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from kit.mesh import local_mesh
+from kit.net import AGENT_REQUEST, ask_agent, open_agent
 from skyferry.netplane import netns, store
 from skyferry.netplane.mesh import Mesh
 from skyferry.netplane.netns import in_netns
@@ -32,7 +33,6 @@ from skyferry.pipeline.scenarios import demo as scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 SKYFERRY = str(Path(sys.executable).parent / "skyferry")
-REQUEST = b"GET /v1/facts HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
 
 
 @pytest.fixture(scope="module")
@@ -49,27 +49,6 @@ def other_mesh_identity(tmp_path_factory: pytest.TempPathFactory) -> pki.Identit
     return pki.issue(ca, ca / "agent", "local-1", ["100.64.0.2"], role=pki.HOST)
 
 
-def _open(m: Mesh, host: str) -> socket.socket:
-    with in_netns(m.controller.netns):
-        return socket.create_connection((m.hosts[host].overlay_ip, AGENT_PORT), 5)
-
-
-def _ask(m: Mesh, host: str, ctx: ssl.SSLContext) -> bytes | Exception:
-    """One raw HTTPS request to an agent from the controller's netns: the reply's bytes, or the error."""
-    sock = _open(m, host)
-    try:
-        tls = ctx.wrap_socket(sock, server_hostname=m.hosts[host].overlay_ip)
-        tls.sendall(REQUEST)
-        reply = b""
-        while chunk := tls.recv(65536):
-            reply += chunk
-        return reply
-    except (ssl.SSLError, OSError) as exc:
-        return exc
-    finally:
-        sock.close()
-
-
 def _controller_ctx(state: Path, m: Mesh) -> ssl.SSLContext:
     return agentctl.controller_identity(state, m).client_context()
 
@@ -83,7 +62,7 @@ def _no_cert_ctx(state: Path) -> ssl.SSLContext:
 def test_the_mesh_certificate_is_answered(mesh: tuple[Path, Mesh]) -> None:
     """The positive control for the refusals below: same path, same request, the controller's identity."""
     state, m = mesh
-    reply = _ask(m, "local-1", _controller_ctx(state, m))
+    reply = ask_agent(m, "local-1", _controller_ctx(state, m))
     assert isinstance(reply, bytes) and reply.startswith(b"HTTP/1.1 200"), reply
 
 
@@ -105,11 +84,11 @@ def _assert_refused(m: Mesh, ask: Callable[[], bytes | Exception], alert: str) -
 
 def test_a_request_without_a_client_certificate_is_refused(mesh: tuple[Path, Mesh]) -> None:
     state, m = mesh
-    _assert_refused(m, lambda: _ask(m, "local-1", _no_cert_ctx(state)), "certificate required")
+    _assert_refused(m, lambda: ask_agent(m, "local-1", _no_cert_ctx(state)), "certificate required")
     # Plain HTTP, no TLS at all: no answer either.
-    sock = _open(m, "local-1")
+    sock = open_agent(m, "local-1")
     try:
-        sock.sendall(REQUEST)
+        sock.sendall(AGENT_REQUEST)
         sock.settimeout(5)
         assert b"HTTP/" not in sock.recv(65536)
     except OSError:
@@ -122,7 +101,7 @@ def test_a_certificate_from_another_mesh_is_refused(mesh: tuple[Path, Mesh], oth
     state, m = mesh
     ctx = ssl.create_default_context(cafile=str(state / "ca" / "ca.pem"))
     ctx.load_cert_chain(str(other_mesh_identity.cert), str(other_mesh_identity.key))
-    _assert_refused(m, lambda: _ask(m, "local-1", ctx), "unknown ca")
+    _assert_refused(m, lambda: ask_agent(m, "local-1", ctx), "unknown ca")
 
 
 def test_an_agent_of_another_mesh_is_refused_by_our_side(
@@ -157,7 +136,7 @@ def test_an_agent_of_another_mesh_is_refused_by_our_side(
 
 def _recorded_request(m: Mesh, host: str, ctx: ssl.SSLContext, request: bytes) -> tuple[bytes, bytes]:
     """Make one genuine request over TLS through memory BIOs: (every byte the client sent, the reply)."""
-    sock = _open(m, host)
+    sock = open_agent(m, host)
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     tls = ctx.wrap_bio(incoming, outgoing, server_hostname=m.hosts[host].overlay_ip)
     sent = bytearray()
@@ -209,7 +188,7 @@ def test_a_replayed_request_is_refused(mesh: tuple[Path, Mesh]) -> None:
     ran = log.read_text().count(probe)
     assert ran >= 1, "the agent logs the requests it runs"
 
-    sock = _open(m, "local-1")
+    sock = open_agent(m, "local-1")
     sock.settimeout(5)
     answer = b""
     try:
