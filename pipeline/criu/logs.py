@@ -7,6 +7,8 @@ failed; the first `Error (file:line):` usually names the resource and the proces
 import re
 from pathlib import Path
 
+from skyferry.pipeline.errors import SkyferryError
+
 ERROR = re.compile(r"(?:\((?P<pid>\d+)\)|\b(?P<task>\d+):)?\s*Error \([^)]*\):\s*(?P<what>.+)")
 # Summaries and the consequences of an earlier error, never its cause.
 NOISE = re.compile(r"FAILED|rlimit|Dump core \(pid: \d+\) failed|Can't dump task|criu failed|exited, status=")
@@ -33,3 +35,13 @@ def read(log: Path | None) -> str:
         return log.read_text(errors="replace") if log else ""
     except OSError:
         return ""
+
+
+def failure(what: str, engine: str, output: str, fallback: str, log: Path | None) -> SkyferryError:
+    """`what failed: <CRIU's first real error>` (else `fallback`, the engine's own line), carrying the
+    engine's output and CRIU's log tail for the journal (`skyferry migrations show ID`)."""
+    text = read(log)
+    record = f"--- {engine}\n{tail(output)}"
+    if text and log:
+        record += f"\n--- CRIU {log.name}\n{tail(text)}"
+    return SkyferryError(f"{what} failed: {first_error(text) or fallback}", log=record)

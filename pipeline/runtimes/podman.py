@@ -267,11 +267,7 @@ def _criu_log(log: Path) -> Iterator[None]:
     try:
         yield
     except SkyferryError as exc:
-        text = logs.read(log)
-        cause = logs.first_error(text)
-        if not cause:
+        if not logs.first_error(logs.read(log)):
             raise
-        what = str(exc).split(" failed:", 1)[0]
-        raise SkyferryError(
-            f"{what} failed: {cause}", hint=exc.hint, log=f"--- podman\n{exc}\n--- CRIU {log.name}\n{logs.tail(text)}"
-        ) from exc
+        what, _, line = str(exc).partition(" failed: ")
+        raise logs.failure(what, "podman", str(exc), line, log) from exc

@@ -272,15 +272,9 @@ class Runc:
 
 
 def _failure(what: str, stderr: str, criu_log: Path | None) -> SkyferryError:
-    """The error names CRIU's first real error (the resource and the task) rather than runc's last
-    line; both logs go with it, for the journal (`skyferry migrations show ID`)."""
-    text = logs.read(criu_log)
+    """Named by CRIU's first real error (the resource and the task), else by runc's last error line."""
     runc_lines = [ln for ln in stderr.splitlines() if "level=error" in ln] or stderr.splitlines() or ["?"]
-    cause = logs.first_error(text) or runc_lines[-1][-300:]
-    log = f"--- runc\n{logs.tail(stderr)}"
-    if text and criu_log:
-        log += f"\n--- CRIU {criu_log.name}\n{logs.tail(text)}"
-    return SkyferryError(f"{what} failed: {cause}", log=log)
+    return logs.failure(what, "runc", stderr, runc_lines[-1][-300:], criu_log)
 
 
 def _chown_tree(top: Path, uid: int, gid: int) -> None:
