@@ -38,9 +38,9 @@ class Span:
 
 def spans(journal: Journal, mig_id: str) -> list[Span]:
     """Every span in start order, milliseconds from the migration's start."""
-    mig = journal.get(mig_id)
+    mig, transitions = journal.get(mig_id), journal.transitions(mig_id)
     t0, out, open_at = mig.started, [], {}
-    for t in journal.transitions(mig_id):
+    for t in transitions:
         stage, status, at = t["stage"], t["status"], (t["at"] - t0) * 1000
         key = (stage, "undo" if status in ("undoing", "undone", "undo-skipped", "undo-refused") else "stage")
         if status in ("started", "undoing"):
@@ -51,7 +51,7 @@ def spans(journal: Journal, mig_id: str) -> list[Span]:
         out.append(Span(label, WHERE.get(stage, ""), start, at, ENDS.get(status, status), key[1]))
         if stage == "precopy" and status == "done":
             out += _rounds(start, (t["detail"] or {}).get("rounds", []))
-    now = (max((t["at"] for t in journal.transitions(mig_id)), default=t0) - t0) * 1000
+    now = (max((t["at"] for t in transitions), default=t0) - t0) * 1000
     out += [Span(s, WHERE.get(s, ""), at, now, "running", k) for (s, k), at in open_at.items()]
     freeze = _freeze(out)
     return sorted(out + ([freeze] if freeze else []), key=lambda s: (s.start_ms, s.kind != "stage"))
