@@ -3,7 +3,9 @@
 Stop when the last delta is small enough to send inside the freeze budget, when memory is being
 dirtied nearly as fast as the link can carry it (more rounds cannot shrink the delta), when the
 delta grows, or at a round or time limit. P.Haul's rules are the model: <= 64 pages, > 10% growth,
-8 rounds.
+8 rounds. With auto-converge (`throttle`), rounds that cannot keep up ask for a CPU throttle step
+(reason `throttle`, QEMU's trigger: dirtying at >= 50% of the bandwidth) until it reaches its cap; a
+completion timeout (`completion_seconds`) ends them whatever they do.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ class RoundStats:
 @dataclass(frozen=True)
 class Decision:
     stop: bool
-    reason: str  # continue | converged | not-converging | growing | round-limit | time-limit
+    # continue | throttle | converged | not-converging | growing | completion-timeout | round-limit | time-limit
+    reason: str
     detail: str
 
 
@@ -52,15 +55,23 @@ class ConvergencePolicy:
     growth: float = 0.10  # stop when a delta is this much larger than the one before
     bandwidth: float | None = None  # bytes/s the link carries; None: round 1's throughput
     dirty_ratio: float = 0.8  # dirty rate / bandwidth at which rounds stop paying off
+    throttle: bool = False  # auto-converge: throttle the container's CPU instead of stopping
+    throttle_trigger: float = 0.5  # dirty rate / bandwidth that asks for a step (QEMU's 50%)
+    throttle_cap: float = 0.99  # the last step (QEMU's maximum)
+    completion_seconds: float | None = None  # stop after this long, converged or not
 
-    def decide(self, rounds: Sequence[RoundStats]) -> Decision:
-        """Whether to stop after the last of `rounds` (all kind "round", oldest first)."""
+    def decide(self, rounds: Sequence[RoundStats], throttled: float = 0.0) -> Decision:
+        """Whether to stop after the last of `rounds` (all kind "round", oldest first); `throttled` is the
+        share of its CPU the container is denied now (auto-converge)."""
         if not rounds:
             return Decision(False, "continue", "no round yet")
         last = rounds[-1]
         n = len(rounds)
         if last.bytes_out <= self.max_delta_bytes:
             return Decision(True, "converged", f"round {n} sent {last.bytes_out} B <= {self.max_delta_bytes} B")
+        elapsed = last.started + last.duration - rounds[0].started
+        if self.completion_seconds is not None and elapsed >= self.completion_seconds:
+            return Decision(True, "completion-timeout", f"{elapsed:.1f} s of rounds >= {self.completion_seconds:g} s")
         if n >= 2:
             prev = rounds[-2]
             interval = max(last.started - prev.started, 1e-6)
@@ -68,20 +79,26 @@ class ConvergencePolicy:
             # Round 1 moves all memory, so whatever limits it (link, compression, disk) is the pipeline's
             # throughput: the best estimate when nobody measured the link.
             bandwidth = self.bandwidth or rounds[0].bytes_out / max(rounds[0].duration, 1e-6)
+            growing = last.bytes_out > (1 + self.growth) * prev.bytes_out
+            behind = rate >= self.throttle_trigger * bandwidth or growing
+            if self.throttle and throttled < self.throttle_cap and behind:
+                why = f"memory changes at {rate / 1e6:.1f} MB/s, the streams move {bandwidth / 1e6:.1f} MB/s"
+                return Decision(False, "throttle", why)
+            capped = f" at a {throttled:.0%} CPU throttle" if throttled else ""
             if rate >= self.dirty_ratio * bandwidth:
                 return Decision(
                     True,
                     "not-converging",
                     f"memory changes at {rate / 1e6:.1f} MB/s, >= {self.dirty_ratio:.0%} of the "
-                    f"{bandwidth / 1e6:.1f} MB/s the streams move",
+                    f"{bandwidth / 1e6:.1f} MB/s the streams move{capped}",
                 )
-            if last.bytes_out > (1 + self.growth) * prev.bytes_out:
+            if growing:
                 return Decision(
-                    True, "growing", f"round {n} sent {last.bytes_out} B, more than {prev.bytes_out} B before"
+                    True, "growing", f"round {n} sent {last.bytes_out} B, more than {prev.bytes_out} B before{capped}"
                 )
-        if n >= self.max_rounds:
+        # A throttled container converges geometrically, but its steps took rounds: no round limit then.
+        if n >= self.max_rounds and not throttled:
             return Decision(True, "round-limit", f"{n} rounds")
-        elapsed = last.started + last.duration - rounds[0].started
         if elapsed >= self.max_seconds:
             return Decision(True, "time-limit", f"{elapsed:.1f} s of rounds")
         return Decision(False, "continue", f"round {n} sent {last.bytes_out} B")
