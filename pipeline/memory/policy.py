@@ -4,7 +4,7 @@ Stop when the last delta is small enough to send inside the freeze budget, when 
 dirtied nearly as fast as the link can carry it (more rounds cannot shrink the delta), when the
 delta grows, or at a round or time limit. P.Haul's rules are the model: <= 64 pages, > 10% growth,
 8 rounds. With auto-converge (`throttle`), rounds that cannot keep up ask for a CPU throttle step
-(reason `throttle`, QEMU's trigger: dirtying at >= 50% of the bandwidth) until it reaches its cap; a
+(reason `throttle`, QEMU's trigger: a delta at least half the one before) until it reaches its cap; a
 completion timeout (`completion_seconds`) ends them whatever they do.
 """
 
@@ -56,13 +56,13 @@ class ConvergencePolicy:
     bandwidth: float | None = None  # bytes/s the link carries; None: round 1's throughput
     dirty_ratio: float = 0.8  # dirty rate / bandwidth at which rounds stop paying off
     throttle: bool = False  # auto-converge: throttle the container's CPU instead of stopping
-    throttle_trigger: float = 0.5  # dirty rate / bandwidth that asks for a step (QEMU's 50%)
+    throttle_trigger: float = 0.5  # a step when a delta is >= this share of the one before (QEMU's 50%)
     throttle_cap: float = 0.99  # the last step (QEMU's maximum)
     completion_seconds: float | None = None  # stop after this long, converged or not
 
     def decide(self, rounds: Sequence[RoundStats], throttled: float = 0.0) -> Decision:
         """Whether to stop after the last of `rounds` (all kind "round", oldest first); `throttled` is the
-        share of its CPU the container is denied now (auto-converge)."""
+        share of its CPU the container was denied while the last delta was dirtied (auto-converge)."""
         if not rounds:
             return Decision(False, "continue", "no round yet")
         last = rounds[-1]
@@ -80,7 +80,10 @@ class ConvergencePolicy:
             # throughput: the best estimate when nobody measured the link.
             bandwidth = self.bandwidth or rounds[0].bytes_out / max(rounds[0].duration, 1e-6)
             growing = last.bytes_out > (1 + self.growth) * prev.bytes_out
-            behind = rate >= self.throttle_trigger * bandwidth or growing
+            # QEMU's trigger: what was dirtied during a round is at least half of what that round sent (here:
+            # the delta did not halve), or at least half of what the streams move.
+            halved = last.bytes_out < self.throttle_trigger * prev.bytes_out
+            behind = not halved or rate >= self.throttle_trigger * bandwidth
             if self.throttle and throttled < self.throttle_cap and behind:
                 why = f"memory changes at {rate / 1e6:.1f} MB/s, the streams move {bandwidth / 1e6:.1f} MB/s"
                 return Decision(False, "throttle", why)
@@ -96,8 +99,8 @@ class ConvergencePolicy:
                 return Decision(
                     True, "growing", f"round {n} sent {last.bytes_out} B, more than {prev.bytes_out} B before{capped}"
                 )
-        # A throttled container converges geometrically, but its steps took rounds: no round limit then.
-        if n >= self.max_rounds and not throttled:
+        # While the throttle can still step, its steps take the rounds: no round limit then (at the cap, yes).
+        if n >= self.max_rounds and not 0 < throttled < self.throttle_cap:
             return Decision(True, "round-limit", f"{n} rounds")
         if elapsed >= self.max_seconds:
             return Decision(True, "time-limit", f"{elapsed:.1f} s of rounds")
