@@ -53,6 +53,7 @@ class Policy(Body):
     growth: Annotated[float, Field(ge=0)] | None = None
     bandwidth: Annotated[float, Field(gt=0)] | None = None
     dirty_ratio: Annotated[float, Field(gt=0)] | None = None
+    throttle: StrictBool | None = None  # auto-converge (runtimes/throttle.py)
 
 
 class Step(Body):
@@ -71,6 +72,7 @@ class Precopy(Step):
     policy: Policy = Policy()
     method: Literal["auto", "content"] = "auto"  # the source picks soft-dirty itself where it can
     freeze_timeout: FreezeTimeout = FREEZE_TIMEOUT  # bounds each CRIU pre-dump's freeze
+    completion_timeout: Annotated[float, Field(gt=0, le=86400)] | None = None  # rounds' bound, seconds per GiB
 
 
 class Checkpoint(Step):

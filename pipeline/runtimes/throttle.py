@@ -24,6 +24,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,22 @@ class Throttle:
     level: float = 0.0  # the share of its CPU the container is denied now
     base: float = 0.0  # the CPUs it used before the first step: what the level is a share of
     period0: int = 0  # the cgroup's own CFS period
+    limit: tuple[int, int] | None = None  # the quota and period the last step set
+
+    @contextlib.contextmanager
+    def relaxed(self) -> Iterator[None]:
+        """The container's own limit while the block runs (a freeze: the freezer cannot stop a task the
+        throttle keeps off the CPU in time), the throttle again after it."""
+        record = self.store.get(self.mig)
+        if self.limit is None or record is None:
+            yield
+            return
+        for path, text in record.original.items():
+            _write(Path(path), text.strip())
+        try:
+            yield
+        finally:
+            self.files.set(*self.limit)
 
     @classmethod
     def start(cls, store: Throttles, mig: str, name: str, cgroup: str) -> Throttle:
@@ -158,6 +175,7 @@ class Throttle:
         period = min(max(self.period0, math.ceil(MIN_QUOTA_US / cpus)), MAX_PERIOD_US)
         quota = max(int(cpus * period), MIN_QUOTA_US)
         self.files.set(quota, period)
+        self.limit = (quota, period)
         return {"percent": round(self.level * 100), "quota_us": quota, "period_us": period,
                 "base_cpus": round(self.base, 3)}  # fmt: skip
 
