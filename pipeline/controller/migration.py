@@ -18,9 +18,11 @@ from skyferry.pipeline.controller import agentctl
 from skyferry.pipeline.controller.journal import Journal, Migration
 from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.controller.stages import (
+    COMPLETION_TIMEOUT,
     FREEZE_FROM,
     FREEZE_TO,
     HYBRID,
+    ON_TIMEOUT,
     POINT_OF_NO_RETURN,
     POSTCOPY,
     PRECOPY,
@@ -57,15 +59,25 @@ def migrate(
     mode: str | None = None,
     progress: Progress = _quiet,
     freeze_timeout: float = FREEZE_TIMEOUT,
+    auto_converge: bool = True,
+    completion_timeout: float = COMPLETION_TIMEOUT,
+    on_timeout: str | None = None,
 ) -> dict[str, Any]:
     """Move container `name` to host `target`; returns the report. Raises SkyferryError after rolling back.
     Without a mode, the engine's best one (runc: precopy; Podman and Docker: stop-copy). The container
     stays frozen at most `freeze_timeout` seconds without the target's restore: then the source's
-    watchdog thaws it and the migration rolls back (docs/reliability.md, "The freeze bound")."""
+    watchdog thaws it and the migration rolls back (docs/reliability.md, "The freeze bound"). Pre-copy
+    rounds that cannot keep up throttle the container's CPU (`auto_converge`); rounds that outlast
+    `completion_timeout` seconds per GiB of its memory hand over to a lazy finish or abort (`on_timeout`:
+    "postcopy", "abort", None: postcopy where the target can) (docs/precopy.md, "Auto-converge")."""
     if mode is not None and mode not in MODES:
         raise SkyferryError(f"unknown mode {mode!r}", hint=f"modes: {', '.join(MODES)}")
     if not 0 < freeze_timeout < 86400:
         raise SkyferryError(f"freeze timeout {freeze_timeout:g} s is out of range", hint="between 0 and 86400 s")
+    if not 0 < completion_timeout <= 86400:
+        raise SkyferryError(f"completion timeout {completion_timeout:g} s/GiB is out of range", hint="0 to 86400")
+    if on_timeout is not None and on_timeout not in ON_TIMEOUT:
+        raise SkyferryError(f"unknown --on-timeout {on_timeout!r}", hint=" or ".join(ON_TIMEOUT))
     mesh = Mesh.load(state)
     entry = Registry(state).get(name)
     mesh.host(target)  # unknown host -> clear error
@@ -82,6 +94,7 @@ def migrate(
     mig = journal.begin(name, entry.host, target, mode)
     ctx = _context(state, mig, mesh, journal)
     ctx.freeze_timeout = freeze_timeout
+    ctx.auto_converge, ctx.completion_timeout, ctx.on_timeout = auto_converge, completion_timeout, on_timeout
     return _drive(ctx, journal, MODES[mode], progress)
 
 
@@ -126,6 +139,7 @@ def _context(state: Path, mig: Migration, mesh: Mesh, journal: Journal) -> Conte
     src, dst = agentctl.client(state, mesh, mig.source), agentctl.client(state, mesh, mig.target)
     push = agentctl.Pusher(state, mesh, {mig.source: src, mig.target: dst})
     push.warm()  # the cutover pushes to every member inside the freeze: no handshakes there
+    check = done.get("check", {})
     return Context(
         mig_id=mig.id,
         entry=entry,
@@ -137,7 +151,10 @@ def _context(state: Path, mig: Migration, mesh: Mesh, journal: Journal) -> Conte
         dst=dst,
         push=push,
         mode=mig.mode,
-        freeze_timeout=done.get("check", {}).get("freeze_timeout", FREEZE_TIMEOUT),
+        freeze_timeout=check.get("freeze_timeout", FREEZE_TIMEOUT),
+        auto_converge=check.get("auto_converge", True),
+        completion_timeout=check.get("completion_timeout", COMPLETION_TIMEOUT),
+        on_timeout=check.get("on_timeout"),
         notes={"freeze_deadline": done.get("checkpoint", {}).get("freeze_deadline")},
     )
 
@@ -186,6 +203,12 @@ def _drive(ctx: Context, journal: Journal, stages: list[Stage], progress: Progre
         if stage.name == POINT_OF_NO_RETURN:
             Registry(ctx.state).move(ctx.entry.name, ctx.target)  # from here on it lives there
         faults.crash_point(stage.name)
+        if detail.get("handover") and detail["handover"] != ctx.mode:
+            # The rounds hit the completion timeout: finish lazily. The stages done so far have the same
+            # names in the new list, so it carries on after them (and a resume reads the new mode).
+            journal.set_mode(ctx.mig_id, detail["handover"])
+            ctx.mode = detail["handover"]
+            return _drive(ctx, journal, MODES[ctx.mode], progress)
     mig = journal.get(ctx.mig_id)
     report = _report(journal, mig)
     journal.finish(ctx.mig_id, "done", report=report)
@@ -281,6 +304,10 @@ def _report(journal: Journal, mig: Migration) -> dict[str, Any]:
         # the rootfs and volumes, copied while the container runs: an image's whole root the first time
         "fs_rounds": fs_rounds,
         "precopy_stop": precopy.get("stop"),
+        "precopy_why": precopy.get("why"),
+        # auto-converge: each CPU throttle step (round, percent, the dirty rate that asked for it)
+        "throttle_steps": precopy.get("throttle_steps", []),
+        "handover": precopy.get("handover"),  # the mode the rounds handed over to at the completion timeout
         # "soft-dirty" (CRIU pre-dumps) or "content"; None without rounds. Older agents ran only content.
         "precopy_method": precopy.get("method", "content") if precopy else None,
         "stages_s": stages,

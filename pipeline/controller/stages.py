@@ -17,6 +17,9 @@ from skyferry.pipeline.hostapi import compat
 from skyferry.pipeline.hostapi.client import AgentClient, AgentUnreachable
 from skyferry.pipeline.hostapi.layout import AGENT_PORT, FREEZE_TIMEOUT
 
+COMPLETION_TIMEOUT = 150.0  # seconds per GiB: KubeVirt's completionTimeoutPerGiB (800 before v1.1)
+ON_TIMEOUT = ("postcopy", "abort")
+
 
 @dataclass
 class Context:
@@ -33,6 +36,13 @@ class Context:
     # Seconds the container may stay frozen before the source's watchdog thaws it and the migration rolls
     # back (journalled by the check stage, so a resumed migration keeps its bound).
     freeze_timeout: float = FREEZE_TIMEOUT
+    # Auto-converge (docs/precopy.md): throttle the container's CPU while rounds cannot keep up (precopy).
+    auto_converge: bool = True
+    # The rounds' bound, seconds per GiB of memory (KubeVirt's completionTimeoutPerGiB), and what follows
+    # it: "postcopy" (hand over to a lazy finish) or "abort"; None: postcopy where the target can. Both
+    # journalled by the check stage, so a resumed migration keeps them.
+    completion_timeout: float = COMPLETION_TIMEOUT
+    on_timeout: str | None = None
     # "freeze_deadline": the source's deadline (wall clock) from its checkpoint, bounding the restore.
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -95,6 +105,15 @@ class Check:
                 hint=compat.hint(lacking),
             )
         cpu = self._cpu(ctx, src, dst)
+        lazy = "hybrid" in src.get("modes", {}).get(spec.runtime, []) and not compat.missing(src, dst, "hybrid")
+        if ctx.on_timeout is None:  # hand the rounds over to post-copy only where the target can take it
+            ctx.on_timeout = "postcopy" if lazy else "abort"
+        elif ctx.on_timeout == "postcopy" and ctx.mode == "precopy" and not lazy:
+            raise SkyferryError(
+                f"{ctx.source} -> {ctx.target} cannot hand pre-copy over to post-copy at the completion timeout: "
+                f"{'; '.join(map(str, compat.missing(src, dst, 'hybrid'))) or f'{spec.runtime} has no lazy restore'}",
+                hint="--on-timeout abort",
+            )
         for t in ctx.dst.call("GET", "/v1/containers"):
             if t["name"] == ctx.entry.name:
                 raise SkyferryError(f"{ctx.target} already has a container named {ctx.entry.name!r}")
@@ -104,6 +123,9 @@ class Check:
             "features": [src.get("features"), dst.get("features")],
             "cpu": cpu,
             "freeze_timeout": ctx.freeze_timeout,
+            "auto_converge": ctx.auto_converge,
+            "completion_timeout": ctx.completion_timeout,
+            "on_timeout": ctx.on_timeout,
         }
 
     def _cpu(self, ctx: Context, src: dict[str, Any], dst: dict[str, Any]) -> str:
@@ -150,13 +172,27 @@ class PreCopy:
     # A final delta this small costs ~10 ms at 1 Gbit/s: not worth another round.
     policy = {"max_delta_bytes": 1 << 20}
 
-    def __init__(self, method: str = "auto") -> None:
+    def __init__(self, method: str = "auto", lazy: bool = False) -> None:
         # "auto": the source picks soft-dirty (CRIU pre-dump) where it can, else content-based rounds.
         self.method = method
+        # Hybrid finishes lazily anyway: its rounds neither throttle nor need a hand-over.
+        self.lazy = lazy
 
     def run(self, ctx: Context) -> dict[str, Any]:
-        return ctx.mig_call(ctx.src, "precopy", target=ctx.target_agent(), policy=self.policy, method=self.method,
-                            freeze_timeout=ctx.freeze_timeout)  # fmt: skip
+        policy = {**self.policy, "throttle": ctx.auto_converge and not self.lazy}
+        done: dict[str, Any] = ctx.mig_call(
+            ctx.src, "precopy", target=ctx.target_agent(), policy=policy, method=self.method,
+            freeze_timeout=ctx.freeze_timeout, completion_timeout=ctx.completion_timeout,
+        )  # fmt: skip
+        if done["stop"] != "completion-timeout" or self.lazy:
+            return done
+        if ctx.on_timeout == "abort":
+            raise SkyferryError(
+                f"pre-copy of {ctx.entry.name!r} did not complete within {done['completion_timeout_s']:g} s "
+                f"({ctx.completion_timeout:g} s per GiB): {done['why']}; aborted, nothing was frozen",
+                hint="--on-timeout postcopy hands over to a lazy finish instead; or a longer --completion-timeout",
+            )
+        return {**done, "handover": "hybrid"}  # the runner finishes the migration as hybrid (migration.py)
 
     def undo(self, ctx: Context) -> None:
         # The rounds left an engine and a (pre-warmed) image directory on the source; Checkpoint's undo
@@ -339,8 +375,8 @@ PRECOPY: list[Stage] = [
 # pages the target holds unchanged; the target's lazy-pages daemon takes those from its store and only
 # the pages that changed since the last round from the source (pipeline/memory/hybrid.py).
 HYBRID: list[Stage] = [
-    Check(), Prepare(), PreCopy("content"), LazyCheckpoint(), Transfer(), Cutover(), LazyRestore(), LazyPhase(),
-    Confirm(), Cleanup(),
+    Check(), Prepare(), PreCopy("content", lazy=True), LazyCheckpoint(), Transfer(), Cutover(), LazyRestore(),
+    LazyPhase(), Confirm(), Cleanup(),
 ]  # fmt: skip
 POINT_OF_NO_RETURN = "restore"
 FREEZE_FROM, FREEZE_TO = "checkpoint", "restore"
