@@ -24,7 +24,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,16 +138,14 @@ class Throttle:
     def relaxed(self) -> Iterator[None]:
         """The container's own limit while the block runs (a freeze: the freezer cannot stop a task the
         throttle keeps off the CPU in time), the throttle again after it."""
-        record = self.store.get(self.mig)
-        if self.limit is None or record is None:
+        record, limit = self.store.get(self.mig), self.limit
+        if limit is None or record is None:
             yield
             return
         for path, text in record.original.items():
             _write(Path(path), text.strip())
-        try:
-            yield
-        finally:
-            self.files.set(*self.limit)
+        yield  # a failed block leaves the limit lifted: the rounds end, and their end lifts the record
+        self.store.reapply(self.mig, lambda: self.files.set(*limit))
 
     @classmethod
     def start(cls, store: Throttles, mig: str, name: str, cgroup: str) -> Throttle:
@@ -207,6 +205,12 @@ class Throttles:
         record = self.get(mig)
         if record is not None:
             self.save(record.model_copy(update={"deadline": time.time() + seconds}))
+
+    def reapply(self, mig: str, write: Callable[[], None]) -> None:
+        """`write` the throttle again, unless it was lifted meanwhile (by the freeze watchdog's thaw)."""
+        with self._guard:
+            if self.get(mig) is not None:
+                write()
 
     def lift(self, mig: str) -> bool:
         """Write the original limit back and forget the record (idempotent); whether one was lifted. A

@@ -8,9 +8,14 @@ container ends up: on the target (whose copy never inherits the throttle), or on
 abort. Outcomes only, never timings.
 """
 
+import json
 import os
 import re
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +31,8 @@ from skyferry.pipeline.scenarios import demo as scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 SRC, DST = "local-1", "local-2"
+SKYFERRY = str(Path(sys.executable).parent / "skyferry")
+EVENTUALLY = 120.0  # seconds: a generous deadline for what must happen, not a measurement
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +144,47 @@ def test_the_completion_timeout_hands_over_to_a_lazy_finish(churner: dict) -> No
     assert limit(state, m, DST, name) == src_limit
     assert scenario.check_memory(m.hosts[DST].netns or "", c["ip"])["bad"] == 0
     assert no_throttle_records(m)
+
+
+def eventually(what: str, ok: object) -> None:
+    deadline = time.monotonic() + EVENTUALLY
+    while not ok():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"not within {EVENTUALLY:.0f} s: {what}"
+        time.sleep(0.2)
+
+
+def kill_and_reap(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+    try:
+        os.waitpid(pid, 0)  # our child (start_agents ran here, or we started the CLI)
+    except ChildProcessError:
+        eventually(f"pid {pid} is gone", lambda: not Path(f"/proc/{pid}").exists())
+
+
+@pytest.mark.parametrize("churner", [40], indirect=True)
+def test_a_restarted_agent_lifts_the_throttle_its_predecessor_left(churner: dict) -> None:
+    """Controller and source agent SIGKILLed while the rounds run throttled: the container is left
+    throttled with nobody working on it, until the agent restarts and writes its own limit back; the
+    controller's later rollback leaves it running on the source."""
+    c = churner
+    state, m, name = c["state"], c["mesh"], c["name"]
+    records = Path(m.hosts[SRC].state_root) / "throttles"
+    controller = subprocess.Popen([SKYFERRY, "migrate", name, "--to", DST, "--mode", "precopy"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        eventually("the rounds throttle the container", lambda: list(records.glob("*.json")) != [])
+        kill_and_reap(controller.pid)
+        kill_and_reap(int(json.loads((state / agentctl.PIDS).read_text())[SRC]))
+    finally:
+        if controller.poll() is None:
+            controller.kill()
+            controller.wait()
+    assert c["files"].originals() != c["before"], "control: with its agent dead, the container stays throttled"
+    agentctl.start_agents(m, state)
+    assert c["files"].originals() == c["before"] and no_throttle_records(m)
+    mig = Journal(state).active_for(name)
+    assert mig is not None
+    assert subprocess.run([SKYFERRY, "migrations", "rollback", mig.id], capture_output=True).returncode == 0
+    (here,) = on(state, m, SRC, name)
+    assert here["state"] == "running" and on(state, m, DST, name) == []
+    assert c["files"].originals() == c["before"]
