@@ -188,3 +188,28 @@ def test_a_restarted_agent_lifts_the_throttle_its_predecessor_left(churner: dict
     (here,) = on(state, m, SRC, name)
     assert here["state"] == "running" and on(state, m, DST, name) == []
     assert c["files"].originals() == c["before"]
+
+
+@pytest.mark.parametrize("churner", [40], indirect=True)
+def test_a_freeze_the_watchdog_ends_leaves_the_container_unthrottled(churner: dict) -> None:
+    """Throttled rounds, then a checkpoint that hangs (the fault drill stops the container's task right
+    before the pause: CRIU's PTRACE_SEIZE never returns): the source's watchdog thaws it at the 3 s bound
+    and the migration rolls back, with the container's own CPU limit in force."""
+    c = churner
+    state, m, name = c["state"], c["mesh"], c["name"]
+    faults = Path(m.hosts[SRC].state_root) / "faults"
+    faults.write_text("stop-task:checkpoint\n")
+    sampler = Sampler(c["files"])
+    try:
+        with pytest.raises(SkyferryError, match=r"the freeze bound \(3 s\) was hit"):
+            migration.migrate(state, name, DST, mode="precopy", freeze_timeout=3)
+    finally:
+        faults.unlink()
+        seen = sampler.stop()
+        os.kill(on(state, m, SRC, name)[0]["pid"], signal.SIGCONT)  # the task the drill stopped
+    assert Journal(state).all()[-1].state == "rolled-back"
+    assert len(seen) > 1, "the sampler never saw the container throttled"  # control: it was throttled
+    assert c["files"].originals() == c["before"] and no_throttle_records(m)
+    (here,) = on(state, m, SRC, name)
+    assert here["state"] == "running" and not here["frozen_for_migration"] and on(state, m, DST, name) == []
+    assert scenario.check_memory(m.hosts[SRC].netns or "", c["ip"])["bad"] == 0
