@@ -121,8 +121,10 @@ def migrate(
 
         return test_cutover(name, to, test, check, json_out)
     with _progress(not json_out) as progress:
-        report = _with_ingress(migration.migrate(state_dir(), name, to, mode, progress, freeze_timeout,
-                                                 auto_converge, completion_timeout, on_timeout))  # fmt: skip
+        report = _with_ingress(migration.migrate(
+            state_dir(), name, to, mode, progress, freeze_timeout,
+            auto_converge=auto_converge, completion_timeout=completion_timeout, on_timeout=on_timeout,
+        ))  # fmt: skip
     output.print_json(report) if json_out else _print_report(report)
     _exit_on_ingress_error(report)
 

@@ -186,7 +186,7 @@ class PreCopy:
         )  # fmt: skip
         if done["stop"] != "completion-timeout" or self.lazy:
             return done
-        if ctx.on_timeout == "abort":
+        if ctx.on_timeout != "postcopy":  # "abort", or a journal from before the choice existed
             raise SkyferryError(
                 f"pre-copy of {ctx.entry.name!r} did not complete within {done['completion_timeout_s']:g} s "
                 f"({ctx.completion_timeout:g} s per GiB): {done['why']}; aborted, nothing was frozen",
