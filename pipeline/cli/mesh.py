@@ -1,6 +1,7 @@
 """`skyferry mesh`: a mesh whose controller is this machine, and keeping every member's peers right."""
 
 import secrets
+from pathlib import Path
 
 import typer
 
@@ -109,6 +110,32 @@ def rotate(
             f"{len(report['failed'])} host(s) kept their old certificate: {name}: {error}",
             hint="run skyferry mesh rotate again once they answer (skyferry hosts ls)",
         )
+
+
+@mesh_app.command("issue-monitor-cert")
+def issue_monitor_cert(
+    out: Path = typer.Option(Path("skyferry-monitor"), "--out", help="Directory for ca.pem, cert.pem, key.pem."),
+    name: str = typer.Option("prometheus", "--name", help="The monitor's name in its certificate."),
+    json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP),
+) -> None:
+    """Issue a certificate that may read every agent's metrics (GET /v1/metrics) and nothing else: the
+    client certificate for Prometheus (docs/observability.md). It lasts 90 days; run this again to renew.
+
+    Example: skyferry mesh issue-monitor-cert --out /etc/prometheus/skyferry
+    """
+    from skyferry.netplane.mesh import Mesh
+    from skyferry.pipeline.controller import agentctl
+    from skyferry.pipeline.controller.state import state_dir
+
+    state = state_dir()
+    ident = agentctl.issue_monitor(state, Mesh.load(state), name, out)
+    files = {"ca_file": str(ident.ca), "cert_file": str(ident.cert), "key_file": str(ident.key)}
+    if json_out:
+        output.print_json({"name": name, "role": "monitor", **files})
+        return
+    output.console.print(f"monitor certificate for {name} in {out}/ (key 0600): give Prometheus these files")
+    for key, path in files.items():
+        output.console.print(f"  {key}: {path}")
 
 
 @mesh_app.command("serve")

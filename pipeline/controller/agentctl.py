@@ -42,6 +42,17 @@ def controller_identity(state: Path, mesh: Mesh) -> pki.Identity:
     return ident
 
 
+def issue_monitor(state: Path, mesh: Mesh, name: str, out: Path) -> pki.Identity:
+    """A certificate in the monitor role for `name` (Prometheus), its key and the mesh CA, written to
+    `out` (key 0600): it may read every agent's metrics and nothing else. Recorded in the ledger as
+    `monitor:NAME`, like every certificate the CA signs; 90 days, like theirs."""
+    ca = state / "ca"
+    pki.ensure_ca(ca, mesh.name)
+    ident = pki.issue(ca, out, name, [], role=pki.MONITOR)
+    certs.record_file(state, f"monitor:{name}", ident.cert)
+    return ident
+
+
 def client(state: Path, mesh: Mesh, host: str) -> AgentClient:
     """A client for `host`'s agent, connecting from the controller's place in the mesh; it refuses an agent
     whose certificate is revoked (the list is read at each new connection)."""
