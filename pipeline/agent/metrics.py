@@ -24,7 +24,15 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import BinaryIO
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from skyferry.pipeline import logfmt
@@ -41,6 +49,7 @@ DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 REMEMBERED = 4096  # finished migrations kept to count each once (a rollback undoes several stages)
 
+disable_created_metrics()  # no `_created` series: they double what a scrape holds and no panel uses them
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)  # the agent's own CPU, memory and open files
 MIGRATIONS = Counter(

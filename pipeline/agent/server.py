@@ -278,7 +278,7 @@ class Agent:
                     done = self._source_step(SourceSession.of(self.host, mig, req.name), op, req)
                 else:
                     done = self._target_step(TargetSession.of(self.host, mig, req.name), op, req)
-            self._record(side, mig, op, req, done)
+                self._record(side, mig, op, req, done)
             return done
 
     def _record(self, side: str, mig: str, op: str, req: Any, done: Any) -> None:
