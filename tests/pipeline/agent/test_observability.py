@@ -19,14 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kit.machine import machine_on_underlay, run_in
 from kit.mesh import local_mesh
 from prometheus_client.parser import text_string_to_metric_families
 from skyferry.netplane.mesh import Mesh
 from skyferry.netplane.netns import in_netns
 from skyferry.pipeline import logfmt
+from skyferry.pipeline.agent.join import Layout, join
 from skyferry.pipeline.agent.server import identity_for
-from skyferry.pipeline.controller import agentctl, containers
+from skyferry.pipeline.controller import agentctl, containers, enrol, tokens
 from skyferry.pipeline.controller.stages import PRECOPY
+from skyferry.pipeline.hostapi import pki
 from skyferry.pipeline.hostapi.layout import AGENT_PORT
 from skyferry.pipeline.hostapi.spec import HOST_PROGRAMS
 from skyferry.pipeline.scenarios import demo as scenario
@@ -39,16 +42,10 @@ SECRET_ENV = "SKYFERRY_TEST_SECRET"
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Mesh]]:
     """Two hosts whose agents log JSON (they inherit the variable from this process)."""
-    old = os.environ.get("SKYFERRY_LOG_FORMAT")
-    os.environ["SKYFERRY_LOG_FORMAT"] = "json"
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SKYFERRY_LOG_FORMAT", "json")
         with local_mesh(tmp_path_factory, count=2, prefix="o") as made:
             yield made
-    finally:
-        if old is None:
-            os.environ.pop("SKYFERRY_LOG_FORMAT", None)
-        else:
-            os.environ["SKYFERRY_LOG_FORMAT"] = old
 
 
 def _get(m: Mesh, host: str, ctx: ssl.SSLContext, path: str) -> tuple[int, bytes]:
@@ -236,3 +233,50 @@ def test_a_monitor_certificate_reads_metrics_and_nothing_else(mesh: tuple[Path, 
     assert status == 403 and b"may not call it" in body, body
     # The monitor's key stays private.
     assert (tmp_path / "monitor" / "key.pem").stat().st_mode & 0o077 == 0
+
+
+@pytest.fixture
+def captured(tmp_path: Path) -> Iterator[Path]:
+    """This process's log lines (the enrolment service runs here) as JSON, in a file, while the test runs."""
+    path = tmp_path / "controller.log"
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logfmt.JsonFormatter({}))
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield path
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
+
+
+def test_a_join_logs_neither_its_token_nor_the_machines_keys(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, captured: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real join with a one-time token, as test_enrol runs it: the enrolment service's lines and the
+    agent's that learns the new peer hold no token and no private key of the machine."""
+    monkeypatch.setenv("SKYFERRY_LOG_FORMAT", "json")
+    with (
+        local_mesh(tmp_path_factory, count=1, prefix="oj") as (state, m),
+        machine_on_underlay(m, "198.18.0.201", "jo") as machine,
+    ):
+        layout = Layout(tmp_path / "host", tmp_path / "wg" / "skyferry.conf", tmp_path / "skyferry-agent.service")
+        pin = pki.pin(pki.ensure_ca(state / "ca", m.name).read_bytes())
+        token = tokens.issue(state, "edge-9", "manual")
+        with enrol.serving(state) as service:
+            run_in(machine, join, enrol.url(m), token, pin, "edge-9", start=False, layout=layout)
+            assert set(service.joined) == {"edge-9"}
+        agent_log = _agent_log(m, "local-1")
+    logged = captured.read_text()
+    # Control: the capture holds the service's own lines about this join, and the agent's about the peer.
+    assert any("edge-9 joined" in x["message"] for x in _json_lines(logged)), logged[-2000:]
+    assert "/v1/mesh/peers" in agent_log
+    # The PEM's first body line is the same for every P-256 key (ASN.1 headers): the others are the key.
+    keys = [(layout.state_root / "wireguard" / "private.key").read_text().strip()]
+    keys += (layout.state_root / "tls" / "key.pem").read_text().splitlines()[2:-1]
+    for secret in [token, token.split(".", 1)[1], *keys]:
+        for where, text in (("controller", logged), ("local-1 agent", agent_log)):
+            assert not _holds(text, secret), f"a secret of the join is in the {where} log"
