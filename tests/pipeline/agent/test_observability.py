@@ -10,6 +10,7 @@ import http.client
 import json
 import logging
 import os
+import re
 import secrets
 import ssl
 import subprocess
@@ -280,3 +281,18 @@ def test_a_join_logs_neither_its_token_nor_the_machines_keys(
     for secret in [token, token.split(".", 1)[1], *keys]:
         for where, text in (("controller", logged), ("local-1 agent", agent_log)):
             assert not _holds(text, secret), f"a secret of the join is in the {where} log"
+
+
+def test_the_dashboard_and_the_docs_name_only_metrics_the_agents_expose(mesh: tuple[Path, Mesh]) -> None:
+    state, m = mesh
+    exposed: set[str] = set()
+    for host in m.hosts:
+        text = agentctl.client(state, m, host).call("GET", "/v1/metrics").decode()
+        for family in text_string_to_metric_families(text):
+            exposed |= {family.name, f"{family.name}_total"} | {s.name for s in family.samples}
+            exposed |= {f"{family.name}_{suffix}" for suffix in ("bucket", "sum", "count")}
+    docs = Path(__file__).parents[3] / "docs"
+    for doc in ("grafana-dashboard.json", "observability.md"):
+        named = set(re.findall(r"\bskyferry_[a-z_]+[a-z]", (docs / doc).read_text()))
+        assert named, doc
+        assert named <= exposed, (doc, sorted(named - exposed))
