@@ -296,3 +296,22 @@ def test_the_dashboard_and_the_docs_name_only_metrics_the_agents_expose(mesh: tu
         named = set(re.findall(r"\bskyferry_[a-z_]+[a-z]", (docs / doc).read_text()))
         assert named, doc
         assert named <= exposed, (doc, sorted(named - exposed))
+
+
+def test_a_monitor_certificate_can_be_revoked_and_reissued(mesh: tuple[Path, Mesh], tmp_path: Path) -> None:
+    state, m = mesh
+    out = tmp_path / "monitor"
+    old = agentctl.issue_monitor(state, m, "prom-r", out).client_context()
+    assert _get(m, "local-1", old, "/v1/metrics")[0] == 200  # control: the same certificate before
+    proc = subprocess.run(
+        [SKYFERRY, "mesh", "issue-monitor-cert", "--out", str(out), "--name", "prom-r", "--revoke-old", "--json"],
+        capture_output=True, text=True, env=os.environ.copy(), check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    answer = json.loads(proc.stdout)
+    assert len(answer["revoked"]) == 1 and answer["not_told"] == [], answer
+    with pytest.raises((ssl.SSLError, OSError, http.client.HTTPException)):
+        _get(m, "local-1", old, "/v1/metrics")
+    new = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=answer["ca_file"])
+    new.load_cert_chain(answer["cert_file"], answer["key_file"])
+    assert _get(m, "local-1", new, "/v1/metrics")[0] == 200
