@@ -291,6 +291,12 @@ def test_the_dashboard_and_the_docs_name_only_metrics_the_agents_expose(mesh: tu
         for family in text_string_to_metric_families(text):
             exposed |= {family.name, f"{family.name}_total"} | {s.name for s in family.samples}
             exposed |= {f"{family.name}_{suffix}" for suffix in ("bucket", "sum", "count")}
+    # `skyferry metrics HOST --json`: the same families, as data.
+    proc = subprocess.run([SKYFERRY, "metrics", "local-1", "--json"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    families = {f["name"]: f for f in json.loads(proc.stdout)}
+    assert families["skyferry_migrations_running"]["type"] == "gauge"
+    assert {s["labels"]["side"] for s in families["skyferry_migrations_running"]["samples"]} == {"source", "target"}
     docs = Path(__file__).parents[3] / "docs"
     for doc in ("grafana-dashboard.json", "observability.md"):
         named = set(re.findall(r"\bskyferry_[a-z_]+[a-z]", (docs / doc).read_text()))
