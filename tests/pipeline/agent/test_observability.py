@@ -214,6 +214,31 @@ def test_a_rolled_back_migration_is_counted_with_its_failed_stage(mesh: tuple[Pa
         containers.remove(state, name)
 
 
+def test_a_postcopy_migration_counts_the_pages_its_target_fetched(mesh: tuple[Path, Mesh]) -> None:
+    state, m = mesh
+    name = f"obp-{secrets.token_hex(3)}"
+    _start(state, name)
+    try:
+        before = _metrics(state, m, "local-2")
+        proc = _migrate(name, "--mode", "postcopy")
+        assert proc.returncode == 0, proc.stderr
+        after = _metrics(state, m, "local-2")
+        key = {"side": "target", "mode": "postcopy", "outcome": "done", "failed_stage": "none"}
+        assert (
+            _value(after, "skyferry_migrations_total", **key) - _value(before, "skyferry_migrations_total", **key) == 1
+        )
+        # Every page of a post-copy comes from the source after the restore (a Python process: hundreds).
+        fetched = {"side": "target", "stream": "lazy-pages"}
+        grew = _value(after, "skyferry_migration_bytes_total", **fetched) - _value(
+            before, "skyferry_migration_bytes_total", **fetched
+        )
+        assert grew >= 100 * 4096, grew
+        # The lazy phase is over: nothing outstanding is left behind for the container.
+        assert ("skyferry_lazy_pages_outstanding", frozenset({("container", name)})) not in after
+    finally:
+        containers.remove(state, name)
+
+
 def test_a_monitor_certificate_reads_metrics_and_nothing_else(mesh: tuple[Path, Mesh], tmp_path: Path) -> None:
     state, m = mesh
     monitor = agentctl.issue_monitor(state, m, "prometheus", tmp_path / "monitor").client_context()
