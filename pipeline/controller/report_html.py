@@ -168,7 +168,7 @@ def plot(found: list[Span], hosts: dict[str, str]) -> str:
         out.append(f'<rect x="{x0:.1f}" y="{TOP - 6}" width="{x1 - x0:.1f}" height="{len(rows) * ROW_H + 6}" '
                    f'class="freeze"><title>{escape(_tip(freeze, hosts))}</title></rect>'
                    f'<text {anchor} y="{TOP - 10}" class="freeze-label">{escape(freeze.label)} '
-                   f'{freeze.end_ms - freeze.start_ms:.0f} ms ({escape(freeze.status)})</text>')  # fmt: skip
+                   f'{freeze.end_ms - freeze.start_ms:.0f} ms{_unless_done(freeze.status)}</text>')  # fmt: skip
     for i, s in enumerate(rows):
         y = TOP + i * ROW_H
         indent = 14 if s.kind == "round" else 0
@@ -218,6 +218,10 @@ def _fill(s: Span) -> str:
     if s.kind == "undo":
         return UNDO
     return COLOURS[_lane(s)]
+
+
+def _unless_done(status: str) -> str:
+    return "" if status == "done" else f" ({escape(status)})"
 
 
 def _tip(s: Span, hosts: dict[str, str]) -> str:

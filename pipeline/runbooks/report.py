@@ -72,7 +72,12 @@ def _sections(state: Path, migrations: list[dict[str, Any]]) -> list[report_html
 
 def facts(summary: dict[str, Any]) -> list[tuple[str, str]]:
     """What the page's summary says about the run itself, besides its migrations."""
-    out = [(label, str(summary[key])) for key, label in FACTS if summary.get(key) not in (None, "", [])]
+    out = [(label, summary[key]) for key, label in FACTS if isinstance(summary.get(key), str) and summary[key]]
+    plan = summary.get("plan") if isinstance(summary.get("plan"), dict) else {}  # evacuate's is the whole plan
+    for key in ("sources", "targets"):
+        hosts = summary.get(key) or plan.get(key)
+        if hosts and all(isinstance(h, str) for h in hosts):
+            out.append((key, ", ".join(hosts)))
     ok = summary.get("ok", summary.get("passed"))
     if ok is not None:
         out.append(("result", "OK" if ok else "NOT OK"))

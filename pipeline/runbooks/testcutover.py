@@ -133,15 +133,16 @@ def section(report: dict[str, Any]) -> Section:
     that raised has no time, the error says which), and the source's pause, within the checkpoint step,
     as the freeze."""
     found, at = [], 0.0
+    health = report.get("health") or {}
     for label, seconds in report["steps"].items():
-        found.append(Span(label, WHERE.get(label, "target"), at, at + seconds * 1000, "done"))
+        status = "failed" if label == "health" and not health.get("ok") else "done"
+        found.append(Span(label, WHERE.get(label, "target"), at, at + seconds * 1000, status))
         at += seconds * 1000
     paused = next((s for s in found if s.label == "checkpoint"), None)
     if paused and report.get("pause_s") is not None:
         end = paused.start_ms + report["pause_s"] * 1000
-        found.append(Span("source paused", "source", paused.start_ms, end, "leave-running", "freeze"))
+        found.append(Span("source paused", "source", paused.start_ms, end, "done", "freeze"))
     found.sort(key=lambda s: (s.start_ms, s.kind != "stage"))
-    health = report.get("health") or {}
     facts = [("health check", report.get("check") or "(clone running)"), ("exit", str(health.get("rc", "-"))),
              ("source paused", f"{report['pause_s'] * 1000:.1f} ms" if report.get("pause_s") is not None else "-"),
              ("source untouched", str(report.get("source_untouched"))),

@@ -29,11 +29,21 @@ STORY = [
 ]  # fmt: skip
 
 
-def journalled(state: Path, container: str = "web", error: str | None = None, freeze_ms: float = 580.0) -> str:
-    """A finished migration in a real journal, its transitions at the times of STORY."""
+# ... and one whose restore failed: undone in reverse, the source thawed by the checkpoint's undo
+ROLLED_BACK = [
+    *STORY[:12], ("restore", "started", 1.06, None), ("restore", "failed", 1.20, {"error": "criu restore"}),
+    ("cutover", "undoing", 1.20, None), ("cutover", "undone", 1.23, None),
+    ("checkpoint", "undoing", 1.23, None), ("checkpoint", "undone", 1.30, None),
+]  # fmt: skip
+
+
+def journalled(
+    state: Path, container: str = "web", error: str | None = None, freeze_ms: float = 580.0, story: list = STORY
+) -> str:
+    """A finished migration in a real journal, its transitions at the times of `story`."""
     journal = Journal(state)
     mig = journal.begin(container, "local-1", "local-2", "precopy")
-    for stage, status, after, detail in STORY:
+    for stage, status, after, detail in story:
         journal.conn.execute(
             "INSERT INTO transitions (migration, stage, status, at, detail) VALUES (?,?,?,?,?)",
             (mig.id, stage, status, mig.started + after, json.dumps(detail) if detail else None),
@@ -94,6 +104,17 @@ def test_each_stage_and_round_is_a_row_and_a_bar_with_the_freeze_marked(state: P
     text = "".join(tree.text)
     assert "freeze min / median / max120.0 ms / 350.0 ms / 580.0 ms" in text
     assert "done 2" in text and "2.95 MB" in text, "outcomes and bytes summed over both"
+
+
+def test_a_rolled_back_migration_shows_its_undo_steps_and_where_the_source_thawed(state: Path) -> None:
+    mig = journalled(state, error="rolled back: web runs on local-1", story=ROLLED_BACK)
+    Journal(state).conn.execute("UPDATE migrations SET state='rolled-back' WHERE id=?", (mig,))
+    tree = Tree(report_html.page("r", [report_html.migration_section(Journal(state), mig)]))
+    rows = {c[0]: (css, c) for css, c in tree.rows if css is not None and len(c) == 5}
+    assert rows["restore"][1][4] == "failed" and rows["undo checkpoint"][0] == "undo"
+    assert rows["freeze"][1][2:] == ["700", "600.0", "thawed on the source"], "to the checkpoint's undo"
+    assert "rolled-back 1" in "".join(tree.text)
+    assert any(tag == "span" and a.get("class") == "bad" for tag, a in tree.elements), "the outcome is marked bad"
 
 
 def test_the_page_loads_nothing_from_outside(state: Path) -> None:

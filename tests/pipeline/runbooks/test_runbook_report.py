@@ -37,10 +37,11 @@ def test_a_run_writes_summary_and_one_report_and_plot_per_migration(tmp_path: Pa
 
 def test_the_page_says_what_did_not_migrate() -> None:
     summary = {"run": "evacuate-x", "kind": "evacuate", "host": "a", "ok": False, "remaining": ["big"],
+               "plan": {"targets": ["b", "c"], "moves": []},
                "results": [{"container": "big", "state": "no-capacity", "error": "needs 4 GiB"},
                            {"container": "web", "state": "done", "migration": PRECOPY}]}  # fmt: skip
     assert runreport.facts(summary) == [
-        ("runbook", "evacuate"), ("host", "a"), ("result", "NOT OK"), ("still on the host", "big"),
+        ("runbook", "evacuate"), ("host", "a"), ("targets", "b, c"), ("result", "NOT OK"), ("still on the host", "big"),
         ("not migrated", "big: needs 4 GiB"),
     ]  # fmt: skip
 
