@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from html import escape
 
 from skyferry.pipeline.controller.journal import Journal
-from skyferry.pipeline.controller.timeline import Span, spans
+from skyferry.pipeline.controller.timeline import Span, size, spans
 
 CSP = "default-src 'none'; style-src 'unsafe-inline'"
 GOOD = ("done", "passed", "already-there")
@@ -24,7 +24,7 @@ COLOURS = {"source": "#3b6fb6", "target": "#2e9a5a", "link": "#8a5cc2", "both": 
 UNDO, FAILED, FREEZE = "#e0902f", "#c93c3c", "#d64545"
 
 # The plot's geometry, in SVG user units (pixels at 100 % zoom).
-LABEL_W, PLOT_W, ROW_H, BAR_H, TOP, BOTTOM = 150, 780, 20, 13, 26, 30
+LABEL_W, PLOT_W, ROW_H, BAR_H, TOP, BOTTOM = 150, 780, 22, 14, 28, 38
 
 
 @dataclass
@@ -182,7 +182,7 @@ def plot(found: list[Span], hosts: dict[str, str]) -> str:
                    f'<title>{escape(_tip(s, hosts))}</title></rect>')  # fmt: skip
         took = f"{s.end_ms - s.start_ms:.0f} ms"
         out.append(f'<text x="{x0 + w + 4:.1f}" y="{y + ROW_H / 2 + 4:.1f}" class="took">{took}</text>')
-    out.append(f'<text x="{LABEL_W + PLOT_W:.1f}" y="{height - 2}" class="axis">{unit} since it began</text></svg>')
+    out.append(f'<text x="{LABEL_W + PLOT_W:.1f}" y="{height - 5}" class="axis">{unit} since it began</text></svg>')
     return "<figure>" + "".join(out) + _legend(found, hosts) + "</figure>"
 
 
@@ -247,15 +247,6 @@ def ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} ms"
 
 
-def size(value: int | float | None) -> str:
-    if value is None:
-        return "-"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if value >= scale:
-            return f"{value / scale:.2f} {unit}"
-    return f"{int(value)} B"
-
-
 def _anchor(mig_id: str) -> str:
     return "m-" + re.sub(r"[^A-Za-z0-9_-]", "_", mig_id)
 
@@ -284,16 +275,16 @@ tr.freeze td{background:#fde8e8;font-weight:600;color:#8f1d1d}tr.freeze td:first
 .ok{color:#1c7a43;font-weight:600}.bad{color:#b42525;font-weight:600}.running{color:#9a6700;font-weight:600}
 h2 span{font-size:13px;margin-left:6px}
 figure{margin:6px 0 4px;overflow-x:auto}
-svg.plot{display:block;font-size:12px}
+svg.plot{display:block;font-size:13px}
 svg .grid{stroke:#e3e7eb;stroke-width:1}
-svg .tick{fill:#5b6672;text-anchor:middle;font-size:11px}
-svg .axis{fill:#5b6672;text-anchor:end;font-size:11px}
+svg .tick{fill:#5b6672;text-anchor:middle;font-size:12px}
+svg .axis{fill:#5b6672;text-anchor:end;font-size:12px}
 svg .label{fill:#1d232b}
-svg .took{fill:#5b6672;font-size:11px}
+svg .took{fill:#5b6672;font-size:12px}
 svg .freeze{fill:#d64545;fill-opacity:.16;stroke:#d64545;stroke-width:1}
-svg .freeze-label{fill:#a12a2a;font-weight:600;font-size:12px}
+svg .freeze-label{fill:#a12a2a;font-weight:600;font-size:13px}
 svg .bar.bad{stroke:#7a1212;stroke-width:1}
-figcaption{font-size:12px;color:#3d4752;margin-top:2px}
+figcaption{font-size:13px;color:#3d4752;margin-top:2px}
 .key{margin-right:14px;white-space:nowrap}
 .key i{display:inline-block;width:11px;height:11px;margin-right:5px;vertical-align:-1px;border-radius:2px}
 @media print{section{break-inside:avoid}}
