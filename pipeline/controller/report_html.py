@@ -176,7 +176,8 @@ def plot(found: list[Span], hosts: dict[str, str]) -> str:
         x0 = x(s.start_ms)
         w = max(x(s.end_ms) - x0, 1.5)
         extra = ' fill-opacity=".65"' if s.kind == "round" else ""  # rounds: lighter than their stage
-        extra += ' stroke-dasharray="3 2"' if s.status == "running" else ""
+        if s.status == "running":  # no end recorded: hollow, dashed
+            extra += f' fill-opacity=".3" stroke="{_fill(s)}" stroke-dasharray="4 2"'
         out.append(f'<rect x="{x0:.1f}" y="{y + (ROW_H - BAR_H) / 2:.1f}" width="{w:.1f}" height="{BAR_H}" '
                    f'fill="{_fill(s)}" class="bar {"bad" if s.status == "failed" else ""}"{extra}>'
                    f'<title>{escape(_tip(s, hosts))}</title></rect>')  # fmt: skip

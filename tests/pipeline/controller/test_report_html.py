@@ -63,6 +63,7 @@ class Tree(HTMLParser):
         self.text: list[str] = []
         self.rows: list[tuple[str | None, list[str]]] = []
         self._row: list[str] | None = None
+        self._in_cell = False
         self.feed(page)
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
@@ -72,10 +73,14 @@ class Tree(HTMLParser):
             self.rows.append((dict(attrs).get("class"), self._row))
         elif tag == "td" and self._row is not None:
             self._row.append("")
+            self._in_cell = True
+
+    def handle_endtag(self, tag: str) -> None:
+        self._in_cell = self._in_cell and tag != "td"
 
     def handle_data(self, data: str) -> None:
         self.text.append(data)
-        if self._row:
+        if self._row and self._in_cell:
             self._row[-1] += data
 
     def ids(self) -> set[str]:
@@ -115,6 +120,19 @@ def test_a_rolled_back_migration_shows_its_undo_steps_and_where_the_source_thawe
     assert rows["freeze"][1][2:] == ["700", "600.0", "thawed on the source"], "to the checkpoint's undo"
     assert "rolled-back 1" in "".join(tree.text)
     assert any(tag == "span" and a.get("class") == "bad" for tag, a in tree.elements), "the outcome is marked bad"
+
+
+def test_a_migration_whose_controller_died_shows_what_was_running(state: Path) -> None:
+    mig = Journal(state).begin("web", "local-1", "local-2", "precopy").id
+    journal = Journal(state)
+    for stage, status, after, _ in STORY[:9]:  # the transfer started, nothing after it
+        journal.conn.execute("INSERT INTO transitions (migration, stage, status, at) VALUES (?,?,?,?)",
+                             (mig, stage, status, journal.get(mig).started + after))  # fmt: skip
+    tree = Tree(report_html.page("r", [report_html.migration_section(journal, mig)]))
+    rows = {c[0]: c for css, c in tree.rows if css is not None and len(c) == 5}
+    assert rows["transfer"][4] == "running" and rows["freeze"][4] == "running"
+    dashed = [a for tag, a in tree.elements if tag == "rect" and a.get("stroke-dasharray")]
+    assert len(dashed) == 1, "the one stage without an end is drawn hollow"
 
 
 def test_the_page_loads_nothing_from_outside(state: Path) -> None:
