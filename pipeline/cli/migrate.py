@@ -14,6 +14,7 @@ from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.controller.state import state_dir
 from skyferry.pipeline.controller.timeline import Span
 from skyferry.pipeline.controller.timeline import spans as timeline_of
+from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi.layout import FREEZE_TIMEOUT
 from skyferry.pipeline.runbooks import ingress
 
@@ -167,7 +168,10 @@ def show(
     mig = journal.get(mig_id)
     transitions = journal.transitions(mig_id)
     if html is not None:
-        html.write_text(report_html.page(f"migration {mig.id}", [report_html.migration_section(journal, mig_id)]))
+        try:
+            html.write_text(report_html.page(f"migration {mig.id}", [report_html.migration_section(journal, mig_id)]))
+        except OSError as exc:
+            raise SkyferryError(f"cannot write {html}: {exc.strerror}", hint="--html takes a file path") from None
         output.err_console.print(f"report: {html}", highlight=False)
     if timeline:
         found = timeline_of(journal, mig_id)

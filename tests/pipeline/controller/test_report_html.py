@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from kit.browser import chromium, visit
+from kit.runbook import cli
 from skyferry.pipeline.controller import report_html
 from skyferry.pipeline.controller.journal import Journal
 
@@ -181,3 +182,12 @@ def test_headless_chromium_shows_hostile_strings_as_text(
             assert seen.page.locator("#pwned").count() >= 1
             assert seen.page.title() != "pwned", "CSP: no inline script runs"
             assert any("Content Security Policy" in e for e in seen.console_errors), seen.console_errors
+
+
+def test_migrations_show_html_writes_the_page_or_says_why_not(state: Path, tmp_path: Path) -> None:
+    mig = journalled(state)
+    shown = cli("migrations", "show", mig, "--timeline", "--html", str(tmp_path / "one.html"))
+    assert shown.returncode == 0 and f"report: {tmp_path / 'one.html'}" in shown.stderr, shown.stderr
+    assert f'id="m-{mig}"' in (tmp_path / "one.html").read_text() and "freeze" in shown.stdout
+    refused = cli("migrations", "show", mig, "--html", str(tmp_path / "no" / "such" / "dir.html"))
+    assert refused.returncode == 2 and "cannot write" in refused.stderr and "Traceback" not in refused.stderr
