@@ -111,7 +111,7 @@ def _summary(sections: list[Section], facts: list[tuple[str, str]]) -> str:
 
 
 def _facts(rows: list[tuple[str, str]]) -> str:
-    items = "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in rows)
+    items = "".join(f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>" for k, v in rows)
     return f'<table class="facts">{items}</table>'
 
 
