@@ -35,12 +35,13 @@ RUNTIME_PKGS=(runc wireguard-tools wireguard-go iproute2 iptables nftables iperf
               python3 python3-venv python3-dev git make gcc cloud-init busybox-static
               podman conmon docker.io containerd tar  # engines: pipeline/runtimes/podman.py, pipeline/runtimes/docker.py
               qemu-system-x86 qemu-utils mmdebstrap genisoimage iputils-ping)  # VM hosts: providers/qemu.py, vmimage.py; workload_images.py
+TEST_PKGS=(chromium)  # the runbook HTML report, opened in a real headless browser (tests/pipeline/runbooks)
 BUILD_PKGS=(libbsd-dev libcap-dev libgnutls28-dev libnet1-dev libnftables-dev libnl-3-dev
             libprotobuf-c-dev libprotobuf-dev pkgconf protobuf-c-compiler protobuf-compiler
             python3-protobuf uuid-dev dpkg-dev xz-utils)
 
 missing=()
-for p in "${RUNTIME_PKGS[@]}" "${BUILD_PKGS[@]}"; do
+for p in "${RUNTIME_PKGS[@]}" "${BUILD_PKGS[@]}" "${TEST_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then

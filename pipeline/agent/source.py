@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from skyferry.pipeline import proctree
-from skyferry.pipeline.agent import netlock
+from skyferry.pipeline.agent import metrics, netlock
 from skyferry.pipeline.agent.freeze import Freeze
 from skyferry.pipeline.agent.holdback import Holdback
 from skyferry.pipeline.agent.host import POSTCOPY_TIMEOUT, Host
@@ -165,6 +165,7 @@ class SourceSession:
         while True:
             levels.append(self.throttle.level if self.throttle else 0.0)
             mem.upload("precopy-round", rounds.round())
+            metrics.precopy_round(self.name, method, rounds.history)
             stats = FsStats()
             fs.upload("fs-round", tracker.round(stats))
             fs_rounds.append(stats.as_dict())

@@ -4,16 +4,18 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import typer
-from skyferry.pipeline.controller import containers, migration
+from skyferry.pipeline.controller import containers, migration, report_html
 from skyferry.pipeline.controller.journal import Journal
 from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.controller.stages import COMPLETION_TIMEOUT
 from skyferry.pipeline.controller.state import state_dir
 from skyferry.pipeline.controller.timeline import Span
 from skyferry.pipeline.controller.timeline import spans as timeline_of
+from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi.layout import FREEZE_TIMEOUT
 from skyferry.pipeline.runbooks import ingress
 
@@ -176,11 +178,20 @@ def show(
     timeline: bool = typer.Option(
         False, "--timeline", help="Each stage, pre-copy round and undo step on one time axis, with the freeze."
     ),
+    html: Path | None = typer.Option(
+        None, "--html", metavar="FILE", help="Also write the timeline as a self-contained HTML page (table and plot)."
+    ),
 ) -> None:
     """One migration with every stage transition (or, with --timeline, its story on one time axis)."""
     journal = Journal(state_dir())
     mig = journal.get(mig_id)
     transitions = journal.transitions(mig_id)
+    if html is not None:
+        try:
+            html.write_text(report_html.page(f"migration {mig.id}", [report_html.migration_section(journal, mig_id)]))
+        except OSError as exc:
+            raise SkyferryError(f"cannot write {html}: {exc.strerror}", hint="--html takes a file path") from None
+        output.err_console.print(f"report: {html}", highlight=False)
     if timeline:
         found = timeline_of(journal, mig_id)
         if json_out:

@@ -1,7 +1,7 @@
 """`skyferry evacuate | exit | rebalance`: the runbook commands. Safe to run unattended and to run again.
 
-Each ends with a summary table (or --json), writes `<state>/reports/<run>/` (summary.json and, per
-migration, a JSON report and a PNG plot), and exits 0 only if everything it set out to do is done:
+Each ends with a summary table (or --json), writes `<state>/reports/<run>/` (summary.json, report.html and,
+per migration, a JSON report and a PNG plot), and exits 0 only if everything it set out to do is done:
 1 if some container did not move (the others did), 2 for bad input. docs/runbooks.md has the playbook.
 """
 
@@ -179,7 +179,7 @@ def test_cutover(name: str, to: str, test: bool, check: str | None, json_out: bo
     say = _progress(not json_out)
     state = state_dir()
     report = testcutover.run(state, name, to, check, progress=lambda stage: say(name, stage))
-    report["report_dir"] = str(runreport.write(state, report["id"], report, []))
+    report["report_dir"] = str(runreport.write(state, report["id"], report, [], [testcutover.section(report)]))
     if json_out:
         output.print_json(report)
     else:

@@ -8,12 +8,14 @@ two copies), the migration is marked `failed`, and `skyferry migrations rollback
 same point.
 """
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from skyferry.netplane.mesh import Mesh
+from skyferry.pipeline import logfmt
 from skyferry.pipeline.controller import agentctl
 from skyferry.pipeline.controller.journal import Journal, Migration
 from skyferry.pipeline.controller.registry import Registry
@@ -46,6 +48,7 @@ Progress = Callable[[str], None]
 # What the report keeps of each pre-copy round (frozen_ms: soft-dirty only, CRIU's freeze per pre-dump).
 ROUND_KEYS = ("seq", "duration", "pages_scanned", "pages_changed", "pages_zero", "bytes_out", "frozen_ms")
 FS_ROUND_KEYS = ("seq", "duration", "files_scanned", "files_sent", "bytes_raw", "bytes_wire")
+log = logging.getLogger("skyferry.controller.migration")
 
 
 def _quiet(_: str) -> None:
@@ -95,7 +98,8 @@ def migrate(
     ctx = _context(state, mig, mesh, journal)
     ctx.freeze_timeout = freeze_timeout
     ctx.auto_converge, ctx.completion_timeout, ctx.on_timeout = auto_converge, completion_timeout, on_timeout
-    return _drive(ctx, journal, MODES[mode], progress)
+    with logfmt.bound(migration=mig.id, container=name):
+        return _drive(ctx, journal, MODES[mode], progress)
 
 
 def resume(state: Path, mig_id: str, progress: Progress = _quiet) -> dict[str, Any]:
@@ -108,7 +112,8 @@ def resume(state: Path, mig_id: str, progress: Progress = _quiet) -> dict[str, A
     if "undone" in statuses.values() or mig.state == "failed":
         raise SkyferryError(f"migration {mig_id} was being rolled back", hint=f"skyferry migrations rollback {mig_id}")
     journal.claim(mig_id)
-    return _drive(_context(state, mig, Mesh.load(state), journal), journal, MODES[mig.mode], progress)
+    with logfmt.bound(migration=mig_id, container=mig.container):
+        return _drive(_context(state, mig, Mesh.load(state), journal), journal, MODES[mig.mode], progress)
 
 
 def rollback(state: Path, mig_id: str, progress: Progress = _quiet) -> dict[str, Any]:
@@ -127,14 +132,17 @@ def rollback(state: Path, mig_id: str, progress: Progress = _quiet) -> dict[str,
     # A rollback that finishes one a failure started keeps that failure as its cause.
     failed = next((t for t in journal.transitions(mig_id) if t["status"] == "failed"), None)
     cause = f"{failed['stage']} failed: {(failed['detail'] or {}).get('error')}" if failed else None
-    _undo(ctx, journal, MODES[mig.mode], progress, cause=cause)
+    ctx.notes["failed_stage"] = failed["stage"] if failed else None
+    with logfmt.bound(migration=mig_id, container=mig.container):
+        _undo(ctx, journal, MODES[mig.mode], progress, cause=cause)
     return _report(journal, journal.get(mig_id))
 
 
 def _context(state: Path, mig: Migration, mesh: Mesh, journal: Journal) -> Context:
     """What the stages need; for a resumed migration also what its finished stages journalled: the freeze
     bound (check) and the source's freeze deadline (checkpoint)."""
-    done = {t["stage"]: t["detail"] or {} for t in journal.transitions(mig.id) if t["status"] == "done"}
+    transitions = journal.transitions(mig.id)
+    done = {t["stage"]: t["detail"] or {} for t in transitions if t["status"] == "done"}
     entry = Registry(state).get(mig.container)
     src, dst = agentctl.client(state, mesh, mig.source), agentctl.client(state, mesh, mig.target)
     push = agentctl.Pusher(state, mesh, {mig.source: src, mig.target: dst})
@@ -155,7 +163,10 @@ def _context(state: Path, mig: Migration, mesh: Mesh, journal: Journal) -> Conte
         auto_converge=check.get("auto_converge", True),
         completion_timeout=check.get("completion_timeout", COMPLETION_TIMEOUT),
         on_timeout=check.get("on_timeout"),
-        notes={"freeze_deadline": done.get("checkpoint", {}).get("freeze_deadline")},
+        notes={
+            "freeze_deadline": done.get("checkpoint", {}).get("freeze_deadline"),
+            "freeze_s": _freeze_s(transitions),
+        },
     )
 
 
@@ -166,6 +177,8 @@ def _drive(ctx: Context, journal: Journal, stages: list[Stage], progress: Progre
         if statuses.get(stage.name) == "done":
             continue
         progress(stage.name)
+        logfmt.tag(stage=stage.name)
+        log.info("%s started (%s -> %s, %s)", stage.name, ctx.source, ctx.target, ctx.mode)
         journal.transition(ctx.mig_id, stage.name, "started")
         t0 = time.monotonic()
         try:
@@ -173,6 +186,8 @@ def _drive(ctx: Context, journal: Journal, stages: list[Stage], progress: Progre
         except LazyPhaseLost as exc:
             # Past the point of no return, yet the target's copy is down and the frozen source holds every
             # page: the one case where going back is right (and the only way the container runs again).
+            log.warning("%s failed: %s", stage.name, exc)
+            ctx.notes["failed_stage"] = stage.name
             journal.transition(ctx.mig_id, stage.name, "failed", {"error": str(exc)})
             _undo(ctx, journal, stages, progress, cause=f"{stage.name} failed: {exc}")
             Registry(ctx.state).move(ctx.entry.name, ctx.source)
@@ -184,6 +199,8 @@ def _drive(ctx: Context, journal: Journal, stages: list[Stage], progress: Progre
                 "page has arrived (docs/migration.md, post-copy)",
             ) from exc
         except Exception as exc:
+            log.warning("%s failed: %s", stage.name, exc)
+            ctx.notes["failed_stage"] = stage.name
             journal.transition(ctx.mig_id, stage.name, "failed", _failure(exc))
             if names.index(stage.name) > names.index(POINT_OF_NO_RETURN):
                 journal.finish(ctx.mig_id, "running", error=str(exc))
@@ -200,6 +217,9 @@ def _drive(ctx: Context, journal: Journal, stages: list[Stage], progress: Progre
             ) from exc
         detail["seconds"] = round(time.monotonic() - t0, 4)
         journal.transition(ctx.mig_id, stage.name, "done", detail)
+        log.info("%s done in %.3f s", stage.name, detail["seconds"])
+        if stage.name == FREEZE_TO:
+            ctx.notes["freeze_s"] = _freeze_s(journal.transitions(ctx.mig_id))
         if stage.name == POINT_OF_NO_RETURN:
             Registry(ctx.state).move(ctx.entry.name, ctx.target)  # from here on it lives there
         faults.crash_point(stage.name)
@@ -228,6 +248,8 @@ def _undo(ctx: Context, journal: Journal, stages: list[Stage], progress: Progres
         if statuses.get(stage.name) not in ("started", "done", "failed", "undoing"):
             continue
         progress(f"undo {stage.name}")
+        logfmt.tag(stage=stage.name)
+        log.info("undo %s", stage.name)
         journal.transition(ctx.mig_id, stage.name, "undoing")
         try:
             stage.undo(ctx)
@@ -261,18 +283,22 @@ def _stopped(ctx: Context, journal: Journal, stage: Stage, exc: Exception, cause
     )
 
 
+def _freeze_s(transitions: list[dict[str, Any]]) -> float | None:
+    """The freeze: the first checkpoint started .. the last restore done (None until then)."""
+    started = next((t["at"] for t in transitions if t["stage"] == FREEZE_FROM and t["status"] == "started"), None)
+    done = [t["at"] for t in transitions if t["stage"] == FREEZE_TO and t["status"] == "done"]
+    return done[-1] - started if started is not None and done else None
+
+
 def _report(journal: Journal, mig: Migration) -> dict[str, Any]:
     """Freeze = checkpoint started .. restore done; per-stage seconds; pre-copy rounds; bytes on the wire
     (rounds, final delta and payload)."""
     transitions = journal.transitions(mig.id)
     stages: dict[str, float] = {}
-    started: dict[str, float] = {}
     finished: dict[str, float] = {}
     detail: dict[str, dict[str, Any]] = {}
     for t in transitions:
-        if t["status"] == "started":
-            started.setdefault(t["stage"], t["at"])
-        elif t["status"] == "done":
+        if t["status"] == "done":
             finished[t["stage"]] = t["at"]
             detail[t["stage"]] = t["detail"] or {}
             stages[t["stage"]] = detail[t["stage"]].get("seconds", 0.0)
@@ -284,9 +310,8 @@ def _report(journal: Journal, mig: Migration) -> dict[str, Any]:
         bytes_wire = (
             transfer["bytes_wire"] + sum(r["bytes_out"] for r in rounds) + sum(r["bytes_wire"] for r in fs_rounds)
         )
-    freeze = None
-    if FREEZE_FROM in started and FREEZE_TO in finished:
-        freeze = round((finished[FREEZE_TO] - started[FREEZE_FROM]) * 1000, 1)
+    freeze_s = _freeze_s(transitions)
+    freeze = round(freeze_s * 1000, 1) if freeze_s is not None else None
     end = max(finished.values()) if finished else mig.updated
     return {
         "id": mig.id,

@@ -43,14 +43,18 @@ class Context:
     # journalled by the check stage, so a resumed migration keeps them.
     completion_timeout: float = COMPLETION_TIMEOUT
     on_timeout: str | None = None
-    # "freeze_deadline": the source's deadline (wall clock) from its checkpoint, bounding the restore.
+    # "freeze_deadline": the source's deadline (wall clock) from its checkpoint, bounding the restore;
+    # "freeze_s": the freeze as the journal measured it, once the restore is done; "failed_stage": the
+    # stage whose failure this rollback undoes (both for the agents' metrics).
     notes: dict[str, Any] = field(default_factory=dict)
 
     def target_agent(self) -> dict[str, Any]:
         return {"address": self.mesh.host(self.target).overlay_ip, "port": AGENT_PORT}
 
     def mig_call(self, agent: AgentClient, op: str, **body: Any) -> Any:
-        return agent.call("POST", f"/v1/migrations/{self.mig_id}/{op}", {"name": self.entry.name, **body})
+        failed = {"failed_stage": self.notes["failed_stage"]} if self.notes.get("failed_stage") else {}
+        step = {"name": self.entry.name, "mode": self.mode, **failed, **body}
+        return agent.call("POST", f"/v1/migrations/{self.mig_id}/{op}", step)
 
 
 class Stage(Protocol):
@@ -344,7 +348,7 @@ class Confirm:
     name = "confirm"
 
     def run(self, ctx: Context) -> dict[str, Any]:
-        return ctx.mig_call(ctx.src, "confirm")
+        return ctx.mig_call(ctx.src, "confirm", freeze_s=ctx.notes.get("freeze_s"))
 
     def undo(self, ctx: Context) -> None:
         raise SkyferryError("the source copy is already gone; a confirmed migration cannot be undone")

@@ -62,7 +62,7 @@ def _rounds(start: float, rounds: list[dict[str, Any]]) -> list[Span]:
     out, at = [], start
     for r in rounds:
         end = at + float(r.get("duration") or 0) * 1000
-        label = f"round {r.get('seq', len(out) + 1)}: {int(r.get('bytes_out') or 0) / 1e6:.2f} MB"
+        label = f"round {r.get('seq', len(out) + 1)}: {size(int(r.get('bytes_out') or 0))}"
         out.append(Span(label, "source -> target", at, end, "done", "round"))
         at = end
     return out
@@ -79,3 +79,13 @@ def _freeze(stages: list[Span]) -> Span | None:
         return Span("freeze", "source", start, restored.end_ms, "done", "freeze")
     end = thawed.end_ms if thawed else max(s.end_ms for s in stages)
     return Span("freeze", "source", start, end, "thawed on the source" if thawed else "running", "freeze")
+
+
+def size(value: float | None) -> str:
+    """Bytes as people read them: 1.44 MB, 10.82 kB (a small last round is not "0.00 MB")."""
+    if value is None:
+        return "-"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.2f} {unit}"
+    return f"{int(value)} B"

@@ -19,6 +19,8 @@ PageServer = Annotated[str, StringConstraints(pattern=r"^\d{1,3}(\.\d{1,3}){3}:\
 Base64 = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9+/]*={0,2}$", max_length=1 << 20)]
 Method = Literal["content", "soft-dirty"]  # criu/version.py: PRECOPY_CONTENT, PRECOPY_SOFT_DIRTY
 FreezeTimeout = Annotated[float, Field(gt=0, lt=86400)]  # seconds a container may stay frozen (freeze.py)
+Mode = Literal["precopy", "hybrid", "postcopy", "stop-copy"]  # controller/migration.py's MODES
+StageName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z-]{0,31}$")]
 
 
 class Body(BaseModel):
@@ -57,9 +59,17 @@ class Policy(Body):
 
 
 class Step(Body):
-    """POST /v1/migrations/ID/OP: every step names the container it acts on."""
+    """POST /v1/migrations/ID/OP: every step names the container it acts on. The controller's steps also
+    name the migration's mode and, while it rolls back, the stage whose failure started that: the
+    agent's metrics count migrations by both (pipeline/agent/metrics.py)."""
 
     name: ContainerName
+    mode: Mode | None = None
+    failed_stage: StageName | None = None
+
+
+class Confirm(Step):
+    freeze_s: Annotated[float, Field(ge=0)] | None = None  # the controller's measured freeze, for the metrics
 
 
 class Prepare(Step):
@@ -113,7 +123,7 @@ class CloneDiscard(Step):
 STEPS: dict[str, type[Step]] = {
     "prepare": Prepare, "precopy-reset": PrecopyReset, "hold": Hold, "restore": Restore, "abort": Step,
     "lazy": Step, "cleanup": Step, "precopy": Precopy, "checkpoint": Checkpoint, "transfer": Transfer, "rollback": Step,
-    "confirm": Step, "clone-prepare": Prepare, "clone-checkpoint": Step, "clone-transfer": Transfer,
+    "confirm": Confirm, "clone-prepare": Prepare, "clone-checkpoint": Step, "clone-transfer": Transfer,
     "clone-restore": Step, "clone-check": CloneCheck, "clone-discard": CloneDiscard,
 }  # fmt: skip
 

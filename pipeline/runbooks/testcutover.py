@@ -16,7 +16,9 @@ from typing import Any
 from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller import agentctl
 from skyferry.pipeline.controller.registry import Registry
+from skyferry.pipeline.controller.report_html import Section
 from skyferry.pipeline.controller.stages import Check, Context
+from skyferry.pipeline.controller.timeline import Span
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi.layout import AGENT_PORT
 from skyferry.pipeline.hostapi.spec import clone_name
@@ -120,3 +122,37 @@ def rows(report: dict[str, Any]) -> list[list[str]]:
     if report.get("error"):
         out.append(["error", report["error"]])
     return out
+
+
+# Where each step of a test runs (timeline.WHERE's vocabulary, so the HTML report colours it alike).
+WHERE = {"check": "source, target", "checkpoint": "source", "transfer": "source -> target"}
+
+
+def section(report: dict[str, Any]) -> Section:
+    """The test for the run's HTML report: its timed steps back to back (they run one after another; a step
+    that raised has no time, the error says which), and the source's pause, within the checkpoint step,
+    as the freeze."""
+    found, at = [], 0.0
+    health = report.get("health") or {}
+    for label, seconds in report["steps"].items():
+        status = "failed" if label == "health" and not health.get("ok") else "done"
+        found.append(Span(label, WHERE.get(label, "target"), at, at + seconds * 1000, status))
+        at += seconds * 1000
+    paused = next((s for s in found if s.label == "checkpoint"), None)
+    if paused and report.get("pause_s") is not None:
+        end = paused.start_ms + report["pause_s"] * 1000
+        found.append(Span("source paused", "source", paused.start_ms, end, "done", "freeze"))
+    found.sort(key=lambda s: (s.start_ms, s.kind != "stage"))
+    facts = [("health check", report.get("check") or "(clone running)"), ("exit", str(health.get("rc", "-"))),
+             ("source paused", f"{report['pause_s'] * 1000:.1f} ms" if report.get("pause_s") is not None else "-"),
+             ("source untouched", str(report.get("source_untouched"))),
+             ("target clean", str(report.get("target_clean")))]  # fmt: skip
+    if report.get("error"):
+        facts.append(("error", report["error"]))
+    return Section(
+        id=report["id"], title=f"{report['container']}: clone on {report['target']}, source on {report['source']}",
+        outcome="passed" if report["passed"] else "failed", hosts={"source": report["source"],
+        "target": report["target"]}, spans=found, facts=facts, kind="test cutover",
+        freeze_ms=report["pause_s"] * 1000 if report.get("pause_s") is not None else None,
+        bytes_wire=report.get("bytes_wire"),
+    )  # fmt: skip
