@@ -110,7 +110,7 @@ class Prediction:
 def predict(mode: str, m: Measured, fixed_ms: Mapping[str, float], method: str = "content") -> Prediction:
     """`mode`'s freeze if the container froze now, and the whole migration's time and bytes; `method` is
     the pre-copy rounds' (soft-dirty: the dump writes only the delta)."""
-    fixed = fixed_ms.get(mode, DEFAULT_FIXED_MS[mode])
+    fixed = fixed_cost(mode, fixed_ms)
     gib = m.memory_bytes / GIB
     bw = m.bandwidth
     delta = m.delta_wire()
@@ -138,6 +138,16 @@ def predict(mode: str, m: Measured, fixed_ms: Mapping[str, float], method: str =
         bytes_at_freeze=inside,
         lazy_bytes=lazy,
     )
+
+
+def fixed_cost(mode: str, fixed_ms: Mapping[str, float]) -> float:
+    """`mode`'s fixed cost between a pair: as measured, else the default scaled by how the pair's measured
+    modes compare with theirs (a pair twice as slow in precopy is taken as twice as slow in hybrid, so a
+    mode it has not run yet does not look faster for want of a measurement)."""
+    if mode in fixed_ms:
+        return fixed_ms[mode]
+    seen = [fixed_ms[m] / DEFAULT_FIXED_MS[m] for m in fixed_ms if m in DEFAULT_FIXED_MS]
+    return DEFAULT_FIXED_MS[mode] * (sum(seen) / len(seen) if seen else 1.0)
 
 
 def predict_all(m: Measured, fixed_ms: Mapping[str, float], method: str = "content") -> dict[str, Prediction]:

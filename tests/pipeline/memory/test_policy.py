@@ -8,6 +8,7 @@ from skyferry.pipeline.memory.prediction import (
     LEAD_S,
     PAGE,
     Measured,
+    fixed_cost,
     predict,
     predict_all,
 )
@@ -55,6 +56,13 @@ def test_each_mode_pays_where_it_should() -> None:
     # soft-dirty rounds: CRIU dumps only the delta, so the freeze grows less with memory
     assert predict("precopy", m, {}, "soft-dirty").freeze_ms < p["precopy"].freeze_ms
     assert predict("precopy", m, {"precopy": 10.0}).fixed_ms == 10.0
+
+
+def test_a_mode_never_run_between_a_pair_is_scaled_like_the_ones_that_ran() -> None:
+    slow = {"precopy": DEFAULT_FIXED_MS["precopy"] * 2}  # this pair took twice the default in precopy
+    assert fixed_cost("precopy", slow) == DEFAULT_FIXED_MS["precopy"] * 2
+    assert fixed_cost("hybrid", slow) == DEFAULT_FIXED_MS["hybrid"] * 2  # not the optimistic default
+    assert fixed_cost("hybrid", {}) == DEFAULT_FIXED_MS["hybrid"]
 
 
 def test_a_tiny_container_freezes_after_round_one_when_that_fits() -> None:
