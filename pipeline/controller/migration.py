@@ -130,6 +130,7 @@ def estimate(
             raise SkyferryError(f"estimate of {name!r} failed at {stage.name}: {exc}. Nothing was changed",
                                 hint=getattr(exc, "hint", None)) from exc  # fmt: skip
         journal.transition(mig.id, stage.name, "done", done[stage.name])
+        faults.crash_point(stage.name)
     _undo(ctx, journal, ESTIMATE_ROUNDS, progress)  # the source's rounds, the target's prepared copy
     journal.forget(mig.id)
     rounds = done[PreCopy.name]

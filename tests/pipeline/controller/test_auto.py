@@ -51,8 +51,8 @@ def where(state: Path, name: str) -> dict:
     return {r["name"]: r for r in containers.live(state)}[name]
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([SKYFERRY, *args], capture_output=True, text=True)
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([SKYFERRY, *args], capture_output=True, text=True, env={**os.environ, **(env or {})})
 
 
 def test_auto_picks_a_mode_says_why_and_learns_the_pair(counter: dict) -> None:
@@ -108,5 +108,23 @@ def test_estimate_changes_nothing(counter: dict) -> None:
     table = cli("migrate", name, "--to", "local-2", "--estimate")  # the same, for a person
     assert table.returncode == 0 and "auto would pick" in table.stdout, table.stderr
     assert where(state, name)["host"] == "local-1"
+    seen = counter["client"].stop()
+    assert seen["survived"], seen["errors"]
+
+
+def test_an_estimate_whose_controller_died_is_cleared_by_rollback(counter: dict) -> None:
+    state, name, m = counter["state"], counter["name"], counter["mesh"]
+    crashed = cli("migrate", name, "--to", "local-2", "--estimate", env={"SKYFERRY_CRASH_AFTER": "precopy"})
+    assert crashed.returncode == 137, crashed.stderr
+    left = Journal(state).active_for(name)
+    assert left is not None and left.mode == "estimate"  # it holds the container: no migration meanwhile
+    assert cli("migrate", name, "--to", "local-2").returncode == 2
+    assert cli("migrations", "resume", left.id).returncode == 2  # an estimate is never finished
+    undone = cli("migrations", "rollback", left.id, "--json")
+    assert undone.returncode == 0 and json.loads(undone.stdout)["state"] == "rolled-back", undone.stderr
+    assert Journal(state).active_for(name) is None and left.id not in [mig.id for mig in Journal(state).all()]
+    assert where(state, name)["host"] == "local-1" and where(state, name)["state"] == "running"
+    assert not netns.exists(f"{m.name}-local-2-{name}")
+    assert not Path(IMAGES_TMPFS, m.name, "local-2", left.id).exists()
     seen = counter["client"].stop()
     assert seen["survived"], seen["errors"]
