@@ -78,13 +78,13 @@ def _print_estimate(found: dict[str, Any]) -> None:
         highlight=False,
     )
     rows = [
-        [mode, f"{p['freeze_ms']:.0f} ms", "yes" if p["fits"] else "no", f"{p['total_s']:.1f} s",
-         _size(p["bytes_wire"]), _size(p["lazy_bytes"]) if p["lazy_bytes"] else "-",
-         "" if p["available"] else "not between these hosts"]
+        [mode + ("" if p["available"] else " (not between these hosts)"), f"{p['freeze_ms']:.0f} ms",
+         "yes" if p["fits"] else "no", f"{p['total_s']:.1f} s", _size(p["bytes_wire"]),
+         _size(p["lazy_bytes"]) if p["lazy_bytes"] else "-"]
         for mode, p in found["modes"].items()
     ]  # fmt: skip
     limit = f"≤ {found['max_freeze_ms']:.0f} ms"
-    output.print_table(None, ["MODE", "FREEZE", limit, "TOTAL", "BYTES", "AFTER RESTORE", ""], rows)
+    output.print_table(None, ["MODE", "FREEZE", limit, "TOTAL", "BYTES", "AFTER RESTORE"], rows)
     output.console.print(f"auto would pick {found['auto']['mode']}: {found['auto']['mode_reason']}", highlight=False)
 
 
@@ -183,7 +183,7 @@ def ls(json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HE
                 m.container,
                 m.source,
                 m.target,
-                m.mode,
+                f"{m.mode}: {m.report['mode']}" if m.report and m.report.get("mode", m.mode) != m.mode else m.mode,
                 m.state,
                 f"{m.report['freeze_ms']} ms" if m.report and m.report.get("freeze_ms") is not None else "-",
             ]
