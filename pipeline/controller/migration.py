@@ -8,6 +8,8 @@ two copies), the migration is marked `failed`, and `skyferry migrations rollback
 same point.
 """
 
+import contextlib
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -296,7 +298,10 @@ def _drive(ctx: Context, journal: Journal, progress: Progress) -> dict[str, Any]
     report = _report(journal, mig)
     journal.finish(ctx.mig_id, "done", report=report)
     if report["freeze_ms"] and report["prediction"]:  # the next prediction between this pair learns from it
-        freezecost.learn(ctx.state, mig.source, mig.target, report["mode"], report["freeze_ms"], report["prediction"])
+        with contextlib.suppress(sqlite3.Error):  # the container has moved: a busy store must not say otherwise
+            freezecost.learn(
+                ctx.state, mig.source, mig.target, report["mode"], report["freeze_ms"], report["prediction"]
+            )
     return _report(journal, journal.get(ctx.mig_id))
 
 
@@ -346,6 +351,12 @@ def _stopped(ctx: Context, journal: Journal, stage: Stage, exc: Exception, cause
     )
 
 
+def _mode_reason(mode: str, precopy: dict[str, Any], check: dict[str, Any]) -> str:
+    if mode == "auto":
+        return precopy.get("finish_reason") or "not chosen yet: the pre-copy rounds did not finish"
+    return check.get("mode_reason") or f"--mode {mode}"  # or auto for an engine with one mode
+
+
 def _report(journal: Journal, mig: Migration) -> dict[str, Any]:
     """Freeze = checkpoint started .. restore done; per-stage seconds; pre-copy rounds; bytes on the wire
     (rounds, final delta and payload)."""
@@ -382,9 +393,7 @@ def _report(journal: Journal, mig: Migration) -> dict[str, Any]:
         "target": mig.target,
         "mode": mode,  # auto: the mode its rounds chose
         "mode_requested": mig.mode,
-        "mode_reason": (precopy.get("finish_reason") if mig.mode == "auto" else None)
-        or check.get("mode_reason")
-        or f"--mode {mig.mode}",
+        "mode_reason": _mode_reason(mig.mode, precopy, check),
         "state": mig.state,
         "error": mig.error,
         "freeze_ms": freeze,
