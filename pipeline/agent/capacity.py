@@ -21,8 +21,7 @@ CPU_SAMPLE_S = 0.2
 
 
 def collect(host: Host) -> dict[str, Any]:
-    names = [name for runtime in host.runtimes.values() for name in runtime.names()]
-    paths = {name: f"skyferry/{host.cfg.mesh}/{host.cfg.name}/{name}" for name in names}
+    paths = _cgroups(host)
     cpu0 = {name: _cpu_ns(p) for name, p in paths.items()}
     t0 = time.monotonic()
     time.sleep(CPU_SAMPLE_S)
@@ -45,6 +44,16 @@ def collect(host: Host) -> dict[str, Any]:
         "cpu_free": round(max(cpus - cpu_used, 0.0), 3),
         "containers": used,
     }
+
+
+def memory_by_container(host: Host) -> dict[str, int]:
+    """Each container's resident memory, as `collect` counts it (no CPU sample: no wait)."""
+    return {name: _memory(path) for name, path in _cgroups(host).items()}
+
+
+def _cgroups(host: Host) -> dict[str, str]:
+    names = [name for runtime in host.runtimes.values() for name in runtime.names()]
+    return {name: f"skyferry/{host.cfg.mesh}/{host.cfg.name}/{name}" for name in names}
 
 
 def _size(state_root: Path) -> tuple[int, float]:

@@ -27,6 +27,7 @@ Routes (JSON in, JSON out; errors are {"error", "hint"} with 4xx/5xx, and "log":
                                             this host's addresses to the container here (pipeline/agent/dnat.py)
   DELETE /v1/containers/NAME/ingress        drop the container's published ports (it may have left already)
   GET    /v1/ingress                        every published port on this host
+  GET    /v1/metrics                        Prometheus exposition (text/plain): pipeline/agent/metrics.py
   POST   /v1/migrations/ID/OP               OP is a step of the source (SOURCE_OPS: SourceSession's methods),
                                             of the target (TARGET_OPS: TargetSession's; `lazy` waits for the
                                             last lazy page), or a test-cutover
@@ -46,7 +47,8 @@ only the host the controller bound to that migration id may call: `prepare` (and
 `clone-prepare`) names the source host as `peer`, and the target takes that migration's streams from a
 certificate of that name, with the host role, and from nobody else (the controller included). A refusal
 is 403 with a JSON {"error", "hint"}; a certificate without a role (made before roles existed) is
-refused on every route. Every body is a pydantic model (pipeline/hostapi/bodies.py): a malformed one,
+refused on every route. A `monitor` certificate (`skyferry mesh issue-monitor-cert`, for Prometheus)
+may read the metrics and nothing else. Every body is a pydantic model (pipeline/hostapi/bodies.py): a malformed one,
 a bad container name in the path, or a rootfs or image outside the host's imports directory is a 400.
 """
 
@@ -62,11 +64,11 @@ from dataclasses import asdict
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from skyferry.netplane import routes
-from skyferry.pipeline.agent import capacity, clone, dnat, doctor, facts, freeze
+from skyferry.pipeline.agent import capacity, clone, dnat, doctor, facts, freeze, metrics
 from skyferry.pipeline.agent.certs import LiveIdentity, NewCert
 from skyferry.pipeline.agent.host import Host, HostConfig
 from skyferry.pipeline.agent.source import Lane, SourceSession, expire
@@ -91,6 +93,7 @@ MIGRATION_ID = re.compile(r"[A-Za-z0-9_-]+")  # it names directories (images, lo
 STREAMS = ("receive", "precopy-round", "precopy-final", "lazy-final", "fs-round")  # TargetSession's streams
 CONTROLLER, PEER = "controller", "peer"  # the controller's certificate; the migration's bound source host
 CONTROLLER_OR_PEER = "controller or peer"
+CONTROLLER_OR_MONITOR = "controller or monitor"  # a monitor certificate reads metrics and nothing else
 # Every route and who may call it (the path after /v1/; NAME and OP are one segment, ID a migration id).
 # The first match decides; a path that matches none is the controller's (and then most likely a 404).
 ACCESS: tuple[tuple[str, str, str], ...] = (
@@ -110,6 +113,7 @@ ACCESS: tuple[tuple[str, str, str], ...] = (
     ("POST", "containers/NAME/ingress", CONTROLLER),
     ("DELETE", "containers/NAME/ingress", CONTROLLER),
     ("GET", "ingress", CONTROLLER),
+    ("GET", "metrics", CONTROLLER_OR_MONITOR),
     ("PUT", "mesh/peers", CONTROLLER),
     ("POST", "tls/csr", CONTROLLER),
     ("PUT", "tls/cert", CONTROLLER),
@@ -180,6 +184,10 @@ class Agent:
             )
         rest = path.removeprefix("/v1/")
         who = next((who for m, shape, who in _SHAPES if m == method and shape.fullmatch(rest)), CONTROLLER)
+        if who == CONTROLLER_OR_MONITOR:
+            if role not in (pki.CONTROLLER, pki.MONITOR):
+                raise _Forbidden(f"{method} {path} is the controller's and monitors'; {role} {name!r} may not call it")
+            return
         if who == CONTROLLER or (who == CONTROLLER_OR_PEER and role == pki.CONTROLLER):
             if role != pki.CONTROLLER:
                 raise _Forbidden(f"{method} {path} is the controller's; {role} {name!r} may not call it")
@@ -234,6 +242,8 @@ class Agent:
                 return {"removed": dnat.unpublish(name)}
             case "GET", ["ingress"]:
                 return dnat.published()
+            case "GET", ["metrics"]:
+                return _Text(metrics.exposition(), metrics.CONTENT_TYPE)
             case "DELETE", ["containers", name]:
                 with host.lock(name):
                     host.remove(name)
@@ -262,9 +272,27 @@ class Agent:
                 self.host.bind(mig, req.peer)
             if op in clone.OPS:
                 return clone.dispatch(self.host, mig, op, req, lambda to: self._lane(mig, req.target, to, "mem"))
-            if op in SOURCE_OPS:
-                return self._source_step(SourceSession.of(self.host, mig, req.name), op, req)
-            return self._target_step(TargetSession.of(self.host, mig, req.name), op, req)
+            side = metrics.SOURCE if op in SOURCE_OPS else metrics.TARGET
+            with metrics.step(side, mig, req.name, op, req.mode):
+                if op in SOURCE_OPS:
+                    done = self._source_step(SourceSession.of(self.host, mig, req.name), op, req)
+                else:
+                    done = self._target_step(TargetSession.of(self.host, mig, req.name), op, req)
+                self._record(side, mig, op, req, done)
+            return done
+
+    def _record(self, side: str, mig: str, op: str, req: Any, done: Any) -> None:
+        """The metrics of a step that went through: a migration ends here with the controller's confirm,
+        cleanup, rollback or abort (the source watchdog's fence, an abort that names no mode, is followed
+        by the controller's rollback)."""
+        if op == "lazy" and isinstance(done, dict):
+            metrics.lazy_pages(int(done.get("pages_from_source", 0)))
+        if req.mode is None:
+            return
+        if op in ("confirm", "cleanup"):
+            metrics.finish(side, mig, req.name, metrics.DONE, freeze_s=getattr(req, "freeze_s", None))
+        elif op in ("rollback", "abort"):
+            metrics.finish(side, mig, req.name, metrics.ROLLED_BACK, failed_stage=req.failed_stage)
 
     def _source_step(self, session: SourceSession, op: str, req: Any) -> Any:
         match op:
@@ -315,6 +343,7 @@ class Agent:
         source = (
             PageSource(q.page_server, peer, self.live.client(), self.live.check) if q.page_server and peer else None
         )
+        reader = metrics.Counted(metrics.TARGET, stream, reader)
         with self.host.lock(q.name):
             session = TargetSession.of(self.host, mig, q.name)
             match stream:
@@ -350,7 +379,7 @@ class Agent:
 
         def upload(stream: str, chunks: Iterable[bytes], **query: str) -> dict[str, Any]:
             path = f"/v1/migrations/{mig}/{stream}?{urlencode({'name': name, **query}, safe=':')}"
-            return peer.upload(path, faults.corrupt(state_root, path, chunks))
+            return peer.upload(path, metrics.counted(metrics.SOURCE, stream, faults.corrupt(state_root, path, chunks)))
 
         def call(op: str, body: dict[str, Any]) -> dict[str, Any]:
             return peer.call("POST", f"/v1/migrations/{mig}/{op}", {"name": name, **body})
@@ -364,6 +393,13 @@ class Agent:
 
 class _NotFound(Exception):
     pass
+
+
+class _Text(NamedTuple):
+    """A reply that is not JSON (the metrics' exposition)."""
+
+    data: bytes
+    ctype: str
 
 
 class _Forbidden(SkyferryError):
@@ -387,7 +423,9 @@ def _handler(agent: Agent) -> type[BaseHTTPRequestHandler]:
             self._reply(code, {"error": message or HTTPStatus(code).phrase, "hint": None})
 
         def _reply(self, status: int, payload: Any) -> None:
-            if isinstance(payload, bytes):
+            if isinstance(payload, _Text):
+                data, ctype = payload
+            elif isinstance(payload, bytes):
                 data, ctype = payload, "application/octet-stream"
             else:
                 data, ctype = json.dumps(payload, default=str).encode(), "application/json"
@@ -478,6 +516,7 @@ def serve(cfg: HostConfig, identity: Identity, listen: str, port: int = AGENT_PO
     for pid in lazypages.stop_strays(host.images_root):
         log.warning("stopped lazy-pages daemon %d left behind by an earlier agent", pid)
     agent = Agent(host, identity)
+    metrics.watch(host, lambda: _pages_outstanding(host))
     freeze.Watchdog(host.freezes, lambda record: expire(host, record, agent.peer)).start()
     server = TLSServer((listen, port), _handler(agent), agent.live.server, agent.live.check)
     agent.recheck = server.recheck
@@ -488,6 +527,12 @@ def serve(cfg: HostConfig, identity: Identity, listen: str, port: int = AGENT_PO
     finally:
         server.server_close()
         host.shutdown()
+
+
+def _pages_outstanding(host: Host) -> dict[str, int]:
+    """The pages each lazily restored container here still has to fetch."""
+    sessions = [s for s in list(host.targets.values()) if isinstance(s, TargetSession)]
+    return {s.name: left for s in sessions if (left := s.pages_outstanding()) is not None}
 
 
 def identity_for(state_root: Path) -> Identity:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from skyferry.pipeline import proctree
-from skyferry.pipeline.agent import netlock
+from skyferry.pipeline.agent import metrics, netlock
 from skyferry.pipeline.agent.freeze import Freeze
 from skyferry.pipeline.agent.holdback import Holdback
 from skyferry.pipeline.agent.host import POSTCOPY_TIMEOUT, Host
@@ -137,6 +137,7 @@ class SourceSession:
         fs_rounds = []
         while True:
             mem.upload("precopy-round", rounds.round())
+            metrics.precopy_round(self.name, method, rounds.history)
             stats = FsStats()
             fs.upload("fs-round", tracker.round(stats))
             fs_rounds.append(stats.as_dict())

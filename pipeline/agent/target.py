@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from skyferry.netplane import attach
-from skyferry.pipeline.agent import netlock
+from skyferry.pipeline.agent import metrics, netlock
 from skyferry.pipeline.agent.holdback import Holdback
 from skyferry.pipeline.agent.host import POSTCOPY_TIMEOUT, Host
 from skyferry.pipeline.criu.version import PRECOPY_CONTENT, PRECOPY_SOFT_DIRTY
@@ -57,6 +57,7 @@ class TargetSession:
         self.pager: Future[Pager] | None = None  # post-copy and hybrid: started during the transfer
         self.page_source: PageSource | None = None  # post-copy and hybrid: the source's page tunnel
         self.holdback: Holdback | None = None  # client segments, replayed when the restore opens the netns
+        self.fetching: Pager | None = None  # post-copy and hybrid: the pager, for the metrics until close
 
     @classmethod
     def of(cls, host: Host, mig: str, name: str) -> TargetSession:
@@ -252,6 +253,11 @@ class TargetSession:
         marker.unlink(missing_ok=True)
         return stats
 
+    def pages_outstanding(self) -> int | None:
+        """Pages the lazily restored copy still has to fetch from the source (None before a pager)."""
+        pager = self.fetching
+        return pager.proxy.outstanding if pager is not None else None
+
     def cleanup(self) -> dict[str, Any]:
         """Drop what the migration left here (after `lazy`, in post-copy and hybrid)."""
         self.close()
@@ -260,6 +266,7 @@ class TargetSession:
     def close(self) -> None:
         """Release everything the migration holds here (idempotent) and leave the host's registry."""
         self._stop_pager()
+        self.fetching = None
         self.clean_map = {}
         if self.store is not None:
             self.store.close()
@@ -303,7 +310,9 @@ class TargetSession:
         if self.store is None:  # post-copy: the proxy keeps what it fetches in a fresh store
             self.store = TargetStore(self.dir / "store")
         images = self.dir / "images"
-        return Pager(self.store, self.clean_map, images, page_source, work)
+        pager = self.fetching = Pager(self.store, self.clean_map, images, page_source, work)
+        pager.proxy.on_wait = metrics.page_wait
+        return pager
 
     def _stop_pager(self) -> None:
         early, self.pager = self.pager, None

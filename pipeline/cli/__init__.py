@@ -15,7 +15,7 @@ from . import output
 from .app import app
 
 # Command modules register themselves on `app` when imported; the order here is the order in --help.
-from . import hosts, join, mesh, containers, migrate, provision, doctor, agent, demo, bench, runbooks  # noqa: F401  isort: skip
+from . import hosts, join, mesh, containers, migrate, provision, doctor, metrics, agent, demo, bench, runbooks  # noqa: F401  isort: skip
 
 USER_ERRORS = (SkyferryError, NetplaneError, ProviderError)
 

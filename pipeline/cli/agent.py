@@ -4,12 +4,13 @@ import logging
 from pathlib import Path
 
 import typer
+from skyferry.pipeline import logfmt
 from skyferry.pipeline.agent.host import HostConfig
 from skyferry.pipeline.agent.server import identity_for, remove_all, serve
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi.layout import AGENT_PORT
 
-from .app import app
+from .app import LOG_FORMAT_ENV, LogFormat, app
 
 
 @app.command(rich_help_panel="Internals")
@@ -21,6 +22,12 @@ def agent(
     port: int = typer.Option(AGENT_PORT, help="TCP port."),
     mtu: int = typer.Option(1420, help="Overlay MTU, for container interfaces."),
     wg_interface: str = typer.Option("skyferry", help="This host's WireGuard interface (the agent sets its peers)."),
+    log_format: LogFormat = typer.Option(
+        LogFormat.text,
+        "--log-format",
+        envvar=LOG_FORMAT_ENV,
+        help="text, or json: one object per line with host, migration, container and stage.",
+    ),
     remove_containers: bool = typer.Option(
         False, "--remove-containers", help="Remove every container of this host, then exit (`hosts down`)."
     ),
@@ -30,7 +37,7 @@ def agent(
     It serves HTTPS with mutual TLS on LISTEN:PORT and accepts only certificates signed by the mesh CA.
     Normally started for you by `skyferry hosts up` (local) or a systemd unit (cloud hosts).
     """
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logfmt.configure(log_format.value, logging.INFO, host=host)
     cfg = HostConfig(name=host, mesh=mesh, state_root=state_root, overlay_ip=listen, mtu=mtu, wg_interface=wg_interface)
     if remove_containers:
         remove_all(cfg)

@@ -1,6 +1,21 @@
 """The root Typer app; each command module in this package registers itself on it."""
 
+import logging
+import os
+from enum import StrEnum
+
 import typer
+from skyferry.pipeline import logfmt
+
+LOG_FORMAT_ENV = "SKYFERRY_LOG_FORMAT"
+
+
+class LogFormat(StrEnum):
+    """`--log-format` (pipeline/logfmt.py)."""
+
+    text = "text"
+    json = "json"
+
 
 app = typer.Typer(
     name="skyferry",
@@ -26,5 +41,15 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    log_format: LogFormat | None = typer.Option(
+        None,
+        "--log-format",
+        envvar=LOG_FORMAT_ENV,
+        help="text, or json: one object per line (with migration, container, stage) on stderr, from the info "
+        "level on; agents this command starts log the same way.",
+    ),
 ) -> None:
     """Live-migrate running containers between hosts and clouds."""
+    if log_format is not None:
+        os.environ[LOG_FORMAT_ENV] = log_format.value  # the local agents `hosts up` starts inherit it
+        logfmt.configure(log_format.value, logging.INFO if log_format == LogFormat.json else logging.WARNING)

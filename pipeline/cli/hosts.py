@@ -11,6 +11,7 @@ import typer
 from skyferry.netplane import netns
 from skyferry.netplane.mesh import Mesh
 from skyferry.netplane.wan import WanSpec
+from skyferry.pipeline import logfmt
 from skyferry.pipeline.controller.state import state_dir
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.providers import inventory, vm
@@ -207,7 +208,10 @@ def _up_vms(
 
 
 def progress_on_stderr() -> None:
-    """Long waits (image build, boot) log progress lines; show them on stderr, outside --json's stdout."""
+    """Long waits (image build, boot) log progress lines; show them on stderr, outside --json's stdout
+    (with --log-format json they are JSON lines there already)."""
+    if logfmt.active == "json":
+        return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("> %(message)s"))
     logger = logging.getLogger("skyferry.providers")

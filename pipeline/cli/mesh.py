@@ -1,6 +1,7 @@
 """`skyferry mesh`: a mesh whose controller is this machine, and keeping every member's peers right."""
 
 import secrets
+from pathlib import Path
 
 import typer
 
@@ -109,6 +110,43 @@ def rotate(
             f"{len(report['failed'])} host(s) kept their old certificate: {name}: {error}",
             hint="run skyferry mesh rotate again once they answer (skyferry hosts ls)",
         )
+
+
+@mesh_app.command("issue-monitor-cert")
+def issue_monitor_cert(
+    out: Path = typer.Option(Path("skyferry-monitor"), "--out", help="Directory for ca.pem, cert.pem, key.pem."),
+    name: str = typer.Option("prometheus", "--name", help="The monitor's name in its certificate."),
+    revoke_old: bool = typer.Option(
+        False, "--revoke-old", help="Revoke this monitor's earlier certificates everywhere, and issue a new one."
+    ),
+    json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP),
+) -> None:
+    """Issue a certificate that may read every agent's metrics (GET /v1/metrics) and nothing else: the
+    client certificate for Prometheus (docs/observability.md). It lasts 90 days; run this again monthly
+    (it renews once a third is left), or with --revoke-old when its key may have leaked.
+
+    Example: skyferry mesh issue-monitor-cert --out /etc/prometheus/skyferry
+    """
+    from skyferry.netplane.mesh import Mesh
+    from skyferry.pipeline.controller import agentctl, revoke
+    from skyferry.pipeline.controller.state import state_dir
+
+    state = state_dir()
+    mesh = Mesh.load(state)
+    revoked: dict[str, list[str]] = {"revoked": [], "not_told": []}
+    if revoke_old:
+        revoked = revoke.monitor(state, mesh, name)
+        (out / "cert.pem").unlink(missing_ok=True)  # so that a new one is issued
+    ident = agentctl.issue_monitor(state, mesh, name, out)
+    files = {"ca_file": str(ident.ca), "cert_file": str(ident.cert), "key_file": str(ident.key)}
+    if json_out:
+        output.print_json({"name": name, "role": "monitor", **files, **revoked})
+        return
+    if revoked["revoked"]:
+        output.console.print(f"revoked {len(revoked['revoked'])} earlier certificate(s) of {name}")
+    output.console.print(f"monitor certificate for {name} in {out}/ (key 0600): give Prometheus these files")
+    for key, path in files.items():
+        output.console.print(f"  {key}: {path}")
 
 
 @mesh_app.command("serve")

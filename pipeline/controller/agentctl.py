@@ -42,6 +42,21 @@ def controller_identity(state: Path, mesh: Mesh) -> pki.Identity:
     return ident
 
 
+def monitor_subject(name: str) -> str:
+    return f"monitor:{name}"  # in the ledger: never a host's name, so a host's decommission leaves it
+
+
+def issue_monitor(state: Path, mesh: Mesh, name: str, out: Path) -> pki.Identity:
+    """A certificate in the monitor role for `name` (Prometheus), its key and the mesh CA, in `out` (key
+    0600): it may read every agent's metrics and nothing else. One already there is kept until a third of
+    its 90 days is left, like every member's; recorded in the ledger as `monitor:NAME`."""
+    ca = state / "ca"
+    pki.ensure_ca(ca, mesh.name)
+    ident = pki.issue(ca, out, name, [], role=pki.MONITOR)
+    certs.record_file(state, monitor_subject(name), ident.cert)
+    return ident
+
+
 def client(state: Path, mesh: Mesh, host: str) -> AgentClient:
     """A client for `host`'s agent, connecting from the controller's place in the mesh; it refuses an agent
     whose certificate is revoked (the list is read at each new connection)."""

@@ -9,6 +9,7 @@ same point.
 """
 
 import contextlib
+import logging
 import sqlite3
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from skyferry.netplane.mesh import Mesh
+from skyferry.pipeline import logfmt
 from skyferry.pipeline.controller import agentctl, freezecost
 from skyferry.pipeline.controller.journal import Journal, Migration
 from skyferry.pipeline.controller.registry import Registry
@@ -55,6 +57,7 @@ Progress = Callable[[str], None]
 # What the report keeps of each pre-copy round (frozen_ms: soft-dirty only, CRIU's freeze per pre-dump).
 ROUND_KEYS = ("seq", "duration", "pages_scanned", "pages_changed", "pages_zero", "bytes_out", "frozen_ms")
 FS_ROUND_KEYS = ("seq", "duration", "files_scanned", "files_sent", "bytes_raw", "bytes_wire")
+log = logging.getLogger("skyferry.controller.migration")
 
 
 def _quiet(_: str) -> None:
@@ -98,7 +101,8 @@ def migrate(
     ctx = _context(state, mig, mesh, journal)
     ctx.freeze_timeout, ctx.max_freeze_ms = freeze_timeout, max_freeze_ms
     ctx.notes["mode_reason"] = reason
-    return _drive(ctx, journal, progress)
+    with logfmt.bound(migration=mig.id, container=name):
+        return _drive(ctx, journal, progress)
 
 
 def estimate(
@@ -117,6 +121,15 @@ def estimate(
         )
     journal = Journal(state)
     mig = journal.begin(name, entry.host, target, ESTIMATE)
+    with logfmt.bound(migration=mig.id, container=name):
+        return _estimate(state, journal, mig, mesh, max_freeze_ms, progress)
+
+
+def _estimate(
+    state: Path, journal: Journal, mig: Migration, mesh: Mesh, max_freeze_ms: float, progress: Progress
+) -> dict[str, Any]:
+    """Check, prepare and two rounds, journalled as they go; then both undone and the entry forgotten."""
+    name = mig.container
     ctx = _context(state, mig, mesh, journal)
     ctx.max_freeze_ms = max_freeze_ms
     done: dict[str, dict[str, Any]] = {}
@@ -139,8 +152,8 @@ def estimate(
     available = done["check"]["modes"]
     return {
         "container": name,
-        "source": entry.host,
-        "target": target,
+        "source": mig.source,
+        "target": mig.target,
         "max_freeze_ms": max_freeze_ms,
         "precopy_method": rounds["method"],
         "rounds": [{k: r.get(k, 0) for k in ROUND_KEYS} for r in rounds["rounds"]],
@@ -185,7 +198,8 @@ def resume(state: Path, mig_id: str, progress: Progress = _quiet) -> dict[str, A
     if "undone" in statuses.values() or mig.state == "failed" or mig.mode == ESTIMATE:
         raise SkyferryError(f"migration {mig_id} was being rolled back", hint=f"skyferry migrations rollback {mig_id}")
     journal.claim(mig_id)
-    return _drive(_context(state, mig, Mesh.load(state), journal), journal, progress)
+    with logfmt.bound(migration=mig_id, container=mig.container):
+        return _drive(_context(state, mig, Mesh.load(state), journal), journal, progress)
 
 
 def rollback(state: Path, mig_id: str, progress: Progress = _quiet) -> dict[str, Any]:
@@ -204,7 +218,9 @@ def rollback(state: Path, mig_id: str, progress: Progress = _quiet) -> dict[str,
     # A rollback that finishes one a failure started keeps that failure as its cause.
     failed = next((t for t in journal.transitions(mig_id) if t["status"] == "failed"), None)
     cause = f"{failed['stage']} failed: {(failed['detail'] or {}).get('error')}" if failed else None
-    _undo(ctx, journal, plan(mig.mode, ctx.notes.get("finish")), progress, cause=cause)
+    ctx.notes["failed_stage"] = failed["stage"] if failed else None
+    with logfmt.bound(migration=mig_id, container=mig.container):
+        _undo(ctx, journal, plan(mig.mode, ctx.notes.get("finish")), progress, cause=cause)
     if mig.mode == ESTIMATE:  # an estimate whose controller died: now undone, it leaves nothing behind
         journal.forget(mig_id)
         return {"id": mig_id, "container": mig.container, "mode": ESTIMATE, "state": "rolled-back"}
@@ -215,7 +231,8 @@ def _context(state: Path, mig: Migration, mesh: Mesh, journal: Journal) -> Conte
     """What the stages need; for a resumed migration also what its finished stages journalled: the freeze
     bound, the downtime limit and auto's possible finishes (check), the finish auto's rounds chose
     (precopy) and the source's freeze deadline (checkpoint)."""
-    done = {t["stage"]: t["detail"] or {} for t in journal.transitions(mig.id) if t["status"] == "done"}
+    transitions = journal.transitions(mig.id)
+    done = {t["stage"]: t["detail"] or {} for t in transitions if t["status"] == "done"}
     entry = Registry(state).get(mig.container)
     src, dst = agentctl.client(state, mesh, mig.source), agentctl.client(state, mesh, mig.target)
     push = agentctl.Pusher(state, mesh, {mig.source: src, mig.target: dst})
@@ -235,6 +252,7 @@ def _context(state: Path, mig: Migration, mesh: Mesh, journal: Journal) -> Conte
         max_freeze_ms=done.get("check", {}).get("max_freeze_ms", MAX_FREEZE_MS),
         notes={
             "freeze_deadline": done.get("checkpoint", {}).get("freeze_deadline"),
+            "freeze_s": _freeze_s(transitions),
             "finishes": done.get("check", {}).get("finishes", []),
             "finish": done.get(PreCopy.name, {}).get("finish"),
         },
@@ -251,6 +269,8 @@ def _drive(ctx: Context, journal: Journal, progress: Progress) -> dict[str, Any]
         if statuses.get(stage.name) == "done":
             continue
         progress(stage.name)
+        logfmt.tag(stage=stage.name)
+        log.info("%s started (%s -> %s, %s)", stage.name, ctx.source, ctx.target, ctx.mode)
         journal.transition(ctx.mig_id, stage.name, "started")
         t0 = time.monotonic()
         try:
@@ -258,6 +278,8 @@ def _drive(ctx: Context, journal: Journal, progress: Progress) -> dict[str, Any]
         except LazyPhaseLost as exc:
             # Past the point of no return, yet the target's copy is down and the frozen source holds every
             # page: the one case where going back is right (and the only way the container runs again).
+            log.warning("%s failed: %s", stage.name, exc)
+            ctx.notes["failed_stage"] = stage.name
             journal.transition(ctx.mig_id, stage.name, "failed", {"error": str(exc)})
             _undo(ctx, journal, stages, progress, cause=f"{stage.name} failed: {exc}")
             Registry(ctx.state).move(ctx.entry.name, ctx.source)
@@ -269,6 +291,8 @@ def _drive(ctx: Context, journal: Journal, progress: Progress) -> dict[str, Any]
                 "page has arrived (docs/migration.md, post-copy)",
             ) from exc
         except Exception as exc:
+            log.warning("%s failed: %s", stage.name, exc)
+            ctx.notes["failed_stage"] = stage.name
             journal.transition(ctx.mig_id, stage.name, "failed", _failure(exc))
             names = [s.name for s in stages]
             if POINT_OF_NO_RETURN in names and names.index(stage.name) > names.index(POINT_OF_NO_RETURN):
@@ -286,6 +310,9 @@ def _drive(ctx: Context, journal: Journal, progress: Progress) -> dict[str, Any]
             ) from exc
         detail["seconds"] = round(time.monotonic() - t0, 4)
         journal.transition(ctx.mig_id, stage.name, "done", detail)
+        log.info("%s done in %.3f s", stage.name, detail["seconds"])
+        if stage.name == FREEZE_TO:
+            ctx.notes["freeze_s"] = _freeze_s(journal.transitions(ctx.mig_id))
         if stage.name == PreCopy.name and ctx.mode == "auto":
             # The rounds have measured the container and the link and chose how to finish (journalled
             # just above, so a resumed migration takes the same way): the rest of the stages follow.
@@ -318,6 +345,8 @@ def _undo(ctx: Context, journal: Journal, stages: list[Stage], progress: Progres
         if statuses.get(stage.name) not in ("started", "done", "failed", "undoing"):
             continue
         progress(f"undo {stage.name}")
+        logfmt.tag(stage=stage.name)
+        log.info("undo %s", stage.name)
         journal.transition(ctx.mig_id, stage.name, "undoing")
         try:
             stage.undo(ctx)
@@ -357,18 +386,22 @@ def _mode_reason(mode: str, precopy: dict[str, Any], check: dict[str, Any]) -> s
     return check.get("mode_reason") or f"--mode {mode}"  # or auto for an engine with one mode
 
 
+def _freeze_s(transitions: list[dict[str, Any]]) -> float | None:
+    """The freeze: the first checkpoint started .. the last restore done (None until then)."""
+    started = next((t["at"] for t in transitions if t["stage"] == FREEZE_FROM and t["status"] == "started"), None)
+    done = [t["at"] for t in transitions if t["stage"] == FREEZE_TO and t["status"] == "done"]
+    return done[-1] - started if started is not None and done else None
+
+
 def _report(journal: Journal, mig: Migration) -> dict[str, Any]:
     """Freeze = checkpoint started .. restore done; per-stage seconds; pre-copy rounds; bytes on the wire
     (rounds, final delta and payload)."""
     transitions = journal.transitions(mig.id)
     stages: dict[str, float] = {}
-    started: dict[str, float] = {}
     finished: dict[str, float] = {}
     detail: dict[str, dict[str, Any]] = {}
     for t in transitions:
-        if t["status"] == "started":
-            started.setdefault(t["stage"], t["at"])
-        elif t["status"] == "done":
+        if t["status"] == "done":
             finished[t["stage"]] = t["at"]
             detail[t["stage"]] = t["detail"] or {}
             stages[t["stage"]] = detail[t["stage"]].get("seconds", 0.0)
@@ -382,9 +415,8 @@ def _report(journal: Journal, mig: Migration) -> dict[str, Any]:
         bytes_wire = (
             transfer["bytes_wire"] + sum(r["bytes_out"] for r in rounds) + sum(r["bytes_wire"] for r in fs_rounds)
         )
-    freeze = None
-    if FREEZE_FROM in started and FREEZE_TO in finished:
-        freeze = round((finished[FREEZE_TO] - started[FREEZE_FROM]) * 1000, 1)
+    freeze_s = _freeze_s(transitions)
+    freeze = round(freeze_s * 1000, 1) if freeze_s is not None else None
     end = max(finished.values()) if finished else mig.updated
     return {
         "id": mig.id,

@@ -45,3 +45,9 @@ def hosts(state: Path, mesh: Mesh, names: list[str]) -> dict[str, Any]:
     """Revoke every certificate of the hosts `names` (leaving the mesh) and tell the other members."""
     serials = certs.revoke_subjects(state, names)
     return {"revoked": serials, "not_told": push(state, mesh, skip=set(names)) if serials else []}
+
+
+def monitor(state: Path, mesh: Mesh, name: str) -> dict[str, Any]:
+    """Revoke every certificate of monitor `name` (its key may have leaked) and tell every host."""
+    serials = certs.revoke_subjects(state, [agentctl.monitor_subject(name)])
+    return {"revoked": serials, "not_told": push(state, mesh) if serials else []}

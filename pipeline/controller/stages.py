@@ -42,7 +42,9 @@ class Context:
     freeze_timeout: float = FREEZE_TIMEOUT
     # The downtime limit (ms) the rounds aim for (journalled by the check stage, like the freeze bound).
     max_freeze_ms: float = MAX_FREEZE_MS
-    # "freeze_deadline": the source's deadline (wall clock) from its checkpoint, bounding the restore.
+    # "freeze_deadline": the source's deadline (wall clock) from its checkpoint, bounding the restore;
+    # "freeze_s": the freeze as the journal measured it, once the restore is done; "failed_stage": the
+    # stage whose failure this rollback undoes (both for the agents' metrics).
     # Auto mode: "finishes" the check found this pair and engine can do, "finish" the one the rounds chose.
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -50,7 +52,10 @@ class Context:
         return {"address": self.mesh.host(self.target).overlay_ip, "port": AGENT_PORT}
 
     def mig_call(self, agent: AgentClient, op: str, **body: Any) -> Any:
-        return agent.call("POST", f"/v1/migrations/{self.mig_id}/{op}", {"name": self.entry.name, **body})
+        failed = {"failed_stage": self.notes["failed_stage"]} if self.notes.get("failed_stage") else {}
+        mode = self.notes.get("finish") or self.mode  # auto: the finish, once its rounds chose it
+        step = {"name": self.entry.name, "mode": mode, **failed, **body}
+        return agent.call("POST", f"/v1/migrations/{self.mig_id}/{op}", step)
 
 
 class Stage(Protocol):
@@ -336,7 +341,7 @@ class Confirm:
     name = "confirm"
 
     def run(self, ctx: Context) -> dict[str, Any]:
-        return ctx.mig_call(ctx.src, "confirm")
+        return ctx.mig_call(ctx.src, "confirm", freeze_s=ctx.notes.get("freeze_s"))
 
     def undo(self, ctx: Context) -> None:
         raise SkyferryError("the source copy is already gone; a confirmed migration cannot be undone")

@@ -18,9 +18,12 @@ IPv4 = Annotated[str, StringConstraints(pattern=r"^\d{1,3}(\.\d{1,3}){3}$")]
 PageServer = Annotated[str, StringConstraints(pattern=r"^\d{1,3}(\.\d{1,3}){3}:\d{1,5}$")]  # a source's page tunnel
 Base64 = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9+/]*={0,2}$", max_length=1 << 20)]
 Method = Literal["content", "soft-dirty"]  # criu/version.py: PRECOPY_CONTENT, PRECOPY_SOFT_DIRTY
-Mode = Literal["stop-copy", "precopy", "hybrid", "postcopy"]  # compat.ALL_MODES
-Finish = Literal["precopy", "hybrid"]  # how a freeze after pre-copy rounds may end
 FreezeTimeout = Annotated[float, Field(gt=0, lt=86400)]  # seconds a container may stay frozen (freeze.py)
+Mode = Literal["precopy", "hybrid", "postcopy", "stop-copy"]  # compat.ALL_MODES
+Finish = Literal["precopy", "hybrid"]  # how a freeze after pre-copy rounds may end
+# A step names its migration's mode: auto until its rounds chose the finish, estimate for --estimate.
+StepMode = Literal["auto", "estimate", "precopy", "hybrid", "postcopy", "stop-copy"]  # controller/migration.py
+StageName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z-]{0,31}$")]
 
 
 class Body(BaseModel):
@@ -62,9 +65,17 @@ class Policy(Body):
 
 
 class Step(Body):
-    """POST /v1/migrations/ID/OP: every step names the container it acts on."""
+    """POST /v1/migrations/ID/OP: every step names the container it acts on. The controller's steps also
+    name the migration's mode and, while it rolls back, the stage whose failure started that: the
+    agent's metrics count migrations by both (pipeline/agent/metrics.py)."""
 
     name: ContainerName
+    mode: StepMode | None = None
+    failed_stage: StageName | None = None
+
+
+class Confirm(Step):
+    freeze_s: Annotated[float, Field(ge=0)] | None = None  # the controller's measured freeze, for the metrics
 
 
 class Prepare(Step):
@@ -117,7 +128,7 @@ class CloneDiscard(Step):
 STEPS: dict[str, type[Step]] = {
     "prepare": Prepare, "precopy-reset": PrecopyReset, "hold": Hold, "restore": Restore, "abort": Step,
     "lazy": Step, "cleanup": Step, "precopy": Precopy, "checkpoint": Checkpoint, "transfer": Transfer, "rollback": Step,
-    "confirm": Step, "clone-prepare": Prepare, "clone-checkpoint": Step, "clone-transfer": Transfer,
+    "confirm": Confirm, "clone-prepare": Prepare, "clone-checkpoint": Step, "clone-transfer": Transfer,
     "clone-restore": Step, "clone-check": CloneCheck, "clone-discard": CloneDiscard,
 }  # fmt: skip
 

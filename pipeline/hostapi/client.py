@@ -159,8 +159,8 @@ class AgentClient:
                 ) from lost
             if resp.will_close or send_error is not None:
                 self.close()
-        if resp.getheader("Content-Type") == "application/octet-stream":
-            return payload
+        if not (resp.getheader("Content-Type") or "").startswith("application/json"):
+            return payload  # raw bytes (logs, the metrics' text); every error is JSON
         result = json.loads(payload or b"null")
         if resp.status >= 400:
             error = result.get("error", "?") if isinstance(result, dict) else str(result)

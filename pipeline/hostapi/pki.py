@@ -4,8 +4,9 @@ The CA is created with the mesh and lives in the controller's state (`<state>/ca
 certificate per host (its overlay IP as SAN) and one for the controller. An agent accepts only peers
 whose certificate this CA signed, so an agent of another mesh, or anyone without a certificate, is refused.
 
-Each certificate names its holder's role in a SAN URI, `urn:skyferry:role:controller` or
-`urn:skyferry:role:host`, next to its name (the CN); the CA decides both, never the requester. Agents
+Each certificate names its holder's role in a SAN URI, `urn:skyferry:role:controller`,
+`urn:skyferry:role:host` or `urn:skyferry:role:monitor` (Prometheus: it may read agents' metrics and
+nothing else), next to its name (the CN); the CA decides both, never the requester. Agents
 authorize each request by that (role, name) (`identify`; docs/security.md, "Authorization").
 """
 
@@ -27,7 +28,8 @@ from cryptography.x509.oid import NameOID
 VALIDITY = dt.timedelta(days=90)
 CA_VALIDITY = dt.timedelta(days=3650)
 RENEW_BEFORE = VALIDITY / 3
-CONTROLLER, HOST = "controller", "host"  # the roles a certificate may carry
+CONTROLLER, HOST, MONITOR = "controller", "host", "monitor"  # the roles a certificate may carry
+ROLES = (CONTROLLER, HOST, MONITOR)
 ROLE_URI = "urn:skyferry:role:"
 
 
@@ -115,7 +117,7 @@ def renewal_due(cert_path: Path, before: dt.timedelta = RENEW_BEFORE) -> bool:
 
 
 def _sign(ca_dir: Path, public_key: ec.EllipticCurvePublicKey, common_name: str, ips: list[str], role: str) -> str:
-    if role not in (CONTROLLER, HOST):
+    if role not in ROLES:
         raise ValueError(f"no such role {role!r}")
     ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), password=None)
     ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca.pem").read_bytes())
@@ -172,7 +174,7 @@ def identify(cert_der: bytes) -> tuple[str | None, str]:
     roles = {u.removeprefix(ROLE_URI) for u in san.get_values_for_type(x509.UniformResourceIdentifier)
              if u.startswith(ROLE_URI)}  # fmt: skip
     role = roles.pop() if len(roles) == 1 else None  # two roles in one certificate: none
-    return (role if role in (CONTROLLER, HOST) else None), name
+    return (role if role in ROLES else None), name
 
 
 def pin(ca_pem: bytes) -> str:

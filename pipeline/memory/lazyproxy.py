@@ -58,6 +58,7 @@ class LazyProxy:
         self.todo: collections.deque[tuple[int, int, int]] = collections.deque()  # prefetch: (vpid, vpn, n)
         for vpid, path in memimage.task_pagemaps(image_dir).items():
             self._plan(vpid, memimage.read_pagemap(path)[1], clean.get(vpid))
+        self.planned = sum(n for _, _, n in self.todo)  # pages to fetch from the source, each exactly once
         self.cv = threading.Condition()
         self.send_lock = threading.Lock()
         self.asked: collections.deque[tuple[int, int, int]] = collections.deque()  # in flight, in order
@@ -73,6 +74,7 @@ class LazyProxy:
         self.threads: list[threading.Thread] = []
         self.started = time.monotonic()
         self.held: Callable[[], bool] = lambda: False  # a fault drill: no page goes to the daemon while true
+        self.on_wait: Callable[[float], None] = lambda seconds: None  # a fault waited this long for the source
 
     def _plan(self, vpid: int, entries: list[memimage.Entry], clean: HashTable | None) -> None:
         """Mark the clean lazy pages ready and queue the others for prefetch."""
@@ -88,6 +90,11 @@ class LazyProxy:
         for s, n in zip(starts.tolist(), lens.tolist(), strict=True):
             for a in range(0, n, MAX_GET):
                 self.todo.append((vpid, s + a, min(MAX_GET, n - a)))
+
+    @property
+    def outstanding(self) -> int:
+        """Pages still to come from the source."""
+        return max(self.planned - self.stats["pages_from_source"], 0)
 
     @property
     def address(self) -> str:
@@ -240,12 +247,14 @@ class LazyProxy:
             first = int(self.state[vpid].get(np.array([vpn], np.uint64))[0])
             if first != READY:
                 self.stats["waits"] += 1
+                t0 = time.monotonic()
                 if first == NEEDED:
                     self._ask(vpid, vpn, self._claim(vpid, vpn, min(n, MAX_GET)))
                 while int(self.state[vpid].get(np.array([vpn], np.uint64))[0]) != READY:
                     if self._stopped():
                         raise ConnectionError(self.error or "closing")
                     self.cv.wait()
+                self.on_wait(time.monotonic() - t0)
             states = self.state[vpid].get(np.arange(vpn, vpn + n, dtype=np.uint64))
             k = int(np.argmax(states != READY)) if (states != READY).any() else n
             if first == READY:
