@@ -25,7 +25,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -133,6 +133,7 @@ class SourceSession:
             rounds = self.engine = SourceEngine(int(state["pid"]))
         tracker = self.tracker = FsTracker(runtime.payload(self.name))
         _prewarm(self.dir / "images", proctree.tree_rss(int(state["pid"])))
+        policy = replace(policy, method=method)  # the prediction: soft-dirty dumps only the delta
         fs_rounds = []
         while True:
             mem.upload("precopy-round", rounds.round())
@@ -140,7 +141,8 @@ class SourceSession:
             stats = FsStats()
             fs.upload("fs-round", tracker.round(stats))
             fs_rounds.append(stats.as_dict())
-            decision = policy.decide(rounds.history)
+            # Auto-converge hooks in here: on reason NEEDS_THROTTLE, throttle the workload and go on.
+            decision = policy.decide(rounds.history, files_wire=fs_rounds[0]["bytes_wire"])
             if decision.stop:
                 break
         return {
@@ -149,6 +151,11 @@ class SourceSession:
             "fs_rounds": fs_rounds,
             "stop": decision.reason,
             "why": decision.detail,
+            "finish": decision.finish,  # how the freeze ends (auto mode: the controller runs that finish)
+            "finish_reason": decision.finish_reason,
+            "max_freeze_ms": policy.max_freeze_ms,
+            "predicted": decision.predicted,  # per mode, if the container froze now
+            "measured": decision.measured,  # memory, bandwidth, dirty rate: what the predictions rest on
         }
 
     def checkpoint(
