@@ -157,6 +157,7 @@ class SourceSession:
         tracker = self.tracker = FsTracker(runtime.payload(self.name))
         rss = proctree.tree_rss(int(state["pid"]))
         _prewarm(self.dir / "images", rss)
+        policy = replace(policy, method=method)  # the prediction: soft-dirty dumps only the delta
         if completion_timeout is not None:
             policy = replace(policy, completion_seconds=completion_timeout * max(rss / (1 << 30), 1.0))
         if policy.throttle:
@@ -171,7 +172,8 @@ class SourceSession:
             fs_rounds.append(stats.as_dict())
             # A round's delta was dirtied while the round before it ran: judged by the throttle of then (a
             # step shows one round later), so the cap is judged only once a round ran under it.
-            decision = policy.decide(rounds.history, levels[-2] if len(levels) > 1 else 0.0)
+            seen = levels[-2] if len(levels) > 1 else 0.0
+            decision = policy.decide(rounds.history, files_wire=fs_rounds[0]["bytes_wire"], throttled=seen)
             if decision.reason == "throttle" and self.throttle is not None and not self.throttle.capped:
                 last = rounds.history[-1]
                 rate = last.bytes_out / max(last.started - rounds.history[-2].started, 1e-6)
@@ -188,6 +190,11 @@ class SourceSession:
             "fs_rounds": fs_rounds,
             "stop": decision.reason,
             "why": decision.detail,
+            "finish": decision.finish,  # how the freeze ends (auto mode: the controller runs that finish)
+            "finish_reason": decision.finish_reason,
+            "max_freeze_ms": policy.max_freeze_ms,
+            "predicted": decision.predicted,  # per mode, if the container froze now
+            "measured": decision.measured,  # memory, bandwidth, dirty rate: what the predictions rest on
             "throttle_steps": steps,
             **({"completion_timeout_s": round(policy.completion_seconds, 3)} if policy.completion_seconds else {}),
         }

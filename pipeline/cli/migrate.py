@@ -11,7 +11,7 @@ import typer
 from skyferry.pipeline.controller import containers, migration, report_html
 from skyferry.pipeline.controller.journal import Journal
 from skyferry.pipeline.controller.registry import Registry
-from skyferry.pipeline.controller.stages import COMPLETION_TIMEOUT
+from skyferry.pipeline.controller.stages import COMPLETION_TIMEOUT, MAX_FREEZE_MS
 from skyferry.pipeline.controller.state import state_dir
 from skyferry.pipeline.controller.timeline import Span
 from skyferry.pipeline.controller.timeline import spans as timeline_of
@@ -41,6 +41,7 @@ def _print_report(report: dict[str, Any]) -> None:
     rows = [
         ["migration", report["id"]],
         ["container", f"{report['container']}: {report['source']} -> {report['target']} ({report['mode']})"],
+        ["  mode chosen", f"{report.get('mode_requested')}: {report.get('mode_reason')}"],
         ["state", report["state"]],
         ["freeze", f"{report['freeze_ms']} ms" if report["freeze_ms"] is not None else "-"],
         ["total", f"{report['total_ms']} ms"],
@@ -53,13 +54,16 @@ def _print_report(report: dict[str, Any]) -> None:
         rows.append(
             [f"  round {r['seq']}", f"{r['pages_changed']} pages, {_size(r['bytes_out'])}, {r['duration']:.2f} s"]
         )
+    if report.get("predicted_freeze_ms") is not None:
+        rows.insert(
+            5, ["  predicted", f"{report['predicted_freeze_ms']} ms (--max-freeze {report['max_freeze_ms']} ms)"]
+        )
     for t in report.get("throttle_steps", []):
         dirtied = f"{t['percent']} % CPU (memory changed at {t['dirty_bytes_s'] / 1e6:.1f} MB/s)"
         rows.append([f"  throttle after round {t['round']}", dirtied])
     if report.get("precopy_stop"):
-        why = f": {report['precopy_why']}" if report.get("precopy_why") else ""
         handover = f"; handed over to {report['handover']}" if report.get("handover") else ""
-        rows.append(["  rounds stopped", f"{report['precopy_stop']}{why}{handover}"])
+        rows.append(["  rounds stopped", f"{report['precopy_stop']}: {report.get('precopy_why') or ''}{handover}"])
     rows += [[f"  {name}", f"{secs * 1000:.1f} ms"] for name, secs in report["stages_s"].items()]
     if report.get("error"):
         rows.append(["error", report["error"]])
@@ -68,6 +72,26 @@ def _print_report(report: dict[str, Any]) -> None:
         if report["ingress"].get("error"):
             rows += [["ingress error", report["ingress"]["error"]], ["hint", report["ingress"]["hint"]]]
     output.print_table(None, ["", ""], rows)
+
+
+def _print_estimate(found: dict[str, Any]) -> None:
+    m = found["measured"]
+    dirty = f"{m['dirty_rate'] / 1e6:.1f} MB/s" if m["dirty_rate"] is not None else "not seen"
+    output.console.print(
+        f"{found['container']}: {found['source']} -> {found['target']}; memory {_size(m['memory_bytes'])} "
+        f"({_size(m['memory_wire'])} on the wire), streams {m['bandwidth'] / 1e6:.1f} MB/s, changing {dirty} "
+        f"({found['precopy_method']} rounds)",
+        highlight=False,
+    )
+    rows = [
+        [mode + ("" if p["available"] else " (not between these hosts)"), f"{p['freeze_ms']:.0f} ms",
+         "yes" if p["fits"] else "no", f"{p['total_s']:.1f} s", _size(p["bytes_wire"]),
+         _size(p["lazy_bytes"]) if p["lazy_bytes"] else "-"]
+        for mode, p in found["modes"].items()
+    ]  # fmt: skip
+    limit = f"≤ {found['max_freeze_ms']:.0f} ms"
+    output.print_table(None, ["MODE", "FREEZE", limit, "TOTAL", "BYTES", "AFTER RESTORE"], rows)
+    output.console.print(f"auto would pick {found['auto']['mode']}: {found['auto']['mode_reason']}", highlight=False)
 
 
 def _size(n: int | None) -> str:
@@ -83,12 +107,21 @@ def migrate(
     mode: str | None = typer.Option(
         None,
         "--mode",
-        help="precopy: memory rounds while it runs, then a short freeze (default for runc); "
+        help="auto (default): memory rounds while it runs; what they measure (memory, dirty rate, bandwidth) "
+        "picks the finish predicted to freeze shortest, precopy or hybrid, and the report says why "
+        "(podman and docker: stop-copy, their only mode); "
+        "precopy: rounds, then a freeze that moves what changed since; "
         "hybrid: rounds, then restore at once and fetch only what changed since, lazily (shortest freeze "
         "for big memory; the target needs the source until those pages arrive); "
         "postcopy: restore at once, every page lazily; "
-        "stop-copy: freeze, checkpoint, move everything, restore (default for podman and docker).",
+        "stop-copy: freeze, checkpoint, move everything, restore.",
     ),
+    max_freeze: float = typer.Option(MAX_FREEZE_MS, "--max-freeze", metavar="MS", min=1, max=86_400_000,
+                                     help="The downtime limit: rounds go on until the predicted freeze fits it "
+                                     "(or stop shrinking it, or reach 8 rounds); like QEMU's downtime limit."),
+    estimate: bool = typer.Option(False, "--estimate", help="Measure only: two pre-copy rounds (nothing "
+                                  "frozen, nothing left behind), then the predicted freeze, total time and "
+                                  "bytes of every mode, and the one auto would pick."),
     json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP),
     test: bool = typer.Option(False, "--test", help="Test cutover: a clone restored on the target, isolated, "
                               "checked and discarded; the source keeps running (docs/runbooks.md)."),
@@ -110,21 +143,28 @@ def migrate(
 ) -> None:  # fmt: skip
     """Live-migrate a running container to another host; its IP and TCP connections survive.
 
-    Stages: check, prepare, [precopy,] checkpoint, transfer, cutover, restore, confirm, cleanup.
+    Stages: check, prepare, precopy (rounds; not in stop-copy or postcopy), checkpoint, transfer, cutover,
+    restore, lazy (hybrid and postcopy), confirm, cleanup.
     A failure before the restore succeeds rolls back: the container keeps running on the source,
     exactly once. From then on the target's copy is live, and a failure is finished forward. The freeze
     is bounded: the source's own watchdog thaws it after --freeze-timeout, even if this command dies.
 
-    Examples: skyferry migrate web --to local-2; skyferry migrate podman:db --to local-3 --freeze-timeout 60
+    Examples: skyferry migrate web --to local-2; skyferry migrate web --to local-2 --estimate;
+    skyferry migrate web --to local-2 --max-freeze 500; skyferry migrate podman:db --to local-3 --freeze-timeout 60
     """
     name = containers.resolve(state_dir(), name)
     if test or check:
         from .runbooks import test_cutover
 
         return test_cutover(name, to, test, check, json_out)
+    if estimate:
+        with _progress(not json_out) as progress:
+            found = migration.estimate(state_dir(), name, to, max_freeze, progress)
+        output.print_json(found) if json_out else _print_estimate(found)
+        return
     with _progress(not json_out) as progress:
         report = _with_ingress(migration.migrate(
-            state_dir(), name, to, mode, progress, freeze_timeout,
+            state_dir(), name, to, mode, progress, freeze_timeout, max_freeze,
             auto_converge=auto_converge, completion_timeout=completion_timeout, on_timeout=on_timeout,
         ))  # fmt: skip
     output.print_json(report) if json_out else _print_report(report)
@@ -162,7 +202,7 @@ def ls(json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HE
                 m.container,
                 m.source,
                 m.target,
-                m.mode,
+                f"{m.mode}: {m.report['mode']}" if m.report and m.report.get("mode", m.mode) != m.mode else m.mode,
                 m.state,
                 f"{m.report['freeze_ms']} ms" if m.report and m.report.get("freeze_ms") is not None else "-",
             ]

@@ -1,8 +1,9 @@
 """The controller's tables in the one store (`<state>/skyferry.db`, opened by netplane.store).
 
 Every schema the controller owns is here: the container registry, the journal, join tokens, the
-certificates the mesh CA signed (and which are revoked) and the cloud-exit plans' progress. netplane's
-own tables (IPAM, the mesh) live in the same file, defined in netplane.store.
+certificates the mesh CA signed (and which are revoked), the cloud-exit plans' progress and the freezes'
+fixed costs per host pair (freezecost.py). netplane's own tables (IPAM, the mesh) live in the same file,
+defined in netplane.store.
 """
 
 import sqlite3
@@ -32,6 +33,10 @@ CREATE TABLE IF NOT EXISTS joins (
 );
 CREATE TABLE IF NOT EXISTS certs (
   serial TEXT PRIMARY KEY, subject TEXT NOT NULL, not_after REAL NOT NULL, issued REAL NOT NULL, revoked REAL
+);
+CREATE TABLE IF NOT EXISTS freeze_costs (
+  source TEXT NOT NULL, target TEXT NOT NULL, mode TEXT NOT NULL, fixed_ms REAL NOT NULL, samples INTEGER NOT NULL,
+  updated REAL NOT NULL, PRIMARY KEY (source, target, mode)
 );
 CREATE TABLE IF NOT EXISTS exit_progress (
   plan TEXT NOT NULL, step TEXT NOT NULL, status TEXT NOT NULL, detail TEXT, updated REAL NOT NULL,

@@ -127,6 +127,12 @@ class Journal:
             self.finish(row["id"], "abandoned", error=f"hosts torn down: {', '.join(hosts)}")
         return [row["id"] for row in rows]
 
+    def forget(self, mig_id: str) -> None:
+        """Remove a migration and its transitions: an estimate that was undone leaves nothing behind."""
+        with store.immediate(self.conn):
+            self.conn.execute("DELETE FROM transitions WHERE migration=?", (mig_id,))
+            self.conn.execute("DELETE FROM migrations WHERE id=?", (mig_id,))
+
     def finish(self, mig_id: str, state: str, error: str | None = None, report: dict[str, Any] | None = None) -> None:
         self.conn.execute(
             "UPDATE migrations SET state=?, error=?, report=COALESCE(?, report), updated=? WHERE id=?",

@@ -8,7 +8,9 @@ two copies), the migration is marked `failed`, and `skyferry migrations rollback
 same point.
 """
 
+import contextlib
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,22 +18,28 @@ from typing import Any
 
 from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline import logfmt
-from skyferry.pipeline.controller import agentctl
+from skyferry.pipeline.controller import agentctl, freezecost
 from skyferry.pipeline.controller.journal import Journal, Migration
 from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.controller.stages import (
+    AUTO,
     COMPLETION_TIMEOUT,
+    ESTIMATE_ROUNDS,
     FREEZE_FROM,
     FREEZE_TO,
     HYBRID,
+    HYBRID_FINISH,
+    MAX_FREEZE_MS,
     ON_TIMEOUT,
     POINT_OF_NO_RETURN,
     POSTCOPY,
     PRECOPY,
+    PRECOPY_FINISH,
     STOP_COPY,
     Context,
     ForwardOnly,
     LazyPhaseLost,
+    PreCopy,
     Stage,
 )
 from skyferry.pipeline.errors import SkyferryError
@@ -39,11 +47,14 @@ from skyferry.pipeline.hostapi import faults
 from skyferry.pipeline.hostapi.client import AgentUnreachable
 from skyferry.pipeline.hostapi.layout import FREEZE_TIMEOUT
 
+# auto: pre-copy rounds, whose measurements choose between a precopy and a hybrid finish;
 # precopy: memory rounds, CRIU pre-dumps where the source has soft-dirty tracking, else content-based;
 # postcopy: CRIU lazy pages; hybrid: content-based rounds, then lazy pages for what changed since;
 # stop-copy: the baseline.
-MODES = {"precopy": PRECOPY, "hybrid": HYBRID, "postcopy": POSTCOPY, "stop-copy": STOP_COPY}
-DEFAULT_MODE = "precopy"
+MODES = {"auto": AUTO, "precopy": PRECOPY, "hybrid": HYBRID, "postcopy": POSTCOPY, "stop-copy": STOP_COPY}
+DEFAULT_MODE = "auto"
+ESTIMATE = "estimate"  # the journal's mode while `migrate --estimate` runs its rounds
+FINISHES = {"precopy": PRECOPY_FINISH, "hybrid": HYBRID_FINISH}
 Progress = Callable[[str], None]
 # What the report keeps of each pre-copy round (frozen_ms: soft-dirty only, CRIU's freeze per pre-dump).
 ROUND_KEYS = ("seq", "duration", "pages_scanned", "pages_changed", "pages_zero", "bytes_out", "frozen_ms")
@@ -55,6 +66,15 @@ def _quiet(_: str) -> None:
     pass
 
 
+def plan(mode: str, finish: str | None = None) -> list[Stage]:
+    """The stages of a migration in `mode`. Auto mode knows only its first ones (check, prepare, precopy)
+    until the rounds have measured the container and the link and chosen how to finish: precopy's
+    journalled `finish` then adds that finish's stages."""
+    if mode == ESTIMATE:
+        return ESTIMATE_ROUNDS
+    return MODES[mode] + (FINISHES[finish] if mode == "auto" and finish else [])
+
+
 def migrate(
     state: Path,
     name: str,
@@ -62,25 +82,113 @@ def migrate(
     mode: str | None = None,
     progress: Progress = _quiet,
     freeze_timeout: float = FREEZE_TIMEOUT,
+    max_freeze_ms: float = MAX_FREEZE_MS,
     auto_converge: bool = True,
     completion_timeout: float = COMPLETION_TIMEOUT,
     on_timeout: str | None = None,
 ) -> dict[str, Any]:
     """Move container `name` to host `target`; returns the report. Raises SkyferryError after rolling back.
-    Without a mode, the engine's best one (runc: precopy; Podman and Docker: stop-copy). The container
-    stays frozen at most `freeze_timeout` seconds without the target's restore: then the source's
-    watchdog thaws it and the migration rolls back (docs/reliability.md, "The freeze bound"). Pre-copy
-    rounds that cannot keep up throttle the container's CPU (`auto_converge`); rounds that outlast
-    `completion_timeout` seconds per GiB of its memory hand over to a lazy finish or abort (`on_timeout`:
-    "postcopy", "abort", None: postcopy where the target can) (docs/precopy.md, "Auto-converge")."""
-    if mode is not None and mode not in MODES:
-        raise SkyferryError(f"unknown mode {mode!r}", hint=f"modes: {', '.join(MODES)}")
-    if not 0 < freeze_timeout < 86400:
-        raise SkyferryError(f"freeze timeout {freeze_timeout:g} s is out of range", hint="between 0 and 86400 s")
+    Without a mode, auto: pre-copy rounds until the predicted freeze fits `max_freeze_ms`, then the finish
+    predicted shortest (Podman and Docker: stop-copy, their only mode). The container stays frozen at most
+    `freeze_timeout` seconds without the target's restore: then the source's watchdog thaws it and the
+    migration rolls back (docs/reliability.md, "The freeze bound"). Pre-copy rounds that cannot keep up
+    throttle the container's CPU (`auto_converge`); rounds that outlast `completion_timeout` seconds per GiB
+    of its memory hand over to a lazy finish or abort (`on_timeout`: "postcopy", "abort", None: postcopy
+    where the target can) (docs/precopy.md, "Auto-converge and the completion timeout")."""
     if not 0 < completion_timeout <= 86400:
         raise SkyferryError(f"completion timeout {completion_timeout:g} s/GiB is out of range", hint="0 to 86400")
     if on_timeout is not None and on_timeout not in ON_TIMEOUT:
         raise SkyferryError(f"unknown --on-timeout {on_timeout!r}", hint=" or ".join(ON_TIMEOUT))
+    mesh, entry, modes = _pair(state, name, target, mode, freeze_timeout, max_freeze_ms)
+    mode = mode or DEFAULT_MODE
+    reason = None
+    if mode == "auto" and "precopy" not in modes:  # no rounds to measure with: the engine's one mode
+        mode, reason = modes[0], f"{entry.spec.runtime} containers migrate by {modes[0]} only"
+    if mode not in modes and mode != "auto":
+        raise SkyferryError(
+            f"{entry.spec.runtime} containers do not migrate by {mode}", hint=f"--mode {' or '.join(modes)}"
+        )
+    journal = Journal(state)
+    mig = journal.begin(name, entry.host, target, mode)
+    ctx = _context(state, mig, mesh, journal)
+    ctx.freeze_timeout, ctx.max_freeze_ms = freeze_timeout, max_freeze_ms
+    ctx.auto_converge, ctx.completion_timeout, ctx.on_timeout = auto_converge, completion_timeout, on_timeout
+    ctx.notes["mode_reason"] = reason
+    with logfmt.bound(migration=mig.id, container=name):
+        return _drive(ctx, journal, progress)
+
+
+def estimate(
+    state: Path, name: str, target: str, max_freeze_ms: float = MAX_FREEZE_MS, progress: Progress = _quiet
+) -> dict[str, Any]:
+    """What migrating `name` to `target` would cost in each mode, predicted from two pre-copy rounds (the
+    first moves all memory, the second shows how fast it changes): freeze, total time and bytes. Nothing
+    is frozen; afterwards the source's round state and the target's prepared copy are removed, and the
+    journal keeps nothing. While it runs, the journal holds the container against a migration; a
+    controller that dies meanwhile leaves an `estimate` entry that `migrations rollback` clears."""
+    mesh, entry, modes = _pair(state, name, target, None, FREEZE_TIMEOUT, max_freeze_ms)
+    if "precopy" not in modes:
+        raise SkyferryError(
+            f"{entry.spec.runtime} containers migrate by {modes[0]} only: nothing to estimate by pre-copy rounds",
+            hint="--estimate measures runc containers",
+        )
+    journal = Journal(state)
+    mig = journal.begin(name, entry.host, target, ESTIMATE)
+    with logfmt.bound(migration=mig.id, container=name):
+        return _estimate(state, journal, mig, mesh, max_freeze_ms, progress)
+
+
+def _estimate(
+    state: Path, journal: Journal, mig: Migration, mesh: Mesh, max_freeze_ms: float, progress: Progress
+) -> dict[str, Any]:
+    """Check, prepare and two rounds, journalled as they go; then both undone and the entry forgotten."""
+    name = mig.container
+    ctx = _context(state, mig, mesh, journal)
+    ctx.max_freeze_ms = max_freeze_ms
+    done: dict[str, dict[str, Any]] = {}
+    for stage in ESTIMATE_ROUNDS:
+        progress(stage.name)
+        journal.transition(mig.id, stage.name, "started")
+        try:
+            done[stage.name] = stage.run(ctx) or {}
+        except Exception as exc:
+            journal.transition(mig.id, stage.name, "failed", _failure(exc))
+            _undo(ctx, journal, ESTIMATE_ROUNDS, progress, cause=f"{stage.name} failed: {exc}")
+            journal.forget(mig.id)
+            raise SkyferryError(f"estimate of {name!r} failed at {stage.name}: {exc}. Nothing was changed",
+                                hint=getattr(exc, "hint", None)) from exc  # fmt: skip
+        journal.transition(mig.id, stage.name, "done", done[stage.name])
+        faults.crash_point(stage.name)
+    _undo(ctx, journal, ESTIMATE_ROUNDS, progress)  # the source's rounds, the target's prepared copy
+    journal.forget(mig.id)
+    rounds = done[PreCopy.name]
+    available = done["check"]["modes"]
+    return {
+        "container": name,
+        "source": mig.source,
+        "target": mig.target,
+        "max_freeze_ms": max_freeze_ms,
+        "precopy_method": rounds["method"],
+        "rounds": [{k: r.get(k, 0) for k in ROUND_KEYS} for r in rounds["rounds"]],
+        "measured": rounds["measured"],
+        "modes": {
+            m: {**p, "available": m in available, "fits": p["freeze_ms"] <= max_freeze_ms}
+            for m, p in rounds["predicted"].items()
+        },
+        "auto": {"mode": rounds["finish"], "mode_reason": rounds["finish_reason"]},
+    }
+
+
+def _pair(
+    state: Path, name: str, target: str, mode: str | None, freeze_timeout: float, max_freeze_ms: float
+) -> tuple[Mesh, Any, list[str]]:
+    """The mesh, the container's entry and the modes its engine offers, after checking the arguments."""
+    if mode is not None and mode not in MODES:
+        raise SkyferryError(f"unknown mode {mode!r}", hint=f"modes: {', '.join(MODES)}")
+    if not 0 < freeze_timeout < 86400:
+        raise SkyferryError(f"freeze timeout {freeze_timeout:g} s is out of range", hint="between 0 and 86400 s")
+    if not 0 < max_freeze_ms <= 86_400_000:
+        raise SkyferryError(f"--max-freeze {max_freeze_ms:g} ms is out of range", hint="more than 0 ms")
     mesh = Mesh.load(state)
     entry = Registry(state).get(name)
     mesh.host(target)  # unknown host -> clear error
@@ -90,16 +198,7 @@ def migrate(
     modes = agentctl.client(state, mesh, entry.host).call("GET", "/v1/facts").get("modes", {}).get(runtime, [])
     if not modes:
         raise SkyferryError(f"{entry.host} has no {runtime} runtime for {name!r}", hint="skyferry doctor on that host")
-    mode = mode or (DEFAULT_MODE if DEFAULT_MODE in modes else modes[0])
-    if mode not in modes:
-        raise SkyferryError(f"{runtime} containers do not migrate by {mode}", hint=f"--mode {' or '.join(modes)}")
-    journal = Journal(state)
-    mig = journal.begin(name, entry.host, target, mode)
-    ctx = _context(state, mig, mesh, journal)
-    ctx.freeze_timeout = freeze_timeout
-    ctx.auto_converge, ctx.completion_timeout, ctx.on_timeout = auto_converge, completion_timeout, on_timeout
-    with logfmt.bound(migration=mig.id, container=name):
-        return _drive(ctx, journal, MODES[mode], progress)
+    return mesh, entry, modes
 
 
 def resume(state: Path, mig_id: str, progress: Progress = _quiet) -> dict[str, Any]:
@@ -109,11 +208,11 @@ def resume(state: Path, mig_id: str, progress: Progress = _quiet) -> dict[str, A
     if mig.state in ("done", "rolled-back"):
         return _report(journal, mig)  # nothing left to do: idempotent
     statuses = journal.stage_status(mig_id)
-    if "undone" in statuses.values() or mig.state == "failed":
+    if "undone" in statuses.values() or mig.state == "failed" or mig.mode == ESTIMATE:
         raise SkyferryError(f"migration {mig_id} was being rolled back", hint=f"skyferry migrations rollback {mig_id}")
     journal.claim(mig_id)
     with logfmt.bound(migration=mig_id, container=mig.container):
-        return _drive(_context(state, mig, Mesh.load(state), journal), journal, MODES[mig.mode], progress)
+        return _drive(_context(state, mig, Mesh.load(state), journal), journal, progress)
 
 
 def rollback(state: Path, mig_id: str, progress: Progress = _quiet) -> dict[str, Any]:
@@ -134,13 +233,17 @@ def rollback(state: Path, mig_id: str, progress: Progress = _quiet) -> dict[str,
     cause = f"{failed['stage']} failed: {(failed['detail'] or {}).get('error')}" if failed else None
     ctx.notes["failed_stage"] = failed["stage"] if failed else None
     with logfmt.bound(migration=mig_id, container=mig.container):
-        _undo(ctx, journal, MODES[mig.mode], progress, cause=cause)
+        _undo(ctx, journal, plan(mig.mode, ctx.notes.get("finish")), progress, cause=cause)
+    if mig.mode == ESTIMATE:  # an estimate whose controller died: now undone, it leaves nothing behind
+        journal.forget(mig_id)
+        return {"id": mig_id, "container": mig.container, "mode": ESTIMATE, "state": "rolled-back"}
     return _report(journal, journal.get(mig_id))
 
 
 def _context(state: Path, mig: Migration, mesh: Mesh, journal: Journal) -> Context:
     """What the stages need; for a resumed migration also what its finished stages journalled: the freeze
-    bound (check) and the source's freeze deadline (checkpoint)."""
+    bound, the downtime limit and auto's possible finishes (check), the finish auto's rounds chose
+    (precopy) and the source's freeze deadline (checkpoint)."""
     transitions = journal.transitions(mig.id)
     done = {t["stage"]: t["detail"] or {} for t in transitions if t["status"] == "done"}
     entry = Registry(state).get(mig.container)
@@ -160,20 +263,26 @@ def _context(state: Path, mig: Migration, mesh: Mesh, journal: Journal) -> Conte
         push=push,
         mode=mig.mode,
         freeze_timeout=check.get("freeze_timeout", FREEZE_TIMEOUT),
+        max_freeze_ms=check.get("max_freeze_ms", MAX_FREEZE_MS),
         auto_converge=check.get("auto_converge", True),
         completion_timeout=check.get("completion_timeout", COMPLETION_TIMEOUT),
         on_timeout=check.get("on_timeout"),
         notes={
             "freeze_deadline": done.get("checkpoint", {}).get("freeze_deadline"),
             "freeze_s": _freeze_s(transitions),
+            "finishes": done.get("check", {}).get("finishes", []),
+            "finish": done.get(PreCopy.name, {}).get("finish"),
         },
     )
 
 
-def _drive(ctx: Context, journal: Journal, stages: list[Stage], progress: Progress) -> dict[str, Any]:
+def _drive(ctx: Context, journal: Journal, progress: Progress) -> dict[str, Any]:
     statuses = journal.stage_status(ctx.mig_id)
-    names = [s.name for s in stages]
-    for stage in stages:
+    stages = plan(ctx.mode, ctx.notes.get("finish"))
+    i = 0
+    while i < len(stages):
+        stage = stages[i]
+        i += 1
         if statuses.get(stage.name) == "done":
             continue
         progress(stage.name)
@@ -202,7 +311,8 @@ def _drive(ctx: Context, journal: Journal, stages: list[Stage], progress: Progre
             log.warning("%s failed: %s", stage.name, exc)
             ctx.notes["failed_stage"] = stage.name
             journal.transition(ctx.mig_id, stage.name, "failed", _failure(exc))
-            if names.index(stage.name) > names.index(POINT_OF_NO_RETURN):
+            names = [s.name for s in stages]
+            if POINT_OF_NO_RETURN in names and names.index(stage.name) > names.index(POINT_OF_NO_RETURN):
                 journal.finish(ctx.mig_id, "running", error=str(exc))
                 raise SkyferryError(
                     f"migration {ctx.mig_id}: {stage.name} failed after the container went live on {ctx.target}: {exc}",
@@ -220,6 +330,11 @@ def _drive(ctx: Context, journal: Journal, stages: list[Stage], progress: Progre
         log.info("%s done in %.3f s", stage.name, detail["seconds"])
         if stage.name == FREEZE_TO:
             ctx.notes["freeze_s"] = _freeze_s(journal.transitions(ctx.mig_id))
+        if stage.name == PreCopy.name and ctx.mode == "auto":
+            # The rounds have measured the container and the link and chose how to finish (journalled
+            # just above, so a resumed migration takes the same way): the rest of the stages follow.
+            ctx.notes["finish"] = detail["finish"]
+            stages = plan(ctx.mode, detail["finish"])
         if stage.name == POINT_OF_NO_RETURN:
             Registry(ctx.state).move(ctx.entry.name, ctx.target)  # from here on it lives there
         faults.crash_point(stage.name)
@@ -228,10 +343,15 @@ def _drive(ctx: Context, journal: Journal, stages: list[Stage], progress: Progre
             # names in the new list, so it carries on after them (and a resume reads the new mode).
             journal.set_mode(ctx.mig_id, detail["handover"])
             ctx.mode = detail["handover"]
-            return _drive(ctx, journal, MODES[ctx.mode], progress)
+            stages = plan(ctx.mode)
     mig = journal.get(ctx.mig_id)
     report = _report(journal, mig)
     journal.finish(ctx.mig_id, "done", report=report)
+    if report["freeze_ms"] and report["prediction"]:  # the next prediction between this pair learns from it
+        with contextlib.suppress(sqlite3.Error):  # the container has moved: a busy store must not say otherwise
+            freezecost.learn(
+                ctx.state, mig.source, mig.target, report["mode"], report["freeze_ms"], report["prediction"]
+            )
     return _report(journal, journal.get(ctx.mig_id))
 
 
@@ -283,6 +403,12 @@ def _stopped(ctx: Context, journal: Journal, stage: Stage, exc: Exception, cause
     )
 
 
+def _mode_reason(mode: str, precopy: dict[str, Any], check: dict[str, Any]) -> str:
+    if mode == "auto":
+        return precopy.get("finish_reason") or "not chosen yet: the pre-copy rounds did not finish"
+    return check.get("mode_reason") or f"--mode {mode}"  # or auto for an engine with one mode
+
+
 def _freeze_s(transitions: list[dict[str, Any]]) -> float | None:
     """The freeze: the first checkpoint started .. the last restore done (None until then)."""
     started = next((t["at"] for t in transitions if t["stage"] == FREEZE_FROM and t["status"] == "started"), None)
@@ -302,7 +428,9 @@ def _report(journal: Journal, mig: Migration) -> dict[str, Any]:
             finished[t["stage"]] = t["at"]
             detail[t["stage"]] = t["detail"] or {}
             stages[t["stage"]] = detail[t["stage"]].get("seconds", 0.0)
-    transfer, precopy = detail.get("transfer", {}), detail.get("precopy", {})
+    transfer, precopy, check = detail.get("transfer", {}), detail.get("precopy", {}), detail.get("check", {})
+    mode = (precopy.get("finish") or mig.mode) if mig.mode == "auto" else mig.mode
+    prediction = (precopy.get("predicted") or {}).get(mode)
     rounds = [{k: r.get(k, 0) for k in ROUND_KEYS} for r in precopy.get("rounds", [])]
     fs_rounds = [{k: r.get(k, 0) for k in FS_ROUND_KEYS} for r in precopy.get("fs_rounds", [])]
     bytes_wire = None
@@ -318,10 +446,16 @@ def _report(journal: Journal, mig: Migration) -> dict[str, Any]:
         "container": mig.container,
         "source": mig.source,
         "target": mig.target,
-        "mode": mig.mode,
+        "mode": mode,  # auto: the mode its rounds chose
+        "mode_requested": mig.mode,
+        "mode_reason": _mode_reason(mig.mode, precopy, check),
         "state": mig.state,
         "error": mig.error,
         "freeze_ms": freeze,
+        # The downtime limit the rounds aimed for, and what the policy predicted when it froze.
+        "max_freeze_ms": precopy.get("max_freeze_ms"),
+        "predicted_freeze_ms": prediction["freeze_ms"] if prediction else None,
+        "prediction": prediction,
         "total_ms": round((end - mig.started) * 1000, 1),
         "bytes_wire": bytes_wire,
         "bytes_at_freeze": transfer.get("bytes_wire"),

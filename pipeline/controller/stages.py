@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 from skyferry.netplane import routes
 from skyferry.netplane.mesh import Mesh
+from skyferry.pipeline.controller import freezecost
 from skyferry.pipeline.controller.registry import Entry
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi import compat
@@ -19,6 +20,11 @@ from skyferry.pipeline.hostapi.layout import AGENT_PORT, FREEZE_TIMEOUT
 
 COMPLETION_TIMEOUT = 150.0  # seconds per GiB: KubeVirt's completionTimeoutPerGiB (800 before v1.1)
 ON_TIMEOUT = ("postcopy", "abort")
+MAX_FREEZE_MS = 300.0  # --max-freeze: QEMU's default downtime limit
+# Auto mode: how a freeze after pre-copy rounds may end, preferred first. Pre-copy leaves nothing behind on
+# the source once the copy runs; hybrid's lazy phase still needs it, so it wins only on a shorter freeze.
+FINISHES = ("precopy", "hybrid")
+CHOOSING = ("auto", "estimate")  # the modes whose pre-copy rounds choose the finish
 
 
 @dataclass
@@ -43,9 +49,12 @@ class Context:
     # journalled by the check stage, so a resumed migration keeps them.
     completion_timeout: float = COMPLETION_TIMEOUT
     on_timeout: str | None = None
+    # The downtime limit (ms) the rounds aim for (journalled by the check stage, like the freeze bound).
+    max_freeze_ms: float = MAX_FREEZE_MS
     # "freeze_deadline": the source's deadline (wall clock) from its checkpoint, bounding the restore;
     # "freeze_s": the freeze as the journal measured it, once the restore is done; "failed_stage": the
     # stage whose failure this rollback undoes (both for the agents' metrics).
+    # Auto mode: "finishes" the check found this pair and engine can do, "finish" the one the rounds chose.
     notes: dict[str, Any] = field(default_factory=dict)
 
     def target_agent(self) -> dict[str, Any]:
@@ -53,7 +62,8 @@ class Context:
 
     def mig_call(self, agent: AgentClient, op: str, **body: Any) -> Any:
         failed = {"failed_stage": self.notes["failed_stage"]} if self.notes.get("failed_stage") else {}
-        step = {"name": self.entry.name, "mode": self.mode, **failed, **body}
+        mode = self.notes.get("finish") or self.mode  # auto: the finish, once its rounds chose it
+        step = {"name": self.entry.name, "mode": mode, **failed, **body}
         return agent.call("POST", f"/v1/migrations/{self.mig_id}/{op}", step)
 
 
@@ -102,17 +112,21 @@ class Check:
             )
         if src["arch"] != dst["arch"]:
             raise SkyferryError(f"architectures differ: {src['arch']} -> {dst['arch']}")
-        lacking = compat.missing(src, dst, ctx.mode)
+        mode = "precopy" if ctx.mode in CHOOSING else ctx.mode  # auto needs no more than pre-copy does
+        lacking = compat.missing(src, dst, mode)
         if lacking:
             raise SkyferryError(
-                f"{ctx.source} -> {ctx.target} cannot run a {ctx.mode} migration: {'; '.join(map(str, lacking))}",
+                f"{ctx.source} -> {ctx.target} cannot run a {mode} migration: {'; '.join(map(str, lacking))}",
                 hint=compat.hint(lacking),
             )
+        engine = src.get("modes", {}).get(spec.runtime, [])
+        can = [m for m in compat.ALL_MODES if m in engine and not compat.missing(src, dst, m)]
+        ctx.notes["finishes"] = [f for f in FINISHES if f in can]
         cpu = self._cpu(ctx, src, dst)
-        lazy = "hybrid" in src.get("modes", {}).get(spec.runtime, []) and not compat.missing(src, dst, "hybrid")
+        lazy = "hybrid" in can
         if ctx.on_timeout is None:  # hand the rounds over to post-copy only where the target can take it
             ctx.on_timeout = "postcopy" if lazy else "abort"
-        elif ctx.on_timeout == "postcopy" and ctx.mode == "precopy" and not lazy:
+        elif ctx.on_timeout == "postcopy" and ctx.mode in ("precopy", "auto") and not lazy:
             raise SkyferryError(
                 f"{ctx.source} -> {ctx.target} cannot hand pre-copy over to post-copy at the completion timeout: "
                 f"{'; '.join(map(str, compat.missing(src, dst, 'hybrid'))) or f'{spec.runtime} has no lazy restore'}",
@@ -130,6 +144,10 @@ class Check:
             "auto_converge": ctx.auto_converge,
             "completion_timeout": ctx.completion_timeout,
             "on_timeout": ctx.on_timeout,
+            "max_freeze_ms": ctx.max_freeze_ms,
+            "modes": can,  # what this pair and engine can run; auto's rounds choose among FINISHES of them
+            "finishes": ctx.notes["finishes"],
+            **({"mode_reason": ctx.notes["mode_reason"]} if ctx.notes.get("mode_reason") else {}),
         }
 
     def _cpu(self, ctx: Context, src: dict[str, Any], dst: dict[str, Any]) -> str:
@@ -170,25 +188,35 @@ class Prepare:
 
 
 class PreCopy:
-    """Memory rounds while the container runs; the freeze then only moves what changed since."""
+    """Memory rounds while the container runs, until the predicted freeze fits the downtime limit (or the
+    rounds stop paying off); the freeze then only moves what changed since. The source's policy also says
+    which finish freezes shortest (memory/policy.py): in auto mode that decides the rest of the stages."""
 
     name = "precopy"
     # A final delta this small costs ~10 ms at 1 Gbit/s: not worth another round.
     policy = {"max_delta_bytes": 1 << 20}
 
-    def __init__(self, method: str = "auto", lazy: bool = False) -> None:
+    def __init__(self, method: str = "auto", finishes: tuple[str, ...] | None = ("precopy",), rounds: int = 0) -> None:
         # "auto": the source picks soft-dirty (CRIU pre-dump) where it can, else content-based rounds.
         self.method = method
-        # Hybrid finishes lazily anyway: its rounds neither throttle nor need a hand-over.
-        self.lazy = lazy
+        self.finishes = finishes  # None: the ones the check found (auto mode)
+        self.rounds = rounds  # exactly this many (--estimate); 0: as the policy decides
 
     def run(self, ctx: Context) -> dict[str, Any]:
-        policy = {**self.policy, "throttle": ctx.auto_converge and not self.lazy}
+        finishes = self.finishes or tuple(ctx.notes["finishes"])
+        method = "content" if "hybrid" in finishes else self.method  # hybrid's freeze scan needs the hashes
+        # Hybrid finishes lazily anyway: its rounds neither throttle nor hand over; --estimate changes nothing.
+        lazy_only, estimating = finishes == ("hybrid",), bool(self.rounds)
+        policy: dict[str, Any] = {**self.policy, "max_freeze_ms": ctx.max_freeze_ms, "finishes": list(finishes),
+                                  "fixed_ms": freezecost.fixed_ms(ctx.state, ctx.source, ctx.target),
+                                  "throttle": ctx.auto_converge and not lazy_only and not estimating}  # fmt: skip
+        if self.rounds:
+            policy |= {"min_rounds": self.rounds, "max_rounds": self.rounds}
         done: dict[str, Any] = ctx.mig_call(
-            ctx.src, "precopy", target=ctx.target_agent(), policy=policy, method=self.method,
+            ctx.src, "precopy", target=ctx.target_agent(), policy=policy, method=method,
             freeze_timeout=ctx.freeze_timeout, completion_timeout=ctx.completion_timeout,
         )  # fmt: skip
-        if done["stop"] != "completion-timeout" or self.lazy:
+        if done["stop"] != "completion-timeout" or lazy_only or estimating:
             return done
         if ctx.on_timeout != "postcopy":  # "abort", or a journal from before the choice existed
             raise SkyferryError(
@@ -196,7 +224,10 @@ class PreCopy:
                 f"({ctx.completion_timeout:g} s per GiB): {done['why']}; aborted, nothing was frozen",
                 hint="--on-timeout postcopy hands over to a lazy finish instead; or a longer --completion-timeout",
             )
-        return {**done, "handover": "hybrid"}  # the runner finishes the migration as hybrid (migration.py)
+        if "hybrid" in finishes:  # auto: the finish is the rounds' to name, and the runner follows it
+            why = f"the rounds hit the completion timeout ({done['why']}): a lazy finish"
+            return {**done, "finish": "hybrid", "finish_reason": why}
+        return {**done, "handover": "hybrid"}  # --mode precopy: the runner goes on as hybrid (migration.py)
 
     def undo(self, ctx: Context) -> None:
         # The rounds left an engine and a (pre-warmed) image directory on the source; Checkpoint's undo
@@ -372,16 +403,20 @@ STOP_COPY: list[Stage] = [
 POSTCOPY: list[Stage] = [
     Check(), Prepare(), LazyCheckpoint(), Transfer(), Cutover(), LazyRestore(), LazyPhase(), Confirm(), Cleanup(),
 ]  # fmt: skip
-PRECOPY: list[Stage] = [
-    Check(), Prepare(), PreCopy(), Checkpoint(), Transfer(), Cutover(), Restore(), Confirm(), Cleanup(),
+# After pre-copy rounds the freeze ends one of two ways: a stop-copy of what changed since the last round,
+PRECOPY_FINISH: list[Stage] = [Checkpoint(), Transfer(), Cutover(), Restore(), Confirm(), Cleanup()]
+# or hybrid: a lazy checkpoint. The source has a pre-copy engine, so it also sends the pages the target
+# holds unchanged; the target's lazy-pages daemon takes those from its store and only the pages that
+# changed since the last round from the source (pipeline/memory/hybrid.py).
+HYBRID_FINISH: list[Stage] = [
+    LazyCheckpoint(), Transfer(), Cutover(), LazyRestore(), LazyPhase(), Confirm(), Cleanup(),
 ]  # fmt: skip
-# Hybrid: pre-copy rounds, then a lazy checkpoint. The source has a pre-copy engine, so it also sends the
-# pages the target holds unchanged; the target's lazy-pages daemon takes those from its store and only
-# the pages that changed since the last round from the source (pipeline/memory/hybrid.py).
-HYBRID: list[Stage] = [
-    Check(), Prepare(), PreCopy("content", lazy=True), LazyCheckpoint(), Transfer(), Cutover(), LazyRestore(),
-    LazyPhase(), Confirm(), Cleanup(),
-]  # fmt: skip
+PRECOPY: list[Stage] = [Check(), Prepare(), PreCopy(), *PRECOPY_FINISH]
+HYBRID: list[Stage] = [Check(), Prepare(), PreCopy("content", ("hybrid",)), *HYBRID_FINISH]
+# Auto: the rounds measure the container and the link, then precopy's `finish` picks PRECOPY_FINISH or
+# HYBRID_FINISH (migration.plan). --estimate: two rounds, then both stages are undone.
+AUTO: list[Stage] = [Check(), Prepare(), PreCopy(finishes=None)]
+ESTIMATE_ROUNDS: list[Stage] = [Check(), Prepare(), PreCopy(finishes=None, rounds=2)]
 POINT_OF_NO_RETURN = "restore"
 FREEZE_FROM, FREEZE_TO = "checkpoint", "restore"
 

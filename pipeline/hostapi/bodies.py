@@ -19,7 +19,10 @@ PageServer = Annotated[str, StringConstraints(pattern=r"^\d{1,3}(\.\d{1,3}){3}:\
 Base64 = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9+/]*={0,2}$", max_length=1 << 20)]
 Method = Literal["content", "soft-dirty"]  # criu/version.py: PRECOPY_CONTENT, PRECOPY_SOFT_DIRTY
 FreezeTimeout = Annotated[float, Field(gt=0, lt=86400)]  # seconds a container may stay frozen (freeze.py)
-Mode = Literal["precopy", "hybrid", "postcopy", "stop-copy"]  # controller/migration.py's MODES
+Mode = Literal["precopy", "hybrid", "postcopy", "stop-copy"]  # compat.ALL_MODES
+Finish = Literal["precopy", "hybrid"]  # how a freeze after pre-copy rounds may end
+# A step names its migration's mode: auto until its rounds chose the finish, estimate for --estimate.
+StepMode = Literal["auto", "estimate", "precopy", "hybrid", "postcopy", "stop-copy"]  # controller/migration.py
 StageName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z-]{0,31}$")]
 
 
@@ -55,6 +58,10 @@ class Policy(Body):
     growth: Annotated[float, Field(ge=0)] | None = None
     bandwidth: Annotated[float, Field(gt=0)] | None = None
     dirty_ratio: Annotated[float, Field(gt=0)] | None = None
+    max_freeze_ms: Annotated[float, Field(gt=0, le=86_400_000)] | None = None  # --max-freeze
+    finishes: Annotated[list[Finish], Field(min_length=1, max_length=2)] | None = None  # auto: precopy, hybrid
+    fixed_ms: dict[Mode, Annotated[float, Field(ge=0, le=86_400_000)]] | None = None  # learned per host pair
+    min_rounds: Annotated[int, Field(ge=1, le=100)] | None = None
     throttle: StrictBool | None = None  # auto-converge (runtimes/throttle.py)
 
 
@@ -64,7 +71,7 @@ class Step(Body):
     agent's metrics count migrations by both (pipeline/agent/metrics.py)."""
 
     name: ContainerName
-    mode: Mode | None = None
+    mode: StepMode | None = None
     failed_stage: StageName | None = None
 
 

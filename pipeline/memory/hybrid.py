@@ -41,12 +41,12 @@ from skyferry.pipeline.memory.pages import (
 )
 from skyferry.pipeline.memory.policy import RoundStats
 from skyferry.pipeline.memory.precopy import SourceEngine
+from skyferry.pipeline.memory.prediction import EAGER_S
 from skyferry.pipeline.memory.procmem import PAGE, MemReader, process_tree, runs_of
 from skyferry.pipeline.memory.store import TargetStore
 
 CLEAN_HEAD = struct.Struct("<IQI")  # vpid, digest of the clean pages' hashes, runs
 KIND = "lazy-final"
-EAGER_S = 0.1  # changed pages that round 1's rate moves in this long go inside the freeze
 
 
 @dataclass

@@ -1,18 +1,24 @@
-"""When to stop pre-copy rounds and freeze: a small pure object over the rounds' numbers.
+"""When to stop pre-copy rounds and freeze, and how to finish: a small pure object over the rounds' numbers.
 
-Stop when the last delta is small enough to send inside the freeze budget, when memory is being
-dirtied nearly as fast as the link can carry it (more rounds cannot shrink the delta), when the
-delta grows, or at a round or time limit. P.Haul's rules are the model: <= 64 pages, > 10% growth,
-8 rounds. With auto-converge (`throttle`), rounds that cannot keep up ask for a CPU throttle step
-(reason `throttle`, QEMU's trigger: a delta at least half the one before) until it reaches its cap; a
-completion timeout (`completion_seconds`) ends them whatever they do.
+With a downtime limit (`max_freeze_ms`, `--max-freeze`) the rounds stop as soon as a finish's predicted
+freeze fits it (memory/prediction.py); when the rounds stop shrinking first, the decision says
+`needs-throttle` (the hook for auto-converge). Without a limit, or when no finish could fit even with
+nothing left to copy (the fixed costs alone exceed it), P.Haul's rules decide: stop when the last delta
+is small enough, when memory is being dirtied nearly as fast as the link carries it (more rounds cannot
+shrink the delta), when the delta grows (> 10%), or at a round or time limit (8 rounds).
+
+With auto-converge (`throttle`), rounds that cannot keep up ask for a CPU throttle step instead of
+stopping (reason `throttle`, QEMU's trigger: a delta at least half the one before) until the throttle is at
+its cap; a completion timeout (`completion_seconds`) ends the rounds whatever they do.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from skyferry.pipeline.memory.prediction import Measured, Prediction, predict_all
 
 PAGE = 4096
 
@@ -42,9 +48,19 @@ class RoundStats:
 @dataclass(frozen=True)
 class Decision:
     stop: bool
-    # continue | throttle | converged | not-converging | growing | completion-timeout | round-limit | time-limit
+    # continue | throttle | fits | converged | completion-timeout | not-converging | growing | needs-throttle |
+    # round-limit | time-limit
     reason: str
     detail: str
+    finish: str = ""  # how the freeze ends: one of the policy's finishes
+    finish_reason: str = ""  # why that one
+    predicted: dict[str, dict[str, Any]] = field(default_factory=dict)  # per mode: Prediction.as_dict()
+    measured: dict[str, Any] = field(default_factory=dict)  # what the predictions rest on: Measured.as_dict()
+
+
+# The rounds stopped shrinking while a smaller delta would fit the limit: auto-converge's cue (slow the
+# workload, then go on with rounds). Until something acts on it, the container freezes with `finish`.
+NEEDS_THROTTLE = "needs-throttle"
 
 
 @dataclass(frozen=True)
@@ -55,23 +71,82 @@ class ConvergencePolicy:
     growth: float = 0.10  # stop when a delta is this much larger than the one before
     bandwidth: float | None = None  # bytes/s the link carries; None: round 1's throughput
     dirty_ratio: float = 0.8  # dirty rate / bandwidth at which rounds stop paying off
+    max_freeze_ms: float | None = None  # the downtime limit; None: the delta rules above alone
+    finishes: Sequence[str] = ("precopy",)  # how the freeze may end, preferred first (auto: precopy, hybrid)
+    fixed_ms: Mapping[str, float] = field(default_factory=dict)  # per mode, measured; else the model's defaults
+    method: str = "content"  # the rounds' method (soft-dirty: the dump writes only the delta)
+    min_rounds: int = 1  # --estimate: two, since one round cannot see how fast memory changes
     throttle: bool = False  # auto-converge: throttle the container's CPU instead of stopping
     throttle_trigger: float = 0.5  # a step when a delta is >= this share of the one before (QEMU's 50%)
     throttle_cap: float = 0.99  # the last step (QEMU's maximum)
     completion_seconds: float | None = None  # stop after this long, converged or not
 
-    def decide(self, rounds: Sequence[RoundStats], throttled: float = 0.0) -> Decision:
-        """Whether to stop after the last of `rounds` (all kind "round", oldest first); `throttled` is the
-        share of its CPU the container was denied while the last delta was dirtied (auto-converge)."""
+    def decide(self, rounds: Sequence[RoundStats], files_wire: int = 0, throttled: float = 0.0) -> Decision:
+        """Whether to stop after the last of `rounds` (all kind "round", oldest first), and which finish
+        freezes shortest; `files_wire` is the first file round's stream (stop-copy carries it whole);
+        `throttled` is the share of its CPU the container was denied while the last delta was dirtied."""
         if not rounds:
             return Decision(False, "continue", "no round yet")
+        measured = Measured.of(rounds, self.bandwidth, files_wire)
+        predicted = predict_all(measured, self.fixed_ms, self.method)
+        finish, why = self._finish(predicted)
+        stop, reason, detail = self._stop(rounds, predicted, throttled)
+        return Decision(
+            stop, reason, detail, finish, why, {k: p.as_dict() for k, p in predicted.items()}, measured.as_dict()
+        )
+
+    def _finish(self, predicted: Mapping[str, Prediction]) -> tuple[str, str]:
+        """The first finish whose freeze fits the limit; else the shortest (the first of equals)."""
+        if len(self.finishes) == 1:
+            return self.finishes[0], "the mode asked for"
+        ms = {f: predicted[f].freeze_ms for f in self.finishes}
+        others = ", ".join(f"{f} {v:.0f} ms" for f, v in ms.items())
+        limit = self.max_freeze_ms
+        fitting = [f for f in self.finishes if limit is not None and ms[f] <= limit]
+        if fitting:
+            return fitting[0], f"predicted freeze fits --max-freeze {limit:.0f} ms ({others})"
+        best = min(self.finishes, key=lambda f: ms[f])
+        over = f"none fits --max-freeze {limit:.0f} ms; " if limit is not None else ""
+        return best, f"{over}shortest predicted freeze ({others})"
+
+    def _stop(
+        self, rounds: Sequence[RoundStats], predicted: Mapping[str, Prediction], throttled: float
+    ) -> tuple[bool, str, str]:
+        n, limit = len(rounds), self.max_freeze_ms
+        if n < self.min_rounds:
+            return False, "continue", f"round {n} of at least {self.min_rounds}"
+        stop, reason, detail = self._rounds_rule(rounds, throttled)
+        if limit is None:
+            return stop, reason, detail
+        candidates = [predicted[f] for f in self.finishes]
+        best = min(candidates, key=lambda p: p.freeze_ms)
+        # A lazy finish's freeze fits early (what the link cannot move in EAGER_S waits for after the
+        # restore), but while rounds still shrink the delta they shorten the phase the copy depends on
+        # the source: so it stops at once only with nothing left for later.
+        fitting = [p for p in candidates if p.freeze_ms <= limit and (stop or not p.lazy_bytes)]
+        if fitting:
+            p = fitting[0]
+            later = f", {p.lazy_bytes} B after the restore ({reason}: {detail})" if p.lazy_bytes else ""
+            return True, "fits", f"{p.mode} predicted {p.freeze_ms:.0f} ms <= --max-freeze {limit:.0f} ms{later}"
+        floor = min(p.floor_ms for p in candidates)
+        if floor > limit:  # more rounds cannot help: P.Haul's rules alone
+            return stop, reason, f"{detail}; no finish fits {limit:.0f} ms even with nothing to copy ({floor:.0f} ms)"
+        if reason in ("not-converging", "growing") and not self.throttle:  # with it: at its cap already
+            return True, NEEDS_THROTTLE, (
+                f"{detail}; {best.mode} predicted {best.freeze_ms:.0f} ms > --max-freeze {limit:.0f} ms "
+                f"and the rounds no longer shrink it"
+            )  # fmt: skip
+        return stop, reason, detail
+
+    def _rounds_rule(self, rounds: Sequence[RoundStats], throttled: float = 0.0) -> tuple[bool, str, str]:
+        """P.Haul's rules over the deltas alone, with auto-converge's steps and the completion timeout."""
         last = rounds[-1]
         n = len(rounds)
         if last.bytes_out <= self.max_delta_bytes:
-            return Decision(True, "converged", f"round {n} sent {last.bytes_out} B <= {self.max_delta_bytes} B")
+            return True, "converged", f"round {n} sent {last.bytes_out} B <= {self.max_delta_bytes} B"
         elapsed = last.started + last.duration - rounds[0].started
         if self.completion_seconds is not None and elapsed >= self.completion_seconds:
-            return Decision(True, "completion-timeout", f"{elapsed:.1f} s of rounds >= {self.completion_seconds:g} s")
+            return True, "completion-timeout", f"{elapsed:.1f} s of rounds >= {self.completion_seconds:g} s"
         if n >= 2:
             prev = rounds[-2]
             interval = max(last.started - prev.started, 1e-6)
@@ -85,23 +160,28 @@ class ConvergencePolicy:
             halved = last.bytes_out < self.throttle_trigger * prev.bytes_out
             behind = not halved or rate >= self.throttle_trigger * bandwidth
             if self.throttle and throttled < self.throttle_cap and behind:
-                why = f"memory changes at {rate / 1e6:.1f} MB/s, the streams move {bandwidth / 1e6:.1f} MB/s"
-                return Decision(False, "throttle", why)
+                return (
+                    False,
+                    "throttle",
+                    f"memory changes at {rate / 1e6:.1f} MB/s, the streams move {bandwidth / 1e6:.1f} MB/s",
+                )
             capped = f" at a {throttled:.0%} CPU throttle" if throttled else ""
             if rate >= self.dirty_ratio * bandwidth:
-                return Decision(
+                return (
                     True,
                     "not-converging",
                     f"memory changes at {rate / 1e6:.1f} MB/s, >= {self.dirty_ratio:.0%} of the "
                     f"{bandwidth / 1e6:.1f} MB/s the streams move{capped}",
                 )
             if growing:
-                return Decision(
-                    True, "growing", f"round {n} sent {last.bytes_out} B, more than {prev.bytes_out} B before{capped}"
+                return (
+                    True,
+                    "growing",
+                    f"round {n} sent {last.bytes_out} B, more than {prev.bytes_out} B before{capped}",
                 )
         # While the throttle can still step, its steps take the rounds: no round limit then (at the cap, yes).
         if n >= self.max_rounds and not 0 < throttled < self.throttle_cap:
-            return Decision(True, "round-limit", f"{n} rounds")
+            return True, "round-limit", f"{n} rounds"
         if elapsed >= self.max_seconds:
-            return Decision(True, "time-limit", f"{elapsed:.1f} s of rounds")
-        return Decision(False, "continue", f"round {n} sent {last.bytes_out} B")
+            return True, "time-limit", f"{elapsed:.1f} s of rounds"
+        return False, "continue", f"round {n} sent {last.bytes_out} B"

@@ -345,6 +345,8 @@ def _measures(report: dict[str, Any]) -> dict[str, Any]:
     rounds = report.get("rounds") or []
     out: dict[str, Any] = {
         "freeze_ms": report.get("freeze_ms"),
+        "mode_chosen": report.get("mode"),  # auto: the finish its rounds chose (report's mode_reason says why)
+        "predicted_freeze_ms": report.get("predicted_freeze_ms"),
         "total_ms": report.get("total_ms"),
         "bytes_wire": report.get("bytes_wire"),
         "bytes_at_freeze": report.get("bytes_at_freeze"),

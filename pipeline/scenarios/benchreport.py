@@ -55,8 +55,9 @@ def rows(result: dict[str, Any]) -> list[list[str]]:
         stream = r.get("stream") or {}
         rounds = f"{r['rounds']} ({r['precopy_stop']})" if r.get("rounds") else "-"
         vs = f"{stream['mbit_s']:.0f} Mbit/s ({stream['vs_iperf3']:.0%})" if "vs_iperf3" in stream else "-"
+        chosen = r.get("mode_chosen")  # auto: the finish its rounds chose
         out.append([
-            r["workload"], r["mode"],
+            r["workload"], r["mode"] if chosen in (None, r["mode"]) else f"{r['mode']}: {chosen}",
             _with_ratio(r.get("freeze_ms"), ratio.get("freeze_ms"), "{:.0f}"),
             _with_ratio(r.get("client_gap_ms"), ratio.get("client_gap_ms"), "{:.0f}"),
             _with_ratio(r["total_ms"] / 1000 if r.get("total_ms") else None, ratio.get("total_ms"), "{:.1f}"),

@@ -73,7 +73,7 @@ def test_live_migration_vm_to_vm_keeps_the_connection(vms: Session, controller: 
     client = counter_client(vms.state, info["ip"], controller)
     try:
         client.wait_for(client.progress() + 5, timeout=60)
-        report = migration.migrate(vms.state, "vmcounter", "vm-2")
+        report = migration.migrate(vms.state, "vmcounter", "vm-2", mode="precopy")  # auto would go by content
         client.wait_for(client.progress() + 5, timeout=60)
     finally:
         seen = client.stop()

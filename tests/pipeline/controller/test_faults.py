@@ -1,4 +1,5 @@
-"""The fault matrix: every stage of a pre-copy migration (the default mode) x every fault, on a real mesh.
+"""The fault matrix: every stage of a pre-copy migration x every fault, on a real mesh. Pre-copy is what the
+default mode, auto, picks for the small counter (docs/migration.md, "Auto mode").
 
 Each cell moves a fresh counter container from local-1 to local-2 while a client on local-3 sends
 numbered requests on one connection (it fails on any lost or repeated answer), injects one fault at one

@@ -43,7 +43,7 @@ def test_every_mode_runs_baseline_first_and_a_failed_run_does_not_stop_the_other
     assert not bad["ok"] and "unknown mode" in bad["error"] and bad["connection_survived"]
     # An unmeasured warm-up first; then each run starts where the previous one left the container.
     [warm] = result["warmups"]
-    assert warm["ok"] and warm["mode"] == "precopy" and (warm["source"], warm["target"]) == ("local-1", "local-2")
+    assert warm["ok"] and warm["mode"] == "auto" and (warm["source"], warm["target"]) == ("local-1", "local-2")
     assert (stop["source"], stop["target"]) == ("local-2", "local-1")
     assert (pre["source"], pre["target"]) == ("local-1", "local-2")
     assert (bad["source"], bad["target"]) == ("local-2", "local-1")
