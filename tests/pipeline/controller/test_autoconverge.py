@@ -132,15 +132,19 @@ def test_the_completion_timeout_with_abort_leaves_it_running_on_the_source_unthr
 
 
 @pytest.mark.parametrize("churner", [1000], indirect=True)
-def test_the_completion_timeout_hands_over_to_a_lazy_finish(churner: dict) -> None:
+@pytest.mark.parametrize("mode", ["precopy", None])
+def test_the_completion_timeout_hands_over_to_a_lazy_finish(churner: dict, mode: str | None) -> None:
+    """--on-timeout's default where the target restores lazily: --mode precopy switches the journal's mode
+    to hybrid; auto (the default mode) has its rounds name hybrid as their finish."""
     c = churner
     state, m, name = c["state"], c["mesh"], c["name"]
     src_limit = limit(state, m, SRC, name)
-    report = migration.migrate(state, name, DST, mode="precopy", completion_timeout=10)  # default: postcopy
+    report = migration.migrate(state, name, DST, mode=mode, completion_timeout=10)
     assert report["state"] == "done", report
-    assert (report["precopy_stop"], report["handover"], report["mode"]) == ("completion-timeout", "hybrid", "hybrid")
+    assert (report["precopy_stop"], report["mode"]) == ("completion-timeout", "hybrid"), report
+    assert report["handover"] == ("hybrid" if mode == "precopy" else None)
     assert report["lazy"], report  # the pages changed since the last round came lazily
-    assert Journal(state).all()[-1].mode == "hybrid"
+    assert Journal(state).all()[-1].mode == ("hybrid" if mode == "precopy" else "auto")
     assert limit(state, m, DST, name) == src_limit
     assert scenario.check_memory(m.hosts[DST].netns or "", c["ip"])["bad"] == 0
     assert no_throttle_records(m)
