@@ -29,6 +29,7 @@ from skyferry.pipeline.hostapi.layout import IMAGES_TMPFS
 from skyferry.pipeline.hostapi.publish import PublicPort
 from skyferry.pipeline.hostapi.spec import IMPORTS, ContainerSpec
 from skyferry.pipeline.runtimes.protocol import Runtime, runtimes
+from skyferry.pipeline.runtimes.throttle import Throttles
 
 POSTCOPY_TIMEOUT = 900.0  # seconds for the target to fetch every page
 STARTUP_GRACE = 0.5  # seconds a new container must keep running for `run` to call it started
@@ -65,6 +66,7 @@ class Host:
         self.sources: dict[str, Session] = {}  # by migration id: SourceSession
         self.targets: dict[str, Session] = {}  # by migration id: TargetSession
         self.freezes = Freezes(cfg.state_root)  # the source's freeze records, which its watchdog bounds
+        self.throttles = Throttles(cfg.state_root)  # auto-converge: the CPU limits to write back
         self.pool = ThreadPoolExecutor(4, thread_name_prefix="pager")  # target sessions start pagers here
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()

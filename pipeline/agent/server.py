@@ -299,7 +299,7 @@ class Agent:
             case "precopy":
                 policy = ConvergencePolicy(**req.policy.model_dump(exclude_none=True))
                 lanes = self._lanes(session.mig, req.target, session.name)
-                return session.precopy(*lanes, policy, req.method, req.freeze_timeout)
+                return session.precopy(*lanes, policy, req.method, req.freeze_timeout, req.completion_timeout)
             case "checkpoint":
                 fence = f"{req.target.address}:{req.target.port}" if req.target else None  # the watchdog's fence
                 return session.checkpoint(req.lazy, req.freeze_timeout, fence, peer=req.peer,
@@ -515,6 +515,10 @@ def serve(cfg: HostConfig, identity: Identity, listen: str, port: int = AGENT_PO
         log.error("stopped %s: restored lazily by an earlier agent that died before every page arrived", name)
     for pid in lazypages.stop_strays(host.images_root):
         log.warning("stopped lazy-pages daemon %d left behind by an earlier agent", pid)
+    # Its rounds died with the earlier agent: no one works on a container it throttled (auto-converge).
+    for name in host.throttles.lift_all():
+        log.warning("lifted the CPU throttle an earlier agent left on %s", name)
+    host.throttles.watch()
     agent = Agent(host, identity)
     metrics.watch(host, lambda: _pages_outstanding(host))
     freeze.Watchdog(host.freezes, lambda record: expire(host, record, agent.peer)).start()

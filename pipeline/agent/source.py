@@ -17,6 +17,7 @@ called by the agent's watchdog thread.
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
 import signal
@@ -47,6 +48,7 @@ from skyferry.pipeline.memory.precopy import SourceEngine
 from skyferry.pipeline.memory.predump import PredumpSource
 from skyferry.pipeline.runtimes.children import kill_groups
 from skyferry.pipeline.runtimes.protocol import Runtime
+from skyferry.pipeline.runtimes.throttle import Throttle
 
 log = logging.getLogger("skyferry.agent.source")
 
@@ -83,6 +85,7 @@ class SourceSession:
         self.page_port: int | None = None  # post-copy: the page server's port, firewalled to loopback
         self.freeze_scan: hybrid.FreezeScan | None = None  # hybrid: what the target holds, and more
         self.holdback: Holdback | None = None  # client segments, replayed if a rollback thaws us
+        self.throttle: Throttle | None = None  # auto-converge; its record (host.throttles) outlives us
 
     @classmethod
     def of(cls, host: Host, mig: str, name: str) -> SourceSession:
@@ -96,13 +99,32 @@ class SourceSession:
         policy: ConvergencePolicy,
         method: str = "auto",
         freeze_timeout: float = FREEZE_TIMEOUT,
+        completion_timeout: float | None = None,
     ) -> dict[str, Any]:
         """Rounds while the container runs, until the policy stops them: memory, then the files of its
         rootfs and volumes. A repeated call starts afresh (the target resets its store).
 
         `method` "auto" takes CRIU's pre-dump where this kernel tracks soft-dirty pages and the engine can
         pre-dump, else content-based rounds; "content" (hybrid, whose freeze scan needs the hashes) forces
-        the latter. A CRIU pre-dump freezes the container for its round: bounded like the checkpoint."""
+        the latter. A CRIU pre-dump freezes the container for its round: bounded like the checkpoint.
+
+        With `policy.throttle` (auto-converge), rounds that cannot keep up throttle the container's CPU a
+        step more each (pipeline/runtimes/throttle.py) until they converge or the throttle is at its cap;
+        the throttle stays on until the checkpoint has paused the container, or goes at once if the rounds
+        fail. `completion_timeout` (seconds per GiB of the container's memory, at least one GiB's worth,
+        like KubeVirt's) ends the rounds with reason `completion-timeout`: the controller then aborts or
+        hands over to post-copy."""
+        try:
+            return self._precopy(mem, fs, policy, method, freeze_timeout, completion_timeout)
+        except Exception:
+            self._unthrottle()
+            raise
+
+    def _precopy(
+        self, mem: Lane, fs: Lane, policy: ConvergencePolicy, method: str, freeze_timeout: float,
+        completion_timeout: float | None,
+    ) -> dict[str, Any]:  # fmt: skip
+        self._unthrottle()  # a repeated call starts afresh
         runtime = self.host.rt(self.name)
         state = runtime.state(self.name)
         if state is None or state["status"] != "running":
@@ -121,7 +143,8 @@ class SourceSession:
                 work = self.dir / f"work-round{images.name}"
                 self.host.freezes.arm(self.mig, self.name, "pre-dump", freeze_timeout)
                 try:
-                    runtime.pre_dump(self.name, images, parent, work)
+                    with self.throttle.relaxed() if self.throttle else contextlib.nullcontext():
+                        runtime.pre_dump(self.name, images, parent, work)  # CRIU freezes: not while throttled
                 except SkyferryError as exc:
                     self.host.freezes.check(self.mig, exc)  # the bound was hit: say so, not runc's last line
                     raise  # the record stays: the watchdog thaws what a failed pre-dump may have left frozen
@@ -132,19 +155,35 @@ class SourceSession:
         else:
             rounds = self.engine = SourceEngine(int(state["pid"]))
         tracker = self.tracker = FsTracker(runtime.payload(self.name))
-        _prewarm(self.dir / "images", proctree.tree_rss(int(state["pid"])))
+        rss = proctree.tree_rss(int(state["pid"]))
+        _prewarm(self.dir / "images", rss)
         policy = replace(policy, method=method)  # the prediction: soft-dirty dumps only the delta
-        fs_rounds = []
+        if completion_timeout is not None:
+            policy = replace(policy, completion_seconds=completion_timeout * max(rss / (1 << 30), 1.0))
+        if policy.throttle:
+            self.throttle = Throttle.start(self.host.throttles, self.mig, self.name, runtime.cgroup(self.name))
+        fs_rounds, steps, levels = [], [], []  # levels: the throttle in force as each round began
         while True:
+            levels.append(self.throttle.level if self.throttle else 0.0)
             mem.upload("precopy-round", rounds.round())
             metrics.precopy_round(self.name, method, rounds.history)
             stats = FsStats()
             fs.upload("fs-round", tracker.round(stats))
             fs_rounds.append(stats.as_dict())
-            # Auto-converge hooks in here: on reason NEEDS_THROTTLE, throttle the workload and go on.
-            decision = policy.decide(rounds.history, files_wire=fs_rounds[0]["bytes_wire"])
+            # A round's delta was dirtied while the round before it ran: judged by the throttle of then (a
+            # step shows one round later), so the cap is judged only once a round ran under it.
+            seen = levels[-2] if len(levels) > 1 else 0.0
+            decision = policy.decide(rounds.history, files_wire=fs_rounds[0]["bytes_wire"], throttled=seen)
+            if decision.reason == "throttle" and self.throttle is not None and not self.throttle.capped:
+                last = rounds.history[-1]
+                rate = last.bytes_out / max(last.started - rounds.history[-2].started, 1e-6)
+                steps.append({"round": len(rounds.history), "dirty_bytes_s": round(rate), **self.throttle.step()})
+                log.info("auto-converge: %s throttled to %d%% after round %d (%s)", self.name,
+                         steps[-1]["percent"], len(rounds.history), decision.detail)  # fmt: skip
             if decision.stop:
                 break
+        if steps:
+            self.host.throttles.hold(self.mig)  # lifted at the checkpoint's pause, or by the watchdog
         return {
             "method": method,
             "rounds": [r.as_dict() for r in rounds.history],
@@ -156,6 +195,8 @@ class SourceSession:
             "max_freeze_ms": policy.max_freeze_ms,
             "predicted": decision.predicted,  # per mode, if the container froze now
             "measured": decision.measured,  # memory, bandwidth, dirty rate: what the predictions rest on
+            "throttle_steps": steps,
+            **({"completion_timeout_s": round(policy.completion_seconds, 3)} if policy.completion_seconds else {}),
         }
 
     def checkpoint(
@@ -202,6 +243,9 @@ class SourceSession:
     ) -> float:  # fmt: skip
         """Pause, lock, dump; when the container was frozen and locked (monotonic)."""
         faults.act(self.host.cfg.state_root, "stop-task:checkpoint", lambda: _stop_newest_task(int(state["pid"])))
+        # Lifted before the pause: the freezer cannot freeze a task the CFS throttle keeps off the CPU in
+        # time ("unable to freeze"), and the image (so the target's copy) then holds the container's own limit.
+        self._unthrottle()
         if state["status"] == "running":
             runtime.pause(self.name)
         netlock.lock(netns)
@@ -212,8 +256,9 @@ class SourceSession:
         if lazy:
             if peer is None or tls is None:
                 raise SkyferryError(f"migration {self.mig}: a lazy checkpoint needs the target's name")
-            if self.chain is not None:  # a lazy dump cannot take a pre-dump parent: hybrid pre-copies by content
-                raise SkyferryError(f"migration {self.mig}: a lazy checkpoint after soft-dirty rounds")
+            # A lazy dump cannot take a pre-dump parent (hybrid pre-copies by content). After soft-dirty rounds
+            # that hit the completion timeout the hand-over is plain post-copy: every page from the server.
+            self.chain = None
             self._stop_lazy_dump()
             engine = self.engine
             with ThreadPoolExecutor(1) as pool:  # the scan reads memory while CRIU dumps the rest
@@ -361,6 +406,7 @@ class SourceSession:
             netlock.clear_criu_lock(netns)  # CRIU's own network lock, which a killed dump leaves in place
         self._stop_lazy_dump()
         netlock.unlock(netns)
+        self._unthrottle()  # before the thaw: the container runs on at its own speed
         if state["status"] == "paused":
             runtime.resume(self.name)
         # Clients whose packets the lock dropped have backed off; hand them to the thawed container now.
@@ -396,6 +442,7 @@ class SourceSession:
 
     def close(self) -> None:
         """Release everything the migration holds here (idempotent) and leave the host's registry."""
+        self._unthrottle()
         self._stop_lazy_dump()
         if self.holdback is not None:
             self.holdback.close()
@@ -404,6 +451,12 @@ class SourceSession:
         self.host.wipe(self.mig)
         if self.host.sources.get(self.mig) is self:
             del self.host.sources[self.mig]
+
+    def _unthrottle(self) -> None:
+        """Write the container's own CPU limit back, if this migration throttled it (also one an agent
+        that died left throttled: the record is on disk)."""
+        self.throttle = None
+        self.host.throttles.lift(self.mig)
 
     def _stop_lazy_dump(self) -> None:
         """End a post-copy page server (and the CRIU dump it belongs to) and its tunnel. The frozen tasks
@@ -434,6 +487,7 @@ def expire(host: Host, record: Freeze, peer: Peer) -> None:
     A target that cannot be reached raises: the watchdog tries again, and the container stays frozen
     (a live copy there is possible, and two live copies would be worse than a longer freeze)."""
     if host.state(record.name) is None:  # the container is gone: nothing is frozen any more
+        host.throttles.lift(record.mig)
         host.freezes.forget(record.mig)
         return
     killed = host.freezes.expiring[record.mig] = host.rt(record.name).started(record.name)

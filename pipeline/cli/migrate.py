@@ -11,7 +11,7 @@ import typer
 from skyferry.pipeline.controller import containers, migration, report_html
 from skyferry.pipeline.controller.journal import Journal
 from skyferry.pipeline.controller.registry import Registry
-from skyferry.pipeline.controller.stages import MAX_FREEZE_MS
+from skyferry.pipeline.controller.stages import COMPLETION_TIMEOUT, MAX_FREEZE_MS
 from skyferry.pipeline.controller.state import state_dir
 from skyferry.pipeline.controller.timeline import Span
 from skyferry.pipeline.controller.timeline import spans as timeline_of
@@ -58,8 +58,12 @@ def _print_report(report: dict[str, Any]) -> None:
         rows.insert(
             5, ["  predicted", f"{report['predicted_freeze_ms']} ms (--max-freeze {report['max_freeze_ms']} ms)"]
         )
+    for t in report.get("throttle_steps", []):
+        dirtied = f"{t['percent']} % CPU (memory changed at {t['dirty_bytes_s'] / 1e6:.1f} MB/s)"
+        rows.append([f"  throttle after round {t['round']}", dirtied])
     if report.get("precopy_stop"):
-        rows.append(["  rounds stopped", f"{report['precopy_stop']}: {report.get('precopy_why') or ''}"])
+        handover = f"; handed over to {report['handover']}" if report.get("handover") else ""
+        rows.append(["  rounds stopped", f"{report['precopy_stop']}: {report.get('precopy_why') or ''}{handover}"])
     rows += [[f"  {name}", f"{secs * 1000:.1f} ms"] for name, secs in report["stages_s"].items()]
     if report.get("error"):
         rows.append(["error", report["error"]])
@@ -126,6 +130,16 @@ def migrate(
     freeze_timeout: float = typer.Option(FREEZE_TIMEOUT, "--freeze-timeout", metavar="SECONDS", min=0.1, max=86400,
                                          help="The longest the container may stay frozen: past it, the source "
                                          "thaws it and the migration rolls back (docs/reliability.md)."),
+    auto_converge: bool = typer.Option(True, "--auto-converge/--no-auto-converge", help="Throttle the "
+                                       "container's CPU in steps while pre-copy rounds cannot keep up; lifted at "
+                                       "the freeze (docs/precopy.md, Auto-converge)."),
+    completion_timeout: float = typer.Option(COMPLETION_TIMEOUT, "--completion-timeout", metavar="SECONDS_PER_GIB",
+                                             min=0.001, max=86400, help="Bound the pre-copy rounds to this many "
+                                             "seconds per GiB of the container's memory (at least one GiB's worth), "
+                                             "like KubeVirt's completionTimeoutPerGiB."),
+    on_timeout: str | None = typer.Option(None, "--on-timeout", metavar="postcopy|abort", help="At the completion "
+                                          "timeout: hand over to a lazy finish (default where the target can) or "
+                                          "abort (the container runs on at the source, unthrottled)."),
 ) -> None:  # fmt: skip
     """Live-migrate a running container to another host; its IP and TCP connections survive.
 
@@ -149,7 +163,10 @@ def migrate(
         output.print_json(found) if json_out else _print_estimate(found)
         return
     with _progress(not json_out) as progress:
-        report = _with_ingress(migration.migrate(state_dir(), name, to, mode, progress, freeze_timeout, max_freeze))
+        report = _with_ingress(migration.migrate(
+            state_dir(), name, to, mode, progress, freeze_timeout, max_freeze,
+            auto_converge=auto_converge, completion_timeout=completion_timeout, on_timeout=on_timeout,
+        ))  # fmt: skip
     output.print_json(report) if json_out else _print_report(report)
     _exit_on_ingress_error(report)
 

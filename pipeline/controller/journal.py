@@ -89,6 +89,11 @@ class Journal:
                 raise SkyferryError(f"migration {mig_id} is being driven by process {mig.pid}")
             self.conn.execute("UPDATE migrations SET pid=?, updated=? WHERE id=?", (os.getpid(), time.time(), mig_id))
 
+    def set_mode(self, mig_id: str, mode: str) -> None:
+        """The migration finishes by another mode than it began with (a pre-copy handed over to hybrid)."""
+        with store.immediate(self.conn):
+            self.conn.execute("UPDATE migrations SET mode=?, updated=? WHERE id=?", (mode, time.time(), mig_id))
+
     def transition(self, mig_id: str, stage: str, status: str, detail: Any = None) -> None:
         now = time.time()
         with store.immediate(self.conn):

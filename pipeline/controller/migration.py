@@ -23,12 +23,14 @@ from skyferry.pipeline.controller.journal import Journal, Migration
 from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.controller.stages import (
     AUTO,
+    COMPLETION_TIMEOUT,
     ESTIMATE_ROUNDS,
     FREEZE_FROM,
     FREEZE_TO,
     HYBRID,
     HYBRID_FINISH,
     MAX_FREEZE_MS,
+    ON_TIMEOUT,
     POINT_OF_NO_RETURN,
     POSTCOPY,
     PRECOPY,
@@ -81,12 +83,22 @@ def migrate(
     progress: Progress = _quiet,
     freeze_timeout: float = FREEZE_TIMEOUT,
     max_freeze_ms: float = MAX_FREEZE_MS,
+    auto_converge: bool = True,
+    completion_timeout: float = COMPLETION_TIMEOUT,
+    on_timeout: str | None = None,
 ) -> dict[str, Any]:
     """Move container `name` to host `target`; returns the report. Raises SkyferryError after rolling back.
     Without a mode, auto: pre-copy rounds until the predicted freeze fits `max_freeze_ms`, then the finish
     predicted shortest (Podman and Docker: stop-copy, their only mode). The container stays frozen at most
     `freeze_timeout` seconds without the target's restore: then the source's watchdog thaws it and the
-    migration rolls back (docs/reliability.md, "The freeze bound")."""
+    migration rolls back (docs/reliability.md, "The freeze bound"). Pre-copy rounds that cannot keep up
+    throttle the container's CPU (`auto_converge`); rounds that outlast `completion_timeout` seconds per GiB
+    of its memory hand over to a lazy finish or abort (`on_timeout`: "postcopy", "abort", None: postcopy
+    where the target can) (docs/precopy.md, "Auto-converge and the completion timeout")."""
+    if not 0 < completion_timeout <= 86400:
+        raise SkyferryError(f"completion timeout {completion_timeout:g} s/GiB is out of range", hint="0 to 86400")
+    if on_timeout is not None and on_timeout not in ON_TIMEOUT:
+        raise SkyferryError(f"unknown --on-timeout {on_timeout!r}", hint=" or ".join(ON_TIMEOUT))
     mesh, entry, modes = _pair(state, name, target, mode, freeze_timeout, max_freeze_ms)
     mode = mode or DEFAULT_MODE
     reason = None
@@ -100,6 +112,7 @@ def migrate(
     mig = journal.begin(name, entry.host, target, mode)
     ctx = _context(state, mig, mesh, journal)
     ctx.freeze_timeout, ctx.max_freeze_ms = freeze_timeout, max_freeze_ms
+    ctx.auto_converge, ctx.completion_timeout, ctx.on_timeout = auto_converge, completion_timeout, on_timeout
     ctx.notes["mode_reason"] = reason
     with logfmt.bound(migration=mig.id, container=name):
         return _drive(ctx, journal, progress)
@@ -237,6 +250,7 @@ def _context(state: Path, mig: Migration, mesh: Mesh, journal: Journal) -> Conte
     src, dst = agentctl.client(state, mesh, mig.source), agentctl.client(state, mesh, mig.target)
     push = agentctl.Pusher(state, mesh, {mig.source: src, mig.target: dst})
     push.warm()  # the cutover pushes to every member inside the freeze: no handshakes there
+    check = done.get("check", {})
     return Context(
         mig_id=mig.id,
         entry=entry,
@@ -248,8 +262,11 @@ def _context(state: Path, mig: Migration, mesh: Mesh, journal: Journal) -> Conte
         dst=dst,
         push=push,
         mode=mig.mode,
-        freeze_timeout=done.get("check", {}).get("freeze_timeout", FREEZE_TIMEOUT),
-        max_freeze_ms=done.get("check", {}).get("max_freeze_ms", MAX_FREEZE_MS),
+        freeze_timeout=check.get("freeze_timeout", FREEZE_TIMEOUT),
+        max_freeze_ms=check.get("max_freeze_ms", MAX_FREEZE_MS),
+        auto_converge=check.get("auto_converge", True),
+        completion_timeout=check.get("completion_timeout", COMPLETION_TIMEOUT),
+        on_timeout=check.get("on_timeout"),
         notes={
             "freeze_deadline": done.get("checkpoint", {}).get("freeze_deadline"),
             "freeze_s": _freeze_s(transitions),
@@ -321,6 +338,12 @@ def _drive(ctx: Context, journal: Journal, progress: Progress) -> dict[str, Any]
         if stage.name == POINT_OF_NO_RETURN:
             Registry(ctx.state).move(ctx.entry.name, ctx.target)  # from here on it lives there
         faults.crash_point(stage.name)
+        if detail.get("handover") and detail["handover"] != ctx.mode:
+            # The rounds hit the completion timeout: finish lazily. The stages done so far have the same
+            # names in the new list, so it carries on after them (and a resume reads the new mode).
+            journal.set_mode(ctx.mig_id, detail["handover"])
+            ctx.mode = detail["handover"]
+            stages = plan(ctx.mode)
     mig = journal.get(ctx.mig_id)
     report = _report(journal, mig)
     journal.finish(ctx.mig_id, "done", report=report)
@@ -441,6 +464,9 @@ def _report(journal: Journal, mig: Migration) -> dict[str, Any]:
         "fs_rounds": fs_rounds,
         "precopy_stop": precopy.get("stop"),
         "precopy_why": precopy.get("why"),
+        # auto-converge: each CPU throttle step (round, percent, the dirty rate that asked for it)
+        "throttle_steps": precopy.get("throttle_steps", []),
+        "handover": precopy.get("handover"),  # the mode the rounds handed over to at the completion timeout
         # "soft-dirty" (CRIU pre-dumps) or "content"; None without rounds. Older agents ran only content.
         "precopy_method": precopy.get("method", "content") if precopy else None,
         "stages_s": stages,

@@ -18,6 +18,8 @@ from skyferry.pipeline.hostapi import compat
 from skyferry.pipeline.hostapi.client import AgentClient, AgentUnreachable
 from skyferry.pipeline.hostapi.layout import AGENT_PORT, FREEZE_TIMEOUT
 
+COMPLETION_TIMEOUT = 150.0  # seconds per GiB: KubeVirt's completionTimeoutPerGiB (800 before v1.1)
+ON_TIMEOUT = ("postcopy", "abort")
 MAX_FREEZE_MS = 300.0  # --max-freeze: QEMU's default downtime limit
 # Auto mode: how a freeze after pre-copy rounds may end, preferred first. Pre-copy leaves nothing behind on
 # the source once the copy runs; hybrid's lazy phase still needs it, so it wins only on a shorter freeze.
@@ -40,6 +42,13 @@ class Context:
     # Seconds the container may stay frozen before the source's watchdog thaws it and the migration rolls
     # back (journalled by the check stage, so a resumed migration keeps its bound).
     freeze_timeout: float = FREEZE_TIMEOUT
+    # Auto-converge (docs/precopy.md): throttle the container's CPU while rounds cannot keep up (precopy).
+    auto_converge: bool = True
+    # The rounds' bound, seconds per GiB of memory (KubeVirt's completionTimeoutPerGiB), and what follows
+    # it: "postcopy" (hand over to a lazy finish) or "abort"; None: postcopy where the target can. Both
+    # journalled by the check stage, so a resumed migration keeps them.
+    completion_timeout: float = COMPLETION_TIMEOUT
+    on_timeout: str | None = None
     # The downtime limit (ms) the rounds aim for (journalled by the check stage, like the freeze bound).
     max_freeze_ms: float = MAX_FREEZE_MS
     # "freeze_deadline": the source's deadline (wall clock) from its checkpoint, bounding the restore;
@@ -114,6 +123,15 @@ class Check:
         can = [m for m in compat.ALL_MODES if m in engine and not compat.missing(src, dst, m)]
         ctx.notes["finishes"] = [f for f in FINISHES if f in can]
         cpu = self._cpu(ctx, src, dst)
+        lazy = "hybrid" in can
+        if ctx.on_timeout is None:  # hand the rounds over to post-copy only where the target can take it
+            ctx.on_timeout = "postcopy" if lazy else "abort"
+        elif ctx.on_timeout == "postcopy" and ctx.mode in ("precopy", "auto") and not lazy:
+            raise SkyferryError(
+                f"{ctx.source} -> {ctx.target} cannot hand pre-copy over to post-copy at the completion timeout: "
+                f"{'; '.join(map(str, compat.missing(src, dst, 'hybrid'))) or f'{spec.runtime} has no lazy restore'}",
+                hint="--on-timeout abort",
+            )
         for t in ctx.dst.call("GET", "/v1/containers"):
             if t["name"] == ctx.entry.name:
                 raise SkyferryError(f"{ctx.target} already has a container named {ctx.entry.name!r}")
@@ -123,6 +141,9 @@ class Check:
             "features": [src.get("features"), dst.get("features")],
             "cpu": cpu,
             "freeze_timeout": ctx.freeze_timeout,
+            "auto_converge": ctx.auto_converge,
+            "completion_timeout": ctx.completion_timeout,
+            "on_timeout": ctx.on_timeout,
             "max_freeze_ms": ctx.max_freeze_ms,
             "modes": can,  # what this pair and engine can run; auto's rounds choose among FINISHES of them
             "finishes": ctx.notes["finishes"],
@@ -184,12 +205,29 @@ class PreCopy:
     def run(self, ctx: Context) -> dict[str, Any]:
         finishes = self.finishes or tuple(ctx.notes["finishes"])
         method = "content" if "hybrid" in finishes else self.method  # hybrid's freeze scan needs the hashes
+        # Hybrid finishes lazily anyway: its rounds neither throttle nor hand over; --estimate changes nothing.
+        lazy_only, estimating = finishes == ("hybrid",), bool(self.rounds)
         policy: dict[str, Any] = {**self.policy, "max_freeze_ms": ctx.max_freeze_ms, "finishes": list(finishes),
-                                  "fixed_ms": freezecost.fixed_ms(ctx.state, ctx.source, ctx.target)}  # fmt: skip
+                                  "fixed_ms": freezecost.fixed_ms(ctx.state, ctx.source, ctx.target),
+                                  "throttle": ctx.auto_converge and not lazy_only and not estimating}  # fmt: skip
         if self.rounds:
             policy |= {"min_rounds": self.rounds, "max_rounds": self.rounds}
-        return ctx.mig_call(ctx.src, "precopy", target=ctx.target_agent(), policy=policy, method=method,
-                            freeze_timeout=ctx.freeze_timeout)  # fmt: skip
+        done: dict[str, Any] = ctx.mig_call(
+            ctx.src, "precopy", target=ctx.target_agent(), policy=policy, method=method,
+            freeze_timeout=ctx.freeze_timeout, completion_timeout=ctx.completion_timeout,
+        )  # fmt: skip
+        if done["stop"] != "completion-timeout" or lazy_only or estimating:
+            return done
+        if ctx.on_timeout != "postcopy":  # "abort", or a journal from before the choice existed
+            raise SkyferryError(
+                f"pre-copy of {ctx.entry.name!r} did not complete within {done['completion_timeout_s']:g} s "
+                f"({ctx.completion_timeout:g} s per GiB): {done['why']}; aborted, nothing was frozen",
+                hint="--on-timeout postcopy hands over to a lazy finish instead; or a longer --completion-timeout",
+            )
+        if "hybrid" in finishes:  # auto: the finish is the rounds' to name, and the runner follows it
+            why = f"the rounds hit the completion timeout ({done['why']}): a lazy finish"
+            return {**done, "finish": "hybrid", "finish_reason": why}
+        return {**done, "handover": "hybrid"}  # --mode precopy: the runner goes on as hybrid (migration.py)
 
     def undo(self, ctx: Context) -> None:
         # The rounds left an engine and a (pre-warmed) image directory on the source; Checkpoint's undo

@@ -62,6 +62,7 @@ class Policy(Body):
     finishes: Annotated[list[Finish], Field(min_length=1, max_length=2)] | None = None  # auto: precopy, hybrid
     fixed_ms: dict[Mode, Annotated[float, Field(ge=0, le=86_400_000)]] | None = None  # learned per host pair
     min_rounds: Annotated[int, Field(ge=1, le=100)] | None = None
+    throttle: StrictBool | None = None  # auto-converge (runtimes/throttle.py)
 
 
 class Step(Body):
@@ -88,6 +89,7 @@ class Precopy(Step):
     policy: Policy = Policy()
     method: Literal["auto", "content"] = "auto"  # the source picks soft-dirty itself where it can
     freeze_timeout: FreezeTimeout = FREEZE_TIMEOUT  # bounds each CRIU pre-dump's freeze
+    completion_timeout: Annotated[float, Field(gt=0, le=86400)] | None = None  # rounds' bound, seconds per GiB
 
 
 class Checkpoint(Step):

@@ -6,6 +6,10 @@ freeze fits it (memory/prediction.py); when the rounds stop shrinking first, the
 nothing left to copy (the fixed costs alone exceed it), P.Haul's rules decide: stop when the last delta
 is small enough, when memory is being dirtied nearly as fast as the link carries it (more rounds cannot
 shrink the delta), when the delta grows (> 10%), or at a round or time limit (8 rounds).
+
+With auto-converge (`throttle`), rounds that cannot keep up ask for a CPU throttle step instead of
+stopping (reason `throttle`, QEMU's trigger: a delta at least half the one before) until the throttle is at
+its cap; a completion timeout (`completion_seconds`) ends the rounds whatever they do.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ class RoundStats:
 @dataclass(frozen=True)
 class Decision:
     stop: bool
-    # continue | fits | converged | not-converging | growing | needs-throttle | round-limit | time-limit
+    # continue | throttle | fits | converged | completion-timeout | not-converging | growing | needs-throttle |
+    # round-limit | time-limit
     reason: str
     detail: str
     finish: str = ""  # how the freeze ends: one of the policy's finishes
@@ -71,16 +76,21 @@ class ConvergencePolicy:
     fixed_ms: Mapping[str, float] = field(default_factory=dict)  # per mode, measured; else the model's defaults
     method: str = "content"  # the rounds' method (soft-dirty: the dump writes only the delta)
     min_rounds: int = 1  # --estimate: two, since one round cannot see how fast memory changes
+    throttle: bool = False  # auto-converge: throttle the container's CPU instead of stopping
+    throttle_trigger: float = 0.5  # a step when a delta is >= this share of the one before (QEMU's 50%)
+    throttle_cap: float = 0.99  # the last step (QEMU's maximum)
+    completion_seconds: float | None = None  # stop after this long, converged or not
 
-    def decide(self, rounds: Sequence[RoundStats], files_wire: int = 0) -> Decision:
+    def decide(self, rounds: Sequence[RoundStats], files_wire: int = 0, throttled: float = 0.0) -> Decision:
         """Whether to stop after the last of `rounds` (all kind "round", oldest first), and which finish
-        freezes shortest; `files_wire` is the first file round's stream (stop-copy carries it whole)."""
+        freezes shortest; `files_wire` is the first file round's stream (stop-copy carries it whole);
+        `throttled` is the share of its CPU the container was denied while the last delta was dirtied."""
         if not rounds:
             return Decision(False, "continue", "no round yet")
         measured = Measured.of(rounds, self.bandwidth, files_wire)
         predicted = predict_all(measured, self.fixed_ms, self.method)
         finish, why = self._finish(predicted)
-        stop, reason, detail = self._stop(rounds, predicted)
+        stop, reason, detail = self._stop(rounds, predicted, throttled)
         return Decision(
             stop, reason, detail, finish, why, {k: p.as_dict() for k, p in predicted.items()}, measured.as_dict()
         )
@@ -99,11 +109,13 @@ class ConvergencePolicy:
         over = f"none fits --max-freeze {limit:.0f} ms; " if limit is not None else ""
         return best, f"{over}shortest predicted freeze ({others})"
 
-    def _stop(self, rounds: Sequence[RoundStats], predicted: Mapping[str, Prediction]) -> tuple[bool, str, str]:
+    def _stop(
+        self, rounds: Sequence[RoundStats], predicted: Mapping[str, Prediction], throttled: float
+    ) -> tuple[bool, str, str]:
         n, limit = len(rounds), self.max_freeze_ms
         if n < self.min_rounds:
             return False, "continue", f"round {n} of at least {self.min_rounds}"
-        stop, reason, detail = self._rounds_rule(rounds)
+        stop, reason, detail = self._rounds_rule(rounds, throttled)
         if limit is None:
             return stop, reason, detail
         candidates = [predicted[f] for f in self.finishes]
@@ -119,19 +131,22 @@ class ConvergencePolicy:
         floor = min(p.floor_ms for p in candidates)
         if floor > limit:  # more rounds cannot help: P.Haul's rules alone
             return stop, reason, f"{detail}; no finish fits {limit:.0f} ms even with nothing to copy ({floor:.0f} ms)"
-        if reason in ("not-converging", "growing"):
+        if reason in ("not-converging", "growing") and not self.throttle:  # with it: at its cap already
             return True, NEEDS_THROTTLE, (
                 f"{detail}; {best.mode} predicted {best.freeze_ms:.0f} ms > --max-freeze {limit:.0f} ms "
                 f"and the rounds no longer shrink it"
             )  # fmt: skip
         return stop, reason, detail
 
-    def _rounds_rule(self, rounds: Sequence[RoundStats]) -> tuple[bool, str, str]:
-        """P.Haul's rules over the deltas alone."""
+    def _rounds_rule(self, rounds: Sequence[RoundStats], throttled: float = 0.0) -> tuple[bool, str, str]:
+        """P.Haul's rules over the deltas alone, with auto-converge's steps and the completion timeout."""
         last = rounds[-1]
         n = len(rounds)
         if last.bytes_out <= self.max_delta_bytes:
             return True, "converged", f"round {n} sent {last.bytes_out} B <= {self.max_delta_bytes} B"
+        elapsed = last.started + last.duration - rounds[0].started
+        if self.completion_seconds is not None and elapsed >= self.completion_seconds:
+            return True, "completion-timeout", f"{elapsed:.1f} s of rounds >= {self.completion_seconds:g} s"
         if n >= 2:
             prev = rounds[-2]
             interval = max(last.started - prev.started, 1e-6)
@@ -139,18 +154,34 @@ class ConvergencePolicy:
             # Round 1 moves all memory, so whatever limits it (link, compression, disk) is the pipeline's
             # throughput: the best estimate when nobody measured the link.
             bandwidth = self.bandwidth or rounds[0].bytes_out / max(rounds[0].duration, 1e-6)
+            growing = last.bytes_out > (1 + self.growth) * prev.bytes_out
+            # QEMU's trigger: what was dirtied during a round is at least half of what that round sent (here:
+            # the delta did not halve), or at least half of what the streams move.
+            halved = last.bytes_out < self.throttle_trigger * prev.bytes_out
+            behind = not halved or rate >= self.throttle_trigger * bandwidth
+            if self.throttle and throttled < self.throttle_cap and behind:
+                return (
+                    False,
+                    "throttle",
+                    f"memory changes at {rate / 1e6:.1f} MB/s, the streams move {bandwidth / 1e6:.1f} MB/s",
+                )
+            capped = f" at a {throttled:.0%} CPU throttle" if throttled else ""
             if rate >= self.dirty_ratio * bandwidth:
                 return (
                     True,
                     "not-converging",
                     f"memory changes at {rate / 1e6:.1f} MB/s, >= {self.dirty_ratio:.0%} of the "
-                    f"{bandwidth / 1e6:.1f} MB/s the streams move",
+                    f"{bandwidth / 1e6:.1f} MB/s the streams move{capped}",
                 )
-            if last.bytes_out > (1 + self.growth) * prev.bytes_out:
-                return True, "growing", f"round {n} sent {last.bytes_out} B, more than {prev.bytes_out} B before"
-        if n >= self.max_rounds:
+            if growing:
+                return (
+                    True,
+                    "growing",
+                    f"round {n} sent {last.bytes_out} B, more than {prev.bytes_out} B before{capped}",
+                )
+        # While the throttle can still step, its steps take the rounds: no round limit then (at the cap, yes).
+        if n >= self.max_rounds and not 0 < throttled < self.throttle_cap:
             return True, "round-limit", f"{n} rounds"
-        elapsed = last.started + last.duration - rounds[0].started
         if elapsed >= self.max_seconds:
             return True, "time-limit", f"{elapsed:.1f} s of rounds"
         return False, "continue", f"round {n} sent {last.bytes_out} B"

@@ -24,7 +24,7 @@ from typing import Any
 
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi.spec import ContainerSpec
-from skyferry.pipeline.runtimes import engines
+from skyferry.pipeline.runtimes import engines, throttle
 
 DOCKER = "/usr/bin/docker" if os.path.exists("/usr/bin/docker") else "docker"  # the daemon's own CLI
 CHECKPOINT = "skyferry"
@@ -191,6 +191,14 @@ class Docker:
             return True
         except SkyferryError:
             return False
+
+    def cgroup(self, name: str) -> str:
+        """Where the kernel put its init (Docker names the cgroup after the container's ID, below our
+        --cgroup-parent with the cgroupfs driver, in a scope with systemd's): asked of /proc, not guessed."""
+        state = self.state(name)
+        if state is None or not state["pid"]:
+            raise SkyferryError(f"docker container {name!r} is not running")
+        return throttle.of_pid(int(state["pid"]))
 
     def pause(self, name: str) -> None:
         # Refuse before freezing anything: without experimental features there is no checkpoint.

@@ -25,7 +25,7 @@ from typing import Any
 from skyferry.pipeline.criu import logs
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi.spec import ContainerSpec
-from skyferry.pipeline.runtimes import engines
+from skyferry.pipeline.runtimes import engines, throttle
 
 PODMAN = "podman"
 EXPORT = "checkpoint.tar"  # in the migration's images dir (tmpfs): it holds the container's memory
@@ -146,6 +146,14 @@ class Podman:
             return True
         except SkyferryError:
             return False
+
+    def cgroup(self, name: str) -> str:
+        """Where the kernel put its init (Podman names the cgroup after the container's ID, below our
+        --cgroup-parent with the cgroupfs driver, in a scope with systemd's): asked of /proc, not guessed."""
+        state = self.state(name)
+        if state is None or not state["pid"]:
+            raise SkyferryError(f"podman container {name!r} is not running")
+        return throttle.of_pid(int(state["pid"]))
 
     def pause(self, name: str) -> None:
         self._podman("pause", name, what="pause")

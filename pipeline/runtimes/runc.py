@@ -164,6 +164,11 @@ class Runc:
             argv = [RUNC, "--root", str(self.root), "exec", "--pid-file", str(pid_file), name, *argv]
             return engines.run_io(argv, stdin, timeout, on_timeout=kill)
 
+    def cgroup(self, name: str) -> str:
+        """The cgroupsPath of its config.json: runc's cgroupfs driver uses it as is in every hierarchy (the
+        systemd driver's "slice:prefix:name" form is never written here)."""
+        return f"{self.cgroup_prefix}/{name}"
+
     def pause(self, name: str) -> None:
         self._runc("pause", name)
 

@@ -352,6 +352,8 @@ def _measures(report: dict[str, Any]) -> dict[str, Any]:
         "bytes_at_freeze": report.get("bytes_at_freeze"),
         "rounds": len(rounds),
         "precopy_stop": report.get("precopy_stop"),
+        # auto-converge: the deepest CPU throttle the rounds reached (0: none)
+        "throttle_percent": max((s["percent"] for s in report.get("throttle_steps") or []), default=0),
     }
     if rounds:
         stream_bytes, stream_s, source = rounds[0]["bytes_out"], rounds[0]["duration"], "precopy round 1"

@@ -281,6 +281,35 @@ def test_policy_reasons() -> None:
     assert unknown.decide([stats(1, 0, 50e6), stats(2, 1, 5e6)]).reason == "continue"
 
 
+def test_policy_auto_converge_and_completion_timeout() -> None:
+    p = ConvergencePolicy(max_delta_bytes=100_000, max_rounds=4, bandwidth=10e6, throttle=True)
+    # 6 MB dirtied in 1 s on a 10 MB/s link: >= QEMU's 50 % trigger asks for a throttle step, not a stop
+    behind = [stats(1, 0, 50e6), stats(2, 1, 6e6)]
+    plateau = [stats(1, 0, 50e6), stats(2, 5, 4e6), stats(3, 10, 3.9e6)]  # slow, but the delta did not halve
+    assert p.decide(plateau).reason == "throttle"
+    assert p.decide(behind).reason == "throttle" and not p.decide(behind).stop
+    assert p.decide(behind, throttled=0.5).reason == "throttle"
+    at_cap = p.decide(behind, throttled=0.99)
+    assert (at_cap.stop, at_cap.reason) == (False, "continue")  # at the cap, 60 % is below dirty_ratio's 80 %
+    faster = [stats(1, 0, 50e6), stats(2, 1, 9e6)]
+    assert (
+        p.decide(faster, throttled=0.99).reason == "not-converging"
+        and "99% CPU throttle" in p.decide(faster, throttled=0.99).detail
+    )
+    assert p.decide([stats(1, 0, 50e6), stats(2, 5, 2e6), stats(3, 10, 3e6)]).reason == "throttle"  # growing
+    # While the throttle can still step, no round limit cuts the steps short; at the cap it applies again.
+    rounds = [stats(1, 0, 50e6), stats(2, 5, 4e6), stats(3, 10, 1.9e6), stats(4, 15, 0.9e6)]  # halving
+    assert p.decide(rounds).reason == "round-limit" and p.decide(rounds, throttled=0.3).reason == "continue"
+    assert p.decide(rounds, throttled=0.99).reason == "round-limit"
+    # The completion timeout ends the rounds whatever they do, but a converged round still wins.
+    timed = ConvergencePolicy(max_delta_bytes=100_000, bandwidth=10e6, throttle=True, completion_seconds=10)
+    assert timed.decide(rounds[:3]).reason == "completion-timeout" and timed.decide(rounds[:3]).stop
+    assert timed.decide([*rounds[:3], stats(4, 15, 50_000)]).reason == "converged"
+    assert timed.decide(behind).reason == "throttle"  # 1.5 s of rounds < 10 s
+    # Without auto-converge nothing changes: the same rounds stop as before.
+    assert ConvergencePolicy(bandwidth=10e6).decide(faster).reason == "not-converging"
+
+
 def read_frames(chunks: Iterable[bytes]) -> list[tuple[bytes, bytes]]:
     """The body frames of a memory stream, after its HEAD."""
     reader = FrameReader(chunks, FORMAT)

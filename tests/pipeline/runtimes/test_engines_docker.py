@@ -25,6 +25,7 @@ from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi.layout import IMAGES_TMPFS
 from skyferry.pipeline.runtimes import engines
 from skyferry.pipeline.runtimes.docker import Docker
+from skyferry.pipeline.runtimes.throttle import CpuFiles
 from skyferry.pipeline.scenarios import demo as scenario
 
 pytestmark = [
@@ -119,6 +120,16 @@ def test_docker_container_migrates_live_there_and_back(counter: dict) -> None:
     assert not engines.RUNC_CONF.exists() or engines.MARK not in engines.RUNC_CONF.read_text()
     leftovers = list((docker_of(m, "local-1").home / "tmp").glob("ctrd-checkpoint*"))
     assert not leftovers, f"containerd's checkpoint copies must be cleaned: {leftovers}"
+
+
+def test_the_docker_container_cgroup_is_below_the_hosts_prefix_and_throttleable(counter: dict) -> None:
+    """Auto-converge's throttle finds a Docker container's cgroup by asking the kernel (cgroupfs driver here:
+    our --cgroup-parent, then the container's ID) and can read its CPU limit there."""
+    m, name = counter["mesh"], counter["name"]
+    cgroup = docker_of(m, "local-1").cgroup(name)
+    assert cgroup.startswith(f"/skyferry/{m.name}/local-1/docker/"), cgroup
+    files = CpuFiles.of(cgroup)
+    assert files.usage_s() > 0 and files.period_us() > 0
 
 
 def test_a_failed_transfer_thaws_the_frozen_docker_source(counter: dict) -> None:

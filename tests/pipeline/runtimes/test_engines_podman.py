@@ -25,6 +25,7 @@ from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi.layout import IMAGES_TMPFS
 from skyferry.pipeline.runtimes import engines
 from skyferry.pipeline.runtimes.podman import Podman
+from skyferry.pipeline.runtimes.throttle import CpuFiles
 from skyferry.pipeline.scenarios import demo as scenario
 
 pytestmark = [
@@ -109,6 +110,16 @@ def test_podman_container_migrates_live_there_and_back(counter: dict) -> None:
     assert (listed[name]["host"], listed[name]["runtime"], listed[name]["state"]) == ("local-1", "podman", "running")
     assert name not in podman_of(m, "local-2").names()
     assert not list(Path("/dev/shm/skyferry", m.name).rglob("checkpoint.tar")), "exports must be wiped"
+
+
+def test_the_podman_container_cgroup_is_below_the_hosts_prefix_and_throttleable(counter: dict) -> None:
+    """Auto-converge's throttle finds a Podman container's cgroup by asking the kernel (cgroupfs driver here:
+    our --cgroup-parent, then Podman's own name for it) and can read its CPU limit there."""
+    m, name = counter["mesh"], counter["name"]
+    cgroup = podman_of(m, "local-1").cgroup(name)
+    assert cgroup.startswith(f"/skyferry/{m.name}/local-1/podman/"), cgroup
+    files = CpuFiles.of(cgroup)
+    assert files.usage_s() > 0 and files.period_us() > 0
 
 
 def test_bad_input_leaves_the_podman_container_running(counter: dict) -> None:

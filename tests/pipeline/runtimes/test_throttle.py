@@ -1,0 +1,113 @@
+"""Auto-converge's CPU throttle (pipeline/runtimes/throttle.py) on a real cgroup of this machine (v1 or v2),
+holding a real busy process: each step writes a tighter limit, and lifting writes the original back byte
+for byte, also from a new store (an agent that restarted) and from the watchdog once the rounds' hold
+ran out. Waits are "eventually", never timings."""
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from skyferry.pipeline.runtimes import throttle
+from skyferry.pipeline.runtimes.throttle import CpuFiles, Record, Throttle, Throttles
+
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
+CG = throttle.CGROUP
+V2 = "cpu" in (CG / "cgroup.controllers").read_text().split() if (CG / "cgroup.controllers").exists() else False
+
+
+@pytest.fixture
+def busy() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A process spinning in a cgroup of its own: (the cgroup's path, the process)."""
+    name = f"/skyferry-throttle-test-{os.getpid()}-{os.urandom(3).hex()}"
+    dirs = [CG / name.strip("/")] if V2 else [CG / "cpu" / name.strip("/"), CG / "cpuacct" / name.strip("/")]
+    if V2 and "cpu" not in (CG / "cgroup.subtree_control").read_text().split():
+        (CG / "cgroup.subtree_control").write_text("+cpu")
+    proc = subprocess.Popen(["/bin/sh", "-c", "while :; do :; done"])
+    try:
+        for d in dirs:
+            d.mkdir()
+            (d / "cgroup.procs").write_text(str(proc.pid))
+        yield name, proc
+    finally:
+        proc.kill()
+        proc.wait()
+        for d in dirs:
+            for _ in range(50):  # the killed process leaves its cgroup a moment later
+                try:
+                    d.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+
+
+def limit_of(files: CpuFiles) -> dict[str, str]:
+    return files.originals()
+
+
+def eventually(what: str, ok: object) -> None:
+    deadline = time.monotonic() + 60
+    while not ok():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"not within 60 s: {what}"
+        time.sleep(0.1)
+
+
+def test_the_kernel_names_the_cgroup_the_throttle_writes(busy: tuple[str, subprocess.Popen[bytes]]) -> None:
+    name, proc = busy
+    assert throttle.of_pid(proc.pid) == name
+    assert CpuFiles.of(name).limit.exists()
+
+
+def test_steps_tighten_the_limit_and_lifting_restores_it_exactly(
+    tmp_path: Path, busy: tuple[str, subprocess.Popen[bytes]]
+) -> None:
+    name, _ = busy
+    files = CpuFiles.of(name)
+    before = limit_of(files)
+    store = Throttles(tmp_path)
+    t = Throttle.start(store, "m1", "web", name)
+    eventually("the process has used some CPU", lambda: files.usage_s() - t.used0 > 0.05)
+    assert store.get("m1") is None  # nothing written before the first step
+    steps = [t.step() for _ in range(10)]
+    assert [s["percent"] for s in steps] == [20, 30, 40, 50, 60, 70, 80, 90, 99, 99]  # QEMU's steps, then the cap
+    assert t.capped
+    shares = [s["quota_us"] / s["period_us"] for s in steps]
+    assert shares == sorted(shares, reverse=True) and shares[0] < steps[0]["base_cpus"]
+    assert files.quota_us() == steps[-1]["quota_us"] and files.period_us() == steps[-1]["period_us"]
+    assert store.get("m1") is not None and store.get("m1").original == before  # type: ignore[union-attr]
+    assert store.lift("m1") and limit_of(files) == before
+    assert not store.lift("m1") and limit_of(files) == before  # idempotent
+
+
+def test_a_restarted_agent_lifts_what_an_earlier_one_left(
+    tmp_path: Path, busy: tuple[str, subprocess.Popen[bytes]]
+) -> None:
+    name, _ = busy
+    files = CpuFiles.of(name)
+    before = limit_of(files)
+    t = Throttle.start(Throttles(tmp_path), "m1", "web", name)
+    t.step()
+    t.step()
+    assert limit_of(files) != before  # control: it is throttled
+    assert Throttles(tmp_path).lift_all() == ["web"]  # a new agent, the same state root
+    assert limit_of(files) == before and Throttles(tmp_path).all() == []
+
+
+def test_the_watchdog_lifts_a_throttle_its_rounds_left_behind(
+    tmp_path: Path, busy: tuple[str, subprocess.Popen[bytes]]
+) -> None:
+    name, _ = busy
+    files = CpuFiles.of(name)
+    before = limit_of(files)
+    store = Throttles(tmp_path)
+    Throttle.start(store, "held", "web", name).step()
+    store.save(Record(mig="working", name="db", original={}))  # rounds still running: no deadline, left alone
+    store.hold("held", seconds=0.5)  # the rounds ended; no checkpoint follows
+    store.watch()
+    eventually("the held throttle is lifted", lambda: store.get("held") is None)
+    assert limit_of(files) == before
+    time.sleep(2 * throttle.TICK)  # two more ticks: the one without a deadline stays
+    assert store.get("working") is not None
+    store.lift("working")
