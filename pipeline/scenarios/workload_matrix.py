@@ -107,7 +107,8 @@ def summary(kind: str, verdict: dict[str, Any]) -> str:
     if kind in ("jvm", "node"):
         answered = verdict.get("answered", [])
         return f"{sum(answered)} lines echoed in order on {len(answered)} connections"
-    return f"{verdict.get('lines', 0)} log lines ({verdict.get('last', {})}), none lost; held flock still held"
+    last = ", ".join(f"{who} {n}" for who, n in sorted(verdict.get("last", {}).items()))
+    return f"{verdict.get('lines', 0)} log lines in order ({last}); the held flock still held"
 
 
 def run_cell(state: Path, mesh: Mesh, kind: str, mode: str, workdir: Path) -> Cell:
