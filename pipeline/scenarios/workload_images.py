@@ -146,6 +146,10 @@ def _write_files(files: dict[str, tuple[str, int]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# openjdk's postinst registers its man page as an alternative's slave link, which fails without the
+# directory, and the images leave out /usr/share/man's contents.
+MAN1_DIR = 'mkdir -p "$1/usr/share/man/man1"'
+
 # Drop what no program reads, to keep the image (and each migration's first file round) small.
 SLIM = r"""
 set -eu
@@ -161,12 +165,16 @@ class Recipe:
     name: str
     packages: tuple[str, ...]
     customize: str = ""
+    setup: str = ""  # a hook run before any package is installed (mmdebstrap --setup-hook)
     suite: str = vmimage.SUITE
     sources: tuple[str, ...] = field(default_factory=lambda: tuple(vmimage.host_debian_sources()))
     version: int = RECIPE_VERSION
 
     def digest(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        fields = asdict(self)
+        if not fields["setup"]:  # added later: recipes without one keep their hash and their cached image
+            del fields["setup"]
+        blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -175,7 +183,9 @@ def recipes() -> dict[str, Recipe]:
         "postgres": Recipe("postgres", ("postgresql-15", "python3-psycopg2"), POSTGRES_CUSTOMIZE),
         "nginx": Recipe("nginx", ("nginx-light",), NGINX_CUSTOMIZE),
         "memcached": Recipe("memcached", ("memcached",)),
-        "jvm": Recipe("jvm", ("openjdk-17-jre-headless",), _write_files({"/srv/Echo.java": (ECHO_JAVA, 0o644)})),
+        "jvm": Recipe(
+            "jvm", ("openjdk-17-jre-headless",), _write_files({"/srv/Echo.java": (ECHO_JAVA, 0o644)}), setup=MAN1_DIR
+        ),
         "node": Recipe("node", ("nodejs",), _write_files({"/srv/echo.js": (ECHO_JS, 0o644)})),
         "pipeline": Recipe("pipeline", (), _write_files({"/usr/local/bin/pipeline": (PIPELINE_SH, 0o755)})),
     }
@@ -227,7 +237,8 @@ def _build(recipe: Recipe, final: Path) -> None:
     started = time.monotonic()
     try:
         root_tar = work / "root.tar"
-        hooks = [f"--customize-hook={script}" for script in (recipe.customize, SLIM) if script]
+        hooks = [f"--setup-hook={recipe.setup}"] if recipe.setup else []
+        hooks += [f"--customize-hook={script}" for script in (recipe.customize, SLIM) if script]
         vmimage._run_logged(
             ["nice", "-n", "10", "mmdebstrap", "--variant=apt", "--mode=root",
              "--dpkgopt=path-exclude=/usr/share/man/*", "--dpkgopt=path-exclude=/usr/share/doc/*",
