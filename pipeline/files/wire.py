@@ -141,6 +141,11 @@ def _unpack(reader: FrameReader, dirs: dict[str, Path]) -> None:
                 if top not in dirs or not rest or ".." in Path(rest).parts:
                     raise SkyferryError(f"unexpected entry {member.name!r} in migration stream")
                 member.name = rest
+                if member.islnk():  # tar names a hard link's target by its archive name: the same top
+                    link_top, _, link_rest = member.linkname.partition("/")
+                    if link_top != top or not link_rest:
+                        raise SkyferryError(f"hard link {member.name!r} to {member.linkname!r} across directories")
+                    member.linkname = link_rest
                 extract_member(tar, member, dirs[top])
         while data.read(CHUNK):  # to END, whose checks cover every frame
             pass

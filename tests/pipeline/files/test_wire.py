@@ -53,7 +53,7 @@ def test_a_repeated_name_never_writes_through_the_first_ones_symlink(tmp_path: P
 
 
 def test_a_hard_link_through_a_symlink_is_refused(tmp_path: Path, canary: Path) -> None:
-    stream, _ = _stream([("rootfs/l", "sym", str(canary)), ("rootfs/h", "hard", "l/secret")])
+    stream, _ = _stream([("rootfs/l", "sym", str(canary)), ("rootfs/h", "hard", "rootfs/l/secret")])
     with pytest.raises(SkyferryError, match="would reach outside"):
         wire.decode(io.BytesIO(stream), {"rootfs": tmp_path / "dst"}, wire.StreamStats())
     assert (canary / "secret").stat().st_nlink == 1, "no link to the host file may exist"
@@ -90,3 +90,23 @@ def test_a_fifo_through_a_symlink_and_devices_are_refused(tmp_path: Path, canary
     with pytest.raises(SkyferryError, match="refusing tar entry"):
         wire.decode(io.BytesIO(stream), {"rootfs": tmp_path / "dst2"}, wire.StreamStats())
     assert sorted(p.name for p in canary.iterdir()) == ["secret"]
+
+
+def test_hard_links_in_a_rootfs_cross_as_links(tmp_path: Path) -> None:
+    """An image's rootfs has hard links (perl, perl5.36.0); the tar names the target by its archive name
+    (`rootfs/usr/bin/perl`), which the target resolves inside its own rootfs."""
+    src = tmp_path / "src"
+    (src / "usr/bin").mkdir(parents=True)
+    (src / "usr/bin/perl").write_bytes(b"#!perl")
+    os.link(src / "usr/bin/perl", src / "usr/bin/perl5.36.0")
+    stream = b"".join(wire.encode({"rootfs": src}, wire.StreamStats()))
+    wire.decode(io.BytesIO(stream), {"rootfs": tmp_path / "dst"}, wire.StreamStats())
+    perl, versioned = (tmp_path / "dst/usr/bin/perl").stat(), (tmp_path / "dst/usr/bin/perl5.36.0").stat()
+    assert perl.st_ino == versioned.st_ino and perl.st_nlink == 2
+    assert (tmp_path / "dst/usr/bin/perl5.36.0").read_bytes() == b"#!perl"
+
+
+def test_a_hard_link_into_another_directory_is_refused(tmp_path: Path) -> None:
+    stream, _ = _stream([("rootfs/f", "file", "", b"x"), ("data/h", "hard", "rootfs/f")])
+    with pytest.raises(SkyferryError, match="across directories"):
+        wire.decode(io.BytesIO(stream), {"rootfs": tmp_path / "r", "data": tmp_path / "d"}, wire.StreamStats())
