@@ -141,9 +141,11 @@ def run_cell(state: Path, mesh: Mesh, kind: str, mode: str, workdir: Path) -> Ce
         if client is not None:
             with contextlib.suppress(SkyferryError):  # the container may be gone: nothing to stop there
                 client.stop(timeout=5)
-        if kind == "postgres":
-            containers.remove(state, f"{name}-client")
-        containers.remove(state, name)
+        for leftover in [f"{name}-client", name] if kind == "postgres" else [name]:
+            # A rollback that went wrong can leave the registry naming a host the container is not on:
+            # the cell keeps its outcome, and the mesh's teardown removes whatever is left.
+            with contextlib.suppress(SkyferryError):
+                containers.remove(state, leftover)
     return cell.model_copy(update={"seconds": round(time.monotonic() - started, 1)})
 
 
