@@ -8,7 +8,7 @@ STAMP      = $(VENV)/.installed
 SHELL      = /bin/bash
 .SHELLFLAGS = -euo pipefail -c
 
-.PHONY: host venv lock demo test lint unit bench bench-quick compat-zdtm clean
+.PHONY: host venv lock demo test lint unit bench bench-quick compat-zdtm compat-workloads clean
 
 host:                      ## apt packages, CRIU 4.2, kernel knobs (idempotent, seconds when done)
 	scripts/bootstrap-host.sh
@@ -45,6 +45,9 @@ bench-quick: venv
 
 compat-zdtm: venv          ## CRIU's zdtm programs x engine x mode, migrated live; rewrites docs/compatibility.md
 	$(BIN)/python -m skyferry.pipeline.scenarios.zdtm --all --out $(VENV)/zdtm-cells.json
+
+compat-workloads: venv     ## real workloads (images from Debian's archive) x mode, moved live; rewrites docs/compatibility.md
+	$(BIN)/python -m skyferry.pipeline.scenarios.workload_matrix --all --out $(VENV)/workload-cells.json
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

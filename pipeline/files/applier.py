@@ -81,8 +81,10 @@ class FsApplier:
                     if arc not in self.dirs or not _safe_rel(rel) or (arc, rel) in seen:
                         raise SkyferryError(f"unexpected entry {member.name!r} in file-system stream")
                     seen.add((arc, rel))
-                    if member.isreg() or member.issym():
-                        member.name = str(len(members))  # staged under its index: no nesting, no clashes
+                    if member.isreg() or member.issym() or member.isfifo():
+                        # Staged under its index (no nesting, no clashes) in a directory made for this stream;
+                        # a FIFO is made there by mkfifo, then renamed into place like a file.
+                        member.name = str(len(members))
                         extract_member(tar, member, staging[arc])
                         if member.isreg():
                             regular.add((arc, rel))
@@ -93,7 +95,7 @@ class FsApplier:
                     elif member.isdir():
                         stats.dirs_sent += 1
                     else:
-                        raise SkyferryError(f"refusing {member.name!r}: not a file, symlink or directory")
+                        raise SkyferryError(f"refusing {member.name!r}: not a file, symlink, FIFO or directory")
                     members.append((arc, rel, member))
             while data.read(CHUNK):  # to END, whose checks cover every frame
                 pass

@@ -9,8 +9,9 @@ Target side (applier.py):
     applier = FsApplier({"rootfs": bundle_rootfs, "data": volume})    # one per migration
     applier.apply(chunks)                                  # every round, then the final
 
-A round carries what changed since what the target holds: regular files, symlinks and directories
-whose lstat signature differs, and the paths deleted since. The tracker commits the new signatures
+A round carries what changed since what the target holds: regular files, symlinks, directories and
+named FIFOs (a node: CRIU reopens a FIFO by its name) whose lstat signature differs, and the paths
+deleted since. The tracker commits the new signatures
 only when its stream is exhausted, so an interrupted send is simply repeated by the next round.
 
 A stream is a PAX tar (numeric owners) in DATA frames of the agents' one framing (hostapi/framing.py),
@@ -37,7 +38,7 @@ from typing import Any, BinaryIO
 
 import xxhash
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.files import wire
+from skyferry.pipeline.files import leases, wire
 from skyferry.pipeline.hostapi.framing import Format, FrameWriter
 
 FORMAT = Format(
@@ -65,7 +66,7 @@ class FsStats:
     kind: str = ""  # "round" or "final"
     seq: int = 0
     files_scanned: int = 0  # entries (files, dirs, symlinks) lstat'ed by the source
-    files_sent: int = 0  # regular files and symlinks in the stream
+    files_sent: int = 0  # regular files, symlinks and FIFOs in the stream
     dirs_sent: int = 0
     rechecked: int = 0  # files changed in the same clock tick as their last read: re-hashed, equal, not sent
     bytes_raw: int = 0  # file contents in the stream
@@ -127,6 +128,7 @@ class FsTracker:
             if not root.is_dir():  # never read a missing directory as "everything was deleted"
                 raise SkyferryError(f"{arc} directory {root} is missing", hint="is the container still there?")
         scan_start = time.clock_gettime_ns(CLOCK_REALTIME_COARSE)
+        leased = leases.write_leases()  # files no round may open (leases.py)
         current = {(arc, rel): (st, link) for arc, root in self.dirs.items() for rel, st, link in scan(root)}
         stats.files_scanned = len(current)
         deleted = sorted(key for key in self.held if key not in current)
@@ -157,18 +159,21 @@ class FsTracker:
                 stats.files_sent += 1
                 yield from out.add(_info(name, tarfile.LNKTYPE, st=st, link=first[1]))
             elif stat.S_ISREG(st.st_mode):
-                yield from self._file(out, name, self.dirs[key[0]] / key[1], held, force, key, pending, links)
+                path = self.dirs[key[0]] / key[1]
+                reader = leases.reader(path, st, leased)
+                yield from self._file(out, name, path, reader, held, force, key, pending, links)
             else:
-                # A directory that changes in the tick of its lstat could keep its mtime: resend it next round.
-                # A symlink never changes in place.
+                # A directory or FIFO that changes in the tick of its lstat could keep its signature: resend
+                # it next round. A symlink never changes in place.
                 is_dir = stat.S_ISDIR(st.st_mode)
-                pending[key] = _Held(sig, racy=is_dir and max(st.st_mtime_ns, st.st_ctime_ns) >= scan_start)
+                racy = link is None and max(st.st_mtime_ns, st.st_ctime_ns) >= scan_start
+                pending[key] = _Held(sig, racy=racy)
                 if is_dir:
                     stats.dirs_sent += 1
                 else:
                     stats.files_sent += 1
                 path = self.dirs[key[0]] / key[1]
-                kind_ = tarfile.DIRTYPE if is_dir else tarfile.SYMTYPE
+                kind_ = tarfile.DIRTYPE if is_dir else tarfile.FIFOTYPE if link is None else tarfile.SYMTYPE
                 yield from out.add(_info(name, kind_, st=st, link=link, xattrs=_xattrs(path)))
         yield from out.close()
         # Exhausted: the target has all of it (or will refuse it and ask for a full round).
@@ -183,6 +188,7 @@ class FsTracker:
         out: _Writer,
         name: str,
         path: Path,
+        leased: io.RawIOBase | None,
         held: _Held | None,
         force: bool,
         key: tuple[str, str],
@@ -190,10 +196,12 @@ class FsTracker:
         links: dict[tuple[int, int], tuple[str, str]],
     ) -> Iterator[bytes]:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            f = leased if leased is not None else os.fdopen(os.open(path, flags), "rb", buffering=0)
         except OSError:
             return  # gone or replaced since the scan: the next round sees what it became
-        with os.fdopen(fd, "rb", buffering=0) as f:
+        with f:
+            fd = f.fileno()
             # The signature is taken before reading: a write during the read changes it for the next round.
             now = time.clock_gettime_ns(CLOCK_REALTIME_COARSE)
             st = os.fstat(fd)
@@ -312,8 +320,8 @@ def scan(root: Path) -> Iterator[tuple[str, os.stat_result, str | None]]:
             if stat.S_ISDIR(st.st_mode):
                 if st.st_dev == dev:
                     todo.append(rel)
-            elif not (stat.S_ISREG(st.st_mode) or link is not None):
-                continue  # sockets, fifos, devices: recreated by the process or by CRIU, never copied
+            elif not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode) or link is not None):
+                continue  # sockets and devices: recreated by the process, by CRIU or by the runtime
             yield rel, st, link
 
 

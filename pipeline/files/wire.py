@@ -9,6 +9,7 @@ File rounds (fsync.py) carry their tars the same way, through `ChunkSink` and `D
 
 import io
 import shutil
+import stat
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.files import leases
 from skyferry.pipeline.hostapi.framing import Format, FrameReader, FrameWriter
 
 CHUNK = 1 << 20  # read size from a socket or a file
@@ -95,12 +97,20 @@ def encode(dirs: dict[str, Path], stats: StreamStats) -> Iterator[bytes]:
     writer = FrameWriter(FORMAT, ZSTD_LEVEL, threads=-1)
     sink = ChunkSink(writer)
     yield writer.head("image")
+    leased = leases.write_leases()  # files no one but their holder may open (leases.py)
     with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
         for arcname, path in dirs.items():
             for member in _walk(path):
-                tar.add(member, arcname=f"{arcname}/{member.relative_to(path)}", recursive=False)
-                if member.is_file() and not member.is_symlink():
-                    stats.bytes_raw += member.stat().st_size
+                name = f"{arcname}/{member.relative_to(path)}"
+                st = member.lstat()
+                special = leases.reader(member, st, leased) if stat.S_ISREG(st.st_mode) else None
+                if special is None:
+                    tar.add(member, arcname=name, recursive=False)
+                else:
+                    with special:
+                        tar.addfile(tar.gettarinfo(str(member), arcname=name), special)
+                if stat.S_ISREG(st.st_mode):
+                    stats.bytes_raw += st.st_size
                 stats.bytes_wire = writer.bytes_out
                 yield from sink.drain()
     sink.cut()
@@ -131,6 +141,11 @@ def _unpack(reader: FrameReader, dirs: dict[str, Path]) -> None:
                 if top not in dirs or not rest or ".." in Path(rest).parts:
                     raise SkyferryError(f"unexpected entry {member.name!r} in migration stream")
                 member.name = rest
+                if member.islnk():  # tar names a hard link's target by its archive name: the same top
+                    link_top, _, link_rest = member.linkname.partition("/")
+                    if link_top != top or not link_rest:
+                        raise SkyferryError(f"hard link {member.name!r} to {member.linkname!r} across directories")
+                    member.linkname = link_rest
                 extract_member(tar, member, dirs[top])
         while data.read(CHUNK):  # to END, whose checks cover every frame
             pass
@@ -140,11 +155,13 @@ def _unpack(reader: FrameReader, dirs: dict[str, Path]) -> None:
 
 def extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> None:
     """Extract one member below dest; refuses absolute paths, `..`, devices, and writes through symlinks.
+    A FIFO is a node like a directory (a name, a mode, an owner, no data): tarfile makes it with mkfifo.
+    CRIU reopens a FIFO a process holds by its name, so the name must exist on the target.
 
     (Debian 12's Python 3.11.2 predates tarfile's extraction filters.)
     """
     rel = Path(member.name)
-    if rel.is_absolute() or ".." in rel.parts or member.isdev():
+    if rel.is_absolute() or ".." in rel.parts or member.ischr() or member.isblk():
         raise SkyferryError(f"refusing tar entry {member.name!r}")
     root = dest.resolve()
     for path in [rel, Path(member.linkname)] if member.islnk() else [rel]:

@@ -9,6 +9,7 @@ checks what the server holds and writes one JSON verdict to OUT:
     workload_clients.py pg HOST PORT --out F --stop-file F --progress F
     workload_clients.py http HOST PORT --connections 3 --download /big.bin --release F ...
     workload_clients.py memcached HOST PORT --connections 4 --keys 2000 ...
+    workload_clients.py echo HOST PORT --connections 4 ...     (the JVM's and Node's line-echo servers)
 """
 
 import argparse
@@ -235,7 +236,39 @@ def _mc_get(sock: socket.socket, reader: Any, key: str) -> bytes | None:
     return value
 
 
-CLIENTS = {"pg": pg, "http": http, "memcached": memcached}
+def echo(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
+    """Each connection sends numbered lines; the server answers each with its own count of lines on that
+    connection, then the line. A wrong count means the server lost its per-connection state (its heap)
+    or a line; a wrong line, a mixed-up or torn answer."""
+    answered = [0] * args.connections
+
+    def worker(c: int) -> None:
+        try:
+            with socket.create_connection((args.host, args.port), timeout=TIMEOUT) as sock:
+                reader = sock.makefile("rb")
+                while not args.stop_file.exists():
+                    line = f"c{c} line {answered[c] + 1} {random.getrandbits(64):016x}"
+                    sock.sendall(line.encode() + b"\n")
+                    reply = reader.readline()
+                    if not reply:
+                        raise ConnectionError("the server closed the connection")
+                    if reply.decode() != f"{answered[c] + 1} {line}\n":
+                        raise ValueError(f"sent {line!r}, got {reply!r:.120}")
+                    answered[c] += 1
+                    progress.ack()
+                    time.sleep(args.interval)
+        except Exception as exc:
+            progress.error(f"connection {c} after {answered[c]} lines: {type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=worker, args=(c,), daemon=True) for c in range(args.connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"answered": answered}
+
+
+CLIENTS = {"pg": pg, "http": http, "memcached": memcached, "echo": echo}
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""Real programs from Debian's archive as container images: PostgreSQL, nginx and memcached.
+"""Real programs from Debian's archive as container images: PostgreSQL, nginx, memcached, a JVM and a
+Node.js echo server, and a shell pipeline of FIFOs and file locks.
 
 Each workload is one Debian 12 root built by mmdebstrap from this machine's own apt sources (the same
 archive the host and the VM image install from; nothing else is fetched), wrapped as a one-layer OCI image
@@ -34,6 +35,8 @@ PG_CONF = "/etc/postgresql/15/main"
 PG_PORT = 5432
 HTTP_PORT = 80
 MEMCACHED_PORT = 11211
+ECHO_PORT = 7000  # the JVM's and Node's line-echo servers
+PIPELINE_DIR = "/srv/pipeline"
 
 # Test images, reachable only on the overlay: trust every client, no TLS, sockets where the rootfs has them.
 POSTGRES_CUSTOMIZE = rf"""
@@ -71,6 +74,82 @@ EOF
 echo ok > "$root/var/www/html/ping"
 """
 
+# A line-echo server per runtime: each connection answers every line with "<its own line count> <line>",
+# so the client sees that the per-connection state in the server's heap survived the move. Both come as
+# source: the JRE runs a single Java file directly (its `lib/modules` carries jdk.compiler), so the image
+# needs no JDK.
+ECHO_JAVA = r"""
+import java.io.*;
+import java.net.*;
+
+public class Echo {
+    public static void main(String[] args) throws IOException {
+        try (ServerSocket server = new ServerSocket(Integer.parseInt(args[0]))) {
+            while (true) {
+                Socket s = server.accept();
+                new Thread(() -> serve(s)).start();
+            }
+        }
+    }
+
+    static void serve(Socket s) {
+        long n = 0;
+        try (s; BufferedReader in = new BufferedReader(new InputStreamReader(s.getInputStream()));
+             Writer out = new BufferedWriter(new OutputStreamWriter(s.getOutputStream()))) {
+            for (String line; (line = in.readLine()) != null; ) {
+                out.write(++n + " " + line + "\n");
+                out.flush();
+            }
+        } catch (IOException e) {
+            // the client went away
+        }
+    }
+}
+"""
+
+ECHO_JS = r"""
+const net = require('net');
+net.createServer((sock) => {
+  let n = 0, buf = '';
+  sock.setEncoding('utf8');
+  sock.on('data', (data) => {
+    buf += data;
+    for (let i; (i = buf.indexOf('\n')) >= 0; buf = buf.slice(i + 1)) sock.write(`${++n} ${buf.slice(0, i)}\n`);
+  });
+  sock.on('error', () => {});
+}).listen(Number(process.argv[2]));
+"""
+
+# Processes joined by a named FIFO and serialised by flock(1): producers A and B write numbered lines
+# into the FIFO, a consumer appends each to the log under an exclusive lock, a ticker appends its own
+# numbered lines under the same lock, and a holder keeps a second lock for as long as the container
+# runs. The log must hold each sender's numbers 1..n in order, none torn, none missing, none twice.
+PIPELINE_SH = rf"""#!/bin/bash
+set -u
+mkdir -p {PIPELINE_DIR} && cd {PIPELINE_DIR}
+rm -f queue && mkfifo queue
+flock held sleep infinity &
+produce() {{ i=0; while :; do i=$((i + 1)); echo "$1 $i"; sleep 0.1; done > queue; }}
+produce A & produce B &
+(exec 9>> log.lock; i=0; while :; do i=$((i + 1)); flock 9; echo "T $i" >> log; flock -u 9; sleep 0.2; done) &
+exec 9>> log.lock
+while read -r line; do flock 9; echo "$line" >> log; flock -u 9; done < queue
+"""
+
+
+def _write_files(files: dict[str, tuple[str, int]]) -> str:
+    """A customize hook writing each file (path in the root -> (text, mode))."""
+    lines = ["set -eu", 'root="$1"']
+    for path, (text, mode) in files.items():
+        lines += [f'mkdir -p "$root{Path(path).parent}"', f"cat > \"$root{path}\" <<'SKYFERRY_EOF'", text.strip("\n"),
+                  "SKYFERRY_EOF", f'chmod {mode:o} "$root{path}"']  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+# openjdk's postinst registers its man page as an alternative's slave link, which fails without the
+# directory, and the images leave out /usr/share/man's contents.
+MAN1_DIR = 'mkdir -p "$1/usr/share/man/man1"'
+
 # Drop what no program reads, to keep the image (and each migration's first file round) small.
 SLIM = r"""
 set -eu
@@ -86,12 +165,16 @@ class Recipe:
     name: str
     packages: tuple[str, ...]
     customize: str = ""
+    setup: str = ""  # a hook run before any package is installed (mmdebstrap --setup-hook)
     suite: str = vmimage.SUITE
     sources: tuple[str, ...] = field(default_factory=lambda: tuple(vmimage.host_debian_sources()))
     version: int = RECIPE_VERSION
 
     def digest(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        fields = asdict(self)
+        if not fields["setup"]:  # added later: recipes without one keep their hash and their cached image
+            del fields["setup"]
+        blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -100,6 +183,11 @@ def recipes() -> dict[str, Recipe]:
         "postgres": Recipe("postgres", ("postgresql-15", "python3-psycopg2"), POSTGRES_CUSTOMIZE),
         "nginx": Recipe("nginx", ("nginx-light",), NGINX_CUSTOMIZE),
         "memcached": Recipe("memcached", ("memcached",)),
+        "jvm": Recipe(
+            "jvm", ("openjdk-17-jre-headless",), _write_files({"/srv/Echo.java": (ECHO_JAVA, 0o644)}), setup=MAN1_DIR
+        ),
+        "node": Recipe("node", ("nodejs",), _write_files({"/srv/echo.js": (ECHO_JS, 0o644)})),
+        "pipeline": Recipe("pipeline", (), _write_files({"/usr/local/bin/pipeline": (PIPELINE_SH, 0o755)})),
     }
 
 
@@ -116,6 +204,12 @@ COMMANDS: dict[str, list[str]] = {
     "nginx": ["/usr/sbin/nginx", "-g", "daemon off;"],
     "memcached": ["/usr/bin/memcached", "-u", "root", "-l", "0.0.0.0", "-p", str(MEMCACHED_PORT),
                   "-t", "4", "-m", "64", "-c", "1024"],
+    # A small heap, serial GC and C1 only: a few threads and little memory to move; no hsperfdata file
+    # mapped shared in /tmp.
+    "jvm": ["/usr/bin/java", "-Xmx64m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-XX:-UsePerfData",
+            "/srv/Echo.java", str(ECHO_PORT)],
+    "node": ["/usr/bin/node", "/srv/echo.js", str(ECHO_PORT)],
+    "pipeline": ["/usr/local/bin/pipeline"],
 }  # fmt: skip
 
 
@@ -143,12 +237,13 @@ def _build(recipe: Recipe, final: Path) -> None:
     started = time.monotonic()
     try:
         root_tar = work / "root.tar"
-        hooks = [f"--customize-hook={script}" for script in (recipe.customize, SLIM) if script]
+        hooks = [f"--setup-hook={recipe.setup}"] if recipe.setup else []
+        hooks += [f"--customize-hook={script}" for script in (recipe.customize, SLIM) if script]
         vmimage._run_logged(
             ["nice", "-n", "10", "mmdebstrap", "--variant=apt", "--mode=root",
              "--dpkgopt=path-exclude=/usr/share/man/*", "--dpkgopt=path-exclude=/usr/share/doc/*",
              "--dpkgopt=path-exclude=/usr/share/locale/*",
-             f"--include={','.join(recipe.packages)}", *hooks,
+             *([f"--include={','.join(recipe.packages)}"] if recipe.packages else []), *hooks,
              recipe.suite, str(root_tar), *recipe.sources],
             f"mmdebstrap {recipe.name}",
         )  # fmt: skip

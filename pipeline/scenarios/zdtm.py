@@ -526,6 +526,14 @@ def recorded() -> Matrix:
     return Matrix.model_validate_json(RESULTS.read_text())
 
 
+def merge(old: Matrix, new: Matrix) -> Matrix:
+    """`old` with the cells `new` ran again replaced in place (a rerun of some cells after a fix); the
+    header says the matrix was last touched by the rerun."""
+    fresh = {(c.program, c.engine, c.mode): c for c in new.cells}
+    cells = [fresh.pop((c.program, c.engine, c.mode), c) for c in old.cells] + list(fresh.values())
+    return new.model_copy(update={"cells": cells})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("programs", nargs="*", help="zdtm programs (default: the CI subset)")
@@ -534,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", action="append", help="only these modes")
     parser.add_argument("--out", type=Path, help="also write the cells as JSON here")
     parser.add_argument("--render", type=Path, help="only rewrite the docs from cells saved by --out")
+    parser.add_argument("--merge", action="store_true", help="merge the cells run into the recorded matrix, rewrite")
     args = parser.parse_args(argv)
     if args.render:
         write_doc(Matrix.model_validate_json(args.render.read_text()))
@@ -542,8 +551,8 @@ def main(argv: list[str] | None = None) -> int:
     engines = {e: tuple(m for m in modes if m in (args.mode or modes)) for e, modes in ENGINE_MODES.items()
                if e in (args.engine or ENGINE_MODES)}  # fmt: skip
     matrix = run_matrix(programs, engines, save=args.out)
-    if args.all:
-        write_doc(matrix)
+    if args.all or args.merge:
+        write_doc(merge(recorded(), matrix) if args.merge else matrix)
         print(f"wrote {DOC} and {RESULTS}")
     return 0 if all(c.outcome == "pass" for c in matrix.cells) else 1
 

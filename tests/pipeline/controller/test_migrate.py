@@ -375,6 +375,41 @@ def test_a_criu_failure_names_its_cause_and_keeps_its_log(mesh: tuple[Path, Mesh
         cli("rm", "uffd")
 
 
+DEVICE_NODE = """
+import os, stat, time
+os.mknod("/held-null", stat.S_IFCHR | 0o666, os.makedev(1, 3))  # in the rootfs, which moves by file rounds
+held = open("/held-null", "rb")
+while True:
+    time.sleep(1)
+"""
+
+
+def test_a_failed_hybrid_restore_names_criu_s_error(mesh: tuple[Path, Mesh]) -> None:
+    """A process holding a device node it made in its rootfs: the file rounds never carry a device (the
+    target makes none from a peer's stream), so CRIU's restore cannot reopen it. In hybrid mode the target's
+    page source goes away with the failed restore; the error must still name CRIU's first real error, not
+    the pager or the page tunnel, and the journal keeps CRIU's restore log."""
+    state, _ = mesh
+    started = cli("run", "--host", "local-1", "--name", "devnode", "--host-programs", "--", "python3", "-c",
+                  DEVICE_NODE)  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    try:
+        moved = cli("migrate", "devnode", "--to", "local-2", "--mode", "hybrid", "--json")
+        assert moved.returncode != 0
+        error = json.loads(moved.stdout)["error"]
+        print(error)
+        cause = error.split("failed at restore", 1)[1].split("Rolled back")[0]
+        assert "runc restore failed: " in cause and "held-null" in cause, error  # CRIU's line names the file
+        assert "page" not in cause and "FAILED" not in cause, error
+        mig = Journal(state).all()[-1]
+        failed = [t for t in Journal(state).transitions(mig.id) if t["status"] == "failed"]
+        assert [t["stage"] for t in failed] == ["restore"]
+        assert "--- CRIU restore.log" in failed[0]["detail"]["log"], failed[0]["detail"]
+        assert (where(state, "devnode")["host"], where(state, "devnode")["state"]) == ("local-1", "running")
+    finally:
+        cli("rm", "devnode")
+
+
 def test_a_traced_task_is_refused_before_the_freeze(mesh: tuple[Path, Mesh]) -> None:
     """CRIU cannot seize a task another task traces; the check stage names it while the container runs
     (no checkpoint is tried, nothing freezes). The control: the same image without the tracer moves."""

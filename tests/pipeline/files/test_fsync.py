@@ -135,6 +135,34 @@ def test_deletions_and_type_changes(pair: tuple[Path, Path, FsTracker, FsApplier
     assert stats.deletions == 1 + 3 + 20  # becomes_file/child; var/lib, app, cache; 20 cache files
 
 
+def test_named_fifos_move_as_nodes(pair: tuple[Path, Path, FsTracker, FsApplier]) -> None:
+    """CRIU reopens a FIFO a process holds by its name: the rounds make it on the target (mode, owner,
+    mtime), resend it when its mode changes, delete it when it goes, and never open it (a blocking open
+    of a FIFO nobody writes to would hang the round)."""
+    src, dst, tracker, applier = pair
+    make_rootfs(src)
+    os.mkfifo(src / "var/lib/app/queue", 0o640)
+    if os.geteuid() == 0:
+        os.chown(src / "var/lib/app/queue", 1234, 5678)
+    first = sync(tracker, applier)
+    assert stat.S_ISFIFO((dst / "var/lib/app/queue").lstat().st_mode)
+    assert tree(dst) == tree(src)
+    assert first.files_sent == 27  # make_rootfs's 26 and the FIFO
+
+    (src / "var/lib/app/queue").chmod(0o600)
+    os.mkfifo(src / "tmp/second")
+    delta = sync(tracker, applier)
+    assert tree(dst) == tree(src)
+    assert (delta.files_sent, delta.bytes_raw) == (2, 0)
+
+    (src / "var/lib/app/queue").unlink()
+    (src / "var/lib/app/queue").write_text("a file now")  # a FIFO replaced by a file of that name
+    (src / "tmp/second").unlink()
+    last = sync(tracker, applier, kind="final")
+    assert tree(dst) == tree(src)
+    assert last.deletions == 1 and not (dst / "tmp/second").exists()
+
+
 def test_hard_links_stay_links(pair: tuple[Path, Path, FsTracker, FsApplier]) -> None:
     src, dst, tracker, applier = pair
     make_rootfs(src)
@@ -310,6 +338,7 @@ def test_paths_that_escape_are_refused(tmp_path: Path) -> None:
     hardlink = _info("rootfs/h", tarfile.LNKTYPE)
     hardlink.linkname = "../outside/keep"
     device = _info("rootfs/dev", tarfile.CHRTYPE)
+    block = _info("rootfs/blk", tarfile.BLKTYPE)
     symlink = _info("rootfs/d", tarfile.SYMTYPE, link=str(outside / "keep"))
     bad_streams = {
         "dotdot": crafted([(_info("rootfs/../outside/x", tarfile.REGTYPE), b"x")]),
@@ -318,6 +347,8 @@ def test_paths_that_escape_are_refused(tmp_path: Path) -> None:
         "other dir": crafted([(_info("volume/x", tarfile.REGTYPE), b"x")]),
         "hard link": crafted([(hardlink, b"")]),
         "device": crafted([(device, b"")]),
+        "block device": crafted([(block, b"")]),
+        "fifo through symlink": crafted([(_info("rootfs/link/fifo", tarfile.FIFOTYPE), b"")]),
         "duplicate": crafted([(symlink, b""), (_info("rootfs/d", tarfile.REGTYPE), b"x")]),
         "delete outside": crafted([], deleted=[["rootfs", "../outside/keep"]]),
         "delete through symlink": crafted([], deleted=[["rootfs", "link/keep"]]),

@@ -69,3 +69,17 @@ def test_write_doc_replaces_only_the_generated_table(tmp_path: Path) -> None:
     assert "| `pipe00` | pipe |" in text and "refused (check) [1]" in text
     assert "1. `stopped`, runc precopy: refused at check: a stopped task. Rolled back" in text
     assert zdtm.Matrix.model_validate_json(results.read_text()).cells == [cell, bad]
+
+
+def test_merge_replaces_the_rerun_cells_in_place() -> None:
+    def cell(program: str, mode: str, outcome: str) -> zdtm.Cell:
+        return zdtm.Cell(program=program, engine="runc", mode=mode, outcome=outcome)  # type: ignore[arg-type]
+
+    old = zdtm.Matrix(when="2026-12-01", kernel="6.18", criu="4.2.1",
+                      cells=[cell("fifo", "precopy", "failed"), cell("pipe00", "precopy", "pass")])  # fmt: skip
+    new = zdtm.Matrix(when="2026-12-03", kernel="6.18", criu="4.2.1",
+                      cells=[cell("fifo", "precopy", "pass"), cell("fifo", "hybrid", "pass")])  # fmt: skip
+    merged = zdtm.merge(old, new)
+    assert merged.when == "2026-12-03"
+    assert [(c.program, c.mode, c.outcome) for c in merged.cells] == [
+        ("fifo", "precopy", "pass"), ("pipe00", "precopy", "pass"), ("fifo", "hybrid", "pass")]  # fmt: skip
