@@ -143,7 +143,10 @@ mkdir -p "$CRIU_RUNDIR"
 if [ -d /etc/tmpfiles.d ] && [ "$(cat /etc/tmpfiles.d/skyferry-criu.conf 2>/dev/null)" != "d $CRIU_RUNDIR 0755 root root -" ]; then
   echo "d $CRIU_RUNDIR 0755 root root -" > /etc/tmpfiles.d/skyferry-criu.conf
 fi
-if [ "$(stat -f -c %T "$CRIU_RUNDIR")" != tmpfs ]; then
+if [ "$(stat -f -c %T "$CRIU_RUNDIR")" != tmpfs ] && ! mountpoint -q /; then
+  # A plain chroot (a fresh root being proven): a mount here would land in the host's mount table.
+  say "note: / is no mount point (a chroot?): no tmpfs on $CRIU_RUNDIR; CRIU will probe the kernel on every run"
+elif [ "$(stat -f -c %T "$CRIU_RUNDIR")" != tmpfs ]; then
   mount -t tmpfs -o mode=0755,size=1m,nosuid,nodev,noexec skyferry-criu "$CRIU_RUNDIR" \
     || say "warning: no tmpfs on $CRIU_RUNDIR: CRIU will probe the kernel on every run (~40 ms each)"
 fi
