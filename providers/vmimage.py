@@ -114,6 +114,10 @@ chroot "$root" update-initramfs -u -k all
 # A unique machine-id per VM: systemd generates it at first boot when the file is empty.
 : > "$root/etc/machine-id"
 rm -f "$root/var/lib/dbus/machine-id"
+# The host-built CRIU keeps its kernel-probe cache in /run/criu (scripts/bootstrap-host.sh): the guest's
+# /run is a tmpfs, and systemd-tmpfiles makes the directory at every boot.
+mkdir -p "$root/etc/tmpfiles.d"
+printf 'd /run/criu 0755 root root -\n' > "$root/etc/tmpfiles.d/skyferry-criu.conf"
 if chroot "$root" ldd /usr/local/sbin/criu | grep 'not found'; then
   echo "criu misses shared libraries in the image" >&2
   exit 1

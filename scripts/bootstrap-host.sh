@@ -14,6 +14,10 @@ CRIU_VERSION=4.2.1
 CRIU_DEB_VERSION=4.2.1-1
 CACHE=${SKYFERRY_CACHE:-/var/cache/skyferry}
 CRIU_SRC=$CACHE/criu-$CRIU_VERSION
+# CRIU's RUNDIR (a build-time setting): it caches its kernel-feature probe there (criu.kdat), but only on a
+# tmpfs (criu/kerndat.c), else it probes again on every run, ~40 ms inside each freeze. Built with the
+# default /run, a host whose /run is no tmpfs never caches; a directory of its own can be one.
+CRIU_RUNDIR=/run/criu
 OS_RELEASE=${SKYFERRY_OS_RELEASE:-/etc/os-release}  # tests point this at other distributions' files
 PIPE_MAX=4194304
 
@@ -57,6 +61,10 @@ criu_ok() {  # true when $1 is a criu binary of version >= 4.2
   [ -n "$v" ] && dpkg --compare-versions "$v" ge 4.2
 }
 
+ours_ok() {  # true when $1 is our build: new enough, with its kernel-probe cache in $CRIU_RUNDIR
+  criu_ok "$1" && grep -qaF "$CRIU_RUNDIR/criu.kdat" "$1"
+}
+
 fetch_criu_source() {
   [ -f "$CRIU_SRC/Makefile" ] && return 0
   mkdir -p "$CACHE/apt/lists/partial" "$CACHE/dl"
@@ -95,16 +103,19 @@ SRC
   mv "$CRIU_SRC.tmp" "$CRIU_SRC"
 }
 
-if criu_ok /usr/local/sbin/criu && [ -f "$CRIU_SRC/lib/pycriu/rpc_pb2.py" ]; then
+if ours_ok /usr/local/sbin/criu && [ -f "$CRIU_SRC/lib/pycriu/rpc_pb2.py" ]; then
   :
-elif [ -x /usr/sbin/criu ] && criu_ok /usr/sbin/criu; then
+# A build of ours that predates $CRIU_RUNDIR is rebuilt (below), not left to shadow the distro's on PATH.
+elif [ ! -e /usr/local/sbin/criu ] && [ -x /usr/sbin/criu ] && criu_ok /usr/sbin/criu; then
   say "distro CRIU is new enough: $(/usr/sbin/criu --version | head -1)"
   fetch_criu_source  # still needed for a matching pycriu
   make -C "$CRIU_SRC" -s lib >/dev/null
 else
   fetch_criu_source
   say "building CRIU $CRIU_VERSION (about 20 s on 2 cores)"
-  make -C "$CRIU_SRC" -s -j"$(nproc)" criu >"$CACHE/criu-build.log" 2>&1 || die "CRIU build failed, see $CACHE/criu-build.log"
+  rm -f "$CRIU_SRC/criu/kerndat.o"  # the one object RUNDIR goes into: rebuilt when an older build used /run
+  make -C "$CRIU_SRC" -s -j"$(nproc)" criu RUNDIR="$CRIU_RUNDIR" >"$CACHE/criu-build.log" 2>&1 \
+    || die "CRIU build failed, see $CACHE/criu-build.log"
   make -C "$CRIU_SRC" -s lib >>"$CACHE/criu-build.log" 2>&1 || die "pycriu generation failed, see $CACHE/criu-build.log"
   install -m 0755 "$CRIU_SRC/criu/criu" /usr/local/sbin/criu
   say "installed $(/usr/local/sbin/criu --version | head -1) to /usr/local/sbin/criu"
@@ -126,4 +137,18 @@ if [ "$(cat /etc/sysctl.d/60-skyferry.conf 2>/dev/null)" != "$SYSCTL_CONF" ]; th
 fi
 
 mkdir -p /run/netns /var/run/wireguard
+
+# CRIU's run directory on a tmpfs: a directory where /run is one (a normal systemd host, where tmpfiles.d
+# recreates it at boot), else a small tmpfs of its own (this kind of VM, whose /run is not a tmpfs).
+mkdir -p "$CRIU_RUNDIR"
+if [ -d /etc/tmpfiles.d ] && [ "$(cat /etc/tmpfiles.d/skyferry-criu.conf 2>/dev/null)" != "d $CRIU_RUNDIR 0755 root root -" ]; then
+  echo "d $CRIU_RUNDIR 0755 root root -" > /etc/tmpfiles.d/skyferry-criu.conf
+fi
+if [ "$(stat -f -c %T "$CRIU_RUNDIR")" != tmpfs ] && ! mountpoint -q /; then
+  # A plain chroot (a fresh root being proven): a mount here would land in the host's mount table.
+  say "note: / is no mount point (a chroot?): no tmpfs on $CRIU_RUNDIR; CRIU will probe the kernel on every run"
+elif [ "$(stat -f -c %T "$CRIU_RUNDIR")" != tmpfs ]; then
+  mount -t tmpfs -o mode=0755,size=1m,nosuid,nodev,noexec skyferry-criu "$CRIU_RUNDIR" \
+    || say "warning: no tmpfs on $CRIU_RUNDIR: CRIU will probe the kernel on every run (~40 ms each)"
+fi
 say "host ready: $(criu --version 2>/dev/null | head -1), runc $(runc --version 2>/dev/null | awk 'NR==1{print $3}'), $(wg --version 2>/dev/null | awk '{print $1, $2}')"

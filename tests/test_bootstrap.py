@@ -93,3 +93,19 @@ def test_second_run_only_checks() -> None:
     assert "building CRIU" not in proc.stderr and "installing" not in proc.stderr
     assert (CRIU_SRC / "criu" / "criu").stat().st_mtime_ns == built
     assert machine_state() == before
+
+
+def test_criu_keeps_its_kernel_probe_cache(tmp_path: Path) -> None:
+    """The bootstrapped CRIU caches its kernel probe (criu.kdat) on the tmpfs the bootstrap gives it, so
+    the runs inside a freeze skip it; the first run after the cache is gone (the positive control) probes."""
+    if not CRIU.exists():
+        pytest.skip("this machine was not bootstrapped by scripts/bootstrap-host.sh")
+    cache = Path("/run/criu/criu.kdat")
+    cache.unlink(missing_ok=True)
+    logs = []
+    for run in ("probes", "cached"):
+        log = tmp_path / f"{run}.log"
+        subprocess.run([str(CRIU), "check", "-v4", "-o", str(log)], capture_output=True, check=True, timeout=60)
+        logs.append(log.read_text())
+    assert "Loaded kdat cache" not in logs[0]
+    assert f"Loaded kdat cache from {cache}" in logs[1]

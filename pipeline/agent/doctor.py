@@ -22,6 +22,7 @@ from typing import Any
 
 from skyferry.pipeline.criu import version as criu_version
 from skyferry.pipeline.criu.version import PRECOPY_ENV, PRECOPY_SOFT_DIRTY
+from skyferry.pipeline.runtimes import engines
 from skyferry.pipeline.runtimes.runc import Runc
 
 PIPE_MAX_MIN = 4 * 1024 * 1024  # lazy pages splice up to 4 MiB per pipe
@@ -280,6 +281,19 @@ def network_lock_result(nft_lock: Output | None, iptables: Output | None) -> Che
     )
 
 
+def kdat_cache_result(rundir: str | None, fstype: str | None) -> CheckResult:
+    """CRIU keeps its kernel-feature probe in its build-time run directory (`rundir`, found in the binary),
+    and only when that is a tmpfs (`fstype`); elsewhere every dump and restore probes again."""
+    name = "criu probe cache"
+    if rundir is None:
+        return CheckResult(name, Status.WARN, "CRIU's binary names no criu.kdat path (unknown build)", BOOTSTRAP)
+    if fstype == "tmpfs":
+        return CheckResult(name, Status.PASS, f"{rundir} is a tmpfs: CRIU reuses its kernel probe", value=rundir)
+    what = "missing" if fstype is None else f"on {fstype}, not a tmpfs"
+    detail = f"{rundir} is {what}: every CRIU run probes the kernel again, ~40 ms (more under load) in the freeze"
+    return CheckResult(name, Status.WARN, detail, f"{BOOTSTRAP}: it mounts a tmpfs on /run/criu", rundir)
+
+
 def netns_result(error: str | None) -> CheckResult:
     if error is None:
         return CheckResult("network namespaces", Status.PASS, "created and deleted a scratch netns")
@@ -346,6 +360,19 @@ def probe_cap_eff() -> int:
     return int(m.group(1), 16) if m else 0
 
 
+def probe_kdat_cache(criu: str) -> tuple[str | None, str | None]:
+    """CRIU's run directory, compiled into its binary as `<RUNDIR>/criu.kdat` (criu/kerndat.c), and the
+    type of the file system there (None: missing)."""
+    path = shutil.which(criu)
+    if path is None:
+        return None, None
+    m = re.search(rb"([\x21-\x7e]*)/criu\.kdat\x00", Path(path).read_bytes())
+    if m is None:
+        return None, None
+    rundir = m.group(1).decode()
+    return rundir, engines.fstype(Path(rundir)) if os.path.isdir(rundir) else None
+
+
 def probe_pycriu_version() -> str | None:
     try:
         from pycriu.version import __version__
@@ -381,6 +408,7 @@ def run_checks() -> list[CheckResult]:
         lambda: runc_result(run(["runc", "--version"])),
         lambda: podman_result(run(["podman", "--version"])),
         lambda: docker_result(run(["docker", "--version"]), run(["dockerd", "--version"])),
+        lambda: kdat_cache_result(*probe_kdat_cache(criu)),
         lambda: network_lock_result(feature("network_lock_nftables"), run(["iptables", "--version"])),
         lambda: netns_result(probe_netns()),
     ]

@@ -27,6 +27,13 @@ from skyferry.pipeline.runtimes.images import unpack_image
 from skyferry.pipeline.runtimes.isolation import LOG_IN_CONTAINER
 
 RUNC = "runc"
+# CRIU options for this engine's containers, in a file runc hands CRIU (the `org.criu.config` annotation;
+# a CRIU config file overrides runc's RPC settings). `network-lock skip`: the agent silences the netns
+# itself with nftables around every dump and restore (pipeline/agent/netlock.py), so CRIU's own lock is
+# redundant, and its default (iptables) spawns iptables-restore and `sh -c iptables -C` six to eight times
+# per restore: ~75 ms inside the freeze (docs/migration.md, "Where the freeze goes"). A restore takes the
+# method its dump recorded, so the dump side decides.
+CRIU_CONF = "network-lock skip\n"
 
 
 class Runc:
@@ -104,6 +111,8 @@ class Runc:
         wrapped = ["/bin/sh", "-c", f'exec "$@" </dev/null >>{LOG_IN_CONTAINER} 2>&1', "sh", *spec.args]
         process = isolation.process(wrapped, spec.env, spec.uid, spec.gid)
         config = _config(process, mounts, netns_path, f"{self.cgroup_prefix}/{spec.name}", spec.name)
+        (bundle / "criu.conf").write_text(CRIU_CONF)
+        config["annotations"] = {"org.criu.config": str(bundle / "criu.conf")}
         if spec.seccomp == "unconfined":  # asked for by name, as `docker run --security-opt seccomp=unconfined`
             del config["linux"]["seccomp"]
         (bundle / "config.json").write_text(json.dumps(config, indent=2))

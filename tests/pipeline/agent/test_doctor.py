@@ -14,6 +14,7 @@ import pytest
 from skyferry.pipeline.agent import doctor
 from skyferry.pipeline.agent.doctor import Output, Status
 from skyferry.pipeline.criu.version import PRECOPY_CONTENT, PRECOPY_SOFT_DIRTY
+from skyferry.pipeline.runtimes import engines
 
 # Not imported from conftest.py: with several conftest.py files that module name is ambiguous.
 NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -140,6 +141,15 @@ def test_network_lock() -> None:
     assert doctor.network_lock_result(Output(1, CRIU_317_CHECK), None).status is Status.FAIL
 
 
+def test_criu_probe_cache() -> None:
+    ours = doctor.kdat_cache_result("/run/criu", "tmpfs")
+    assert (ours.status, ours.value) == (Status.PASS, "/run/criu")
+    here_before = doctor.kdat_cache_result("/run", "ext4")  # the default RUNDIR on this VM
+    assert here_before.status is Status.WARN and "not a tmpfs" in here_before.detail and here_before.fix
+    assert doctor.kdat_cache_result("/run/criu", None).status is Status.WARN  # after a reboot, unmounted
+    assert doctor.kdat_cache_result(None, None).status is Status.WARN
+
+
 def test_root_and_netns() -> None:
     assert doctor.root_result(0).status is Status.PASS
     assert doctor.root_result(65534).status is Status.FAIL
@@ -197,6 +207,19 @@ def test_probes_on_this_machine() -> None:
     assert doctor.probe_netns() is None
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     assert f"sfdoctor-{os.getpid()}-" not in names  # the scratch netns is gone
+
+
+@pytest.mark.integration
+@NEEDS_ROOT
+def test_criu_probe_cache_on_this_machine(tmp_path: Path) -> None:
+    """The bootstrapped CRIU names /run/criu, a tmpfs; a build that names another directory is read as
+    such (the positive control: the path comes from the binary, not from an assumption)."""
+    assert doctor.probe_kdat_cache("/usr/local/sbin/criu") == ("/run/criu", "tmpfs")
+    other = tmp_path / "criu"
+    other.write_bytes(b"\x7fELF\x00Loaded kdat cache from %s\x00" + str(tmp_path).encode() + b"/criu.kdat\x00\x00")
+    other.chmod(0o755)
+    assert doctor.probe_kdat_cache(str(other)) == (str(tmp_path), engines.fstype(tmp_path))
+    assert doctor.probe_kdat_cache(str(tmp_path / "nothing")) == (None, None)
 
 
 @pytest.mark.integration

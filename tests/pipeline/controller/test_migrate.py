@@ -76,6 +76,11 @@ def test_migration_keeps_ip_and_connection_there_and_back(counter: dict) -> None
     assert name not in host_containers(state, m, "local-1")
     assert not netns.exists(f"{m.name}-local-1-{name}"), "the source's netns must be gone after confirm"
     assert Mesh.load(state).homes[counter["ip"]] == "local-2"
+    # CRIU took skyferry's options from the bundle's criu.conf (runc's org.criu.config) on both ends: the
+    # agent's own nftables lock stands in for CRIU's, which cost ~75 ms of iptables in each restore.
+    for host, log in (("local-1", "work-dump.log"), ("local-2", "work1-restore.log")):
+        text = (Path(m.hosts[host].state_root) / "logs" / report["id"] / log).read_text()
+        assert f"values from {m.hosts[host].state_root}/containers/{name}/criu.conf" in text, host
 
     client = counter["client"]
     client.wait_for(client.progress() + 5)  # the same connection carries requests after the move
