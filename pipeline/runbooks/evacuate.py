@@ -7,6 +7,7 @@ migration the interruption left half done is finished from the journal (resumed,
 tried again) before anything new starts.
 """
 
+import contextlib
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -183,7 +184,12 @@ def evacuate(
     if dry_run:
         return {**summary, "ok": not the_plan["unplaced"], "results": []}
     throughput = Throughput.for_host(state, host, budget, parallel)
-    results += _run(state, the_plan["moves"], throughput, progress)
+    folder = Path(state) / runreport.REPORTS / run_id
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # Each migration's plot is drawn as it finishes, while the others still run, by one thread (pyplot
+    # is not thread-safe): drawn after the last one, 8 plots kept a 2-core controller busy for seconds.
+    with ThreadPoolExecutor(max_workers=1) as drawer:
+        results += _run(state, the_plan["moves"], throughput, progress, lambda r: drawer.submit(_draw, folder, r))
     summary["bandwidth"] = throughput.as_dict()
     results += [{**u, "state": "no-capacity"} for u in the_plan["unplaced"]]
     remaining = sorted(e.name for e in Registry(state).all() if e.host == host)
@@ -259,9 +265,13 @@ def _budget(state: Path, bandwidth: str | None) -> int | None:
     return WanSpec.parse(f"rate={wan.rate}").rate if wan and wan.rate else None
 
 
-def _run(state: Path, moves: list[dict[str, Any]], throughput: Throughput, progress: Progress) -> list[dict[str, Any]]:
+def _run(
+    state: Path, moves: list[dict[str, Any]], throughput: Throughput, progress: Progress,
+    finished: Callable[[dict[str, Any]], Any] = lambda _: None,
+) -> list[dict[str, Any]]:  # fmt: skip
     """Run the moves in plan order: a new one starts when fewer than `throughput.cap()` are streaming and
-    fewer than `parallel` run at all. Results in plan order."""
+    fewer than `parallel` run at all. `finished` is called with each result as it comes. Results in plan
+    order."""
     results: dict[str, dict[str, Any]] = {}
     pending = list(moves)
     stages: dict[str, list[str]] = {}
@@ -279,11 +289,20 @@ def _run(state: Path, moves: list[dict[str, Any]], throughput: Throughput, progr
                 running[pool.submit(move, state, m["container"], m["target"], seen)] = m["container"]
                 streams += 1
             # Woken by a finished migration, or every STAGE_POLL_S to see one leave its bulk.
-            finished, _ = wait(running, timeout=STAGE_POLL_S if pending else None, return_when=FIRST_COMPLETED)
-            for f in finished:
+            done, _ = wait(running, timeout=STAGE_POLL_S if pending else None, return_when=FIRST_COMPLETED)
+            for f in done:
                 results[running.pop(f)] = result = f.result()
                 throughput.add(result)
+                finished(result)
     return [results[m["container"]] for m in moves]
+
+
+def _draw(folder: Path, result: dict[str, Any]) -> None:
+    """The migration's plot, where the run's report will list it (a failure leaves it to the report)."""
+    report = result.get("migration") or {}
+    if report.get("id"):
+        with contextlib.suppress(Exception):
+            runreport.plot(report, folder / f"{report['id']}.png")
 
 
 def succeeded(result: dict[str, Any]) -> bool:
