@@ -53,10 +53,11 @@ def bench(
 
     --evacuate: N containers (1, 4, 8) holding 64 MiB of incompressible memory each, with a client each on
     local-3, are evacuated from local-1 to local-2 with `skyferry evacuate --parallel` (at most N). Per
-    count: seconds taken against the seconds iperf3 (measured just before, same direction) needs for all
-    that memory, when each container finished, and the clients' largest gaps. Then one such container
-    moves with Podman's `checkpoint --export` / `restore --import`, its archive sent over the same overlay,
-    and skyferry's one-container run is compared with it. Writes evacuate.json and evacuate.md.
+    count: seconds taken against the seconds iperf3 (the faster of just before and just after, same
+    direction) needs for all that memory, when each container finished, and the clients' largest gaps.
+    Then one such container moves with Podman's `checkpoint --export` / `restore --import`, its archive
+    sent over the same overlay, and skyferry's one-container run is compared with it. Writes
+    evacuate.json and evacuate.md.
     """
     # `kill` must still tear the hosts down (the runner's finally); Python's default for SIGTERM skips
     # finally blocks. (netplane/__init__.py keeps pyroute2's forked helpers from inheriting this.)
@@ -121,7 +122,7 @@ def _evacuate(quick: bool, out: Path, wan: str, json_out: bool, parallel: int, p
                            evacreport.PODMAN_COLUMNS, evacreport.podman_rows(result)))  # fmt: skip
         for title, columns, rows in tables:
             console.print(_table(title, columns, rows))
-        console.print(f"iperf3 {bench_evacuate.SOURCE} -> {bench_evacuate.TARGET}, by containers: "
+        console.print(f"iperf3 {bench_evacuate.SOURCE} -> {bench_evacuate.TARGET} before / after, by containers: "
                       f"{evacreport.iperf3_line(result) or 'not measured'}", highlight=False)  # fmt: skip
         console.print(f"machine: {benchreport.machine_line(result['machine'])}", highlight=False)
         for err in result["errors"]:

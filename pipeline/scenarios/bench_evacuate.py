@@ -143,6 +143,10 @@ def _evacuation(
         for client in clients.values():
             client.wait_for(client.progress() + cfg.after_requests, timeout=60)  # every connection carries on
         run["ok"] = summary["ok"]
+        # Again after it: on a shared machine the link's speed moves with the load, and the bound is the
+        # faster of the two, so that a quieter minute never flatters the ratio.
+        progress(f"{n} containers: iperf3 {SOURCE} -> {TARGET} again")
+        run["iperf3_after"] = bench.iperf3(mesh, SOURCE, TARGET, cfg.iperf_s)
     except Exception as exc:
         run["error"] = str(exc) or type(exc).__name__
     finally:

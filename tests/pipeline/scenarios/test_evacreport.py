@@ -59,7 +59,8 @@ def _result(podman_ok: bool = True) -> dict[str, Any]:
                 "ok": False,
                 "error": None,
                 "seconds": 16.2,
-                "iperf3": {"mbit_s": 429.5},
+                "iperf3": {"mbit_s": 300.0},
+                "iperf3_after": {"mbit_s": 429.5},
                 "containers": [{**one, "container": f"ev8-{i}"} for i in range(8)],
                 "fairness": evacreport.fairness([(0.0, 4.0)] * 4 + [(4.0, 16.2)] * 4, 0.0),
             },
@@ -72,6 +73,12 @@ def _result(podman_ok: bool = True) -> dict[str, Any]:
             "client_gap_ms": 4800.0,
         },
     }
+
+
+def test_the_link_is_the_faster_of_iperf3_before_and_after() -> None:
+    assert evacreport.link_mbit_s({"iperf3": {"mbit_s": 300.0}, "iperf3_after": {"mbit_s": 429.5}}) == 429.5
+    assert evacreport.link_mbit_s({"iperf3": {"mbit_s": 300.0}}) == 300.0
+    assert evacreport.link_mbit_s({}) is None
 
 
 def test_ratios_against_the_bound_and_the_podman_baseline() -> None:
