@@ -182,7 +182,11 @@ def _container(state: Path, result: dict[str, Any]) -> dict[str, Any]:
     finished, from the journal."""
     out: dict[str, Any] = {"container": result["container"], "state": result["state"], "error": result.get("error")}
     report = result.get("migration") or {}
-    out.update({k: report.get(k) for k in ("mode", "freeze_ms", "total_ms", "bytes_wire", "stages_s")})
+    keys = ("mode", "freeze_ms", "total_ms", "bytes_wire", "bytes_at_freeze", "stages_s", "precopy_stop")
+    out.update({k: report.get(k) for k in keys})
+    out["rounds"] = [
+        {k: r.get(k) for k in ("duration", "pages_changed", "bytes_out")} for r in report.get("rounds") or []
+    ]
     if mig_id := result.get("migration_id"):
         mig = Journal(state).get(mig_id)
         ends = [t["at"] for t in Journal(state).transitions(mig_id) if t["status"] == "done"]
