@@ -93,6 +93,8 @@ class Store:
         for path in (self.home, self.run_dir):
             _unmount_below(path)
             shutil.rmtree(path, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the last store's goes with it
+            self.run_dir.parent.rmdir()
 
 
 def run(state: Path, mesh: Mesh, workdir: Path, cfg: Config) -> dict[str, Any]:
