@@ -73,3 +73,4 @@ def test_outputs_and_nothing_left_behind(result: dict) -> None:
     assert "skyferry ÷ podman" in result["paths"]["md"].read_text()
     assert not [n for n in os.listdir(netns.RUN_DIR) if n.startswith(result["mesh"])]
     assert not Path(f"/sys/fs/cgroup/skyferry-bench-{result['mesh']}").exists()
+    assert not Path("/run/skyferry-bench").exists(), "the Podman stores' runroots are gone"
