@@ -171,7 +171,7 @@ class Agent:
         self.identity = identity
         self.live = LiveIdentity(identity)  # renewed and revocation-checked without a restart
         self.recheck: Callable[[], int] = lambda: 0  # cuts open connections of peers revoked since (serve)
-        self._peers: dict[tuple[str, int, str], AgentClient] = {}
+        self._peers: dict[tuple[str, int, str, str], AgentClient] = {}  # (address, port, lane, migration)
         self._peers_lock = threading.Lock()
 
     def authorize(self, caller: tuple[str | None, str], method: str, path: str) -> None:
@@ -307,9 +307,15 @@ class Agent:
             case "transfer":
                 return session.transfer(*self._lanes(session.mig, req.target, session.name))
             case "rollback":
-                return session.rollback()
+                try:
+                    return session.rollback()
+                finally:
+                    self._drop_lanes(session.mig)
             case "confirm":
-                return session.confirm()
+                try:
+                    return session.confirm()
+                finally:
+                    self._drop_lanes(session.mig)
         raise _NotFound(f"no source operation {op!r}")
 
     def _target_step(self, session: TargetSession, op: str, req: Any) -> Any:
@@ -365,11 +371,14 @@ class Agent:
         return self._lane(mig, target, name, "mem"), self._lane(mig, target, name, "fs")
 
     def _lane(self, mig: str, target: bodies.Target, name: str, lane: str) -> Lane:
-        """One kept-alive client per peer and lane: the connections warmed by the pre-copy rounds carry
-        the final deltas inside the freeze without a new TCP and TLS handshake across the WAN; a connection
-        opened later shows this host's current certificate. Fault drills may damage an upload on the way
+        """One kept-alive client per peer, lane and migration: the connections warmed by the pre-copy rounds
+        carry the final deltas inside the freeze without a new TCP and TLS handshake across the WAN; a
+        connection opened later shows this host's current certificate. Per migration, because a client
+        sends one request at a time: shared by parallel migrations to one target, their rounds went one
+        after another and a freeze's final delta waited behind another migration's whole round (bench
+        --evacuate: transfers of 27 s inside a freeze). Fault drills may damage an upload on the way
         (faults.corrupt)."""
-        key = (target.address, target.port, lane)
+        key = (target.address, target.port, lane, mig)
         with self._peers_lock:
             if key not in self._peers:
                 self._peers[key] = AgentClient(key[0], key[1], self.live.client(), check=self.live.check)
@@ -385,6 +394,13 @@ class Agent:
             return peer.call("POST", f"/v1/migrations/{mig}/{op}", {"name": name, **body})
 
         return Lane(upload, call)
+
+    def _drop_lanes(self, mig: str) -> None:
+        """A migration's lanes end with it on the source (confirm or rollback)."""
+        with self._peers_lock:
+            gone = [self._peers.pop(key) for key in list(self._peers) if key[3] == mig]
+        for peer in gone:
+            peer.close()
 
     def peer(self, address: str, port: int) -> AgentClient:
         """A fresh client to another agent (the freeze watchdog's fence), with this host's current identity."""

@@ -58,7 +58,7 @@ def evacuate(
         None,
         "--bandwidth",
         help="The source's uplink, e.g. 1gbit (default: the mesh's WAN rate, if emulated): "
-        "fewer run at once when the measured throughput per migration would exceed it.",
+        "fewer stream at once (never fewer than 2) when the measured throughput per migration says fewer fill it.",
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the placement; move nothing."),
     json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP),

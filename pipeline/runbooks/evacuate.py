@@ -7,6 +7,7 @@ migration the interruption left half done is finished from the journal (resumed,
 tried again) before anything new starts.
 """
 
+import contextlib
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -25,6 +26,8 @@ from skyferry.providers.errors import ProviderError
 
 Progress = Callable[[str, str], None]  # (container, stage)
 OK = ("done", "already-there")
+MIN_STREAMS = 2
+STAGE_POLL_S = 0.1
 
 
 def quiet(_: str, __: str) -> None:
@@ -181,7 +184,12 @@ def evacuate(
     if dry_run:
         return {**summary, "ok": not the_plan["unplaced"], "results": []}
     throughput = Throughput.for_host(state, host, budget, parallel)
-    results += _run(state, the_plan["moves"], throughput, progress)
+    folder = Path(state) / runreport.REPORTS / run_id
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # Each migration's plot is drawn as it finishes, while the others still run, by one thread (pyplot
+    # is not thread-safe): drawn after the last one, 8 plots kept a 2-core controller busy for seconds.
+    with ThreadPoolExecutor(max_workers=1) as drawer:
+        results += _run(state, the_plan["moves"], throughput, progress, lambda r: drawer.submit(_draw, folder, r))
     summary["bandwidth"] = throughput.as_dict()
     results += [{**u, "state": "no-capacity"} for u in the_plan["unplaced"]]
     remaining = sorted(e.name for e in Registry(state).all() if e.host == host)
@@ -192,32 +200,51 @@ def evacuate(
 
 
 class Throughput:
-    """How many migrations may run at once: `parallel`, or fewer when the uplink budget is known and
-    the measured per-migration throughput (bits on the wire / seconds streaming) would exceed it."""
+    """How many migrations may stream their bulk at once: `parallel`, or fewer when the uplink budget is
+    known and the measured per-migration throughput (bits on the wire / seconds streaming) says fewer fill
+    it, but never fewer than two (one stream's start and another's tail would leave the link idle). A
+    migration past its bulk (in its freeze, restore, confirm: CPU and round trips) holds no stream, so
+    another starts meanwhile; at most `parallel` run at all."""
 
     def __init__(self, budget: int | None, parallel: int, samples: list[float] | None = None) -> None:
         self.budget, self.parallel, self.samples = budget, parallel, list(samples or [])[-5:]
 
     @classmethod
     def for_host(cls, state: Path, host: str, budget: int | None, parallel: int) -> "Throughput":
-        """Seeded with the last migrations from `host` the journal knows."""
-        return cls(budget, parallel, [r for m in Journal(state).all() if m.source == host and (r := _bps(m.report))])
+        """Seeded with the last migrations from `host` the journal knows (the report a migration journals
+        was made before its state became done: the journal's state says)."""
+        samples = [r for m in Journal(state).all() if m.source == host and (r := _bps(_finished(m)))]
+        return cls(budget, parallel, samples)
 
     def add(self, result: dict[str, Any]) -> None:
         if rate := _bps(result.get("migration")):
             self.samples = [*self.samples, rate][-5:]
 
     def cap(self) -> int:
-        if self.budget is None:
+        if self.budget is None or not self.samples:
             return self.parallel
-        if not self.samples:
-            return 1  # measure one first
         per = sorted(self.samples)[len(self.samples) // 2]
-        return max(1, min(self.parallel, int(self.budget // per)))
+        return min(self.parallel, max(MIN_STREAMS, int(self.budget // per)))
 
     def as_dict(self) -> dict[str, Any]:
         per = sorted(self.samples)[len(self.samples) // 2] if self.samples else None
         return {"budget_bps": self.budget, "per_migration_bps": per, "parallel": self.parallel, "cap": self.cap()}
+
+
+def streaming(stages: list[str]) -> bool:
+    """Whether a migration that went through `stages` (the latest last) still has its bulk to send: until
+    pre-copy's rounds end (its freeze then moves only what changed), else until its transfer ends; post-copy
+    and hybrid again while their lazy pages come."""
+    if not stages:
+        return True
+    now = stages[-1]
+    if now in ("checkpoint", "transfer"):
+        return "precopy" not in stages
+    return now in ("check", "prepare", "precopy", "lazy")
+
+
+def _finished(m: Migration) -> dict[str, Any] | None:
+    return {**m.report, "state": m.state} if m.report else None
 
 
 def _bps(report: dict[str, Any] | None) -> float | None:
@@ -238,21 +265,44 @@ def _budget(state: Path, bandwidth: str | None) -> int | None:
     return WanSpec.parse(f"rate={wan.rate}").rate if wan and wan.rate else None
 
 
-def _run(state: Path, moves: list[dict[str, Any]], throughput: Throughput, progress: Progress) -> list[dict[str, Any]]:
-    """Run the moves in plan order, as many at once as `throughput` allows; results in plan order."""
+def _run(
+    state: Path, moves: list[dict[str, Any]], throughput: Throughput, progress: Progress,
+    finished: Callable[[dict[str, Any]], Any] = lambda _: None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Run the moves in plan order: a new one starts when fewer than `throughput.cap()` are streaming and
+    fewer than `parallel` run at all. `finished` is called with each result as it comes. Results in plan
+    order."""
     results: dict[str, dict[str, Any]] = {}
     pending = list(moves)
+    stages: dict[str, list[str]] = {}
+
+    def seen(name: str, stage: str) -> None:
+        stages.setdefault(name, []).append(stage)
+        progress(name, stage)
+
     with ThreadPoolExecutor(max_workers=throughput.parallel) as pool:
         running: dict[Future[dict[str, Any]], str] = {}
         while pending or running:
-            while pending and len(running) < throughput.cap():
+            streams = sum(streaming(stages.get(name, [])) for name in running.values())
+            while pending and len(running) < throughput.parallel and streams < throughput.cap():
                 m = pending.pop(0)
-                running[pool.submit(move, state, m["container"], m["target"], progress)] = m["container"]
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for f in finished:
+                running[pool.submit(move, state, m["container"], m["target"], seen)] = m["container"]
+                streams += 1
+            # Woken by a finished migration, or every STAGE_POLL_S to see one leave its bulk.
+            done, _ = wait(running, timeout=STAGE_POLL_S if pending else None, return_when=FIRST_COMPLETED)
+            for f in done:
                 results[running.pop(f)] = result = f.result()
                 throughput.add(result)
+                finished(result)
     return [results[m["container"]] for m in moves]
+
+
+def _draw(folder: Path, result: dict[str, Any]) -> None:
+    """The migration's plot, where the run's report will list it (a failure leaves it to the report)."""
+    report = result.get("migration") or {}
+    if report.get("id"):
+        with contextlib.suppress(Exception):
+            runreport.plot(report, folder / f"{report['id']}.png")
 
 
 def succeeded(result: dict[str, Any]) -> bool:

@@ -42,7 +42,8 @@ def write(
         path.write_text(json.dumps(report, indent=2, default=str))  # unsorted: stages stay in run order
         files.append(str(path))
         try:
-            plot(report, folder / f"{report['id']}.png")
+            if not (folder / f"{report['id']}.png").exists():  # evacuate draws each as its migration ends
+                plot(report, folder / f"{report['id']}.png")
             files.append(str(folder / f"{report['id']}.png"))
         except ImportError:
             pass  # matplotlib missing: the JSON report still stands

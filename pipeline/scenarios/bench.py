@@ -189,7 +189,7 @@ def _workload(
 
 def _start(state: Path, wl: Workload, name: str, workdir: Path, timeout: float) -> None:
     scenario.start_counter(state, HOSTS[0], name, workdir, memory_mib=wl.memory_mib, dirty_mb_s=wl.dirty_mb_s)
-    _wait_touched(state, name, wl.memory_mib << 20, timeout)
+    wait_touched(state, name, wl.memory_mib << 20, timeout)
 
 
 def _state(state: Path, name: str) -> str:
@@ -451,7 +451,7 @@ def _pid(state: Path, name: str) -> int:
     return int(row["pid"])
 
 
-def _wait_touched(state: Path, name: str, size: int, timeout: float) -> None:
+def wait_touched(state: Path, name: str, size: int, timeout: float) -> None:
     """Until the workload holds its memory: RSS at least `size` and steady for a second (building the
     buffer briefly takes twice that)."""
     deadline = time.monotonic() + timeout

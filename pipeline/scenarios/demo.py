@@ -51,7 +51,7 @@ def counter_rootfs(workdir: Path) -> Path:
 
 def start_counter(
     state: Path, host: str, name: str, workdir: Path, memory_mib: int = 0, dirty_mb_s: float = 0.0,
-    user: tuple[int, int] = (0, 0),
+    user: tuple[int, int] = (0, 0), incompressible: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """The counter service on `host`. A machine (VM, cloud) cannot see this machine's files, so there it
     runs from its source inline, with the host's own Python; a namespace host gets a rootfs. Either way
@@ -59,6 +59,7 @@ def start_counter(
     serve = ["serve", str(PORT)]
     if memory_mib:
         serve += ["--memory-mib", str(memory_mib), "--dirty-mb-s", str(dirty_mb_s)]
+        serve += ["--incompressible"] if incompressible else []
     if Mesh.load(state).host(host).netns is None:
         source = Path(workload_counter.__file__).read_text()
         args = [PYTHON, "-c", source, *serve]

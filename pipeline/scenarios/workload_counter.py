@@ -8,7 +8,7 @@ beside it. The line `CHECK` (not counted as a request) is answered with one line
 {"pages": N, "bad": K, "first_bad": [...]}, from recomputing every page's crc32: after a migration it proves
 that every page arrived intact.
 
-  python3 workload_counter.py serve PORT [--memory-mib N] [--dirty-mb-s R]
+  python3 workload_counter.py serve PORT [--memory-mib N] [--dirty-mb-s R] [--incompressible]
   python3 workload_counter.py client HOST PORT --interval 0.05 --out RESULT.json [--stop-file F] [--duration S]
   python3 workload_counter.py check HOST PORT    (prints the CHECK answer; exit 1 if any page is bad)
 """
@@ -28,19 +28,25 @@ PAGE = 4096
 
 
 class HeldMemory:
-    """Realistic memory (random-ish pages, compressible ~3x, like a heap), some of it rewritten each tick,
-    with a crc32 per page. Buffer and table both live in this process, so both migrate with it."""
+    """Realistic memory (random-ish pages, compressible ~3x, like a heap), or with `incompressible` random
+    bytes throughout (media, encrypted or already compressed data: what the link's speed alone bounds),
+    some of it rewritten each tick, with a crc32 per page. Buffer and table both live in this process, so
+    both migrate with it."""
 
-    def __init__(self, mib: int) -> None:
+    def __init__(self, mib: int, incompressible: bool = False) -> None:
         self.pages = mib * 256
+        self.incompressible = incompressible
         self.lock = threading.Lock()
         self.ready = threading.Event()  # CHECK waits for the memory to be built: the server listens at once
         self.buf = bytearray()
         self.crcs = array("I")
 
     def hold(self, dirty_mb_s: float) -> None:
-        pool = [os.urandom(PAGE // 3) * 3 + b"\0" * (PAGE % 3) for _ in range(256)]
-        buf = bytearray(b"".join(pool[random.randrange(256)] for _ in range(self.pages)))
+        if self.incompressible:  # no page repeats another, so no window of any compressor finds a match
+            buf = bytearray(os.urandom(self.pages * PAGE))
+        else:
+            pool = [os.urandom(PAGE // 3) * 3 + b"\0" * (PAGE % 3) for _ in range(256)]
+            buf = bytearray(b"".join(pool[random.randrange(256)] for _ in range(self.pages)))
         view = memoryview(buf)
         with self.lock:
             self.buf = buf
@@ -65,8 +71,8 @@ class HeldMemory:
         return {"pages": self.pages, "bad": len(bad), "first_bad": bad[:5]}
 
 
-def serve(port: int, memory_mib: int, dirty_mb_s: float) -> None:
-    memory = HeldMemory(memory_mib) if memory_mib else None
+def serve(port: int, memory_mib: int, dirty_mb_s: float, incompressible: bool = False) -> None:
+    memory = HeldMemory(memory_mib, incompressible) if memory_mib else None
     if memory:
         threading.Thread(target=memory.hold, args=(dirty_mb_s,), daemon=True).start()
     srv = socket.socket()
@@ -163,6 +169,7 @@ def main() -> int:
     s.add_argument("port", type=int)
     s.add_argument("--memory-mib", type=int, default=0)
     s.add_argument("--dirty-mb-s", type=float, default=0.0)
+    s.add_argument("--incompressible", action="store_true")
     c = sub.add_parser("client")
     c.add_argument("host")
     c.add_argument("port", type=int)
@@ -176,7 +183,7 @@ def main() -> int:
     k.add_argument("port", type=int)
     args = parser.parse_args()
     if args.cmd == "serve":
-        serve(args.port, args.memory_mib, args.dirty_mb_s)
+        serve(args.port, args.memory_mib, args.dirty_mb_s, args.incompressible)
     elif args.cmd == "check":
         return check(args.host, args.port)
     else:

@@ -37,13 +37,14 @@ def test_cpu_counts_as_much_as_memory() -> None:
     ("budget", "samples", "parallel", "cap"),
     [
         (None, [], 4, 4),  # no known uplink: the operator's --parallel
-        (10**9, [], 4, 1),  # known uplink, nothing measured yet: one first, to measure
-        (10**9, [4e8, 3e8, 5e8], 4, 2),  # 1 Gbit/s at ~400 Mbit/s each: two at once
-        (10**9, [9.5e8], 4, 1),  # one migration fills the link
+        (10**9, [], 4, 4),  # known uplink, nothing measured yet: no migration waits to measure
+        (10**9, [4e8, 3e8, 5e8], 4, 2),  # 1 Gbit/s at ~400 Mbit/s each: two streams at once
+        (10**9, [9.5e8], 4, 2),  # one fills the link: still two, so its start and tail leave none idle
+        (10**9, [9.5e8], 1, 1),  # ... but never more than asked
         (10**9, [5e7], 3, 3),  # small migrations: never more than asked
     ],
 )
-def test_parallelism_stays_within_the_measured_bandwidth(
+def test_streams_stay_within_the_measured_bandwidth(
     budget: int | None, samples: list[float], parallel: int, cap: int
 ) -> None:
     assert evacuate.Throughput(budget, parallel, samples).cap() == cap
@@ -55,3 +56,20 @@ def test_throughput_learns_from_finished_migrations() -> None:
     assert pace.as_dict()["per_migration_bps"] == pytest.approx(5e8) and pace.cap() == 2
     pace.add({"migration": {"state": "rolled-back", "bytes_wire": 1, "stages_s": {"transfer": 1.0}}})
     assert len(pace.samples) == 1, "only finished migrations measure the link"
+
+
+@pytest.mark.parametrize(
+    ("stages", "bulk_left"),
+    [
+        ([], True),  # started, no stage reported yet
+        (["check", "prepare", "precopy"], True),
+        (["check", "prepare", "precopy", "checkpoint"], False),  # pre-copy: the freeze moves only what changed
+        (["check", "prepare", "precopy", "checkpoint", "transfer", "cutover", "restore"], False),
+        (["check", "prepare", "checkpoint", "transfer"], True),  # stop-copy: everything goes in the transfer
+        (["check", "prepare", "checkpoint", "transfer", "cutover"], False),
+        (["check", "prepare", "checkpoint", "transfer", "cutover", "restore", "lazy"], True),  # post-copy's pages
+        (["finishing interrupted migration m1"], False),
+    ],
+)
+def test_a_migration_holds_a_stream_until_its_bulk_has_gone(stages: list[str], bulk_left: bool) -> None:
+    assert evacuate.streaming(stages) is bulk_left

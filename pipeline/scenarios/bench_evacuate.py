@@ -1,0 +1,194 @@
+"""`skyferry bench --evacuate`: N containers evacuated at once, against the link's own bound.
+
+One mesh of three local hosts. For each count N (1, 4, 8), N counter services holding incompressible
+memory start on local-1, each with a client on local-3, and `skyferry evacuate --json` (in a child
+process, as a user runs it) empties local-1 onto local-2 with `--parallel` (at most N). iperf3 measures local-1 ->
+local-2 over the overlay just before each evacuation; N times the memory at that rate is the bound no evacuation
+can beat. Then, on the same mesh, the Podman baseline (bench_podman) moves one such container the way a
+user would without skyferry. The mesh is always torn down.
+"""
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from skyferry.netplane.mesh import Mesh
+from skyferry.pipeline.controller import containers
+from skyferry.pipeline.controller.journal import Journal
+from skyferry.pipeline.controller.registry import Registry
+from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.scenarios import bench, bench_podman, evacreport
+from skyferry.pipeline.scenarios import demo as scenario
+from skyferry.pipeline.scenarios.benchreport import WAN, machine
+
+SOURCE, TARGET, CLIENTS = "local-1", "local-2", "local-3"
+
+
+@dataclass
+class Config:
+    counts: tuple[int, ...] = (1, 4, 8)
+    memory_mib: int = 64
+    parallel: int = 4  # each evacuation runs min(parallel, N) at once
+    dirty_mb_s: float = 0.0
+    wan: str | None = WAN
+    iperf_s: float = 4.0
+    settle_s: float = 2.0
+    after_requests: int = 10  # each client must get this many answers after the evacuation
+    podman: bool = True
+    ready_timeout_s: float = 180.0
+    evacuate_timeout_s: float = 900.0
+    mesh_name: str | None = None  # default: "be" + 4 hex digits
+
+
+def _say_nothing(_: str) -> None:
+    pass
+
+
+def run(cfg: Config, progress: bench.Progress = _say_nothing) -> dict[str, Any]:
+    """Every count's evacuation, then the Podman baseline; the result `evacreport` tabulates and writes."""
+    result: dict[str, Any] = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine(),
+        "config": asdict(cfg),
+        "runs": [],
+        "podman": None,
+        "errors": [],
+    }
+    t0 = time.monotonic()
+    try:
+        with own_mesh(cfg.wan, cfg.mesh_name or "be" + secrets.token_hex(2), progress) as (state, mesh):
+            result["mesh"] = mesh.name
+            workdir = state / "work"
+            for n in cfg.counts:
+                try:
+                    result["runs"].append(_evacuation(state, mesh, workdir, cfg, n, progress))
+                except Exception as exc:  # this count could not run at all; the next one may
+                    result["errors"].append(f"{n} containers: {type(exc).__name__}: {exc}")
+            if cfg.podman:
+                progress(f"podman baseline: one {cfg.memory_mib} MiB container, checkpoint --export / restore --import")
+                result["podman"] = bench_podman.run(
+                    state, mesh, workdir, bench_podman.Config(cfg.memory_mib, cfg.dirty_mb_s, cfg.settle_s,
+                                                              cfg.after_requests, cfg.ready_timeout_s),
+                )  # fmt: skip
+    except Exception as exc:  # the mesh could not come up
+        result["errors"].append(f"{type(exc).__name__}: {exc}")
+    result["seconds"] = round(time.monotonic() - t0, 1)
+    evacreport.add_ratios(result)
+    return result
+
+
+@contextlib.contextmanager
+def own_mesh(wan: str | None, name: str, progress: bench.Progress) -> Iterator[tuple[Path, Mesh]]:
+    """Three local hosts with agents in a state folder of their own (so no other mesh is touched), with
+    SKYFERRY_STATE pointing at it meanwhile; always torn down."""
+    old_env = os.environ.get("SKYFERRY_STATE")
+    state = Path(tempfile.mkdtemp(prefix="skyferry-bench-"))
+    state.chmod(0o700)
+    os.environ["SKYFERRY_STATE"] = str(state)
+    (state / "work").mkdir()
+    try:
+        progress(f"bringing up 3 local hosts, WAN {wan or 'none'}")
+        yield state, scenario.mesh_up(state, 3, wan, name=name)
+    finally:
+        progress("tearing down the mesh")
+        try:
+            scenario.mesh_down(state)
+        finally:
+            shutil.rmtree(state, ignore_errors=True)
+            if old_env is None:
+                os.environ.pop("SKYFERRY_STATE", None)
+            else:
+                os.environ["SKYFERRY_STATE"] = old_env
+
+
+def _evacuation(
+    state: Path, mesh: Mesh, workdir: Path, cfg: Config, n: int, progress: bench.Progress
+) -> dict[str, Any]:
+    names = [f"ev{n}-{i}" for i in range(n)]
+    parallel = min(cfg.parallel, n)
+    run: dict[str, Any] = {"count": n, "memory_mib": cfg.memory_mib, "parallel": parallel, "ok": False, "error": None}
+    clients: dict[str, scenario.CounterClient] = {}
+    try:
+        progress(f"{n} containers: starting them on {SOURCE} ({cfg.memory_mib} MiB of incompressible memory each)")
+        for name in names:
+            scenario.start_counter(state, SOURCE, name, workdir, memory_mib=cfg.memory_mib,
+                                   dirty_mb_s=cfg.dirty_mb_s, incompressible=True)  # fmt: skip
+        for name in names:
+            bench.wait_touched(state, name, cfg.memory_mib << 20, cfg.ready_timeout_s)
+        progress(f"{n} containers: iperf3 {SOURCE} -> {TARGET} over the overlay")
+        run["iperf3"] = bench.iperf3(mesh, SOURCE, TARGET, cfg.iperf_s)
+        for name in names:
+            ip = Registry(state).get(name).ip
+            clients[name] = scenario.CounterClient(mesh.hosts[CLIENTS].netns or "", ip, workdir).start()
+        time.sleep(cfg.settle_s)
+        progress(f"{n} containers: skyferry evacuate --host {SOURCE} --to {TARGET} --parallel {parallel}")
+        started = time.time()
+        summary = _evacuate(parallel, timeout=cfg.evacuate_timeout_s)
+        run["seconds"] = round(time.time() - started, 2)
+        run["bandwidth"] = summary.get("bandwidth")
+        run["containers"] = [_container(state, r) for r in summary["results"]]
+        intervals = [(c["started"], c["finished"]) for c in run["containers"] if c.get("finished")]
+        run["fairness"] = evacreport.fairness(intervals, started)
+        run["wire_bytes"] = sum(c.get("bytes_wire") or 0 for c in run["containers"])
+        for client in clients.values():
+            client.wait_for(client.progress() + cfg.after_requests, timeout=60)  # every connection carries on
+        run["ok"] = summary["ok"]
+        # Again after it: on a shared machine the link's speed moves with the load, and the bound is the
+        # faster of the two, so that a quieter minute never flatters the ratio.
+        progress(f"{n} containers: iperf3 {SOURCE} -> {TARGET} again")
+        run["iperf3_after"] = bench.iperf3(mesh, SOURCE, TARGET, cfg.iperf_s)
+    except Exception as exc:
+        run["error"] = str(exc) or type(exc).__name__
+    finally:
+        seen = {name: client.stop() for name, client in clients.items()}
+        for name in names:
+            with contextlib.suppress(Exception):  # the mesh teardown removes it in any case
+                containers.remove(state, name)
+    for c in run.get("containers", []):
+        client_seen = seen.get(c["container"]) or {}
+        c["client_gap_ms"] = client_seen.get("max_gap_ms")
+        c["connection_survived"] = bool(client_seen.get("survived"))
+        if not c["connection_survived"]:
+            run["ok"] = False
+            run["error"] = run["error"] or f"{c['container']}: the client's connection did not survive"
+    progress(f"{n} containers: {run.get('seconds', '-')} s" + (f", {run['error']}" if run["error"] else ""))
+    return run
+
+
+def _evacuate(parallel: int, timeout: float) -> dict[str, Any]:
+    """`skyferry evacuate` as a user runs it; its JSON summary (exit 1 only says some container stayed)."""
+    argv = [sys.executable, "-m", "skyferry.pipeline.cli", "evacuate", "--host", SOURCE, "--to", TARGET,
+            "--parallel", str(parallel), "--json"]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    try:
+        return json.loads(proc.stdout)
+    except ValueError:
+        lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
+        raise SkyferryError(f"skyferry evacuate gave no summary: {lines[-1]}") from None
+
+
+def _container(state: Path, result: dict[str, Any]) -> dict[str, Any]:
+    """One container's move: its numbers from the report, and when (wall clock) its migration started and
+    finished, from the journal."""
+    out: dict[str, Any] = {"container": result["container"], "state": result["state"], "error": result.get("error")}
+    report = result.get("migration") or {}
+    keys = ("mode", "freeze_ms", "total_ms", "bytes_wire", "bytes_at_freeze", "stages_s", "precopy_stop")
+    out.update({k: report.get(k) for k in keys})
+    out["rounds"] = [
+        {k: r.get(k) for k in ("duration", "pages_changed", "bytes_out")} for r in report.get("rounds") or []
+    ]
+    if mig_id := result.get("migration_id"):
+        mig = Journal(state).get(mig_id)
+        ends = [t["at"] for t in Journal(state).transitions(mig_id) if t["status"] == "done"]
+        out["started"], out["finished"] = mig.started, max(ends) if ends else None
+    return out
