@@ -345,7 +345,7 @@ def _drive(ctx: Context, journal: Journal, progress: Progress) -> dict[str, Any]
             ctx.mode = detail["handover"]
             stages = plan(ctx.mode)
     mig = journal.get(ctx.mig_id)
-    report = _report(journal, mig)
+    report = {**_report(journal, mig), "state": "done"}  # journalled with the state it is stored under
     journal.finish(ctx.mig_id, "done", report=report)
     if report["freeze_ms"] and report["prediction"]:  # the next prediction between this pair learns from it
         with contextlib.suppress(sqlite3.Error):  # the container has moved: a busy store must not say otherwise

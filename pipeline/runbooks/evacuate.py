@@ -211,8 +211,8 @@ class Throughput:
 
     @classmethod
     def for_host(cls, state: Path, host: str, budget: int | None, parallel: int) -> "Throughput":
-        """Seeded with the last migrations from `host` the journal knows (the report a migration journals
-        was made before its state became done: the journal's state says)."""
+        """Seeded with the last migrations from `host` the journal knows (the journal's state is the
+        authority: reports journalled before 2026-12-04 say "running")."""
         samples = [r for m in Journal(state).all() if m.source == host and (r := _bps(_finished(m)))]
         return cls(budget, parallel, samples)
 
