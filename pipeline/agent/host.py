@@ -216,7 +216,7 @@ class Host:
 
     def preflight(self, name: str) -> list[preflight.Finding]:
         pid = (self.state(name) or {}).get("pid")
-        return preflight.scan(pid, facts.dumps_other_users()) if pid else []
+        return preflight.scan(pid, facts.dumps_other_users()) + preflight.forking(pid) if pid else []
 
     def exec(self, name: str, argv: list[str], stdin: bytes, timeout: float) -> tuple[int, bytes, bytes]:
         """`skyferry exec`: only in a container that runs and is not frozen for a migration."""

@@ -405,6 +405,8 @@ def _stopped(ctx: Context, journal: Journal, stage: Stage, exc: Exception, cause
 
 def _mode_reason(mode: str, precopy: dict[str, Any], check: dict[str, Any]) -> str:
     if mode == "auto":
+        if check.get("ruled_out") and precopy.get("finish"):  # the preflight left the rounds one finish
+            return f"{precopy['finish']}, the one finish left: {check['ruled_out']}"
         return precopy.get("finish_reason") or "not chosen yet: the pre-copy rounds did not finish"
     return check.get("mode_reason") or f"--mode {mode}"  # or auto for an engine with one mode
 
