@@ -31,7 +31,6 @@ from skyferry.pipeline.hostapi.spec import IMPORTS, ContainerSpec
 from skyferry.pipeline.runtimes.protocol import Runtime, runtimes
 from skyferry.pipeline.runtimes.throttle import Throttles
 
-POSTCOPY_TIMEOUT = 900.0  # seconds for the target to fetch every page
 STARTUP_GRACE = 0.5  # seconds a new container must keep running for `run` to call it started
 
 

@@ -34,14 +34,14 @@ from skyferry.pipeline import proctree
 from skyferry.pipeline.agent import metrics, netlock
 from skyferry.pipeline.agent.freeze import Freeze
 from skyferry.pipeline.agent.holdback import Holdback
-from skyferry.pipeline.agent.host import POSTCOPY_TIMEOUT, Host
+from skyferry.pipeline.agent.host import Host
 from skyferry.pipeline.criu import version as criu_version
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.files import wire
 from skyferry.pipeline.files.fsync import FsStats, FsTracker
 from skyferry.pipeline.hostapi import faults
 from skyferry.pipeline.hostapi.client import AgentClient
-from skyferry.pipeline.hostapi.layout import FREEZE_TIMEOUT
+from skyferry.pipeline.hostapi.layout import FREEZE_TIMEOUT, POSTCOPY_TIMEOUT
 from skyferry.pipeline.memory import hybrid, pagetunnel
 from skyferry.pipeline.memory.policy import ConvergencePolicy
 from skyferry.pipeline.memory.precopy import SourceEngine

@@ -16,7 +16,7 @@ from skyferry.pipeline.controller.registry import Entry
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi import compat
 from skyferry.pipeline.hostapi.client import AgentClient, AgentUnreachable
-from skyferry.pipeline.hostapi.layout import AGENT_PORT, FREEZE_TIMEOUT
+from skyferry.pipeline.hostapi.layout import AGENT_PORT, FREEZE_TIMEOUT, POSTCOPY_TIMEOUT
 
 COMPLETION_TIMEOUT = 150.0  # seconds per GiB: KubeVirt's completionTimeoutPerGiB (800 before v1.1)
 ON_TIMEOUT = ("postcopy", "abort")
@@ -348,6 +348,9 @@ class LazyPhase:
 
     name = "lazy"
     wait_for_agent_s = 60.0  # a restarting target agent; the copy there is stopped either way
+    # The target answers by its own bound (POSTCOPY_TIMEOUT: then it stops its copy and says so); this
+    # wait outlasts it by the time that takes, so the target's verdict, not a read timeout here, decides.
+    wait_for_verdict_s = POSTCOPY_TIMEOUT + 120.0
 
     def run(self, ctx: Context) -> dict[str, Any]:
         verdict = self._ask(ctx)
@@ -366,7 +369,9 @@ class LazyPhase:
         path = f"/v1/migrations/{ctx.mig_id}/lazy"
         for attempt in range(1, tries + 1):
             try:
-                verdict: dict[str, Any] = ctx.dst.call("POST", path, {"name": ctx.entry.name}, self.wait_for_agent_s)
+                verdict: dict[str, Any] = ctx.dst.call(
+                    "POST", path, {"name": ctx.entry.name}, self.wait_for_agent_s, timeout=self.wait_for_verdict_s
+                )
                 return verdict
             except AgentUnreachable:
                 if attempt == tries:
