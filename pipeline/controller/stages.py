@@ -354,9 +354,13 @@ class LazyPhase:
 
     def run(self, ctx: Context) -> dict[str, Any]:
         verdict = self._ask(ctx)
-        if not verdict.get("lost"):
-            return verdict
         live = [c for c in ctx.dst.call("GET", "/v1/containers") if c["name"] == ctx.entry.name]
+        if not verdict.get("lost"):
+            if live and live[0]["state"] == "running":
+                return verdict
+            # Asked again after a controller died: the copy there is gone (the source's watchdog found it
+            # stopped and fenced it), so the frozen or thawed source is the one to keep, never confirm.
+            raise LazyPhaseLost(f"the copy on {ctx.target} is {live[0]['state'] if live else 'gone'}")
         if live and live[0]["state"] == "running":
             raise SkyferryError(
                 f"{ctx.entry.name} on {ctx.target} lost its page source ({verdict['lost']}) but still runs",
