@@ -68,18 +68,22 @@ def fork_rate(root_pid: int, window: float = FORK_WINDOW) -> float | None:
     """New pids per second in the pid namespace of `root_pid` (the container's init): forks, and threads,
     which take pids too. The namespace's `ns_last_pid` read twice, `window` s apart, by one process that
     `nsenter` starts inside that namespace (the sysctl answers for the reader's namespace, so a read from
-    here would count the whole host). None when it cannot be measured (no pid namespace of its own)."""
-    if os.readlink(f"/proc/{root_pid}/ns/pid") == os.readlink("/proc/self/ns/pid"):
-        return None
+    here would count the whole host). None when it cannot be measured (no pid namespace of its own, the
+    task gone, no nsenter). Costs the window and a Python start-up (~0.6 s in all) in the check stage."""
     probe = (
         "import time\nf = '/proc/sys/kernel/ns_last_pid'\na = int(open(f).read())\nt = time.monotonic()\n"
         f"time.sleep({window!r})\nprint(a, int(open(f).read()), time.monotonic() - t)"
     )
-    done = subprocess.run(["nsenter", "--target", str(root_pid), "--pid", "--", sys.executable, "-c", probe],
-                          capture_output=True, text=True, timeout=30)  # fmt: skip
-    if done.returncode != 0:
+    try:
+        if os.readlink(f"/proc/{root_pid}/ns/pid") == os.readlink("/proc/self/ns/pid"):
+            return None
+        done = subprocess.run(["nsenter", "--target", str(root_pid), "--pid", "--", sys.executable, "-c", probe],
+                              capture_output=True, text=True, timeout=30)  # fmt: skip
+        first, last, took = done.stdout.split() if done.returncode == 0 else ("", "", "")
+    except (OSError, subprocess.TimeoutExpired, ValueError):  # it exited meanwhile; no nsenter here
         return None
-    first, last, took = done.stdout.split()
+    if not took:
+        return None
     pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
     return ((int(last) - int(first)) % pid_max) / float(took)  # pids wrap around at pid_max
 
