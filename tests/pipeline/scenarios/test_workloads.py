@@ -174,7 +174,7 @@ def test_echo_servers_keep_their_connections(
 def test_shell_pipeline_with_fifos_and_flocks(mesh: tuple[Path, Mesh], image: Callable[[str], Path]) -> None:
     """Producers write into a named FIFO in the rootfs, a consumer and a ticker append to one log under
     flock, a holder keeps another flock: no line lost, torn or repeated, the holder's lock still held.
-    It forks ~50 times a second, which rules out hybrid (its lazy phase may never end; docs/compatibility.md):
+    It forks ~80 times a second, which rules out hybrid (its lazy phase may never end; docs/compatibility.md):
     refused at check, nothing frozen; it goes back by auto instead, which finishes by pre-copy."""
     state, _ = mesh
     image("pipeline")
