@@ -26,8 +26,9 @@ from skyferry.pipeline.errors import SkyferryError
 log = logging.getLogger("skyferry.agent.freeze")
 TICK = 0.5  # seconds between the watchdog's looks at the records
 # Only after a `checkpoint` may the target hold a copy: that freeze ends with a fence, and the migration
-# is refused from then on. The others only pause the container for a dump of their own.
-Phase = Literal["checkpoint", "pre-dump", "clone-checkpoint"]
+# is refused from then on. The others only pause the container for a dump of their own. "serving": a lazy
+# checkpoint's copy went live on the target while this one still serves its pages (`source.expire`).
+Phase = Literal["checkpoint", "pre-dump", "clone-checkpoint", "serving"]
 
 
 class Freeze(BaseModel):
@@ -39,6 +40,7 @@ class Freeze(BaseModel):
     bound: float
     target: str | None = None  # the target's agent, "address:port", fenced before a thaw
     expired: str | None = None  # why the watchdog thawed the container, once it has
+    lazy: bool = False  # a lazy checkpoint: the frozen container serves the target's missing pages
 
 
 class Freezes:
@@ -49,17 +51,25 @@ class Freezes:
         # Migration -> the process groups killed: their steps stop at once (uploads check it per chunk).
         self.expiring: dict[str, list[int]] = {}
 
-    def arm(self, mig: str, name: str, phase: Phase, bound: float, target: str | None = None) -> Freeze:
+    def arm(
+        self, mig: str, name: str, phase: Phase, bound: float, target: str | None = None, lazy: bool = False
+    ) -> Freeze:
         """Start the clock for `mig` (before the freeze starts). A repeated checkpoint keeps the first
         record: the bound counts from the pause on."""
         self.check(mig)
         current = self.get(mig)
-        if current is not None and current.phase == phase:
+        if current is not None and current.phase in (phase, "serving"):
             return current
         now = time.time()
-        record = Freeze(mig=mig, name=name, phase=phase, since=now, deadline=now + bound, bound=bound, target=target)
+        record = Freeze(mig=mig, name=name, phase=phase, since=now, deadline=now + bound, bound=bound, target=target,
+                        lazy=lazy)  # fmt: skip
         self._write(record)
         return record
+
+    def serve(self, record: Freeze, bound: float) -> None:
+        """The target's copy is live and may still fetch pages from this frozen one: watch it `bound` s more."""
+        self._write(record.model_copy(update={"phase": "serving", "deadline": time.time() + bound, "bound": bound}))
+        self.expiring.pop(record.mig, None)
 
     def get(self, mig: str) -> Freeze | None:
         try:

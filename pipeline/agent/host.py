@@ -31,7 +31,6 @@ from skyferry.pipeline.hostapi.spec import IMPORTS, ContainerSpec
 from skyferry.pipeline.runtimes.protocol import Runtime, runtimes
 from skyferry.pipeline.runtimes.throttle import Throttles
 
-POSTCOPY_TIMEOUT = 900.0  # seconds for the target to fetch every page
 STARTUP_GRACE = 0.5  # seconds a new container must keep running for `run` to call it started
 
 
@@ -216,7 +215,7 @@ class Host:
 
     def preflight(self, name: str) -> list[preflight.Finding]:
         pid = (self.state(name) or {}).get("pid")
-        return preflight.scan(pid, facts.dumps_other_users()) if pid else []
+        return preflight.scan(pid, facts.dumps_other_users()) + preflight.forking(pid) if pid else []
 
     def exec(self, name: str, argv: list[str], stdin: bytes, timeout: float) -> tuple[int, bytes, bytes]:
         """`skyferry exec`: only in a container that runs and is not frozen for a migration."""

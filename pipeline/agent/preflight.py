@@ -7,6 +7,8 @@ socket cannot reach outside it (the netns is its own and no host directory is sh
 """
 
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,8 @@ class Finding:
     comm: str
     what: str
     hint: str
+    # The modes this shape rules out; empty: every mode (the checkpoint itself would fail).
+    modes: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         return f"{self.comm} (pid {self.pid}) {self.what}"
@@ -29,6 +33,16 @@ TRACED_HINT = "CRIU seizes every task with ptrace and cannot seize one that is t
 # cgroup waits forever in ptrace_attach (checkpoint-restore/criu#1905): the freeze bound would end it.
 STOPPED_HINT = "CRIU cannot checkpoint a stopped task in a frozen container: continue it (kill -CONT PID) or end it"
 IO_URING_HINT = "CRIU 4.2 cannot dump io_uring (it cannot pass its fd): stop the program or run it without io_uring"
+# A lazily restored process that forks hands every child's address space to CRIU's lazy-pages daemon,
+# which fills each one: a tree forking all the time can keep the lazy phase from ever ending (a shell
+# pipeline at ~23 forks/s: 13 215 children in 582 s; docs/compatibility.md). Measured over FORK_WINDOW s.
+LAZY_MODES = ("hybrid", "postcopy")
+FORKS_PER_S = 10.0
+FORK_WINDOW = 0.5
+FORKS_HINT = (
+    "after a lazy restore every forked child's memory is filled by CRIU's lazy-pages daemon, so a tree that "
+    "forks all the time may never finish the lazy phase: use --mode precopy or stop-copy"
+)
 OTHER_USER_HINT = (
     "CRIU reads each task's rlimits with prlimit(2), which for another user's task needs CAP_SYS_RESOURCE, and "
     "root on this host lacks it (skyferry doctor): run the program as root in the container, or move it from "
@@ -48,6 +62,40 @@ def scan(root_pid: int, dumps_other_users: bool = True) -> list[Finding]:
         except (FileNotFoundError, ProcessLookupError):
             continue  # it exited meanwhile
     return found
+
+
+def fork_rate(root_pid: int, window: float = FORK_WINDOW) -> float | None:
+    """New pids per second in the pid namespace of `root_pid` (the container's init): forks, and threads,
+    which take pids too. The namespace's `ns_last_pid` read twice, `window` s apart, by one process that
+    `nsenter` starts inside that namespace (the sysctl answers for the reader's namespace, so a read from
+    here would count the whole host). None when it cannot be measured (no pid namespace of its own, the
+    task gone, no nsenter). Costs the window and a Python start-up (~0.6 s in all) in the check stage."""
+    probe = (
+        "import time\nf = '/proc/sys/kernel/ns_last_pid'\na = int(open(f).read())\nt = time.monotonic()\n"
+        f"time.sleep({window!r})\nprint(a, int(open(f).read()), time.monotonic() - t)"
+    )
+    try:
+        if os.readlink(f"/proc/{root_pid}/ns/pid") == os.readlink("/proc/self/ns/pid"):
+            return None
+        done = subprocess.run(["nsenter", "--target", str(root_pid), "--pid", "--", sys.executable, "-c", probe],
+                              capture_output=True, text=True, timeout=30)  # fmt: skip
+        first, last, took = done.stdout.split() if done.returncode == 0 else ("", "", "")
+    except (OSError, subprocess.TimeoutExpired, ValueError):  # it exited meanwhile; no nsenter here
+        return None
+    if not took:
+        return None
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    return ((int(last) - int(first)) % pid_max) / float(took)  # pids wrap around at pid_max
+
+
+def forking(root_pid: int, limit: float = FORKS_PER_S) -> list[Finding]:
+    """A finding that rules out the lazy modes when the tree forks faster than `limit` per second."""
+    rate = fork_rate(root_pid)
+    if rate is None or rate <= limit:
+        return []
+    comm = Path(f"/proc/{root_pid}/comm").read_text().strip()
+    what = f"forks {rate:.0f} times a second, counting its children (the lazy modes take up to {limit:g})"
+    return [Finding(root_pid, comm, what, FORKS_HINT, LAZY_MODES)]
 
 
 def _stopped(pid: int, comm: str) -> list[Finding]:

@@ -34,14 +34,14 @@ from skyferry.pipeline import proctree
 from skyferry.pipeline.agent import metrics, netlock
 from skyferry.pipeline.agent.freeze import Freeze
 from skyferry.pipeline.agent.holdback import Holdback
-from skyferry.pipeline.agent.host import POSTCOPY_TIMEOUT, Host
+from skyferry.pipeline.agent.host import Host
 from skyferry.pipeline.criu import version as criu_version
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.files import wire
 from skyferry.pipeline.files.fsync import FsStats, FsTracker
 from skyferry.pipeline.hostapi import faults
 from skyferry.pipeline.hostapi.client import AgentClient
-from skyferry.pipeline.hostapi.layout import FREEZE_TIMEOUT
+from skyferry.pipeline.hostapi.layout import FREEZE_TIMEOUT, POSTCOPY_TIMEOUT
 from skyferry.pipeline.memory import hybrid, pagetunnel
 from skyferry.pipeline.memory.policy import ConvergencePolicy
 from skyferry.pipeline.memory.precopy import SourceEngine
@@ -51,6 +51,7 @@ from skyferry.pipeline.runtimes.protocol import Runtime
 from skyferry.pipeline.runtimes.throttle import Throttle
 
 log = logging.getLogger("skyferry.agent.source")
+SERVING_MARGIN = 120.0  # seconds past the target's lazy bound: it stops its copy and answers meanwhile
 
 
 class Upload(Protocol):
@@ -222,7 +223,7 @@ class SourceSession:
         images = self.dir / "images"
         netns = self.host.netns(self.name)
         t0 = time.monotonic()
-        freeze = self.host.freezes.arm(self.mig, self.name, "checkpoint", freeze_timeout, target)
+        freeze = self.host.freezes.arm(self.mig, self.name, "checkpoint", freeze_timeout, target, lazy)
         try:
             t_frozen = self._freeze_and_dump(runtime, state, images, netns, lazy, peer, tls, check)
         except Exception as exc:
@@ -417,7 +418,11 @@ class SourceSession:
     def confirm(self) -> dict[str, Any]:
         """The target runs and is routed: end the frozen copy and everything it held here. After a
         post-copy restore (the controller has the target's word that every page arrived: its `lazy`
-        step), first wait until our page server has seen the target hang up."""
+        step), first wait until our page server has seen the target hang up. Refused once the watchdog has
+        thawed the container here (the target's copy was gone: `expire`): it is the only copy left."""
+        record = self.host.freezes.get(self.mig)
+        if record is not None and record.expired:
+            raise self.host.freezes.error(self.mig, record)
         waited = 0.0
         proc = self.lazy_dump
         if proc is not None:
@@ -490,6 +495,9 @@ def expire(host: Host, record: Freeze, peer: Peer) -> None:
         host.throttles.lift(record.mig)
         host.freezes.forget(record.mig)
         return
+    if record.phase == "serving":
+        _end_serving(host, record, peer)
+        return
     killed = host.freezes.expiring[record.mig] = host.rt(record.name).started(record.name)
     kill_groups(killed)  # after marking the migration expiring: the step that wakes up must see the bound
     log.warning("freeze of %s (migration %s) passed its %g s bound; killed %s", record.name, record.mig,
@@ -502,7 +510,10 @@ def expire(host: Host, record: Freeze, peer: Peer) -> None:
         if record.phase == "checkpoint" and not _fence(record, peer):
             log.warning("%s is live on the target of %s: the frozen copy here waits for confirm", record.name,
                         record.mig)  # fmt: skip
-            host.freezes.forget(record.mig)
+            if record.lazy:  # its missing pages come from here: watch on, past the target's own bound
+                host.freezes.serve(current, serving_bound(host))
+            else:
+                host.freezes.forget(record.mig)
             return
         session = SourceSession.of(host, record.mig, record.name)
         session._thaw()
@@ -513,6 +524,38 @@ def expire(host: Host, record: Freeze, peer: Peer) -> None:
         stuck = f"; killed process group {', '.join(map(str, killed))}" if killed else ""
         host.freezes.mark_expired(record, f"frozen since {time.ctime(record.since)}, thawed by the watchdog at "
                                           f"{time.ctime()} during {record.phase}{stuck}")  # fmt: skip
+
+
+def serving_bound(host: Host) -> float:
+    """How long a frozen copy serving pages waits for confirm before it asks the target again: past the
+    target's own bound on its lazy phase (POSTCOPY_TIMEOUT), by which it has stopped its copy or has every
+    page. The drill `short-serving-bound` (the source host's faults file) makes it 3 s, for the tests."""
+    return 3.0 if faults.listed(host.cfg.state_root, "short-serving-bound") else POSTCOPY_TIMEOUT + SERVING_MARGIN
+
+
+def _end_serving(host: Host, record: Freeze, peer: Peer) -> None:
+    """A frozen copy that served the target's pages and got no confirm by its deadline (the controller is
+    gone): the target's answer decides. Its copy gone or stopped (the fence's `abort` went through: it lost
+    its page source) -> thaw here, this is the only copy; still live -> stay frozen (it may still need our
+    pages, or has them all and confirm must end this stale copy) and ask again later; unreachable -> stay
+    frozen (its copy may be live: two live copies are worse), the watchdog asking again every tick."""
+    with host.lock(record.name):
+        current = host.freezes.get(record.mig)
+        if current is None or current.expired or current.phase != "serving" or time.time() < current.deadline:
+            return  # confirmed, rolled back or re-armed meanwhile
+        if not _fence(current, peer):
+            log.warning("%s is live on the target of %s, whose controller has not confirmed for %.0f s: the copy "
+                        "here stays frozen (skyferry migrations resume %s ends it); asking again in %g s",
+                        record.name, record.mig, time.time() - record.since, record.mig, current.bound)  # fmt: skip
+            host.freezes.serve(current, current.bound)
+            return
+        session = SourceSession.of(host, record.mig, record.name)
+        session._thaw()
+        session.close()
+        why = f"frozen since {time.ctime(record.since)}, serving pages; the target's copy was gone with no confirm"
+        host.freezes.mark_expired(current, f"{why}, thawed by the watchdog at {time.ctime()}")
+        log.warning("%s: the target's copy of migration %s was gone and nobody confirmed: thawed here",
+                    record.name, record.mig)  # fmt: skip
 
 
 def _fence(record: Freeze, peer: Peer) -> bool:

@@ -29,12 +29,13 @@ from typing import Any, BinaryIO
 from skyferry.netplane import attach
 from skyferry.pipeline.agent import metrics, netlock
 from skyferry.pipeline.agent.holdback import Holdback
-from skyferry.pipeline.agent.host import POSTCOPY_TIMEOUT, Host
+from skyferry.pipeline.agent.host import Host
 from skyferry.pipeline.criu.version import PRECOPY_CONTENT, PRECOPY_SOFT_DIRTY
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.files import wire
 from skyferry.pipeline.files.applier import FsApplier
 from skyferry.pipeline.hostapi import faults
+from skyferry.pipeline.hostapi.layout import POSTCOPY_TIMEOUT
 from skyferry.pipeline.hostapi.spec import ContainerSpec
 from skyferry.pipeline.memory import hybrid, lazypages
 from skyferry.pipeline.memory.lazypages import Pager

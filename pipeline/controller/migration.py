@@ -299,7 +299,6 @@ def _drive(ctx: Context, journal: Journal, progress: Progress) -> dict[str, Any]
             ctx.notes["failed_stage"] = stage.name
             journal.transition(ctx.mig_id, stage.name, "failed", {"error": str(exc)})
             _undo(ctx, journal, stages, progress, cause=f"{stage.name} failed: {exc}")
-            Registry(ctx.state).move(ctx.entry.name, ctx.source)
             raise SkyferryError(
                 f"migration {ctx.mig_id}: post-copy lost its page source after the restore: {exc}. The copy on "
                 f"{ctx.target} was stopped before it could run on missing pages; rolled back: "
@@ -391,6 +390,10 @@ def _undo(ctx: Context, journal: Journal, stages: list[Stage], progress: Progres
         journal.transition(ctx.mig_id, stage.name, "undone")
     if lost:
         cause = f"{cause or 'failed'}; {ctx.target} was unreachable, its {', '.join(lost)} left undone"
+    # Rolled back, the container runs on the source: also after a lost lazy phase, which came past the
+    # point of no return (where the registry moved to the target), and when `migrations rollback` finishes
+    # such a rollback that stopped half way.
+    Registry(ctx.state).move(ctx.entry.name, ctx.source)
     journal.finish(ctx.mig_id, "rolled-back", error=cause)
 
 
@@ -405,6 +408,8 @@ def _stopped(ctx: Context, journal: Journal, stage: Stage, exc: Exception, cause
 
 def _mode_reason(mode: str, precopy: dict[str, Any], check: dict[str, Any]) -> str:
     if mode == "auto":
+        if check.get("ruled_out") and precopy.get("finish"):  # the preflight left the rounds one finish
+            return f"{precopy['finish']}, the one finish left: {check['ruled_out']}"
         return precopy.get("finish_reason") or "not chosen yet: the pre-copy rounds did not finish"
     return check.get("mode_reason") or f"--mode {mode}"  # or auto for an engine with one mode
 

@@ -16,7 +16,7 @@ from skyferry.pipeline.controller.registry import Entry
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi import compat
 from skyferry.pipeline.hostapi.client import AgentClient, AgentUnreachable
-from skyferry.pipeline.hostapi.layout import AGENT_PORT, FREEZE_TIMEOUT
+from skyferry.pipeline.hostapi.layout import AGENT_PORT, FREEZE_TIMEOUT, POSTCOPY_TIMEOUT
 
 COMPLETION_TIMEOUT = 150.0  # seconds per GiB: KubeVirt's completionTimeoutPerGiB (800 before v1.1)
 ON_TIMEOUT = ("postcopy", "abort")
@@ -99,9 +99,10 @@ class Check:
                 hint="run the source's agent with root's full capabilities (docs/security.md, Containers)",
             )
         found = ctx.src.call("GET", f"/v1/containers/{ctx.entry.name}/preflight")
-        if found:
-            shapes = "; ".join(f"{f['comm']} (pid {f['pid']}) {f['what']}" for f in found)
-            raise SkyferryError(f"CRIU cannot checkpoint {ctx.entry.name!r}: {shapes}", hint=found[0]["hint"])
+        fatal = [f for f in found if not f.get("modes")]  # the others rule out some modes only (below)
+        if fatal:
+            shapes = "; ".join(map(_shape, fatal))
+            raise SkyferryError(f"CRIU cannot checkpoint {ctx.entry.name!r}: {shapes}", hint=fatal[0]["hint"])
         for facts in (src, dst):
             if not facts.get("criu"):
                 raise SkyferryError(f"{facts['host']} has no CRIU", hint="run scripts/bootstrap-host.sh there")
@@ -121,15 +122,17 @@ class Check:
             )
         engine = src.get("modes", {}).get(spec.runtime, [])
         can = [m for m in compat.ALL_MODES if m in engine and not compat.missing(src, dst, m)]
+        can, ruled_out = rule_out(ctx.entry.name, ctx.mode, can, found)
         ctx.notes["finishes"] = [f for f in FINISHES if f in can]
         cpu = self._cpu(ctx, src, dst)
         lazy = "hybrid" in can
         if ctx.on_timeout is None:  # hand the rounds over to post-copy only where the target can take it
             ctx.on_timeout = "postcopy" if lazy else "abort"
         elif ctx.on_timeout == "postcopy" and ctx.mode in ("precopy", "auto") and not lazy:
+            why = ruled_out or "; ".join(map(str, compat.missing(src, dst, "hybrid")))
             raise SkyferryError(
                 f"{ctx.source} -> {ctx.target} cannot hand pre-copy over to post-copy at the completion timeout: "
-                f"{'; '.join(map(str, compat.missing(src, dst, 'hybrid'))) or f'{spec.runtime} has no lazy restore'}",
+                f"{why or f'{spec.runtime} has no lazy restore'}",
                 hint="--on-timeout abort",
             )
         for t in ctx.dst.call("GET", "/v1/containers"):
@@ -147,6 +150,7 @@ class Check:
             "max_freeze_ms": ctx.max_freeze_ms,
             "modes": can,  # what this pair and engine can run; auto's rounds choose among FINISHES of them
             "finishes": ctx.notes["finishes"],
+            **({"ruled_out": ruled_out} if ruled_out else {}),  # modes the preflight ruled out, and why
             **({"mode_reason": ctx.notes["mode_reason"]} if ctx.notes.get("mode_reason") else {}),
         }
 
@@ -344,12 +348,19 @@ class LazyPhase:
 
     name = "lazy"
     wait_for_agent_s = 60.0  # a restarting target agent; the copy there is stopped either way
+    # The target answers by its own bound (POSTCOPY_TIMEOUT: then it stops its copy and says so); this
+    # wait outlasts it by the time that takes, so the target's verdict, not a read timeout here, decides.
+    wait_for_verdict_s = POSTCOPY_TIMEOUT + 120.0
 
     def run(self, ctx: Context) -> dict[str, Any]:
         verdict = self._ask(ctx)
-        if not verdict.get("lost"):
-            return verdict
         live = [c for c in ctx.dst.call("GET", "/v1/containers") if c["name"] == ctx.entry.name]
+        if not verdict.get("lost"):
+            if live and live[0]["state"] == "running":
+                return verdict
+            # Asked again after a controller died: the copy there is gone (the source's watchdog found it
+            # stopped and fenced it), so the frozen or thawed source is the one to keep, never confirm.
+            raise LazyPhaseLost(f"the copy on {ctx.target} is {live[0]['state'] if live else 'gone'}")
         if live and live[0]["state"] == "running":
             raise SkyferryError(
                 f"{ctx.entry.name} on {ctx.target} lost its page source ({verdict['lost']}) but still runs",
@@ -362,7 +373,9 @@ class LazyPhase:
         path = f"/v1/migrations/{ctx.mig_id}/lazy"
         for attempt in range(1, tries + 1):
             try:
-                verdict: dict[str, Any] = ctx.dst.call("POST", path, {"name": ctx.entry.name}, self.wait_for_agent_s)
+                verdict: dict[str, Any] = ctx.dst.call(
+                    "POST", path, {"name": ctx.entry.name}, self.wait_for_agent_s, timeout=self.wait_for_verdict_s
+                )
                 return verdict
             except AgentUnreachable:
                 if attempt == tries:
@@ -419,6 +432,23 @@ AUTO: list[Stage] = [Check(), Prepare(), PreCopy(finishes=None)]
 ESTIMATE_ROUNDS: list[Stage] = [Check(), Prepare(), PreCopy(finishes=None, rounds=2)]
 POINT_OF_NO_RETURN = "restore"
 FREEZE_FROM, FREEZE_TO = "checkpoint", "restore"
+
+
+def rule_out(name: str, mode: str, can: list[str], found: list[dict[str, Any]]) -> tuple[list[str], str | None]:
+    """The modes of `can` left after the preflight's findings that rule out some modes only (a tree that
+    forks all the time rules out the lazy ones: agent/preflight.py), and why any were taken out. A mode
+    asked for by name that is ruled out is refused here, before anything freezes."""
+    out = {m: f for f in found for m in f.get("modes") or ()}
+    if mode in out:
+        raise SkyferryError(f"{name!r} cannot move by {mode}: {_shape(out[mode])}", hint=out[mode]["hint"])
+    gone = [m for m in can if m in out]
+    if not gone:
+        return can, None
+    return [m for m in can if m not in out], f"{' and '.join(gone)} ruled out: {_shape(out[gone[0]])}"
+
+
+def _shape(finding: dict[str, Any]) -> str:
+    return f"{finding['comm']} (pid {finding['pid']}) {finding['what']}"
 
 
 def _version(v: str) -> tuple[int, ...]:

@@ -87,10 +87,13 @@ class AgentClient:
         self._conn: _Connection | None = None
         self._lock = threading.Lock()  # one request at a time on the shared connection
 
-    def call(self, method: str, path: str, body: Any = None, retry_for: float = 5.0) -> Any:
+    def call(
+        self, method: str, path: str, body: Any = None, retry_for: float = 5.0, timeout: float | None = None
+    ) -> Any:
+        """`timeout`: how long the answer may take, for a call that outlasts CALL_TIMEOUT by design."""
         data = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if data is not None else {}
-        return self._request(method, path, data, headers, retry_for)
+        return self._request(method, path, data, headers, retry_for, timeout=timeout)
 
     def upload(self, path: str, chunks: Iterable[bytes]) -> Any:
         """PUT a stream with chunked encoding (size unknown up front)."""
@@ -131,10 +134,12 @@ class AgentClient:
         headers: dict[str, str],
         retry_for: float,
         chunked: bool = False,
+        timeout: float | None = None,
     ) -> Any:
         with self._lock:
             conn = self._reusable(retry_for)
             send_error: OSError | None = None
+            conn.sock.settimeout(timeout or CALL_TIMEOUT)  # each call its own; the kept-alive socket goes on
             try:
                 try:
                     conn.request(method, path, body=body, headers=headers, encode_chunked=chunked)

@@ -45,3 +45,18 @@ def test_the_watchdog_ends_only_freezes_past_their_deadline(tmp_path: Path) -> N
     assert done.wait(60)
     time.sleep(1)  # two more ticks: an expired record is not ended again, a live one not early
     assert ended == ["due"]
+
+
+def test_a_lazy_checkpoint_whose_copy_went_live_is_watched_on_while_it_serves(tmp_path: Path) -> None:
+    """Past the freeze bound with the target's copy live, a lazy checkpoint's record turns "serving" with a
+    new deadline; it refuses no step meanwhile (the lazy phase and confirm go on), and a repeated
+    checkpoint keeps it."""
+    freezes = Freezes(tmp_path)
+    record = freezes.arm("m1", "web", "checkpoint", 3, "10.0.0.2:7420", lazy=True)
+    assert record.lazy and record.phase == "checkpoint"
+    freezes.serve(record, 1020)
+    serving = freezes.get("m1")
+    assert serving is not None and serving.phase == "serving" and serving.bound == 1020 and serving.lazy
+    assert serving.since == record.since and serving.deadline > time.time() + 1000
+    freezes.check("m1")
+    assert freezes.arm("m1", "web", "checkpoint", 3, "10.0.0.2:7420", lazy=True) == serving

@@ -1,11 +1,14 @@
 """The check stage's scan for process shapes CRIU cannot dump, on real process trees."""
 
+import os
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
+import pytest
 from skyferry.pipeline.agent import preflight
 
 # Each program forks a child, then does its thing in the child or to it, and sleeps.
@@ -79,3 +82,46 @@ def test_another_users_task_is_found_only_where_criu_cannot_read_it() -> None:
         found = preflight.scan(pid, dumps_other_users=False)
         assert preflight.scan(pid, dumps_other_users=True) == []  # the control: a host whose root can
     assert len(found) == 1 and found[0].what == "runs as uid 65534 gid 65534" and "CAP_SYS_RESOURCE" in found[0].hint
+
+
+# A tree in a pid namespace of its own, as a container's: one shell forking `sleep` 20 times a second or more,
+# and one that forks nothing (its init waits on one long sleep).
+FORKING = "while :; do sleep 0.05; done"
+QUIET = "sleep 60"
+
+
+@contextmanager
+def in_pid_namespace(script: str) -> Iterator[int]:
+    """`script` under sh as pid 1 of a new pid namespace; yields that sh's host pid."""
+    proc = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "--", "sh", "-c", script])
+    try:
+        for _ in range(100):
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            if children:
+                break
+            time.sleep(0.05)
+        assert children, "unshare started no child"
+        yield int(children[0])
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a pid namespace, nsenter)")
+def test_a_tree_that_forks_all_the_time_rules_out_the_lazy_modes_only() -> None:
+    with in_pid_namespace(QUIET) as pid:
+        quiet = preflight.fork_rate(pid)
+        assert quiet is not None and quiet < 1, quiet  # the control: nothing forks in there
+        assert preflight.forking(pid) == []
+    with in_pid_namespace(FORKING) as pid:
+        rate = preflight.fork_rate(pid)
+        found = preflight.forking(pid)
+    assert rate is not None and rate > preflight.FORKS_PER_S, rate
+    assert len(found) == 1 and found[0].pid == pid and found[0].modes == ("hybrid", "postcopy"), found
+    assert "forks" in found[0].what and "--mode precopy" in found[0].hint
+
+
+def test_a_tree_sharing_our_pid_namespace_is_not_measured() -> None:
+    """The sysctl would count the whole host's forks: no rate rather than a wrong one."""
+    with tree(PLAIN) as pid:
+        assert preflight.fork_rate(pid) is None and preflight.forking(pid) == []

@@ -450,6 +450,34 @@ def test_a_traced_task_is_refused_before_the_freeze(mesh: tuple[Path, Mesh]) -> 
         cli("rm", "untraced")
 
 
+def test_a_tree_that_forks_all_the_time_is_refused_hybrid_before_the_freeze_and_auto_moves_it_by_precopy(
+    mesh: tuple[Path, Mesh], tmp_path: Path
+) -> None:
+    """A lazily restored child's memory is filled by CRIU's daemon too, so a tree forking all the time may
+    never end the lazy phase (docs/compatibility.md). The check measures the fork rate while it runs:
+    --mode hybrid is refused, nothing frozen; auto moves it by pre-copy and its report says why."""
+    state, _ = mesh
+    image = busybox_image(tmp_path)
+    started = cli("run", "--host", "local-1", "--name", "forky", "--image", str(image), "--",
+                  "/bin/sh", "-c", "while :; do sleep 0.01; done")  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    try:
+        moved = cli("migrate", "forky", "--to", "local-2", "--mode", "hybrid", "--json")
+        error = json.loads(moved.stdout)
+        assert moved.returncode != 0 and "cannot move by hybrid" in error["error"], error
+        assert "forks" in error["error"] and "--mode precopy" in error["hint"], error
+        mig = Journal(state).all()[-1]
+        assert [t["stage"] for t in Journal(state).transitions(mig.id) if t["status"] == "failed"] == ["check"]
+        assert "checkpoint" not in Journal(state).stage_status(mig.id)
+        assert (where(state, "forky")["host"], where(state, "forky")["state"]) == ("local-1", "running")
+        report = migration.migrate(state, "forky", "local-2")
+        assert report["state"] == "done" and report["mode"] == "precopy", report
+        assert "hybrid and postcopy ruled out" in report["mode_reason"] and "forks" in report["mode_reason"], report
+        assert (where(state, "forky")["host"], where(state, "forky")["state"]) == ("local-2", "running")
+    finally:
+        cli("rm", "forky")
+
+
 def test_exec_runs_inside_the_container_wherever_it_runs(mesh: tuple[Path, Mesh], tmp_path: Path) -> None:
     """`skyferry exec` sees the container's rootfs, passes stdin (-i) and the exit code, follows the
     container to another host, and kills a command that outlives --timeout."""

@@ -267,3 +267,58 @@ def _runc_state(m: Mesh, host: str, name: str) -> str:
     root = Path(m.hosts[host].state_root) / "runc"
     proc = subprocess.run(["runc", "--root", str(root), "state", name], capture_output=True, text=True)
     return json.loads(proc.stdout)["status"] if proc.returncode == 0 else "gone"
+
+
+def _freeze_record(m: Mesh, host: str, mig: str) -> dict:
+    path = Path(m.hosts[host].state_root) / "freezes" / f"{mig}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _frozen(state: Path, m: Mesh, name: str) -> bool:
+    """The source's copy is frozen for the migration: its network locked and, while CRIU serves its pages,
+    its tasks held by CRIU's ptrace (runc calls it running: the freezer is not what holds it then)."""
+    src = _on(state, m, SRC)[name]
+    held = "tracing stop" in Path(f"/proc/{src['pid']}/status").read_text()
+    return bool(src["frozen_for_migration"]) and held
+
+
+def test_a_frozen_source_serving_pages_is_thawed_once_the_targets_copy_is_gone_and_nobody_confirms(
+    service: dict,
+) -> None:
+    """The controller dies right after the lazy restore (its crash drill), so nobody waits for the lazy
+    phase or confirms; the target's copy, still missing pages (held by the drill), runs on pages from the
+    frozen source. While it is live the source stays frozen past its freeze bound (the positive control:
+    its watchdog sees the copy live and keeps serving). Then the target's agent dies and its restart stops
+    that copy: the source's watchdog, at its serving deadline, finds it gone, fences it and thaws the
+    source. `migrations resume` then rolls back: the container runs once, on the source, memory intact,
+    and the registry names the source."""
+    state, m, name = service["state"], service["mesh"], service["name"]
+    (Path(m.hosts[DST].state_root) / "faults").write_text("hold-pages\n")
+    (Path(m.hosts[SRC].state_root) / "faults").write_text("short-serving-bound\n")  # 3 s, not 17 min
+    crashed = _cli("migrate", name, "--to", DST, "--mode", "postcopy", "--freeze-timeout", "3",
+                   env={"SKYFERRY_CRASH_AFTER": "restore"})  # fmt: skip
+    assert crashed.returncode == 137, crashed.stderr
+    mig = Journal(state).active_for(name)
+    assert mig is not None
+    _wait_for(
+        "the source to serve past its freeze bound", lambda: _freeze_record(m, SRC, mig.id).get("phase") == "serving"
+    )
+    time.sleep(4)  # past the first serving deadline: the copy there is live, so the source stays frozen
+    assert _freeze_record(m, SRC, mig.id)["expired"] is None
+    assert _frozen(state, m, name) and _runc_state(m, DST, name) == "running"
+    try:
+        _kill_agent(state, DST)
+    finally:
+        agentctl.start_agents(m, state)  # it stops the copy its predecessor restored lazily
+    _wait_for("the source's watchdog to thaw it", lambda: _freeze_record(m, SRC, mig.id).get("expired"), timeout=60)
+    assert "the target's copy was gone" in _freeze_record(m, SRC, mig.id)["expired"]
+    assert not _frozen(state, m, name) and _runc_state(m, SRC, name) == "running"
+    assert _runc_state(m, DST, name) != "running"
+    resumed = _cli("migrations", "resume", mig.id, "--json")
+    assert resumed.returncode != 0 and f"rolled back: {name} runs on {SRC}" in resumed.stdout + resumed.stderr, (
+        resumed.stdout + resumed.stderr
+    )
+    assert Journal(state).get(mig.id).state == "rolled-back"
+    assert _placed(state, name) == (SRC, "running")
+    assert name not in _on(state, m, DST)
+    _memory_ok(m, service["ip"])
