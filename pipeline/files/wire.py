@@ -8,8 +8,11 @@ File rounds (fsync.py) carry their tars the same way, through `ChunkSink` and `D
 """
 
 import io
+import os
+import re
 import shutil
 import stat
+import subprocess
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -175,7 +178,20 @@ def extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) ->
 
 
 def wipe(path: Path) -> None:
+    """Remove `path` and everything below it. A CRIU killed mid-run (a freeze or restore deadline) leaves
+    its cgroup yard mounted in its work dir: every mount below `path` is detached first, so the removal
+    never walks into a cgroup hierarchy (it would rmdir every empty cgroup of the host)."""
+    for point in mounts_below(path):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
     shutil.rmtree(path, ignore_errors=True)
+
+
+def mounts_below(path: Path) -> list[str]:
+    """Mount points at or below `path`, deepest first (mountinfo's field 5, octal-escaped)."""
+    root = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        points = [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), line.split()[4]) for line in f]
+    return sorted({p for p in points if p == root or p.startswith(root + "/")}, key=len, reverse=True)
 
 
 def _walk(root: Path) -> Iterator[Path]:

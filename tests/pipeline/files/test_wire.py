@@ -4,6 +4,7 @@ peer sends the same name twice (a symlink out, then a file) or a hard link throu
 import io
 import os
 import stat
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -110,3 +111,17 @@ def test_a_hard_link_into_another_directory_is_refused(tmp_path: Path) -> None:
     stream, _ = _stream([("rootfs/f", "file", "", b"x"), ("data/h", "hard", "rootfs/f")])
     with pytest.raises(SkyferryError, match="across directories"):
         wire.decode(io.BytesIO(stream), {"rootfs": tmp_path / "r", "data": tmp_path / "d"}, wire.StreamStats())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount")
+def test_wipe_detaches_what_a_killed_criu_left_mounted(tmp_path: Path) -> None:
+    """A killed CRIU's cgroup yard stays mounted in its work dir; wipe must not walk into it."""
+    work = tmp_path / "mig" / "work1"
+    yard = work / ".criu.cgyard.x"
+    yard.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "none", str(yard)], check=True)
+    (yard / "inside").write_text("a file of another file system")
+    assert wire.mounts_below(tmp_path / "mig") == [str(yard)]  # positive control: the mount is seen
+    wire.wipe(tmp_path / "mig")
+    assert not os.path.ismount(yard) and not (tmp_path / "mig").exists()
+    assert wire.mounts_below(tmp_path) == []
