@@ -5,6 +5,7 @@ test_migrate.py)."""
 from pathlib import Path
 
 import pytest
+from skyferry.pipeline import logfmt
 from skyferry.pipeline.controller import migration
 from skyferry.pipeline.controller.journal import Journal
 from skyferry.pipeline.controller.registry import Registry
@@ -68,6 +69,7 @@ def test_a_rollback_after_the_point_of_no_return_leaves_the_registry_on_the_sour
         journal.transition(mig.id, stage.name, "done" if stage.name != "lazy" else "failed")
     registry.move("web", "local-2")  # the runner, at the point of no return
     ctx = Context(mig.id, registry.get("web"), "local-1", "local-2", None, tmp_path, None, None, None)  # type: ignore[arg-type]
-    migration._undo(ctx, journal, stages, lambda _: None, cause="lazy failed: lost")  # type: ignore[arg-type]
+    with logfmt.bound(migration=mig.id):  # as rollback() runs it: its stage tags end with the block
+        migration._undo(ctx, journal, stages, lambda _: None, cause="lazy failed: lost")  # type: ignore[arg-type]
     assert journal.get(mig.id).state == "rolled-back"
     assert Registry(tmp_path).get("web").host == "local-1"
