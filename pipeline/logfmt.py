@@ -26,6 +26,7 @@ FIELDS = ("host", "migration", "container", "stage")
 _context: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
     "skyferry_log_context", default=MappingProxyType({})
 )
+_inside: contextvars.ContextVar[bool] = contextvars.ContextVar("skyferry_log_bound", default=False)
 active: str | None = None  # what `configure` set up in this process, if anything
 
 
@@ -33,15 +34,19 @@ active: str | None = None  # what `configure` set up in this process, if anythin
 def bound(**fields: str | None) -> Iterator[None]:
     """Every line logged in this block (in this thread or context) carries `fields` (None: left out)."""
     token = _context.set(MappingProxyType({**_context.get(), **{k: v for k, v in fields.items() if v is not None}}))
+    inside = _inside.set(True)
     try:
         yield
     finally:
+        _inside.reset(inside)
         _context.reset(token)
 
 
 def tag(**fields: str) -> None:
-    """Carry `fields` from here to the end of the enclosing `bound` block (the stage a loop is in)."""
-    _context.set(MappingProxyType({**_context.get(), **fields}))
+    """Carry `fields` from here to the end of the enclosing `bound` block (the stage a loop is in). Outside
+    any block it does nothing: nothing would end it, and every later line of the thread would carry it."""
+    if _inside.get():
+        _context.set(MappingProxyType({**_context.get(), **fields}))
 
 
 class JsonFormatter(logging.Formatter):

@@ -40,3 +40,13 @@ def test_a_thread_started_inside_a_step_does_not_inherit_its_context() -> None:
         t.join()
         assert json.loads(_line(formatter))["migration"] == "m1"
     assert "migration" not in seen[0]
+
+
+def test_a_tag_outside_any_block_is_dropped() -> None:
+    """Nothing would end it: it would label every later line of the thread."""
+    formatter = logfmt.JsonFormatter({})
+    logfmt.tag(stage="restore")
+    assert "stage" not in json.loads(_line(formatter))
+    with logfmt.bound(migration="m1"):  # positive control: inside a block the tag is carried
+        logfmt.tag(stage="restore")
+        assert json.loads(_line(formatter))["stage"] == "restore"
