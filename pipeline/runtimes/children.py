@@ -51,6 +51,31 @@ def kill_groups(pgids: list[int]) -> None:
             os.killpg(pgid, signal.SIGKILL)
 
 
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def kill_cgroup(rel: str) -> list[int]:
+    """SIGKILL every task in cgroup `rel` (relative to the hierarchy's root), thawing it first so the kill
+    lands (cgroup v1's freezer holds a SIGKILL pending). Returns the PIDs killed. What runc no longer knows
+    may still be there: the root task of a restore killed part-way (CRIU's, PID 1 of the new pid
+    namespace), or a lazily restored copy whose page source was lost."""
+    rel = rel.strip("/")
+    v1 = not (CGROUP / "cgroup.controllers").exists()
+    with contextlib.suppress(OSError):
+        if v1:
+            (CGROUP / "freezer" / rel / "freezer.state").write_text("THAWED")
+        else:
+            (CGROUP / rel / "cgroup.freeze").write_text("0")
+    try:
+        procs = (CGROUP / "pids" / rel if v1 else CGROUP / rel).joinpath("cgroup.procs").read_text().split()
+    except OSError:
+        return []
+    for pid in map(int, procs):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return [int(p) for p in procs]
+
+
 def _start_time(pid: int) -> str | None:
     """Field 22 of /proc/PID/stat (start time in clock ticks since boot); None once it is gone."""
     try:

@@ -22,7 +22,7 @@ from skyferry.pipeline.files.inroot import Root
 from skyferry.pipeline.hostapi import privdir
 from skyferry.pipeline.hostapi.spec import ContainerSpec
 from skyferry.pipeline.runtimes import engines, isolation
-from skyferry.pipeline.runtimes.children import Children
+from skyferry.pipeline.runtimes.children import Children, kill_cgroup
 from skyferry.pipeline.runtimes.images import unpack_image
 from skyferry.pipeline.runtimes.isolation import LOG_IN_CONTAINER
 
@@ -190,9 +190,11 @@ class Runc:
         return self.children.started(name)
 
     def delete(self, name: str) -> None:
-        """Kill (even when frozen) and forget the container; idempotent."""
+        """Kill (even when frozen) and forget the container, and anything left in its cgroup that runc no
+        longer knows (children.kill_cgroup); idempotent."""
         if self.state(name) is not None:
             self._runc("delete", "--force", name)
+        kill_cgroup(self.cgroup(name))
 
     def checkpoint(self, name: str, images: Path, work: Path, parent: str | None = None) -> None:
         """Dump a paused container and leave it paused: the source stays frozen, not killed,

@@ -12,7 +12,16 @@ from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller import agentctl, containers, migration
 from skyferry.pipeline.controller.journal import Journal
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.runtimes import children
 from skyferry.pipeline.scenarios import demo as scenario
+
+
+def left_in_cgroup(mesh: Mesh, host: str, name: str) -> list[str]:
+    """The tasks still in container `name`'s cgroup on `host` (the agent's runc prefix), runc knowing it or not."""
+    rel = f"skyferry/{mesh.name}/{host}/{name}"
+    v1 = not (children.CGROUP / "cgroup.controllers").exists()
+    procs = (children.CGROUP / "pids" / rel if v1 else children.CGROUP / rel) / "cgroup.procs"
+    return procs.read_text().split() if procs.exists() else []
 
 
 @contextmanager
@@ -60,3 +69,4 @@ def lose_source_during_lazy_phase(state: Path, mesh: Mesh, name: str, mode: str)
     placed = {c["name"]: c for c in containers.live(state)}[name]
     assert (placed["host"], placed["state"]) == ("local-1", "running")
     assert name not in [c["name"] for c in agentctl.client(state, mesh, "local-2").call("GET", "/v1/containers")]
+    assert not left_in_cgroup(mesh, "local-2", name), "the stopped copy's tasks still live on local-2"

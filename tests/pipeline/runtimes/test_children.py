@@ -1,11 +1,14 @@
 """What a freeze watchdog may kill: only the process groups we started and still wait on (real processes)."""
 
+import contextlib
+import os
 import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from skyferry.pipeline.runtimes.children import Children, kill_groups
+from skyferry.pipeline.runtimes.children import CGROUP, Children, kill_cgroup, kill_groups
 
 
 @pytest.fixture
@@ -37,3 +40,25 @@ def test_a_recycled_pid_is_never_taken_for_ours(tmp_path: Path, sleeper: subproc
     assert Children(tmp_path).started("web") == []
     assert not entry.exists()
     assert sleeper.poll() is None, "the stranger still runs"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for cgroups")
+def test_kill_cgroup_ends_a_frozen_task_runc_no_longer_knows(sleeper: subprocess.Popen[bytes]) -> None:
+    """What a killed restore leaves: a task in the container's frozen cgroup that no runc state names."""
+    rel = f"skyferry-test-{uuid.uuid4().hex[:8]}"
+    v1 = not (CGROUP / "cgroup.controllers").exists()
+    dirs = [CGROUP / "pids" / rel, CGROUP / "freezer" / rel] if v1 else [CGROUP / rel]
+    try:
+        for d in dirs:
+            d.mkdir()
+            (d / "cgroup.procs").write_text(str(sleeper.pid))
+        (dirs[1] / "freezer.state" if v1 else dirs[0] / "cgroup.freeze").write_text("FROZEN" if v1 else "1")
+        os.kill(sleeper.pid, 9)  # positive control: a frozen task holds a SIGKILL pending
+        with pytest.raises(subprocess.TimeoutExpired):
+            sleeper.wait(timeout=1)
+        assert kill_cgroup(rel) == [sleeper.pid]
+        assert sleeper.wait(timeout=10) == -9
+    finally:
+        for d in dirs:
+            with contextlib.suppress(OSError):
+                (d / "cgroup.procs").read_text() or d.rmdir()
