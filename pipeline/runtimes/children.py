@@ -11,6 +11,7 @@ the list of the one that died, and the start time keeps a recycled PID from bein
 import contextlib
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,25 +56,33 @@ CGROUP = Path("/sys/fs/cgroup")
 
 
 def kill_cgroup(rel: str) -> list[int]:
-    """SIGKILL every task in cgroup `rel` (relative to the hierarchy's root), thawing it first so the kill
-    lands (cgroup v1's freezer holds a SIGKILL pending). Returns the PIDs killed. What runc no longer knows
-    may still be there: the root task of a restore killed part-way (CRIU's, PID 1 of the new pid
-    namespace), or a lazily restored copy whose page source was lost."""
+    """SIGKILL every task in cgroup `rel` (relative to the hierarchy's root), then thaw it so the kills land
+    (a frozen task holds a SIGKILL pending, and dies before it runs again, so none can fork in between).
+    Returns the PIDs killed. What runc no longer knows may still be there: the root task of a restore
+    killed part-way (CRIU's, PID 1 of the new pid namespace), or a lazily restored copy whose page source
+    was lost."""
     rel = rel.strip("/")
     v1 = not (CGROUP / "cgroup.controllers").exists()
-    with contextlib.suppress(OSError):
-        if v1:
-            (CGROUP / "freezer" / rel / "freezer.state").write_text("THAWED")
-        else:
-            (CGROUP / rel / "cgroup.freeze").write_text("0")
-    try:
-        procs = (CGROUP / "pids" / rel if v1 else CGROUP / rel).joinpath("cgroup.procs").read_text().split()
-    except OSError:
-        return []
-    for pid in map(int, procs):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    return [int(p) for p in procs]
+    procs_file = (CGROUP / "pids" / rel if v1 else CGROUP / rel) / "cgroup.procs"
+    killed: list[int] = []
+    for _ in range(10):  # a cgroup that was not frozen may fork between the read and the kill
+        try:
+            procs = [int(p) for p in procs_file.read_text().split()]
+        except OSError:
+            procs = []
+        for pid in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        killed += [p for p in procs if p not in killed]
+        with contextlib.suppress(OSError):
+            if v1:
+                (CGROUP / "freezer" / rel / "freezer.state").write_text("THAWED")
+            else:
+                (CGROUP / rel / "cgroup.freeze").write_text("0")
+        if not procs:
+            break
+        time.sleep(0.05)
+    return killed
 
 
 def _start_time(pid: int) -> str | None:
