@@ -97,11 +97,15 @@ def _print_matrix(base: Path, request: pytest.FixtureRequest) -> None:
         reporter.write_line(f"(also in {base / 'fault-matrix.md'})")
 
 
+def _cell_text(stage: str, fault: str) -> str:
+    return MATRIX.get((stage, fault)) or NOT_APPLICABLE.get((fault, stage)) or "not run"
+
+
 def matrix_table() -> str:
     head = "| stage | " + " | ".join(FAULTS) + " |"
     rows = [head, "|" + " --- |" * (len(FAULTS) + 1)]
     for stage in STAGES:
-        rows.append(f"| {stage} | " + " | ".join(MATRIX.get((stage, f), "not run") for f in FAULTS) + " |")
+        rows.append(f"| {stage} | " + " | ".join(_cell_text(stage, f) for f in FAULTS) + " |")
     legend = "\n".join(f"- **{k}**: {v}" for k, v in FAULTS.items())
     return "\n".join(rows) + "\n\n" + legend + "\n"
 
@@ -418,15 +422,13 @@ def run_corrupt_cell(c: dict, stage: str, streams: dict[str, str]) -> str:
     return _describe(state, mig_id, recovery, settle(c, mig_id))
 
 
+# Cells with nothing to inject are not generated (a skip would hide a cell CI never runs); the table says so.
 NOT_APPLICABLE = {("corrupt", s): "n/a: the stage sends no stream" for s in STAGES if s not in STREAMS}
+CELLS = [(f, s) for f in FAULTS for s in STAGES if (f, s) not in NOT_APPLICABLE]
 
 
-@pytest.mark.parametrize("stage", STAGES)
-@pytest.mark.parametrize("fault", list(FAULTS))
+@pytest.mark.parametrize(("fault", "stage"), CELLS)
 def test_fault_matrix(cell: dict, fault: str, stage: str) -> None:
-    if (fault, stage) in NOT_APPLICABLE:
-        MATRIX[(stage, fault)] = NOT_APPLICABLE[(fault, stage)]
-        pytest.skip(f"{fault} at {stage}: {NOT_APPLICABLE[(fault, stage)]}")
     MATRIX[(stage, fault)] = "FAILED"  # overwritten when the cell's checks all pass
     MATRIX[(stage, fault)] = run_cell(cell, fault, stage)
 
