@@ -77,6 +77,9 @@ def bench(
     cfg = config(quick, wan, skip, evacuate, parallel)
     for wl in cfg.workloads:
         progress(f"{wl.label}: {', '.join(cfg.mode_order(wl))}")
+    if ev := cfg.evacuate:
+        counts = ", ".join(map(str, ev.counts)) or "none"
+        progress(f"evacuations of {counts} x {ev.memory_mib} MiB; Podman baseline: {'yes' if ev.podman else 'no'}")
     result = runner.run(cfg, progress)
     paths = benchreport.write(result, out)
     result["files"] = {k: str(v) for k, v in paths.items()}

@@ -91,8 +91,8 @@ def markdown(result: dict[str, Any]) -> str:
     """The Targets table, the runs, and the evacuations with the Podman baseline, as Markdown."""
     cfg = result["config"]
     parts = [
-        f'WAN `{cfg.get("wan") or "none"}`. Targets (issue 16): the default mode is `auto`; "auto chose" is the '
-        'finish its rounds chose; "when filed" is what the issue measured before the work on it.',
+        f"WAN `{cfg.get('wan') or 'none'}`. Targets (issue 16): the default mode is `{benchtargets.DEFAULT_MODE}`; "
+        '"auto chose" is the finish its rounds chose; "when filed" is what the issue measured before the work on it.',
         _table(benchtargets.COLUMNS, target_rows(result)),
     ]
     if result["runs"]:
@@ -135,14 +135,16 @@ def _evacuation_markdown(evac: dict[str, Any]) -> list[str]:
 
 
 def write(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
-    """bench.json, bench.md and bench.png into `out_dir`; returns their paths."""
+    """bench.json, bench.md and (with migrations to draw) bench.png into `out_dir`; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "bench.json", "md": out_dir / "bench.md", "png": out_dir / "bench.png"}
+    paths = {"json": out_dir / "bench.json", "md": out_dir / "bench.md"}
     tmp = paths["json"].with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
     tmp.replace(paths["json"])
     paths["md"].write_text(markdown(result))
-    plot(result, paths["png"])
+    if result["runs"]:
+        paths["png"] = out_dir / "bench.png"
+        plot(result, paths["png"])
     return paths
 
 
