@@ -111,7 +111,7 @@ def failed(result: dict[str, Any]) -> bool:
     evac = result.get("evacuate") or {}
     return bool(
         result["errors"]
-        or not (result["runs"] or evac.get("runs"))
+        or not (result["runs"] or evac.get("runs") or evac.get("podman"))  # nothing ran at all
         or not all(r["ok"] for r in [*result["runs"], *evac.get("runs", [])])
         or (evac.get("podman") is not None and not evac["podman"]["ok"])
     )

@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import Any
 
-from skyferry.pipeline.scenarios import benchreport, benchtargets, evacreport
+from skyferry.pipeline.scenarios import bench, benchreport, benchtargets, evacreport
 from skyferry.pipeline.scenarios.benchtargets import FULL, QUICK, Workload
 
 
@@ -130,3 +130,14 @@ def test_markdown_holds_the_targets_runs_and_evacuations(tmp_path: Path) -> None
     assert "| 8 x 64 MiB | 4 |" in md and "skyferry ÷ podman" in md
     assert md.index("| target |") < md.index("| workload |") < md.index("| containers |")
     assert benchreport.target_rows(result)[3][-1] == "no"
+
+
+def test_the_bench_fails_when_any_part_failed_or_nothing_ran() -> None:
+    result = _full()
+    assert not bench.failed(result)
+    assert bench.failed({**result, "errors": ["evacuate: 8 containers: boom"]})
+    assert bench.failed({**result, "runs": [*result["runs"], _run(TINY, "auto", 0, 0, ok=False)]})
+    assert bench.failed({**result, "evacuate": {**result["evacuate"], "podman": {"ok": False}}})
+    podman_alone = {"runs": [], "errors": [], "evacuate": {"runs": [], "podman": {"ok": True}}}
+    assert not bench.failed(podman_alone)
+    assert bench.failed({"runs": [], "errors": [], "evacuate": None}), "nothing ran"
