@@ -34,6 +34,7 @@ from skyferry.pipeline.controller.journal import Journal
 from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.controller.stages import FREEZE_FROM, FREEZE_TO
 from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.hostapi.layout import FREEZE_TIMEOUT
 from skyferry.pipeline.proctree import tree_rss
 from skyferry.pipeline.scenarios import bench_evacuate, benchhosts
 from skyferry.pipeline.scenarios import demo as scenario
@@ -61,6 +62,10 @@ class Config:
     ready_timeout_s: float = 180.0
     run_timeout_s: float = 180.0  # plus run_timeout_s_per_mib: a migration still going then is killed
     run_timeout_s_per_mib: float = 0.25
+    # The baseline's freeze bound (`migrate --freeze-timeout`): stop-copy moves all of memory inside its
+    # freeze, which on a loaded machine passes the default 30 s at 512 MiB incompressible, and a baseline
+    # rolled back leaves nothing to compare with. Every other mode keeps the default a user gets.
+    baseline_freeze_timeout_s: float = 120.0
     mesh_name: str | None = None  # default: "bn" + 4 hex digits
 
     def mode_order(self, wl: Workload) -> list[str]:
@@ -200,7 +205,8 @@ def _one_run(
         timeout = cfg.run_timeout_s + cfg.run_timeout_s_per_mib * wl.memory_mib
         overlay_before = overlay_bytes(mesh)
         try:
-            report = _call(["migrate", name, target, mode], timeout)
+            run["freeze_timeout_s"] = cfg.baseline_freeze_timeout_s if mode == BASELINE else FREEZE_TIMEOUT
+            report = _call(["migrate", name, target, mode, f"{run['freeze_timeout_s']:g}"], timeout)
         except _Hung:
             run["hung"] = True
             mig = Journal(state).active_for(name)
@@ -305,13 +311,13 @@ def _journalled(state: Path, mig_id: str) -> dict[str, Any]:
 
 
 def _child(argv: list[str]) -> int:
-    """`python -m skyferry.pipeline.scenarios.bench migrate NAME TARGET MODE | rollback ID | resume ID`: prints the
-    report (or {"error"}) as one JSON line."""
+    """`python -m skyferry.pipeline.scenarios.bench migrate NAME TARGET MODE FREEZE_TIMEOUT | rollback ID |
+    resume ID`: prints the report (or {"error"}) as one JSON line."""
     state = Path(os.environ["SKYFERRY_STATE"])
     try:
         match argv:
-            case ["migrate", name, target, mode]:
-                report = migration.migrate(state, name, target, mode)
+            case ["migrate", name, target, mode, freeze_timeout]:
+                report = migration.migrate(state, name, target, mode, freeze_timeout=float(freeze_timeout))
             case ["rollback", mig_id]:
                 report = migration.rollback(state, mig_id)
             case ["resume", mig_id]:

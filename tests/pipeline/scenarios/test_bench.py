@@ -62,6 +62,8 @@ def test_every_mode_runs_baseline_first_and_a_failed_run_does_not_stop_the_other
     assert (pre["source"], pre["target"]) == ("local-1", "local-2")
     assert (bad["source"], bad["target"]) == ("local-2", "local-1")
     assert bench.failed(result), "a failed run fails the bench"
+    # The baseline alone gets a longer freeze bound; every other mode has the default a user gets.
+    assert [r["freeze_timeout_s"] for r in (stop, pre, bad)] == [120.0, 30.0, 30.0]
 
 
 def test_the_tiny_service_runs_in_its_own_modes_and_auto_says_what_it_chose(result: dict) -> None:
@@ -187,6 +189,6 @@ def test_controller_calls_run_in_a_child_that_is_killed_when_it_hangs(state: Pat
     """Each migration runs in a child process: a hung one is killed (like a crashed controller) instead of
     stalling the bench, and a refused one comes back as the controller's own error."""
     with pytest.raises(SkyferryError, match=r"did not finish in 0 s; killed"):
-        bench._call(["migrate", "counter", "local-2", "precopy"], timeout=0.01)
+        bench._call(["migrate", "counter", "local-2", "precopy", "30"], timeout=0.01)
     with pytest.raises(SkyferryError, match=r"m-nonexistent"):
         bench._call(["resume", "m-nonexistent"], timeout=60)
