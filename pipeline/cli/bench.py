@@ -54,8 +54,8 @@ def bench(
     stopped, bytes on the wire ÷ RSS, and the memory stream's rate against iperf3's.
 
     A failed run is reported and the others go on; a migration still running after 180 s + 0.25 s per
-    MiB is killed and reported as failed. The hosts are always torn down. Takes about 15 minutes on 2
-    quiet cores (--quick: about 7), more under load. Exit status 1 if any run failed.
+    MiB is killed and reported as failed. The hosts are always torn down. Takes about 20 minutes on 2
+    quiet cores (--quick: about 5), twice that under load. Exit status 1 if any run failed.
 
     Examples:
 

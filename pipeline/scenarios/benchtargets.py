@@ -224,4 +224,5 @@ def _ms(value: float | None) -> str:
 
 
 def _failed(r: dict[str, Any]) -> str:
-    return f"failed: {r.get('error') or 'see the runs'}"
+    """The error's first clause (the runs table has all of it): "migration m-1 failed at transfer"."""
+    return f"failed: {(r.get('error') or 'see the runs').split(': ')[0][:80]}"
