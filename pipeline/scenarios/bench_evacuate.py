@@ -1,23 +1,18 @@
-"""`skyferry bench --evacuate`: N containers evacuated at once, against the link's own bound.
+"""The evacuation part of `skyferry bench`: N containers evacuated at once, against the link's own bound.
 
-One mesh of three local hosts. For each count N (1, 4, 8), N counter services holding incompressible
-memory start on local-1, each with a client on local-3, and `skyferry evacuate --json` (in a child
-process, as a user runs it) empties local-1 onto local-2 with `--parallel` (at most N). iperf3 measures local-1 ->
-local-2 over the overlay just before each evacuation; N times the memory at that rate is the bound no evacuation
-can beat. Then, on the same mesh, the Podman baseline (bench_podman) moves one such container the way a
-user would without skyferry. The mesh is always torn down.
+On the bench's mesh of three local hosts. For each count N (1, 4, 8), N counter services holding
+incompressible memory start on local-1, each with a client on local-3, and `skyferry evacuate --json` (in
+a child process, as a user runs it) empties local-1 onto local-2 with `--parallel` (at most N). iperf3
+measures local-1 -> local-2 over the overlay just before and just after each evacuation; N times the memory
+at the faster rate is the bound no evacuation can beat. Then the Podman baseline (bench_podman) moves one
+such container the way a user would without skyferry.
 """
 
 import contextlib
 import json
-import os
-import secrets
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,93 +22,50 @@ from skyferry.pipeline.controller import containers
 from skyferry.pipeline.controller.journal import Journal
 from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.scenarios import bench, bench_podman, evacreport
+from skyferry.pipeline.scenarios import bench_podman, evacreport
 from skyferry.pipeline.scenarios import demo as scenario
-from skyferry.pipeline.scenarios.benchreport import WAN, machine
+from skyferry.pipeline.scenarios.benchhosts import Progress, iperf3, say_nothing, wait_touched
+from skyferry.pipeline.scenarios.benchtargets import EVACUATE_COUNTS, EVACUATE_MIB
 
 SOURCE, TARGET, CLIENTS = "local-1", "local-2", "local-3"
 
 
 @dataclass
 class Config:
-    counts: tuple[int, ...] = (1, 4, 8)
-    memory_mib: int = 64
+    counts: tuple[int, ...] = EVACUATE_COUNTS
+    memory_mib: int = EVACUATE_MIB
     parallel: int = 4  # each evacuation runs min(parallel, N) at once
     dirty_mb_s: float = 0.0
-    wan: str | None = WAN
     iperf_s: float = 4.0
     settle_s: float = 2.0
     after_requests: int = 10  # each client must get this many answers after the evacuation
     podman: bool = True
     ready_timeout_s: float = 180.0
     evacuate_timeout_s: float = 900.0
-    mesh_name: str | None = None  # default: "be" + 4 hex digits
 
 
-def _say_nothing(_: str) -> None:
-    pass
-
-
-def run(cfg: Config, progress: bench.Progress = _say_nothing) -> dict[str, Any]:
-    """Every count's evacuation, then the Podman baseline; the result `evacreport` tabulates and writes."""
-    result: dict[str, Any] = {
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": machine(),
-        "config": asdict(cfg),
-        "runs": [],
-        "podman": None,
-        "errors": [],
-    }
+def measure(state: Path, mesh: Mesh, workdir: Path, cfg: Config, progress: Progress = say_nothing) -> dict[str, Any]:
+    """Every count's evacuation, then the Podman baseline, on the bench's `mesh`; the result `evacreport`
+    tabulates. Never raises: a count (or the baseline) that could not run is in `errors` (or `podman`)."""
+    result: dict[str, Any] = {"config": asdict(cfg), "runs": [], "podman": None, "errors": []}
     t0 = time.monotonic()
-    try:
-        with own_mesh(cfg.wan, cfg.mesh_name or "be" + secrets.token_hex(2), progress) as (state, mesh):
-            result["mesh"] = mesh.name
-            workdir = state / "work"
-            for n in cfg.counts:
-                try:
-                    result["runs"].append(_evacuation(state, mesh, workdir, cfg, n, progress))
-                except Exception as exc:  # this count could not run at all; the next one may
-                    result["errors"].append(f"{n} containers: {type(exc).__name__}: {exc}")
-            if cfg.podman:
-                progress(f"podman baseline: one {cfg.memory_mib} MiB container, checkpoint --export / restore --import")
-                result["podman"] = bench_podman.run(
-                    state, mesh, workdir, bench_podman.Config(cfg.memory_mib, cfg.dirty_mb_s, cfg.settle_s,
-                                                              cfg.after_requests, cfg.ready_timeout_s),
-                )  # fmt: skip
-    except Exception as exc:  # the mesh could not come up
-        result["errors"].append(f"{type(exc).__name__}: {exc}")
+    for n in cfg.counts:
+        try:
+            result["runs"].append(_evacuation(state, mesh, workdir, cfg, n, progress))
+        except Exception as exc:  # this count could not run at all; the next one may
+            result["errors"].append(f"{n} containers: {type(exc).__name__}: {exc}")
+    if cfg.podman:
+        progress(f"podman baseline: one {cfg.memory_mib} MiB container, checkpoint --export / restore --import")
+        result["podman"] = bench_podman.run(
+            state, mesh, workdir, bench_podman.Config(cfg.memory_mib, cfg.dirty_mb_s, cfg.settle_s,
+                                                      cfg.after_requests, cfg.ready_timeout_s),
+        )  # fmt: skip
     result["seconds"] = round(time.monotonic() - t0, 1)
     evacreport.add_ratios(result)
     return result
 
 
-@contextlib.contextmanager
-def own_mesh(wan: str | None, name: str, progress: bench.Progress) -> Iterator[tuple[Path, Mesh]]:
-    """Three local hosts with agents in a state folder of their own (so no other mesh is touched), with
-    SKYFERRY_STATE pointing at it meanwhile; always torn down."""
-    old_env = os.environ.get("SKYFERRY_STATE")
-    state = Path(tempfile.mkdtemp(prefix="skyferry-bench-"))
-    state.chmod(0o700)
-    os.environ["SKYFERRY_STATE"] = str(state)
-    (state / "work").mkdir()
-    try:
-        progress(f"bringing up 3 local hosts, WAN {wan or 'none'}")
-        yield state, scenario.mesh_up(state, 3, wan, name=name)
-    finally:
-        progress("tearing down the mesh")
-        try:
-            scenario.mesh_down(state)
-        finally:
-            shutil.rmtree(state, ignore_errors=True)
-            if old_env is None:
-                os.environ.pop("SKYFERRY_STATE", None)
-            else:
-                os.environ["SKYFERRY_STATE"] = old_env
-
-
-def _evacuation(
-    state: Path, mesh: Mesh, workdir: Path, cfg: Config, n: int, progress: bench.Progress
-) -> dict[str, Any]:
+def _evacuation(state: Path, mesh: Mesh, workdir: Path, cfg: Config, n: int, progress: Progress) -> dict[str, Any]:
     names = [f"ev{n}-{i}" for i in range(n)]
     parallel = min(cfg.parallel, n)
     run: dict[str, Any] = {"count": n, "memory_mib": cfg.memory_mib, "parallel": parallel, "ok": False, "error": None}
@@ -124,9 +76,9 @@ def _evacuation(
             scenario.start_counter(state, SOURCE, name, workdir, memory_mib=cfg.memory_mib,
                                    dirty_mb_s=cfg.dirty_mb_s, incompressible=True)  # fmt: skip
         for name in names:
-            bench.wait_touched(state, name, cfg.memory_mib << 20, cfg.ready_timeout_s)
+            wait_touched(state, name, cfg.memory_mib << 20, cfg.ready_timeout_s)
         progress(f"{n} containers: iperf3 {SOURCE} -> {TARGET} over the overlay")
-        run["iperf3"] = bench.iperf3(mesh, SOURCE, TARGET, cfg.iperf_s)
+        run["iperf3"] = iperf3(mesh, SOURCE, TARGET, cfg.iperf_s)
         for name in names:
             ip = Registry(state).get(name).ip
             clients[name] = scenario.CounterClient(mesh.hosts[CLIENTS].netns or "", ip, workdir).start()
@@ -146,7 +98,7 @@ def _evacuation(
         # Again after it: on a shared machine the link's speed moves with the load, and the bound is the
         # faster of the two, so that a quieter minute never flatters the ratio.
         progress(f"{n} containers: iperf3 {SOURCE} -> {TARGET} again")
-        run["iperf3_after"] = bench.iperf3(mesh, SOURCE, TARGET, cfg.iperf_s)
+        run["iperf3_after"] = iperf3(mesh, SOURCE, TARGET, cfg.iperf_s)
     except Exception as exc:
         run["error"] = str(exc) or type(exc).__name__
     finally:

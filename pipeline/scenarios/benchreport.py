@@ -1,19 +1,16 @@
-"""What `skyferry bench` prints and writes: the goals, the machine line, tables, Markdown, JSON and a plot."""
+"""What `skyferry bench` prints and writes: the machine line, tables, Markdown, JSON and a plot.
+
+The goals and the Targets table's figures come from benchtargets; the evacuation's tables from evacreport.
+"""
 
 import json
 import os
 import platform
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-BASELINE = "stop-copy"
-WAN = "rate=1gbit,rtt=30ms"
-FREEZE_GOAL_MS = {256: 300.0, 1024: 500.0}
-GAP_OVER_FREEZE_MS = 100.0
-STREAM_GOAL = 0.9
-BYTES_GOAL = 0.6
-# Below this, a transfer's rate says more about its start-up than about the stream.
+from skyferry.pipeline.scenarios import benchtargets, evacreport
+from skyferry.pipeline.scenarios.benchtargets import BYTES_GOAL, FREEZE_GOAL_MS, GAP_OVER_FREEZE_MS
 
 
 def machine() -> dict[str, Any]:
@@ -43,7 +40,7 @@ def machine_line(m: dict[str, Any]) -> str:
 
 # --- outputs ---------------------------------------------------------------------------------------------
 
-COLUMNS = ["workload", "mode", "freeze ms", "client gap ms", "total s", "overlay bytes", "÷ RSS",
+COLUMNS = ["workload", "mode", "auto chose", "freeze ms", "client gap ms", "total s", "overlay bytes", "÷ RSS",
            "rounds (stop)", "stream vs iperf3", "ok"]  # fmt: skip
 
 
@@ -57,7 +54,7 @@ def rows(result: dict[str, Any]) -> list[list[str]]:
         vs = f"{stream['mbit_s']:.0f} Mbit/s ({stream['vs_iperf3']:.0%})" if "vs_iperf3" in stream else "-"
         chosen = r.get("mode_chosen")  # auto: the finish its rounds chose
         out.append([
-            r["workload"], r["mode"] if chosen in (None, r["mode"]) else f"{r['mode']}: {chosen}",
+            r["workload"], r["mode"], chosen if chosen and chosen != r["mode"] else "-",
             _with_ratio(r.get("freeze_ms"), ratio.get("freeze_ms"), "{:.0f}"),
             _with_ratio(r.get("client_gap_ms"), ratio.get("client_gap_ms"), "{:.0f}"),
             _with_ratio(r["total_ms"] / 1000 if r.get("total_ms") else None, ratio.get("total_ms"), "{:.1f}"),
@@ -84,42 +81,77 @@ def iperf3_line(result: dict[str, Any]) -> str:
     return "; ".join(parts) or "not measured"
 
 
+def target_rows(result: dict[str, Any]) -> list[list[str]]:
+    """Issue 16's Targets table as text rows (benchtargets.COLUMNS), from the result's `targets`."""
+    met = {True: "yes", False: "no", None: "-"}
+    return [[t["target"], t["now"], t["measured"], t["chose"], t["goal"], met[t["met"]]] for t in result["targets"]]
+
+
 def markdown(result: dict[str, Any]) -> str:
-    """Both tables as Markdown, for the README."""
-
-    def table(header: list[str], body: list[list[str]]) -> str:
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in body]
-        return "\n".join(lines)
-
+    """The Targets table, the runs, and the evacuations with the Podman baseline, as Markdown."""
     cfg = result["config"]
-    return "\n\n".join([
-        f"WAN `{cfg.get('wan') or 'none'}`; each workload dirties {cfg['workloads'][0]['dirty_mb_s']:g} MB/s; "
-        f"(xN) is the ratio to the same workload's stop-copy run in this bench.",
-        table(COLUMNS, rows(result)),
-        table(["", "stop-copy", "best mode", "goal"], targets(result)),
-        f"iperf3 over the overlay (8 MiB window), measured before each workload's runs: {iperf3_line(result)}.",
-        f"Machine: {machine_line(result['machine'])}. Bench took {result['seconds']:.0f} s"
-        + (f"; errors: {'; '.join(result['errors'])}" if result["errors"] else "") + ".",
-    ]) + "\n"  # fmt: skip
+    parts = [
+        f"WAN `{cfg.get('wan') or 'none'}`. Targets (issue 16): the default mode is `{benchtargets.DEFAULT_MODE}`; "
+        '"auto chose" is the finish its rounds chose; "when filed" is what the issue measured before the work on it.',
+        _table(benchtargets.COLUMNS, target_rows(result)),
+    ]
+    if result["runs"]:
+        dirty = ", ".join(sorted({f"{r['dirty_mb_s']:g}" for r in result["runs"]}))
+        parts += [
+            f"Migrations: each workload dirties its memory at {dirty} MB/s; (xN) is the ratio to the same workload's "
+            "stop-copy run in this bench.",
+            _table(COLUMNS, rows(result)),
+            f"iperf3 over the overlay (8 MiB window), measured before each workload's runs: {iperf3_line(result)}.",
+        ]
+    if evac := result.get("evacuate"):
+        parts += _evacuation_markdown(evac)
+    parts.append(f"Machine: {machine_line(result['machine'])}. Bench took {result['seconds']:.0f} s"
+                 + (f"; errors: {'; '.join(result['errors'])}" if result["errors"] else "") + ".")  # fmt: skip
+    return "\n\n".join(parts) + "\n"
+
+
+def _table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def _evacuation_markdown(evac: dict[str, Any]) -> list[str]:
+    cfg = evac["config"]
+    parts = [
+        f"Evacuations: each container holds {cfg['memory_mib']} MiB of incompressible memory (dirtying "
+        f"{cfg['dirty_mb_s']:g} MB/s); `skyferry evacuate --parallel {cfg['parallel']}` (fewer for fewer containers), "
+        "default mode, as a user runs it. took: the command's seconds (when its first migration started, and the span "
+        "from then to the last one's end). ÷ bound: seconds taken ÷ the seconds iperf3's rate needs for all that "
+        "memory.",
+        _table(evacreport.COLUMNS, evacreport.rows(evac)),
+    ]
+    if evac.get("podman"):
+        parts.append(_table(evacreport.PODMAN_COLUMNS, evacreport.podman_rows(evac)))
+    parts.append("iperf3 local-1 -> local-2 over the overlay (8 MiB window), just before / just after each "
+                 "evacuation, by containers (the bound uses the faster): "
+                 f"{evacreport.iperf3_line(evac) or 'not measured'}.")  # fmt: skip
+    return parts
 
 
 def write(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
-    """bench.json, bench.md and bench.png into `out_dir`; returns their paths."""
+    """bench.json, bench.md and (with migrations to draw) bench.png into `out_dir`; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "bench.json", "md": out_dir / "bench.md", "png": out_dir / "bench.png"}
+    paths = {"json": out_dir / "bench.json", "md": out_dir / "bench.md"}
     tmp = paths["json"].with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
     tmp.replace(paths["json"])
     paths["md"].write_text(markdown(result))
-    plot(result, paths["png"])
+    if result["runs"]:
+        paths["png"] = out_dir / "bench.png"
+        plot(result, paths["png"])
     return paths
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
     """Grouped bars per workload, one bar per mode: freeze, client's largest gap (log scale), and bytes on
-    the wire ÷ RSS; dashed lines are the issue's goals (for the gap: each run's freeze + 100 ms). Failed runs
-    leave a gap."""
+    the wire ÷ RSS; dashed lines are the goals (for the gap: each run's freeze + GAP_OVER_FREEZE_MS).
+    A failed run leaves a gap marked "failed"; a mode a workload does not run in, an unmarked one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,7 +160,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     workloads = list(dict.fromkeys(r["workload"] for r in result["runs"]))
     modes = list(dict.fromkeys(r["mode"] for r in result["runs"]))
     by = {(r["workload"], r["mode"]): r for r in result["runs"] if r["ok"]}
-    mib = {r["workload"]: r["memory_mib"] for r in result["runs"]}
+    ran = {(r["workload"], r["mode"]) for r in result["runs"]}
+    first = {r["workload"]: r for r in reversed(result["runs"])}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     width = 0.8 / max(1, len(modes))
     panels = [("freeze_ms", "freeze (ms)", True), ("client_gap_ms", "client's largest gap (ms)", True),
@@ -141,16 +174,18 @@ def plot(result: dict[str, Any], path: Path) -> None:
             ax.bar_label(bars, labels=[(f"{y:.2f}" if key == "bytes_per_rss" else f"{y:.0f}") if y else ""
                                        for y in ys], fontsize=6)  # fmt: skip
             for x, w in zip(xs, workloads, strict=True):
-                if (w, mode) not in by:  # failed or not run: say so where the bar would stand
+                if (w, mode) in ran - by.keys():  # failed: say so where the bar would stand
                     ax.annotate("failed", (x, 0.02), xycoords=("data", "axes fraction"), ha="center", va="bottom",
                                 rotation=90, fontsize=7, color="tab:red")  # fmt: skip
-            if key == "client_gap_ms":  # each run's own goal: its freeze + 100 ms
+            if key == "client_gap_ms":  # each run's own goal: its freeze + GAP_OVER_FREEZE_MS
                 for x, w in zip(xs, workloads, strict=True):
                     if (freeze := (by.get((w, mode)) or {}).get("freeze_ms")) is not None:
                         ax.hlines(freeze + GAP_OVER_FREEZE_MS, x - width / 2, x + width / 2, colors="black",
                                   linestyles="dashed", linewidth=1)  # fmt: skip
         for i, w in enumerate(workloads):
-            goal = {"freeze_ms": FREEZE_GOAL_MS.get(mib[w]), "bytes_per_rss": BYTES_GOAL}.get(key)
+            incompressible = first[w].get("incompressible")  # neither goal is for incompressible memory
+            goal = {"freeze_ms": FREEZE_GOAL_MS.get(first[w]["memory_mib"]), "bytes_per_rss": BYTES_GOAL}.get(key)
+            goal = None if incompressible else goal
             if goal:
                 ax.hlines(goal, i - 0.45, i + 0.45, colors="black", linestyles="dashed", linewidth=1)
         ax.set_xticks(range(len(workloads)), workloads)
@@ -166,61 +201,3 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def targets(result: dict[str, Any]) -> list[list[str]]:
-    """The issue's Targets table filled in, per workload: stop-copy, and on each row the best of the other
-    modes for that row (with its name)."""
-    out = []
-    for w in dict.fromkeys(r["workload"] for r in result["runs"]):
-        ok = [r for r in result["runs"] if r["workload"] == w and r["ok"]]
-        base = next((r for r in ok if r["mode"] == BASELINE), None)
-        others = [r for r in ok if r["mode"] != BASELINE]
-        goal = FREEZE_GOAL_MS.get(next(r["memory_mib"] for r in result["runs"] if r["workload"] == w))
-        out += [
-            [f"freeze, {w}", _ms(base), _best(others, lambda r: r.get("freeze_ms"), _ms),
-             f"≤ {goal:.0f} ms" if goal else "-"],
-            [f"client's largest gap, {w}", _gap_text(base), _best(others, _over, _gap_text),
-             f"≤ freeze + {GAP_OVER_FREEZE_MS:.0f} ms"],
-            [f"memory stream vs iperf3, {w}", _pct(base), _best(others, _vs, _pct, low=False), f"≥ {STREAM_GOAL:.0%}"],
-            [f"bytes on the wire ÷ RSS, {w}", _per_rss(base), _best(others, lambda r: r.get("bytes_per_rss"), _per_rss),
-             f"≤ {BYTES_GOAL}"],
-        ]  # fmt: skip
-    return out
-
-
-def _best(
-    runs: list[dict[str, Any]], value: Callable[[dict[str, Any]], float | None],
-    fmt: Callable[[dict[str, Any]], str], low: bool = True,
-) -> str:  # fmt: skip
-    rated = [r for r in runs if value(r) is not None]
-    if not rated:
-        return "-"
-    pick = (min if low else max)(rated, key=lambda r: value(r) or 0.0)
-    return f"{fmt(pick)} ({pick['mode']})"
-
-
-def _over(r: dict[str, Any]) -> float | None:
-    """How much longer the client waited than the container was frozen."""
-    return r["client_gap_ms"] - r["freeze_ms"] if r.get("freeze_ms") and r.get("client_gap_ms") else None
-
-
-def _vs(r: dict[str, Any]) -> float | None:
-    return (r.get("stream") or {}).get("vs_iperf3")
-
-
-def _gap_text(r: dict[str, Any] | None) -> str:
-    over = _over(r) if r else None
-    return f"{r['client_gap_ms']:.0f} ms (freeze {over:+.0f})" if r and over is not None else "-"
-
-
-def _pct(r: dict[str, Any] | None) -> str:
-    return f"{_vs(r):.0%}" if r and _vs(r) is not None else "-"
-
-
-def _per_rss(r: dict[str, Any] | None) -> str:
-    return f"{r['bytes_per_rss']:.2f}" if r and r.get("bytes_per_rss") is not None else "-"
-
-
-def _ms(r: dict[str, Any] | None, key: str = "freeze_ms") -> str:
-    return f"{r[key]:.0f} ms" if r is not None and r.get(key) is not None else "-"

@@ -1,13 +1,9 @@
-"""What `skyferry bench --evacuate` computes and prints: the link's bound, ratios, fairness, tables, files.
+"""What the bench's evacuation part computes and prints: the link's bound, ratios, fairness and tables.
 
-Pure functions of the result that `bench_evacuate.run` returns, so they are tested without hosts.
+Pure functions of the result that `bench_evacuate.measure` returns, so they are tested without hosts.
 """
 
-import json
-from pathlib import Path
 from typing import Any
-
-from skyferry.pipeline.scenarios.benchreport import machine_line
 
 
 def bound_s(count: int, memory_mib: int, mbit_s: float) -> float:
@@ -151,38 +147,3 @@ def iperf3_line(result: dict[str, Any]) -> str:
         for r in result["runs"]
         if r.get("iperf3")
     )
-
-
-def markdown(result: dict[str, Any]) -> str:
-    def table(header: list[str], body: list[list[str]]) -> str:
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        return "\n".join(lines + ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in body])
-
-    cfg = result["config"]
-    parts = [
-        f"WAN `{cfg.get('wan') or 'none'}`; each container holds {cfg['memory_mib']} MiB of incompressible memory "
-        f"(dirtying {cfg['dirty_mb_s']:g} MB/s); `skyferry evacuate --parallel {cfg['parallel']}` (fewer for fewer "
-        "containers), default mode, as a user runs it. took: the command's seconds (when its first migration started, "
-        "and the span from then to the last one's end). ÷ bound: seconds taken ÷ the seconds iperf3's rate needs "
-        "for all that memory.",
-        table(COLUMNS, rows(result)),
-    ]
-    if result.get("podman"):
-        parts.append(table(PODMAN_COLUMNS, podman_rows(result)))
-    parts.append(f"iperf3 local-1 -> local-2 over the overlay (8 MiB window), just before / just after each "
-                 "evacuation, by containers (the bound uses the faster): "
-                 f"{iperf3_line(result) or 'not measured'}.")  # fmt: skip
-    parts.append(f"Machine: {machine_line(result['machine'])}. Bench took {result['seconds']:.0f} s"
-                 + (f"; errors: {'; '.join(result['errors'])}" if result["errors"] else "") + ".")  # fmt: skip
-    return "\n\n".join(parts) + "\n"
-
-
-def write(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
-    """evacuate.json and evacuate.md into `out_dir`; returns their paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "evacuate.json", "md": out_dir / "evacuate.md"}
-    tmp = paths["json"].with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(paths["json"])
-    paths["md"].write_text(markdown(result))
-    return paths

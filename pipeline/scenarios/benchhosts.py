@@ -1,0 +1,117 @@
+"""The bench's hosts and the measurements around its runs: one local mesh for a whole `skyferry bench`,
+iperf3 over its overlay, and waiting until a workload holds its memory."""
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from skyferry.netplane import netns
+from skyferry.netplane.mesh import Mesh
+from skyferry.pipeline.controller import containers
+from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.proctree import tree_rss
+from skyferry.pipeline.scenarios import demo as scenario
+
+IPERF_PORT = 5201
+Progress = Callable[[str], None]
+
+
+def say_nothing(_: str) -> None:
+    pass
+
+
+@contextlib.contextmanager
+def hosts(wan: str | None, name: str, progress: Progress = say_nothing) -> Iterator[tuple[Path, Mesh]]:
+    """Three local hosts with agents in a state folder of their own (so no other mesh is touched), with
+    SKYFERRY_STATE pointing at it meanwhile (agents and anything they start use it); `state/work` is for
+    the parts' files. Always torn down, the folder with it."""
+    old_env = os.environ.get("SKYFERRY_STATE")
+    state = Path(tempfile.mkdtemp(prefix="skyferry-bench-"))
+    state.chmod(0o700)
+    os.environ["SKYFERRY_STATE"] = str(state)
+    (state / "work").mkdir()
+    try:
+        progress(f"bringing up 3 local hosts, WAN {wan or 'none'}")
+        yield state, scenario.mesh_up(state, 3, wan, name=name)
+    finally:
+        progress("tearing down the mesh")
+        try:
+            scenario.mesh_down(state)
+        finally:
+            shutil.rmtree(state, ignore_errors=True)
+            if old_env is None:
+                os.environ.pop("SKYFERRY_STATE", None)
+            else:
+                os.environ["SKYFERRY_STATE"] = old_env
+
+
+def iperf3(mesh: Mesh, src: str, dst: str, seconds: float, attempts: int = 3) -> dict[str, Any]:
+    """TCP throughput from host `src` to host `dst` over the overlay, as the agents' streams go: the server
+    in dst's netns on its overlay address, the client in src's netns, an 8 MiB window. A test that ends
+    without a result (the server not listening yet, a control connection lost) is tried again."""
+    server_ns, client_ns = mesh.host(dst).netns, mesh.host(src).netns
+    ip = mesh.host(dst).overlay_ip
+    if server_ns is None or client_ns is None:
+        raise SkyferryError("iperf3 needs local hosts (network namespaces)")
+    argv = ["iperf3", "-c", ip, "-p", str(IPERF_PORT), "-w", "8M", "-t", str(max(1, round(seconds))), "-J"]
+    errors: list[str] = []
+    for _ in range(attempts):
+        server = subprocess.Popen(
+            netns.command(server_ns, ["iperf3", "-s", "-1", "-B", ip, "-p", str(IPERF_PORT)]),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            for _ in range(50):  # the server needs a moment to listen
+                proc = subprocess.run(netns.command(client_ns, argv), capture_output=True, text=True,
+                                      timeout=seconds + 30)  # fmt: skip
+                if "Connection refused" not in proc.stdout + proc.stderr:
+                    break
+                time.sleep(0.1)
+        finally:
+            if server.poll() is None:
+                server.kill()
+            server.wait()
+        data: dict[str, Any] = {}
+        with contextlib.suppress(ValueError):
+            data = json.loads(proc.stdout)
+        received = (data.get("end") or {}).get("sum_received")
+        if not received:
+            lines = proc.stderr.strip().splitlines()
+            errors.append(data.get("error") or (lines[-1] if lines else f"exit status {proc.returncode}"))
+            continue
+        return {
+            "mbit_s": round(received["bits_per_second"] / 1e6, 1),
+            "seconds": round(received["seconds"], 2),
+            "retransmits": data["end"].get("sum_sent", {}).get("retransmits"),
+            "window": "8M",
+            "failed_attempts": errors,
+        }
+    raise SkyferryError(f"iperf3 {src} -> {dst} gave no result: {'; '.join(errors)}")
+
+
+def pid(state: Path, name: str) -> int:
+    row = {r["name"]: r for r in containers.live(state)}.get(name) or {}
+    if not row.get("pid"):
+        raise SkyferryError(f"bench container {name!r} is {row.get('state', 'gone')}")
+    return int(row["pid"])
+
+
+def wait_touched(state: Path, name: str, size: int, timeout: float) -> None:
+    """Until the workload holds its memory: RSS at least `size` and steady for a second (building the
+    buffer briefly takes twice that)."""
+    deadline = time.monotonic() + timeout
+    last = -1
+    while time.monotonic() < deadline:
+        rss = tree_rss(pid(state, name))
+        if rss >= size and abs(rss - last) < size * 0.02:
+            return
+        last = rss
+        time.sleep(1.0)
+    raise SkyferryError(f"the bench workload did not reach {size >> 20} MiB resident in {timeout:.0f} s")
