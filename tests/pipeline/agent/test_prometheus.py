@@ -94,7 +94,11 @@ class Prometheus:
                 f"--web.listen-address=127.0.0.1:{self.port}"]  # fmt: skip
         # nsenter execs in place: the pid is prometheus's own.
         self.proc = subprocess.Popen(netns.command(ns, argv), stdout=self.log, stderr=self.log)
-        eventually("prometheus to be ready", self._ready)
+        try:
+            eventually("prometheus to be ready", self._ready)
+        except BaseException:
+            self.stop()
+            raise
 
     def _ready(self) -> bool:
         assert self.proc.poll() is None, f"prometheus exited: {self.proc.returncode}"
