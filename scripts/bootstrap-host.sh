@@ -40,20 +40,40 @@ RUNTIME_PKGS=(runc wireguard-tools wireguard-go iproute2 iptables nftables iperf
               podman conmon docker.io containerd tar  # engines: pipeline/runtimes/podman.py, pipeline/runtimes/docker.py
               qemu-system-x86 qemu-utils mmdebstrap genisoimage iputils-ping)  # VM hosts: providers/qemu.py, vmimage.py; workload_images.py
 TEST_PKGS=(chromium)  # the runbook HTML report, opened in a real headless browser (tests/pipeline/runbooks)
+# Installed with their service kept from starting (below): the tests run their own binary, config and port.
+QUIET_PKGS=(prometheus)  # a real Prometheus scrapes the agents (tests/pipeline/agent/test_prometheus.py)
 BUILD_PKGS=(libbsd-dev libcap-dev libgnutls28-dev libnet1-dev libnftables-dev libnl-3-dev
             libprotobuf-c-dev libprotobuf-dev pkgconf protobuf-c-compiler protobuf-compiler
             python3-protobuf uuid-dev dpkg-dev xz-utils)
 
-missing=()
-for p in "${RUNTIME_PKGS[@]}" "${BUILD_PKGS[@]}" "${TEST_PKGS[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  say "installing ${#missing[@]} apt packages: ${missing[*]}"
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+
+# Debian's prometheus starts its service on install (every address, port 9090) and enables it for every
+# boot. A policy-rc.d that says 101 keeps it from starting (one already there, as in container images, is
+# left alone), only for this install; then the unit is disabled.
+install_quiet() {
+  local made=
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 0755 /usr/sbin/policy-rc.d && made=1
+  fi
+  apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+  if [ -n "$made" ]; then rm -f /usr/sbin/policy-rc.d; trap - EXIT; fi
+  if command -v systemctl >/dev/null; then
+    local p; for p in "$@"; do systemctl disable --quiet "$p.service" 2>/dev/null || true; done
+  fi
+}
+
+missing=() quiet=()
+for p in "${RUNTIME_PKGS[@]}" "${BUILD_PKGS[@]}" "${TEST_PKGS[@]}"; do installed "$p" || missing+=("$p"); done
+for p in "${QUIET_PKGS[@]}"; do installed "$p" || quiet+=("$p"); done
+if [ $((${#missing[@]} + ${#quiet[@]})) -gt 0 ]; then
+  say "installing $((${#missing[@]} + ${#quiet[@]})) apt packages: ${missing[*]} ${quiet[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   # busybox-static conflicts with busybox; only pull it when nothing else owns /bin/busybox.
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  [ ${#missing[@]} -eq 0 ] || apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  [ ${#quiet[@]} -eq 0 ] || install_quiet "${quiet[@]}"
 fi
 
 criu_ok() {  # true when $1 is a criu binary of version >= 4.2

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -93,6 +94,25 @@ PAGE_WAIT = Histogram(
     buckets=LATENCY_BUCKETS, registry=REGISTRY,
 )  # fmt: skip
 log = logging.getLogger("skyferry.agent.metrics")
+# How migrations can end, each counted from 0 at the agent's start: a series that appeared only with its
+# first migration would hide that one from increase() and rate(), which see only changes (the dashboard's
+# counts over a range and its freeze quantiles).
+FINISHES = ("precopy", "hybrid", "postcopy", "stop-copy")  # a done migration's mode (auto's rounds pick one)
+FAILED_STAGES = ("prepare", "precopy", "checkpoint", "transfer", "restore", "cutover", "lazy")  # rollback causes
+
+
+def _zeros() -> None:
+    for side in (SOURCE, TARGET):
+        for mode in FINISHES:
+            MIGRATIONS.labels(side, mode, DONE, "none")
+        for mode, stage in itertools.product(("auto", *FINISHES), FAILED_STAGES):
+            MIGRATIONS.labels(side, mode, ROLLED_BACK, stage)
+        MIGRATIONS.labels(side, "estimate", ROLLED_BACK, "unknown")  # how `migrate --estimate` ends
+    for mode in FINISHES:
+        FREEZE.labels(mode, DONE)
+
+
+_zeros()
 
 
 class _Track:

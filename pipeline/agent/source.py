@@ -179,6 +179,7 @@ class SourceSession:
                 last = rounds.history[-1]
                 rate = last.bytes_out / max(last.started - rounds.history[-2].started, 1e-6)
                 steps.append({"round": len(rounds.history), "dirty_bytes_s": round(rate), **self.throttle.step()})
+                metrics.throttle(self.name, steps[-1]["percent"])
                 log.info("auto-converge: %s throttled to %d%% after round %d (%s)", self.name,
                          steps[-1]["percent"], len(rounds.history), decision.detail)  # fmt: skip
             if decision.stop:
@@ -462,6 +463,7 @@ class SourceSession:
         that died left throttled: the record is on disk)."""
         self.throttle = None
         self.host.throttles.lift(self.mig)
+        metrics.throttle(self.name, 0)
 
     def _stop_lazy_dump(self) -> None:
         """End a post-copy page server (and the CRIU dump it belongs to) and its tunnel. The frozen tasks

@@ -32,8 +32,8 @@ def check(state_root: Path, step: str) -> None:
 
 def listed(state_root: Path, step: str) -> bool:
     """True while step S is listed (a drill that lasts, e.g. `hold-pages`: after a lazy restore, the
-    target's page proxy hands no page to the daemon while it is listed, which keeps a post-copy migration
-    in its lazy phase)."""
+    target's page proxy hands no page to the daemon and fetches none from the source while it is listed,
+    which keeps a post-copy migration in its lazy phase with its pages outstanding)."""
     path = state_root / "faults"
     return path.exists() and step in path.read_text().split()
 

@@ -73,7 +73,7 @@ class LazyProxy:
         self.up: socket.socket | None = None
         self.threads: list[threading.Thread] = []
         self.started = time.monotonic()
-        self.held: Callable[[], bool] = lambda: False  # a fault drill: no page goes to the daemon while true
+        self.held: Callable[[], bool] = lambda: False  # a fault drill: no page moves while true
         self.on_wait: Callable[[float], None] = lambda seconds: None  # a fault waited this long for the source
 
     def _plan(self, vpid: int, entries: list[memimage.Entry], clean: HashTable | None) -> None:
@@ -150,6 +150,8 @@ class LazyProxy:
     def _prefetch(self) -> None:
         try:
             while True:
+                while self.held() and not self._stopped():  # the drill holds prefetch too: no page moves
+                    time.sleep(0.05)
                 with self.cv:
                     while self.inflight >= WINDOW and not self._stopped():
                         self.cv.wait()
