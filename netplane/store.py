@@ -16,6 +16,8 @@ from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+from tenacity import retry, retry_if_exception, stop_after_delay, wait_random
+
 from .errors import NetplaneError
 
 FILE = "skyferry.db"
@@ -59,12 +61,25 @@ def connect(state: Path, schema: str = "") -> sqlite3.Connection:
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
     conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode=WAL")
+    _wal(conn)
     conn.execute("PRAGMA synchronous=FULL")  # a committed transition or allocation survives a power cut
     conn.executescript(SCHEMA + schema)
     if any((state / name).exists() for name in _LEGACY):
         _import_legacy(conn, state)
     return conn
+
+
+def _locked(e: BaseException) -> bool:
+    return isinstance(e, sqlite3.OperationalError) and "database is locked" in str(e)
+
+
+# Switching to WAL needs a lock SQLite's busy timeout does not wait for: writers opening a new database
+# at once got "database is locked" at once (the store's concurrency test, 1 run in 10 under load).
+@retry(retry=retry_if_exception(_locked), stop=stop_after_delay(BUSY_TIMEOUT_S), wait=wait_random(0.01, 0.1),
+       reraise=True)  # fmt: skip
+def _wal(conn: sqlite3.Connection) -> None:
+    if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        conn.execute("PRAGMA journal_mode=WAL")
 
 
 @contextmanager
