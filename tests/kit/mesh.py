@@ -3,9 +3,10 @@ checks that several test modules run on one."""
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from skyferry.netplane.mesh import Mesh
@@ -49,6 +50,35 @@ def local_mesh(
     state = tmp_path_factory.mktemp("state")
     with mesh_in(state, count, prefix, wan) as mesh:
         yield state, mesh
+
+
+@contextmanager
+def counter_and_client(
+    mesh: tuple[Path, Mesh],
+    workdir: Path,
+    request: pytest.FixtureRequest,
+    run: Callable[[Path, str], dict[str, Any]] | None = None,
+    **options: Any,
+) -> Iterator[dict[str, Any]]:
+    """A counter container on local-1 named for the test, started by `run(state, name)` (by default the
+    demo's counter with `options`), and a client on local-3 holding one connection to it. Yields its name,
+    ip, client, state and mesh; the client stops and the container goes whatever happens."""
+    state, m = mesh
+    name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[-30:].strip("-")
+    try:
+        info = run(state, name) if run else scenario.start_counter(state, "local-1", name, workdir, **options)
+        client = scenario.CounterClient(m.hosts["local-3"].netns or "", info["ip"], workdir).start()
+        try:
+            yield {"name": name, "ip": info["ip"], "client": client, "state": state, "mesh": m}
+        finally:
+            client.stop()
+    finally:
+        containers.remove(state, name)
+
+
+def where(state: Path, name: str) -> dict[str, Any]:
+    """The controller's row of container `name`."""
+    return {r["name"]: r for r in containers.live(state)}[name]
 
 
 def lose_source_during_lazy_phase(state: Path, mesh: Mesh, name: str, mode: str) -> None:

@@ -9,7 +9,6 @@ Everything, daemons included, is removed afterwards.
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from kit import imagescan
-from kit.mesh import local_mesh
+from kit.mesh import counter_and_client, local_mesh, where
 from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller import containers, migration
 from skyferry.pipeline.errors import SkyferryError
@@ -68,23 +67,16 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def counter(mesh: tuple[Path, Mesh], image: Path, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[dict]:
     """A Docker counter container on local-1 and a client on local-3 holding one connection to it."""
-    state, m = mesh
-    name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[-30:].strip("-")
-    info = containers.run(state, "local-1", name, engines.COUNTER_ARGS, image=image, runtime="docker")
-    client = scenario.CounterClient(m.hosts["local-3"].netns or "", info["ip"], tmp_path).start()
-    try:
-        yield {"name": name, "ip": info["ip"], "client": client, "state": state, "mesh": m}
-    finally:
-        client.stop()
-        containers.remove(state, name)
+
+    def run(state: Path, name: str) -> dict:
+        return containers.run(state, "local-1", name, engines.COUNTER_ARGS, image=image, runtime="docker")
+
+    with counter_and_client(mesh, tmp_path, request, run) as made:
+        yield made
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(Path(sys.executable).parent / "skyferry"), *args], capture_output=True, text=True)
-
-
-def where(state: Path, name: str) -> dict:
-    return {r["name"]: r for r in containers.live(state)}[name]
 
 
 def test_docker_container_migrates_live_there_and_back(counter: dict) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from kit import imagescan
-from kit.mesh import local_mesh
+from kit.mesh import counter_and_client, local_mesh, where
 from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller import agentctl, containers, migration
 from skyferry.pipeline.errors import SkyferryError
@@ -26,7 +26,6 @@ from skyferry.pipeline.hostapi.layout import IMAGES_TMPFS
 from skyferry.pipeline.runtimes import engines
 from skyferry.pipeline.runtimes.podman import Podman
 from skyferry.pipeline.runtimes.throttle import CpuFiles
-from skyferry.pipeline.scenarios import demo as scenario
 
 pytestmark = [
     pytest.mark.integration,
@@ -59,23 +58,16 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def counter(mesh: tuple[Path, Mesh], image: Path, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[dict]:
     """A Podman counter container on local-1 and a client on local-3 holding one connection to it."""
-    state, m = mesh
-    name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[-30:].strip("-")
-    info = containers.run(state, "local-1", f"podman:{name}", engines.COUNTER_ARGS, image=image)
-    client = scenario.CounterClient(m.hosts["local-3"].netns or "", info["ip"], tmp_path).start()
-    try:
-        yield {"name": name, "ip": info["ip"], "client": client, "state": state, "mesh": m}
-    finally:
-        client.stop()
-        containers.remove(state, name)
+
+    def run(state: Path, name: str) -> dict:
+        return containers.run(state, "local-1", f"podman:{name}", engines.COUNTER_ARGS, image=image)
+
+    with counter_and_client(mesh, tmp_path, request, run) as made:
+        yield made
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(Path(sys.executable).parent / "skyferry"), *args], capture_output=True, text=True)
-
-
-def where(state: Path, name: str) -> dict:
-    return {r["name"]: r for r in containers.live(state)}[name]
 
 
 def test_podman_container_migrates_live_there_and_back(counter: dict) -> None:
