@@ -25,6 +25,14 @@ def left_in_cgroup(mesh: Mesh, host: str, name: str) -> list[str]:
     return procs.read_text().split() if procs.exists() else []
 
 
+def cgroup_dirs(rel: str) -> list[Path]:
+    """Cgroup `rel`'s directories that exist: one per controller hierarchy on cgroup v1 (runc and Podman's
+    cgroupfs driver make it in each), the one on v2."""
+    root = children.CGROUP
+    hierarchies = [root] if (root / "cgroup.controllers").exists() else sorted(h for h in root.iterdir() if h.is_dir())
+    return [h / rel.strip("/") for h in hierarchies if (h / rel.strip("/")).is_dir()]
+
+
 @contextmanager
 def mesh_in(state: Path, count: int = 3, prefix: str = "t", wan: str | None = None) -> Iterator[Mesh]:
     """Hosts local-1..local-COUNT with their agents under `state`, which SKYFERRY_STATE points at while
@@ -32,14 +40,19 @@ def mesh_in(state: Path, count: int = 3, prefix: str = "t", wan: str | None = No
     state.chmod(0o700)
     old = os.environ.get("SKYFERRY_STATE")
     os.environ["SKYFERRY_STATE"] = str(state)
+    name = prefix + os.urandom(2).hex()
     try:
-        yield scenario.mesh_up(state, count, wan, name=prefix + os.urandom(2).hex())
+        yield scenario.mesh_up(state, count, wan, name=name)
     finally:
         scenario.mesh_down(state)
         if old is None:
             os.environ.pop("SKYFERRY_STATE", None)
         else:
             os.environ["SKYFERRY_STATE"] = old
+    # Outside the `finally`: a failed block's own error comes first. Empty parents are the teardown's to
+    # remove, so what stays holds tasks: a container the test left running, or a killed restore's task.
+    left = cgroup_dirs(f"skyferry/{name}")
+    assert not left, f"mesh {name} left cgroups behind: {[str(d) for d in left]}"
 
 
 @contextmanager

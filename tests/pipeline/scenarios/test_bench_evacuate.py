@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from kit.mesh import cgroup_dirs
 from skyferry.netplane import netns
 from skyferry.pipeline.scenarios import bench_evacuate, evacreport
 
@@ -72,5 +73,5 @@ def test_outputs_and_nothing_left_behind(result: dict) -> None:
     assert [r["count"] for r in saved["runs"]] == [1, 2]
     assert "skyferry ÷ podman" in result["paths"]["md"].read_text()
     assert not [n for n in os.listdir(netns.RUN_DIR) if n.startswith(result["mesh"])]
-    assert not Path(f"/sys/fs/cgroup/skyferry-bench-{result['mesh']}").exists()
+    assert not cgroup_dirs(f"skyferry-bench-{result['mesh']}"), "the Podman baseline's cgroups are gone"
     assert not Path("/run/skyferry-bench").exists(), "the Podman stores' runroots are gone"
