@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kit import imagescan
+from kit import imagescan, selfmove
 from kit.mesh import counter_and_client, local_mesh, where
 from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller import containers, migration
@@ -202,23 +202,21 @@ def test_no_checkpoint_image_on_persistent_disk(counter: dict) -> None:
     assert imagescan.images(roots) == {}, "every image is wiped after the migration"
 
 
+def _damage(images: Path) -> None:
+    """Overwrite a core image: CRIU's restore then fails."""
+    next(images.glob("core-*.img")).write_bytes(b"damaged" * 64)
+
+
 def test_a_failed_docker_restore_leaves_no_image_anywhere(counter: dict) -> None:
     """CRIU fails inside `docker start --checkpoint` (a damaged core image, after Docker and containerd
     made their copies): no image on disk during it, none anywhere after it, no mount left behind."""
     state, name, m = counter["state"], counter["name"], counter["mesh"]
     host = docker_of(m, "local-1")
     mig = IMAGES_TMPFS / m.name / f"imgtest-{os.urandom(3).hex()}"
-    spec, roots = host.spec(name), image_roots(state, m)
+    roots = image_roots(state, m)
     try:
         with imagescan.Watcher(roots) as watch:
-            host.pause(name)
-            host.checkpoint(name, mig / "images", mig / "work")
-            payload = {p.name: p.read_bytes() for p in host.payload(name)["docker"].iterdir()}
-            next((mig / "images").glob("core-*.img")).write_bytes(b"damaged" * 64)
-            host.remove(name)  # the container moves to itself: gone here, then restored from the images
-            host.prepare(spec, f"/run/netns/{m.name}-local-1-{name}")
-            for file, data in payload.items():
-                (host.payload(name)["docker"] / file).write_bytes(data)
+            selfmove.up_to_restore(host, "docker", name, f"/run/netns/{m.name}-local-1-{name}", mig, _damage)
             with pytest.raises(SkyferryError, match="start --checkpoint failed"):
                 host.restore(name, mig / "images", mig / "work")
         assert imagescan.on_disk(watch.seen) == [], "checkpoint images on persistent disk"

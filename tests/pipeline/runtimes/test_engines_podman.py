@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kit import imagescan
+from kit import imagescan, selfmove
 from kit.mesh import counter_and_client, local_mesh, where
 from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller import agentctl, containers, migration
@@ -205,8 +205,9 @@ def test_no_checkpoint_image_on_persistent_disk(counter: dict) -> None:
     assert imagescan.images(roots) == {}, "every image is wiped after the migration"
 
 
-def _damage(export: Path) -> None:
-    """Overwrite the core image inside a checkpoint export: CRIU's restore then fails."""
+def _damage(images: Path) -> None:
+    """Overwrite the core image inside the checkpoint export: CRIU's restore then fails."""
+    export = images / "checkpoint.tar"
     with tarfile.open(export) as tar:
         members = [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar.getmembers()]  # type: ignore[union-attr]
     with tarfile.open(export, "w", format=tarfile.PAX_FORMAT) as out:
@@ -223,17 +224,10 @@ def test_a_failed_podman_restore_leaves_no_image_anywhere(counter: dict) -> None
     state, name, m = counter["state"], counter["name"], counter["mesh"]
     host = podman_of(m, "local-1")
     mig = IMAGES_TMPFS / m.name / f"imgtest-{os.urandom(3).hex()}"
-    spec, roots = host.spec(name), image_roots(state, m)
+    roots = image_roots(state, m)
     try:
         with imagescan.Watcher(roots) as watch:
-            host.pause(name)
-            host.checkpoint(name, mig / "images", mig / "work")
-            payload = {p.name: p.read_bytes() for p in host.payload(name)["podman"].iterdir()}
-            _damage(mig / "images" / "checkpoint.tar")
-            host.remove(name)  # the container moves to itself: gone here, then restored from the export
-            host.prepare(spec, f"/run/netns/{m.name}-local-1-{name}")
-            for file, data in payload.items():
-                (host.payload(name)["podman"] / file).write_bytes(data)
+            selfmove.up_to_restore(host, "podman", name, f"/run/netns/{m.name}-local-1-{name}", mig, _damage)
             with pytest.raises(SkyferryError, match="podman restore failed") as failed:
                 host.restore(name, mig / "images", mig / "work")
             # CRIU's own first error, and its log for the journal, rather than Podman's summary
