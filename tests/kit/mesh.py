@@ -19,7 +19,12 @@ from skyferry.pipeline.scenarios import demo as scenario
 
 def left_in_cgroup(mesh: Mesh, host: str, name: str) -> list[str]:
     """The tasks still in container `name`'s cgroup on `host` (the agent's runc prefix), runc knowing it or not."""
-    rel = f"skyferry/{mesh.name}/{host}/{name}"
+    return tasks_in(f"skyferry/{mesh.name}/{host}/{name}")
+
+
+def tasks_in(rel: str) -> list[str]:
+    """The tasks in cgroup `rel` (as /proc/PID/cgroup names it), whatever engine put them there."""
+    rel = rel.strip("/")
     v1 = not (children.CGROUP / "cgroup.controllers").exists()
     procs = (children.CGROUP / "pids" / rel if v1 else children.CGROUP / rel) / "cgroup.procs"
     return procs.read_text().split() if procs.exists() else []

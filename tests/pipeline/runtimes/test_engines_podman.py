@@ -10,15 +10,18 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from kit import imagescan, selfmove
-from kit.mesh import counter_and_client, local_mesh, where
+from kit.mesh import counter_and_client, local_mesh, tasks_in, where
 from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller import agentctl, containers, migration
 from skyferry.pipeline.errors import SkyferryError
@@ -240,3 +243,52 @@ def test_a_failed_podman_restore_leaves_no_image_anywhere(counter: dict) -> None
     finally:
         shutil.rmtree(mig, ignore_errors=True)
     assert imagescan.images(roots) == {}, "nothing left once the migration's tmpfs dir is wiped"
+
+
+def test_a_restore_whose_podman_cli_died_leaves_no_copy_running(counter: dict) -> None:
+    """The podman CLI dies while runc restores (engines.run's bound, an agent that died): conmon and runc
+    go on and start the container, while Podman's record stays "created". Removing it must end that copy
+    too (Podman.remove kills what is left in its cgroup), or it runs on, unknown to everyone."""
+    state, name, m = counter["state"], counter["name"], counter["mesh"]
+    host = podman_of(m, "local-1")
+    cgroup = host.cgroup(name)  # the restored container keeps its ID, so its cgroup
+    mig = IMAGES_TMPFS / m.name / f"killtest-{os.urandom(3).hex()}"
+    try:
+        selfmove.up_to_restore(host, "podman", name, f"/run/netns/{m.name}-local-1-{name}", mig)
+        with ThreadPoolExecutor(1) as pool:
+            restore = pool.submit(host.restore, name, mig / "images", mig / "work")
+            # Once CRIU put the first task in the cgroup: earlier, conmon gives up with the CLI; later, Podman
+            # records the container running when runc returns.
+            _eventually("the restore reaches the cgroup", lambda: tasks_in(cgroup))
+            ours = _children_running("podman")
+            assert len(ours) == 1, ours
+            os.kill(ours[0], signal.SIGKILL)
+            with pytest.raises(SkyferryError, match="podman restore failed"):
+                restore.result()
+        assert tasks_in(cgroup), "control: the copy runs"
+        assert host.state(name) == {"status": "created", "pid": 0}, "control: Podman never learnt it runs"
+        containers.remove(state, name)  # the agent's DELETE: Podman.remove
+        assert tasks_in(cgroup) == [], "the copy Podman forgot still runs"
+    finally:
+        shutil.rmtree(mig, ignore_errors=True)
+
+
+def _children_running(program: str) -> list[int]:
+    """This test process's children running `program` (the CLI calls the adapter makes)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv0 = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # not a process, or gone
+        if Path(argv0).name == program and ppid == os.getpid():
+            found.append(int(proc.name))
+    return found
+
+
+def _eventually(what: str, ok: Callable[[], object]) -> None:
+    deadline = time.monotonic() + 120
+    while not ok():
+        assert time.monotonic() < deadline, f"not within 120 s: {what}"
+        time.sleep(0.01)
