@@ -6,6 +6,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from pydantic import BaseModel
+
+
+class Header(BaseModel):
+    """When and on what a matrix last ran; each matrix adds its `cells`."""
+
+    when: str
+    kernel: str
+    criu: str
+
 
 class _Matrix(Protocol):
     cells: list[Any]

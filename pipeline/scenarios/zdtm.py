@@ -172,10 +172,7 @@ class Cell(BaseModel):
     seconds: float = 0.0
 
 
-class Matrix(BaseModel):
-    when: str
-    kernel: str
-    criu: str
+class Matrix(matrixdoc.Header):
     cells: list[Cell]
 
 
