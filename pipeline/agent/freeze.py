@@ -50,6 +50,9 @@ class Freezes:
         self.dir = state_root / "freezes"
         # Migration -> the process groups killed: their steps stop at once (uploads check it per chunk).
         self.expiring: dict[str, list[int]] = {}
+        # The migrations whose freeze expired, kept in memory so that `check`, which steps call inside the
+        # freeze, reads no file there; filled from disk once, for the records an agent before us marked.
+        self._expired = {r.mig for r in self.all() if r.expired}
 
     def arm(
         self, mig: str, name: str, phase: Phase, bound: float, target: str | None = None, lazy: bool = False
@@ -83,17 +86,19 @@ class Freezes:
     def forget(self, mig: str) -> None:
         (self.dir / f"{mig}.json").unlink(missing_ok=True)
         self.expiring.pop(mig, None)
+        self._expired.discard(mig)
 
     def mark_expired(self, record: Freeze, why: str) -> None:
         self._write(record.model_copy(update={"expired": why}))
+        self._expired.add(record.mig)
         self.expiring.pop(record.mig, None)
 
     def check(self, mig: str, cause: Exception | None = None) -> None:
         """Refuse a step of a migration whose freeze hit its bound: it rolls back. `cause`: what the step
-        itself raised (a killed runc, a stream cut short), named in the refusal, whose tool log it keeps."""
-        record = self.get(mig)
-        if mig in self.expiring or (record is not None and record.expired):
-            raise self.error(mig, record, cause) from cause
+        itself raised (a killed runc, a stream cut short), named in the refusal, whose tool log it keeps.
+        Reads no file unless it refuses (then the freeze is over): steps call it inside the freeze."""
+        if mig in self.expiring or mig in self._expired:
+            raise self.error(mig, self.get(mig), cause) from cause
 
     def error(self, mig: str, record: Freeze | None, cause: Exception | None = None) -> SkyferryError:
         bound = f" ({record.bound:g} s)" if record else ""

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,14 @@ from skyferry.pipeline.criu import logs
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi.spec import ContainerSpec
 from skyferry.pipeline.runtimes import engines, throttle
+from skyferry.pipeline.runtimes.children import kill_cgroup
 
 PODMAN = "podman"
 EXPORT = "checkpoint.tar"  # in the migration's images dir (tmpfs): it holds the container's memory
 CHECKPOINT_DIR = "checkpoint"  # in a container's userdata (on disk): CRIU's images, mounted as tmpfs here
 ULIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]  # root lacks CAP_SYS_RESOURCE
 STATUS = {"running": "running", "paused": "paused", "created": "created"}  # anything else: stopped
+RM_TRIES = 3  # `rm` while a cut-short restore still runs (Podman.remove)
 
 
 class Podman:
@@ -227,9 +230,29 @@ class Podman:
         shutil.rmtree(staged, ignore_errors=True)
 
     def remove(self, name: str) -> None:
-        if self._inspect(name) is not None:
-            self._podman("rm", "-f", "-t", "0", name, what="rm")
+        """Also kills what is left in its cgroup (children.kill_cgroup): a restore whose podman CLI was
+        killed (engines.run's bound, an agent that died) leaves Podman's record "created" while conmon and
+        runc go on and start the container, which `rm` alone forgets, still running."""
+        info = self._inspect(name)
+        if info is not None:
+            cgroup = self.container_cgroup(info["Id"])
+            for attempt in range(RM_TRIES):
+                try:
+                    self._podman("rm", "-f", "-t", "0", name, what="rm")
+                    break
+                except SkyferryError:
+                    if attempt == RM_TRIES - 1:
+                        raise
+                    # Such a restore, still running, keeps CRIU's cgroup yard mounted in the container's
+                    # userdata, which `rm` cannot delete: killing its tasks makes CRIU give up and unmount it.
+                    kill_cgroup(cgroup)
+                    time.sleep(1)
+            kill_cgroup(cgroup)
         shutil.rmtree(self._staged(name), ignore_errors=True)
+
+    def container_cgroup(self, cid: str) -> str:
+        """Where the cgroupfs driver puts container `cid`, running or not: `libpod-<ID>` below our parent."""
+        return f"{self.cgroup_parent}/libpod-{cid}"
 
     def destroy(self) -> None:
         """Remove this host's whole Podman store (a host going away; tests' cleanup)."""

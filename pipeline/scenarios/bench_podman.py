@@ -224,8 +224,9 @@ def _wait_touched(store: Store, size: int, timeout: float) -> None:
 def _rmdir_cgroups(parent: str) -> None:
     """The cgroup parent Podman made under each controller hierarchy (cgroup v2: one), deepest first."""
     root = Path("/sys/fs/cgroup")
-    top = root / parent.strip("/").split("/")[0]
-    for d in sorted((p for p in [top, *top.rglob("*")] if p.is_dir()), key=lambda p: -len(p.parts)):
+    v2 = (root / "cgroup.controllers").exists()  # on v1 it is in every hierarchy, not at the root
+    tops = [h / parent.strip("/").split("/")[0] for h in ([root] if v2 else [*root.iterdir()])]
+    for d in sorted((p for t in tops for p in [t, *t.rglob("*")] if p.is_dir()), key=lambda p: -len(p.parts)):
         with contextlib.suppress(OSError):
             d.rmdir()
 

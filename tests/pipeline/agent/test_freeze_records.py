@@ -29,6 +29,23 @@ def test_an_expired_freeze_refuses_the_migration_until_it_is_forgotten(tmp_path:
     freezes.check("m1")
 
 
+def test_check_reads_no_file_inside_the_freeze_and_a_new_agent_knows_what_expired(tmp_path: Path) -> None:
+    freezes = Freezes(tmp_path)
+    freezes.arm("live", "web", "checkpoint", 3)
+    record = freezes.arm("done", "db", "checkpoint", 3)
+    freezes.mark_expired(record, "thawed by the watchdog")
+    live = tmp_path / "freezes" / "live.json"
+    live.unlink()
+    live.mkdir()  # a record that cannot be read: any read inside check would raise
+    with pytest.raises(IsADirectoryError):
+        freezes.get("live")  # control
+    freezes.check("live")
+    live.rmdir()
+    restarted = Freezes(tmp_path)  # an agent that restarts reads the expired records once
+    with pytest.raises(SkyferryError, match=r"the freeze bound \(3 s\) was hit: thawed by the watchdog"):
+        restarted.check("done")
+
+
 def test_the_watchdog_ends_only_freezes_past_their_deadline(tmp_path: Path) -> None:
     freezes = Freezes(tmp_path)
     freezes.arm("due", "web", "checkpoint", 0.2)

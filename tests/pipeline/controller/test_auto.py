@@ -7,20 +7,18 @@ trace: the container runs on, the journal keeps nothing, the target holds nothin
 
 import json
 import os
-import re
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kit.mesh import local_mesh
+from kit.mesh import counter_and_client, local_mesh, where
 from skyferry.netplane import netns
 from skyferry.netplane.mesh import Mesh
-from skyferry.pipeline.controller import agentctl, containers, freezecost, migration
+from skyferry.pipeline.controller import agentctl, freezecost, migration
 from skyferry.pipeline.controller.journal import Journal
 from skyferry.pipeline.hostapi.layout import IMAGES_TMPFS
-from skyferry.pipeline.scenarios import demo as scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 SKYFERRY = str(Path(sys.executable).parent / "skyferry")
@@ -36,19 +34,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Mesh]
 def counter(mesh: tuple[Path, Mesh], tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[dict]:
     """A counter container on local-1 (8 MiB it keeps dirtying) and a client on local-3 holding one
     connection to it."""
-    state, m = mesh
-    name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[-30:].strip("-")
-    info = scenario.start_counter(state, "local-1", name, tmp_path, memory_mib=8, dirty_mb_s=1)
-    client = scenario.CounterClient(m.hosts["local-3"].netns or "", info["ip"], tmp_path).start()
-    try:
-        yield {"name": name, "ip": info["ip"], "client": client, "state": state, "mesh": m}
-    finally:
-        client.stop()
-        containers.remove(state, name)
-
-
-def where(state: Path, name: str) -> dict:
-    return {r["name"]: r for r in containers.live(state)}[name]
+    with counter_and_client(mesh, tmp_path, request, memory_mib=8, dirty_mb_s=1) as made:
+        yield made
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -7,7 +7,6 @@ client on local-3 that fails on any lost or repeated request, and removes the co
 import io
 import json
 import os
-import re
 import subprocess
 import sys
 import tarfile
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from kit import imagescan
-from kit.mesh import local_mesh, lose_source_during_lazy_phase
+from kit.mesh import counter_and_client, local_mesh, lose_source_during_lazy_phase, where
 from skyferry.netplane import netns
 from skyferry.netplane.errors import NetplaneError
 from skyferry.netplane.mesh import Mesh
@@ -41,19 +40,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Mesh]
 @pytest.fixture
 def counter(mesh: tuple[Path, Mesh], tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[dict]:
     """A counter container on local-1 and a client on local-3 holding one connection to it."""
-    state, m = mesh
-    name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[-30:].strip("-")
-    info = scenario.start_counter(state, "local-1", name, tmp_path)
-    client = scenario.CounterClient(m.hosts["local-3"].netns or "", info["ip"], tmp_path).start()
-    try:
-        yield {"name": name, "ip": info["ip"], "client": client, "state": state, "mesh": m}
-    finally:
-        client.stop()
-        containers.remove(state, name)
-
-
-def where(state: Path, name: str) -> dict:
-    return {r["name"]: r for r in containers.live(state)}[name]
+    with counter_and_client(mesh, tmp_path, request) as made:
+        yield made
 
 
 def host_containers(state: Path, m: Mesh, host: str) -> list[str]:

@@ -6,16 +6,14 @@ repeated request.
 """
 
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kit.mesh import local_mesh, lose_source_during_lazy_phase
+from kit.mesh import counter_and_client, local_mesh, lose_source_during_lazy_phase
 from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller import containers, migration
 from skyferry.pipeline.controller.journal import Journal
-from skyferry.pipeline.scenarios import demo as scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 
@@ -24,18 +22,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.skipif(os.geteuid() != 0, rea
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Mesh]]:
     with local_mesh(tmp_path_factory) as made:
         yield made
-
-
-def _counter(mesh: tuple[Path, Mesh], tmp_path: Path, node: str, dirty_mb_s: float) -> Iterator[dict]:
-    state, m = mesh
-    name = re.sub(r"[^a-z0-9]+", "-", node.lower())[-30:].strip("-")
-    info = scenario.start_counter(state, "local-1", name, tmp_path, memory_mib=48, dirty_mb_s=dirty_mb_s)
-    client = scenario.CounterClient(m.hosts["local-3"].netns or "", info["ip"], tmp_path).start()
-    try:
-        yield {"name": name, "client": client, "state": state, "mesh": m}
-    finally:
-        client.stop()
-        containers.remove(state, name)
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +33,14 @@ def slow_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, 
 
 @pytest.fixture
 def counter(mesh: tuple[Path, Mesh], tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[dict]:
-    yield from _counter(mesh, tmp_path, request.node.name, dirty_mb_s=2)
+    with counter_and_client(mesh, tmp_path, request, memory_mib=48, dirty_mb_s=2) as made:
+        yield made
 
 
 @pytest.fixture
 def fast_dirtier(slow_mesh: tuple[Path, Mesh], tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[dict]:
-    yield from _counter(slow_mesh, tmp_path, request.node.name, dirty_mb_s=40)
+    with counter_and_client(slow_mesh, tmp_path, request, memory_mib=48, dirty_mb_s=40) as made:
+        yield made
 
 
 def test_hybrid_serves_unchanged_pages_from_the_store(counter: dict) -> None:

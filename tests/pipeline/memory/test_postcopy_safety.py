@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kit.mesh import local_mesh
+from kit.mesh import left_in_cgroup, local_mesh
 from skyferry.netplane import netns
 from skyferry.netplane.mesh import Mesh
 from skyferry.netplane.netns import in_netns
@@ -257,6 +257,7 @@ def test_target_agent_killed_in_lazy_phase_never_leaves_a_corrupt_copy(service: 
     assert Journal(state).all()[-1].state == "rolled-back"
     assert _placed(state, name) == (SRC, "running")
     assert name not in _on(state, m, DST)
+    assert not left_in_cgroup(m, DST, name), "the stopped lazy copy's tasks still live on the target"
     _memory_ok(m, service["ip"])
     log = (Path(m.hosts[DST].state_root) / "agent.log").read_text()
     guard_logs = list((Path(m.hosts[DST].state_root) / "logs").rglob("*lazy-guard.log"))
@@ -321,4 +322,5 @@ def test_a_frozen_source_serving_pages_is_thawed_once_the_targets_copy_is_gone_a
     assert Journal(state).get(mig.id).state == "rolled-back"
     assert _placed(state, name) == (SRC, "running")
     assert name not in _on(state, m, DST)
+    assert not left_in_cgroup(m, DST, name), "the stopped lazy copy's tasks still live on the target"
     _memory_ok(m, service["ip"])

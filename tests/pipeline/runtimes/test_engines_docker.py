@@ -9,7 +9,6 @@ Everything, daemons included, is removed afterwards.
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -17,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kit import imagescan
-from kit.mesh import local_mesh
+from kit import imagescan, selfmove
+from kit.mesh import counter_and_client, local_mesh, where
 from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller import containers, migration
 from skyferry.pipeline.errors import SkyferryError
@@ -68,23 +67,16 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def counter(mesh: tuple[Path, Mesh], image: Path, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[dict]:
     """A Docker counter container on local-1 and a client on local-3 holding one connection to it."""
-    state, m = mesh
-    name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[-30:].strip("-")
-    info = containers.run(state, "local-1", name, engines.COUNTER_ARGS, image=image, runtime="docker")
-    client = scenario.CounterClient(m.hosts["local-3"].netns or "", info["ip"], tmp_path).start()
-    try:
-        yield {"name": name, "ip": info["ip"], "client": client, "state": state, "mesh": m}
-    finally:
-        client.stop()
-        containers.remove(state, name)
+
+    def run(state: Path, name: str) -> dict:
+        return containers.run(state, "local-1", name, engines.COUNTER_ARGS, image=image, runtime="docker")
+
+    with counter_and_client(mesh, tmp_path, request, run) as made:
+        yield made
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(Path(sys.executable).parent / "skyferry"), *args], capture_output=True, text=True)
-
-
-def where(state: Path, name: str) -> dict:
-    return {r["name"]: r for r in containers.live(state)}[name]
 
 
 def test_docker_container_migrates_live_there_and_back(counter: dict) -> None:
@@ -210,23 +202,21 @@ def test_no_checkpoint_image_on_persistent_disk(counter: dict) -> None:
     assert imagescan.images(roots) == {}, "every image is wiped after the migration"
 
 
+def _damage(images: Path) -> None:
+    """Overwrite a core image: CRIU's restore then fails."""
+    next(images.glob("core-*.img")).write_bytes(b"damaged" * 64)
+
+
 def test_a_failed_docker_restore_leaves_no_image_anywhere(counter: dict) -> None:
     """CRIU fails inside `docker start --checkpoint` (a damaged core image, after Docker and containerd
     made their copies): no image on disk during it, none anywhere after it, no mount left behind."""
     state, name, m = counter["state"], counter["name"], counter["mesh"]
     host = docker_of(m, "local-1")
     mig = IMAGES_TMPFS / m.name / f"imgtest-{os.urandom(3).hex()}"
-    spec, roots = host.spec(name), image_roots(state, m)
+    roots = image_roots(state, m)
     try:
         with imagescan.Watcher(roots) as watch:
-            host.pause(name)
-            host.checkpoint(name, mig / "images", mig / "work")
-            payload = {p.name: p.read_bytes() for p in host.payload(name)["docker"].iterdir()}
-            next((mig / "images").glob("core-*.img")).write_bytes(b"damaged" * 64)
-            host.remove(name)  # the container moves to itself: gone here, then restored from the images
-            host.prepare(spec, f"/run/netns/{m.name}-local-1-{name}")
-            for file, data in payload.items():
-                (host.payload(name)["docker"] / file).write_bytes(data)
+            selfmove.up_to_restore(host, "docker", name, f"/run/netns/{m.name}-local-1-{name}", mig, _damage)
             with pytest.raises(SkyferryError, match="start --checkpoint failed"):
                 host.restore(name, mig / "images", mig / "work")
         assert imagescan.on_disk(watch.seen) == [], "checkpoint images on persistent disk"

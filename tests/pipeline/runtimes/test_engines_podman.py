@@ -10,15 +10,18 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from kit import imagescan
-from kit.mesh import local_mesh
+from kit import imagescan, selfmove
+from kit.mesh import counter_and_client, local_mesh, tasks_in, where
 from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller import agentctl, containers, migration
 from skyferry.pipeline.errors import SkyferryError
@@ -26,7 +29,6 @@ from skyferry.pipeline.hostapi.layout import IMAGES_TMPFS
 from skyferry.pipeline.runtimes import engines
 from skyferry.pipeline.runtimes.podman import Podman
 from skyferry.pipeline.runtimes.throttle import CpuFiles
-from skyferry.pipeline.scenarios import demo as scenario
 
 pytestmark = [
     pytest.mark.integration,
@@ -59,23 +61,16 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def counter(mesh: tuple[Path, Mesh], image: Path, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[dict]:
     """A Podman counter container on local-1 and a client on local-3 holding one connection to it."""
-    state, m = mesh
-    name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[-30:].strip("-")
-    info = containers.run(state, "local-1", f"podman:{name}", engines.COUNTER_ARGS, image=image)
-    client = scenario.CounterClient(m.hosts["local-3"].netns or "", info["ip"], tmp_path).start()
-    try:
-        yield {"name": name, "ip": info["ip"], "client": client, "state": state, "mesh": m}
-    finally:
-        client.stop()
-        containers.remove(state, name)
+
+    def run(state: Path, name: str) -> dict:
+        return containers.run(state, "local-1", f"podman:{name}", engines.COUNTER_ARGS, image=image)
+
+    with counter_and_client(mesh, tmp_path, request, run) as made:
+        yield made
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(Path(sys.executable).parent / "skyferry"), *args], capture_output=True, text=True)
-
-
-def where(state: Path, name: str) -> dict:
-    return {r["name"]: r for r in containers.live(state)}[name]
 
 
 def test_podman_container_migrates_live_there_and_back(counter: dict) -> None:
@@ -213,8 +208,9 @@ def test_no_checkpoint_image_on_persistent_disk(counter: dict) -> None:
     assert imagescan.images(roots) == {}, "every image is wiped after the migration"
 
 
-def _damage(export: Path) -> None:
-    """Overwrite the core image inside a checkpoint export: CRIU's restore then fails."""
+def _damage(images: Path) -> None:
+    """Overwrite the core image inside the checkpoint export: CRIU's restore then fails."""
+    export = images / "checkpoint.tar"
     with tarfile.open(export) as tar:
         members = [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar.getmembers()]  # type: ignore[union-attr]
     with tarfile.open(export, "w", format=tarfile.PAX_FORMAT) as out:
@@ -231,17 +227,10 @@ def test_a_failed_podman_restore_leaves_no_image_anywhere(counter: dict) -> None
     state, name, m = counter["state"], counter["name"], counter["mesh"]
     host = podman_of(m, "local-1")
     mig = IMAGES_TMPFS / m.name / f"imgtest-{os.urandom(3).hex()}"
-    spec, roots = host.spec(name), image_roots(state, m)
+    roots = image_roots(state, m)
     try:
         with imagescan.Watcher(roots) as watch:
-            host.pause(name)
-            host.checkpoint(name, mig / "images", mig / "work")
-            payload = {p.name: p.read_bytes() for p in host.payload(name)["podman"].iterdir()}
-            _damage(mig / "images" / "checkpoint.tar")
-            host.remove(name)  # the container moves to itself: gone here, then restored from the export
-            host.prepare(spec, f"/run/netns/{m.name}-local-1-{name}")
-            for file, data in payload.items():
-                (host.payload(name)["podman"] / file).write_bytes(data)
+            selfmove.up_to_restore(host, "podman", name, f"/run/netns/{m.name}-local-1-{name}", mig, _damage)
             with pytest.raises(SkyferryError, match="podman restore failed") as failed:
                 host.restore(name, mig / "images", mig / "work")
             # CRIU's own first error, and its log for the journal, rather than Podman's summary
@@ -254,3 +243,52 @@ def test_a_failed_podman_restore_leaves_no_image_anywhere(counter: dict) -> None
     finally:
         shutil.rmtree(mig, ignore_errors=True)
     assert imagescan.images(roots) == {}, "nothing left once the migration's tmpfs dir is wiped"
+
+
+def test_a_restore_whose_podman_cli_died_leaves_no_copy_running(counter: dict) -> None:
+    """The podman CLI dies while runc restores (engines.run's bound, an agent that died): conmon and runc
+    go on and start the container, while Podman's record stays "created". Removing it must end that copy
+    too (Podman.remove kills what is left in its cgroup), or it runs on, unknown to everyone."""
+    state, name, m = counter["state"], counter["name"], counter["mesh"]
+    host = podman_of(m, "local-1")
+    cgroup = host.cgroup(name)  # the restored container keeps its ID, so its cgroup
+    mig = IMAGES_TMPFS / m.name / f"killtest-{os.urandom(3).hex()}"
+    try:
+        selfmove.up_to_restore(host, "podman", name, f"/run/netns/{m.name}-local-1-{name}", mig)
+        with ThreadPoolExecutor(1) as pool:
+            restore = pool.submit(host.restore, name, mig / "images", mig / "work")
+            # Once CRIU put the first task in the cgroup: earlier, conmon gives up with the CLI; later, Podman
+            # records the container running when runc returns.
+            _eventually("the restore reaches the cgroup", lambda: tasks_in(cgroup))
+            ours = _children_running("podman")
+            assert len(ours) == 1, ours
+            os.kill(ours[0], signal.SIGKILL)
+            with pytest.raises(SkyferryError, match="podman restore failed"):
+                restore.result()
+        assert tasks_in(cgroup), "control: the copy runs"
+        assert host.state(name) == {"status": "created", "pid": 0}, "control: Podman never learnt it runs"
+        containers.remove(state, name)  # the agent's DELETE: Podman.remove
+        assert tasks_in(cgroup) == [], "the copy Podman forgot still runs"
+    finally:
+        shutil.rmtree(mig, ignore_errors=True)
+
+
+def _children_running(program: str) -> list[int]:
+    """This test process's children running `program` (the CLI calls the adapter makes)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv0 = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # not a process, or gone
+        if Path(argv0).name == program and ppid == os.getpid():
+            found.append(int(proc.name))
+    return found
+
+
+def _eventually(what: str, ok: Callable[[], object]) -> None:
+    deadline = time.monotonic() + 120
+    while not ok():
+        assert time.monotonic() < deadline, f"not within 120 s: {what}"
+        time.sleep(0.01)

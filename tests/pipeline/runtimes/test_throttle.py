@@ -7,6 +7,7 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,24 @@ CG = throttle.CGROUP
 V2 = "cpu" in (CG / "cgroup.controllers").read_text().split() if (CG / "cgroup.controllers").exists() else False
 
 
+@dataclass
+class Busy:
+    """A process spinning in a cgroup of its own, and that cgroup's CPU limit before the test."""
+
+    name: str  # the cgroup's path, as the kernel names it
+    proc: subprocess.Popen[bytes]
+    files: CpuFiles
+    before: dict[str, str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.before = self.limit()
+
+    def limit(self) -> dict[str, str]:
+        return self.files.originals()
+
+
 @pytest.fixture
-def busy() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A process spinning in a cgroup of its own: (the cgroup's path, the process)."""
+def busy() -> Iterator[Busy]:
     name = f"/skyferry-throttle-test-{os.getpid()}-{os.urandom(3).hex()}"
     dirs = [CG / name.strip("/")] if V2 else [CG / "cpu" / name.strip("/"), CG / "cpuacct" / name.strip("/")]
     if V2 and "cpu" not in (CG / "cgroup.subtree_control").read_text().split():
@@ -30,7 +46,7 @@ def busy() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
         for d in dirs:
             d.mkdir()
             (d / "cgroup.procs").write_text(str(proc.pid))
-        yield name, proc
+        yield Busy(name, proc, CpuFiles.of(name))
     finally:
         proc.kill()
         proc.wait()
@@ -43,8 +59,9 @@ def busy() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
                     time.sleep(0.1)
 
 
-def limit_of(files: CpuFiles) -> dict[str, str]:
-    return files.originals()
+@pytest.fixture
+def store(tmp_path: Path) -> Throttles:
+    return Throttles(tmp_path)
 
 
 def eventually(what: str, ok: object) -> None:
@@ -54,20 +71,14 @@ def eventually(what: str, ok: object) -> None:
         time.sleep(0.1)
 
 
-def test_the_kernel_names_the_cgroup_the_throttle_writes(busy: tuple[str, subprocess.Popen[bytes]]) -> None:
-    name, proc = busy
-    assert throttle.of_pid(proc.pid) == name
-    assert CpuFiles.of(name).limit.exists()
+def test_the_kernel_names_the_cgroup_the_throttle_writes(busy: Busy) -> None:
+    assert throttle.of_pid(busy.proc.pid) == busy.name
+    assert busy.files.limit.exists()
 
 
-def test_steps_tighten_the_limit_and_lifting_restores_it_exactly(
-    tmp_path: Path, busy: tuple[str, subprocess.Popen[bytes]]
-) -> None:
-    name, _ = busy
-    files = CpuFiles.of(name)
-    before = limit_of(files)
-    store = Throttles(tmp_path)
-    t = Throttle.start(store, "m1", "web", name)
+def test_steps_tighten_the_limit_and_lifting_restores_it_exactly(busy: Busy, store: Throttles) -> None:
+    files = busy.files
+    t = Throttle.start(store, "m1", "web", busy.name)
     eventually("the process has used some CPU", lambda: files.usage_s() - t.used0 > 0.05)
     assert store.get("m1") is None  # nothing written before the first step
     steps = [t.step() for _ in range(10)]
@@ -76,38 +87,27 @@ def test_steps_tighten_the_limit_and_lifting_restores_it_exactly(
     shares = [s["quota_us"] / s["period_us"] for s in steps]
     assert shares == sorted(shares, reverse=True) and shares[0] < steps[0]["base_cpus"]
     assert files.quota_us() == steps[-1]["quota_us"] and files.period_us() == steps[-1]["period_us"]
-    assert store.get("m1") is not None and store.get("m1").original == before  # type: ignore[union-attr]
-    assert store.lift("m1") and limit_of(files) == before
-    assert not store.lift("m1") and limit_of(files) == before  # idempotent
+    assert store.get("m1") is not None and store.get("m1").original == busy.before  # type: ignore[union-attr]
+    assert store.lift("m1") and busy.limit() == busy.before
+    assert not store.lift("m1") and busy.limit() == busy.before  # idempotent
 
 
-def test_a_restarted_agent_lifts_what_an_earlier_one_left(
-    tmp_path: Path, busy: tuple[str, subprocess.Popen[bytes]]
-) -> None:
-    name, _ = busy
-    files = CpuFiles.of(name)
-    before = limit_of(files)
-    t = Throttle.start(Throttles(tmp_path), "m1", "web", name)
+def test_a_restarted_agent_lifts_what_an_earlier_one_left(busy: Busy, tmp_path: Path) -> None:
+    t = Throttle.start(Throttles(tmp_path), "m1", "web", busy.name)
     t.step()
     t.step()
-    assert limit_of(files) != before  # control: it is throttled
+    assert busy.limit() != busy.before  # control: it is throttled
     assert Throttles(tmp_path).lift_all() == ["web"]  # a new agent, the same state root
-    assert limit_of(files) == before and Throttles(tmp_path).all() == []
+    assert busy.limit() == busy.before and Throttles(tmp_path).all() == []
 
 
-def test_the_watchdog_lifts_a_throttle_its_rounds_left_behind(
-    tmp_path: Path, busy: tuple[str, subprocess.Popen[bytes]]
-) -> None:
-    name, _ = busy
-    files = CpuFiles.of(name)
-    before = limit_of(files)
-    store = Throttles(tmp_path)
-    Throttle.start(store, "held", "web", name).step()
+def test_the_watchdog_lifts_a_throttle_its_rounds_left_behind(busy: Busy, store: Throttles) -> None:
+    Throttle.start(store, "held", "web", busy.name).step()
     store.save(Record(mig="working", name="db", original={}))  # rounds still running: no deadline, left alone
     store.hold("held", seconds=0.5)  # the rounds ended; no checkpoint follows
     store.watch()
     eventually("the held throttle is lifted", lambda: store.get("held") is None)
-    assert limit_of(files) == before
+    assert busy.limit() == busy.before
     time.sleep(2 * throttle.TICK)  # two more ticks: the one without a deadline stays
     assert store.get("working") is not None
     store.lift("working")

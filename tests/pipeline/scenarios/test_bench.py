@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from kit.mesh import cgroup_dirs
 from skyferry.netplane import netns
 from skyferry.pipeline.controller.migration import MODES
 from skyferry.pipeline.errors import SkyferryError
@@ -173,7 +174,7 @@ def test_nothing_is_left_behind(result: dict) -> None:
     refers to the state folder."""
     assert not list(netns.RUN_DIR.glob(f"{result['mesh']}-*"))
     assert not Path(result["state_dir"]).exists()
-    assert not Path(f"/sys/fs/cgroup/skyferry-bench-{result['mesh']}").exists()
+    assert not cgroup_dirs(f"skyferry-bench-{result['mesh']}"), "the Podman baseline's cgroups are gone"
     assert not Path("/run/skyferry-bench").exists(), "the Podman stores' runroots are gone"
     leftovers = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):

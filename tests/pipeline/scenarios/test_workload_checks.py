@@ -17,7 +17,9 @@ def test_pipeline_verdict_finds_gaps_repeats_and_torn_lines() -> None:
 
 def test_the_table_replaces_only_its_own_part_and_merges_reruns(tmp_path: Path) -> None:
     doc, results = tmp_path / "compatibility.md", tmp_path / "results.json"
-    doc.write_text(f"# Compatibility\n\nprose, kept\n\n{wm.BEGIN}\nSTALE\n{wm.END}\n\nmore prose, kept\n")
+    doc.write_text(
+        f"# Compatibility\n\nprose, kept\n\n{wm.SECTION.begin}\nSTALE\n{wm.SECTION.end}\n\nmore prose, kept\n"
+    )
     old = wm.Matrix(when="2026-12-01", kernel="6.18", criu="4.2.1", cells=[
         wm.Cell(workload="jvm", mode="precopy", outcome="failed", stage="restore", reason="boom", when="2026-12-01"),
         wm.Cell(workload="nginx", mode="precopy", outcome="pass", freeze_ms=[1375.0, 1200.0], total_ms=[18900.0],

@@ -59,7 +59,7 @@ def test_fast_subset_is_in_the_recorded_matrix() -> None:
 def test_write_doc_replaces_only_the_generated_table(tmp_path: Path) -> None:
     doc, results = tmp_path / "compatibility.md", tmp_path / "results.json"
     head = "# Compatibility\n\n## workloads\n\nkept\n\n## zdtm\n\nmethod, kept\n\n"
-    doc.write_text(f"{head}{zdtm.BEGIN}\nSTALE TABLE\n{zdtm.END}\n\nquirks, kept\n")
+    doc.write_text(f"{head}{zdtm.SECTION.begin}\nSTALE TABLE\n{zdtm.SECTION.end}\n\nquirks, kept\n")
     cell = zdtm.Cell(program="pipe00", engine="runc", mode="precopy", outcome="pass")
     bad = zdtm.Cell(program="stopped", engine="runc", mode="precopy", outcome="refused", stage="check",
                     reason="a stopped task", rolled_back=True)  # fmt: skip
@@ -69,6 +69,15 @@ def test_write_doc_replaces_only_the_generated_table(tmp_path: Path) -> None:
     assert "| `pipe00` | pipe |" in text and "refused (check) [1]" in text
     assert "1. `stopped`, runc precopy: refused at check: a stopped task. Rolled back" in text
     assert zdtm.Matrix.model_validate_json(results.read_text()).cells == [cell, bad]
+
+
+def test_write_doc_adds_its_section_to_a_doc_without_one(tmp_path: Path) -> None:
+    doc, results = tmp_path / "compatibility.md", tmp_path / "results.json"
+    doc.write_text("# Compatibility\n\nprose, kept\n")
+    zdtm.write_doc(zdtm.Matrix(when="2026-12-03", kernel="6.18", criu="4.2.1", cells=[]), doc, results)
+    text = doc.read_text()
+    assert text.startswith("# Compatibility\n\nprose, kept\n\n## zdtm\n\n" + zdtm.SECTION.begin)
+    assert text.endswith(zdtm.SECTION.end + "\n")
 
 
 def test_merge_replaces_the_rerun_cells_in_place() -> None:
