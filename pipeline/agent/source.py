@@ -500,10 +500,12 @@ def expire(host: Host, record: Freeze, peer: Peer) -> None:
     if record.phase == "serving":
         _end_serving(host, record, peer)
         return
-    killed = host.freezes.expiring[record.mig] = host.rt(record.name).started(record.name)
-    kill_groups(killed)  # after marking the migration expiring: the step that wakes up must see the bound
-    log.warning("freeze of %s (migration %s) passed its %g s bound; killed %s", record.name, record.mig,
-                record.bound, killed or "nothing")  # fmt: skip
+    killed = host.freezes.expiring.get(record.mig)
+    if killed is None:  # once: on a retry (the fence failed) a runc running now is the rollback's `resume`
+        killed = host.freezes.expiring[record.mig] = host.rt(record.name).started(record.name)
+        kill_groups(killed)  # after marking the migration expiring: the step that wakes up must see the bound
+        log.warning("freeze of %s (migration %s) passed its %g s bound; killed %s", record.name, record.mig,
+                    record.bound, killed or "nothing")  # fmt: skip
     with host.lock(record.name):
         current = host.freezes.get(record.mig)
         if current is None or current.expired:
