@@ -5,6 +5,7 @@ CACHE     ?= /var/cache/skyferry
 CRIU_SRC  ?= $(CACHE)/criu-4.2.1
 BIN        = $(VENV)/bin
 STAMP      = $(VENV)/.installed
+DASH_STAMP = $(VENV)/dashboard/.installed
 SHELL      = /bin/bash
 .SHELLFLAGS = -euo pipefail -c
 
@@ -17,7 +18,11 @@ $(STAMP): pyproject.toml requirements.lock scripts/install-venv.sh | host
 	scripts/install-venv.sh $(PYTHON) $(VENV) $(CRIU_SRC)
 	touch $@
 
-venv: host $(STAMP)
+$(DASH_STAMP): tests/dashboard/package.json tests/dashboard/package-lock.json scripts/install-dashboard-check.sh | host
+	scripts/install-dashboard-check.sh $(VENV)/dashboard
+	touch $@
+
+venv: host $(STAMP) $(DASH_STAMP)
 
 lock: venv                 ## re-resolve requirements.lock from pyproject.toml (on purpose; see README)
 	$(BIN)/python scripts/lock.py

@@ -67,6 +67,9 @@ install_quiet() {
 missing=() quiet=()
 for p in "${RUNTIME_PKGS[@]}" "${BUILD_PKGS[@]}" "${TEST_PKGS[@]}"; do installed "$p" || missing+=("$p"); done
 for p in "${QUIET_PKGS[@]}"; do installed "$p" || quiet+=("$p"); done
+# Node.js and npm check the Grafana dashboard against Grafana's published types (tests/dashboard). Asked of
+# PATH, not dpkg: a NodeSource nodejs carries its own npm and conflicts with Debian's npm package.
+command -v node >/dev/null && command -v npm >/dev/null || missing+=(nodejs npm)
 if [ $((${#missing[@]} + ${#quiet[@]})) -gt 0 ]; then
   say "installing $((${#missing[@]} + ${#quiet[@]})) apt packages: ${missing[*]} ${quiet[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -355,8 +355,8 @@ def test_every_dashboard_query_parses_and_returns_data_after_the_evacuation(scra
     # The $host variable's query (Grafana's label_values) names every agent.
     board = json.loads((DOCS / "grafana-dashboard.json").read_text())
     (var,) = board["templating"]["list"]
-    found = re.fullmatch(r"label_values\((\w+), (\w+)\)", var["definition"])
-    assert found, var["definition"]
+    found = re.fullmatch(r"label_values\((\w+), (\w+)\)", var["query"]["query"])
+    assert found, var["query"]
     metric, label = found.groups()
     assert set(prom.api(f"label/{label}/values", **{"match[]": metric})) == set(scraped["mesh"].hosts)
 
