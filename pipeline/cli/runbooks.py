@@ -53,14 +53,7 @@ def evacuate(
     host: str = typer.Option(..., "--host", help="The host to empty."),
     to: list[str] = typer.Option([], "--to", help="Target host, repeatable (default: every other mesh host)."),
     to_provider: str | None = typer.Option(None, "--to-provider", help="Targets: every mesh host of this provider."),
-    parallel: int = typer.Option(
-        1,
-        "--parallel",
-        "-p",
-        min=1,
-        max=16,
-        help="Migrations streaming memory at once (as many more may be finishing).",
-    ),
+    parallel: int = typer.Option(1, "--parallel", "-p", min=1, max=16, help="Migrations at once, at most."),
     bandwidth: str | None = typer.Option(
         None,
         "--bandwidth",

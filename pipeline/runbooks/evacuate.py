@@ -204,8 +204,7 @@ class Throughput:
     known and the measured per-migration throughput (bits on the wire / seconds streaming) says fewer fill
     it, but never fewer than two (one stream's start and another's tail would leave the link idle). A
     migration past its bulk (in its freeze, restore, confirm: CPU and round trips) holds no stream, so
-    another starts meanwhile, up to `2 * parallel` at all (finishing takes seconds under load, in which a
-    wave of `parallel` left the link idle)."""
+    another starts meanwhile; at most `parallel` run at all."""
 
     def __init__(self, budget: int | None, parallel: int, samples: list[float] | None = None) -> None:
         self.budget, self.parallel, self.samples = budget, parallel, list(samples or [])[-5:]
@@ -226,11 +225,6 @@ class Throughput:
             return self.parallel
         per = sorted(self.samples)[len(self.samples) // 2]
         return min(self.parallel, max(MIN_STREAMS, int(self.budget // per)))
-
-    def admits(self, running: list[list[str]]) -> bool:
-        """Whether another migration may start beside `running` (each one's stages so far)."""
-        streams = sum(streaming(stages) for stages in running)
-        return streams < self.cap() and len(running) < 2 * self.parallel
 
     def as_dict(self) -> dict[str, Any]:
         per = sorted(self.samples)[len(self.samples) // 2] if self.samples else None
@@ -275,8 +269,9 @@ def _run(
     state: Path, moves: list[dict[str, Any]], throughput: Throughput, progress: Progress,
     finished: Callable[[dict[str, Any]], Any] = lambda _: None,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """Run the moves in plan order: a new one starts when `throughput` admits it. `finished` is called with
-    each result as it comes. Results in plan order."""
+    """Run the moves in plan order: a new one starts when fewer than `throughput.cap()` are streaming and
+    fewer than `parallel` run at all. `finished` is called with each result as it comes. Results in plan
+    order."""
     results: dict[str, dict[str, Any]] = {}
     pending = list(moves)
     stages: dict[str, list[str]] = {}
@@ -285,12 +280,14 @@ def _run(
         stages.setdefault(name, []).append(stage)
         progress(name, stage)
 
-    with ThreadPoolExecutor(max_workers=2 * throughput.parallel) as pool:
+    with ThreadPoolExecutor(max_workers=throughput.parallel) as pool:
         running: dict[Future[dict[str, Any]], str] = {}
         while pending or running:
-            while pending and throughput.admits([stages.get(name, []) for name in running.values()]):
+            streams = sum(streaming(stages.get(name, [])) for name in running.values())
+            while pending and len(running) < throughput.parallel and streams < throughput.cap():
                 m = pending.pop(0)
                 running[pool.submit(move, state, m["container"], m["target"], seen)] = m["container"]
+                streams += 1
             # Woken by a finished migration, or every STAGE_POLL_S to see one leave its bulk.
             done, _ = wait(running, timeout=STAGE_POLL_S if pending else None, return_when=FIRST_COMPLETED)
             for f in done:

@@ -58,26 +58,6 @@ def test_throughput_learns_from_finished_migrations() -> None:
     assert len(pace.samples) == 1, "only finished migrations measure the link"
 
 
-FROZEN = ["check", "prepare", "precopy", "checkpoint"]  # past its bulk
-ROUNDS = ["check", "prepare", "precopy"]  # still streaming
-
-
-@pytest.mark.parametrize(
-    ("running", "admitted"),
-    [
-        ([ROUNDS] * 3, True),
-        ([ROUNDS] * 4, False),  # --parallel 4 streams
-        ([FROZEN] * 4, True),  # the wave is finishing: the link would idle
-        ([ROUNDS] * 2 + [FROZEN] * 4, True),
-        ([ROUNDS] * 3 + [FROZEN] * 5, False),  # twice --parallel at all
-    ],
-)
-def test_a_new_migration_starts_while_others_finish_but_not_past_the_stream_cap(
-    running: list[list[str]], admitted: bool
-) -> None:
-    assert evacuate.Throughput(None, 4).admits(running) is admitted
-
-
 @pytest.mark.parametrize(
     ("stages", "bulk_left"),
     [
