@@ -1,5 +1,6 @@
 """Helpers for netplane tests: ICMP and TCP probes inside namespaces, a local mesh that always comes down."""
 
+import http.client
 import ipaddress
 import itertools
 import socket
@@ -257,3 +258,15 @@ def ask_agent(m: Mesh, host: str, ctx: ssl.SSLContext) -> bytes | Exception:
         return exc
     finally:
         sock.close()
+
+
+def http_get(conn: http.client.HTTPConnection, netns: str | None, path: str) -> tuple[int, bytes]:
+    """GET `path` over `conn`, connected from inside `netns`; the status and the body."""
+    with in_netns(netns):
+        conn.connect()
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()

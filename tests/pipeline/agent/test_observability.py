@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 from kit.machine import machine_on_underlay, run_in
 from kit.mesh import local_mesh
+from kit.net import http_get
 from prometheus_client.parser import text_string_to_metric_families
 from skyferry.netplane.mesh import Mesh
-from skyferry.netplane.netns import in_netns
 from skyferry.pipeline import logfmt
 from skyferry.pipeline.agent.join import Layout, join
 from skyferry.pipeline.agent.server import identity_for
@@ -51,14 +51,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Mesh]
 
 def _get(m: Mesh, host: str, ctx: ssl.SSLContext, path: str) -> tuple[int, bytes]:
     conn = http.client.HTTPSConnection(m.hosts[host].overlay_ip, AGENT_PORT, context=ctx, timeout=30)
-    with in_netns(m.controller.netns):
-        conn.connect()
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
+    return http_get(conn, m.controller.netns, path)
 
 
 def _metrics(state: Path, m: Mesh, host: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

@@ -29,6 +29,7 @@ from urllib.parse import urlencode
 import pytest
 import yaml
 from kit.mesh import local_mesh
+from kit.net import http_get
 from skyferry.netplane import netns
 from skyferry.netplane.mesh import Mesh
 from skyferry.netplane.netns import in_netns
@@ -108,15 +109,7 @@ class Prometheus:
             return False
 
     def _get(self, path: str) -> tuple[int, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        with in_netns(self.ns):
-            conn.connect()
-        try:
-            conn.request("GET", path)
-            resp = conn.getresponse()
-            return resp.status, resp.read()
-        finally:
-            conn.close()
+        return http_get(http.client.HTTPConnection("127.0.0.1", self.port, timeout=30), self.ns, path)
 
     def api(self, path: str, **params: object) -> Any:
         status, body = self._get(f"/api/v1/{path}?{urlencode({k: v for k, v in params.items() if v is not None})}")
