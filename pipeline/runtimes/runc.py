@@ -275,9 +275,11 @@ class Runc:
         pause would then freeze runc's own empty cgroup, and auto-converge would find no cpu.max
         (docs/precopy.md, "Auto-converge on cgroup v2"). Only the container's tasks move (its pid
         namespace's): on a kernel shared with the source, that path is the source's, with its frozen tasks."""
-        state = self.state(name)
-        if state is None or not state["pid"] or not (CGROUP / "cgroup.controllers").exists():
+        if not (CGROUP / "cgroup.controllers").exists():
             return  # v1: runc maps every controller's root for CRIU
+        state = self.state(name)  # one more runc call inside the freeze, on v2 only
+        if state is None or not state["pid"]:
+            return
         init, want = int(state["pid"]), self.cgroup(name)
         found = throttle.of_pid(init)
         if found == want:
