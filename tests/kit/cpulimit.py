@@ -93,3 +93,10 @@ def throttled(seen: Sequence[Any], original: Any) -> list[Any]:
         if value != original and (not out or out[-1] != value):
             out.append(value)
     return out
+
+
+def in_order(seen: Sequence[Any], steps: Sequence[Any]) -> bool:
+    """Every value of `seen` is one of `steps`, in their order (a sampler on a busy guest can miss a step
+    whose hold it never got scheduled in; it must never see one that was not taken)."""
+    rest = iter(steps)
+    return all(value in rest for value in seen)
