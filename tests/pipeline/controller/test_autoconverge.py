@@ -14,12 +14,12 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kit.cpulimit import Sampler
 from kit.mesh import local_mesh
 from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller import agentctl, containers, migration
@@ -50,28 +50,6 @@ def limit(state: Path, m: Mesh, host: str, name: str) -> dict[str, str]:
     (found,) = on(state, m, host, name)
     files = CpuFiles.of(throttle.of_pid(found["pid"])).originals()
     return {Path(p).name: text for p, text in files.items()}
-
-
-class Sampler:
-    """Reads a cgroup's CPU limit until stopped (or until the cgroup is gone): every value it held."""
-
-    def __init__(self, files: CpuFiles) -> None:
-        self.files, self.seen, self._stop = files, [files.originals()], threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            now = self.files.originals()
-            if "" in now.values():  # the cgroup went with the container
-                return
-            if now != self.seen[-1]:
-                self.seen.append(now)
-
-    def stop(self) -> list[dict[str, str]]:
-        self._stop.set()
-        self._thread.join()
-        return self.seen
 
 
 @pytest.fixture
