@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -45,6 +47,8 @@ from skyferry.pipeline.memory.predump import PredumpTarget
 from skyferry.pipeline.memory.store import TargetStore
 from skyferry.pipeline.runtimes.children import kill_groups
 from skyferry.pipeline.runtimes.protocol import Runtime
+
+RETRY_WAIT_S = 0.2  # before the one retry of a failed restore (see TargetSession._restore)
 
 
 class TargetSession:
@@ -177,7 +181,7 @@ class TargetSession:
         t0 = time.monotonic()
         if state is None or state["status"] != "running":
             with _bounded(runtime, self.name, self.mig, deadline):
-                t_pager = self._restore(runtime, page_source, t0)
+                t_pager = self._restore(runtime, page_source, t0, deadline)
         restored = time.monotonic()
         netlock.unlock(self.host.netns(self.name))
         holdback, self.holdback = self.holdback, None
@@ -187,13 +191,16 @@ class TargetSession:
             timings["pager_wait_s"] = t_pager - t0
         return {**timings, "replayed": replayed}
 
-    def _restore(self, runtime: Runtime, page_source: PageSource | None, t0: float) -> float:
-        """Run the engine's restore (lazily through `page_source`); when the pager was ready (monotonic)."""
+    def _restore(self, runtime: Runtime, page_source: PageSource | None, t0: float, deadline: float | None) -> float:
+        """Run the engine's restore (lazily through `page_source`); when the pager was ready (monotonic).
+        No retry starts past `deadline`: the source's watchdog fences this host then, and its `abort` waits
+        for this restore, so a late retry would stretch the freeze past its bound."""
         t_pager = t0
         # Right after a failed attempt CRIU can hit "Can't fork for PID: File exists" until the old PID is
         # reaped; one retry after a short wait covers it. Not after a lazy restore: the source's page server
         # serves one client, and that was the first attempt's.
         attempts = (1,) if page_source else (1, 2)
+        faults.act(self.host.cfg.state_root, "stop-engine:restore", lambda: _stop_when_started(runtime, self.name))
         for attempt in attempts:
             try:
                 images, work = self.dir / "images", self.dir / f"work{attempt}"
@@ -211,9 +218,13 @@ class TargetSession:
                 break
             except SkyferryError:
                 self._stop_pager()
-                if attempt == attempts[-1] or runtime.state(self.name) is not None:
+                if (
+                    attempt == attempts[-1]
+                    or runtime.state(self.name) is not None
+                    or (deadline is not None and time.time() + RETRY_WAIT_S >= deadline)
+                ):
                     raise
-                time.sleep(0.2)
+                time.sleep(RETRY_WAIT_S)
         return t_pager
 
     def abort(self) -> None:
@@ -320,6 +331,23 @@ class TargetSession:
         pager = _started(early) if early is not None else None  # let it finish starting before stopping it
         if pager is not None:
             pager.stop()
+
+
+def _stop_when_started(runtime: Runtime, name: str) -> None:
+    """Fault drill `stop-engine:restore`: SIGSTOP the engine's restore (runc and the CRIU it runs) as soon
+    as it starts, as a runc or CRIU that hangs would; only the freeze bound ends it."""
+
+    def stop() -> None:
+        for _ in range(5000):  # about 10 s
+            groups = runtime.started(name)
+            for pgid in groups:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pgid, signal.SIGSTOP)
+            if groups:
+                return
+            time.sleep(0.002)
+
+    threading.Thread(target=stop, name="stop-engine", daemon=True).start()
 
 
 @contextlib.contextmanager

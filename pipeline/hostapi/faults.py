@@ -4,7 +4,9 @@ An agent fails step S when its host's state root holds a file `faults` with a li
 `restore`). The controller crashes (exits 137) right after recording stage S when SKYFERRY_CRASH_AFTER=S.
 Both are read at the moment of the step, so a running mesh can be drilled without restarts.
 A listed `stop-task:checkpoint` makes the source agent SIGSTOP the container's last task right before
-the pause: CRIU then hangs, as with a workload that stops a child (the freeze bound's drill).
+the pause: CRIU then hangs, as with a workload that stops a child (the freeze bound's drill). A listed
+`stop-engine:restore` makes the target agent SIGSTOP its restore (runc and its CRIU) as soon as it
+starts, as a hung runc or CRIU would.
 
 One-shot kinds, each consumed (its line removed) when it fires:
   die:S       the agent kills itself (SIGKILL) on reaching step S, mid-request, as a crash would

@@ -149,6 +149,32 @@ def test_a_hung_checkpoint_is_killed_and_thawed_at_the_bound(workload: dict) -> 
     assert proctree.stopped([task]) != [], "the task the workload stopped stays stopped, and present"
 
 
+def test_a_hung_restore_is_killed_at_the_bound_and_the_source_thaws(workload: dict) -> None:
+    """The target's restore hangs (the drill `stop-engine:restore` stops its runc and CRIU the moment they
+    start). With --freeze-timeout 5 the target kills its restore at the bound, the source's watchdog fences
+    the target and thaws, and the migration rolls back: one copy, on the source; nothing on the target."""
+    c = workload
+    dst_faults = Path(c["mesh"].hosts[DST].state_root) / "faults"
+    dst_faults.write_text("stop-engine:restore\n")
+    try:
+        proc = cli("migrate", c["name"], "--to", DST, "--mode", "precopy", "--freeze-timeout", "5")
+    finally:
+        dst_faults.unlink(missing_ok=True)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "freeze bound" in proc.stderr and "restore" in proc.stderr, proc.stderr
+    killed = re.search(r"process group (\d+)", proc.stderr)
+    assert killed, f"the error names the stopped restore it killed: {proc.stderr}"
+    eventually("the stopped runc/CRIU is gone", lambda: group_members(int(killed.group(1))) == [])
+    mig = Journal(c["state"]).all()[-1]
+    statuses = Journal(c["state"]).stage_status(mig.id)
+    assert mig.state == "rolled-back", (mig.state, statuses)
+    assert statuses["restore"] == "undone" and statuses["checkpoint"] == "undone", statuses
+    running_once_on_source(c)
+    # Positive control: without the drill the same container moves.
+    assert migration.migrate(c["state"], c["name"], DST, mode="precopy")["state"] == "done"
+    assert on(c, SRC) == [] and on(c, DST)[0]["state"] == "running"
+
+
 def _checkpointing(root: Path, name: str) -> list[int]:
     """The `runc checkpoint` the source agent started for `name` and waits on (its children record)."""
     found = []
