@@ -12,6 +12,8 @@ Segments sent before the cutover reach the frozen source, whose lock drops them;
 back as well, replays them itself if the migration rolls back, and hands them to the target otherwise.
 """
 
+import os
+import select
 import socket
 import threading
 from collections import OrderedDict
@@ -32,15 +34,21 @@ class Holdback:
         with in_netns(netns):
             self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_IP))
         self._sock.bind((ifname, ETH_P_IP))
-        self._sock.settimeout(0.1)
+        self._sock.setblocking(False)
+        # close() wakes the capture through this pipe: it runs inside the freeze, where waiting out a
+        # receive timeout cost up to 100 ms.
+        self._wake_r, self._wake_w = os.pipe()
         self._thread = threading.Thread(target=self._capture, name=f"holdback-{netns}", daemon=True)
         self._thread.start()
 
     def _capture(self) -> None:
         while not self._stop.is_set():
+            ready, _, _ = select.select([self._sock, self._wake_r], [], [])
+            if self._wake_r in ready:
+                return
             try:
                 packet, addr = self._sock.recvfrom(65535)
-            except TimeoutError:
+            except BlockingIOError:
                 continue
             except OSError:
                 return
@@ -70,9 +78,16 @@ class Holdback:
     def close(self) -> list[bytes]:
         """Stop capturing; returns the held segments, oldest first."""
         self._stop.set()
+        os.write(self._wake_w, b"x")
         self._thread.join(timeout=2)
-        self._sock.close()
+        # Closing a packet socket waits for the kernel (synchronize_net, about 10 ms): not in the freeze.
+        threading.Thread(target=self._release, name="holdback-close", daemon=True).start()
         return list(self.held.values())
+
+    def _release(self) -> None:
+        self._sock.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
 
     def replay(self) -> int:
         """Stop capturing and deliver every held segment into the (now open) netns; returns how many."""
