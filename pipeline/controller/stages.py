@@ -297,8 +297,10 @@ class Restore:
 class Cutover:
     """Route the /32 to the target while both copies are silent (the source frozen and locked, the
     target's netns dropping inbound): the target's host route, then one atomic peer-list change per
-    mesh member. Done before the restore, so the restored copy's first packets find their way; the
-    source's host route goes with confirm."""
+    mesh member. Done right after the checkpoint, before the transfer: from then on every client segment
+    reaches the target, whose holdback keeps it for the restore, and the transfer hands over all the
+    source's lock dropped before (after the transfer, a segment sent between that hand-over and the
+    cutover waited out the client's retransmission timer). The source's host route goes with confirm."""
 
     name = "cutover"
 
@@ -409,20 +411,20 @@ class Cleanup:
 
 
 STOP_COPY: list[Stage] = [
-    Check(), Prepare(), Checkpoint(), Transfer(), Cutover(), Restore(), Confirm(), Cleanup(),
+    Check(), Prepare(), Checkpoint(), Cutover(), Transfer(), Restore(), Confirm(), Cleanup(),
 ]  # fmt: skip
 # Post-copy: the shortest freeze (no page is written or read inside it), at the price of a phase after
 # it in which the running copy still depends on the source for the pages it has not touched yet.
 POSTCOPY: list[Stage] = [
-    Check(), Prepare(), LazyCheckpoint(), Transfer(), Cutover(), LazyRestore(), LazyPhase(), Confirm(), Cleanup(),
+    Check(), Prepare(), LazyCheckpoint(), Cutover(), Transfer(), LazyRestore(), LazyPhase(), Confirm(), Cleanup(),
 ]  # fmt: skip
 # After pre-copy rounds the freeze ends one of two ways: a stop-copy of what changed since the last round,
-PRECOPY_FINISH: list[Stage] = [Checkpoint(), Transfer(), Cutover(), Restore(), Confirm(), Cleanup()]
+PRECOPY_FINISH: list[Stage] = [Checkpoint(), Cutover(), Transfer(), Restore(), Confirm(), Cleanup()]
 # or hybrid: a lazy checkpoint. The source has a pre-copy engine, so it also sends the pages the target
 # holds unchanged; the target's lazy-pages daemon takes those from its store and only the pages that
 # changed since the last round from the source (pipeline/memory/hybrid.py).
 HYBRID_FINISH: list[Stage] = [
-    LazyCheckpoint(), Transfer(), Cutover(), LazyRestore(), LazyPhase(), Confirm(), Cleanup(),
+    LazyCheckpoint(), Cutover(), Transfer(), LazyRestore(), LazyPhase(), Confirm(), Cleanup(),
 ]  # fmt: skip
 PRECOPY: list[Stage] = [Check(), Prepare(), PreCopy(), *PRECOPY_FINISH]
 HYBRID: list[Stage] = [Check(), Prepare(), PreCopy("content", ("hybrid",)), *HYBRID_FINISH]

@@ -238,7 +238,7 @@ def streaming(stages: list[str]) -> bool:
     if not stages:
         return True
     now = stages[-1]
-    if now in ("checkpoint", "transfer"):
+    if now in ("checkpoint", "cutover", "transfer"):
         return "precopy" not in stages
     return now in ("check", "prepare", "precopy", "lazy")
 

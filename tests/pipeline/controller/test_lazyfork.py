@@ -64,7 +64,7 @@ def test_a_rollback_after_the_point_of_no_return_leaves_the_registry_on_the_sour
     registry, journal = Registry(tmp_path), Journal(tmp_path)
     registry.add(spec, "local-1")
     mig = journal.begin("web", "local-1", "local-2", "postcopy")
-    stages = [Undone(n) for n in ("check", "prepare", "checkpoint", "transfer", "cutover", "restore", "lazy")]
+    stages = [Undone(n) for n in ("check", "prepare", "checkpoint", "cutover", "transfer", "restore", "lazy")]
     for stage in stages:
         journal.transition(mig.id, stage.name, "done" if stage.name != "lazy" else "failed")
     registry.move("web", "local-2")  # the runner, at the point of no return

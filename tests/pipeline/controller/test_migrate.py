@@ -235,7 +235,7 @@ def test_postcopy_moves_a_live_connection(counter: dict) -> None:
     state, name, m = counter["state"], counter["name"], counter["mesh"]
     report = migration.migrate(state, name, "local-2", mode="postcopy")
     assert report["state"] == "done" and report["mode"] == "postcopy"
-    assert list(report["stages_s"]) == ["check", "prepare", "checkpoint", "transfer", "cutover", "restore",
+    assert list(report["stages_s"]) == ["check", "prepare", "checkpoint", "cutover", "transfer", "restore",
                                         "lazy", "confirm", "cleanup"]  # fmt: skip
     client = counter["client"]
     client.wait_for(client.progress() + 5)

@@ -47,7 +47,7 @@ def test_hybrid_serves_unchanged_pages_from_the_store(counter: dict) -> None:
     state, name = counter["state"], counter["name"]
     report = migration.migrate(state, name, "local-2", mode="hybrid")
     assert report["state"] == "done" and report["mode"] == "hybrid"
-    assert list(report["stages_s"]) == ["check", "prepare", "precopy", "checkpoint", "transfer", "cutover",
+    assert list(report["stages_s"]) == ["check", "prepare", "precopy", "checkpoint", "cutover", "transfer",
                                         "restore", "lazy", "confirm", "cleanup"]  # fmt: skip
     lazy = report["lazy"]
     assert lazy["error"] is None

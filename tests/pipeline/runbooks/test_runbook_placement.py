@@ -64,10 +64,11 @@ def test_throughput_learns_from_finished_migrations() -> None:
         ([], True),  # started, no stage reported yet
         (["check", "prepare", "precopy"], True),
         (["check", "prepare", "precopy", "checkpoint"], False),  # pre-copy: the freeze moves only what changed
-        (["check", "prepare", "precopy", "checkpoint", "transfer", "cutover", "restore"], False),
-        (["check", "prepare", "checkpoint", "transfer"], True),  # stop-copy: everything goes in the transfer
-        (["check", "prepare", "checkpoint", "transfer", "cutover"], False),
-        (["check", "prepare", "checkpoint", "transfer", "cutover", "restore", "lazy"], True),  # post-copy's pages
+        (["check", "prepare", "precopy", "checkpoint", "cutover", "transfer", "restore"], False),
+        (["check", "prepare", "checkpoint", "cutover"], True),  # stop-copy: everything goes in the transfer
+        (["check", "prepare", "checkpoint", "cutover", "transfer"], True),
+        (["check", "prepare", "checkpoint", "cutover", "transfer", "restore"], False),
+        (["check", "prepare", "checkpoint", "cutover", "transfer", "restore", "lazy"], True),  # post-copy's pages
         (["finishing interrupted migration m1"], False),
     ],
 )
