@@ -60,6 +60,8 @@ def init(
         member.pid = wg.start_interface(mesh.backend, interface, None)
         mesh.persist()
         wg.wg(None, "set", interface, "private-key", str(root / "private.key"), "listen-port", str(port))
+        if member.pid is not None:
+            wg.widen_buffers(member.pid)
         with IPRoute() as ipr:
             idx = ipr.link_lookup(ifname=interface)[0]
             ipr.addr("add", index=idx, address=member.overlay_ip, prefixlen=ipaddress.ip_network(net).prefixlen)

@@ -1,9 +1,12 @@
 """WireGuard through the `wg` tool: keys, the backend (kernel module or wireguard-go), peer updates."""
 
 import contextlib
+import ctypes
+import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -16,6 +19,10 @@ from .errors import NetplaneError
 SOCKET_DIR = Path("/var/run/wireguard")
 KERNEL = "kernel"
 USERSPACE = "wireguard-go"
+UDP_BUFFER = 7 << 20  # what wireguard-go sets on its own sockets since 2023 (socketBufferSize)
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # <asm-generic/socket.h>; root may exceed net.core.[rw]mem_max
+SYS_PIDFD_GETFD = 438  # the same on x86_64 and arm64
+log = logging.getLogger("skyferry.netplane.wg")
 
 
 def _run(argv: list[str], *, input: str | None = None) -> str:
@@ -95,6 +102,42 @@ def start_interface(backend: str, ifname: str, netns_name: str | None, timeout: 
             raise NetplaneError(f"wireguard-go did not bring up {ifname} (exit code {proc.returncode})")
         time.sleep(0.005)
     return proc.pid
+
+
+def widen_buffers(pid: int) -> int:
+    """Give wireguard-go `pid`'s UDP sockets (bound once its listen port is set) the buffers newer
+    wireguard-go sets itself. Debian 12's 0.0.20220316 leaves them at net.core.rmem_default, 208 KiB,
+    which a child netns cannot raise: a receiver on a busy host then dropped 12-27% of the datagrams
+    (bench/README.md, "Where a byte goes"). Socket options belong to the socket, so they are set through
+    a copy of its descriptor (pidfd_getfd). Returns how many sockets; a kernel that refuses is logged and
+    leaves the link working, only slower."""
+    inodes = set()
+    for table in ("udp", "udp6"):
+        with contextlib.suppress(OSError):
+            inodes |= {line.split()[9] for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]}
+    libc = ctypes.CDLL(None, use_errno=True)
+    widened = 0
+    pidfd = os.pidfd_open(pid)
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.removeprefix("socket:[").rstrip("]") not in inodes:
+                continue
+            copy = libc.syscall(SYS_PIDFD_GETFD, pidfd, int(fd), 0)
+            if copy < 0:
+                why = os.strerror(ctypes.get_errno())
+                log.warning("cannot widen wireguard-go's UDP buffers (pid %d): %s", pid, why)
+                return widened
+            with socket.socket(fileno=copy) as sock:  # closes only our copy
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, UDP_BUFFER)
+                sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, UDP_BUFFER)
+            widened += 1
+    finally:
+        os.close(pidfd)
+    return widened
 
 
 def _has_link(netns_name: str | None, ifname: str) -> bool:

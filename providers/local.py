@@ -110,6 +110,8 @@ def _wireguard(mesh: Mesh, member: MeshHost, prefixlen: int) -> None:
     mesh.persist()  # record the pid at once: a crash from here on still leaves `down` able to kill it
     key = Path(member.state_root) / "private.key"
     wg.wg(member.netns, "set", member.interface, "private-key", str(key), "listen-port", str(mesh.listen_port))
+    if member.pid is not None:
+        wg.widen_buffers(member.pid)
     with IPRoute(netns=member.netns) as ipr:
         idx = ipr.link_lookup(ifname=member.interface)[0]
         ipr.addr("add", index=idx, address=member.overlay_ip, prefixlen=prefixlen)
