@@ -5,6 +5,7 @@ stage that only half ran. Undo order is the reverse of run order, which is what 
 running exactly once: the target's copy is killed before the frozen source is thawed.
 """
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -305,6 +306,13 @@ class Cutover:
     name = "cutover"
 
     def run(self, ctx: Context) -> dict[str, Any]:
+        deadline = ctx.notes.get("freeze_deadline")
+        if deadline is not None and time.time() >= deadline:  # e.g. resumed late: the source has thawed
+            raise SkyferryError(
+                f"migration {ctx.mig_id}: the freeze bound was hit before the cutover; the source's watchdog "
+                f"thaws {ctx.entry.name!r} there",
+                hint="the migration rolls back. A longer bound: skyferry migrate --freeze-timeout SECONDS",
+            )
         ctx.dst.call("POST", f"/v1/containers/{ctx.entry.name}/route", {"present": True})
         routes.publish(ctx.mesh, ctx.entry.ip, ctx.target, ctx.push)
         return {"ip": ctx.entry.ip}
