@@ -116,6 +116,8 @@ def _print(result: dict[str, Any], paths: dict[str, Path]) -> None:
     if result["runs"]:
         tables.append(("Migrations (xN: ratio to this workload's stop-copy)", benchreport.COLUMNS,
                        benchreport.rows(result)))  # fmt: skip
+        if freeze := benchreport.freeze_rows(result):
+            tables.append(("Where each freeze went (ms)", benchreport.FREEZE_COLUMNS, freeze))
     if evac := result.get("evacuate"):
         cfg = evac["config"]
         if evac["runs"]:

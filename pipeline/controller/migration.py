@@ -18,7 +18,7 @@ from typing import Any
 
 from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline import logfmt
-from skyferry.pipeline.controller import agentctl, freezecost
+from skyferry.pipeline.controller import agentctl, freezecost, freezeparts
 from skyferry.pipeline.controller.journal import Journal, Migration
 from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.controller.stages import (
@@ -475,6 +475,8 @@ def _report(journal: Journal, mig: Migration) -> dict[str, Any]:
         # "soft-dirty" (CRIU pre-dumps) or "content"; None without rounds. Older agents ran only content.
         "precopy_method": precopy.get("method", "content") if precopy else None,
         "stages_s": stages,
+        # the freeze's parts: each agent's own work, each call's rest, the controller's between stages
+        "freeze_parts_ms": freezeparts.parts(detail, freeze_s),
         # post-copy and hybrid: the lazy phase after the restore (hybrid: pages from the store vs the source)
         "lazy": {k: v for k, v in detail.get("lazy", {}).items() if k != "seconds"} or None,
     }

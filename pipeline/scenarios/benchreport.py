@@ -9,6 +9,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from skyferry.pipeline.controller import freezeparts
 from skyferry.pipeline.scenarios import benchtargets, evacreport
 from skyferry.pipeline.scenarios.benchtargets import BYTES_GOAL, FREEZE_GOAL_MS, GAP_OVER_FREEZE_MS
 
@@ -67,6 +68,21 @@ def rows(result: dict[str, Any]) -> list[list[str]]:
     return out
 
 
+FREEZE_COLUMNS = ["workload", "mode", "freeze", "pause + lock", "dump", "checkpoint call", "cutover", "transfer",
+                  "restore", "unlock + replay", "restore call", "between stages"]  # fmt: skip
+
+
+def freeze_rows(result: dict[str, Any]) -> list[list[str]]:
+    """Where each run's freeze went (ms; the report's `freeze_parts_ms`, controller/freezeparts.py)."""
+    out = []
+    for r in result["runs"]:
+        parts = (r.get("report") or {}).get("freeze_parts_ms")
+        if parts:
+            mode = f"{r['mode']} ({r['mode_chosen']})" if r.get("mode_chosen") not in (None, r["mode"]) else r["mode"]
+            out.append([r["workload"], mode, f"{r['freeze_ms']:.0f}", *(f"{parts[k]:.0f}" for k in freezeparts.PARTS)])
+    return out
+
+
 def _with_ratio(value: float | None, ratio: float | None, fmt: str) -> str:
     if value is None:
         return "-"
@@ -103,6 +119,12 @@ def markdown(result: dict[str, Any]) -> str:
             _table(COLUMNS, rows(result)),
             f"iperf3 over the overlay (8 MiB window), measured before each workload's runs: {iperf3_line(result)}.",
         ]
+        if freeze := freeze_rows(result):
+            parts += [
+                "Where each freeze went (ms): each agent's own work, the rest of each stage's call (round trip, "
+                "other steps) and the controller's time between the stages.",
+                _table(FREEZE_COLUMNS, freeze),
+            ]
     if evac := result.get("evacuate"):
         parts += _evacuation_markdown(evac)
     parts.append(f"Machine: {machine_line(result['machine'])}. Bench took {result['seconds']:.0f} s"

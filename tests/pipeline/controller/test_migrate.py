@@ -59,6 +59,9 @@ def test_migration_keeps_ip_and_connection_there_and_back(counter: dict) -> None
     assert report["mode_requested"] == "auto" and report["mode"] in ("precopy", "hybrid")  # the default
     assert list(report["stages_s"]) == [s.name for s in migration.plan("auto", report["mode"])]
     assert report["rounds"] and report["bytes_at_freeze"] < report["rounds"][0]["bytes_out"]
+    parts = report["freeze_parts_ms"]  # where the freeze went: its parts add up to it
+    assert parts["dump"] > 0 and parts["restore"] > 0 and all(v >= 0 for v in parts.values()), parts
+    assert abs(sum(parts.values()) - report["freeze_ms"]) < 2, (parts, report["freeze_ms"])
     now = where(state, name)
     assert (now["host"], now["ip"], now["state"]) == ("local-2", counter["ip"], "running")
     assert name not in host_containers(state, m, "local-1")

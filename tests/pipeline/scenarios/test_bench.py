@@ -167,6 +167,9 @@ def test_outputs_json_markdown_png_and_table(result: dict) -> None:
     assert rows[-1][-1].startswith("FAILED: ")
     auto = result["runs"].index(_runs(result, "tiny service")[1])
     assert rows[auto][1:3] == ["auto", result["runs"][auto]["mode_chosen"]]
+    freeze = benchreport.freeze_rows(result)  # every run that got past its restore says where its freeze went
+    assert len(freeze) == sum(1 for r in result["runs"] if r["ok"]) and "| pause + lock |" in markdown
+    assert all(len(row) == len(benchreport.FREEZE_COLUMNS) for row in freeze)
 
 
 def test_nothing_is_left_behind(result: dict) -> None:
