@@ -105,6 +105,7 @@ def config(quick: bool, wan: str, skip: list[str], evacuate_only: bool, parallel
         workloads=() if evacuate_only else tuple(w for w in workloads if w.part not in skip),
         evacuate=None if "evacuate" in skip and "podman" in skip else evac,
         wan=wan or None,
+        warm_memory_gib=2.0 if quick else runner.Config.warm_memory_gib,
     )
 
 

@@ -67,6 +67,7 @@ class Config:
     # rolled back leaves nothing to compare with. Every other mode keeps the default a user gets.
     baseline_freeze_timeout_s: float = 120.0
     mesh_name: str | None = None  # default: "bn" + 4 hex digits
+    warm_memory_gib: float = 6.0  # touched once before anything runs (benchhosts.warm_memory); 0: not
 
     def mode_order(self, wl: Workload) -> list[str]:
         modes = list(wl.modes or self.modes or migration.MODES)
@@ -91,6 +92,7 @@ def run(cfg: Config, progress: Progress = say_nothing) -> dict[str, Any]:
         "errors": [],
     }
     t0 = time.monotonic()
+    result["machine"]["first_touch_s_per_gib"] = benchhosts.warm_memory(cfg.warm_memory_gib, progress)
     try:
         with benchhosts.hosts(cfg.wan, cfg.mesh_name or "bn" + secrets.token_hex(2), progress) as (state, mesh):
             result["mesh"], result["state_dir"] = mesh.name, str(state)

@@ -35,8 +35,10 @@ def _proc_field(path: str, key: str) -> str:
 
 
 def machine_line(m: dict[str, Any]) -> str:
+    touch = m.get("first_touch_s_per_gib")
+    warmed = f", memory touched once first at {touch} s/GiB" if touch is not None else ""
     return (f"{m['nproc']} cores ({m['cpu']}), kernel {m['kernel']}, {m['memory_gb']} GB RAM, "
-            f"load average {m['load_avg'][0]} at start, shared VM")  # fmt: skip
+            f"load average {m['load_avg'][0]} at start{warmed}, shared VM")  # fmt: skip
 
 
 # --- outputs ---------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> dict:
         warmup=True,
         iperf_s=1.0,
         mesh_name="b" + os.urandom(2).hex(),
+        warm_memory_gib=0.25,
     )
     res = bench.run(cfg)
     res["paths"] = benchreport.write(res, out)
@@ -155,6 +156,7 @@ def test_outputs_json_markdown_png_and_table(result: dict) -> None:
     assert [r["mode"] for r in saved["runs"]] == [r["mode"] for r in result["runs"]]
     assert saved["targets"] == result["targets"] and [r["count"] for r in saved["evacuate"]["runs"]] == [1, 2]
     assert saved["machine"]["nproc"] == os.cpu_count() and saved["machine"]["kernel"] == os.uname().release
+    assert saved["machine"]["first_touch_s_per_gib"] > 0  # the memory was touched once before the runs
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths["png"].stat().st_size > 10_000
     markdown = paths["md"].read_text()
     assert "| stop-copy |" in markdown and "| precopy |" in markdown and "\nMachine: " in markdown
