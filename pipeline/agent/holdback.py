@@ -76,7 +76,10 @@ class Holdback:
                 self.held.setdefault(packet[12:20] + packet[ihl : ihl + 14], packet)
 
     def close(self) -> list[bytes]:
-        """Stop capturing; returns the held segments, oldest first."""
+        """Stop capturing; returns the held segments, oldest first. Once only: later calls just return them
+        (the wake pipe's descriptors may belong to someone else by then)."""
+        if self._stop.is_set():
+            return list(self.held.values())
         self._stop.set()
         os.write(self._wake_w, b"x")
         self._thread.join(timeout=2)
