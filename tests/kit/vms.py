@@ -2,8 +2,7 @@
 emulated WAN, and two VMs (vm-1, vm-2) joined through provision's token path, booted once under nice
 (TCG here). Everything carries the run's unique mesh id; `hosts down` runs even on failure.
 
-Modules use it in file order: tests/providers/test_vm.py checks the guests, test_vm_autoconverge.py
-throttles a container on cgroup v2 (moving it vm-1 -> vm-2, and removing it), test_vm_mesh.py migrates
+Modules use it in file order: tests/providers/test_vm.py checks the guests, test_vm_mesh.py migrates
 between them, then test_vm_provider.py checks the provider and test_vm_zz_last.py ends the session (it
 takes the VMs' WireGuard down, then the session, and checks nothing is left).
 """

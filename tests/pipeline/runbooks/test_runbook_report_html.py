@@ -18,7 +18,7 @@ from playwright.sync_api import Browser, Locator
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 
-STAGES = ["check", "prepare", "precopy", "checkpoint", "transfer", "cutover", "restore", "confirm", "cleanup"]
+STAGES = ["check", "prepare", "precopy", "checkpoint", "cutover", "transfer", "restore", "confirm", "cleanup"]
 MARKUP = '<b id="pwned">owned</b><script>document.title="pwned"</script>'
 
 
