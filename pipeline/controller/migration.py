@@ -59,6 +59,7 @@ Progress = Callable[[str], None]
 # What the report keeps of each pre-copy round (frozen_ms: soft-dirty only, CRIU's freeze per pre-dump).
 ROUND_KEYS = ("seq", "duration", "pages_scanned", "pages_changed", "pages_zero", "bytes_out", "frozen_ms")
 FS_ROUND_KEYS = ("seq", "duration", "files_scanned", "files_sent", "bytes_raw", "bytes_wire")
+TARGET_BACK_S = 20.0  # how long a rollback, once the source is thawed, waits for an unreachable target's agent
 log = logging.getLogger("skyferry.controller.migration")
 
 
@@ -389,12 +390,34 @@ def _undo(ctx: Context, journal: Journal, stages: list[Stage], progress: Progres
             raise _stopped(ctx, journal, stage, exc, cause) from exc
         journal.transition(ctx.mig_id, stage.name, "undone")
     if lost:
+        lost = _undo_late(ctx, journal, [s for s in reversed(stages) if s.name in lost])
+    if lost:
         cause = f"{cause or 'failed'}; {ctx.target} was unreachable, its {', '.join(lost)} left undone"
     # Rolled back, the container runs on the source: also after a lost lazy phase, which came past the
     # point of no return (where the registry moved to the target), and when `migrations rollback` finishes
     # such a rollback that stopped half way.
     Registry(ctx.state).move(ctx.entry.name, ctx.source)
     journal.finish(ctx.mig_id, "rolled-back", error=cause)
+
+
+def _undo_late(ctx: Context, journal: Journal, skipped: list[Stage]) -> list[str]:
+    """The target's undo steps skipped while it was unreachable (an agent restarting: systemd brings it back
+    within seconds), tried once more after the source is thawed, where waiting for it freezes nothing. The
+    names of those still not undone."""
+    try:
+        ctx.dst.connect(retry_for=TARGET_BACK_S)
+    except AgentUnreachable:
+        return [s.name for s in skipped]
+    left = []
+    for stage in skipped:
+        try:
+            stage.undo(ctx)
+        except AgentUnreachable as exc:
+            journal.transition(ctx.mig_id, stage.name, "undo-skipped", {"error": str(exc)})
+            left.append(stage.name)
+            continue
+        journal.transition(ctx.mig_id, stage.name, "undone")
+    return left
 
 
 def _stopped(ctx: Context, journal: Journal, stage: Stage, exc: Exception, cause: str | None) -> SkyferryError:
