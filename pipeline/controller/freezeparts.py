@@ -19,21 +19,17 @@ def parts(detail: dict[str, dict[str, Any]], freeze_s: float | None) -> dict[str
     if freeze_s is None or any("seconds" not in detail.get(stage, {}) for stage in FREEZE_STAGES):
         return None
     ckpt, restore = detail["checkpoint"], detail["restore"]
-    inner = {
-        "pause_and_lock": ckpt.get("pause_s", 0.0),
-        "dump": ckpt.get("dump_s", 0.0),
-        "restore": restore.get("restore_s", 0.0),
-        "unlock_and_replay": restore.get("unlock_s", 0.0),
-    }
+    pause, dump = ckpt.get("pause_s", 0.0), ckpt.get("dump_s", 0.0)
+    engine, unlock = restore.get("restore_s", 0.0), restore.get("unlock_s", 0.0)
     out = {
-        "pause_and_lock": inner["pause_and_lock"],
-        "dump": inner["dump"],
-        "checkpoint_call": ckpt["seconds"] - inner["pause_and_lock"] - inner["dump"],
+        "pause_and_lock": pause,
+        "dump": dump,
+        "checkpoint_call": ckpt["seconds"] - pause - dump,
         "cutover": detail["cutover"]["seconds"],
         "transfer": detail["transfer"]["seconds"],
-        "restore": inner["restore"],
-        "unlock_and_replay": inner["unlock_and_replay"],
-        "restore_call": restore["seconds"] - inner["restore"] - inner["unlock_and_replay"],
+        "restore": engine,
+        "unlock_and_replay": unlock,
+        "restore_call": restore["seconds"] - engine - unlock,
         "between_stages": freeze_s - sum(detail[stage]["seconds"] for stage in FREEZE_STAGES),
     }
     return {k: round(max(v, 0.0) * 1000, 1) for k, v in out.items()}

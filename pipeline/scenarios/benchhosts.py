@@ -19,6 +19,7 @@ from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller import containers
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.proctree import tree_rss
+from skyferry.pipeline.scenarios import benchreport
 from skyferry.pipeline.scenarios import demo as scenario
 
 IPERF_PORT = 5201
@@ -34,7 +35,7 @@ def warm_memory(gib: float, progress: Progress = say_nothing) -> float | None:
     memory the hypervisor backs on first touch (this one: 25 s per GiB the first time, 1 s after) would
     otherwise charge that to whichever freeze first uses those pages: a 1 GiB stop-copy restore took 13 s
     instead of 0.9. Capped at what the machine has available less 2 GiB."""
-    available = int(Path("/proc/meminfo").read_text().split("MemAvailable:")[1].split()[0]) * 1024
+    available = int(benchreport.proc_field("/proc/meminfo", "MemAvailable").split()[0]) * 1024
     size = min(int(gib * (1 << 30)), available - (2 << 30)) // mmap.PAGESIZE * mmap.PAGESIZE
     if size <= 0:
         return None

@@ -15,8 +15,8 @@ from skyferry.pipeline.scenarios.benchtargets import BYTES_GOAL, FREEZE_GOAL_MS,
 
 
 def machine() -> dict[str, Any]:
-    cpu = _proc_field("/proc/cpuinfo", "model name") or platform.processor() or "unknown"
-    mem = int(_proc_field("/proc/meminfo", "MemTotal").split()[0])
+    cpu = proc_field("/proc/cpuinfo", "model name") or platform.processor() or "unknown"
+    mem = int(proc_field("/proc/meminfo", "MemTotal").split()[0])
     return {
         "nproc": os.cpu_count(),
         "kernel": platform.release(),
@@ -27,7 +27,7 @@ def machine() -> dict[str, Any]:
     }
 
 
-def _proc_field(path: str, key: str) -> str:
+def proc_field(path: str, key: str) -> str:
     for line in Path(path).read_text().splitlines():
         if line.startswith(key):
             return line.split(":", 1)[1].strip()
