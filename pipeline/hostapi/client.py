@@ -55,6 +55,26 @@ class _Connection(http.client.HTTPSConnection):
                 raise
 
 
+def _open(sock: ssl.SSLSocket) -> bool:
+    """Whether an idle connection is still open. Readable while idle is EOF or an alert, or only the
+    session tickets a TLS 1.3 server sends after the handshake (a connection opened ahead of its first
+    request, `connect`): reading them without blocking tells the two apart."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    if not readable:
+        return True
+    timeout = sock.gettimeout()
+    sock.settimeout(0)
+    try:
+        sock.recv(1)  # b"": closed; any data: out of step with the agent. Neither can be reused.
+        return False
+    except ssl.SSLWantReadError:
+        return True  # TLS records only, now consumed
+    except OSError:
+        return False
+    finally:
+        sock.settimeout(timeout)
+
+
 class AgentUnreachable(SkyferryError):
     def __init__(self, message: str, hint: str | None = None, host: str | None = None) -> None:
         super().__init__(message, hint=hint)
@@ -116,12 +136,10 @@ class AgentClient:
             self._conn = None
 
     def _reusable(self, retry_for: float) -> _Connection:
-        """The kept-alive connection, unless the agent closed it while idle (readable = EOF or alert)."""
+        """The kept-alive connection, unless the agent closed it while idle."""
         conn = self._conn
-        if conn is not None and conn.sock is not None:
-            readable, _, _ = select.select([conn.sock], [], [], 0)
-            if not readable:
-                return conn
+        if conn is not None and conn.sock is not None and _open(conn.sock):
+            return conn
         self.close()
         self._conn = self._connect(retry_for)
         return self._conn

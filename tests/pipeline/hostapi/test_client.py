@@ -2,6 +2,7 @@
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,3 +51,67 @@ def test_a_body_that_fails_part_way_hangs_up(tmp_path: Path) -> None:
     listener.close()
     assert seen["eof"] is True, "the client left the half-sent stream open"
     assert b"first chunk" in seen["data"] and seen["data"].startswith(b"PUT /v1/migrations/m/precopy-round")
+
+
+def test_a_connection_opened_ahead_is_used_not_reopened(tmp_path: Path) -> None:
+    """`connect()` opens the connection a call inside a freeze will use (the hold lane, the cutover's
+    pushes). A TLS 1.3 server sends session tickets after the handshake, which make the idle socket
+    readable: taken for a closed connection, the call paid a second handshake (60 ms across the demo's
+    WAN). The listener counts connections; one the agent closed is reopened (the positive control)."""
+    pki.ensure_ca(tmp_path / "ca", "t")
+    ca = tmp_path / "ca"
+    server = pki.issue(ca, tmp_path / "server", "server", ["127.0.0.1"], role=pki.HOST).server_context()
+    client_ctx = pki.issue(ca, tmp_path / "client", "client", ["127.0.0.1"], role=pki.HOST).client_context()
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[int] = []
+    reply = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(1)
+            with server.wrap_socket(conn, server_side=True) as tls:
+                tls.settimeout(5)
+                try:
+                    while request := _request(tls):
+                        if b"close-after" in request:
+                            tls.sendall(reply.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+                            break
+                        tls.sendall(reply)
+                except OSError:
+                    pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    client = AgentClient("127.0.0.1", listener.getsockname()[1], client_ctx)
+    try:
+        client.connect()
+        time.sleep(0.2)  # the tickets arrive
+        assert client.call("POST", "/v1/migrations/m/hold", {"name": "c", "packets": []}) == {}
+        assert client.call("POST", "/v1/migrations/m/hold", {"name": "c", "packets": []}) == {}
+        assert len(accepted) == 1, "the connection opened ahead was dropped and reopened"
+        client.call("POST", "/v1/migrations/m/close-after", {})
+        assert client.call("POST", "/v1/migrations/m/hold", {"name": "c", "packets": []}) == {}
+        assert len(accepted) == 2, "a connection the agent closed must be reopened"
+    finally:
+        client.close()
+        listener.close()
+
+
+def _request(tls: socket.socket) -> bytes:
+    """One whole HTTP request (headers, then Content-Length bytes of body); b"" once the client hung up."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = tls.recv(65536)
+        if not chunk:
+            return b""
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")), 0
+    )
+    while len(body) < length:
+        body += tls.recv(65536)
+    return data
