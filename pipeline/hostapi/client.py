@@ -29,6 +29,7 @@ def bound_stalls(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, STALL_TIMEOUT * 1000)
 
 
+STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)  # a kept-alive one the agent closed
 Check = Callable[[ssl.SSLSocket], None]  # sees the peer after the handshake; raises ssl.SSLError to refuse it
 
 
@@ -79,6 +80,10 @@ class AgentUnreachable(SkyferryError):
     def __init__(self, message: str, hint: str | None = None, host: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.host = host  # the agent's label (its host's name)
+
+
+class _Stale(AgentUnreachable):
+    """A GET on a kept-alive connection the agent had closed: worth asking again on a new one."""
 
 
 def _transient(exc: BaseException) -> bool:
@@ -154,7 +159,25 @@ class AgentClient:
         chunked: bool = False,
         timeout: float | None = None,
     ) -> Any:
+        try:
+            return self._send(method, path, body, headers, retry_for, chunked, timeout)
+        except _Stale:
+            # The agent closed the kept-alive connection (it restarted) just before we asked: a GET changes
+            # nothing, so it is asked once more on a new connection, as HTTP clients do with pooled ones.
+            return self._send(method, path, body, headers, retry_for, chunked, timeout)
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        headers: dict[str, str],
+        retry_for: float,
+        chunked: bool,
+        timeout: float | None,
+    ) -> Any:
         with self._lock:
+            kept = self._conn
             conn = self._reusable(retry_for)
             send_error: OSError | None = None
             conn.sock.settimeout(timeout or CALL_TIMEOUT)  # each call its own; the kept-alive socket goes on
@@ -177,7 +200,8 @@ class AgentClient:
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
                 lost = send_error or exc
-                raise AgentUnreachable(
+                stale = method == "GET" and conn is kept and isinstance(exc, STALE)
+                raise (_Stale if stale else AgentUnreachable)(
                     f"agent {self.label}: connection lost during {method} {path}: {lost}", host=self.label
                 ) from lost
             if resp.will_close or send_error is not None:

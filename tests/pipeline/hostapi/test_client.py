@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi import pki
-from skyferry.pipeline.hostapi.client import AgentClient
+from skyferry.pipeline.hostapi.client import AgentClient, AgentUnreachable
 
 
 def test_a_body_that_fails_part_way_hangs_up(tmp_path: Path) -> None:
@@ -115,3 +115,41 @@ def _request(tls: socket.socket) -> bytes:
     while len(body) < length:
         body += tls.recv(65536)
     return data
+
+
+def test_a_get_on_a_connection_the_agent_just_closed_is_asked_again(tmp_path: Path) -> None:
+    """An agent that restarts closes its kept-alive connections; one that goes while our request is on its
+    way fails that request. A GET changes nothing and is asked once more on a new connection (the rollback
+    of a migration whose target agent restarted needs its answer); a POST is not repeated (the control)."""
+    pki.ensure_ca(tmp_path / "ca", "t")
+    ca = tmp_path / "ca"
+    server = pki.issue(ca, tmp_path / "server", "server", ["127.0.0.1"], role=pki.HOST).server_context()
+    client_ctx = pki.issue(ca, tmp_path / "client", "client", ["127.0.0.1"], role=pki.HOST).client_context()
+    listener = socket.create_server(("127.0.0.1", 0))
+    reply = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+
+    def serve() -> None:  # each connection answers one request, then drops the next one unanswered
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with server.wrap_socket(conn, server_side=True) as tls:
+                tls.settimeout(5)
+                try:
+                    if _request(tls):
+                        tls.sendall(reply)
+                    _request(tls)
+                except OSError:
+                    pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    client = AgentClient("127.0.0.1", listener.getsockname()[1], client_ctx)
+    try:
+        assert client.call("GET", "/v1/containers") == {}
+        assert client.call("GET", "/v1/containers") == {}, "the GET was not asked again"
+        with pytest.raises(AgentUnreachable, match="connection lost during POST"):
+            client.call("POST", "/v1/migrations/m/abort", {"name": "c"})
+    finally:
+        client.close()
+        listener.close()
