@@ -73,10 +73,11 @@ class Host:
     def session(self, sessions: dict[str, Session], kind: Callable[[Host, str, str], S], mig: str, name: str) -> S:
         """The live session of migration `mig` in `sessions` (`sources` or `targets`), or a new one (first
         use, or after an agent restart: then whatever the old one held is gone and the steps say so)."""
-        session = sessions.get(mig)
-        if session is None:
-            session = sessions[mig] = kind(self, mig, name)
-        elif session.name != name:
+        with self._guard:  # a stream and the restore waiting for it look their session up at once
+            session = sessions.get(mig)
+            if session is None:
+                session = sessions[mig] = kind(self, mig, name)
+        if session.name != name:
             raise SkyferryError(f"migration {mig} moves {session.name!r} here, not {name!r}")
         return session  # type: ignore[return-value]  # `sessions` holds only `kind`'s sessions
 

@@ -1,7 +1,8 @@
 """The host agent: HTTPS with mutual TLS on the host's overlay address. Routing only: container requests
 go to the `Host`, migration steps to the migration's `SourceSession` or `TargetSession`, by name.
 
-Routes (JSON in, JSON out; errors are {"error", "hint"} with 4xx/5xx, and "log": the failing tool's log tail):
+Routes (JSON in, JSON out; errors are {"error", "hint"} with 4xx/5xx, "log": the failing tool's log tail,
+and "restore": "not asked" or "failed" when a transfer that carried the restore failed):
   GET    /v1/facts                          kernel, CRIU version and kernel features, CPU flags
   GET    /v1/cpuinfo                        {"image": base64}: this CPU as `criu cpuinfo dump` describes it
                                             (null on architectures where CRIU has no cpuinfo)
@@ -41,8 +42,9 @@ Routes (JSON in, JSON out; errors are {"error", "hint"} with 4xx/5xx, and "log":
 
 Who may call what (ACCESS, checked before a request body is read): every certificate names its holder's
 role and name (pipeline/hostapi/pki.py). Everything is the controller's, except what one host sends
-another during a migration: the streams above and the target steps `precopy-reset` and `hold` (and
-`abort`, the controller's too: the source's freeze watchdog fences the target with it). Those
+another during a migration: the streams above and the target steps `precopy-reset` and `hold` (the
+transfer's last request, which may carry the restore: the target restores as soon as the bytes are in),
+and `abort` (the controller's too: the source's freeze watchdog fences the target with it). Those
 only the host the controller bound to that migration id may call: `prepare` (and a test cutover's
 `clone-prepare`) names the source host as `peer`, and the target takes that migration's streams from a
 certificate of that name, with the host role, and from nobody else (the controller included). A refusal
@@ -53,6 +55,7 @@ a bad container name in the path, or a rootfs or image outside the host's import
 """
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -73,7 +76,7 @@ from skyferry.pipeline.agent.certs import LiveIdentity, NewCert
 from skyferry.pipeline.agent.host import Host, HostConfig
 from skyferry.pipeline.agent.source import Lane, SourceSession, expire
 from skyferry.pipeline.agent.target import TargetSession, stop_unfinished_lazy
-from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.errors import CarriedRestore, SkyferryError
 from skyferry.pipeline.hostapi import bodies, faults, pki, privdir
 from skyferry.pipeline.hostapi.client import AgentClient
 from skyferry.pipeline.hostapi.execute import ExecRequest, ExecResult
@@ -267,6 +270,10 @@ class Agent:
             raise _NotFound(f"no migration operation {op!r}")
         req = bodies.STEPS[op].model_validate(body)
         faults.check(self.host.cfg.state_root, op)
+        waited = 0.0
+        if isinstance(req, bodies.Hold) and req.restore and req.after:  # outside the lock the streams need
+            finals = TargetSession.of(self.host, mig, req.name).finals
+            waited = finals.wait(req.after.transfer, list(req.after.streams), req.restore.freeze_deadline)
         with self.host.lock(req.name):
             if isinstance(req, bodies.Prepare):  # the source host whose streams this migration takes
                 self.host.bind(mig, req.peer)
@@ -277,7 +284,7 @@ class Agent:
                 if op in SOURCE_OPS:
                     done = self._source_step(SourceSession.of(self.host, mig, req.name), op, req)
                 else:
-                    done = self._target_step(TargetSession.of(self.host, mig, req.name), op, req)
+                    done = self._target_step(TargetSession.of(self.host, mig, req.name), op, req, waited)
                 self._record(side, mig, op, req, done)
             return done
 
@@ -298,14 +305,16 @@ class Agent:
         match op:
             case "precopy":
                 policy = ConvergencePolicy(**req.policy.model_dump(exclude_none=True))
-                lanes = self._lanes(session.mig, req.target, session.name)
-                return session.precopy(*lanes, policy, req.method, req.freeze_timeout, req.completion_timeout)
+                mem, fs, hold = self._lanes(session.mig, req.target, session.name)
+                hold.warm()  # its first request is inside the freeze: no TCP and TLS handshakes there
+                return session.precopy(mem, fs, policy, req.method, req.freeze_timeout, req.completion_timeout)
             case "checkpoint":
                 fence = f"{req.target.address}:{req.target.port}" if req.target else None  # the watchdog's fence
                 return session.checkpoint(req.lazy, req.freeze_timeout, fence, peer=req.peer,
                                           tls=self.live.server(), check=self.live.check)  # fmt: skip
             case "transfer":
-                return session.transfer(*self._lanes(session.mig, req.target, session.name))
+                order = req.restore.model_dump() if req.restore else None
+                return session.transfer(*self._lanes(session.mig, req.target, session.name), restore=order)
             case "rollback":
                 try:
                     return session.rollback()
@@ -318,16 +327,23 @@ class Agent:
                     self._drop_lanes(session.mig)
         raise _NotFound(f"no source operation {op!r}")
 
-    def _target_step(self, session: TargetSession, op: str, req: Any) -> Any:
+    def _target_step(self, session: TargetSession, op: str, req: Any, waited: float = 0.0) -> Any:
         match op:
             case "prepare":
                 session.prepare(req.spec)
             case "precopy-reset":
                 session.precopy_reset(req.method)
             case "hold":
-                return {"held": session.hold([base64.b64decode(p) for p in req.packets])}
+                held = session.hold([base64.b64decode(p) for p in req.packets])
+                if req.restore is None:
+                    return {"held": held}
+                # The source's last request of the transfer: restore now, no controller call in between.
+                faults.check(self.host.cfg.state_root, "restore")
+                with metrics.step(metrics.TARGET, session.mig, session.name, "restore", None):
+                    restored = self._restore(session, req.restore)
+                return {"held": held, "restore": {**restored, "finals_wait_s": round(waited, 4)}}
             case "restore":
-                return session.restore(lazy=req.lazy, deadline=req.freeze_deadline)
+                return self._restore(session, req)
             case "lazy":
                 return session.lazy()
             case "abort":
@@ -337,6 +353,9 @@ class Agent:
             case _:
                 raise _NotFound(f"no target operation {op!r}")
         return {"ok": True}
+
+    def _restore(self, session: TargetSession, order: bodies.RestoreOrder) -> dict[str, Any]:
+        return session.restore(lazy=order.lazy, deadline=order.freeze_deadline)
 
     def stream_in(self, mig: str, stream: str, query: dict[str, list[str]], reader: Any) -> Any:
         """A stream from the migration's source (authorize checked the sender). After a lazy dump it names
@@ -350,8 +369,10 @@ class Agent:
             PageSource(q.page_server, peer, self.live.client(), self.live.check) if q.page_server and peer else None
         )
         reader = metrics.Counted(metrics.TARGET, stream, reader)
-        with self.host.lock(q.name):
+        session = TargetSession.of(self.host, mig, q.name)
+        with session.finals.landing(q.transfer, stream), self.host.lock(q.name):
             session = TargetSession.of(self.host, mig, q.name)
+            session.refuse_if_restored()
             match stream:
                 case "receive":
                     return session.receive(reader, source)
@@ -365,10 +386,14 @@ class Agent:
                     return session.fs_round(reader)
         raise _NotFound(f"no stream {stream!r}")
 
-    def _lanes(self, mig: str, target: bodies.Target, name: str) -> tuple[Lane, Lane]:
-        """The memory and file lanes to the target's agent for this migration (the session never sees the
-        clients behind them)."""
-        return self._lane(mig, target, name, "mem"), self._lane(mig, target, name, "fs")
+    def _lanes(self, mig: str, target: bodies.Target, name: str) -> tuple[Lane, Lane, Lane]:
+        """The memory, file and hold lanes to the target's agent for this migration (the session never sees
+        the clients behind them). The hold lane carries the restore while the others wait for answers."""
+        return (
+            self._lane(mig, target, name, "mem"),
+            self._lane(mig, target, name, "fs"),
+            self._lane(mig, target, name, "hold"),
+        )
 
     def _lane(self, mig: str, target: bodies.Target, name: str, lane: str) -> Lane:
         """One kept-alive client per peer, lane and migration: the connections warmed by the pre-copy rounds
@@ -393,7 +418,11 @@ class Agent:
         def call(op: str, body: dict[str, Any]) -> dict[str, Any]:
             return peer.call("POST", f"/v1/migrations/{mig}/{op}", {"name": name, **body})
 
-        return Lane(upload, call)
+        def warm() -> None:
+            with contextlib.suppress(SkyferryError):  # a cold lane only costs a handshake later
+                peer.connect()
+
+        return Lane(upload, call, warm)
 
     def _drop_lanes(self, mig: str) -> None:
         """A migration's lanes end with it on the source (confirm or rollback)."""
@@ -458,7 +487,8 @@ def _handler(agent: Agent) -> type[BaseHTTPRequestHandler]:
                 self._reply(HTTPStatus.NOT_FOUND, {"error": str(exc), "hint": None})
             except SkyferryError as exc:
                 log.warning("%s %s: %s", self.command, self.path, exc)
-                self._reply(HTTPStatus.CONFLICT, {"error": str(exc), "hint": exc.hint, "log": exc.log})
+                carried = {"restore": exc.restore} if isinstance(exc, CarriedRestore) else {}
+                self._reply(HTTPStatus.CONFLICT, {"error": str(exc), "hint": exc.hint, "log": exc.log, **carried})
             except (KeyError, ValueError, TypeError) as exc:
                 self._reply(HTTPStatus.BAD_REQUEST, {"error": f"bad request: {exc}", "hint": None})
                 self.close_connection = True

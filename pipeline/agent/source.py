@@ -20,12 +20,14 @@ import base64
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,11 +38,11 @@ from skyferry.pipeline.agent.freeze import Freeze
 from skyferry.pipeline.agent.holdback import Holdback
 from skyferry.pipeline.agent.host import Host
 from skyferry.pipeline.criu import version as criu_version
-from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.errors import NotRestored, RestoreFailed, SkyferryError
 from skyferry.pipeline.files import wire
 from skyferry.pipeline.files.fsync import FsStats, FsTracker
 from skyferry.pipeline.hostapi import faults
-from skyferry.pipeline.hostapi.client import AgentClient
+from skyferry.pipeline.hostapi.client import AgentClient, AgentUnreachable
 from skyferry.pipeline.hostapi.layout import FREEZE_TIMEOUT, POSTCOPY_TIMEOUT
 from skyferry.pipeline.memory import hybrid, pagetunnel
 from skyferry.pipeline.memory.policy import ConvergencePolicy
@@ -68,10 +70,12 @@ Peer = Callable[[str, int], AgentClient]  # a client to another agent at (addres
 @dataclass(frozen=True)
 class Lane:
     """One kept-alive connection to the target's agent for this migration: `upload` PUTs a stream,
-    `call` POSTs an operation. Memory and files have a lane each, so their finals travel side by side."""
+    `call` POSTs an operation, `warm` opens it ahead of use. Memory and files have a lane each, so their
+    finals travel side by side; the hold lane asks for the restore while they wait for their answers."""
 
     upload: Upload
     call: Call
+    warm: Callable[[], None]
 
 
 class SourceSession:
@@ -87,6 +91,7 @@ class SourceSession:
         self.freeze_scan: hybrid.FreezeScan | None = None  # hybrid: what the target holds, and more
         self.holdback: Holdback | None = None  # client segments, replayed if a rollback thaws us
         self.throttle: Throttle | None = None  # auto-converge; its record (host.throttles) outlives us
+        self.restore_asked = False  # the transfer's last request, carrying the restore, went out
 
     @classmethod
     def of(cls, host: Host, mig: str, name: str) -> SourceSession:
@@ -279,25 +284,34 @@ class SourceSession:
             runtime.checkpoint(self.name, images, self.dir / "work", parent=parent)
         return t_frozen
 
-    def transfer(self, mem: Lane, fs: Lane) -> dict[str, Any]:
-        """Stream the frozen container's state to the target, and the client segments our lock has
+    def transfer(self, mem: Lane, fs: Lane, hold: Lane, restore: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Stream the frozen container's state to the target, then the client segments our lock has
         dropped so far (the target replays them at its restore, so those clients need not wait out their
         back-off).
 
         After pre-copy rounds only the deltas travel: the memory pages and the files changed since the
-        last round (each stream checksummed frame by frame), side by side on two lanes, the segments
-        after the files. Without rounds (stop-copy) the whole image and payload go as one tar, whose
-        SHA-256 both ends must agree on.
+        last round (each stream checksummed frame by frame), side by side on two lanes. Without rounds
+        (stop-copy) the whole image and payload go as one tar, whose SHA-256 both ends must agree on.
+        With a `restore` order (bodies.RestoreOrder) the segments carry it, and the answer's "restore" is
+        the target's result. After rounds they go on the hold lane as soon as the deltas' last bytes are
+        sent, naming them: the target restores the moment they have landed, without a round trip for
+        their answers. Failing before that request, the transfer raises NotRestored: nothing on the target
+        can be live.
         """
         t0 = time.monotonic()
-        self.host.freezes.check(self.mig)
+        self.restore_asked = False
         try:
-            return self._transfer(mem, fs, t0)
+            self.host.freezes.check(self.mig)
+            return self._transfer(mem, fs, hold, t0, restore)
         except Exception as exc:
-            self.host.freezes.check(self.mig, exc)  # the bound was hit mid-stream: say so
-            raise
+            if restore is None or self.restore_asked:
+                self.host.freezes.check(self.mig, exc)  # the bound was hit mid-stream: say so
+                raise
+            with _not_restored():
+                self.host.freezes.check(self.mig, exc)
+                raise
 
-    def _transfer(self, mem: Lane, fs: Lane, t0: float) -> dict[str, Any]:
+    def _transfer(self, mem: Lane, fs: Lane, hold: Lane, t0: float, restore: dict[str, Any] | None) -> dict[str, Any]:
         # After a lazy dump the target starts its pager as soon as the images are in, outside the restore.
         lazy = {}
         if self.tunnel is not None:
@@ -307,25 +321,31 @@ class SourceSession:
         fs_final = self._fs_final(fs_stats)
         if final is not None and fs_final is not None:
             stream, chunks, mem_stats = final
-
-            def files_then_segments() -> int:
-                fs.upload("fs-round", self._bounded(fs_final))
-                return self._hand_over(fs)
-
-            with ThreadPoolExecutor(1) as pool:
-                side = pool.submit(files_then_segments)
-                mem.upload(stream, self._bounded(chunks), **lazy)
-                t_mem = time.monotonic()
-                handed_over = side.result()
+            tag = {"transfer": secrets.token_hex(8)}  # names this transfer's finals for the restore
+            ended: dict[str, float] = {}
+            with ThreadPoolExecutor(2) as pool:
+                uploads = [_Upload(pool, fs, "fs-round", self._bounded(fs_final), tag, ended),
+                           _Upload(pool, mem, stream, self._bounded(chunks), {**tag, **lazy}, ended)]  # fmt: skip
+                for upload in uploads:  # their last bytes are out: the answers are a round trip away
+                    upload.wait_sent()
+                after = {**tag, "streams": [stream, "fs-round"]}
+                try:
+                    handed_over, restored = self._hand_over(hold, restore, after)
+                except NotRestored as exc:  # a stream failed there: its own error says why
+                    failed = next((e for e in (u.future.exception() for u in uploads) if e is not None), exc)
+                    raise NotRestored(str(failed), hint=getattr(failed, "hint", None)) from failed
+                for upload in uploads:
+                    upload.future.result()
             return {
-                "memory_s": round(t_mem - t0, 4),
-                "fs_s": round(time.monotonic() - t0, 4),
+                "memory_s": round(ended[stream] - t0, 4),
+                "fs_s": round(ended["fs-round"] - t0, 4),
                 "final": mem_stats.as_dict(),
                 "fs_final": fs_stats.as_dict(),
                 "bytes_raw": mem_stats.bytes_raw + fs_stats.bytes_raw,
                 "bytes_wire": mem_stats.bytes_out + fs_stats.bytes_wire,
                 "segments_handed_over": handed_over,
                 "seconds": time.monotonic() - t0,
+                **restored,
             }
         images = self.dir / "images"
         if not images.exists():
@@ -338,12 +358,14 @@ class SourceSession:
                 f"image stream for {self.name!r} arrived corrupted (digest mismatch); nothing was restored",
                 hint="the migration rolls back; check the link and retry",
             )
+        handed_over, restored = self._hand_over(mem, restore)
         return {
             "bytes_raw": stats.bytes_raw,
             "bytes_wire": stats.bytes_wire,
-            "segments_handed_over": self._hand_over(mem),
+            "segments_handed_over": handed_over,
             "seconds": time.monotonic() - t0,
             "sha256": stats.sha256,
+            **restored,
         }
 
     def _final(self) -> tuple[str, Iterable[bytes], Any] | None:
@@ -379,12 +401,27 @@ class SourceSession:
                 raise self.host.freezes.error(self.mig, self.host.freezes.get(self.mig))
             yield chunk
 
-    def _hand_over(self, lane: Lane) -> int:
-        """Pass the segments our lock has dropped so far to the target; how many."""
+    def _hand_over(
+        self, lane: Lane, restore: dict[str, Any] | None, after: dict[str, Any] | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        """Pass the segments our lock has dropped so far to the target, with the `restore` order if there is
+        one (then the target restores once the streams named in `after` have landed); how many, and
+        {"restore": its result}."""
         held = self.holdback.snapshot() if self.holdback else []
-        if held:
-            lane.call("hold", {"packets": [base64.b64encode(p).decode() for p in held]})
-        return len(held)
+        packets = [base64.b64encode(p).decode() for p in held]
+        if restore is None:
+            if held:
+                lane.call("hold", {"packets": packets})
+            return len(held), {}
+        self.host.freezes.check(self.mig)  # past the bound, the watchdog is fencing the target: never ask
+        self.restore_asked = True
+        try:
+            done = lane.call("hold", {"packets": packets, "restore": restore, "after": after})
+        except (AgentUnreachable, NotRestored):
+            raise
+        except SkyferryError as exc:  # the target answered: its restore failed, and it says why
+            raise RestoreFailed(str(exc), hint=exc.hint, log=exc.log) from exc
+        return len(held), {"restore": done["restore"]}
 
     def rollback(self) -> dict[str, Any]:
         """Resume the frozen source: unlock its network, thaw it. Safe to call at any point before confirm."""
@@ -479,6 +516,43 @@ class SourceSession:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             netlock.clear_criu_lock(self.host.netns(self.name))
+
+
+class _Upload:
+    """A final stream uploading in the background: `sent` once its last byte went out (or it ended),
+    `ended[stream]` the moment its answer came."""
+
+    def __init__(self, pool: ThreadPoolExecutor, lane: Lane, stream: str, chunks: Iterable[bytes],
+                 query: dict[str, str], ended: dict[str, float]) -> None:  # fmt: skip
+        self.sent = threading.Event()
+
+        def then_sent() -> Iterator[bytes]:
+            yield from chunks
+            self.sent.set()
+
+        def done(_: Future[dict[str, Any]]) -> None:
+            ended.setdefault(stream, time.monotonic())
+            self.sent.set()
+
+        self.future = pool.submit(lane.upload, stream, then_sent(), **query)
+        self.future.add_done_callback(done)
+
+    def wait_sent(self) -> None:
+        """Until the last byte went out; an upload that failed first raises its error here."""
+        self.sent.wait()
+        if self.future.done():
+            self.future.result()
+
+
+@contextlib.contextmanager
+def _not_restored() -> Iterator[None]:
+    """Re-raise a transfer's failure as NotRestored: it came before the target was asked to restore."""
+    try:
+        yield
+    except SkyferryError as exc:
+        raise NotRestored(str(exc), hint=exc.hint, log=exc.log) from exc
+    except Exception as exc:
+        raise NotRestored(f"transfer failed: {exc!r}") from exc
 
 
 def expire(host: Host, record: Freeze, peer: Peer) -> None:

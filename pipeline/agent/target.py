@@ -3,7 +3,8 @@
 Steps, named as the controller's stages and the agent's operations (POST /v1/migrations/ID/STEP):
   prepare        the netns (locked inbound) and an empty bundle
   precopy-reset  a fresh page store and file applier for the source's rounds
-  hold           client segments the frozen source's lock dropped, replayed at the restore
+  hold           client segments the frozen source's lock dropped, replayed at the restore; the
+                 source's last request of a transfer, it may carry the restore (then the restore follows)
   restore        restore, then open the netns: from here on the copy is live (the point of no return)
   lazy           post-copy and hybrid: wait until every page has arrived; a lost page source stops the copy
   abort          undo all of the above (refused once the copy is live)
@@ -30,6 +31,7 @@ from typing import Any, BinaryIO
 
 from skyferry.netplane import attach
 from skyferry.pipeline.agent import metrics, netlock
+from skyferry.pipeline.agent.finals import Finals
 from skyferry.pipeline.agent.holdback import Holdback
 from skyferry.pipeline.agent.host import Host
 from skyferry.pipeline.criu.version import PRECOPY_CONTENT, PRECOPY_SOFT_DIRTY
@@ -63,6 +65,8 @@ class TargetSession:
         self.page_source: PageSource | None = None  # post-copy and hybrid: the source's page tunnel
         self.holdback: Holdback | None = None  # client segments, replayed when the restore opens the netns
         self.fetching: Pager | None = None  # post-copy and hybrid: the pager, for the metrics until close
+        self.restored = False  # the engine's restore went through: no more streams
+        self.finals = Finals()  # the final streams, which a restore asked early waits for
 
     @classmethod
     def of(cls, host: Host, mig: str, name: str) -> TargetSession:
@@ -107,6 +111,13 @@ class TargetSession:
         return len(packets)
 
     # --- streams from the source -----------------------------------------------------------------
+
+    def refuse_if_restored(self) -> None:
+        """No stream goes into a copy restored here: a repeated transfer would write into its rootfs. (The
+        controller asks before it repeats one: this covers a source that sends again on its own.)"""
+        if self.restored:
+            raise SkyferryError(f"{self.name!r} is already restored on {self.host.cfg.name}: no more streams",
+                                hint="finish the migration: skyferry migrations resume ID")  # fmt: skip
 
     def receive(self, body: BinaryIO, page_source: PageSource | None) -> dict[str, Any]:
         """Stop-copy: the whole CRIU image and the payload (rootfs, volumes) in one stream."""
@@ -182,6 +193,7 @@ class TargetSession:
         if state is None or state["status"] != "running":
             with _bounded(runtime, self.name, self.mig, deadline):
                 t_pager = self._restore(runtime, page_source, t0, deadline)
+        self.restored = True
         restored = time.monotonic()
         netlock.unlock(self.host.netns(self.name))
         holdback, self.holdback = self.holdback, None

@@ -26,10 +26,13 @@ def parts(detail: dict[str, dict[str, Any]], freeze_s: float | None) -> dict[str
         "dump": dump,
         "checkpoint_call": ckpt["seconds"] - pause - dump,
         "cutover": detail["cutover"]["seconds"],
-        "transfer": detail["transfer"]["seconds"],
+        # A restore carried by the transfer ran inside the transfer's call (its "seconds" is its own work).
+        "transfer": detail["transfer"]["seconds"] - (restore["seconds"] if restore.get("with_transfer") else 0.0),
         "restore": engine,
         "unlock_and_replay": unlock,
         "restore_call": restore["seconds"] - engine - unlock,
-        "between_stages": freeze_s - sum(detail[stage]["seconds"] for stage in FREEZE_STAGES),
+        "between_stages": freeze_s
+        - sum(detail[stage]["seconds"] for stage in FREEZE_STAGES)
+        + (restore["seconds"] if restore.get("with_transfer") else 0.0),
     }
     return {k: round(max(v, 0.0) * 1000, 1) for k, v in out.items()}

@@ -22,6 +22,7 @@ from skyferry.pipeline.controller import agentctl, freezecost, freezeparts
 from skyferry.pipeline.controller.journal import Journal, Migration
 from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.controller.stages import (
+    AGENT_BACK_S,
     AUTO,
     COMPLETION_TIMEOUT,
     ESTIMATE_ROUNDS,
@@ -42,7 +43,7 @@ from skyferry.pipeline.controller.stages import (
     PreCopy,
     Stage,
 )
-from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.errors import NotRestored, RestoreFailed, SkyferryError
 from skyferry.pipeline.hostapi import faults
 from skyferry.pipeline.hostapi.client import AgentUnreachable
 from skyferry.pipeline.hostapi.layout import FREEZE_TIMEOUT
@@ -59,7 +60,6 @@ Progress = Callable[[str], None]
 # What the report keeps of each pre-copy round (frozen_ms: soft-dirty only, CRIU's freeze per pre-dump).
 ROUND_KEYS = ("seq", "duration", "pages_scanned", "pages_changed", "pages_zero", "bytes_out", "frozen_ms")
 FS_ROUND_KEYS = ("seq", "duration", "files_scanned", "files_sent", "bytes_raw", "bytes_wire")
-TARGET_BACK_S = 20.0  # how long a rollback, once the source is thawed, waits for an unreachable target's agent
 log = logging.getLogger("skyferry.controller.migration")
 
 
@@ -270,6 +270,8 @@ def _context(state: Path, mig: Migration, mesh: Mesh, journal: Journal) -> Conte
         on_timeout=check.get("on_timeout"),
         notes={
             "freeze_deadline": done.get("checkpoint", {}).get("freeze_deadline"),
+            # stages a controller began and never finished: a resumed transfer first asks the target
+            "unfinished": {t["stage"] for t in transitions} - set(done),
             "freeze_s": _freeze_s(transitions),
             "finishes": done.get("check", {}).get("finishes", []),
             "finish": done.get(PreCopy.name, {}).get("finish"),
@@ -290,6 +292,13 @@ def _drive(ctx: Context, journal: Journal, progress: Progress) -> dict[str, Any]
         logfmt.tag(stage=stage.name)
         log.info("%s started (%s -> %s, %s)", stage.name, ctx.source, ctx.target, ctx.mode)
         journal.transition(ctx.mig_id, stage.name, "started")
+        # A transfer that carries the restore may end with a live copy on the target: journalled first, so
+        # a rollback asks the target before it thaws the source (Restore.undo).
+        carried = getattr(stage, "carries", None)
+        if carried is not None:
+            progress(carried.name)
+            _log_carried(carried.name, stage.name, "%s started, carried by %s", carried.name, stage.name)
+            journal.transition(ctx.mig_id, carried.name, "started")
         t0 = time.monotonic()
         try:
             detail = stage.run(ctx) or {}
@@ -308,9 +317,14 @@ def _drive(ctx: Context, journal: Journal, progress: Progress) -> dict[str, Any]
                 "page has arrived (docs/migration.md, post-copy)",
             ) from exc
         except Exception as exc:
+            if carried is not None and isinstance(exc, RestoreFailed):  # every byte arrived: the restore failed
+                journal.transition(ctx.mig_id, stage.name, "done", {"seconds": round(time.monotonic() - t0, 4)})
+                stage = carried
             log.warning("%s failed: %s", stage.name, exc)
             ctx.notes["failed_stage"] = stage.name
             journal.transition(ctx.mig_id, stage.name, "failed", _failure(exc))
+            if carried is not None and isinstance(exc, NotRestored):  # the target was never asked
+                journal.transition(ctx.mig_id, carried.name, "undone", {"error": f"never asked: {exc}"})
             names = [s.name for s in stages]
             if POINT_OF_NO_RETURN in names and names.index(stage.name) > names.index(POINT_OF_NO_RETURN):
                 journal.finish(ctx.mig_id, "running", error=str(exc))
@@ -326,18 +340,26 @@ def _drive(ctx: Context, journal: Journal, progress: Progress) -> dict[str, Any]
                 or (f"the tool's log: skyferry migrations show {ctx.mig_id}" if getattr(exc, "log", None) else None),
             ) from exc
         detail["seconds"] = round(time.monotonic() - t0, 4)
+        restored = detail.pop("restore") if carried is not None else None
         journal.transition(ctx.mig_id, stage.name, "done", detail)
         log.info("%s done in %.3f s", stage.name, detail["seconds"])
-        if stage.name == FREEZE_TO:
+        if restored is not None:  # the transfer's answer holds the restore's: done too
+            took = round(restored.get("restore_s", 0.0) + restored.get("unlock_s", 0.0), 4)  # inside the transfer
+            journal.transition(ctx.mig_id, carried.name, "done", {**restored, "seconds": took, "with_transfer": True})
+            statuses[carried.name] = "done"
+            _log_carried(carried.name, stage.name, "%s done in %.3f s on %s", carried.name, took, ctx.target)
+        if FREEZE_TO in (stage.name, getattr(carried, "name", None)):
             ctx.notes["freeze_s"] = _freeze_s(journal.transitions(ctx.mig_id))
         if stage.name == PreCopy.name and ctx.mode == "auto":
             # The rounds have measured the container and the link and chose how to finish (journalled
             # just above, so a resumed migration takes the same way): the rest of the stages follow.
             ctx.notes["finish"] = detail["finish"]
             stages = plan(ctx.mode, detail["finish"])
-        if stage.name == POINT_OF_NO_RETURN:
+        if POINT_OF_NO_RETURN in (stage.name, getattr(carried, "name", None)):
             Registry(ctx.state).move(ctx.entry.name, ctx.target)  # from here on it lives there
         faults.crash_point(stage.name)
+        if carried is not None:
+            faults.crash_point(carried.name)
         if detail.get("handover") and detail["handover"] != ctx.mode:
             # The rounds hit the completion timeout: finish lazily. The stages done so far have the same
             # names in the new list, so it carries on after them (and a resume reads the new mode).
@@ -353,6 +375,13 @@ def _drive(ctx: Context, journal: Journal, progress: Progress) -> dict[str, Any]
                 ctx.state, mig.source, mig.target, report["mode"], report["freeze_ms"], report["prediction"]
             )
     return _report(journal, journal.get(ctx.mig_id))
+
+
+def _log_carried(carried: str, running: str, msg: str, *args: Any) -> None:
+    """One line of the stage `carried` by the one `running`, tagged with its own name."""
+    logfmt.tag(stage=carried)
+    log.info(msg, *args)
+    logfmt.tag(stage=running)
 
 
 def _failure(exc: Exception) -> dict[str, Any]:
@@ -374,7 +403,7 @@ def _undo(ctx: Context, journal: Journal, stages: list[Stage], progress: Progres
         try:
             stage.undo(ctx)
         except AgentUnreachable as exc:
-            if exc.host != ctx.target or "restore" in statuses:
+            if exc.host != ctx.target or statuses.get(POINT_OF_NO_RETURN, "undone") != "undone":
                 raise _stopped(ctx, journal, stage, exc, cause) from exc
             # The target is gone before it ever ran a copy: there is nothing of the container to undo
             # there, and the source's own undo steps (thaw, unlock) must still run.
@@ -405,7 +434,7 @@ def _undo_late(ctx: Context, journal: Journal, skipped: list[Stage]) -> list[str
     within seconds), tried once more after the source is thawed, where waiting for it freezes nothing. The
     names of those still not undone."""
     try:
-        ctx.dst.connect(retry_for=TARGET_BACK_S)
+        ctx.dst.connect(retry_for=AGENT_BACK_S)  # the source is thawed: waiting freezes nothing
     except AgentUnreachable:
         return [s.name for s in skipped]
     left = []

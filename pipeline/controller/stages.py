@@ -22,6 +22,7 @@ from skyferry.pipeline.hostapi.layout import AGENT_PORT, FREEZE_TIMEOUT, POSTCOP
 COMPLETION_TIMEOUT = 150.0  # seconds per GiB: KubeVirt's completionTimeoutPerGiB (800 before v1.1)
 ON_TIMEOUT = ("postcopy", "abort")
 MAX_FREEZE_MS = 300.0  # --max-freeze: QEMU's default downtime limit
+AGENT_BACK_S = 20.0  # how long a rollback waits for a restarting agent (systemd brings it back in seconds)
 # Auto mode: how a freeze after pre-copy rounds may end, preferred first. Pre-copy leaves nothing behind on
 # the source once the copy runs; hybrid's lazy phase still needs it, so it wins only on a shorter freeze.
 FINISHES = ("precopy", "hybrid")
@@ -260,15 +261,27 @@ class Checkpoint:
 
 
 class Transfer:
-    """Images and rootfs go agent to agent across the overlay; digests must match on both ends."""
+    """Images and rootfs go agent to agent across the overlay; digests must match on both ends. It
+    `carries` the restore: the source's last request (the held client segments) asks the target to
+    restore, so no controller call stands between the last byte and the restore (docs/migration.md, "The
+    restore rides on the transfer"). The runner journals the restore as started before this stage and
+    done with it."""
 
     name = "transfer"
 
+    def __init__(self, carries: "Restore") -> None:
+        self.carries = carries
+
     def run(self, ctx: Context) -> dict[str, Any]:
-        return ctx.mig_call(ctx.src, "transfer", target=ctx.target_agent())
+        order = self.carries.order(ctx)
+        if self.name in ctx.notes.get("unfinished", ()) and self.carries.state_on_target(ctx) in ("live", "running"):
+            # Resumed after the target restored and its answer was lost (a controller or source agent
+            # died): no stream goes into a restored copy; the restore, asked again, only opens its netns.
+            return {"resumed_after_restore": True, "restore": ctx.mig_call(ctx.dst, "restore", **order)}
+        return ctx.mig_call(ctx.src, "transfer", target=ctx.target_agent(), restore=order)
 
     def undo(self, ctx: Context) -> None:
-        pass  # the target's received files go with Prepare's undo
+        pass  # the target's received files go with Prepare's undo, a restored copy with Restore's
 
 
 class ForwardOnly(SkyferryError):
@@ -278,16 +291,29 @@ class ForwardOnly(SkyferryError):
 class Restore:
     """The point of no return: once restored, the target's copy is live and the frozen source is stale.
     If the restore failed, CRIU never resumed the copy, and undo removes it before anything thaws the
-    source. A copy that did come up live is never removed (the agent refuses too)."""
+    source. A copy that did come up live is never removed (the agent refuses too). Usually carried by the
+    transfer; run on its own when a transfer that carried it was cut off after its last request."""
 
     name = "restore"
+    lazy = False
+
+    def order(self, ctx: Context) -> dict[str, Any]:
+        """How the target restores (bodies.RestoreOrder): no later than the source's freeze deadline."""
+        return {"lazy": self.lazy, "freeze_deadline": ctx.notes.get("freeze_deadline")}
 
     def run(self, ctx: Context) -> dict[str, Any]:
-        return ctx.mig_call(ctx.dst, "restore", freeze_deadline=ctx.notes.get("freeze_deadline"))
+        return ctx.mig_call(ctx.dst, "restore", **self.order(ctx))
+
+    def state_on_target(self, ctx: Context) -> str | None:
+        """The copy's state on the target ("live": running with its netns open), None without one. A
+        restarting target agent is waited for: until it answers, nothing may thaw the source."""
+        found = [c for c in ctx.dst.call("GET", "/v1/containers", None, AGENT_BACK_S) if c["name"] == ctx.entry.name]
+        if not found:
+            return None
+        return "live" if found[0]["state"] == "running" and not found[0]["frozen_for_migration"] else found[0]["state"]
 
     def undo(self, ctx: Context) -> None:
-        live = [c for c in ctx.dst.call("GET", "/v1/containers") if c["name"] == ctx.entry.name]
-        if live and live[0]["state"] == "running" and not live[0]["frozen_for_migration"]:
+        if self.state_on_target(ctx) == "live":
             raise ForwardOnly(
                 f"{ctx.entry.name} is already live on {ctx.target}; the frozen source copy is older",
                 hint=f"finish the migration: skyferry migrations resume {ctx.mig_id}",
@@ -339,8 +365,7 @@ class LazyRestore(Restore):
     """Post-copy: restore without memory; pages arrive on first touch and in the background. The
     container runs at once, but until the last page has arrived it depends on the source."""
 
-    def run(self, ctx: Context) -> dict[str, Any]:
-        return ctx.mig_call(ctx.dst, "restore", lazy=True, freeze_deadline=ctx.notes.get("freeze_deadline"))
+    lazy = True
 
 
 class LazyPhaseLost(SkyferryError):
@@ -418,21 +443,24 @@ class Cleanup:
         pass
 
 
-STOP_COPY: list[Stage] = [
-    Check(), Prepare(), Checkpoint(), Cutover(), Transfer(), Restore(), Confirm(), Cleanup(),
-]  # fmt: skip
+def _carried(restore: Restore) -> list[Stage]:
+    """A transfer that carries the restore, then the restore (run on its own only on a resume)."""
+    return [Transfer(carries=restore), restore]
+
+
+STOP_COPY: list[Stage] = [Check(), Prepare(), Checkpoint(), Cutover(), *_carried(Restore()), Confirm(), Cleanup()]
 # Post-copy: the shortest freeze (no page is written or read inside it), at the price of a phase after
 # it in which the running copy still depends on the source for the pages it has not touched yet.
 POSTCOPY: list[Stage] = [
-    Check(), Prepare(), LazyCheckpoint(), Cutover(), Transfer(), LazyRestore(), LazyPhase(), Confirm(), Cleanup(),
+    Check(), Prepare(), LazyCheckpoint(), Cutover(), *_carried(LazyRestore()), LazyPhase(), Confirm(), Cleanup(),
 ]  # fmt: skip
 # After pre-copy rounds the freeze ends one of two ways: a stop-copy of what changed since the last round,
-PRECOPY_FINISH: list[Stage] = [Checkpoint(), Cutover(), Transfer(), Restore(), Confirm(), Cleanup()]
+PRECOPY_FINISH: list[Stage] = [Checkpoint(), Cutover(), *_carried(Restore()), Confirm(), Cleanup()]
 # or hybrid: a lazy checkpoint. The source has a pre-copy engine, so it also sends the pages the target
 # holds unchanged; the target's lazy-pages daemon takes those from its store and only the pages that
 # changed since the last round from the source (pipeline/memory/hybrid.py).
 HYBRID_FINISH: list[Stage] = [
-    LazyCheckpoint(), Cutover(), Transfer(), LazyRestore(), LazyPhase(), Confirm(), Cleanup(),
+    LazyCheckpoint(), Cutover(), *_carried(LazyRestore()), LazyPhase(), Confirm(), Cleanup(),
 ]  # fmt: skip
 PRECOPY: list[Stage] = [Check(), Prepare(), PreCopy(), *PRECOPY_FINISH]
 HYBRID: list[Stage] = [Check(), Prepare(), PreCopy("content", ("hybrid",)), *HYBRID_FINISH]

@@ -24,6 +24,8 @@ Finish = Literal["precopy", "hybrid"]  # how a freeze after pre-copy rounds may 
 # A step names its migration's mode: auto until its rounds chose the finish, estimate for --estimate.
 StepMode = Literal["auto", "estimate", "precopy", "hybrid", "postcopy", "stop-copy"]  # controller/migration.py
 StageName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z-]{0,31}$")]
+TransferId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")]  # one transfer's final streams
+FinalStream = Literal["precopy-final", "lazy-final", "fs-round"]
 
 
 class Body(BaseModel):
@@ -99,21 +101,38 @@ class Checkpoint(Step):
     peer: HostName | None = None  # lazy: the target host, the only one whose certificate may fetch the pages
 
 
+class RestoreOrder(Body):
+    """How the target restores (TargetSession.restore): asked by the controller, or by the source at the
+    end of its transfer (docs/migration.md, "The restore rides on the transfer")."""
+
+    lazy: StrictBool = False  # through the page tunnel the transfer named (post-copy, hybrid)
+    freeze_deadline: Annotated[float, Field(gt=0)] | None = None  # the source's, wall clock: no restore after it
+
+
 class Transfer(Step):
     target: Target
+    restore: RestoreOrder | None = None  # the target restores as soon as the last byte lands
 
 
 class PrecopyReset(Step):
     method: Method = "content"
 
 
+class Landed(Body):
+    """The final streams a restore waits for: sent, their answers not yet back (TargetSession.finals)."""
+
+    transfer: TransferId
+    streams: Annotated[list[FinalStream], Field(min_length=1, max_length=2)]
+
+
 class Hold(Step):
     packets: Annotated[list[Base64], Field(max_length=100_000)]
+    restore: RestoreOrder | None = None  # the source's last request of a transfer that ends with the restore
+    after: Landed | None = None  # restore once these streams have landed
 
 
-class Restore(Step):
-    lazy: StrictBool = False  # through the page tunnel the transfer named (post-copy, hybrid)
-    freeze_deadline: Annotated[float, Field(gt=0)] | None = None  # the source's, wall clock: no restore after it
+class Restore(Step, RestoreOrder):
+    pass
 
 
 class CloneCheck(Step):
@@ -140,3 +159,4 @@ class StreamQuery(Body):
 
     name: ContainerName
     page_server: PageServer | None = None
+    transfer: TransferId | None = None  # a final stream: a restore may be waiting for it (Hold.after)

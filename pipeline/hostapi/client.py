@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from skyferry.netplane.netns import in_netns
-from skyferry.pipeline.errors import SkyferryError
+from skyferry.pipeline.errors import CARRIED, SkyferryError
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponential
 
 CONNECT_TIMEOUT = 10.0
@@ -212,7 +212,8 @@ class AgentClient:
         if resp.status >= 400:
             error = result.get("error", "?") if isinstance(result, dict) else str(result)
             hint, log = (result.get("hint"), result.get("log")) if isinstance(result, dict) else (None, None)
-            raise SkyferryError(f"{self.label}: {error}", hint=hint, log=log)
+            kind = CARRIED.get(result.get("restore", "")) if isinstance(result, dict) else None
+            raise (kind or SkyferryError)(f"{self.label}: {error}", hint=hint, log=log)
         return result
 
     def _connect(self, retry_for: float) -> _Connection:

@@ -234,11 +234,11 @@ class Throughput:
 def streaming(stages: list[str]) -> bool:
     """Whether a migration that went through `stages` (the latest last) still has its bulk to send: until
     pre-copy's rounds end (its freeze then moves only what changed), else until its transfer ends; post-copy
-    and hybrid again while their lazy pages come."""
+    and hybrid again while their lazy pages come. The restore begins with the transfer that carries it."""
     if not stages:
         return True
     now = stages[-1]
-    if now in ("checkpoint", "cutover", "transfer"):
+    if now in ("checkpoint", "cutover", "transfer", "restore"):
         return "precopy" not in stages
     return now in ("check", "prepare", "precopy", "lazy")
 

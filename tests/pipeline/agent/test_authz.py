@@ -195,6 +195,13 @@ def test_migration_streams_take_only_the_bound_peer(mesh: tuple[Path, Mesh], bou
     assert _ask(m, "local-1", _ctx(state, m, "local-2"), "POST", *reset) == (200, {"ok": True})
     status, reply = _ask(m, "local-1", _ctx(state, m, "local-2"), "PUT", stream, {})
     assert status == 409 and "stream rejected" in reply["error"], reply
+    # The transfer's last request may carry the restore: another host and the controller are refused it;
+    # the bound peer's reaches the restore (which fails here: nothing was ever sent to restore).
+    order = (f"/v1/migrations/{mig}/hold", {"name": name, "packets": [], "restore": {"lazy": False}})
+    assert "from local-2 only" in _refused(_ask(m, "local-1", _ctx(state, m, "local-3"), "POST", *order))
+    _refused(_ask(m, "local-1", _ctx(state, m, "controller"), "POST", *order))
+    status, reply = _ask(m, "local-1", _ctx(state, m, "local-2"), "POST", *order)
+    assert status == 409 and "restore" in reply["error"], reply
     # The peer of one migration is refused on another's (bound to local-3), and on one never prepared here.
     other = bound["local-3"]
     elsewhere = f"/v1/migrations/{other['mig']}/fs-round?name={other['name']}"

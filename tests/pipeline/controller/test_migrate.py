@@ -73,15 +73,33 @@ def test_migration_keeps_ip_and_connection_there_and_back(counter: dict) -> None
         text = (Path(m.hosts[host].state_root) / "logs" / report["id"] / log).read_text()
         assert f"values from {m.hosts[host].state_root}/containers/{name}/criu.conf" in text, host
 
+    # The target restored as the transfer's last request arrived: the controller never asked it to.
+    assert _restore_rode_on_the_transfer(state, m, "local-2", report["id"])
+
     client = counter["client"]
     client.wait_for(client.progress() + 5)  # the same connection carries requests after the move
     back = migration.migrate(state, name, "local-1", mode="stop-copy")
     assert back["state"] == "done" and back["rounds"] == []
+    assert _restore_rode_on_the_transfer(state, m, "local-1", back["id"])
     client.wait_for(client.progress() + 5)
     seen = client.stop()
     assert seen["survived"], seen["errors"]
     assert where(state, name)["host"] == "local-1"
     assert not list(Path("/dev/shm/skyferry", m.name).rglob("*.img")), "checkpoint images must be wiped"
+
+
+def _restore_rode_on_the_transfer(state: Path, m: Mesh, target: str, mig_id: str) -> bool:
+    """The journal's restore came with the transfer's answer, and the target's agent served no restore
+    request of its own (the positive control: it logs the hold that carried it)."""
+    done = [t for t in Journal(state).transitions(mig_id) if t["stage"] == "restore" and t["status"] == "done"]
+    log = (Path(m.hosts[target].state_root) / "agent.log").read_text(errors="replace")
+    assert f"POST /v1/migrations/{mig_id}/hold" in log, "the agent log names every request"
+    return (
+        len(done) == 1
+        and done[0]["detail"]["with_transfer"]
+        and done[0]["detail"]["restore_s"] > 0
+        and f"/v1/migrations/{mig_id}/restore" not in log
+    )
 
 
 @pytest.mark.parametrize("mode", ["precopy", "hybrid", "postcopy"])
@@ -112,7 +130,8 @@ def test_controller_crash_then_resume(counter: dict, crash_after: str) -> None:
     assert proc.returncode == 137, proc.stderr
     mig = Journal(state).active_for(name)
     assert mig is not None and mig.state == "running"
-    frozen = crash_after in ("checkpoint", "transfer", "cutover")  # before: not yet; after restore: the target
+    # Before the checkpoint: not frozen yet; after the transfer, which carries the restore: live on the target.
+    frozen = crash_after in ("checkpoint", "cutover")
     assert where(state, name)["state"] == ("frozen (migrating)" if frozen else "running")
     resumed = cli("migrations", "resume", mig.id, "--json")
     assert resumed.returncode == 0, resumed.stderr

@@ -67,7 +67,8 @@ def test_throughput_learns_from_finished_migrations() -> None:
         (["check", "prepare", "precopy", "checkpoint", "cutover", "transfer", "restore"], False),
         (["check", "prepare", "checkpoint", "cutover"], True),  # stop-copy: everything goes in the transfer
         (["check", "prepare", "checkpoint", "cutover", "transfer"], True),
-        (["check", "prepare", "checkpoint", "cutover", "transfer", "restore"], False),
+        (["check", "prepare", "checkpoint", "cutover", "transfer", "restore"], True),  # the transfer carries it
+        (["check", "prepare", "checkpoint", "cutover", "transfer", "restore", "confirm"], False),
         (["check", "prepare", "checkpoint", "cutover", "transfer", "restore", "lazy"], True),  # post-copy's pages
         (["finishing interrupted migration m1"], False),
     ],
