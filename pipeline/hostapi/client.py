@@ -82,10 +82,6 @@ class AgentUnreachable(SkyferryError):
         self.host = host  # the agent's label (its host's name)
 
 
-class _Stale(AgentUnreachable):
-    """A GET on a kept-alive connection the agent had closed: worth asking again on a new one."""
-
-
 def _transient(exc: BaseException) -> bool:
     # A refused certificate will not fix itself; a refused or timed-out connection may.
     return isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError)
@@ -158,23 +154,7 @@ class AgentClient:
         retry_for: float,
         chunked: bool = False,
         timeout: float | None = None,
-    ) -> Any:
-        try:
-            return self._send(method, path, body, headers, retry_for, chunked, timeout)
-        except _Stale:
-            # The agent closed the kept-alive connection (it restarted) just before we asked: a GET changes
-            # nothing, so it is asked once more on a new connection, as HTTP clients do with pooled ones.
-            return self._send(method, path, body, headers, retry_for, chunked, timeout)
-
-    def _send(
-        self,
-        method: str,
-        path: str,
-        body: Any,
-        headers: dict[str, str],
-        retry_for: float,
-        chunked: bool,
-        timeout: float | None,
+        again: bool = True,
     ) -> Any:
         with self._lock:
             kept = self._conn
@@ -200,12 +180,17 @@ class AgentClient:
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
                 lost = send_error or exc
-                stale = method == "GET" and conn is kept and isinstance(exc, STALE)
-                raise (_Stale if stale else AgentUnreachable)(
-                    f"agent {self.label}: connection lost during {method} {path}: {lost}", host=self.label
-                ) from lost
-            if resp.will_close or send_error is not None:
+                if not (again and method == "GET" and conn is kept and isinstance(exc, STALE)):
+                    raise AgentUnreachable(
+                        f"agent {self.label}: connection lost during {method} {path}: {lost}", host=self.label
+                    ) from lost
+                resp = None
+            if resp is not None and (resp.will_close or send_error is not None):
                 self.close()
+        if resp is None:
+            # The agent closed the kept-alive connection (it restarted) just before we asked: a GET changes
+            # nothing, so it is asked once more on a new connection, as HTTP clients do with pooled ones.
+            return self._request(method, path, body, headers, retry_for, chunked, timeout, again=False)
         if not (resp.getheader("Content-Type") or "").startswith("application/json"):
             return payload  # raw bytes (logs, the metrics' text); every error is JSON
         result = json.loads(payload or b"null")
