@@ -153,10 +153,25 @@ if [ "$(cat /proc/sys/fs/pipe-max-size)" -lt $PIPE_MAX ]; then
   echo $PIPE_MAX > /proc/sys/fs/pipe-max-size
   say "set fs.pipe-max-size=$PIPE_MAX"
 fi
-SYSCTL_CONF="fs.pipe-max-size = $PIPE_MAX"
+# CRIU dumps a container's conntrack entries with two netlink dumps that each walk every bucket of the
+# host-wide table, inside the freeze: ~10 ms each at the 262144 buckets a host with > 4 GiB gets (docs/
+# migration.md, "Where the freeze goes"). Only lowered, never raised; SKYFERRY_CONNTRACK_BUCKETS overrides.
+CT_BUCKETS=${SKYFERRY_CONNTRACK_BUCKETS:-32768}
+CT_PROC=/proc/sys/net/netfilter/nf_conntrack_buckets
+if [ -w $CT_PROC ] && [ "$(cat $CT_PROC)" -gt "$CT_BUCKETS" ]; then
+  echo "$CT_BUCKETS" > $CT_PROC
+  say "set net.netfilter.nf_conntrack_buckets=$CT_BUCKETS"
+fi
+# '-': a kernel whose conntrack is a module not loaded yet at boot skips the line; modprobe.d covers it.
+SYSCTL_CONF="fs.pipe-max-size = $PIPE_MAX
+-net.netfilter.nf_conntrack_buckets = $CT_BUCKETS"
 if [ "$(cat /etc/sysctl.d/60-skyferry.conf 2>/dev/null)" != "$SYSCTL_CONF" ]; then
   mkdir -p /etc/sysctl.d
   echo "$SYSCTL_CONF" > /etc/sysctl.d/60-skyferry.conf
+fi
+if [ "$(cat /etc/modprobe.d/skyferry.conf 2>/dev/null)" != "options nf_conntrack hashsize=$CT_BUCKETS" ]; then
+  mkdir -p /etc/modprobe.d
+  echo "options nf_conntrack hashsize=$CT_BUCKETS" > /etc/modprobe.d/skyferry.conf
 fi
 
 mkdir -p /run/netns /var/run/wireguard

@@ -36,13 +36,16 @@ VERSION_CODENAME=bullseye
 ID=debian
 """
 
-# What a run could change: the installed binary, the kernel knob and its config, the apt database.
-WATCHED = [CRIU, Path("/etc/sysctl.d/60-skyferry.conf"), Path("/var/lib/dpkg/status")]
+# What a run could change: the installed binary, the kernel knobs and their config, the apt database.
+CONNTRACK = Path("/proc/sys/net/netfilter/nf_conntrack_buckets")
+WATCHED = [CRIU, Path("/etc/sysctl.d/60-skyferry.conf"), Path("/etc/modprobe.d/skyferry.conf"),
+           Path("/var/lib/dpkg/status")]  # fmt: skip
 
 
 def machine_state() -> dict[str, object]:
     state: dict[str, object] = {str(p): p.stat().st_mtime_ns if p.exists() else None for p in WATCHED}
     state["fs.pipe-max-size"] = Path("/proc/sys/fs/pipe-max-size").read_text()
+    state["nf_conntrack_buckets"] = CONNTRACK.read_text() if CONNTRACK.exists() else None
     return state
 
 

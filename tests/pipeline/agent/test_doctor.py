@@ -150,6 +150,14 @@ def test_criu_probe_cache() -> None:
     assert doctor.kdat_cache_result(None, None).status is Status.WARN
 
 
+def test_conntrack_table() -> None:
+    assert doctor.conntrack_result(None).status is Status.PASS  # no conntrack: no table to walk
+    assert doctor.conntrack_result(32768).status is Status.PASS
+    default = doctor.conntrack_result(262144)  # what a host with more than 4 GiB gets
+    assert default.status is Status.WARN and "~20 ms of the freeze" in default.detail, default
+    assert "nf_conntrack_buckets=32768" in (default.fix or "")
+
+
 def test_root_and_netns() -> None:
     assert doctor.root_result(0).status is Status.PASS
     assert doctor.root_result(65534).status is Status.FAIL
@@ -189,6 +197,9 @@ def test_doctor_tells_the_truth_about_this_machine() -> None:
         assert checks["wireguard"]["value"] == "wireguard-go"
 
     assert checks["fs.pipe-max-size"]["value"] == Path("/proc/sys/fs/pipe-max-size").read_text().strip()
+    # The bootstrapped host keeps CRIU's conntrack walk short (this machine's default is 262144 buckets).
+    buckets = doctor.CONNTRACK_BUCKETS.read_text().strip()
+    assert (checks["conntrack table"]["status"], checks["conntrack table"]["value"]) == ("PASS", buckets)
     version = subprocess.run(["criu", "--version"], capture_output=True, text=True).stdout
     assert f"Version: {checks['criu version']['value']}" in version
     assert all(c["fix"] for c in checks.values() if c["status"] != "PASS")
