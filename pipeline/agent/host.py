@@ -66,6 +66,7 @@ class Host:
         self.targets: dict[str, Session] = {}  # by migration id: TargetSession
         self.freezes = Freezes(cfg.state_root)  # the source's freeze records, which its watchdog bounds
         self.throttles = Throttles(cfg.state_root)  # auto-converge: the CPU limits to write back
+        self.fork_marks: dict[str, preflight.ForkMark] = {}  # by container: where auto's rounds count forks from
         self.pool = ThreadPoolExecutor(4, thread_name_prefix="pager")  # target sessions start pagers here
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
@@ -214,9 +215,22 @@ class Host:
     def logs(self, name: str) -> bytes:
         return self.rt(name).logs(name)
 
-    def preflight(self, name: str) -> list[preflight.Finding]:
+    def preflight(self, name: str, forks: str = "now") -> list[preflight.Finding]:
+        """What CRIU could not dump. The fork rate (which rules out the lazy modes) is measured over the
+        next 0.5 s with `forks` "now"; with "later" only its start is marked, and auto mode's rounds count
+        from it (SourceSession.precopy), so the check does not wait."""
         pid = (self.state(name) or {}).get("pid")
-        return preflight.scan(pid, facts.dumps_other_users()) + preflight.forking(pid) if pid else []
+        if not pid:
+            return []
+        found = preflight.scan(pid, facts.dumps_other_users())
+        if forks == "later":
+            mark = preflight.fork_mark(pid)
+            with self._guard:
+                self.fork_marks.pop(name, None)
+                if mark is not None:
+                    self.fork_marks[name] = mark
+            return found
+        return found + preflight.forking(pid)
 
     def exec(self, name: str, argv: list[str], stdin: bytes, timeout: float) -> tuple[int, bytes, bytes]:
         """`skyferry exec`: only in a container that runs and is not frozen for a migration."""

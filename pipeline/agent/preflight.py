@@ -8,7 +8,7 @@ socket cannot reach outside it (the netns is its own and no host directory is sh
 
 import os
 import subprocess
-import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +39,7 @@ IO_URING_HINT = "CRIU 4.2 cannot dump io_uring (it cannot pass its fd): stop the
 LAZY_MODES = ("hybrid", "postcopy")
 FORKS_PER_S = 10.0
 FORK_WINDOW = 0.5
+NS_LAST_PID = "/proc/sys/kernel/ns_last_pid"
 FORKS_HINT = (
     "after a lazy restore every forked child's memory is filled by CRIU's lazy-pages daemon, so a tree that "
     "forks all the time may never finish the lazy phase: use --mode precopy or stop-copy"
@@ -64,38 +65,61 @@ def scan(root_pid: int, dumps_other_users: bool = True) -> list[Finding]:
     return found
 
 
-def fork_rate(root_pid: int, window: float = FORK_WINDOW) -> float | None:
-    """New pids per second in the pid namespace of `root_pid` (the container's init): forks, and threads,
-    which take pids too. The namespace's `ns_last_pid` read twice, `window` s apart, by one process that
+@dataclass(frozen=True)
+class ForkMark:
+    """One read of a pid namespace's `ns_last_pid`, and when (this agent's time.monotonic())."""
+
+    last_pid: int
+    at: float
+
+
+def fork_mark(root_pid: int) -> ForkMark | None:
+    """The last pid the pid namespace of `root_pid` (the container's init) handed out, read by a `cat` that
     `nsenter` starts inside that namespace (the sysctl answers for the reader's namespace, so a read from
-    here would count the whole host). None when it cannot be measured (no pid namespace of its own, the
-    task gone, no nsenter). Costs the window and a Python start-up (~0.6 s in all) in the check stage."""
-    probe = (
-        "import time\nf = '/proc/sys/kernel/ns_last_pid'\na = int(open(f).read())\nt = time.monotonic()\n"
-        f"time.sleep({window!r})\nprint(a, int(open(f).read()), time.monotonic() - t)"
-    )
+    here would count the whole host). None when it cannot be read (no pid namespace of its own, the task
+    gone, no nsenter)."""
     try:
         if os.readlink(f"/proc/{root_pid}/ns/pid") == os.readlink("/proc/self/ns/pid"):
             return None
-        done = subprocess.run(["nsenter", "--target", str(root_pid), "--pid", "--", sys.executable, "-c", probe],
-                              capture_output=True, text=True, timeout=30)  # fmt: skip
-        first, last, took = done.stdout.split() if done.returncode == 0 else ("", "", "")
+        done = subprocess.run(["nsenter", "--target", str(root_pid), "--pid", "--", "cat", NS_LAST_PID],
+                              capture_output=True, text=True, timeout=10)  # fmt: skip
+        at = time.monotonic()
+        return ForkMark(int(done.stdout), at) if done.returncode == 0 else None
     except (OSError, subprocess.TimeoutExpired, ValueError):  # it exited meanwhile; no nsenter here
         return None
-    if not took:
+
+
+def fork_rate(root_pid: int, since: ForkMark | None = None, window: float = FORK_WINDOW) -> float | None:
+    """New pids per second in the pid namespace of `root_pid`: forks, and threads, which take pids too.
+    Counted from `since` (a mark taken earlier, as the check stage does for auto mode's rounds), else from
+    a mark taken now; waits until `window` s have passed since it. Each read's own `cat` takes a pid: the
+    second one is not counted. None when it cannot be measured."""
+    first = since or fork_mark(root_pid)
+    if first is None:
+        return None
+    time.sleep(max(0.0, first.at + window - time.monotonic()))
+    last = fork_mark(root_pid)
+    if last is None or last.at <= first.at:
         return None
     pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
-    return ((int(last) - int(first)) % pid_max) / float(took)  # pids wrap around at pid_max
+    new = (last.last_pid - first.last_pid) % pid_max  # pids wrap around at pid_max
+    return max(new - 1, 0) / (last.at - first.at)
 
 
-def forking(root_pid: int, limit: float = FORKS_PER_S) -> list[Finding]:
-    """A finding that rules out the lazy modes when the tree forks faster than `limit` per second."""
-    rate = fork_rate(root_pid)
+def forking(root_pid: int, since: ForkMark | None = None, limit: float = FORKS_PER_S) -> list[Finding]:
+    """A finding that rules out the lazy modes when the tree forks faster than `limit` per second (counted
+    from `since`, else over the next FORK_WINDOW s)."""
+    rate = fork_rate(root_pid, since)
     if rate is None or rate <= limit:
         return []
     comm = Path(f"/proc/{root_pid}/comm").read_text().strip()
     what = f"forks {rate:.0f} times a second, counting its children (the lazy modes take up to {limit:g})"
     return [Finding(root_pid, comm, what, FORKS_HINT, LAZY_MODES)]
+
+
+def ruled_out(found: list[Finding]) -> str:
+    """What the rounds' report says when a tree's forks took the lazy finishes away (as the check says it)."""
+    return f"{' and '.join(LAZY_MODES)} ruled out: {found[0]}"
 
 
 def _stopped(pid: int, comm: str) -> list[Finding]:

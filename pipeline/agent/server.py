@@ -13,7 +13,8 @@ and "restore": "not asked" or "failed" when a transfer that carried the restore 
   POST   /v1/containers                     run a ContainerSpec
   GET    /v1/containers/NAME                one container
   GET    /v1/containers/NAME/logs           raw log bytes
-  GET    /v1/containers/NAME/preflight      process shapes CRIU cannot dump, found while it runs (agent/preflight.py)
+  GET    /v1/containers/NAME/preflight      process shapes CRIU cannot dump, found while it runs
+                                            (agent/preflight.py); ?forks=later: auto's rounds count the forks
   POST   /v1/containers/NAME/exec           {"args", "stdin", "timeout"}: run a command inside the container
                                             (hostapi/execute.py); {"exit_code", "stdout", "stderr"}
   DELETE /v1/containers/NAME                stop and remove
@@ -229,7 +230,8 @@ class Agent:
             case "GET", ["containers", name, "logs"]:
                 return host.logs(name)
             case "GET", ["containers", name, "preflight"]:
-                return [asdict(f) for f in host.preflight(name)]
+                forks = bodies.PreflightQuery.model_validate({k: v[0] for k, v in query.items()}).forks
+                return [asdict(f) for f in host.preflight(name, forks)]
             case "POST", ["containers", name, "exec"]:
                 req = ExecRequest.model_validate(body)
                 done = host.exec(name, req.args, base64.b64decode(req.stdin), req.timeout)
@@ -307,7 +309,8 @@ class Agent:
                 policy = ConvergencePolicy(**req.policy.model_dump(exclude_none=True))
                 mem, fs, hold = self._lanes(session.mig, req.target, session.name)
                 hold.warm()  # its first request is inside the freeze: no TCP and TLS handshakes there
-                return session.precopy(mem, fs, policy, req.method, req.freeze_timeout, req.completion_timeout)
+                return session.precopy(mem, fs, policy, req.method, req.freeze_timeout, req.completion_timeout,
+                                       req.forks)  # fmt: skip
             case "checkpoint":
                 fence = f"{req.target.address}:{req.target.port}" if req.target else None  # the watchdog's fence
                 return session.checkpoint(req.lazy, req.freeze_timeout, fence, peer=req.peer,

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from skyferry.pipeline import proctree
-from skyferry.pipeline.agent import metrics, netlock
+from skyferry.pipeline.agent import metrics, netlock, preflight
 from skyferry.pipeline.agent.freeze import Freeze
 from skyferry.pipeline.agent.holdback import Holdback
 from skyferry.pipeline.agent.host import Host
@@ -106,9 +106,14 @@ class SourceSession:
         method: str = "auto",
         freeze_timeout: float = FREEZE_TIMEOUT,
         completion_timeout: float | None = None,
+        forks: bool = False,
     ) -> dict[str, Any]:
         """Rounds while the container runs, until the policy stops them: memory, then the files of its
         rootfs and volumes. A repeated call starts afresh (the target resets its store).
+
+        With `forks` (auto mode, whose check only marked the fork count: Host.preflight), the rounds take
+        the lazy finishes away from a tree that forks too fast for a lazy phase to end, counted from the
+        check's mark to the end of round 1 (at least 0.5 s: a shorter round waits out the rest).
 
         `method` "auto" takes CRIU's pre-dump where this kernel tracks soft-dirty pages and the engine can
         pre-dump, else content-based rounds; "content" (hybrid, whose freeze scan needs the hashes) forces
@@ -121,16 +126,17 @@ class SourceSession:
         like KubeVirt's) ends the rounds with reason `completion-timeout`: the controller then aborts or
         hands over to post-copy."""
         try:
-            return self._precopy(mem, fs, policy, method, freeze_timeout, completion_timeout)
+            return self._precopy(mem, fs, policy, method, freeze_timeout, completion_timeout, forks)
         except Exception:
             self._unthrottle()
             raise
 
     def _precopy(
         self, mem: Lane, fs: Lane, policy: ConvergencePolicy, method: str, freeze_timeout: float,
-        completion_timeout: float | None,
+        completion_timeout: float | None, forks: bool,
     ) -> dict[str, Any]:  # fmt: skip
         self._unthrottle()  # a repeated call starts afresh
+        mark = self.host.fork_marks.pop(self.name, None)
         runtime = self.host.rt(self.name)
         state = runtime.state(self.name)
         if state is None or state["status"] != "running":
@@ -169,6 +175,7 @@ class SourceSession:
         if policy.throttle:
             self.throttle = Throttle.start(self.host.throttles, self.mig, self.name, runtime.cgroup(self.name))
         fs_rounds, steps, levels = [], [], []  # levels: the throttle in force as each round began
+        ruled_out = None
         while True:
             levels.append(self.throttle.level if self.throttle else 0.0)
             mem.upload("precopy-round", rounds.round())
@@ -176,6 +183,11 @@ class SourceSession:
             stats = FsStats()
             fs.upload("fs-round", tracker.round(stats))
             fs_rounds.append(stats.as_dict())
+            if forks and len(rounds.history) == 1 and (found := preflight.forking(int(state["pid"]), mark)):
+                ruled_out = preflight.ruled_out(found)
+                policy = replace(policy, finishes=[f for f in policy.finishes if f not in preflight.LAZY_MODES])
+                if not policy.finishes:
+                    raise SkyferryError(f"{self.name!r} cannot finish lazily: {found[0]}", hint=found[0].hint)
             # A round's delta was dirtied while the round before it ran: judged by the throttle of then (a
             # step shows one round later), so the cap is judged only once a round ran under it.
             seen = levels[-2] if len(levels) > 1 else 0.0
@@ -203,6 +215,7 @@ class SourceSession:
             "predicted": decision.predicted,  # per mode, if the container froze now
             "measured": decision.measured,  # memory, bandwidth, dirty rate: what the predictions rest on
             "throttle_steps": steps,
+            **({"ruled_out": ruled_out} if ruled_out else {}),  # the lazy finishes, by the fork rate
             **({"completion_timeout_s": round(policy.completion_seconds, 3)} if policy.completion_seconds else {}),
         }
 

@@ -460,8 +460,9 @@ def _stopped(ctx: Context, journal: Journal, stage: Stage, exc: Exception, cause
 
 def _mode_reason(mode: str, precopy: dict[str, Any], check: dict[str, Any]) -> str:
     if mode == "auto":
-        if check.get("ruled_out") and precopy.get("finish"):  # the preflight left the rounds one finish
-            return f"{precopy['finish']}, the one finish left: {check['ruled_out']}"
+        ruled_out = check.get("ruled_out") or precopy.get("ruled_out")  # by the preflight, or the fork count
+        if ruled_out and precopy.get("finish"):  # the rounds had one finish left
+            return f"{precopy['finish']}, the one finish left: {ruled_out}"
         return precopy.get("finish_reason") or "not chosen yet: the pre-copy rounds did not finish"
     return check.get("mode_reason") or f"--mode {mode}"  # or auto for an engine with one mode
 

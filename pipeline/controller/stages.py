@@ -100,7 +100,9 @@ class Check:
                 "lacks CAP_SYS_RESOURCE, which CRIU needs to read another user's rlimits (prlimit(2))",
                 hint="run the source's agent with root's full capabilities (docs/security.md, Containers)",
             )
-        found = ctx.src.call("GET", f"/v1/containers/{ctx.entry.name}/preflight")
+        # Auto's rounds count the forks from here (PreCopy): the check need not wait 0.5 s to count them.
+        forks = "later" if ctx.mode == "auto" else "now"
+        found = ctx.src.call("GET", f"/v1/containers/{ctx.entry.name}/preflight?forks={forks}")
         fatal = [f for f in found if not f.get("modes")]  # the others rule out some modes only (below)
         if fatal:
             shapes = "; ".join(map(_shape, fatal))
@@ -218,16 +220,24 @@ class PreCopy:
                                   "throttle": ctx.auto_converge and not lazy_only and not estimating}  # fmt: skip
         if self.rounds:
             policy |= {"min_rounds": self.rounds, "max_rounds": self.rounds}
+        forks = ctx.mode == "auto" and "hybrid" in finishes  # the check left the fork count to the rounds
         done: dict[str, Any] = ctx.mig_call(
             ctx.src, "precopy", target=ctx.target_agent(), policy=policy, method=method,
-            freeze_timeout=ctx.freeze_timeout, completion_timeout=ctx.completion_timeout,
+            freeze_timeout=ctx.freeze_timeout, completion_timeout=ctx.completion_timeout, forks=forks,
         )  # fmt: skip
         if done["stop"] != "completion-timeout" or lazy_only or estimating:
             return done
+        timed_out = (
+            f"pre-copy of {ctx.entry.name!r} did not complete within {done['completion_timeout_s']:g} s "
+            f"({ctx.completion_timeout:g} s per GiB): {done['why']}; aborted, nothing was frozen"
+        )
+        if done.get("ruled_out"):  # the rounds found a tree forking too fast for a lazy phase to end
+            raise SkyferryError(
+                f"{timed_out}; no lazy finish: {done['ruled_out']}", hint="a longer --completion-timeout"
+            )
         if ctx.on_timeout != "postcopy":  # "abort", or a journal from before the choice existed
             raise SkyferryError(
-                f"pre-copy of {ctx.entry.name!r} did not complete within {done['completion_timeout_s']:g} s "
-                f"({ctx.completion_timeout:g} s per GiB): {done['why']}; aborted, nothing was frozen",
+                timed_out,
                 hint="--on-timeout postcopy hands over to a lazy finish instead; or a longer --completion-timeout",
             )
         if "hybrid" in finishes:  # auto: the finish is the rounds' to name, and the runner follows it

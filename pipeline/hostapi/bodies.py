@@ -92,6 +92,7 @@ class Precopy(Step):
     method: Literal["auto", "content"] = "auto"  # the source picks soft-dirty itself where it can
     freeze_timeout: FreezeTimeout = FREEZE_TIMEOUT  # bounds each CRIU pre-dump's freeze
     completion_timeout: Annotated[float, Field(gt=0, le=86400)] | None = None  # rounds' bound, seconds per GiB
+    forks: StrictBool = False  # auto: the rounds take the lazy finishes away from a tree forking too fast
 
 
 class Checkpoint(Step):
@@ -152,6 +153,12 @@ STEPS: dict[str, type[Step]] = {
     "confirm": Confirm, "clone-prepare": Prepare, "clone-checkpoint": Step, "clone-transfer": Transfer,
     "clone-restore": Step, "clone-check": CloneCheck, "clone-discard": CloneDiscard,
 }  # fmt: skip
+
+
+class PreflightQuery(Body):
+    """GET /v1/containers/NAME/preflight[?forks=later]"""
+
+    forks: Literal["now", "later"] = "now"  # later: only mark where auto mode's rounds count forks from
 
 
 class StreamQuery(Body):

@@ -121,6 +121,39 @@ def test_a_tree_that_forks_all_the_time_rules_out_the_lazy_modes_only() -> None:
     assert "forks" in found[0].what and "--mode precopy" in found[0].hint
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a pid namespace, nsenter)")
+def test_auto_counts_the_forks_from_the_check_s_mark_without_waiting_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check only marks the count (auto mode); the rounds count from that mark. Once the window has
+    passed, the count is one more read, not another 0.5 s."""
+    waits: list[float] = []
+    real_sleep = time.sleep
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        real_sleep(seconds)
+
+    monkeypatch.setattr(preflight.time, "sleep", sleep)
+    with in_pid_namespace(QUIET) as pid:
+        mark = preflight.fork_mark(pid)
+        assert mark is not None
+        time.sleep(preflight.FORK_WINDOW)
+        quiet = preflight.fork_rate(pid, since=mark)
+        assert quiet is not None and quiet < 1, quiet  # the control: our own reads are not counted
+    with in_pid_namespace(FORKING) as pid:
+        mark = preflight.fork_mark(pid)
+        assert mark is not None
+        time.sleep(preflight.FORK_WINDOW)
+        waits.clear()
+        found = preflight.forking(pid, since=mark)
+    assert len(found) == 1 and found[0].modes == preflight.LAZY_MODES, found
+    assert waits == [0.0], waits  # no second window
+    with in_pid_namespace(QUIET) as pid:
+        waits.clear()
+        assert preflight.fork_rate(pid) is not None  # the positive control: without a mark it waits the window
+    assert len(waits) == 1 and 0.4 < waits[0] <= preflight.FORK_WINDOW, waits
+    assert preflight.ruled_out(found).startswith("hybrid and postcopy ruled out: ")
+
+
 def test_a_tree_sharing_our_pid_namespace_is_not_measured() -> None:
     """The sysctl would count the whole host's forks: no rate rather than a wrong one."""
     with tree(PLAIN) as pid:
