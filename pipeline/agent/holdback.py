@@ -31,8 +31,10 @@ class Holdback:
         self.netns, self.ip, self.ifname = netns, socket.inet_aton(ip), ifname
         self.held: OrderedDict[bytes, bytes] = OrderedDict()  # newest copy of each distinct segment
         self._stop = threading.Event()
+        # Protocol 0, then bind with ETH_P_IP: a socket made with a protocol hooks every device at once,
+        # and bind() then unhooks it with synchronize_net (10-17 ms here), which the source pays in its freeze.
         with in_netns(netns):
-            self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_IP))
+            self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
         self._sock.bind((ifname, ETH_P_IP))
         self._sock.setblocking(False)
         # close() wakes the capture through this pipe: it runs inside the freeze, where waiting out a
