@@ -22,7 +22,7 @@ from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.files.inroot import Root
 from skyferry.pipeline.hostapi import privdir
 from skyferry.pipeline.hostapi.spec import ContainerSpec
-from skyferry.pipeline.runtimes import engines, isolation, throttle
+from skyferry.pipeline.runtimes import engines, freezer, isolation, throttle
 from skyferry.pipeline.runtimes.children import CGROUP, Children, kill_cgroup
 from skyferry.pipeline.runtimes.images import unpack_image
 from skyferry.pipeline.runtimes.isolation import LOG_IN_CONTAINER
@@ -181,7 +181,7 @@ class Runc:
         return f"{self.cgroup_prefix}/{name}"
 
     def pause(self, name: str) -> None:
-        self._runc("pause", name)
+        freezer.freeze(self.cgroup(name))  # what `runc pause` writes, without its start-up (freezer.py)
 
     def resume(self, name: str) -> None:
         self._runc("resume", name)
