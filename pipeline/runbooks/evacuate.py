@@ -7,7 +7,6 @@ migration the interruption left half done is finished from the journal (resumed,
 tried again) before anything new starts.
 """
 
-import contextlib
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -22,6 +21,7 @@ from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.runbooks import ingress, placement
 from skyferry.pipeline.runbooks import report as runreport
+from skyferry.pipeline.runbooks.plotter import Plotter
 from skyferry.providers.errors import ProviderError
 
 Progress = Callable[[str, str], None]  # (container, stage)
@@ -186,10 +186,8 @@ def evacuate(
     throughput = Throughput.for_host(state, host, budget, parallel)
     folder = Path(state) / runreport.REPORTS / run_id
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    # Each migration's plot is drawn as it finishes, while the others still run, by one thread (pyplot
-    # is not thread-safe): drawn after the last one, 8 plots kept a 2-core controller busy for seconds.
-    with ThreadPoolExecutor(max_workers=1) as drawer:
-        results += _run(state, the_plan["moves"], throughput, progress, lambda r: drawer.submit(_draw, folder, r))
+    with Plotter() as plotter:  # each migration's plot, drawn as it finishes while the others run
+        results += _run(state, the_plan["moves"], throughput, progress, lambda r: _draw(plotter, folder, r))
     summary["bandwidth"] = throughput.as_dict()
     results += [{**u, "state": "no-capacity"} for u in the_plan["unplaced"]]
     remaining = sorted(e.name for e in Registry(state).all() if e.host == host)
@@ -297,12 +295,11 @@ def _run(
     return [results[m["container"]] for m in moves]
 
 
-def _draw(folder: Path, result: dict[str, Any]) -> None:
+def _draw(plotter: Plotter, folder: Path, result: dict[str, Any]) -> None:
     """The migration's plot, where the run's report will list it (a failure leaves it to the report)."""
     report = result.get("migration") or {}
     if report.get("id"):
-        with contextlib.suppress(Exception):
-            runreport.plot(report, folder / f"{report['id']}.png")
+        plotter.draw(report, folder / f"{report['id']}.png")
 
 
 def succeeded(result: dict[str, Any]) -> bool:

@@ -2,10 +2,13 @@
 run's report.html (its renderer is tested in tests/pipeline/controller/test_report_html.py)."""
 
 import json
+import os
+import time
 from pathlib import Path
 
 from skyferry.pipeline.runbooks import report as runreport
 from skyferry.pipeline.runbooks import testcutover
+from skyferry.pipeline.runbooks.plotter import Plotter
 
 PRECOPY = {
     "id": "m1", "container": "web", "source": "a", "target": "b", "mode": "precopy", "state": "done",
@@ -33,6 +36,21 @@ def test_a_run_writes_summary_and_one_report_and_plot_per_migration(tmp_path: Pa
     page = (folder / "report.html").read_text()
     assert page.count("not in this controller&#x27;s journal") == 2, "reports without a journal still get a section"
     assert "120.5 ms / 120.5 ms / 120.5 ms" in page
+
+
+def test_plots_are_drawn_by_a_process_of_the_lowest_priority(tmp_path: Path) -> None:
+    """A runbook's plots are drawn beside its migrations, never in the controller's own process."""
+    with Plotter() as plotter:
+        deadline = time.monotonic() + 10  # from `nice`'s exec on (Popen returns when the fork is done)
+        while os.getpriority(os.PRIO_PROCESS, plotter.pid) != 19 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert os.getpriority(os.PRIO_PROCESS, plotter.pid) == 19 and plotter.pid != os.getpid()
+        plotter.draw(PRECOPY, tmp_path / "m1.png")
+        plotter.draw({"id": "m2", "stages_s": 5}, tmp_path / "m2.png")  # one that cannot be drawn stops no other
+        plotter.draw({**PRECOPY, "id": "m3"}, tmp_path / "m3.png")
+    assert (tmp_path / "m1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "m3.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "m2.png").exists()
 
 
 def test_the_page_says_what_did_not_migrate() -> None:
