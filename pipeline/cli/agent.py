@@ -5,8 +5,6 @@ from pathlib import Path
 
 import typer
 from skyferry.pipeline import logfmt
-from skyferry.pipeline.agent.host import HostConfig
-from skyferry.pipeline.agent.server import identity_for, remove_all, serve
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi.layout import AGENT_PORT
 
@@ -37,6 +35,10 @@ def agent(
     It serves HTTPS with mutual TLS on LISTEN:PORT and accepts only certificates signed by the mesh CA.
     Normally started for you by `skyferry hosts up` (local) or a systemd unit (cloud hosts).
     """
+    # Imported here: the agent's modules cost every other command about 0.2 s of start-up.
+    from skyferry.pipeline.agent.host import HostConfig
+    from skyferry.pipeline.agent.server import identity_for, remove_all, serve
+
     logfmt.configure(log_format.value, logging.INFO, host=host)
     cfg = HostConfig(name=host, mesh=mesh, state_root=state_root, overlay_ip=listen, mtu=mtu, wg_interface=wg_interface)
     if remove_containers:
