@@ -225,10 +225,10 @@ class Host:
         found = preflight.scan(pid, facts.dumps_other_users())
         if forks == "later":
             mark = preflight.fork_mark(pid)
-            with self._guard:
+            if mark is None:
                 self.fork_marks.pop(name, None)
-                if mark is not None:
-                    self.fork_marks[name] = mark
+            else:
+                self.fork_marks[name] = mark
             return found
         return found + preflight.forking(pid)
 

@@ -39,6 +39,7 @@ IO_URING_HINT = "CRIU 4.2 cannot dump io_uring (it cannot pass its fd): stop the
 LAZY_MODES = ("hybrid", "postcopy")
 FORKS_PER_S = 10.0
 FORK_WINDOW = 0.5
+MARK_MAX_AGE = 60.0  # a mark older than this (a migration resumed much later) would average a burst away
 NS_LAST_PID = "/proc/sys/kernel/ns_last_pid"
 FORKS_HINT = (
     "after a lazy restore every forked child's memory is filled by CRIU's lazy-pages daemon, so a tree that "
@@ -91,10 +92,11 @@ def fork_mark(root_pid: int) -> ForkMark | None:
 
 def fork_rate(root_pid: int, since: ForkMark | None = None, window: float = FORK_WINDOW) -> float | None:
     """New pids per second in the pid namespace of `root_pid`: forks, and threads, which take pids too.
-    Counted from `since` (a mark taken earlier, as the check stage does for auto mode's rounds), else from
-    a mark taken now; waits until `window` s have passed since it. Each read's own `cat` takes a pid: the
-    second one is not counted. None when it cannot be measured."""
-    first = since or fork_mark(root_pid)
+    Counted from `since` (a mark taken earlier, as the check stage does for auto mode's rounds, if at most
+    MARK_MAX_AGE old), else from a mark taken now; waits until `window` s have passed since it. Each
+    read's own `cat` takes a pid: the second one is not counted. None when it cannot be measured."""
+    fresh = since is not None and time.monotonic() - since.at < MARK_MAX_AGE
+    first = since if fresh else fork_mark(root_pid)
     if first is None:
         return None
     time.sleep(max(0.0, first.at + window - time.monotonic()))

@@ -146,11 +146,11 @@ def test_auto_counts_the_forks_from_the_check_s_mark_without_waiting_again(monke
         waits.clear()
         found = preflight.forking(pid, since=mark)
     assert len(found) == 1 and found[0].modes == preflight.LAZY_MODES, found
-    assert waits == [0.0], waits  # no second window
+    assert max(waits) < 0.01, waits  # no second window (subprocess polls its child in ms sleeps)
     with in_pid_namespace(QUIET) as pid:
         waits.clear()
         assert preflight.fork_rate(pid) is not None  # the positive control: without a mark it waits the window
-    assert len(waits) == 1 and 0.4 < waits[0] <= preflight.FORK_WINDOW, waits
+    assert 0.4 < max(waits) <= preflight.FORK_WINDOW, waits
     assert preflight.ruled_out(found).startswith("hybrid and postcopy ruled out: ")
 
 
