@@ -54,6 +54,7 @@ from skyferry.pipeline.runtimes.throttle import Throttle
 
 log = logging.getLogger("skyferry.agent.source")
 SERVING_MARGIN = 120.0  # seconds past the target's lazy bound: it stops its copy and answers meanwhile
+THROTTLE_DRAIN_S = 0.02  # a throttled container runs this long unthrottled before its freeze
 
 
 class Upload(Protocol):
@@ -265,7 +266,10 @@ class SourceSession:
         faults.act(self.host.cfg.state_root, "stop-task:checkpoint", lambda: _stop_newest_task(int(state["pid"])))
         # Lifted before the pause: the freezer cannot freeze a task the CFS throttle keeps off the CPU in
         # time ("unable to freeze"), and the image (so the target's copy) then holds the container's own limit.
-        self._unthrottle()
+        if self._unthrottle():
+            # Throttled, it ran 1 ms per period (up to 1 s): a moment to answer what waited, or its
+            # clients wait out that period on top of the freeze (runc pause's own start-up used to give it).
+            time.sleep(THROTTLE_DRAIN_S)
         if state["status"] == "running":
             runtime.pause(self.name)
         netlock.lock(netns)
@@ -508,12 +512,13 @@ class SourceSession:
         if self.host.sources.get(self.mig) is self:
             del self.host.sources[self.mig]
 
-    def _unthrottle(self) -> None:
+    def _unthrottle(self) -> bool:
         """Write the container's own CPU limit back, if this migration throttled it (also one an agent
-        that died left throttled: the record is on disk)."""
+        that died left throttled: the record is on disk); whether it was throttled."""
         self.throttle = None
-        self.host.throttles.lift(self.mig)
+        lifted = self.host.throttles.lift(self.mig)
         metrics.throttle(self.name, 0)
+        return lifted
 
     def _stop_lazy_dump(self) -> None:
         """End a post-copy page server (and the CRIU dump it belongs to) and its tunnel. The frozen tasks
