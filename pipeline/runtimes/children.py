@@ -15,6 +15,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from skyferry.pipeline.runtimes.freezer import CGROUP, thaw
+
 
 class Children:
     def __init__(self, directory: Path) -> None:
@@ -52,9 +54,6 @@ def kill_groups(pgids: list[int]) -> None:
             os.killpg(pgid, signal.SIGKILL)
 
 
-CGROUP = Path("/sys/fs/cgroup")
-
-
 def kill_cgroup(rel: str) -> list[int]:
     """SIGKILL every task in cgroup `rel` (relative to the hierarchy's root), then thaw it so the kills land
     (a frozen task holds a SIGKILL pending, and dies before it runs again, so none can fork in between).
@@ -75,10 +74,7 @@ def kill_cgroup(rel: str) -> list[int]:
                 os.kill(pid, signal.SIGKILL)
         killed += [p for p in procs if p not in killed]
         with contextlib.suppress(OSError):
-            if v1:
-                (CGROUP / "freezer" / rel / "freezer.state").write_text("THAWED")
-            else:
-                (CGROUP / rel / "cgroup.freeze").write_text("0")
+            thaw(rel)
         if not procs:
             break
         time.sleep(0.05)

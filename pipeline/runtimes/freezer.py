@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.runtimes.children import CGROUP
 
+CGROUP = Path("/sys/fs/cgroup")
 TRIES = 1000  # v1: runc's
 WAIT_S = 10.0  # v2: runc's
 
@@ -20,17 +20,25 @@ def freeze(cgroup: str) -> None:
     """Freeze every task of `cgroup` (a path below the hierarchy's root, as runc's cgroupsPath) and return
     once the kernel says all are frozen; else thaw it again and raise."""
     rel = cgroup.strip("/")
-    v2 = (CGROUP / "cgroup.controllers").exists()
-    if _freeze_v2(CGROUP / rel) if v2 else _freeze_v1(CGROUP / "freezer" / rel / "freezer.state"):
+    if _freeze_v2(CGROUP / rel) if _v2() else _freeze_v1(CGROUP / "freezer" / rel / "freezer.state"):
         return
-    if v2:
-        (CGROUP / rel / "cgroup.freeze").write_text("0")
-    else:
-        (CGROUP / "freezer" / rel / "freezer.state").write_text("THAWED")
+    thaw(cgroup)
     raise SkyferryError(
         f"unable to freeze cgroup {cgroup}: its tasks did not all stop",
         hint="it was thawed again; a tree that forks without pause can keep a cgroup v1 freezer from finishing",
     )
+
+
+def thaw(cgroup: str) -> None:
+    rel = cgroup.strip("/")
+    if _v2():
+        (CGROUP / rel / "cgroup.freeze").write_text("0")
+    else:
+        (CGROUP / "freezer" / rel / "freezer.state").write_text("THAWED")
+
+
+def _v2() -> bool:
+    return (CGROUP / "cgroup.controllers").exists()
 
 
 def _freeze_v1(state: Path) -> bool:

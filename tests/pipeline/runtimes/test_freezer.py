@@ -9,8 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kit.cgroups import spinning
 from skyferry.pipeline.runtimes import freezer
-from skyferry.pipeline.runtimes.children import CGROUP
+from skyferry.pipeline.runtimes.freezer import CGROUP
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 V2 = (CGROUP / "cgroup.controllers").exists()
@@ -18,23 +19,11 @@ V2 = (CGROUP / "cgroup.controllers").exists()
 
 @pytest.fixture
 def busy() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    rel = f"skyferry-freezer-test-{os.getpid()}-{os.urandom(3).hex()}"
-    directory = CGROUP / rel if V2 else CGROUP / "freezer" / rel
-    proc = subprocess.Popen(["/bin/sh", "-c", "while :; do :; done"])
-    try:
-        directory.mkdir()
-        (directory / "cgroup.procs").write_text(str(proc.pid))
-        yield rel, proc
-    finally:
-        (directory / ("cgroup.freeze" if V2 else "freezer.state")).write_text("0" if V2 else "THAWED")
-        proc.kill()
-        proc.wait()
-        for _ in range(50):  # the killed process leaves its cgroup a moment later
-            try:
-                directory.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
+    with spinning("skyferry-freezer-test", ["freezer"]) as (name, proc):
+        try:
+            yield name.strip("/"), proc
+        finally:
+            freezer.thaw(name)  # a failed test may leave it frozen, and a frozen task cannot be reaped
 
 
 def cpu_ticks(pid: int) -> int:
@@ -58,7 +47,5 @@ def test_a_frozen_cgroup_gets_no_cpu_until_thawed(busy: tuple[str, subprocess.Po
     else:
         assert (CGROUP / "freezer" / rel / "freezer.state").read_text().strip() == "FROZEN"
     assert not runs(proc.pid)
-    (CGROUP / rel / "cgroup.freeze" if V2 else CGROUP / "freezer" / rel / "freezer.state").write_text(
-        "0" if V2 else "THAWED"
-    )
+    freezer.thaw(rel)
     assert runs(proc.pid)

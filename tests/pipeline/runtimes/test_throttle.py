@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from kit.cgroups import spinning
 from skyferry.pipeline.runtimes import throttle
 from skyferry.pipeline.runtimes.throttle import CpuFiles, Record, Throttle, Throttles
 
@@ -37,26 +38,10 @@ class Busy:
 
 @pytest.fixture
 def busy() -> Iterator[Busy]:
-    name = f"/skyferry-throttle-test-{os.getpid()}-{os.urandom(3).hex()}"
-    dirs = [CG / name.strip("/")] if V2 else [CG / "cpu" / name.strip("/"), CG / "cpuacct" / name.strip("/")]
     if V2 and "cpu" not in (CG / "cgroup.subtree_control").read_text().split():
         (CG / "cgroup.subtree_control").write_text("+cpu")
-    proc = subprocess.Popen(["/bin/sh", "-c", "while :; do :; done"])
-    try:
-        for d in dirs:
-            d.mkdir()
-            (d / "cgroup.procs").write_text(str(proc.pid))
+    with spinning("skyferry-throttle-test", ["cpu", "cpuacct"]) as (name, proc):
         yield Busy(name, proc, CpuFiles.of(name))
-    finally:
-        proc.kill()
-        proc.wait()
-        for d in dirs:
-            for _ in range(50):  # the killed process leaves its cgroup a moment later
-                try:
-                    d.rmdir()
-                    break
-                except OSError:
-                    time.sleep(0.1)
 
 
 @pytest.fixture
