@@ -21,7 +21,7 @@ from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller import agentctl, containers, migration
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi.spec import HOST_PROGRAMS, ContainerSpec, parse_user
-from skyferry.pipeline.runtimes import isolation
+from skyferry.pipeline.runtimes import isolation, runc
 from skyferry.pipeline.scenarios import demo as scenario
 
 SKYFERRY = str(Path(sys.executable).parent / "skyferry")
@@ -138,6 +138,18 @@ def _status(text: str) -> dict[str, str]:
     return {key.strip(): value.strip() for key, sep, value in fields if sep}
 
 
+def _masked(pid: int) -> dict[str, tuple[tuple[str, ...], bool]]:
+    """Each masked directory as container `pid` sees it: (its entries, whether it is read-only). Positive
+    control: the host's own /sys/firmware has entries."""
+    seen = {}
+    for path in isolation.MASKED:
+        if os.path.isdir(path):
+            inside = f"/proc/{pid}/root{path}"
+            seen[path] = (tuple(sorted(os.listdir(inside))), bool(os.statvfs(inside).f_flag & os.ST_RDONLY))
+    assert os.listdir("/sys/firmware"), "control: the host's /sys/firmware has entries"
+    return seen
+
+
 def _root_line() -> str:
     """Positive control: the host's /etc/shadow exists and root on the host reads its root entry."""
     shadow = Path("/etc/shadow")
@@ -238,6 +250,8 @@ def test_a_confined_container_migrates_live(mesh: tuple[Path, Mesh], tmp_path: P
     try:
         before = _status(Path(f"/proc/{info['pid']}/status").read_text())
         assert before["Uid"].split() == [str(uid)] * 4 and before["Seccomp"] == "2", before
+        masked = _masked(info["pid"])
+        assert masked and set(masked.values()) == {((), True)}, masked
         can_dump = agentctl.client(state, m, "local-1").call("GET", "/v1/facts")["dumps_other_users"]
         if uid and not can_dump:
             with pytest.raises(SkyferryError, match="failed at check: CRIU on local-1 cannot dump"):
@@ -254,6 +268,10 @@ def test_a_confined_container_migrates_live(mesh: tuple[Path, Mesh], tmp_path: P
             after = _status(Path(f"/proc/{where['pid']}/status").read_text())
             for key in ("Uid", "Gid", "CapEff", "CapBnd", "NoNewPrivs", "Seccomp", "Seccomp_filters"):
                 assert after[key] == before[key], (key, before[key], after[key])
+            # Masked directories moved as CRIU-external mounts, not tarred: still empty and read-only.
+            assert _masked(where["pid"]) == masked
+            dump = (Path(m.hosts["local-1"].state_root) / "logs" / report["id"] / "work-dump.log").read_text()
+            assert f"Found {runc.MASK_KEY} mapping for ./proc/acpi" in dump
         result = client.stop()
         assert result["survived"] and not result["errors"], result
     finally:
