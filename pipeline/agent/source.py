@@ -93,6 +93,7 @@ class SourceSession:
         self.holdback: Holdback | None = None  # client segments, replayed if a rollback thaws us
         self.throttle: Throttle | None = None  # auto-converge; its record (host.throttles) outlives us
         self.restore_asked = False  # the transfer's last request, carrying the restore, went out
+        self.frozen_pid: int | None = None  # the container's init, as the checkpoint found it
 
     @classmethod
     def of(cls, host: Host, mig: str, name: str) -> SourceSession:
@@ -242,6 +243,7 @@ class SourceSession:
             raise SkyferryError(f"container {self.name!r} is not running on {self.host.cfg.name}")
         images = self.dir / "images"
         netns = self.host.netns(self.name)
+        self.frozen_pid = int(state["pid"])
         t0 = time.monotonic()
         freeze = self.host.freezes.arm(self.mig, self.name, "checkpoint", freeze_timeout, target, lazy)
         try:
@@ -406,8 +408,8 @@ class SourceSession:
         rounds: then the payload travels whole)."""
         if self.tracker is None:
             return None
-        state = self.host.rt(self.name).state(self.name) or {}
-        pids = proctree.descendants(int(state["pid"])) if state.get("pid") else []
+        # The rounds' tracker and the checkpoint are this session's: its pid, without a runtime call.
+        pids = proctree.descendants(self.frozen_pid) if self.frozen_pid else []
         return self.tracker.final(stats, pids=pids)
 
     def _bounded(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
