@@ -8,7 +8,6 @@ runc drives CRIU through the same swrk RPC that pycriu speaks; going through run
 
 import contextlib
 import json
-import logging
 import os
 import shutil
 import signal
@@ -22,20 +21,22 @@ from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.files.inroot import Root
 from skyferry.pipeline.hostapi import privdir
 from skyferry.pipeline.hostapi.spec import ContainerSpec
-from skyferry.pipeline.runtimes import engines, freezer, isolation, throttle
-from skyferry.pipeline.runtimes.children import CGROUP, Children, kill_cgroup
+from skyferry.pipeline.runtimes import engines, freezer, isolation
+from skyferry.pipeline.runtimes.children import Children, kill_cgroup
 from skyferry.pipeline.runtimes.images import unpack_image
 from skyferry.pipeline.runtimes.isolation import LOG_IN_CONTAINER
 
-log = logging.getLogger("skyferry.runtimes.runc")
 RUNC = "runc"
 # CRIU options for this engine's containers, in a file runc hands CRIU (the `org.criu.config` annotation;
 # a CRIU config file overrides runc's RPC settings). `network-lock skip`: the agent silences the netns
 # itself with nftables around every dump and restore (pipeline/agent/netlock.py), so CRIU's own lock is
 # redundant, and its default (iptables) spawns iptables-restore and `sh -c iptables -C` six to eight times
 # per restore: ~75 ms inside the freeze (docs/migration.md, "Where the freeze goes"). A restore takes the
-# method its dump recorded, so the dump side decides.
-CRIU_CONF = "network-lock skip\n"
+# method its dump recorded, so the dump side decides. `manage-cgroups=ignore`: runc puts CRIU's restore
+# process in the container's own cgroup and applies config.json's resources there, so the restored tasks
+# inherit both; CRIU's own cgroup work only cost time (mounting every hierarchy and walking it: 13-22 ms
+# of a 60 ms dump) and, on v2, put the tasks back into the source host's path (docs/precopy.md).
+CRIU_CONF = "network-lock skip\nmanage-cgroups=ignore\n"
 # runc masks a directory (/proc/acpi, /sys/firmware) with an empty read-only tmpfs, which CRIU would dump
 # and restore with a `tar | gzip` each: ~4.5 ms apiece at both ends, inside the freeze. Named external
 # instead, the dump records only the key, and the restore binds an empty read-only directory of the bundle
@@ -265,7 +266,6 @@ class Runc:
         args = ["restore", "-d", "--lazy-pages", "--tcp-established", "--file-locks"]
         args += ["--image-path", str(images), "--work-path", str(work), "--bundle", str(self.bundle(name))]
         self._runc(*args, name, criu_log=work / "restore.log")
-        self._adopt(name)
 
     def kill_argv(self, name: str) -> list[str]:
         """The command that SIGKILLs every process of the container: for a lazily restored copy whose page
@@ -277,36 +277,6 @@ class Runc:
         args = ["restore", "-d", "--tcp-established", "--file-locks"]
         args += ["--image-path", str(images), "--work-path", str(work), "--bundle", str(self.bundle(name))]
         self._runc(*args, name, criu_log=work / "restore.log")
-        self._adopt(name)
-
-    def _adopt(self, name: str) -> None:
-        """Move a restored container into runc's own cgroup for it. On cgroup v2 runc (1.1.5) gives CRIU no
-        cgroup root, so CRIU restores the tasks into the path they were dumped from, named after the source
-        host (`/skyferry/<mesh>/<source>/<name>`), which it creates without the cpu controller; runc's
-        pause would then freeze runc's own empty cgroup, and auto-converge would find no cpu.max
-        (docs/precopy.md, "Auto-converge on cgroup v2"). Only the container's tasks move (its pid
-        namespace's): on a kernel shared with the source, that path is the source's, with its frozen tasks."""
-        if not (CGROUP / "cgroup.controllers").exists():
-            return  # v1: runc maps every controller's root for CRIU
-        state = self.state(name)  # one more runc call inside the freeze, on v2 only
-        if state is None or not state["pid"]:
-            return
-        init, want = int(state["pid"]), self.cgroup(name)
-        found = throttle.of_pid(init)
-        if found == want:
-            return
-        ns, procs = os.readlink(f"/proc/{init}/ns/pid"), CGROUP / want.strip("/") / "cgroup.procs"
-        if not procs.exists():
-            raise SkyferryError(f"runc restored {name} without its cgroup {want}")
-        stray = CGROUP / found.strip("/")
-        for pid in (stray / "cgroup.procs").read_text().split():
-            with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a task that exited meanwhile
-                if os.readlink(f"/proc/{pid}/ns/pid") == ns:
-                    _write(procs, pid)
-        log.info("moved restored %s from cgroup %s into %s", name, found, want)
-        for empty in (stray, stray.parent):  # left by CRIU; the source host's parent too, if nothing else is in it
-            with contextlib.suppress(OSError):
-                empty.rmdir()
 
     def _runc(self, *args: str, criu_log: Path | None = None, own_session: bool = True) -> None:
         """Run runc on the container named by the last argument. In its own session (`own_session`), so
@@ -329,11 +299,6 @@ class Runc:
             message = err.read().decode(errors="replace").strip()
         if proc.returncode != 0:
             raise _failure(f"runc {args[0]}", message, criu_log)
-
-
-def _write(path: Path, text: str) -> None:
-    with open(path, "w") as f:  # one write(2) per pid: the kernel takes one per write
-        f.write(text)
 
 
 def _failure(what: str, stderr: str, criu_log: Path | None) -> SkyferryError:

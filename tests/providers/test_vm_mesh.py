@@ -84,6 +84,12 @@ def test_live_migration_vm_to_vm_keeps_the_connection(vms: Session, controller: 
     assert Registry(vms.state).get("vmcounter").host == "vm-2"
     assert [c["state"] for c in containers_on(vms.state, "vm-2", "vmcounter")] == ["running"]
     assert containers_on(vms.state, "vm-1", "vmcounter") == []
+    # cgroup v2: the restored tasks are in runc's cgroup of vm-2, and no path named after vm-1 was made.
+    pid, mesh = containers_on(vms.state, "vm-2", "vmcounter")[0]["pid"], Mesh.load(vms.state).name
+    seen = vms.sh("vm-2", f"cat /proc/{pid}/cgroup; find /sys/fs/cgroup/skyferry/{mesh} -mindepth 1 -type d | sort")
+    assert seen.returncode == 0, seen.stderr
+    cgroup = f"/skyferry/{mesh}/vm-2/vmcounter"
+    assert seen.stdout.split() == [f"0::{cgroup}", f"/sys/fs/cgroup/skyferry/{mesh}/vm-2", f"/sys/fs/cgroup{cgroup}"]
     containers.remove(vms.state, "vmcounter")
 
 

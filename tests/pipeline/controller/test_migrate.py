@@ -52,8 +52,14 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     return subprocess.run([SKYFERRY, *args], capture_output=True, text=True, env={**os.environ, **(env or {})})
 
 
+def _cgroups(pid: int) -> set[str]:
+    """The cgroup path of `pid` in every hierarchy it is in (v1's several, or v2's one)."""
+    return {line.split(":", 2)[2] for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()}
+
+
 def test_migration_keeps_ip_and_connection_there_and_back(counter: dict) -> None:
     state, name, m = counter["state"], counter["name"], counter["mesh"]
+    assert _cgroups(where(state, name)["pid"]) == {f"/skyferry/{m.name}/local-1/{name}"}  # control
     report = migration.migrate(state, name, "local-2")
     assert report["state"] == "done" and report["freeze_ms"] > 0 and report["bytes_wire"] > 0
     assert report["mode_requested"] == "auto" and report["mode"] in ("precopy", "hybrid")  # the default
@@ -64,14 +70,18 @@ def test_migration_keeps_ip_and_connection_there_and_back(counter: dict) -> None
     assert abs(sum(parts.values()) - report["freeze_ms"]) < 2, (parts, report["freeze_ms"])
     now = where(state, name)
     assert (now["host"], now["ip"], now["state"]) == ("local-2", counter["ip"], "running")
+    # CRIU leaves cgroups alone (manage-cgroups=ignore): the tasks are in runc's cgroup of the target.
+    assert _cgroups(now["pid"]) == {f"/skyferry/{m.name}/local-2/{name}"}
     assert name not in host_containers(state, m, "local-1")
     assert not netns.exists(f"{m.name}-local-1-{name}"), "the source's netns must be gone after confirm"
     assert Mesh.load(state).homes[counter["ip"]] == "local-2"
     # CRIU took skyferry's options from the bundle's criu.conf (runc's org.criu.config) on both ends: the
-    # agent's own nftables lock stands in for CRIU's, which cost ~75 ms of iptables in each restore.
+    # agent's own nftables lock stands in for CRIU's, which cost ~75 ms of iptables in each restore, and
+    # CRIU mounted no cgroup hierarchy to walk.
     for host, log in (("local-1", "work-dump.log"), ("local-2", "work1-restore.log")):
         text = (Path(m.hosts[host].state_root) / "logs" / report["id"] / log).read_text()
         assert f"values from {m.hosts[host].state_root}/containers/{name}/criu.conf" in text, host
+        assert "cg: adding cgroup" not in text and "cg: Preparing cgroups yard" not in text, host
 
     # The target restored as the transfer's last request arrived: the controller never asked it to.
     assert _restore_rode_on_the_transfer(state, m, "local-2", report["id"])
