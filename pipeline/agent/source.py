@@ -39,7 +39,7 @@ from skyferry.pipeline.agent.holdback import Holdback
 from skyferry.pipeline.agent.host import Host
 from skyferry.pipeline.criu import version as criu_version
 from skyferry.pipeline.errors import NotRestored, RestoreFailed, SkyferryError
-from skyferry.pipeline.files import wire
+from skyferry.pipeline.files import leases, wire
 from skyferry.pipeline.files.fsync import FsStats, FsTracker
 from skyferry.pipeline.hostapi import faults
 from skyferry.pipeline.hostapi.client import AgentClient, AgentUnreachable
@@ -94,6 +94,7 @@ class SourceSession:
         self.throttle: Throttle | None = None  # auto-converge; its record (host.throttles) outlives us
         self.restore_asked = False  # the transfer's last request, carrying the restore, went out
         self.frozen_pid: int | None = None  # the container's init, as the checkpoint found it
+        self.frozen_leases: leases.Leases | None = None  # the write leases, read while CRIU dumped
 
     @classmethod
     def of(cls, host: Host, mig: str, name: str) -> SourceSession:
@@ -279,6 +280,17 @@ class SourceSession:
             self.holdback = Holdback(netns, runtime.spec(self.name).ip)
         t_frozen = time.monotonic()
         wire.wipe(images)  # a retried checkpoint starts clean
+        # /proc/locks waits out an RCU grace period (10-15 ms): read while CRIU dumps, for the file finals.
+        with ThreadPoolExecutor(1) as side:
+            leased = side.submit(leases.write_leases)
+            self._dump(runtime, images, lazy, peer, tls, check)
+            self.frozen_leases = leased.result()
+        return t_frozen
+
+    def _dump(
+        self, runtime: Runtime, images: Path, lazy: bool, peer: str | None, tls: ssl.SSLContext | None,
+        check: pagetunnel.Check,
+    ) -> None:  # fmt: skip
         if lazy:
             if peer is None or tls is None:
                 raise SkyferryError(f"migration {self.mig}: a lazy checkpoint needs the target's name")
@@ -301,7 +313,6 @@ class SourceSession:
         else:
             parent = self.chain.parent_for(images) if self.chain else None
             runtime.checkpoint(self.name, images, self.dir / "work", parent=parent)
-        return t_frozen
 
     def transfer(self, mem: Lane, fs: Lane, hold: Lane, restore: dict[str, Any] | None = None) -> dict[str, Any]:
         """Stream the frozen container's state to the target, then the client segments our lock has
@@ -370,7 +381,8 @@ class SourceSession:
         if not images.exists():
             raise SkyferryError(f"migration {self.mig}: no checkpoint of {self.name!r} on {self.host.cfg.name}")
         stats = wire.StreamStats()
-        whole = wire.encode({"images": images, **self.host.rt(self.name).payload(self.name)}, stats)
+        payload = {"images": images, **self.host.rt(self.name).payload(self.name)}
+        whole = wire.encode(payload, stats, self.frozen_leases)
         received = mem.upload("receive", self._bounded(whole), **lazy)
         if received.get("sha256") != stats.sha256:
             raise SkyferryError(
@@ -410,7 +422,7 @@ class SourceSession:
             return None
         # The rounds' tracker and the checkpoint are this session's: its pid, without a runtime call.
         pids = proctree.descendants(self.frozen_pid) if self.frozen_pid else []
-        return self.tracker.final(stats, pids=pids)
+        return self.tracker.final(stats, pids=pids, leased=self.frozen_leases)
 
     def _bounded(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
         """`chunks`, cut short once the watchdog ends this freeze: the target lets go of the stream (and of

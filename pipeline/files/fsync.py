@@ -112,15 +112,19 @@ class FsTracker:
         """Stream what changed since the last committed round; commits when exhausted."""
         return self._stream("round", stats, set())
 
-    def final(self, stats: FsStats, pids: Iterable[int] = ()) -> Iterator[bytes]:
-        """The delta inside the freeze. `pids`: the frozen processes (host view).
+    def final(self, stats: FsStats, pids: Iterable[int] = (), leased: leases.Leases | None = None) -> Iterator[bytes]:
+        """The delta inside the freeze. `pids`: the frozen processes (host view); `leased`: the write leases
+        if they were read already (leases.write_leases waits out an RCU grace period, 10-15 ms: the source
+        reads them while CRIU dumps).
 
         Files they map shared and writable are re-read whatever their signature says, and sent when
         their contents differ: a store to an already-dirty mapped page does not update mtime.
         """
-        return self._stream("final", stats, _shared_writable(pids))
+        return self._stream("final", stats, _shared_writable(pids), leased)
 
-    def _stream(self, kind: str, stats: FsStats, forced: set[tuple[int, int]]) -> Iterator[bytes]:
+    def _stream(
+        self, kind: str, stats: FsStats, forced: set[tuple[int, int]], leased: leases.Leases | None = None
+    ) -> Iterator[bytes]:
         started = time.monotonic()
         seq = self.seq + 1
         stats.kind, stats.seq = kind, seq
@@ -128,7 +132,8 @@ class FsTracker:
             if not root.is_dir():  # never read a missing directory as "everything was deleted"
                 raise SkyferryError(f"{arc} directory {root} is missing", hint="is the container still there?")
         scan_start = time.clock_gettime_ns(CLOCK_REALTIME_COARSE)
-        leased = leases.write_leases()  # files no round may open (leases.py)
+        if leased is None:
+            leased = leases.write_leases()  # files no round may open (leases.py)
         current = {(arc, rel): (st, link) for arc, root in self.dirs.items() for rel, st, link in scan(root)}
         stats.files_scanned = len(current)
         deleted = sorted(key for key in self.held if key not in current)

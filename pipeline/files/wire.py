@@ -95,12 +95,15 @@ class DataFile(io.RawIOBase):
         return out
 
 
-def encode(dirs: dict[str, Path], stats: StreamStats) -> Iterator[bytes]:
-    """Yield the stream of `dirs` (archive name -> directory); fills `stats` when exhausted."""
+def encode(dirs: dict[str, Path], stats: StreamStats, leased: leases.Leases | None = None) -> Iterator[bytes]:
+    """Yield the stream of `dirs` (archive name -> directory); fills `stats` when exhausted. `leased`: the
+    write leases, if read already (inside a freeze, while CRIU dumps: reading them waits out an RCU
+    grace period)."""
     writer = FrameWriter(FORMAT, ZSTD_LEVEL, threads=-1)
     sink = ChunkSink(writer)
     yield writer.head("image")
-    leased = leases.write_leases()  # files no one but their holder may open (leases.py)
+    if leased is None:
+        leased = leases.write_leases()  # files no one but their holder may open (leases.py)
     with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
         for arcname, path in dirs.items():
             for member in _walk(path):
