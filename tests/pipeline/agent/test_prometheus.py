@@ -249,14 +249,16 @@ def _migrate_all(state: Path, m: Mesh, prom: Prometheus, work: Path) -> dict[str
         return all(float(r["value"][1]) > t1 for r in prom.query('timestamp(up{job="skyferry"} == 1)')) and up()
 
     def counted() -> bool:
-        return prom.value(f'sum(skyferry_migrations_total{{host="{SRC}",side="source"}})') == len(ran)
+        sides = ((SRC, "source"), (DST, "target"))
+        return all(prom.value(f'sum(skyferry_migrations_total{{host="{h}",side="{s}"}})') == len(ran) for h, s in sides)
 
     eventually("a scrape of every agent after the last migration", scraped_since)
     # One run in four, the first scrape stamped after the evacuation still held the source's count from
     # before it, while the agent's own /v1/metrics already said all of them (seen 2026-12-04, before and
-    # after that day's changes): wait for Prometheus to hold every migration; the tests then check each
-    # one's labels, the histograms and the dashboards.
-    eventually("prometheus to count every migration of the source", counted)
+    # after that day's changes), and once the target's (a full run later that day, under the VM tests'
+    # load): wait for Prometheus to hold every migration on both sides; the tests then check each one's
+    # labels, the histograms and the dashboards.
+    eventually("prometheus to count every migration on both sides", counted)
     return {"state": state, "mesh": m, "prom": prom, "t0": t0, "t1": time.time(), "ran": ran}
 
 

@@ -96,8 +96,13 @@ def test_the_completion_timeout_with_abort_leaves_it_running_on_the_source_unthr
     c = churner
     state, m, name = c["state"], c["mesh"], c["name"]
     sampler = Sampler(c["files"])
-    with pytest.raises(SkyferryError, match=f"did not complete within .*Rolled back: {name} runs on {SRC}"):
-        migration.migrate(state, name, DST, mode="precopy", completion_timeout=10, on_timeout="abort")
+    try:
+        report = migration.migrate(state, name, DST, mode="precopy", completion_timeout=10, on_timeout="abort")
+    except SkyferryError as exc:
+        assert re.search(f"did not complete within .*Rolled back: {name} runs on {SRC}", str(exc)), exc
+    else:  # once in a full run under the VM tests' load (2026-12-04): the rounds converged in time
+        stop, steps = report["precopy_stop"], [s["percent"] for s in report["throttle_steps"]]
+        pytest.fail(f"it moved: {stop} after {len(report['rounds'])} rounds, throttle steps {steps}")
     seen = sampler.stop()
     assert Journal(state).all()[-1].state == "rolled-back"
     (here,) = on(state, m, SRC, name)
