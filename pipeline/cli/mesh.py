@@ -173,8 +173,8 @@ def serve(
             while deadline is None or time.monotonic() < deadline:
                 time.sleep(1)
                 for name in sorted(set(enrolment.joined) - seen):
+                    seen.add(name)  # first: a Ctrl-C right after the line must still count it
                     output.console.print(f"{name} joined as {enrolment.joined[name].overlay_ip}")
-                    seen.add(name)
         except KeyboardInterrupt:  # the way to stop it: no traceback
             pass
     output.err_console.print(f"stopped serving joins; {len(seen)} host(s) joined")

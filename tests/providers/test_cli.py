@@ -225,7 +225,7 @@ def test_tfvars_terraform_apply_import_then_a_host_joins(
         finally:
             serve.send_signal(signal.SIGINT)  # what Ctrl-C sends; the service shuts down
             _, stopped = serve.communicate(timeout=60)
-        assert serve.returncode == 0 and "stopped serving joins; 1 host(s) joined" in stopped, stopped
+        assert serve.returncode == 0 and "stopped serving joins; 1 host(s) joined" in stopped, (served, stopped)
         member = Mesh.load(state).hosts["tfx-0"]
         assert served == f"tfx-0 joined as {member.overlay_ip}\n"
         assert member.endpoint == f"{JOINER_ADDRESS}:{mesh.listen_port}" and member.provider == "terraform"
