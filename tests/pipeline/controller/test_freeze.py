@@ -168,7 +168,7 @@ def test_a_hung_restore_is_killed_at_the_bound_and_the_source_thaws(workload: di
     mig = Journal(c["state"]).all()[-1]
     statuses = Journal(c["state"]).stage_status(mig.id)
     # Once in a full run (2026-12-04, under the VM tests' load) the checkpoint's undo never finished and
-    # the migration ended "failed"; not reproduced in seven runs since, three beside two CPU burners. The
+    # the migration ended "failed"; not reproduced in five runs since, three beside two CPU burners. The
     # CLI's own account says which step refused, should it happen again.
     assert mig.state == "rolled-back", (mig.state, statuses, proc.stderr)
     assert statuses["restore"] == "undone" and statuses["checkpoint"] == "undone", statuses
