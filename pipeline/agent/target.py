@@ -44,7 +44,7 @@ from skyferry.pipeline.hostapi.spec import ContainerSpec
 from skyferry.pipeline.memory import hybrid, lazypages
 from skyferry.pipeline.memory.lazypages import Pager
 from skyferry.pipeline.memory.pages import HashTable
-from skyferry.pipeline.memory.pagetunnel import PageSource
+from skyferry.pipeline.memory.pagetunnel import Dialled, PageSource
 from skyferry.pipeline.memory.predump import PredumpTarget
 from skyferry.pipeline.memory.store import TargetStore
 from skyferry.pipeline.runtimes.children import kill_groups
@@ -63,6 +63,8 @@ class TargetSession:
         self.clean_map: dict[int, HashTable] = {}  # hybrid: the pages the store holds unchanged
         self.pager: Future[Pager] | None = None  # post-copy and hybrid: started during the transfer
         self.page_source: PageSource | None = None  # post-copy and hybrid: the source's page tunnel
+        self.dialled: Future[Dialled] | None = None  # its link, opened while the images arrive
+        self.guard: subprocess.Popen[bytes] | None = None  # the lazy-pages guard, started then too
         self.holdback: Holdback | None = None  # client segments, replayed when the restore opens the netns
         self.fetching: Pager | None = None  # post-copy and hybrid: the pager, for the metrics until close
         self.restored = False  # the engine's restore went through: no more streams
@@ -124,6 +126,8 @@ class TargetSession:
         dirs = dict(self.host.rt(self.name).payload(self.name))  # raises unless prepared
         images = self.dir / "images"
         wire.wipe(images)
+        if page_source:
+            self._prepare_pager(page_source)
         stats = wire.StreamStats()
         wire.decode(body, {"images": images, **dirs}, stats)
         if page_source:
@@ -148,6 +152,8 @@ class TargetSession:
         """Hybrid: the lazy dump's files and the clean map, checked against the store."""
         images = self.dir / "images"
         wire.wipe(images)
+        if page_source:
+            self._prepare_pager(page_source)
         stats, self.clean_map = hybrid.accept_lazy_final(self._the_store(), _chunks(body), images)
         if page_source:
             self._start_pager(page_source)
@@ -308,6 +314,15 @@ class TargetSession:
     def _lazy_marker(self) -> Path:
         return lazy_marker(self.host, self.name)
 
+    def _prepare_pager(self, page_source: PageSource) -> None:
+        """While the images still arrive, open the link to the source's page tunnel (its TCP and TLS
+        handshakes: two WAN round trips) and start the lazy-pages guard (a Python start-up): both were
+        waited for inside the freeze."""
+        if self.dialled is None:
+            self.dialled = page_source.dial_soon()
+        if self.guard is None:
+            self.guard = lazypages.spawn_guard(self.dir / "work1")
+
     def _start_pager(self, page_source: PageSource) -> None:
         """Start the page-server proxy and CRIU's lazy-pages daemon as soon as the images are here
         (during the transfer), so that the restore inside the freeze only restores."""
@@ -334,11 +349,24 @@ class TargetSession:
         if self.store is None:  # post-copy: the proxy keeps what it fetches in a fresh store
             self.store = TargetStore(self.dir / "store")
         images = self.dir / "images"
-        pager = self.fetching = Pager(self.store, self.clean_map, images, page_source, work)
+        # The early link and guard go to the first pager only: the source's tunnel serves one link.
+        early, self.dialled, guard, self.guard = self.dialled, None, self.guard, None
+        try:
+            pager = Pager(self.store, self.clean_map, images, early.result if early else page_source.dial, work, guard)
+        except BaseException:
+            if early is not None:  # the pager may have failed before it took the link
+                early.add_done_callback(_close_link)
+            raise
+        self.fetching = pager
         pager.proxy.on_wait = metrics.page_wait
         return pager
 
     def _stop_pager(self) -> None:
+        dialled, self.dialled, guard, self.guard = self.dialled, None, self.guard, None  # no pager took them
+        if dialled is not None:
+            dialled.add_done_callback(_close_link)
+        if guard is not None:
+            lazypages.end_guard(guard)
         early, self.pager = self.pager, None
         pager = _started(early) if early is not None else None  # let it finish starting before stopping it
         if pager is not None:
@@ -453,6 +481,11 @@ def _guard(pager: Pager, kill: list[str]) -> None:
     except SkyferryError:
         subprocess.run(kill, stdin=subprocess.DEVNULL, capture_output=True, check=False)
         raise
+
+
+def _close_link(dialled: Future[Dialled]) -> None:
+    if dialled.exception() is None:
+        dialled.result().close()
 
 
 def _started(future: Future[Pager]) -> Pager | None:

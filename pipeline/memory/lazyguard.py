@@ -15,7 +15,9 @@ instead. It then waits for the daemon:
   faults still block, and only then lets go; it exits with 128 + the signal, or the daemon's status.
 SIGTERM to the guard (the agent gives up on the lazy phase) kills the daemon, and so the container.
 
-Run as `python -m skyferry.pipeline.memory.lazyguard -- criu lazy-pages ARGS…`.
+Run as `python -m skyferry.pipeline.memory.lazyguard -- criu lazy-pages ARGS…`, or without arguments to
+start ahead of the daemon (Python's start-up, ~25 ms, then lies outside the freeze): the first line on
+stdin then names it, `{"run": ["criu", "lazy-pages", ARGS…]}`; EOF before it exits 0.
 """
 
 from __future__ import annotations
@@ -54,6 +56,11 @@ def grab_uffds(pid: int) -> list[int]:
 
 
 def main(argv: list[str]) -> int:
+    if not argv:
+        line = sys.stdin.readline()
+        if not line:  # the agent let go of us before any daemon
+            return 0
+        argv = json.loads(line)["run"]
     daemon = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     signal.signal(signal.SIGTERM, lambda *_: daemon.kill())
     held: list[int] = []

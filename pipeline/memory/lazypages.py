@@ -19,7 +19,7 @@ from typing import IO, Any
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.memory.lazyproxy import LazyProxy
 from skyferry.pipeline.memory.pages import HashTable
-from skyferry.pipeline.memory.pagetunnel import Dialled, PageSource
+from skyferry.pipeline.memory.pagetunnel import Dialled
 from skyferry.pipeline.memory.store import TargetStore
 
 START_TIMEOUT_S = 10.0
@@ -27,25 +27,34 @@ log = logging.getLogger("skyferry.lazypages")
 
 
 class Pager:
-    """A proxy for `store` (clean pages from it, the rest from `source` over TLS) and a guarded lazy-pages
-    daemon for the images in `images`, listening in `work` for `restore --lazy-pages`."""
+    """A proxy for `store` (clean pages from it, the rest from the source, over the TLS link `dial` opens or
+    opened) and a guarded lazy-pages daemon for the images in `images`, listening in `work` for
+    `restore --lazy-pages`."""
 
-    def __init__(self, store: TargetStore, clean: dict[int, HashTable], images: Path, source: PageSource, work: Path):
+    def __init__(
+        self, store: TargetStore, clean: dict[int, HashTable], images: Path, dial: Callable[[], Dialled], work: Path,
+        guard: subprocess.Popen[bytes] | None = None,
+    ):  # fmt: skip
         self.work = work
         self.link: Dialled | None = None
-        self.proxy = LazyProxy(store, clean, images, self._dial(source))
+        self.proxy = LazyProxy(store, clean, images, self._upstream(dial))
         try:
-            self.proxy.start()
-            self.daemon = start_daemon(images, work, self.proxy.address)
+            # The daemon first: it reaches the proxy only once the restore hands it a task, so its start
+            # overlaps the link's (the rest of an early dial, or a whole one).
+            self.daemon = start_daemon(guard or spawn_guard(work), images, work, self.proxy.address)
         except BaseException:
             self.proxy.close()
-            self._unlink()
+            raise
+        try:
+            self.proxy.start()
+        except BaseException:
+            self.stop()
             raise
         self.held = 0  # uffds the guard holds (0 until `guard`)
 
-    def _dial(self, source: PageSource) -> Callable[[], socket.socket]:
+    def _upstream(self, dial: Callable[[], Dialled]) -> Callable[[], socket.socket]:
         def upstream() -> socket.socket:
-            self.link = source.dial()
+            self.link = dial()
             return self.link.sock
 
         return upstream
@@ -95,39 +104,49 @@ class Pager:
     def stop(self) -> dict[str, Any]:
         """Stop the daemon if it still runs (its guard then stops the container, which cannot go on without
         it) and close the proxy; returns the proxy's stats."""
-        if self.daemon.poll() is None:
-            self.daemon.terminate()  # the guard's SIGTERM: kill the daemon, then the copy
-        self.daemon.wait()
-        _close(self.daemon.stdin, self.daemon.stdout)
+        end_guard(self.daemon)  # its SIGTERM: kill the daemon, then the copy
         stats = self.proxy.close()
         self._unlink()
         return stats
 
 
-def start_daemon(images: Path, work: Path, page_server: str) -> subprocess.Popen[bytes]:
-    """Start `criu lazy-pages` for the images in `images` under its guard; returns once it listens in
-    `work` for the restore (`restore --lazy-pages` with the same work directory). The guard exits with the
-    daemon's status once every page has arrived."""
+def spawn_guard(work: Path) -> subprocess.Popen[bytes]:
+    """The guard (pipeline/memory/lazyguard.py) of a daemon to come, started ahead: it waits for
+    `start_daemon` to name the daemon. Its log is `work`/lazy-guard.log."""
     work.mkdir(parents=True, exist_ok=True)
+    with open(work / "lazy-guard.log", "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "skyferry.pipeline.memory.lazyguard"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=log, start_new_session=True)  # fmt: skip
+
+
+def start_daemon(guard: subprocess.Popen[bytes], images: Path, work: Path, page_server: str) -> subprocess.Popen[bytes]:
+    """Have `guard` (`spawn_guard`) start `criu lazy-pages` for the images in `images`; returns the guard
+    once the daemon listens in `work` for the restore (`restore --lazy-pages` with the same work
+    directory). The guard exits with the daemon's status once every page has arrived."""
+    assert guard.stdin is not None
     address, port = page_server.rsplit(":", 1)
     socket_path = work / "lazy-pages.socket"
     socket_path.unlink(missing_ok=True)
-    argv = [sys.executable, "-m", "skyferry.pipeline.memory.lazyguard", "--",
-            "criu", "lazy-pages", "--page-server", "--address", address, "--port", port,
+    argv = ["criu", "lazy-pages", "--page-server", "--address", address, "--port", port,
             "-D", str(images), "-W", str(work), "-o", "lazy-pages.log", "-v4"]  # fmt: skip
-    with open(work / "lazy-guard.log", "ab") as log:
-        daemon = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                                  start_new_session=True)  # fmt: skip
+    with contextlib.suppress(OSError):  # a guard that died is seen below
+        guard.stdin.write(json.dumps({"run": argv}).encode() + b"\n")
+        guard.stdin.flush()
     deadline = time.monotonic() + START_TIMEOUT_S
     while not socket_path.exists():
-        if daemon.poll() is not None or time.monotonic() > deadline:
-            if daemon.poll() is None:
-                daemon.terminate()
-            daemon.wait()
-            _close(daemon.stdin, daemon.stdout)
+        if guard.poll() is not None or time.monotonic() > deadline:
+            end_guard(guard)
             raise SkyferryError("CRIU's lazy-pages daemon did not start", hint=f"see {work / 'lazy-pages.log'}")
-        time.sleep(0.005)
-    return daemon
+        time.sleep(0.002)
+    return guard
+
+
+def end_guard(guard: subprocess.Popen[bytes]) -> None:
+    """Stop a guard (and so its daemon, if it has one) and reap it."""
+    if guard.poll() is None:
+        guard.terminate()
+    guard.wait()
+    _close(guard.stdin, guard.stdout)
 
 
 def _close(*pipes: IO[bytes] | None) -> None:

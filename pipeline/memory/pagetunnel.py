@@ -22,6 +22,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -230,3 +231,16 @@ class PageSource:
 
     def dial(self) -> Dialled:
         return Dialled(self.ctx, self.address, self.peer, self.check)
+
+    def dial_soon(self) -> Future[Dialled]:
+        """`dial` in a thread of its own, from now on: the target dials while the images still arrive."""
+        dialled: Future[Dialled] = Future()
+
+        def run() -> None:
+            try:
+                dialled.set_result(self.dial())
+            except BaseException as exc:
+                dialled.set_exception(exc)
+
+        threading.Thread(target=run, daemon=True, name="pagetunnel-dial-soon").start()
+        return dialled
