@@ -567,7 +567,6 @@ def serve(cfg: HostConfig, identity: Identity, listen: str, port: int = AGENT_PO
     # Its rounds died with the earlier agent: no one works on a container it throttled (auto-converge).
     for name in host.throttles.lift_all():
         log.warning("lifted the CPU throttle an earlier agent left on %s", name)
-    host.throttles.watch()
     agent = Agent(host, identity)
     metrics.watch(host, lambda: _pages_outstanding(host))
     freeze.Watchdog(host.freezes, lambda record: expire(host, record, agent.peer)).start()

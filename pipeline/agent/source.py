@@ -54,7 +54,7 @@ from skyferry.pipeline.runtimes.throttle import Throttle
 
 log = logging.getLogger("skyferry.agent.source")
 SERVING_MARGIN = 120.0  # seconds past the target's lazy bound: it stops its copy and answers meanwhile
-THROTTLE_DRAIN_S = 0.02  # a throttled container runs this long unthrottled before its freeze
+THROTTLE_DRAIN_S = 0.02  # a throttled container runs this long unthrottled as its rounds end
 
 
 class Upload(Protocol):
@@ -123,11 +123,12 @@ class SourceSession:
         the latter. A CRIU pre-dump freezes the container for its round: bounded like the checkpoint.
 
         With `policy.throttle` (auto-converge), rounds that cannot keep up throttle the container's CPU a
-        step more each (pipeline/runtimes/throttle.py) until they converge or the throttle is at its cap;
-        the throttle stays on until the checkpoint has paused the container, or goes at once if the rounds
-        fail. `completion_timeout` (seconds per GiB of the container's memory, at least one GiB's worth,
-        like KubeVirt's) ends the rounds with reason `completion-timeout`: the controller then aborts or
-        hands over to post-copy."""
+        step more each (pipeline/runtimes/throttle.py) until they converge or the throttle is at its cap.
+        The rounds lift it as they end (or fail), before the checkpoint: the freezer cannot freeze a task
+        the CFS throttle keeps off the CPU in time ("unable to freeze"), and the image (so the target's
+        copy) then holds the container's own limit. `completion_timeout` (seconds per GiB of the
+        container's memory, at least one GiB's worth, like KubeVirt's) ends the rounds with reason
+        `completion-timeout`: the controller then aborts or hands over to post-copy."""
         try:
             return self._precopy(mem, fs, policy, method, freeze_timeout, completion_timeout, forks)
         except Exception:
@@ -204,8 +205,10 @@ class SourceSession:
                          steps[-1]["percent"], len(rounds.history), decision.detail)  # fmt: skip
             if decision.stop:
                 break
-        if steps:
-            self.host.throttles.hold(self.mig)  # lifted at the checkpoint's pause, or by the watchdog
+        if self._unthrottle():
+            # Throttled, it ran 1 ms per period (up to 1 s): a moment unthrottled to answer what waited, or its
+            # clients wait out that period on top of the freeze. Here, as the rounds end: the container runs.
+            time.sleep(THROTTLE_DRAIN_S)
         return {
             "method": method,
             "rounds": [r.as_dict() for r in rounds.history],
@@ -267,12 +270,7 @@ class SourceSession:
     ) -> float:  # fmt: skip
         """Pause, lock, dump; when the container was frozen and locked (monotonic)."""
         faults.act(self.host.cfg.state_root, "stop-task:checkpoint", lambda: _stop_newest_task(int(state["pid"])))
-        # Lifted before the pause: the freezer cannot freeze a task the CFS throttle keeps off the CPU in
-        # time ("unable to freeze"), and the image (so the target's copy) then holds the container's own limit.
-        if self._unthrottle():
-            # Throttled, it ran 1 ms per period (up to 1 s): a moment to answer what waited, or its
-            # clients wait out that period on top of the freeze (runc pause's own start-up used to give it).
-            time.sleep(THROTTLE_DRAIN_S)
+        self._unthrottle()  # the rounds lifted it; a throttled task would not freeze in time
         if state["status"] == "running":
             runtime.pause(self.name)
         netlock.lock(netns)

@@ -10,10 +10,9 @@ on a large host; without a limit of its own, a container could otherwise use eve
 and a step of "20 % of all of them" would not touch it.
 
 The original limit (quota and period) is written to `<state_root>/throttles/<mig>.json` before the first step, and
-`Throttles.lift` writes it back byte for byte. Every path that ends a migration's hold on the
-container calls it (docs/reliability.md, "The throttle is always lifted"); an agent that starts
-lifts every record an earlier one left, and `Throttles.watch` lifts a throttle whose rounds ended
-and whose checkpoint did not come within `HOLD` seconds (a controller that went away).
+`Throttles.lift` writes it back byte for byte. The throttle lives only while the source agent runs the
+rounds: they lift it as they end or fail (docs/reliability.md, "The throttle is always lifted"), and an
+agent that starts lifts every record an earlier one left.
 """
 
 from __future__ import annotations
@@ -37,8 +36,6 @@ CGROUP = Path("/sys/fs/cgroup")
 START, STEP, CAP = 0.20, 0.10, 0.99  # QEMU's cpu-throttle-initial, cpu-throttle-increment, maximum
 MIN_QUOTA_US = 1000  # the kernel refuses a CFS quota below 1 ms
 MAX_PERIOD_US = 1_000_000  # and a period above 1 s
-HOLD = 60.0  # seconds a throttle may outlive its rounds: the checkpoint follows them at once
-TICK = 1.0
 
 
 @dataclass(frozen=True)
@@ -115,7 +112,6 @@ class Record(BaseModel):
     mig: str
     name: str
     original: dict[str, str]  # file -> its content before the first step, written back by `lift`
-    deadline: float | None = None  # wall clock: lifted then by the watchdog (set once the rounds ended)
 
 
 @dataclass
@@ -200,12 +196,6 @@ class Throttles:
     def all(self) -> list[Record]:
         return [r for r in (self.get(p.stem) for p in sorted(self.dir.glob("*.json"))) if r is not None]
 
-    def hold(self, mig: str, seconds: float = HOLD) -> None:
-        """The rounds ended with the throttle on: the watchdog lifts it if no checkpoint comes."""
-        record = self.get(mig)
-        if record is not None:
-            self.save(record.model_copy(update={"deadline": time.time() + seconds}))
-
     def reapply(self, mig: str, write: Callable[[], None]) -> None:
         """`write` the throttle again, unless it was lifted meanwhile (by the freeze watchdog's thaw)."""
         with self._guard:
@@ -229,23 +219,6 @@ class Throttles:
     def lift_all(self) -> list[str]:
         """At agent start: every record is an earlier agent's, whose migration lost its rounds with it."""
         return [r.name for r in self.all() if self.lift(r.mig)]
-
-    def watch(self) -> threading.Thread:
-        """A daemon thread that lifts each throttle past its deadline."""
-
-        def loop() -> None:
-            while True:
-                for record in self.all():
-                    if record.deadline is not None and time.time() >= record.deadline:
-                        try:
-                            self.lift(record.mig)
-                        except OSError:
-                            log.exception("lifting the throttle of %s failed; retrying", record.name)
-                time.sleep(TICK)
-
-        thread = threading.Thread(target=loop, name="throttle-watchdog", daemon=True)
-        thread.start()
-        return thread
 
 
 def _read(path: Path) -> str:

@@ -18,7 +18,10 @@ class Sampler:
 
     def _run(self) -> None:
         while not self._stop.wait(INTERVAL):
-            now = self.files.originals()
+            try:
+                now = self.files.originals()
+            except OSError:  # ENODEV: the cgroup is being removed with the container
+                return
             if "" in now.values():  # the cgroup went with the container
                 return
             if now != self.seen[-1]:

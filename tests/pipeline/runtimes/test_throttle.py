@@ -1,7 +1,6 @@
 """Auto-converge's CPU throttle (pipeline/runtimes/throttle.py) on a real cgroup of this machine (v1 or v2),
 holding a real busy process: each step writes a tighter limit, and lifting writes the original back byte
-for byte, also from a new store (an agent that restarted) and from the watchdog once the rounds' hold
-ran out. Waits are "eventually", never timings."""
+for byte, also from a new store (an agent that restarted). Waits are "eventually", never timings."""
 
 import os
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 from kit.cgroups import spinning
 from skyferry.pipeline.runtimes import throttle
-from skyferry.pipeline.runtimes.throttle import CpuFiles, Record, Throttle, Throttles
+from skyferry.pipeline.runtimes.throttle import CpuFiles, Throttle, Throttles
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 CG = throttle.CGROUP
@@ -84,15 +83,3 @@ def test_a_restarted_agent_lifts_what_an_earlier_one_left(busy: Busy, tmp_path: 
     assert busy.limit() != busy.before  # control: it is throttled
     assert Throttles(tmp_path).lift_all() == ["web"]  # a new agent, the same state root
     assert busy.limit() == busy.before and Throttles(tmp_path).all() == []
-
-
-def test_the_watchdog_lifts_a_throttle_its_rounds_left_behind(busy: Busy, store: Throttles) -> None:
-    Throttle.start(store, "held", "web", busy.name).step()
-    store.save(Record(mig="working", name="db", original={}))  # rounds still running: no deadline, left alone
-    store.hold("held", seconds=0.5)  # the rounds ended; no checkpoint follows
-    store.watch()
-    eventually("the held throttle is lifted", lambda: store.get("held") is None)
-    assert busy.limit() == busy.before
-    time.sleep(2 * throttle.TICK)  # two more ticks: the one without a deadline stays
-    assert store.get("working") is not None
-    store.lift("working")
