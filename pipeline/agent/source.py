@@ -278,16 +278,17 @@ class SourceSession:
             self.holdback = Holdback(netns, runtime.spec(self.name).ip)
         t_frozen = time.monotonic()
         wire.wipe(images)  # a retried checkpoint starts clean
-        # /proc/locks waits out an RCU grace period (10-15 ms): read while CRIU dumps, for the file finals.
-        with ThreadPoolExecutor(1) as side:
+        # Beside CRIU's dump: the leases (/proc/locks waits out an RCU grace period, 10-15 ms), for the file
+        # finals; after pre-copy rounds, a lazy dump's freeze scan (in `_dump`).
+        with ThreadPoolExecutor(2) as side:
             leased = side.submit(leases.write_leases)
-            self._dump(runtime, images, lazy, peer, tls, check)
+            self._dump(runtime, images, lazy, peer, tls, check, side)
             self.frozen_leases = leased.result()
         return t_frozen
 
     def _dump(
         self, runtime: Runtime, images: Path, lazy: bool, peer: str | None, tls: ssl.SSLContext | None,
-        check: pagetunnel.Check,
+        check: pagetunnel.Check, side: ThreadPoolExecutor,
     ) -> None:  # fmt: skip
         if lazy:
             if peer is None or tls is None:
@@ -297,17 +298,17 @@ class SourceSession:
             self.chain = None
             self._stop_lazy_dump()
             engine = self.engine
-            with ThreadPoolExecutor(1) as pool:  # the scan reads memory while CRIU dumps the rest
-                scan = pool.submit(hybrid.freeze_scan, engine) if engine else None
-                port = self.page_port = pagetunnel.free_loopback_port()
-                netlock.loopback_only(port)  # CRIU binds every address, whatever runc passes
-                server = f"{pagetunnel.LOOPBACK}:{port}"
-                self.lazy_dump = runtime.checkpoint_lazy(self.name, images, self.dir / "work", server)
-                # The drill `lose-page-server`: the link to the target dies 64 KiB into the pages.
-                cut = 64 << 10 if faults.listed(self.host.cfg.state_root, "lose-page-server") else None
-                self.tunnel = pagetunnel.Tunnel(tls, self.host.cfg.overlay_ip, peer, port, check, cut_after=cut)
-                if scan is not None:
-                    self.freeze_scan = scan.result()
+            # The scan reads memory while CRIU dumps the rest (on failure, `side` waits for it to end).
+            scan = side.submit(hybrid.freeze_scan, engine) if engine else None
+            port = self.page_port = pagetunnel.free_loopback_port()
+            netlock.loopback_only(port)  # CRIU binds every address, whatever runc passes
+            server = f"{pagetunnel.LOOPBACK}:{port}"
+            self.lazy_dump = runtime.checkpoint_lazy(self.name, images, self.dir / "work", server)
+            # The drill `lose-page-server`: the link to the target dies 64 KiB into the pages.
+            cut = 64 << 10 if faults.listed(self.host.cfg.state_root, "lose-page-server") else None
+            self.tunnel = pagetunnel.Tunnel(tls, self.host.cfg.overlay_ip, peer, port, check, cut_after=cut)
+            if scan is not None:
+                self.freeze_scan = scan.result()
         else:
             parent = self.chain.parent_for(images) if self.chain else None
             runtime.checkpoint(self.name, images, self.dir / "work", parent=parent)
