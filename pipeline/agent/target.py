@@ -103,6 +103,8 @@ class TargetSession:
             self.chain = PredumpTarget(self.dir / "rounds")
         else:
             self.store = TargetStore(self.dir / "store")
+            if self.guard is None:  # content rounds may end lazily (hybrid): its guard starts with them
+                self.guard = lazypages.spawn_guard(self.dir / "work1")
         self.applier = FsApplier(payload)
 
     def hold(self, packets: list[bytes]) -> int:
