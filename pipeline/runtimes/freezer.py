@@ -37,6 +37,24 @@ def thaw(cgroup: str) -> None:
         (CGROUP / "freezer" / rel / "freezer.state").write_text("THAWED")
 
 
+def frozen(cgroup: str) -> bool:
+    """Whether `cgroup` is frozen as runc 1.1 reads it for `runc state` ("paused"): v1 FROZEN by itself (not
+    only through a parent), waiting out FREEZING; v2 cgroup.freeze 1. A missing cgroup is not frozen."""
+    rel = cgroup.strip("/")
+    try:
+        if _v2():
+            return (CGROUP / rel / "cgroup.freeze").read_text().strip() == "1"
+        directory = CGROUP / "freezer" / rel
+        for _ in range(TRIES):
+            state = (directory / "freezer.state").read_text().strip()
+            if state != "FREEZING":
+                return state == "FROZEN" and (directory / "freezer.self_freezing").read_text().strip() == "1"
+            time.sleep(0.001)
+    except (FileNotFoundError, ProcessLookupError):  # ENODEV (ProcessLookupError's errno): being removed
+        return False
+    raise SkyferryError(f"cgroup {cgroup} stays FREEZING")
+
+
 def _v2() -> bool:
     return (CGROUP / "cgroup.controllers").exists()
 

@@ -40,3 +40,14 @@ def _rmdir(d: Path) -> None:
             return
         except OSError:
             time.sleep(0.1)
+
+
+def remove_tree(path: str) -> None:
+    """Remove cgroup `path` (as runc's cgroupsPath) and every cgroup below it, in every hierarchy."""
+    roots = [CGROUP] if V2 else [d for d in CGROUP.iterdir() if d.is_dir() and not d.is_symlink()]
+    for root in roots:
+        top = root / path.strip("/")
+        if top.is_dir():
+            for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+                _rmdir(d)
+            _rmdir(top)
