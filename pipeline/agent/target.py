@@ -64,7 +64,7 @@ class TargetSession:
         self.pager: Future[Pager] | None = None  # post-copy and hybrid: started during the transfer
         self.page_source: PageSource | None = None  # post-copy and hybrid: the source's page tunnel
         self.dialled: Future[Dialled] | None = None  # its link, opened while the images arrive
-        self.guard: subprocess.Popen[bytes] | None = None  # the lazy-pages guard, started then too
+        self.guard: subprocess.Popen[bytes] | None = None  # the lazy-pages guard, started ahead of its daemon
         self.holdback: Holdback | None = None  # client segments, replayed when the restore opens the netns
         self.fetching: Pager | None = None  # post-copy and hybrid: the pager, for the metrics until close
         self.restored = False  # the engine's restore went through: no more streams
@@ -318,8 +318,8 @@ class TargetSession:
 
     def _prepare_pager(self, page_source: PageSource) -> None:
         """While the images still arrive, open the link to the source's page tunnel (its TCP and TLS
-        handshakes: two WAN round trips) and start the lazy-pages guard (a Python start-up): both were
-        waited for inside the freeze."""
+        handshakes: two WAN round trips) and, unless the content rounds started it, the lazy-pages guard
+        (a Python start-up): both were waited for inside the freeze."""
         if self.dialled is None:
             self.dialled = page_source.dial_soon()
         if self.guard is None:
@@ -353,6 +353,9 @@ class TargetSession:
         images = self.dir / "images"
         # The early link and guard go to the first pager only: the source's tunnel serves one link.
         early, self.dialled, guard, self.guard = self.dialled, None, self.guard, None
+        if guard is not None and guard.poll() is not None:  # it died meanwhile: the pager starts its own
+            lazypages.end_guard(guard)
+            guard = None
         try:
             pager = Pager(self.store, self.clean_map, images, early.result if early else page_source.dial, work, guard)
         except BaseException:

@@ -6,6 +6,7 @@ runc keeps no record of a pause: it reads "paused" from the cgroup freezer whene
 it writes FROZEN again, thawing now and then; cgroup v2 reports the end in cgroup.events.
 """
 
+import errno
 import time
 from pathlib import Path
 
@@ -50,8 +51,10 @@ def frozen(cgroup: str) -> bool:
             if state != "FREEZING":
                 return state == "FROZEN" and (directory / "freezer.self_freezing").read_text().strip() == "1"
             time.sleep(0.001)
-    except (FileNotFoundError, ProcessLookupError):  # ENODEV (ProcessLookupError's errno): being removed
-        return False
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENODEV):  # gone, or being removed
+            return False
+        raise
     raise SkyferryError(f"cgroup {cgroup} stays FREEZING")
 
 
