@@ -9,7 +9,10 @@ the restored stack answers the request at once, and the client carries on. TCP t
 replaying a segment the container has seen is harmless.
 
 Segments sent before the cutover reach the frozen source, whose lock drops them; the source holds those
-back as well, replays them itself if the migration rolls back, and hands them to the target otherwise.
+back as well, replays them itself if the migration rolls back, and hands them to the target otherwise:
+with the restore order, and once more right after the restore (outside the freeze) for those that were
+still in flight towards it when the cutover moved their route, which the live target delivers at once
+(`inject`).
 """
 
 import os
@@ -96,12 +99,18 @@ class Holdback:
 
     def replay(self) -> int:
         """Stop capturing and deliver every held segment into the (now open) netns; returns how many."""
-        packets = self.close()
-        if not packets:
-            return 0
-        with in_netns(self.netns):
-            raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-        with raw:
-            for packet in packets:
-                raw.sendto(packet, (socket.inet_ntoa(self.ip), 0))
-        return len(packets)
+        return inject(self.netns, socket.inet_ntoa(self.ip), self.close())
+
+
+def inject(netns: str, ip: str, packets: list[bytes]) -> int:
+    """Deliver the TCP segments addressed to `ip` among `packets` into `netns`, as if they had just
+    arrived; returns how many."""
+    ours = [p for p in packets if len(p) >= 40 and p[9] == socket.IPPROTO_TCP and p[16:20] == socket.inet_aton(ip)]
+    if not ours:
+        return 0
+    with in_netns(netns):
+        raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    with raw:
+        for packet in ours:
+            raw.sendto(packet, (ip, 0))
+    return len(ours)

@@ -55,6 +55,7 @@ from skyferry.pipeline.runtimes.throttle import Throttle
 log = logging.getLogger("skyferry.agent.source")
 SERVING_MARGIN = 120.0  # seconds past the target's lazy bound: it stops its copy and answers meanwhile
 THROTTLE_DRAIN_S = 0.02  # a throttled container runs this long unthrottled as its rounds end
+LATE_WAIT_S = 5.0  # confirm waits this long for the late segments' hand-over (one round trip, usually)
 
 
 class Upload(Protocol):
@@ -95,6 +96,7 @@ class SourceSession:
         self.restore_asked = False  # the transfer's last request, carrying the restore, went out
         self.frozen_pid: int | None = None  # the container's init, as the checkpoint found it
         self.frozen_leases: leases.Leases | None = None  # the write leases, read while CRIU dumped
+        self.late: Future[int] | None = None  # the segments handed over after the restore (confirm waits)
 
     @classmethod
     def of(cls, host: Host, mig: str, name: str) -> SourceSession:
@@ -451,7 +453,23 @@ class SourceSession:
             raise
         except SkyferryError as exc:  # the target answered: its restore failed, and it says why
             raise RestoreFailed(str(exc), hint=exc.hint, log=exc.log) from exc
+        self.late = _in_thread(self._hand_over_late, lane, held)
         return len(held), {"restore": done["restore"]}
+
+    def _hand_over_late(self, lane: Lane, sent: list[bytes]) -> int:
+        """After the restore, outside the freeze: the segments our lock dropped since the hand-over, to the
+        live target, which delivers them at once. A client's segment in flight towards us when the cutover
+        moved its route arrives up to one WAN hop after it, past the hand-over; a client with nothing else
+        in flight (no later segment for SACK to report) would wait out its retransmission timer, 200 ms
+        or more. Best effort: TCP retransmits what is lost. How many."""
+        before = set(sent)
+        late = [p for p in self.holdback.snapshot() if p not in before] if self.holdback else []
+        if late:
+            try:
+                lane.call("hold", {"packets": [base64.b64encode(p).decode() for p in late]})
+            except Exception as exc:  # anything: the migration is done either way
+                log.warning("%s: %d late client segments not handed over (%s)", self.name, len(late), exc)
+        return len(late)
 
     def rollback(self) -> dict[str, Any]:
         """Resume the frozen source: unlock its network, thaw it. Safe to call at any point before confirm."""
@@ -491,6 +509,7 @@ class SourceSession:
         record = self.host.freezes.get(self.mig)
         if record is not None and record.expired:
             raise self.host.freezes.error(self.mig, record)
+        late = _late(self.late)  # before the lanes go with this call
         waited = 0.0
         proc = self.lazy_dump
         if proc is not None:
@@ -511,7 +530,7 @@ class SourceSession:
         self.host.remove_if_present(self.name)
         self.close()
         self.host.freezes.forget(self.mig)
-        return {"postcopy_s": waited}
+        return {"postcopy_s": waited, "segments_late": late}
 
     def close(self) -> None:
         """Release everything the migration holds here (idempotent) and leave the host's registry."""
@@ -716,3 +735,25 @@ def _prewarm(directory: Path, size: int) -> None:
 
 def _du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _late(handed: Future[int] | None) -> int | None:
+    """How many late segments went to the target; None if that call is still out (past `LATE_WAIT_S`)."""
+    try:
+        return handed.result(timeout=LATE_WAIT_S) if handed is not None else 0
+    except TimeoutError:
+        return None
+
+
+def _in_thread(fn: Callable[..., int], *args: Any) -> Future[int]:
+    """`fn(*args)` in a daemon thread of its own; its result (an exception raised there stays in it)."""
+    result: Future[int] = Future()
+
+    def run() -> None:
+        try:
+            result.set_result(fn(*args))
+        except BaseException as exc:
+            result.set_exception(exc)
+
+    threading.Thread(target=run, daemon=True, name="late-segments").start()
+    return result

@@ -32,7 +32,7 @@ from typing import Any, BinaryIO
 from skyferry.netplane import attach
 from skyferry.pipeline.agent import metrics, netlock
 from skyferry.pipeline.agent.finals import Finals
-from skyferry.pipeline.agent.holdback import Holdback
+from skyferry.pipeline.agent.holdback import Holdback, inject
 from skyferry.pipeline.agent.host import Host
 from skyferry.pipeline.criu.version import PRECOPY_CONTENT, PRECOPY_SOFT_DIRTY
 from skyferry.pipeline.errors import SkyferryError
@@ -66,6 +66,7 @@ class TargetSession:
         self.dialled: Future[Dialled] | None = None  # its link, opened while the images arrive
         self.guard: subprocess.Popen[bytes] | None = None  # the lazy-pages guard, started ahead of its daemon
         self.holdback: Holdback | None = None  # client segments, replayed when the restore opens the netns
+        self.ip: str | None = None  # the container's, from prepare
         self.fetching: Pager | None = None  # post-copy and hybrid: the pager, for the metrics until close
         self.restored = False  # the engine's restore went through: no more streams
         self.finals = Finals()  # the final streams, which a restore asked early waits for
@@ -87,6 +88,7 @@ class TargetSession:
         netlock.lock(netns, inbound_only=True)
         if self.holdback is None:
             self.holdback = Holdback(netns, spec.ip)
+        self.ip = spec.ip
         runtime.prepare(spec, self.host.netns_path(spec.name))
         self.dir.mkdir(parents=True, exist_ok=True)
 
@@ -108,11 +110,14 @@ class TargetSession:
         self.applier = FsApplier(payload)
 
     def hold(self, packets: list[bytes]) -> int:
-        """Replay these at the restore too."""
-        if self.holdback is None:
-            raise SkyferryError(f"migration {self.mig}: not prepared on {self.host.cfg.name}")
-        self.holdback.add(packets)
-        return len(packets)
+        """Replay these at the restore too; once restored, deliver them now (segments that reached the
+        source after its hand-over)."""
+        if self.holdback is not None:
+            self.holdback.add(packets)
+            return len(packets)
+        if self.restored and self.ip is not None:
+            return inject(self.host.netns(self.name), self.ip, packets)
+        raise SkyferryError(f"migration {self.mig}: not prepared on {self.host.cfg.name}")
 
     # --- streams from the source -----------------------------------------------------------------
 
