@@ -31,15 +31,16 @@ def tree_rss(pid: int) -> int:
     return total
 
 
+def stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name: [0] is the state (field 3), [19] the start time
+    in clock ticks since boot (field 22). None once the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
 def stopped(pids: list[int]) -> list[int]:
     """Those of `pids` stopped by a signal (state T). CRIU cannot dump such a task inside a frozen cgroup
     (docs/reliability.md, "The freeze bound")."""
-    found = []
-    for pid in pids:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if stat[stat.rindex(")") + 2] == "T":
-            found.append(pid)
-    return found
+    return [pid for pid in pids if (fields := stat_fields(pid)) is not None and fields[0] == "T"]

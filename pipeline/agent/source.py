@@ -96,7 +96,8 @@ class SourceSession:
         self.restore_asked = False  # the transfer's last request, carrying the restore, went out
         self.frozen_pid: int | None = None  # the container's init, as the checkpoint found it
         self.frozen_leases: leases.Leases | None = None  # the write leases, read while CRIU dumped
-        self.late: Future[int] | None = None  # the segments handed over after the restore (confirm waits)
+        self.late: threading.Thread | None = None  # hands over segments after the restore (confirm waits)
+        self.segments_late: int | None = 0  # how many it handed over; None while it runs
 
     @classmethod
     def of(cls, host: Host, mig: str, name: str) -> SourceSession:
@@ -272,7 +273,6 @@ class SourceSession:
     ) -> float:  # fmt: skip
         """Pause, lock, dump; when the container was frozen and locked (monotonic)."""
         faults.act(self.host.cfg.state_root, "stop-task:checkpoint", lambda: _stop_newest_task(int(state["pid"])))
-        self._unthrottle()  # the rounds lifted it; a throttled task would not freeze in time
         if state["status"] == "running":
             runtime.pause(self.name)
         netlock.lock(netns)
@@ -453,15 +453,17 @@ class SourceSession:
             raise
         except SkyferryError as exc:  # the target answered: its restore failed, and it says why
             raise RestoreFailed(str(exc), hint=exc.hint, log=exc.log) from exc
-        self.late = _in_thread(self._hand_over_late, lane, held)
+        self.segments_late = None
+        self.late = threading.Thread(target=self._hand_over_late, args=(lane, held), name="late-segments", daemon=True)
+        self.late.start()
         return len(held), {"restore": done["restore"]}
 
-    def _hand_over_late(self, lane: Lane, sent: list[bytes]) -> int:
+    def _hand_over_late(self, lane: Lane, sent: list[bytes]) -> None:
         """After the restore, outside the freeze: the segments our lock dropped since the hand-over, to the
         live target, which delivers them at once. A client's segment in flight towards us when the cutover
         moved its route arrives up to one WAN hop after it, past the hand-over; a client with nothing else
         in flight (no later segment for SACK to report) would wait out its retransmission timer, 200 ms
-        or more. Best effort: TCP retransmits what is lost. How many."""
+        or more. Best effort: TCP retransmits what is lost."""
         before = set(sent)
         late = [p for p in self.holdback.snapshot() if p not in before] if self.holdback else []
         if late:
@@ -469,7 +471,7 @@ class SourceSession:
                 lane.call("hold", {"packets": [base64.b64encode(p).decode() for p in late]})
             except Exception as exc:  # anything: the migration is done either way
                 log.warning("%s: %d late client segments not handed over (%s)", self.name, len(late), exc)
-        return len(late)
+        self.segments_late = len(late)
 
     def rollback(self) -> dict[str, Any]:
         """Resume the frozen source: unlock its network, thaw it. Safe to call at any point before confirm."""
@@ -509,7 +511,8 @@ class SourceSession:
         record = self.host.freezes.get(self.mig)
         if record is not None and record.expired:
             raise self.host.freezes.error(self.mig, record)
-        late = _late(self.late)  # before the lanes go with this call
+        if self.late is not None:  # before the lanes go with this call
+            self.late.join(LATE_WAIT_S)
         waited = 0.0
         proc = self.lazy_dump
         if proc is not None:
@@ -530,7 +533,7 @@ class SourceSession:
         self.host.remove_if_present(self.name)
         self.close()
         self.host.freezes.forget(self.mig)
-        return {"postcopy_s": waited, "segments_late": late}
+        return {"postcopy_s": waited, "segments_late": self.segments_late}
 
     def close(self) -> None:
         """Release everything the migration holds here (idempotent) and leave the host's registry."""
@@ -735,25 +738,3 @@ def _prewarm(directory: Path, size: int) -> None:
 
 def _du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
-
-
-def _late(handed: Future[int] | None) -> int | None:
-    """How many late segments went to the target; None if that call is still out (past `LATE_WAIT_S`)."""
-    try:
-        return handed.result(timeout=LATE_WAIT_S) if handed is not None else 0
-    except TimeoutError:
-        return None
-
-
-def _in_thread(fn: Callable[..., int], *args: Any) -> Future[int]:
-    """`fn(*args)` in a daemon thread of its own; its result (an exception raised there stays in it)."""
-    result: Future[int] = Future()
-
-    def run() -> None:
-        try:
-            result.set_result(fn(*args))
-        except BaseException as exc:
-            result.set_exception(exc)
-
-    threading.Thread(target=run, daemon=True, name="late-segments").start()
-    return result

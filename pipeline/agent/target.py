@@ -66,7 +66,6 @@ class TargetSession:
         self.dialled: Future[Dialled] | None = None  # its link, opened while the images arrive
         self.guard: subprocess.Popen[bytes] | None = None  # the lazy-pages guard, started ahead of its daemon
         self.holdback: Holdback | None = None  # client segments, replayed when the restore opens the netns
-        self.ip: str | None = None  # the container's, from prepare
         self.fetching: Pager | None = None  # post-copy and hybrid: the pager, for the metrics until close
         self.restored = False  # the engine's restore went through: no more streams
         self.finals = Finals()  # the final streams, which a restore asked early waits for
@@ -88,7 +87,6 @@ class TargetSession:
         netlock.lock(netns, inbound_only=True)
         if self.holdback is None:
             self.holdback = Holdback(netns, spec.ip)
-        self.ip = spec.ip
         runtime.prepare(spec, self.host.netns_path(spec.name))
         self.dir.mkdir(parents=True, exist_ok=True)
 
@@ -105,8 +103,7 @@ class TargetSession:
             self.chain = PredumpTarget(self.dir / "rounds")
         else:
             self.store = TargetStore(self.dir / "store")
-            if self.guard is None:  # content rounds may end lazily (hybrid): its guard starts with them
-                self.guard = lazypages.spawn_guard(self.dir / "work1")
+            self._guard_ahead()  # content rounds may end lazily (hybrid)
         self.applier = FsApplier(payload)
 
     def hold(self, packets: list[bytes]) -> int:
@@ -115,8 +112,8 @@ class TargetSession:
         if self.holdback is not None:
             self.holdback.add(packets)
             return len(packets)
-        if self.restored and self.ip is not None:
-            return inject(self.host.netns(self.name), self.ip, packets)
+        if self.restored:
+            return inject(self.host.netns(self.name), self.host.rt(self.name).spec(self.name).ip, packets)
         raise SkyferryError(f"migration {self.mig}: not prepared on {self.host.cfg.name}")
 
     # --- streams from the source -----------------------------------------------------------------
@@ -327,6 +324,10 @@ class TargetSession:
         (a Python start-up): both were waited for inside the freeze."""
         if self.dialled is None:
             self.dialled = page_source.dial_soon()
+        self._guard_ahead()
+
+    def _guard_ahead(self) -> None:
+        """The lazy-pages guard of the first pager, started before it is needed (a Python start-up)."""
         if self.guard is None:
             self.guard = lazypages.spawn_guard(self.dir / "work1")
 

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from skyferry.pipeline import proctree
 from skyferry.pipeline.runtimes.freezer import CGROUP, thaw
 
 
@@ -82,9 +83,6 @@ def kill_cgroup(rel: str) -> list[int]:
 
 
 def _start_time(pid: int) -> str | None:
-    """Field 22 of /proc/PID/stat (start time in clock ticks since boot); None once it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
+    """Its start time in clock ticks since boot; None once it is gone."""
+    fields = proctree.stat_fields(pid)
+    return fields[19] if fields is not None else None

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from skyferry.pipeline import proctree
 from skyferry.pipeline.criu import logs
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.files.inroot import Root
@@ -402,10 +403,7 @@ def _mkdir_in(rootfs: Path, path: str) -> None:
 
 
 def _started_at(pid: int) -> int | None:
-    """The start time (clock ticks since boot) of process `pid`, as /proc/PID/stat has it; None for a
-    process that is gone, a zombie or dead (runc counts those as stopped too)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return None
-    return None if fields[0] in ("Z", "X") else int(fields[19])
+    """The start time of process `pid`; None for one that is gone, a zombie or dead (runc counts those as
+    stopped too)."""
+    fields = proctree.stat_fields(pid)
+    return None if fields is None or fields[0] in ("Z", "X") else int(fields[19])
