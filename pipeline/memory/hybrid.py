@@ -15,9 +15,11 @@ frames (the eager changed pages, as in a pre-copy round), END.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import struct
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -70,18 +72,24 @@ def eager_budget(history: list[RoundStats]) -> int:
 def freeze_scan(engine: SourceEngine) -> FreezeScan:
     """Read the frozen tree once: the pages whose content the target's store holds are clean; changed
     ones are kept for the freeze-time stream up to `eager_budget`, and the target fetches the rest lazily."""
-    scan, budget = FreezeScan(), eager_budget(engine.history)
+    scan, room, lock = FreezeScan(), eager_budget(engine.history) // PAGE, threading.Lock()
+
+    def chunk(table: HashTable, vpns: np.ndarray, pages: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        nonlocal room  # in a MemReader thread: the eager pages' budget is shared
+        same = page_hashes(pages) == table.get(vpns)
+        with lock:
+            eager = np.flatnonzero(~same)[:room]
+            room -= len(eager)
+        return vpns[same], vpns[eager], pages[eager]  # copied: the buffer is reused
+
     for proc in process_tree(engine.root_pid):
-        table = engine.tables.get(proc.vpid, HashTable())
         clean = []
-        for vpns, pages in MemReader(proc.pid, engine.bufs).chunks():
-            same = page_hashes(pages) == table.get(vpns)
-            clean.append(vpns[same])
-            room = (budget - scan.eager_bytes) // PAGE
-            changed = np.flatnonzero(~same)[:room]
-            if len(changed):
-                scan.eager.append((proc.vpid, vpns[changed], pages[changed].copy()))  # the buffer is reused
-                scan.eager_bytes += len(changed) * PAGE
+        table = engine.tables.get(proc.vpid, HashTable())
+        for clean_vpns, eager_vpns, eager in MemReader(proc.pid, engine.bufs).map(functools.partial(chunk, table)):
+            clean.append(clean_vpns)
+            if len(eager_vpns):
+                scan.eager.append((proc.vpid, eager_vpns, eager))
+                scan.eager_bytes += len(eager_vpns) * PAGE
         scan.clean[proc.vpid] = np.concatenate(clean) if clean else np.empty(0, np.uint64)
     return scan
 

@@ -24,9 +24,11 @@ CRIU's pagemap-<pid>.img is.
 
 from __future__ import annotations
 
+import functools
 import secrets
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +84,29 @@ class _Batch:
         return payload
 
 
+@dataclass
+class _Changed:
+    """What one chunk holds that the target lacks: page numbers and hashes, the data (copied out of the
+    reader's buffer) and the zero pages."""
+
+    scanned: int
+    vpns: np.ndarray
+    hashes: np.ndarray
+    data_vpns: np.ndarray
+    data: np.ndarray
+    zero: np.ndarray
+
+
+def _changed(table: HashTable, vpns: np.ndarray, pages: np.ndarray) -> _Changed:
+    """Runs in a MemReader thread: compare a chunk with what the target holds."""
+    hashes = page_hashes(pages)
+    idx = np.flatnonzero(hashes != table.get(vpns))
+    zero = idx[hashes[idx] == ZERO_HASH]
+    zero = zero[~pages[zero].any(axis=1)]
+    data = np.setdiff1d(idx, zero, assume_unique=True)
+    return _Changed(len(vpns), vpns[idx], hashes[idx], vpns[data], pages[data], vpns[zero])
+
+
 class SourceEngine:
     """The source side: live rounds over a process tree, and the final delta from its dump."""
 
@@ -124,22 +149,17 @@ class SourceEngine:
             stats.processes += 1
             table = self.tables.get(proc.vpid, HashTable())
             batch = _Batch(proc.vpid)
-            for vpns, pages in MemReader(proc.pid, self.bufs).chunks():
-                stats.pages_scanned += len(vpns)
-                hashes = page_hashes(pages)
-                idx = np.flatnonzero(hashes != table.get(vpns))
-                if not len(idx):
+            for ch in MemReader(proc.pid, self.bufs).map(functools.partial(_changed, table)):
+                stats.pages_scanned += ch.scanned
+                if not len(ch.vpns):
                     continue
-                zero = idx[hashes[idx] == ZERO_HASH]
-                zero = zero[~pages[zero].any(axis=1)]
-                data = np.setdiff1d(idx, zero, assume_unique=True)
-                pending.append((proc.vpid, vpns[idx], hashes[idx]))
-                stats.pages_changed += len(idx)
-                stats.pages_zero += len(zero)
-                stats.bytes_raw += len(data) * PAGE
-                for a in range(0, max(len(data), 1), FRAME_PAGES):
-                    part = data[a : a + FRAME_PAGES]
-                    batch.add(vpns[part], pages[part], vpns[zero] if a == 0 else np.empty(0, np.uint64))
+                pending.append((proc.vpid, ch.vpns, ch.hashes))
+                stats.pages_changed += len(ch.vpns)
+                stats.pages_zero += len(ch.zero)
+                stats.bytes_raw += len(ch.data) * PAGE
+                for a in range(0, max(len(ch.data), 1), FRAME_PAGES):
+                    zero = ch.zero if a == 0 else np.empty(0, np.uint64)
+                    batch.add(ch.data_vpns[a : a + FRAME_PAGES], ch.data[a : a + FRAME_PAGES], zero)
                     if batch.count >= FRAME_PAGES:
                         yield w.frame(b"PAGE", batch.take())
             if batch.vpns:
