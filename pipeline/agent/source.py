@@ -38,6 +38,7 @@ from skyferry.pipeline.agent.freeze import Freeze
 from skyferry.pipeline.agent.holdback import Holdback
 from skyferry.pipeline.agent.host import Host
 from skyferry.pipeline.criu import version as criu_version
+from skyferry.pipeline.criu.breakpoints import PerfHooks
 from skyferry.pipeline.errors import NotRestored, RestoreFailed, SkyferryError
 from skyferry.pipeline.files import leases, wire
 from skyferry.pipeline.files.fsync import FsStats, FsTracker
@@ -98,6 +99,8 @@ class SourceSession:
         self.frozen_leases: leases.Leases | None = None  # the write leases, read while CRIU dumped
         self.late: threading.Thread | None = None  # hands over segments after the restore (confirm waits)
         self.segments_late: int | None = 0  # how many it handed over; None while it runs
+        self.perf = PerfHooks()  # CRIU's breakpoints then skip an RCU grace period inside the freeze
+        self.perf.hold()
 
     @classmethod
     def of(cls, host: Host, mig: str, name: str) -> SourceSession:
@@ -543,6 +546,7 @@ class SourceSession:
             self.holdback.close()
             self.holdback = None
         self.engine = self.chain = self.tracker = self.freeze_scan = None
+        self.perf.release()
         self.host.wipe(self.mig)
         if self.host.sources.get(self.mig) is self:
             del self.host.sources[self.mig]

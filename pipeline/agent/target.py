@@ -34,6 +34,7 @@ from skyferry.pipeline.agent import metrics, netlock
 from skyferry.pipeline.agent.finals import Finals
 from skyferry.pipeline.agent.holdback import Holdback, inject
 from skyferry.pipeline.agent.host import Host
+from skyferry.pipeline.criu.breakpoints import PerfHooks
 from skyferry.pipeline.criu.version import PRECOPY_CONTENT, PRECOPY_SOFT_DIRTY
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.files import wire
@@ -69,6 +70,8 @@ class TargetSession:
         self.fetching: Pager | None = None  # post-copy and hybrid: the pager, for the metrics until close
         self.restored = False  # the engine's restore went through: no more streams
         self.finals = Finals()  # the final streams, which a restore asked early waits for
+        self.perf = PerfHooks()  # CRIU's breakpoints then skip an RCU grace period inside the freeze
+        self.perf.hold()
 
     @classmethod
     def of(cls, host: Host, mig: str, name: str) -> TargetSession:
@@ -309,6 +312,7 @@ class TargetSession:
             self.holdback.close()
             self.holdback = None
         self.applier = self.chain = None
+        self.perf.release()
         self.host.wipe(self.mig)
         if self.host.targets.get(self.mig) is self:
             del self.host.targets[self.mig]
