@@ -120,6 +120,13 @@ def wg_quick_config(answer: JoinAnswer, private_key: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+# `$$` is systemd's escape for a literal `$`.
+FAVOR_DYNMODS = (
+    'm=$$(findmnt -rn -t cgroup2 -o TARGET | head -1); o=$$(findmnt -rn -o OPTIONS "$$m"); '
+    'case ",$$o," in *,favordynmods,*|,,) ;; *) mount -o "remount,$$o,favordynmods" "$$m" ;; esac'
+)
+
+
 def agent_unit(answer: JoinAnswer, state_root: Path) -> str:
     argv = [
         str(Path(sys.executable).parent / "skyferry"), "agent", "--host", answer.name, "--mesh", answer.mesh,
@@ -132,6 +139,9 @@ def agent_unit(answer: JoinAnswer, state_root: Path) -> str:
         f"After=network-online.target wg-quick@{WG_INTERFACE}.service\n"
         f"Requires=wg-quick@{WG_INTERFACE}.service\n\n"
         "[Service]\n"
+        # runc's restore moves CRIU into the container's cgroup inside the freeze: favordynmods spares each
+        # move an RCU grace period (docs/host-setup.md). A remount replaces every option: repeat them.
+        f"ExecStartPre=-/bin/sh -c {shlex.quote(FAVOR_DYNMODS)}\n"
         f"ExecStart={shlex.join(argv)}\n"
         "Restart=on-failure\n"
         "RestartSec=2\n\n"

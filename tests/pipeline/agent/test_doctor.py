@@ -141,6 +141,20 @@ def test_network_lock() -> None:
     assert doctor.network_lock_result(Output(1, CRIU_317_CHECK), None).status is Status.FAIL
 
 
+def test_cgroup_moves(tmp_path: Path) -> None:
+    mounts = tmp_path / "mounts"
+    debian = "cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid,nodev,noexec,relatime,nsdelegate,memory_recursiveprot 0 0\n"
+    mounts.write_text("proc /proc proc rw,relatime 0 0\n" + debian)  # Debian 12's default: no favordynmods
+    assert doctor.probe_cgroup_favordynmods(mounts) is False
+    assert doctor.favordynmods_result(False).status is Status.WARN and doctor.favordynmods_result(False).fix
+    mounts.write_text(debian.replace("memory_recursiveprot", "memory_recursiveprot,favordynmods"))
+    assert doctor.probe_cgroup_favordynmods(mounts) is True
+    assert doctor.favordynmods_result(True).status is Status.PASS
+    mounts.write_text("proc /proc proc rw,relatime 0 0\n")
+    assert doctor.probe_cgroup_favordynmods(mounts) is None
+    assert doctor.favordynmods_result(None).status is Status.WARN
+
+
 def test_criu_probe_cache() -> None:
     ours = doctor.kdat_cache_result("/run/criu", "tmpfs")
     assert (ours.status, ours.value) == (Status.PASS, "/run/criu")

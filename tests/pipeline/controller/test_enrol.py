@@ -6,6 +6,7 @@ without systemd; the test then brings the written WireGuard config up with wireg
 controller and a host over the overlay. VM tests run the same join through cloud-init and systemd.
 """
 
+import shlex
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from kit.machine import machine_on_underlay, run_in
 from kit.mesh import local_mesh
 from skyferry.netplane import netns, wg
 from skyferry.netplane.mesh import Mesh
+from skyferry.pipeline.agent import doctor
 from skyferry.pipeline.agent.join import Layout, fetch_ca, join
 from skyferry.pipeline.controller import enrol, tokens
 from skyferry.pipeline.errors import SkyferryError
@@ -77,6 +79,10 @@ def test_join_admits_a_machine_whose_keys_never_leave_it(joined_mesh: tuple[Path
         for path in [p for p in state.rglob("*") if p.is_file()]:
             data = path.read_bytes()
             assert not any(s.encode() in data for s in secrets), f"a private key of edge-1 is in {path}"
+        # The agent's unit remounts cgroup2 with favordynmods first (its script, unescaped as systemd does).
+        pre = next(x for x in layout.agent_unit.read_text().splitlines() if x.startswith("ExecStartPre=-/bin/sh -c "))
+        script = shlex.split(pre.removeprefix("ExecStartPre=-/bin/sh -c "))[0].replace("$$", "$")
+        assert subprocess.run(["sh", "-c", script]).returncode == 0 and doctor.probe_cgroup_favordynmods()
         # The written wg-quick config brings up an overlay that reaches the controller and local-1.
         pid = wg.start_interface(wg.USERSPACE, ifname, machine)
         stripped = subprocess.run(["wg-quick", "strip", str(layout.wg_config)], capture_output=True, text=True)
