@@ -33,10 +33,16 @@ class HostBootstrap:
 
 
 def _script(path: Path) -> str:
+    """The script as the host runs it. A shell script goes without its comment lines: EC2 caps user-data at
+    16 KiB, and the repo keeps the documented copy."""
     try:
-        return path.read_text()
+        text = path.read_text()
     except OSError:
         raise ProviderError(f"cannot read {path}", hint="provision from a skyferry source checkout") from None
+    if path.suffix != ".sh":
+        return text
+    shebang, *body = text.splitlines()
+    return "\n".join([shebang, *(line for line in body if not line.lstrip().startswith("#"))]) + "\n"
 
 
 def render_user_data(b: HostBootstrap) -> str:

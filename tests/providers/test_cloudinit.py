@@ -1,5 +1,7 @@
 """Rendered user-data passes the real `cloud-init schema` check, and joins with a token, not a key."""
 
+import subprocess
+
 import yaml
 from kit.cloudinit_check import assert_valid, schema_check
 from skyferry.providers.cloudinit import HostBootstrap, render_user_data
@@ -30,7 +32,10 @@ def test_user_data_contents() -> None:
     assert text.startswith("#cloud-config\n")
     doc = yaml.safe_load(text)
     files = {f["path"]: f for f in doc["write_files"]}
-    assert "CRIU_VERSION=4.2.1" in files["/usr/local/sbin/skyferry-bootstrap-host"]["content"]
+    script = files["/usr/local/sbin/skyferry-bootstrap-host"]["content"]
+    assert "CRIU_VERSION=4.2.1" in script and script.startswith("#!/")
+    assert "\n#" not in script and "favordynmods" in script  # its comments stay in the repo, its code goes
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
     assert "def main(url: str, pin: str, wheel: str)" in files["/usr/local/sbin/skyferry-install"]["content"]
     bootstrap, install, join = doc["runcmd"]
     assert bootstrap[-1] == "[ -e /etc/skyferry/golden-image ] || /usr/local/sbin/skyferry-bootstrap-host"
