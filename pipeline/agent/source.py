@@ -153,6 +153,7 @@ class SourceSession:
             raise SkyferryError(f"container {self.name!r} is not running on {self.host.cfg.name}")
         if method not in ("auto", criu_version.PRECOPY_CONTENT):
             raise SkyferryError(f"unknown pre-copy method {method!r}", hint="auto or content")
+        runtime.checkpoint_ahead(self.name)  # while the rounds run, not inside the freeze
         if method == "auto":
             method = criu_version.precopy_method(criu_version.soft_dirty(), runtime.pre_dumps)
         mem.call("precopy-reset", {"method": method})
@@ -546,6 +547,8 @@ class SourceSession:
             self.holdback.close()
             self.holdback = None
         self.engine = self.chain = self.tracker = self.freeze_scan = None
+        with contextlib.suppress(SkyferryError):  # gone after confirm, and its worker with it
+            self.host.rt(self.name).checkpoint_ahead(self.name, ready=False)
         self.perf.release()
         self.host.wipe(self.mig)
         if self.host.sources.get(self.mig) is self:

@@ -228,6 +228,9 @@ class Docker:
         # call is bounded by engines.run's timeout. The watchdog still thaws the container (unpause).
         return []
 
+    def checkpoint_ahead(self, name: str, ready: bool = True) -> None:
+        pass  # the engine starts its own CRIU
+
     def checkpoint(self, name: str, images: Path, work: Path, parent: str | None = None) -> None:
         if parent is not None:  # pre_dumps is False: the source never builds a chain for Docker
             raise SkyferryError("docker cannot dump against a pre-dump parent")

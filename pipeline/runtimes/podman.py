@@ -169,6 +169,9 @@ class Podman:
         # the CLI call by its timeout only (docs/reliability.md). The watchdog still thaws the container.
         return []
 
+    def checkpoint_ahead(self, name: str, ready: bool = True) -> None:
+        pass  # the engine starts its own CRIU
+
     def checkpoint(self, name: str, images: Path, work: Path, parent: str | None = None) -> None:
         if parent is not None:  # pre_dumps is False: the source never builds a chain for Podman
             raise SkyferryError("podman cannot dump against a pre-dump parent")

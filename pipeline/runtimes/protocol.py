@@ -66,6 +66,11 @@ class Runtime(Protocol):
         where `pre_dumps`): the last pre-dump, relative to `images`; unchanged pages stay there."""
         ...
 
+    def checkpoint_ahead(self, name: str, ready: bool = True) -> None:
+        """Start now, outside the freeze, what the next `checkpoint` of `name` needs (`ready`), or let it
+        go unused. Engines with nothing to start ahead do nothing."""
+        ...
+
     def pre_dump(self, name: str, images: Path, parent: str | None, work: Path) -> None:
         """Only where `pre_dumps`: the running container's memory into `images` (it keeps running), only
         the pages written since the pre-dump `parent` (relative to `images`) when one is given."""

@@ -3,7 +3,9 @@
 Each host keeps its own runc state (`runc --root <host state>/runc`) and cgroup prefix
 (`/skyferry/<mesh>/<host>/<name>`), so simulated hosts on one machine never see each other's containers.
 runc drives CRIU through the same swrk RPC that pycriu speaks; going through runc keeps runc's own state
-(cgroups, mounts, `runc list`) consistent on both hosts, which raw CRIU would not.
+(cgroups, mounts, `runc list`) consistent on both hosts, which raw CRIU would not. The one exception is
+the checkpoint, which changes nothing runc keeps: its request, built as runc builds it, goes to a CRIU
+worker started ahead of the freeze (runcdump.py).
 """
 
 import contextlib
@@ -13,16 +15,18 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
 from skyferry.pipeline import proctree
 from skyferry.pipeline.criu import logs
+from skyferry.pipeline.criu.worker import Worker
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.files.inroot import Root
 from skyferry.pipeline.hostapi import privdir
 from skyferry.pipeline.hostapi.spec import ContainerSpec
-from skyferry.pipeline.runtimes import engines, freezer, isolation
+from skyferry.pipeline.runtimes import engines, freezer, isolation, runcdump
 from skyferry.pipeline.runtimes.children import Children, kill_cgroup
 from skyferry.pipeline.runtimes.images import unpack_image
 from skyferry.pipeline.runtimes.isolation import LOG_IN_CONTAINER
@@ -58,6 +62,8 @@ class Runc:
         self.bundles = state_root / "containers"
         self.cgroup_prefix = cgroup_prefix.rstrip("/")
         self.children = Children(state_root / "children" / "runc")
+        self._ahead: dict[str, Worker] = {}  # CRIU workers for the next checkpoints (checkpoint_ahead)
+        self._ahead_lock = threading.Lock()
 
     # --- bundles ---------------------------------------------------------------------------------
 
@@ -216,6 +222,7 @@ class Runc:
     def delete(self, name: str) -> None:
         """Kill (even when frozen) and forget the container, and anything left in its cgroup that runc no
         longer knows (children.kill_cgroup); idempotent."""
+        self.checkpoint_ahead(name, ready=False)
         if self.state(name) is not None:
             self._runc("delete", "--force", name)
         kill_cgroup(self.cgroup(name))
@@ -223,14 +230,34 @@ class Runc:
     def checkpoint(self, name: str, images: Path, work: Path, parent: str | None = None) -> None:
         """Dump a paused container and leave it paused: the source stays frozen, not killed,
         until the target confirms. CRIU restores the freezer state it found (FROZEN). With `parent` (a
-        pre-dump, relative to `images`), runc asks CRIU to track memory, and the pages not written since
-        that pre-dump are only marked as in the parent."""
+        pre-dump, relative to `images`), CRIU tracks memory, and the pages not written since that
+        pre-dump are only marked as in the parent. The request is runc's own (runcdump.py), sent to the
+        CRIU worker `checkpoint_ahead` started, or to one started now."""
         images.mkdir(parents=True, exist_ok=True)
         work.mkdir(parents=True, exist_ok=True)
-        args = ["checkpoint", "--leave-running", "--tcp-established", "--file-locks"]
-        args += ["--image-path", str(images), "--work-path", str(work)]
-        args += ["--parent-path", parent] if parent else []
-        self._runc(*args, name, criu_log=work / "dump.log")
+        with self._ahead_lock:
+            worker = self._ahead.pop(name, None)
+        if worker is None or not worker.alive():
+            worker = Worker()
+        try:
+            state = json.loads((self.root / name / "state.json").read_text())
+            with self.children.waiting_on(name, worker.pid):
+                runcdump.dump(worker, state, images, work, parent)
+        finally:
+            worker.close()
+
+    def checkpoint_ahead(self, name: str, ready: bool = True) -> None:
+        """Start the CRIU worker the next checkpoint of `name` dumps through (`ready`; idempotent), so its
+        start falls outside the freeze; or end it unused."""
+        with self._ahead_lock:
+            worker = self._ahead.pop(name, None)
+            if ready and worker is not None and worker.alive():
+                self._ahead[name] = worker
+                return
+            if ready:
+                self._ahead[name] = Worker()
+        if worker is not None:
+            worker.close()
 
     def pre_dump(self, name: str, images: Path, parent: str | None, work: Path) -> None:
         """CRIU pre-dump of the running container: its memory only, the tasks frozen just long enough to

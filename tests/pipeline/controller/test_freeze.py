@@ -129,8 +129,8 @@ def test_a_stopped_task_is_refused_before_the_freeze(workload: dict) -> None:
 
 
 def test_a_hung_checkpoint_is_killed_and_thawed_at_the_bound(workload: dict) -> None:
-    """The sleep stops right before the pause (after the check): `runc checkpoint` hangs in CRIU's
-    PTRACE_SEIZE. With --freeze-timeout 3 the source's watchdog kills runc and CRIU, thaws the container
+    """The sleep stops right before the pause (after the check): CRIU's dump hangs in its PTRACE_SEIZE.
+    With --freeze-timeout 3 the source's watchdog kills that CRIU, thaws the container
     and the migration rolls back, saying the freeze bound was hit."""
     c = workload
     task = sleep_task(c)
@@ -179,14 +179,16 @@ def test_a_hung_restore_is_killed_at_the_bound_and_the_source_thaws(workload: di
 
 
 def _checkpointing(root: Path, name: str) -> list[int]:
-    """The `runc checkpoint` the source agent started for `name` and waits on (its children record)."""
+    """The CRIU dump the source agent started for `name` and waits on (its children record): a `criu
+    swrk` worker that runc's checkpoint request went to (pipeline/runtimes/runcdump.py), titled by CRIU
+    `criu: dump --rpc -t PID` while it dumps."""
     found = []
     for entry in (root / "children" / "runc" / name).glob("*"):
         try:
-            argv = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")
+            title = Path(f"/proc/{entry.name}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"checkpoint" in argv:
+        if b"dump --rpc" in title:
             found.append(int(entry.name))
     return found
 
@@ -205,7 +207,7 @@ def _kill_and_reap(pid: int) -> None:
 
 def test_a_source_agent_killed_mid_freeze_thaws_the_container_when_it_restarts(workload: dict) -> None:
     """Controller and source agent both SIGKILLed while the checkpoint hangs. The restarted agent finds its
-    freeze record past the deadline, kills the runc the dead agent left hanging, fences the target and
+    freeze record past the deadline, kills the CRIU the dead agent left hanging, fences the target and
     thaws the container; the controller's later `migrations resume` agrees and rolls back."""
     c = workload
     state, m, name = c["state"], c["mesh"], c["name"]
@@ -214,7 +216,7 @@ def test_a_source_agent_killed_mid_freeze_thaws_the_container_when_it_restarts(w
     controller = subprocess.Popen([SKYFERRY, "migrate", name, "--to", DST, "--freeze-timeout", "3"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        eventually("runc checkpoint hangs", lambda: _checkpointing(src_root, name) != [])
+        eventually("CRIU's dump hangs", lambda: _checkpointing(src_root, name) != [])
         (stuck,) = _checkpointing(src_root, name)
         mig = Journal(state).active_for(name)
         assert mig is not None
@@ -225,10 +227,10 @@ def test_a_source_agent_killed_mid_freeze_thaws_the_container_when_it_restarts(w
             controller.kill()
             controller.wait()
     c["faults"].unlink()
-    assert group_members(stuck) != [], "with its agent dead, the hung runc/CRIU hangs on"
+    assert group_members(stuck) != [], "with its agent dead, the hung CRIU hangs on"
     agentctl.start_agents(m, state)
     eventually("the container is thawed", lambda: on(c, SRC)[0]["state"] == "running")
-    eventually("the restarted agent killed the runc its predecessor left", lambda: group_members(stuck) == [])
+    eventually("the restarted agent killed the CRIU its predecessor left", lambda: group_members(stuck) == [])
     record = json.loads((src_root / "freezes" / f"{mig.id}.json").read_text())
     assert record["expired"] and "thawed by the watchdog" in record["expired"], record
     resumed = cli("migrations", "resume", mig.id)
