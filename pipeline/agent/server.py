@@ -313,8 +313,12 @@ class Agent:
                                        req.forks)  # fmt: skip
             case "checkpoint":
                 fence = f"{req.target.address}:{req.target.port}" if req.target else None  # the watchdog's fence
-                return session.checkpoint(req.lazy, req.freeze_timeout, fence, peer=req.peer,
+                done = session.checkpoint(req.lazy, req.freeze_timeout, fence, peer=req.peer,
                                           tls=self.live.server(), check=self.live.check)  # fmt: skip
+                if req.target is None:
+                    return done
+                mem, fs, _ = self._lanes(session.mig, req.target, session.name)
+                return _Then(done, lambda: session.send_finals(mem, fs))  # while the controller cuts over
             case "transfer":
                 order = req.restore.model_dump() if req.restore else None
                 return session.transfer(*self._lanes(session.mig, req.target, session.name), restore=order)
@@ -450,6 +454,14 @@ class _Text(NamedTuple):
     ctype: str
 
 
+class _Then(NamedTuple):
+    """A step's answer, and what to start once the answer is on its way: the final deltas after a
+    checkpoint, whose threads would otherwise hold the GIL while the answer waits to go out."""
+
+    answer: Any
+    after: Callable[[], None]
+
+
 class _Forbidden(SkyferryError):
     pass
 
@@ -485,7 +497,11 @@ def _handler(agent: Agent) -> type[BaseHTTPRequestHandler]:
 
         def _dispatch(self, fn: Callable[[], Any]) -> None:
             try:
-                self._reply(HTTPStatus.OK, fn())
+                answer = fn()
+                then = answer if isinstance(answer, _Then) else None
+                self._reply(HTTPStatus.OK, then.answer if then else answer)
+                if then:
+                    then.after()
             except _NotFound as exc:
                 self._reply(HTTPStatus.NOT_FOUND, {"error": str(exc), "hint": None})
             except SkyferryError as exc:

@@ -95,6 +95,8 @@ class SourceSession:
         self.holdback: Holdback | None = None  # client segments, replayed if a rollback thaws us
         self.throttle: Throttle | None = None  # auto-converge; its record (host.throttles) outlives us
         self.restore_asked = False  # the transfer's last request, carrying the restore, went out
+        self.finals: _Finals | None = None  # the final deltas, sent ahead of the transfer (send_finals)
+        self.closed = False  # let go: a final delta still on its way is cut short
         self.frozen_pid: int | None = None  # the container's init, as the checkpoint found it
         self.frozen_leases: leases.Leases | None = None  # the write leases, read while CRIU dumped
         self.late: threading.Thread | None = None  # hands over segments after the restore (confirm waits)
@@ -346,42 +348,54 @@ class SourceSession:
                 self.host.freezes.check(self.mig, exc)
                 raise
 
-    def _transfer(self, mem: Lane, fs: Lane, hold: Lane, t0: float, restore: dict[str, Any] | None) -> dict[str, Any]:
-        # After a lazy dump the target starts its pager as soon as the images are in, outside the restore.
-        lazy = {}
-        if self.tunnel is not None:
-            lazy = {"page_server": self.tunnel.address}  # the target expects our certificate there
+    def send_finals(self, mem: Lane, fs: Lane) -> None:
+        """Start the final deltas towards the target as soon as the dump is done, while the controller cuts
+        over: the transfer then finds them sent or on their way, and only hands over the held segments
+        with the restore order (docs/migration.md, "Where the freeze goes", item 21). Without rounds
+        (stop-copy) the whole payload waits for the transfer. A delta that cannot even start is left for
+        the transfer, which starts it again and reports why it failed."""
+        if self.finals is None:
+            try:
+                self.finals = self._start_finals(mem, fs)
+            except Exception as exc:
+                log.warning("%s: final deltas not sent ahead (%s); the transfer sends them", self.name, exc)
+
+    def _start_finals(self, mem: Lane, fs: Lane) -> _Finals | None:
         final = self._final()
         fs_stats = FsStats()
         fs_final = self._fs_final(fs_stats)
-        if final is not None and fs_final is not None:
-            stream, chunks, mem_stats = final
-            tag = {"transfer": secrets.token_hex(8)}  # names this transfer's finals for the restore
-            ended: dict[str, float] = {}
-            with ThreadPoolExecutor(2) as pool:
-                uploads = [_Upload(pool, fs, "fs-round", self._bounded(fs_final), tag, ended),
-                           _Upload(pool, mem, stream, self._bounded(chunks), {**tag, **lazy}, ended)]  # fmt: skip
-                for upload in uploads:  # their last bytes are out: the answers are a round trip away
-                    upload.wait_sent()
-                after = {**tag, "streams": [stream, "fs-round"]}
-                try:
-                    handed_over, restored = self._hand_over(hold, restore, after)
-                except NotRestored as exc:  # a stream failed there: its own error says why
-                    failed = next((e for e in (u.future.exception() for u in uploads) if e is not None), exc)
-                    raise NotRestored(str(failed), hint=getattr(failed, "hint", None)) from failed
-                for upload in uploads:
-                    upload.future.result()
+        if final is None or fs_final is None:
+            return None
+        # After a lazy dump the target starts its pager as soon as the images are in, outside the restore.
+        lazy = {"page_server": self.tunnel.address} if self.tunnel is not None else {}
+        stream, chunks, mem_stats = final
+        return _Finals(mem, fs, stream, self._bounded(chunks), mem_stats, self._bounded(fs_final), fs_stats, lazy)
+
+    def _transfer(self, mem: Lane, fs: Lane, hold: Lane, t0: float, restore: dict[str, Any] | None) -> dict[str, Any]:
+        finals, self.finals = self.finals, None
+        if finals is None:
+            finals = self._start_finals(mem, fs)
+        if finals is not None:
+            finals.wait_sent()  # their last bytes are out: the answers are a round trip away
+            try:
+                handed_over, restored = self._hand_over(hold, restore, finals.after)
+            except NotRestored as exc:  # a stream failed there: its own error says why
+                failed = finals.failure() or exc
+                raise NotRestored(str(failed), hint=getattr(failed, "hint", None)) from failed
+            finals.results()
             return {
-                "memory_s": round(ended[stream] - t0, 4),
-                "fs_s": round(ended["fs-round"] - t0, 4),
-                "final": mem_stats.as_dict(),
-                "fs_final": fs_stats.as_dict(),
-                "bytes_raw": mem_stats.bytes_raw + fs_stats.bytes_raw,
-                "bytes_wire": mem_stats.bytes_out + fs_stats.bytes_wire,
+                "memory_s": round(finals.ended[finals.stream] - finals.t0, 4),
+                "fs_s": round(finals.ended["fs-round"] - finals.t0, 4),
+                "finals_ahead_s": round(max(t0 - finals.t0, 0.0), 4),  # sent before this call began
+                "final": finals.mem_stats.as_dict(),
+                "fs_final": finals.fs_stats.as_dict(),
+                "bytes_raw": finals.mem_stats.bytes_raw + finals.fs_stats.bytes_raw,
+                "bytes_wire": finals.mem_stats.bytes_out + finals.fs_stats.bytes_wire,
                 "segments_handed_over": handed_over,
                 "seconds": time.monotonic() - t0,
                 **restored,
             }
+        lazy = {"page_server": self.tunnel.address} if self.tunnel is not None else {}
         images = self.dir / "images"
         if not images.exists():
             raise SkyferryError(f"migration {self.mig}: no checkpoint of {self.name!r} on {self.host.cfg.name}")
@@ -430,9 +444,12 @@ class SourceSession:
         return self.tracker.final(stats, pids=pids, leased=self.frozen_leases)
 
     def _bounded(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
-        """`chunks`, cut short once the watchdog ends this freeze: the target lets go of the stream (and of
-        its container lock, which the watchdog's fence needs) instead of taking in the rest."""
+        """`chunks`, cut short once the watchdog ends this freeze or the session lets go (a rollback while
+        a delta sent ahead is on its way): the target lets go of the stream (and of its container lock,
+        which the watchdog's fence needs) instead of taking in the rest."""
         for chunk in chunks:
+            if self.closed:
+                raise SkyferryError(f"migration {self.mig}: {self.name!r} was let go here; stream cut short")
             if self.mig in self.host.freezes.expiring:
                 raise self.host.freezes.error(self.mig, self.host.freezes.get(self.mig))
             yield chunk
@@ -541,6 +558,7 @@ class SourceSession:
 
     def close(self) -> None:
         """Release everything the migration holds here (idempotent) and leave the host's registry."""
+        self.closed, self.finals = True, None  # a delta still on its way ends with its lane (server)
         self._unthrottle()
         self._stop_lazy_dump()
         if self.holdback is not None:
@@ -576,6 +594,36 @@ class SourceSession:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             netlock.clear_criu_lock(self.host.netns(self.name))
+
+
+class _Finals:
+    """The final deltas on their way to the target, side by side on their own lanes: the memory's and the
+    files', named by one transfer id, so that the target's restore waits for exactly these
+    (`after`). `ended[stream]`: when each answer came; `t0`: when they started."""
+
+    def __init__(self, mem: Lane, fs: Lane, stream: str, chunks: Iterable[bytes], mem_stats: Any,
+                 fs_chunks: Iterable[bytes], fs_stats: FsStats, lazy: dict[str, str]) -> None:  # fmt: skip
+        self.stream, self.mem_stats, self.fs_stats = stream, mem_stats, fs_stats
+        self.t0 = time.monotonic()
+        tag = {"transfer": secrets.token_hex(8)}
+        self.after = {**tag, "streams": [stream, "fs-round"]}
+        self.ended: dict[str, float] = {}
+        pool = ThreadPoolExecutor(2, thread_name_prefix="finals")
+        self.uploads = [_Upload(pool, fs, "fs-round", fs_chunks, tag, self.ended),
+                        _Upload(pool, mem, stream, chunks, {**tag, **lazy}, self.ended)]  # fmt: skip
+        pool.shutdown(wait=False)  # its two threads end with the uploads
+
+    def wait_sent(self) -> None:
+        for upload in self.uploads:
+            upload.wait_sent()
+
+    def failure(self) -> BaseException | None:
+        """The first upload's error, once both have ended."""
+        return next((e for e in (u.future.exception() for u in self.uploads) if e is not None), None)
+
+    def results(self) -> None:
+        for upload in self.uploads:
+            upload.future.result()
 
 
 class _Upload:

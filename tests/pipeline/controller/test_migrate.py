@@ -85,17 +85,26 @@ def test_migration_keeps_ip_and_connection_there_and_back(counter: dict) -> None
 
     # The target restored as the transfer's last request arrived: the controller never asked it to.
     assert _restore_rode_on_the_transfer(state, m, "local-2", report["id"])
+    # The final deltas left as the checkpoint answered, while the controller cut over, not with the
+    # transfer's call (which then only handed over the segments and the restore order).
+    assert _transfer_done(state, report["id"])["finals_ahead_s"] > 0
 
     client = counter["client"]
     client.wait_for(client.progress() + 5)  # the same connection carries requests after the move
     back = migration.migrate(state, name, "local-1", mode="stop-copy")
     assert back["state"] == "done" and back["rounds"] == []
+    assert "finals_ahead_s" not in _transfer_done(state, back["id"]), "control: stop-copy's one stream waits"
     assert _restore_rode_on_the_transfer(state, m, "local-1", back["id"])
     client.wait_for(client.progress() + 5)
     seen = client.stop()
     assert seen["survived"], seen["errors"]
     assert where(state, name)["host"] == "local-1"
     assert not list(Path("/dev/shm/skyferry", m.name).rglob("*.img")), "checkpoint images must be wiped"
+
+
+def _transfer_done(state: Path, mig_id: str) -> dict:
+    (done,) = [t for t in Journal(state).transitions(mig_id) if (t["stage"], t["status"]) == ("transfer", "done")]
+    return done["detail"]
 
 
 def _restore_rode_on_the_transfer(state: Path, m: Mesh, target: str, mig_id: str) -> bool:
