@@ -68,7 +68,6 @@ PACKAGES = (
     "libnl-3-200",
     "libnet1",
     "libbsd0",
-    "libgnutls30",
     "libnftables1",
     "libuuid1",
 )
