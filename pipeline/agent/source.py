@@ -257,6 +257,7 @@ class SourceSession:
         images = self.dir / "images"
         netns = self.host.netns(self.name)
         self.frozen_pid = int(state["pid"])
+        self.finals = None  # a retried checkpoint's deltas come from its own dump
         t0 = time.monotonic()
         freeze = self.host.freezes.arm(self.mig, self.name, "checkpoint", freeze_timeout, target, lazy)
         try:
@@ -354,11 +355,10 @@ class SourceSession:
         with the restore order (docs/migration.md, "Where the freeze goes", item 21). Without rounds
         (stop-copy) the whole payload waits for the transfer. A delta that cannot even start is left for
         the transfer, which starts it again and reports why it failed."""
-        if self.finals is None:
-            try:
-                self.finals = self._start_finals(mem, fs)
-            except Exception as exc:
-                log.warning("%s: final deltas not sent ahead (%s); the transfer sends them", self.name, exc)
+        try:
+            self.finals = self._start_finals(mem, fs)
+        except Exception as exc:
+            log.warning("%s: final deltas not sent ahead (%s); the transfer sends them", self.name, exc)
 
     def _start_finals(self, mem: Lane, fs: Lane) -> _Finals | None:
         final = self._final()
