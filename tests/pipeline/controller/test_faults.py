@@ -229,9 +229,17 @@ class Filled:
         return self
 
     def fill(self) -> None:
-        st = os.statvfs(self.path)
         with open(self.filler, "wb", buffering=0) as f:
-            os.posix_fallocate(f.fileno(), 0, st.f_bavail * st.f_frsize)
+            # The source's final deltas may be writing here at this very moment (they leave as the checkpoint
+            # answers): space they take after statvfs fails that allocation, and the next one asks for less.
+            for _ in range(5):
+                st = os.statvfs(self.path)
+                try:
+                    os.posix_fallocate(f.fileno(), os.fstat(f.fileno()).st_size, st.f_bavail * st.f_frsize)
+                    break
+                except OSError:
+                    continue
+            f.seek(0, os.SEEK_END)
             with contextlib.suppress(OSError):  # ENOSPC: full to the last byte
                 while True:
                     f.write(b"\0" * 512)

@@ -80,10 +80,11 @@ def test_one_failure_rolls_back_alone_and_a_rerun_finishes(fleet: dict) -> None:
 
     def inject(name: str, stage: str) -> None:
         """Fail the victim's image stream into its target (checkpointed, frozen: mid-way), once; the
-        others never see the fault."""
+        others never see the fault. Armed as its checkpoint begins: after pre-copy rounds the final
+        stream leaves as the checkpoint answers (stop-copy's waits for the transfer)."""
         if name != victim:
             return
-        if stage == "transfer":
+        if stage == "checkpoint":
             mig = Journal(state).active_for(name)
             assert mig is not None
             faults["file"] = Path(mesh.hosts[mig.target].state_root) / "faults"
