@@ -97,10 +97,13 @@ def test_the_completion_timeout_with_abort_leaves_it_running_on_the_source_unthr
     state, m, name = c["state"], c["mesh"], c["name"]
     sampler = Sampler(c["files"])
     try:
-        report = migration.migrate(state, name, DST, mode="precopy", completion_timeout=10, on_timeout="abort")
+        # No freeze fits 1 ms: the 16 MiB it rewrites fit the default 300 ms once the fixed costs the pair
+        # learned got small enough (a full run, 2026-12-05: "fits after 2 rounds"); the timeout must decide.
+        report = migration.migrate(state, name, DST, mode="precopy", completion_timeout=10, on_timeout="abort",
+                                   max_freeze_ms=1.0)  # fmt: skip
     except SkyferryError as exc:
         assert re.search(f"did not complete within .*Rolled back: {name} runs on {SRC}", str(exc)), exc
-    else:  # once in a full run under the VM tests' load (2026-12-04): the rounds converged in time
+    else:
         stop, steps = report["precopy_stop"], [s["percent"] for s in report["throttle_steps"]]
         pytest.fail(f"it moved: {stop} after {len(report['rounds'])} rounds, throttle steps {steps}")
     seen = sampler.stop()
@@ -122,7 +125,7 @@ def test_the_completion_timeout_hands_over_to_a_lazy_finish(churner: dict, mode:
     c = churner
     state, m, name = c["state"], c["mesh"], c["name"]
     src_limit = limit(state, m, SRC, name)
-    report = migration.migrate(state, name, DST, mode=mode, completion_timeout=10)
+    report = migration.migrate(state, name, DST, mode=mode, completion_timeout=10, max_freeze_ms=1.0)  # no fit
     assert report["state"] == "done", report
     assert (report["precopy_stop"], report["mode"]) == ("completion-timeout", "hybrid"), report
     assert report["handover"] == ("hybrid" if mode == "precopy" else None)
