@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kit import runcbundle
 from kit.cgroups import remove_tree
 from skyferry.pipeline.runtimes.runc import RUNC, Runc
 
@@ -20,17 +21,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.skipif(os.geteuid() != 0, rea
 
 def _bundle(directory: Path, cgroup: str) -> Path:
     """A bundle whose rootfs sees the host's programs read-only and runs `sleep`."""
-    rootfs = directory / "rootfs"
-    rootfs.mkdir(parents=True)
-    for link in ("bin", "lib", "lib64", "sbin"):
-        (rootfs / link).symlink_to(f"usr/{link}")
-    subprocess.run([RUNC, "spec"], cwd=directory, check=True)
-    config = json.loads((directory / "config.json").read_text())
-    config["process"].update(terminal=False, args=["sleep", "600"])
+    config = runcbundle.sleeper(directory, cgroup)
     config["root"]["readonly"] = True
-    config["mounts"].append({"destination": "/usr", "type": "bind", "source": "/usr", "options": ["rbind", "ro"]})
-    config["linux"]["cgroupsPath"] = cgroup
-    (directory / "config.json").write_text(json.dumps(config))
+    runcbundle.save(directory, config)
     return directory
 
 

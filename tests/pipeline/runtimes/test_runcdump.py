@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
+from kit import runcbundle
 from kit.cgroups import remove_tree
 from pycriu import rpc_pb2 as rpc
 from skyferry.pipeline.errors import SkyferryError
@@ -39,24 +40,16 @@ def runc(tmp_path: Path) -> Iterator[tuple[Runc, str]]:
     rt.root.mkdir(parents=True)
     subprocess.run(["ip", "netns", "add", netns], check=True)
     bundle = rt.bundle(name)
-    rootfs = bundle / "rootfs"
-    rootfs.mkdir(parents=True)
-    for link in ("bin", "lib", "lib64", "sbin"):
-        (rootfs / link).symlink_to(f"usr/{link}")
-    subprocess.run([RUNC, "spec"], cwd=bundle, check=True)
-    config = json.loads((bundle / "config.json").read_text())
-    config["process"].update(terminal=False, args=["sleep", "600"])
+    config = runcbundle.sleeper(bundle, rt.cgroup(name))
     config["root"]["readonly"] = False  # CRIU's restore makes a directory in the root (as the agents' bundles allow)
     # Like the agent's bundles (runtimes/isolation.py): no cgroup mount, which runc v1 hosts dump otherwise.
     config["mounts"] = [m for m in config["mounts"] if m["type"] != "cgroup"]
-    config["mounts"].append({"destination": "/usr", "type": "bind", "source": "/usr", "options": ["rbind", "ro"]})
-    config["linux"]["cgroupsPath"] = rt.cgroup(name)
     for ns in config["linux"]["namespaces"]:
         if ns["type"] == "network":
             ns["path"] = f"/run/netns/{netns}"
     (bundle / "criu.conf").write_text("network-lock skip\n")
     config["annotations"] = {"org.criu.config": str(bundle / "criu.conf")}
-    (bundle / "config.json").write_text(json.dumps(config))
+    runcbundle.save(bundle, config)
     subprocess.run([RUNC, "--root", str(rt.root), "run", "-d", "--bundle", str(bundle), name], check=True,
                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
