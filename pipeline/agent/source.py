@@ -181,7 +181,6 @@ class SourceSession:
             rounds = self.engine = SourceEngine(int(state["pid"]))
         tracker = self.tracker = FsTracker(runtime.payload(self.name))
         rss = proctree.tree_rss(int(state["pid"]))
-        _prewarm(self.dir / "images", rss)
         policy = replace(policy, method=method)  # the prediction: soft-dirty dumps only the delta
         if completion_timeout is not None:
             policy = replace(policy, completion_seconds=completion_timeout * max(rss / (1 << 30), 1.0))
@@ -189,31 +188,37 @@ class SourceSession:
             self.throttle = Throttle.start(self.host.throttles, self.mig, self.name, runtime.cgroup(self.name))
         fs_rounds, steps, levels = [], [], []  # levels: the throttle in force as each round began
         ruled_out = None
-        while True:
-            levels.append(self.throttle.level if self.throttle else 0.0)
-            mem.upload("precopy-round", rounds.round())
-            metrics.precopy_round(self.name, method, rounds.history)
-            stats = FsStats()
-            fs.upload("fs-round", tracker.round(stats))
-            fs_rounds.append(stats.as_dict())
-            if forks and len(rounds.history) == 1 and (found := preflight.forking(int(state["pid"]), mark)):
-                ruled_out = preflight.ruled_out(found)
-                policy = replace(policy, finishes=[f for f in policy.finishes if f not in preflight.LAZY_MODES])
-                if not policy.finishes:
-                    raise SkyferryError(f"{self.name!r} cannot finish lazily: {found[0]}", hint=found[0].hint)
-            # A round's delta was dirtied while the round before it ran: judged by the throttle of then (a
-            # step shows one round later), so the cap is judged only once a round ran under it.
-            seen = levels[-2] if len(levels) > 1 else 0.0
-            decision = policy.decide(rounds.history, files_wire=fs_rounds[0]["bytes_wire"], throttled=seen)
-            if decision.reason == "throttle" and self.throttle is not None and not self.throttle.capped:
-                last = rounds.history[-1]
-                rate = last.bytes_out / max(last.started - rounds.history[-2].started, 1e-6)
-                steps.append({"round": len(rounds.history), "dirty_bytes_s": round(rate), **self.throttle.step()})
-                metrics.throttle(self.name, steps[-1]["percent"])
-                log.info("auto-converge: %s throttled to %d%% after round %d (%s)", self.name,
-                         steps[-1]["percent"], len(rounds.history), decision.detail)  # fmt: skip
-            if decision.stop:
-                break
+        # Beside the rounds: tmpfs warmed for the dump, and each file round on its own lane beside its
+        # memory round; the link waits for neither.
+        with ThreadPoolExecutor(2, thread_name_prefix="precopy") as side:  # its exit waits for both
+            warm = side.submit(_prewarm, self.dir / "images", rss)
+            while True:
+                levels.append(self.throttle.level if self.throttle else 0.0)
+                stats = FsStats()
+                files = side.submit(fs.upload, "fs-round", tracker.round(stats))  # its own lane, beside the memory
+                mem.upload("precopy-round", rounds.round())
+                files.result()
+                metrics.precopy_round(self.name, method, rounds.history)
+                fs_rounds.append(stats.as_dict())
+                if forks and len(rounds.history) == 1 and (found := preflight.forking(int(state["pid"]), mark)):
+                    ruled_out = preflight.ruled_out(found)
+                    policy = replace(policy, finishes=[f for f in policy.finishes if f not in preflight.LAZY_MODES])
+                    if not policy.finishes:
+                        raise SkyferryError(f"{self.name!r} cannot finish lazily: {found[0]}", hint=found[0].hint)
+                # A round's delta was dirtied while the round before it ran: judged by the throttle of then (a
+                # step shows one round later), so the cap is judged only once a round ran under it.
+                seen = levels[-2] if len(levels) > 1 else 0.0
+                decision = policy.decide(rounds.history, files_wire=fs_rounds[0]["bytes_wire"], throttled=seen)
+                if decision.reason == "throttle" and self.throttle is not None and not self.throttle.capped:
+                    last = rounds.history[-1]
+                    rate = last.bytes_out / max(last.started - rounds.history[-2].started, 1e-6)
+                    steps.append({"round": len(rounds.history), "dirty_bytes_s": round(rate), **self.throttle.step()})
+                    metrics.throttle(self.name, steps[-1]["percent"])
+                    log.info("auto-converge: %s throttled to %d%% after round %d (%s)", self.name,
+                             steps[-1]["percent"], len(rounds.history), decision.detail)  # fmt: skip
+                if decision.stop:
+                    break
+            warm.result()
         if self._unthrottle():
             # Throttled, it ran 1 ms per period (up to 1 s): a moment unthrottled to answer what waited, or its
             # clients wait out that period on top of the freeze. Here, as the rounds end: the container runs.
