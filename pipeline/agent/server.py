@@ -64,6 +64,7 @@ import re
 import signal
 import threading
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
@@ -91,7 +92,7 @@ from skyferry.pipeline.memory import lazypages
 from skyferry.pipeline.memory.pagetunnel import PageSource
 from skyferry.pipeline.memory.policy import ConvergencePolicy
 
-SOURCE_OPS = ("precopy", "checkpoint", "transfer", "rollback", "confirm")  # SourceSession's steps
+SOURCE_OPS = ("connect", "precopy", "checkpoint", "transfer", "rollback", "confirm")  # SourceSession's steps
 TARGET_OPS = ("prepare", "precopy-reset", "hold", "restore", "lazy", "abort", "cleanup")  # TargetSession's steps
 MIGRATION_ID = re.compile(r"[A-Za-z0-9_-]+")  # it names directories (images, logs)
 STREAMS = ("receive", "precopy-round", "precopy-final", "lazy-final", "fs-round")  # TargetSession's streams
@@ -305,12 +306,17 @@ class Agent:
 
     def _source_step(self, session: SourceSession, op: str, req: Any) -> Any:
         match op:
+            case "connect":  # at prepare: a migration waiting for its turn to stream is ready to at once
+                lanes = self._lanes(session.mig, req.target, session.name)
+                with ThreadPoolExecutor(len(lanes)) as pool:  # the handshakes' round trips side by side
+                    list(pool.map(lambda lane: lane.warm(), lanes))
+                return {"ok": True}
             case "precopy":
                 policy = ConvergencePolicy(**req.policy.model_dump(exclude_none=True))
                 mem, fs, hold = self._lanes(session.mig, req.target, session.name)
                 hold.warm()  # its first request is inside the freeze: no TCP and TLS handshakes there
                 return session.precopy(mem, fs, policy, req.method, req.freeze_timeout, req.completion_timeout,
-                                       req.forks)  # fmt: skip
+                                       req.forks, req.streams)  # fmt: skip
             case "checkpoint":
                 fence = f"{req.target.address}:{req.target.port}" if req.target else None  # the watchdog's fence
                 done = session.checkpoint(req.lazy, req.freeze_timeout, fence, peer=req.peer,

@@ -118,6 +118,7 @@ class SourceSession:
         freeze_timeout: float = FREEZE_TIMEOUT,
         completion_timeout: float | None = None,
         forks: bool = False,
+        streams: int | None = None,
     ) -> dict[str, Any]:
         """Rounds while the container runs, until the policy stops them: memory, then the files of its
         rootfs and volumes. A repeated call starts afresh (the target resets its store).
@@ -136,16 +137,19 @@ class SourceSession:
         the CFS throttle keeps off the CPU in time ("unable to freeze"), and the image (so the target's
         copy) then holds the container's own limit. `completion_timeout` (seconds per GiB of the
         container's memory, at least one GiB's worth, like KubeVirt's) ends the rounds with reason
-        `completion-timeout`: the controller then aborts or hands over to post-copy."""
+        `completion-timeout`: the controller then aborts or hands over to post-copy.
+
+        Round 1, the whole memory, waits until fewer than `streams` first rounds stream from this host
+        (an evacuation's; None: at once), its connections open meanwhile (agent/bulk.py)."""
         try:
-            return self._precopy(mem, fs, policy, method, freeze_timeout, completion_timeout, forks)
+            return self._precopy(mem, fs, policy, method, freeze_timeout, completion_timeout, forks, streams)
         except Exception:
             self._unthrottle()
             raise
 
     def _precopy(
         self, mem: Lane, fs: Lane, policy: ConvergencePolicy, method: str, freeze_timeout: float,
-        completion_timeout: float | None, forks: bool,
+        completion_timeout: float | None, forks: bool, streams: int | None,
     ) -> dict[str, Any]:  # fmt: skip
         self._unthrottle()  # a repeated call starts afresh
         mark = self.host.fork_marks.pop(self.name, None)
@@ -187,7 +191,7 @@ class SourceSession:
         if policy.throttle:
             self.throttle = Throttle.start(self.host.throttles, self.mig, self.name, runtime.cgroup(self.name))
         fs_rounds, steps, levels = [], [], []  # levels: the throttle in force as each round began
-        ruled_out = None
+        ruled_out, bulk = None, None
         # Beside the rounds: tmpfs warmed for the dump, and each file round on its own lane beside its
         # memory round; the link waits for neither.
         with ThreadPoolExecutor(2, thread_name_prefix="precopy") as side:  # its exit waits for both
@@ -196,7 +200,11 @@ class SourceSession:
                 levels.append(self.throttle.level if self.throttle else 0.0)
                 stats = FsStats()
                 files = side.submit(fs.upload, "fs-round", tracker.round(stats))  # its own lane, beside the memory
-                mem.upload("precopy-round", rounds.round())
+                if bulk is None:  # round 1: the whole memory, in its turn
+                    with self.host.bulk.slot(streams) as bulk:
+                        mem.upload("precopy-round", bulk.counted(rounds.round()))
+                else:
+                    mem.upload("precopy-round", rounds.round())
                 files.result()
                 metrics.precopy_round(self.name, method, rounds.history)
                 fs_rounds.append(stats.as_dict())
@@ -235,6 +243,7 @@ class SourceSession:
             "predicted": decision.predicted,  # per mode, if the container froze now
             "measured": decision.measured,  # memory, bandwidth, dirty rate: what the predictions rest on
             "throttle_steps": steps,
+            "bulk": bulk.report if bulk else None,  # round 1's slot: its time, bytes, and the link's meanwhile
             **({"ruled_out": ruled_out} if ruled_out else {}),  # the lazy finishes, by the fork rate
             **({"completion_timeout_s": round(policy.completion_seconds, 3)} if policy.completion_seconds else {}),
         }

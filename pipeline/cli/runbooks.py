@@ -57,8 +57,8 @@ def evacuate(
     bandwidth: str | None = typer.Option(
         None,
         "--bandwidth",
-        help="The source's uplink, e.g. 1gbit (default: the mesh's WAN rate, if emulated): "
-        "fewer stream at once (never fewer than 2) when the measured throughput per migration says fewer fill it.",
+        help="The source's uplink, e.g. 1gbit (default: the mesh's WAN rate, if emulated): no more migrations "
+        "stream their memory at once than it holds at the fastest stream's rate.",
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the placement; move nothing."),
     json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP),
@@ -78,10 +78,11 @@ def evacuate(
     summary = evacuation.evacuate(
         state_dir(), host, to or None, to_provider, parallel, dry_run, _progress(not json_out), bandwidth
     )  # fmt: skip
-    if (bw := summary.get("bandwidth")) and bw["budget_bps"] and not json_out:
-        per = f"{bw['per_migration_bps'] / 1e6:.0f} Mbit/s" if bw["per_migration_bps"] else "not measured yet"
-        output.err_console.print(f"parallel: up to {bw['cap']} of {bw['parallel']} (uplink {bw['budget_bps'] / 1e6:.0f}"
-                                 f" Mbit/s, {per} per migration)", highlight=False)  # fmt: skip
+    if (bw := summary.get("bandwidth")) and bw["link_bps"] and not json_out:
+        rates = ", ".join(f"{k}: {v / 1e6:.0f}" for k, v in bw["link_bps"].items())
+        uplink = f"; uplink {bw['budget_bps'] / 1e6:.0f} Mbit/s" if bw["budget_bps"] else ""
+        output.err_console.print(f"streams at once: {bw['cap']} (of --parallel {bw['parallel']}); Mbit/s by streams "
+                                 f"at once: {rates}{uplink}", highlight=False)  # fmt: skip
     if dry_run:
         plan = summary["plan"]
         rows = [[m["container"], host, m["target"], m["priority"], f"{m['memory'] >> 20} MiB", "planned"]

@@ -87,6 +87,7 @@ def migrate(
     auto_converge: bool = True,
     completion_timeout: float = COMPLETION_TIMEOUT,
     on_timeout: str | None = None,
+    streams: Callable[[], int] | None = None,
 ) -> dict[str, Any]:
     """Move container `name` to host `target`; returns the report. Raises SkyferryError after rolling back.
     Without a mode, auto: pre-copy rounds until the predicted freeze fits `max_freeze_ms`, then the finish
@@ -95,7 +96,8 @@ def migrate(
     migration rolls back (docs/reliability.md, "The freeze bound"). Pre-copy rounds that cannot keep up
     throttle the container's CPU (`auto_converge`); rounds that outlast `completion_timeout` seconds per GiB
     of its memory hand over to a lazy finish or abort (`on_timeout`: "postcopy", "abort", None: postcopy
-    where the target can) (docs/precopy.md, "Auto-converge and the completion timeout")."""
+    where the target can) (docs/precopy.md, "Auto-converge and the completion timeout"). `streams`: how
+    many first rounds may stream from the source at once, asked when the rounds begin (evacuate's)."""
     if not 0 < completion_timeout <= 86400:
         raise SkyferryError(f"completion timeout {completion_timeout:g} s/GiB is out of range", hint="0 to 86400")
     if on_timeout is not None and on_timeout not in ON_TIMEOUT:
@@ -115,6 +117,7 @@ def migrate(
     ctx.freeze_timeout, ctx.max_freeze_ms = freeze_timeout, max_freeze_ms
     ctx.auto_converge, ctx.completion_timeout, ctx.on_timeout = auto_converge, completion_timeout, on_timeout
     ctx.notes["mode_reason"] = reason
+    ctx.streams = streams
     with logfmt.bound(migration=mig.id, container=name):
         return _drive(ctx, journal, progress)
 
@@ -524,6 +527,8 @@ def _report(journal: Journal, mig: Migration) -> dict[str, Any]:
         "precopy_why": precopy.get("why"),
         # auto-converge: each CPU throttle step (round, percent, the dirty rate that asked for it)
         "throttle_steps": precopy.get("throttle_steps", []),
+        # round 1's turn on the source's link: seconds, bytes, the link's bytes meanwhile, streams beside it
+        "bulk": precopy.get("bulk"),
         "handover": precopy.get("handover"),  # the mode the rounds handed over to at the completion timeout
         # "soft-dirty" (CRIU pre-dumps) or "content"; None without rounds. Older agents ran only content.
         "precopy_method": precopy.get("method", "content") if precopy else None,

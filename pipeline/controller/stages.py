@@ -5,7 +5,9 @@ stage that only half ran. Undo order is the reverse of run order, which is what 
 running exactly once: the target's copy is killed before the frozen source is thawed.
 """
 
+import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -53,6 +55,9 @@ class Context:
     on_timeout: str | None = None
     # The downtime limit (ms) the rounds aim for (journalled by the check stage, like the freeze bound).
     max_freeze_ms: float = MAX_FREEZE_MS
+    # How many pre-copy first rounds may stream from the source at once, asked as the rounds begin (an
+    # evacuation's runbooks/streams.py); None: no limit.
+    streams: Callable[[], int] | None = None
     # "freeze_deadline": the source's deadline (wall clock) from its checkpoint, bounding the restore;
     # "freeze_s": the freeze as the journal measured it, once the restore is done; "failed_stage": the
     # stage whose failure this rollback undoes (both for the agents' metrics).
@@ -184,14 +189,19 @@ class Check:
 
 class Prepare:
     """The target gets the same netns and IP (no route yet) and an empty bundle, and takes this
-    migration's streams from the source host only (`peer`)."""
+    migration's streams from the source host only (`peer`); the source opens its connections to it, so
+    that a migration an evacuation holds back from the link (runbooks/streams.py) streams at once when
+    its turn comes, without TCP and TLS handshakes across a link others fill."""
 
     name = "prepare"
 
     def run(self, ctx: Context) -> None:
         ctx.mig_call(ctx.dst, "prepare", spec=ctx.entry.spec.to_dict(), peer=ctx.source)
+        ctx.mig_call(ctx.src, "connect", target=ctx.target_agent())
 
     def undo(self, ctx: Context) -> None:
+        with contextlib.suppress(AgentUnreachable):  # an agent that is gone has closed its connections
+            ctx.mig_call(ctx.src, "rollback")  # closes them; nothing was frozen
         ctx.mig_call(ctx.dst, "abort")
 
 
@@ -224,6 +234,7 @@ class PreCopy:
         done: dict[str, Any] = ctx.mig_call(
             ctx.src, "precopy", target=ctx.target_agent(), policy=policy, method=method,
             freeze_timeout=ctx.freeze_timeout, completion_timeout=ctx.completion_timeout, forks=forks,
+            streams=ctx.streams() if ctx.streams else None,
         )  # fmt: skip
         if done["stop"] != "completion-timeout" or lazy_only or estimating:
             return done

@@ -86,6 +86,10 @@ class Prepare(Step):
     peer: HostName  # the source host: the only one whose streams this migration takes
 
 
+class Connect(Step):
+    target: Target
+
+
 class Precopy(Step):
     target: Target
     policy: Policy = Policy()
@@ -93,6 +97,7 @@ class Precopy(Step):
     freeze_timeout: FreezeTimeout = FREEZE_TIMEOUT  # bounds each CRIU pre-dump's freeze
     completion_timeout: Annotated[float, Field(gt=0, le=86400)] | None = None  # rounds' bound, seconds per GiB
     forks: StrictBool = False  # auto: the rounds take the lazy finishes away from a tree forking too fast
+    streams: Annotated[int, Field(ge=1, le=64)] | None = None  # first rounds at once on this host (agent/bulk.py)
 
 
 class Checkpoint(Step):
@@ -149,7 +154,8 @@ class CloneDiscard(Step):
 # Each operation's body (server.SOURCE_OPS, TARGET_OPS, clone.OPS).
 STEPS: dict[str, type[Step]] = {
     "prepare": Prepare, "precopy-reset": PrecopyReset, "hold": Hold, "restore": Restore, "abort": Step,
-    "lazy": Step, "cleanup": Step, "precopy": Precopy, "checkpoint": Checkpoint, "transfer": Transfer, "rollback": Step,
+    "lazy": Step, "cleanup": Step, "connect": Connect, "precopy": Precopy,
+    "checkpoint": Checkpoint, "transfer": Transfer, "rollback": Step,
     "confirm": Confirm, "clone-prepare": Prepare, "clone-checkpoint": Step, "clone-transfer": Transfer,
     "clone-restore": Step, "clone-check": CloneCheck, "clone-discard": CloneDiscard,
 }  # fmt: skip

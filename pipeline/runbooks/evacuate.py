@@ -8,7 +8,7 @@ tried again) before anything new starts.
 """
 
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -19,24 +19,25 @@ from skyferry.pipeline.controller import migration
 from skyferry.pipeline.controller.journal import TERMINAL, Journal, Migration, pid_alive
 from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.runbooks import ingress, placement
+from skyferry.pipeline.runbooks import ingress, placement, streams
 from skyferry.pipeline.runbooks import report as runreport
 from skyferry.pipeline.runbooks.plotter import Plotter
 from skyferry.providers.errors import ProviderError
 
 Progress = Callable[[str, str], None]  # (container, stage)
 OK = ("done", "already-there")
-MIN_STREAMS = 2
-STAGE_POLL_S = 0.1
 
 
 def quiet(_: str, __: str) -> None:
     pass
 
 
-def move(state: Path, name: str, target: str, progress: Progress = quiet) -> dict[str, Any]:
+def move(
+    state: Path, name: str, target: str, progress: Progress = quiet, streams: Callable[[], int] | None = None
+) -> dict[str, Any]:
     """Migrate `name` to `target`, first finishing whatever an earlier, interrupted run left in the
-    journal. Never raises for a migration that failed: the result says what happened."""
+    journal; `streams`: how many first rounds may stream from the source at once (streams.py). Never
+    raises for a migration that failed: the result says what happened."""
     result: dict[str, Any] = {"container": name, "target": target}
     try:
         journal = Journal(state)
@@ -54,7 +55,7 @@ def move(state: Path, name: str, target: str, progress: Progress = quiet) -> dic
             came_from = last["source"] if last and last["state"] == "done" and last["target"] == target else None
             ingress_result = _ingress(state, name, target, came_from)
             return {**result, "state": "already-there", "source": entry.host, "ingress": ingress_result}
-        report = migration.migrate(state, name, target, progress=lambda s: progress(name, s))
+        report = migration.migrate(state, name, target, progress=lambda s: progress(name, s), streams=streams)
         return {**result, **_outcome(report), "ingress": _ingress(state, name, target, report["source"])}
     except (SkyferryError, NetplaneError, ProviderError) as exc:
         last = _last_migration(state, name)
@@ -169,8 +170,9 @@ def evacuate(
 ) -> dict[str, Any]:
     """Empty `host`; returns the run's summary (its "ok" is False if any container did not move).
 
-    `bandwidth` (e.g. "1gbit"; default: the mesh's emulated WAN rate) is the source's uplink budget:
-    no more migrations run at once than fit in it at the throughput migrations from `host` measured.
+    At most `parallel` migrations run at once, and fewer stream their bulk together: as many as raise
+    the rate the link carries (streams.py). `bandwidth` (e.g. "1gbit"; default: the mesh's emulated WAN
+    rate) is the source's uplink: no more stream than it holds at the fastest stream's rate.
     """
     if parallel < 1:
         raise SkyferryError(f"--parallel must be at least 1, not {parallel}")
@@ -183,74 +185,18 @@ def evacuate(
     summary: dict[str, Any] = {"run": run_id, "kind": "evacuate", "host": host, "dry_run": dry_run, "plan": the_plan}
     if dry_run:
         return {**summary, "ok": not the_plan["unplaced"], "results": []}
-    throughput = Throughput.for_host(state, host, budget, parallel)
+    pace = streams.Streams(parallel, budget)
     folder = Path(state) / runreport.REPORTS / run_id
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     with Plotter() as plotter:  # each migration's plot, drawn as it finishes while the others run
-        results += _run(state, the_plan["moves"], throughput, progress, lambda r: _draw(plotter, folder, r))
-    summary["bandwidth"] = throughput.as_dict()
+        results += _run(state, the_plan["moves"], pace, progress, lambda r: _draw(plotter, folder, r))
+    summary["bandwidth"] = pace.as_dict()
     results += [{**u, "state": "no-capacity"} for u in the_plan["unplaced"]]
     remaining = sorted(e.name for e in Registry(state).all() if e.host == host)
     summary.update(results=results, remaining=remaining, ok=not remaining and all(succeeded(r) for r in results))
     summary["report_dir"] = str(runreport.write(state, run_id, summary, [r["migration"] for r in results
                                                                           if r.get("migration")]))  # fmt: skip
     return summary
-
-
-class Throughput:
-    """How many migrations may stream their bulk at once: `parallel`, or fewer when the uplink budget is
-    known and the measured per-migration throughput (bits on the wire / seconds streaming) says fewer fill
-    it, but never fewer than two (one stream's start and another's tail would leave the link idle). A
-    migration past its bulk (in its freeze, restore, confirm: CPU and round trips) holds no stream, so
-    another starts meanwhile; at most `parallel` run at all."""
-
-    def __init__(self, budget: int | None, parallel: int, samples: list[float] | None = None) -> None:
-        self.budget, self.parallel, self.samples = budget, parallel, list(samples or [])[-5:]
-
-    @classmethod
-    def for_host(cls, state: Path, host: str, budget: int | None, parallel: int) -> "Throughput":
-        """Seeded with the last migrations from `host` the journal knows (the journal's state is the
-        authority: reports journalled before 2026-12-04 say "running")."""
-        samples = [r for m in Journal(state).all() if m.source == host and (r := _bps(_finished(m)))]
-        return cls(budget, parallel, samples)
-
-    def add(self, result: dict[str, Any]) -> None:
-        if rate := _bps(result.get("migration")):
-            self.samples = [*self.samples, rate][-5:]
-
-    def cap(self) -> int:
-        if self.budget is None or not self.samples:
-            return self.parallel
-        per = sorted(self.samples)[len(self.samples) // 2]
-        return min(self.parallel, max(MIN_STREAMS, int(self.budget // per)))
-
-    def as_dict(self) -> dict[str, Any]:
-        per = sorted(self.samples)[len(self.samples) // 2] if self.samples else None
-        return {"budget_bps": self.budget, "per_migration_bps": per, "parallel": self.parallel, "cap": self.cap()}
-
-
-def streaming(stages: list[str]) -> bool:
-    """Whether a migration that went through `stages` (the latest last) still has its bulk to send: until
-    pre-copy's rounds end (its freeze then moves only what changed), else until its transfer ends; post-copy
-    and hybrid again while their lazy pages come. The restore begins with the transfer that carries it."""
-    if not stages:
-        return True
-    now = stages[-1]
-    if now in ("checkpoint", "cutover", "transfer", "restore"):
-        return "precopy" not in stages
-    return now in ("check", "prepare", "precopy", "lazy")
-
-
-def _finished(m: Migration) -> dict[str, Any] | None:
-    return {**m.report, "state": m.state} if m.report else None
-
-
-def _bps(report: dict[str, Any] | None) -> float | None:
-    if not report or report.get("state") != "done" or not report.get("bytes_wire"):
-        return None
-    stages = report.get("stages_s") or {}
-    seconds = stages.get("precopy", 0.0) + stages.get("transfer", 0.0)
-    return report["bytes_wire"] * 8 / seconds if seconds > 0 else None
 
 
 def _budget(state: Path, bandwidth: str | None) -> int | None:
@@ -264,34 +210,22 @@ def _budget(state: Path, bandwidth: str | None) -> int | None:
 
 
 def _run(
-    state: Path, moves: list[dict[str, Any]], throughput: Throughput, progress: Progress,
+    state: Path, moves: list[dict[str, Any]], pace: streams.Streams, progress: Progress,
     finished: Callable[[dict[str, Any]], Any] = lambda _: None,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """Run the moves in plan order: a new one starts when fewer than `throughput.cap()` are streaming and
-    fewer than `parallel` run at all. `finished` is called with each result as it comes. Results in plan
-    order."""
+    """Run the moves in plan order, `pace.parallel` at once, their first rounds `pace.cap()` at once (the
+    source holds the rest back: agent/bulk.py). `finished` is called with each result as it comes.
+    Results in plan order."""
     results: dict[str, dict[str, Any]] = {}
-    pending = list(moves)
-    stages: dict[str, list[str]] = {}
-
-    def seen(name: str, stage: str) -> None:
-        stages.setdefault(name, []).append(stage)
-        progress(name, stage)
-
-    with ThreadPoolExecutor(max_workers=throughput.parallel) as pool:
-        running: dict[Future[dict[str, Any]], str] = {}
-        while pending or running:
-            streams = sum(streaming(stages.get(name, [])) for name in running.values())
-            while pending and len(running) < throughput.parallel and streams < throughput.cap():
-                m = pending.pop(0)
-                running[pool.submit(move, state, m["container"], m["target"], seen)] = m["container"]
-                streams += 1
-            # Woken by a finished migration, or every STAGE_POLL_S to see one leave its bulk.
-            done, _ = wait(running, timeout=STAGE_POLL_S if pending else None, return_when=FIRST_COMPLETED)
-            for f in done:
-                results[running.pop(f)] = result = f.result()
-                throughput.add(result)
-                finished(result)
+    with ThreadPoolExecutor(max_workers=pace.parallel) as pool:  # it starts them in the order submitted
+        running = {
+            pool.submit(move, state, m["container"], m["target"], progress, pace.cap): m["container"] for m in moves
+        }
+        for f in as_completed(running):
+            results[running[f]] = result = f.result()
+            if sample := streams.sample(result.get("migration")):
+                pace.add(*sample)
+            finished(result)
     return [results[m["container"]] for m in moves]
 
 

@@ -134,7 +134,7 @@ def _container(state: Path, result: dict[str, Any]) -> dict[str, Any]:
     finished, from the journal."""
     out: dict[str, Any] = {"container": result["container"], "state": result["state"], "error": result.get("error")}
     report = result.get("migration") or {}
-    keys = ("mode", "freeze_ms", "total_ms", "bytes_wire", "bytes_at_freeze", "stages_s", "precopy_stop")
+    keys = ("mode", "freeze_ms", "total_ms", "bytes_wire", "bytes_at_freeze", "stages_s", "precopy_stop", "bulk")
     out.update({k: report.get(k) for k in keys})
     out["rounds"] = [
         {k: r.get(k) for k in ("duration", "pages_changed", "bytes_out")} for r in report.get("rounds") or []
