@@ -25,9 +25,11 @@ PAGE = 4096
 MODES = ("stop-copy", "precopy", "hybrid", "postcopy")
 EAGER_S = 0.1  # hybrid: changed pages that round 1's rate moves in this long go inside the freeze
 LEAD_S = 0.1  # from the end of the last round to the dump: the file round, the controller's call, the pause
-# A tiny service's freeze here is almost all fixed cost: 0.50-0.58 s in precopy (README, `make demo`);
-# a lazy dump plus a lazy restore cost a little more; stop-copy and post-copy skip the final's hashing.
-DEFAULT_FIXED_MS = {"stop-copy": 450.0, "precopy": 500.0, "hybrid": 550.0, "postcopy": 450.0}
+# A tiny service's freeze here is almost all fixed cost: about 150 ms in precopy since issue 16's cuts
+# (README, `make demo`); a lazy dump, a lazy restore and the page server's start about 250 ms (what the
+# bench's hybrid runs leave once their memory's share is taken out); stop-copy and post-copy run
+# `runc checkpoint` and skip the final's hashing. A pair's own migrations replace these.
+DEFAULT_FIXED_MS = {"stop-copy": 450.0, "precopy": 150.0, "hybrid": 250.0, "postcopy": 450.0}
 # Seconds per GiB of memory inside the freeze. stop-copy: criu dump and restore of every page (0.55 s
 # each, FIELD-NOTES 3b); precopy (content): the same dump, its hash (6 GB/s) and a restore through the
 # parent image, slower than a plain one (bench: 2.6 s at 1 GiB); soft-dirty: CRIU writes only the delta

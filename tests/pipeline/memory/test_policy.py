@@ -92,7 +92,8 @@ def test_big_memory_that_keeps_changing_goes_hybrid() -> None:
 
 
 def test_fixed_costs_over_the_limit_fall_back_to_the_round_rules() -> None:
-    policy = ConvergencePolicy(max_delta_bytes=1 << 20, max_freeze_ms=300, finishes=AUTO)  # default costs
+    slow = {"precopy": 500.0, "hybrid": 550.0}  # a pair whose freezes cost half a second before any memory
+    policy = ConvergencePolicy(max_delta_bytes=1 << 20, max_freeze_ms=300, finishes=AUTO, fixed_ms=slow)
     d = policy.decide(big(500_000))
     assert (d.stop, d.reason) == (True, "converged") and "even with nothing to copy" in d.detail
     # at 1 GiB CRIU's writing and reading every page makes precopy's freeze the longer one
