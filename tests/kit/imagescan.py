@@ -14,6 +14,7 @@ import tarfile
 import threading
 from pathlib import Path
 
+from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.runtimes import engines
 
 # CRIU's images, and Podman's archive of a container's /dev/shm (as private as its memory).
@@ -34,8 +35,8 @@ def images(roots: list[Path]) -> dict[Path, str]:
                 try:
                     if CRIU_IMAGE.fullmatch(name) or (not SQLITE.fullmatch(name) and _holds_images(path)):
                         found[path] = engines.fstype(path)
-                except (OSError, tarfile.TarError, EOFError):
-                    continue  # removed, or still being written, while we looked
+                except (OSError, tarfile.TarError, EOFError, SkyferryError):
+                    continue  # removed, still being written, or its tmpfs unmounted, while we looked
     return found
 
 
