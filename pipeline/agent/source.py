@@ -199,16 +199,15 @@ class SourceSession:
             while True:
                 levels.append(self.throttle.level if self.throttle else 0.0)
                 stats = FsStats()
-                files = side.submit(fs.upload, "fs-round", tracker.round(stats))  # its own lane, beside the memory
-                if bulk is None:  # round 1: the whole memory, in its turn
-                    with self.host.bulk.slot(streams) as bulk:
-                        mem.upload("precopy-round", bulk.counted(rounds.round()))
-                else:
-                    mem.upload("precopy-round", rounds.round())
-                # Until the target holds it, not until the socket took it: a send buffer swallows a small
-                # round at once (5.7 MB "sent" in 0.12 s over 16 Mbit/s), and the policy's bandwidth with it.
-                rounds.history[-1].duration = time.monotonic() - rounds.history[-1].started
-                files.result()
+                # Round 1 (all the memory, and the whole rootfs) in its turn; the later ones at once.
+                with self.host.bulk.slot(streams) if bulk is None else contextlib.nullcontext() as turn:
+                    files = side.submit(fs.upload, "fs-round", tracker.round(stats))  # its own lane
+                    mem.upload("precopy-round", turn.counted(rounds.round()) if turn else rounds.round())
+                    # Until the target holds it, not until the socket took it: a send buffer swallows a small
+                    # round at once (5.7 MB "sent" in 0.12 s over 16 Mbit/s), and the policy's bandwidth too.
+                    rounds.history[-1].duration = time.monotonic() - rounds.history[-1].started
+                    files.result()
+                bulk = bulk or turn
                 metrics.precopy_round(self.name, method, rounds.history)
                 fs_rounds.append(stats.as_dict())
                 if forks and len(rounds.history) == 1 and (found := preflight.forking(int(state["pid"]), mark)):
