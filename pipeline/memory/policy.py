@@ -131,7 +131,9 @@ class ConvergencePolicy:
         floor = min(p.floor_ms for p in candidates)
         if floor > limit:  # more rounds cannot help: P.Haul's rules alone
             return stop, reason, f"{detail}; no finish fits {limit:.0f} ms even with nothing to copy ({floor:.0f} ms)"
-        if reason in ("not-converging", "growing") and not self.throttle:  # with it: at its cap already
+        # With a throttle: at its cap already. A lazy finish alone needs none: what the rounds cannot move
+        # follows the restore (hybrid's rounds never throttle), so the rules name the stop.
+        if reason in ("not-converging", "growing") and not self.throttle and "precopy" in self.finishes:
             return True, NEEDS_THROTTLE, (
                 f"{detail}; {best.mode} predicted {best.freeze_ms:.0f} ms > --max-freeze {limit:.0f} ms "
                 f"and the rounds no longer shrink it"

@@ -112,6 +112,14 @@ def test_rounds_that_stop_shrinking_ask_for_a_throttle() -> None:
     assert (d.stop, d.reason, d.finish) == (True, NEEDS_THROTTLE, "precopy")
     assert "no longer shrink" in d.detail
     assert d.finish_reason == "the mode asked for"
+    # Hybrid alone, its freeze just over the limit (250 ms fixed + 100 ms eager) though its floor is under:
+    # it needs no throttle (what the rounds cannot move follows the restore), so the rules name the stop.
+    lazy = ConvergencePolicy(
+        max_delta_bytes=1 << 20, max_freeze_ms=300, finishes=("hybrid",), fixed_ms={"hybrid": 250.0}
+    )
+    d = lazy.decide(rounds)
+    assert d.predicted["hybrid"]["floor_ms"] <= 300 < d.predicted["hybrid"]["freeze_ms"], d.predicted["hybrid"]
+    assert (d.stop, d.reason) == (True, "not-converging"), d.detail
     # with a limit the pair can meet, the round and time limits still end the rounds
     shrinking = [*big(6 * MB, 64 << 20, 20 * MB), rnd(3, 12.0, 5 * MB, 2.0), rnd(4, 14.0, 4 * MB, 2.0)]
     limited = ConvergencePolicy(max_rounds=4, max_freeze_ms=300, fixed_ms=QUICK, bandwidth=30 * MB)
