@@ -21,7 +21,7 @@ from typing import Any
 class BulkSlots:
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._width: int | None = None  # the latest evacuation's
+        self._width = 1  # the latest evacuation's
         self._active = 0
         self._sent = 0  # every slot's bytes, ever
         self._area = 0.0  # slots in use, integrated over time
@@ -37,7 +37,7 @@ class BulkSlots:
             if width is not None:
                 self._width = width
                 self._cond.notify_all()
-                self._cond.wait_for(lambda: self._active < (self._width or width))
+                self._cond.wait_for(lambda: self._active < self._width)
             self._tick()
             self._active += 1
             bulk = Bulk(self, time.monotonic(), self._sent, self._area, waited=time.monotonic() - asked)

@@ -24,7 +24,7 @@ GIB = 1 << 30
 PAGE = 4096
 MODES = ("stop-copy", "precopy", "hybrid", "postcopy")
 EAGER_S = 0.1  # hybrid: changed pages that round 1's rate moves in this long go inside the freeze
-LEAD_S = 0.1  # from the end of the last round to the dump: the file round, the controller's call, the pause
+LEAD_S = 0.1  # from the end of the last round to the dump: the controller's call, the pause
 # A tiny service's freeze here is almost all fixed cost: about 150 ms in precopy since issue 16's cuts
 # (README, `make demo`); a lazy dump, a lazy restore and the page server's start about 250 ms (what the
 # bench's hybrid runs leave once their memory's share is taken out); stop-copy and post-copy run

@@ -82,8 +82,9 @@ class Streams:
 def sample(report: dict[str, Any] | None) -> tuple[float, float, float, float] | None:
     """A finished migration's first round as `Streams.add` takes it: the link's rate, the streams beside
     it, its own rate (bits/s), its share of time sending; None without one."""
-    bulk = (report or {}).get("bulk") if (report or {}).get("state") == "done" else None
-    if not bulk or not bulk.get("seconds") or not bulk.get("bytes"):
+    report = report or {}
+    bulk = report.get("bulk") or {}
+    if report.get("state") != "done" or not bulk.get("seconds") or not bulk.get("bytes"):
         return None
     seconds = bulk["seconds"]
     sending = bulk.get("sending_s", 0.0) / seconds
