@@ -82,7 +82,10 @@ def test_a_churner_faster_than_the_link_is_throttled_and_moves(churner: dict) ->
     steps = report["throttle_steps"]
     assert steps and [s["percent"] for s in steps] == [20, 30, 40, 50, 60, 70, 80, 90, 99][: len(steps)], steps
     assert all(s["round"] >= 2 and s["dirty_bytes_s"] > 0 for s in steps), steps
-    assert report["precopy_stop"] in ("converged", "not-converging", "growing", "round-limit"), report["precopy_stop"]
+    # "fits" is auto-converge's aim (the throttle shrank the delta under --max-freeze); the others are the
+    # rules at the throttle's cap. Never the completion timeout: it had an hour.
+    stops = ("fits", "converged", "not-converging", "growing", "round-limit")
+    assert report["precopy_stop"] in stops, report["precopy_stop"]
     assert report["precopy_why"]
     assert len(seen) > 1, "the sampler never saw the container throttled"  # control: the limit did change
     # The target's copy runs under the container's own limit, not the throttle, and its memory is intact.
