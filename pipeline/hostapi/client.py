@@ -133,6 +133,18 @@ class AgentClient:
             sock = self._reusable(retry_for).sock
             return sock.getpeercert(binary_form=True) or b""
 
+    def recheck(self) -> None:
+        """Check the open connection's peer again (a connection kept across migrations may predate a
+        revocation); one that fails is closed, and the next call opens and checks a new one."""
+        with self._lock:
+            conn = self._conn
+            if self.check is None or conn is None or conn.sock is None:
+                return
+            try:
+                self.check(conn.sock)
+            except ssl.SSLError:
+                self.close()
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()

@@ -7,6 +7,7 @@ client on local-3 that fails on any lost or repeated request, and removes the co
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -23,7 +24,7 @@ from skyferry.pipeline.controller import agentctl, containers, migration
 from skyferry.pipeline.controller.journal import Journal
 from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.errors import SkyferryError
-from skyferry.pipeline.hostapi.layout import IMAGES_TMPFS
+from skyferry.pipeline.hostapi.layout import AGENT_PORT, IMAGES_TMPFS
 from skyferry.pipeline.runtimes.runc import Runc
 from skyferry.pipeline.scenarios import demo as scenario
 
@@ -603,6 +604,43 @@ def test_no_checkpoint_image_on_persistent_disk(counter: dict) -> None:
     assert imagescan.on_disk(watch.seen) == [], "checkpoint images on persistent disk"
     assert any(IMAGES_TMPFS in p.parents for p in watch.seen), f"the watcher must see them ({watch.polls} polls)"
     assert imagescan.images(roots) == {}, "every image is wiped after the migration"
+
+
+def agent_connections(m: Mesh, src: str, dst: str) -> dict[int, int]:
+    """The TCP connections from host `src` to `dst`'s agent: bytes acknowledged, by local port."""
+    ip = m.hosts[dst].overlay_ip
+    argv = ["ss", "-Htin", "state", "established", "dst", f"{ip}:{AGENT_PORT}"]
+    out = subprocess.run(netns.command(m.hosts[src].netns or "", argv), capture_output=True, text=True, check=True)
+    found, port = {}, None
+    for line in out.stdout.splitlines():
+        if line[:1].strip():  # an address line; its counters follow on an indented one
+            port = int(line.split()[-2].rsplit(":", 1)[1])
+        elif port is not None:
+            acked = re.search(r"bytes_acked:(\d+)", line)
+            found[port] = int(acked[1]) if acked else 0
+    return found
+
+
+def test_first_rounds_to_one_target_go_over_the_connection_the_last_one_left(
+    mesh: tuple[Path, Mesh], tmp_path: Path
+) -> None:
+    """An evacuation's rounds, one after another, move as one flow: the second migration's first round (all
+    its memory) goes over the connection the first one's left open, not a new one that ramps up again."""
+    state, m = mesh
+    names = ["kept-a", "kept-b"]
+    try:
+        for name in names:
+            scenario.start_counter(state, "local-1", name, tmp_path, memory_mib=16, incompressible=True)
+        migration.migrate(state, names[0], "local-2", mode="precopy")
+        before = agent_connections(m, "local-1", "local-2")
+        assert before, "a connection stays open after the migration"  # the lanes went; the kept one did not
+        migration.migrate(state, names[1], "local-2", mode="precopy")
+        after = agent_connections(m, "local-1", "local-2")
+        grew = [port for port, acked in after.items() if acked - before.get(port, 0) >= 16 << 20]
+        assert len(grew) == 1 and grew[0] in before, (before, after)
+    finally:
+        for name in names:
+            containers.remove(state, name)
 
 
 def test_a_volume_seeded_from_a_host_directory_starts_with_its_copy(mesh: tuple[Path, Mesh], tmp_path: Path) -> None:

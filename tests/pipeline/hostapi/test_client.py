@@ -1,15 +1,19 @@
 """The agent client's stream uploads, against a real mutual-TLS listener on loopback."""
 
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi import pki
 from skyferry.pipeline.hostapi.client import SEND_BATCH, AgentClient, AgentUnreachable, _batched
+from skyferry.pipeline.hostapi.revocation import checker, serial
 
 
 def test_a_body_that_fails_part_way_hangs_up(tmp_path: Path) -> None:
@@ -65,23 +69,31 @@ def test_small_frames_go_out_in_pieces_of_a_batch() -> None:
     assert list(_batched([big])) == [big] and list(_batched([])) == []
 
 
-def test_a_connection_opened_ahead_is_used_not_reopened(tmp_path: Path) -> None:
-    """`connect()` opens the connection a call inside a freeze will use (the hold lane, the cutover's
-    pushes). A TLS 1.3 server sends session tickets after the handshake, which make the idle socket
-    readable: taken for a closed connection, the call paid a second handshake (60 ms across the demo's
-    WAN). The listener counts connections; one the agent closed is reopened (the positive control)."""
+@dataclass
+class Listener:
+    """A mutual-TLS HTTP listener on loopback that answers `{}` and counts the connections it accepted."""
+
+    port: int
+    client_ctx: ssl.SSLContext
+    server_cert: Path
+    accepted: list[int]
+
+
+@pytest.fixture
+def listener(tmp_path: Path) -> Iterator[Listener]:
     pki.ensure_ca(tmp_path / "ca", "t")
     ca = tmp_path / "ca"
-    server = pki.issue(ca, tmp_path / "server", "server", ["127.0.0.1"], role=pki.HOST).server_context()
+    server_ident = pki.issue(ca, tmp_path / "server", "server", ["127.0.0.1"], role=pki.HOST)
+    server = server_ident.server_context()
     client_ctx = pki.issue(ca, tmp_path / "client", "client", ["127.0.0.1"], role=pki.HOST).client_context()
-    listener = socket.create_server(("127.0.0.1", 0))
+    sock = socket.create_server(("127.0.0.1", 0))
     accepted: list[int] = []
     reply = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
 
     def serve() -> None:
         while True:
             try:
-                conn, _ = listener.accept()
+                conn, _ = sock.accept()
             except OSError:
                 return
             accepted.append(1)
@@ -97,7 +109,19 @@ def test_a_connection_opened_ahead_is_used_not_reopened(tmp_path: Path) -> None:
                     pass
 
     threading.Thread(target=serve, daemon=True).start()
-    client = AgentClient("127.0.0.1", listener.getsockname()[1], client_ctx)
+    try:
+        yield Listener(sock.getsockname()[1], client_ctx, server_ident.cert, accepted)
+    finally:
+        sock.close()
+
+
+def test_a_connection_opened_ahead_is_used_not_reopened(listener: Listener) -> None:
+    """`connect()` opens the connection a call inside a freeze will use (the hold lane, the cutover's
+    pushes). A TLS 1.3 server sends session tickets after the handshake, which make the idle socket
+    readable: taken for a closed connection, the call paid a second handshake (60 ms across the demo's
+    WAN). The listener counts connections; one the agent closed is reopened (the positive control)."""
+    accepted = listener.accepted
+    client = AgentClient("127.0.0.1", listener.port, listener.client_ctx)
     try:
         client.connect()
         time.sleep(0.2)  # the tickets arrive
@@ -109,7 +133,24 @@ def test_a_connection_opened_ahead_is_used_not_reopened(tmp_path: Path) -> None:
         assert len(accepted) == 2, "a connection the agent closed must be reopened"
     finally:
         client.close()
-        listener.close()
+
+
+def test_a_kept_connection_to_a_peer_revoked_since_is_dropped_at_recheck(listener: Listener) -> None:
+    """An agent keeps its first rounds' connection to a target across migrations (agent/server.py,
+    `_bulk_client`), so it may predate that target's revocation: `recheck` checks it again before use."""
+    revoked: set[str] = set()
+    client = AgentClient("127.0.0.1", listener.port, listener.client_ctx, check=checker(lambda: revoked))
+    try:
+        client.connect()
+        client.recheck()
+        assert client.call("GET", "/v1/facts") == {} and len(listener.accepted) == 1  # control: still trusted
+        revoked.add(serial(x509.load_pem_x509_certificate(listener.server_cert.read_bytes())))
+        client.recheck()
+        with pytest.raises(SkyferryError, match="revoked"):
+            client.call("GET", "/v1/facts", retry_for=0.2)
+        assert len(listener.accepted) == 2, "the kept connection was dropped, and a new one refused"
+    finally:
+        client.close()
 
 
 def _request(tls: socket.socket) -> bytes:
