@@ -6,6 +6,12 @@ pre-copy call, with their connections open and their target's store reset, and s
 frees: the link waits for no controller call and no handshake. Each round also measures the link:
 every slot's bytes over its own time, how many streamed beside it on average, and how long it waited
 for its socket to take the bytes (most of its time: the link, not the round, sets the pace).
+
+A round yields to freezes: while a container of this host is frozen for a migration (another one's stop-
+copy, final delta and restore, which its clients wait for), the round sends only a piece per TRICKLE_S, for
+at most PAUSE_S at a time. At full rate, the freeze's CPU and its few packets queued behind the round:
+freezes of 0.6-1.2 s in an evacuation whose rounds went over a warm connection, 0.2-0.4 s alone. Not
+nothing: a connection idle for an RTO (0.2 s or more) starts TCP's window over when it sends again.
 """
 
 from __future__ import annotations
@@ -13,13 +19,19 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+PIECE = 256 << 10  # bytes a round hands on at once, so that it can slow down between them
+TRICKLE_S = 0.1  # while frozen: a piece per this long (< TCP's idle limit, an RTO of at least 0.2 s)
+PAUSE_S = 2.0  # the longest a round slows down for freezes at once: a freeze's own bound is longer
+POLL_S = 0.005  # how often a slowed round looks again
+
 
 class BulkSlots:
-    def __init__(self) -> None:
+    def __init__(self, frozen: Callable[[], bool] = lambda: False) -> None:
+        self.frozen = frozen  # whether a container of this host is frozen for a migration now
         self._cond = threading.Condition()
         self._width = 1  # the latest evacuation's
         self._active = 0
@@ -71,15 +83,30 @@ class Bulk:
     waited: float
     bytes: int = 0
     sending: float = 0.0  # seconds its consumer spent sending (a full socket: the link is the limit)
+    paused: float = 0.0  # seconds it held back for freezes
     report: dict[str, Any] = field(default_factory=dict)
+    _slow_since: float | None = None  # when the freezes it is slowing down for began
 
     def counted(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
         for chunk in chunks:
-            self.bytes += len(chunk)
-            self.slots._count(len(chunk))
-            handed = time.monotonic()
-            yield chunk
-            self.sending += time.monotonic() - handed
+            for at in range(0, len(chunk), PIECE):
+                piece = chunk[at : at + PIECE]
+                self._yield_to_freezes()
+                self.bytes += len(piece)
+                self.slots._count(len(piece))
+                handed = time.monotonic()
+                yield piece
+                self.sending += time.monotonic() - handed
+
+    def _yield_to_freezes(self) -> None:
+        if not self.slots.frozen():
+            self._slow_since = None
+            return
+        start = time.monotonic()
+        self._slow_since = self._slow_since or start
+        while self.slots.frozen() and time.monotonic() - start < TRICKLE_S and start - self._slow_since < PAUSE_S:
+            time.sleep(POLL_S)
+        self.paused += time.monotonic() - start
 
     def end(self, now: float, sent: int, area: float) -> None:
         seconds = now - self.start
@@ -90,4 +117,5 @@ class Bulk:
             "streams": round((area - self.area_at_start) / seconds, 3) if seconds > 0 else 1.0,
             "sending_s": round(self.sending, 4),
             "waited_s": round(self.waited, 4),
+            "paused_s": round(self.paused, 4),
         }

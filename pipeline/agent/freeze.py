@@ -53,6 +53,7 @@ class Freezes:
         # The migrations whose freeze expired, kept in memory so that `check`, which steps call inside the
         # freeze, reads no file there; filled from disk once, for the records an agent before us marked.
         self._expired = {r.mig for r in self.all() if r.expired}
+        self._frozen: set[str] = set()  # armed here and not serving nor expired: read per chunk of a bulk round
 
     def arm(
         self, mig: str, name: str, phase: Phase, bound: float, target: str | None = None, lazy: bool = False
@@ -67,12 +68,25 @@ class Freezes:
         record = Freeze(mig=mig, name=name, phase=phase, since=now, deadline=now + bound, bound=bound, target=target,
                         lazy=lazy)  # fmt: skip
         self._write(record)
+        self._frozen.add(mig)
         return record
+
+    def frozen(self) -> bool:
+        """Whether a container is frozen for a migration here, its clients waiting: from the pause until
+        its copy runs on the target (`restored`), a lazy one's served pages aside."""
+        import os
+
+        return bool(self._frozen) and not os.path.exists("/tmp/s16/nopause")
+
+    def restored(self, mig: str) -> None:
+        """The target's copy runs: the record stays (the freeze is bounded until confirm), the wait is over."""
+        self._frozen.discard(mig)
 
     def serve(self, record: Freeze, bound: float) -> None:
         """The target's copy is live and may still fetch pages from this frozen one: watch it `bound` s more."""
         self._write(record.model_copy(update={"phase": "serving", "deadline": time.time() + bound, "bound": bound}))
         self.expiring.pop(record.mig, None)
+        self._frozen.discard(record.mig)
 
     def get(self, mig: str) -> Freeze | None:
         try:
@@ -87,10 +101,12 @@ class Freezes:
         (self.dir / f"{mig}.json").unlink(missing_ok=True)
         self.expiring.pop(mig, None)
         self._expired.discard(mig)
+        self._frozen.discard(mig)
 
     def mark_expired(self, record: Freeze, why: str) -> None:
         self._write(record.model_copy(update={"expired": why}))
         self._expired.add(record.mig)
+        self._frozen.discard(record.mig)
         self.expiring.pop(record.mig, None)
 
     def check(self, mig: str, cause: Exception | None = None) -> None:

@@ -67,7 +67,7 @@ class Host:
         self.targets: dict[str, Session] = {}  # by migration id: TargetSession
         self.freezes = Freezes(cfg.state_root)  # the source's freeze records, which its watchdog bounds
         self.throttles = Throttles(cfg.state_root)  # auto-converge: the CPU limits to write back
-        self.bulk = BulkSlots()  # pre-copy first rounds streaming at once
+        self.bulk = BulkSlots(self.freezes.frozen)  # pre-copy first rounds streaming at once
         self.fork_marks: dict[str, preflight.ForkMark] = {}  # by container: where auto's rounds count forks from
         self.pool = ThreadPoolExecutor(4, thread_name_prefix="pager")  # target sessions start pagers here
         self._locks: dict[str, threading.Lock] = {}

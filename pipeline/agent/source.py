@@ -502,6 +502,7 @@ class SourceSession:
             raise
         except SkyferryError as exc:  # the target answered: its restore failed, and it says why
             raise RestoreFailed(str(exc), hint=exc.hint, log=exc.log) from exc
+        self.host.freezes.restored(self.mig)
         self.segments_late = None
         self.late = threading.Thread(target=self._hand_over_late, args=(lane, held), name="late-segments", daemon=True)
         self.late.start()

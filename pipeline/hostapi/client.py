@@ -29,6 +29,7 @@ def bound_stalls(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, STALL_TIMEOUT * 1000)
 
 
+NOTSENT_LOWAT = 1 << 20  # bytes a socket may hold that it has not sent yet
 SEND_BATCH = 64 << 10  # bytes per piece of an upload: each piece is one TLS write and one send(2)
 STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)  # a kept-alive one the agent closed
 Check = Callable[[ssl.SSLSocket], None]  # sees the peer after the handshake; raises ssl.SSLError to refuse it
@@ -46,8 +47,10 @@ class _Connection(http.client.HTTPSConnection):
         sock.settimeout(CALL_TIMEOUT)
         bound_stalls(sock)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # Large send buffer: the bandwidth-delay product of 1 Gbit/s x 30 ms is ~4 MiB.
+        # Large send buffer: the bandwidth-delay product of 1 Gbit/s x 30 ms is ~4 MiB. But little of it
+        # unsent: a round that stops to let a freeze through (agent/bulk.py) stops the wire within ms.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
         if self.check is not None:
             try:

@@ -2,7 +2,10 @@
 that uses them end to end is tests/pipeline/runbooks/test_runbook_evacuate.py."""
 
 import threading
+import time
 
+import pytest
+from skyferry.pipeline.agent import bulk as bulk_module
 from skyferry.pipeline.agent.bulk import BulkSlots
 
 
@@ -54,3 +57,35 @@ def test_a_migration_of_its_own_neither_waits_nor_lifts_the_limit() -> None:
     assert entered.wait(5)
     go.set()
     waiting.join(5)
+
+
+def test_a_round_slows_to_a_trickle_while_a_container_here_is_frozen(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bulk_module, "PIECE", 1000)
+    frozen = threading.Event()
+    slots = BulkSlots(frozen.is_set)
+    with slots.slot(None) as bulk:
+        pieces = bulk.counted([b"x" * 5000, b"y" * 5000])
+        t0 = time.monotonic()
+        assert len(next(pieces)) == 1000 and time.monotonic() - t0 < 0.05  # control: nothing frozen, at once
+        frozen.set()
+        t0 = time.monotonic()
+        slow = [next(pieces) for _ in range(3)]
+        slowed = time.monotonic() - t0
+        frozen.clear()
+        t0 = time.monotonic()
+        rest = list(pieces)
+        after = time.monotonic() - t0
+    assert slowed >= 3 * bulk_module.TRICKLE_S * 0.9, "frozen: a piece per TRICKLE_S, not nothing"
+    assert after < bulk_module.TRICKLE_S, "thawed: the rest at once"
+    assert b"".join([b"x" * 1000, *slow, *rest]) == b"x" * 5000 + b"y" * 5000, "every byte, in order"
+    assert bulk.report["bytes"] == 10000 and bulk.report["paused_s"] >= 0.25
+
+
+def test_a_freeze_that_does_not_end_slows_a_round_only_so_long(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bulk_module, "PIECE", 1000)
+    monkeypatch.setattr(bulk_module, "PAUSE_S", 0.3)
+    slots = BulkSlots(lambda: True)  # a record nobody cleared: the round must still go on
+    with slots.slot(None) as bulk:
+        sent = list(bulk.counted([b"x" * 20000]))
+    assert len(sent) == 20, "20 pieces at a trickle would take 2 s"
+    assert 0.25 <= bulk.report["paused_s"] < 0.8

@@ -46,6 +46,25 @@ def test_check_reads_no_file_inside_the_freeze_and_a_new_agent_knows_what_expire
         restarted.check("done")
 
 
+def test_frozen_says_whether_clients_wait_on_a_freeze_here(tmp_path: Path) -> None:
+    """What a bulk round yields to (agent/bulk.py): from the pause until the copy runs on the target."""
+    freezes = Freezes(tmp_path)
+    assert not freezes.frozen()  # control
+    freezes.arm("m1", "web", "checkpoint", 30)
+    freezes.arm("m2", "db", "pre-dump", 30)
+    assert freezes.frozen()
+    freezes.forget("m2")  # the pre-dump's own freeze ended
+    assert freezes.frozen()
+    freezes.restored("m1")  # the target's copy runs: the record stays until confirm, the wait is over
+    assert not freezes.frozen() and freezes.get("m1") is not None
+    lazy = freezes.arm("m3", "web", "checkpoint", 30, lazy=True)
+    freezes.serve(lazy, 60)  # a lazy copy runs on the target and fetches pages from the frozen one
+    assert not freezes.frozen()
+    expired = freezes.arm("m4", "db", "checkpoint", 30)
+    freezes.mark_expired(expired, "thawed by the watchdog")
+    assert not freezes.frozen()
+
+
 def test_the_watchdog_ends_only_freezes_past_their_deadline(tmp_path: Path) -> None:
     freezes = Freezes(tmp_path)
     freezes.arm("due", "web", "checkpoint", 0.2)
