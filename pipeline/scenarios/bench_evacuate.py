@@ -109,6 +109,7 @@ def _evacuation(state: Path, mesh: Mesh, workdir: Path, cfg: Config, n: int, pro
     for c in run.get("containers", []):
         client_seen = seen.get(c["container"]) or {}
         c["client_gap_ms"] = client_seen.get("max_gap_ms")
+        c["client_gap_wall"] = client_seen.get("max_gap_wall")  # when: to line it up with the journal
         c["connection_survived"] = bool(client_seen.get("survived"))
         if not c["connection_survived"]:
             run["ok"] = False
