@@ -62,7 +62,8 @@ class BulkSlots:
                 bulk.end(time.monotonic(), self._sent, self._area)
                 self._cond.notify_all()
 
-    def _count(self, n: int) -> None:
+    def sent(self, n: int) -> None:
+        """A slot's round handed `n` more bytes to its socket (every slot's add to what each one saw pass)."""
         with self._cond:
             self._sent += n
 
@@ -93,7 +94,7 @@ class Bulk:
                 piece = chunk[at : at + PIECE]
                 self._yield_to_freezes()
                 self.bytes += len(piece)
-                self.slots._count(len(piece))
+                self.slots.sent(len(piece))
                 handed = time.monotonic()
                 yield piece
                 self.sending += time.monotonic() - handed
