@@ -2,7 +2,6 @@
 that uses them end to end is tests/pipeline/runbooks/test_runbook_evacuate.py."""
 
 import threading
-import time
 
 import pytest
 from skyferry.pipeline.agent import bulk as bulk_module
@@ -60,25 +59,24 @@ def test_a_migration_of_its_own_neither_waits_nor_lifts_the_limit() -> None:
 
 
 def test_a_round_slows_to_a_trickle_while_a_container_here_is_frozen(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lower bounds only (a slow machine only sleeps longer): while frozen each piece waits TRICKLE_S;
+    before and after, none waits at all."""
     monkeypatch.setattr(bulk_module, "PIECE", 1000)
     frozen = threading.Event()
     slots = BulkSlots(frozen.is_set)
     with slots.slot(None) as bulk:
         pieces = bulk.counted([b"x" * 5000, b"y" * 5000])
-        t0 = time.monotonic()
-        assert len(next(pieces)) == 1000 and time.monotonic() - t0 < 0.05  # control: nothing frozen, at once
+        first = next(pieces)
+        assert len(first) == 1000 and bulk.paused == 0.0  # control: nothing frozen, it went at once
         frozen.set()
-        t0 = time.monotonic()
         slow = [next(pieces) for _ in range(3)]
-        slowed = time.monotonic() - t0
+        assert bulk.paused >= 3 * bulk_module.TRICKLE_S * 0.9, "frozen: a piece per TRICKLE_S, not nothing"
         frozen.clear()
-        t0 = time.monotonic()
+        paused = bulk.paused
         rest = list(pieces)
-        after = time.monotonic() - t0
-    assert slowed >= 3 * bulk_module.TRICKLE_S * 0.9, "frozen: a piece per TRICKLE_S, not nothing"
-    assert after < bulk_module.TRICKLE_S, "thawed: the rest at once"
-    assert b"".join([b"x" * 1000, *slow, *rest]) == b"x" * 5000 + b"y" * 5000, "every byte, in order"
-    assert bulk.report["bytes"] == 10000 and bulk.report["paused_s"] >= 0.25
+    assert bulk.report["paused_s"] == round(paused, 4), "thawed: the rest went without waiting"
+    assert b"".join([first, *slow, *rest]) == b"x" * 5000 + b"y" * 5000, "every byte, in order"
+    assert bulk.report["bytes"] == 10000
 
 
 def test_a_freeze_that_does_not_end_slows_a_round_only_so_long(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -87,5 +85,5 @@ def test_a_freeze_that_does_not_end_slows_a_round_only_so_long(monkeypatch: pyte
     slots = BulkSlots(lambda: True)  # a record nobody cleared: the round must still go on
     with slots.slot(None) as bulk:
         sent = list(bulk.counted([b"x" * 20000]))
-    assert len(sent) == 20, "20 pieces at a trickle would take 2 s"
-    assert 0.25 <= bulk.report["paused_s"] < 0.8
+    assert len(sent) == 20
+    assert 0.25 <= bulk.report["paused_s"] < 1.5  # uncapped: about 2 s
