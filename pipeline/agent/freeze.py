@@ -13,10 +13,11 @@ Deadlines are wall-clock times (`time.time()`): they must survive the agent, and
 bounded by the same deadline.
 """
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -73,8 +74,18 @@ class Freezes:
 
     def frozen(self) -> bool:
         """Whether a container is frozen for a migration here, its clients waiting: from the pause until
-        its copy runs on the target (`restored`), a lazy one's served pages aside."""
+        its copy runs on the target (`restored`), a lazy one's served pages aside; or about to be
+        (`settling`)."""
         return bool(self._frozen)
+
+    @contextlib.contextmanager
+    def settling(self, mig: str) -> Iterator[None]:
+        """The moments before `mig`'s pause count as frozen (agent/settle.py lets its replies land)."""
+        self._frozen.add(mig)
+        try:
+            yield
+        finally:
+            self._frozen.discard(mig)
 
     def restored(self, mig: str) -> None:
         """The target's copy runs: the record stays (the freeze is bounded until confirm), the wait is over."""

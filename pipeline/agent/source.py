@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from skyferry.pipeline import proctree
-from skyferry.pipeline.agent import metrics, netlock, preflight
+from skyferry.pipeline.agent import metrics, netlock, preflight, settle
 from skyferry.pipeline.agent.freeze import Freeze
 from skyferry.pipeline.agent.holdback import Holdback
 from skyferry.pipeline.agent.host import Host
@@ -280,6 +280,10 @@ class SourceSession:
         netns = self.host.netns(self.name)
         self.frozen_pid = int(state["pid"])
         self.finals = None  # a retried checkpoint's deltas come from its own dump
+        settled = 0.0
+        if state["status"] == "running" and self.host.freezes.get(self.mig) is None:  # not a retry inside it
+            with self.host.freezes.settling(self.mig):
+                settled = settle.settle(netns)
         t0 = time.monotonic()
         freeze = self.host.freezes.arm(self.mig, self.name, "checkpoint", freeze_timeout, target, lazy)
         try:
@@ -288,6 +292,7 @@ class SourceSession:
             self.host.freezes.check(self.mig, exc)  # the bound was hit: say so, not runc's last line
             raise
         return {
+            "settle_s": settled,  # before the pause: its replies landing (agent/settle.py)
             "pause_s": t_frozen - t0,
             "dump_s": time.monotonic() - t_frozen,
             "image_bytes": _du(images),

@@ -24,7 +24,7 @@ def parts(detail: dict[str, dict[str, Any]], freeze_s: float | None) -> dict[str
     out = {
         "pause_and_lock": pause,
         "dump": dump,
-        "checkpoint_call": ckpt["seconds"] - pause - dump,
+        "checkpoint_call": ckpt["seconds"] - ckpt.get("settle_s", 0.0) - pause - dump,
         "cutover": detail["cutover"]["seconds"],
         # A restore carried by the transfer ran inside the transfer's call (its "seconds" is its own work).
         "transfer": detail["transfer"]["seconds"] - (restore["seconds"] if restore.get("with_transfer") else 0.0),

@@ -471,10 +471,19 @@ def _mode_reason(mode: str, precopy: dict[str, Any], check: dict[str, Any]) -> s
 
 
 def _freeze_s(transitions: list[dict[str, Any]]) -> float | None:
-    """The freeze: the first checkpoint started .. the last restore done (None until then)."""
+    """The freeze: the first checkpoint started .. the last restore done (None until then), less the
+    moments the checkpoint let the container's replies land before its pause (agent/settle.py)."""
     started = next((t["at"] for t in transitions if t["stage"] == FREEZE_FROM and t["status"] == "started"), None)
     done = [t["at"] for t in transitions if t["stage"] == FREEZE_TO and t["status"] == "done"]
-    return done[-1] - started if started is not None and done else None
+    settled = next(
+        (
+            (t["detail"] or {}).get("settle_s", 0.0)
+            for t in transitions
+            if t["stage"] == FREEZE_FROM and t["status"] == "done"
+        ),
+        0.0,
+    )
+    return done[-1] - started - settled if started is not None and done else None
 
 
 def _report(journal: Journal, mig: Migration) -> dict[str, Any]:
