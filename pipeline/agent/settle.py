@@ -12,11 +12,15 @@ reply usually lands within a round trip; a peer that never acknowledges only cos
 the freeze. With it: no client waited more than 79 ms beyond its freeze in twelve such evacuations.
 """
 
+import logging
 import socket
 import time
 
 from pyroute2 import DiagSocket
+from pyroute2.netlink.exceptions import NetlinkError
 from skyferry.netplane.netns import in_netns
+
+log = logging.getLogger("skyferry.agent.settle")
 
 SETTLE_S = 0.3  # at most this long: longer than an RTO of 0.2 s plus a WAN round trip
 POLL_S = 0.01
@@ -52,9 +56,12 @@ def settle(netns: str, bound: float = SETTLE_S) -> float:
     """Wait until what the sockets in `netns` had in flight has been acknowledged (what they send
     meanwhile does not prolong it), at most `bound` seconds; the seconds waited."""
     start = time.monotonic()
-    waiting = owed(netns)
-    while waiting and time.monotonic() - start < bound:
-        time.sleep(POLL_S)
-        now = sockets(netns)
-        waiting = {key: sent for key, sent in waiting.items() if key in now and now[key][1] < sent}
+    try:
+        waiting = owed(netns)
+        while waiting and time.monotonic() - start < bound:
+            time.sleep(POLL_S)
+            now = sockets(netns)
+            waiting = {key: sent for key, sent in waiting.items() if key in now and now[key][1] < sent}
+    except (OSError, NetlinkError) as exc:  # only a courtesy to the clients: never a reason not to migrate
+        log.warning("could not read the TCP sockets in %s (%s); pausing without waiting for replies", netns, exc)
     return time.monotonic() - start
