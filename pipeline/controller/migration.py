@@ -42,6 +42,7 @@ from skyferry.pipeline.controller.stages import (
     LazyPhaseLost,
     PreCopy,
     Stage,
+    settled_s,
 )
 from skyferry.pipeline.errors import NotRestored, RestoreFailed, SkyferryError
 from skyferry.pipeline.hostapi import faults
@@ -475,15 +476,7 @@ def _freeze_s(transitions: list[dict[str, Any]]) -> float | None:
     moments the checkpoint let the container's replies land before its pause (agent/settle.py)."""
     started = next((t["at"] for t in transitions if t["stage"] == FREEZE_FROM and t["status"] == "started"), None)
     done = [t["at"] for t in transitions if t["stage"] == FREEZE_TO and t["status"] == "done"]
-    settled = next(
-        (
-            (t["detail"] or {}).get("settle_s", 0.0)
-            for t in transitions
-            if t["stage"] == FREEZE_FROM and t["status"] == "done"
-        ),
-        0.0,
-    )
-    return done[-1] - started - settled if started is not None and done else None
+    return done[-1] - started - settled_s(transitions) if started is not None and done else None
 
 
 def _report(journal: Journal, mig: Migration) -> dict[str, Any]:

@@ -493,6 +493,13 @@ POINT_OF_NO_RETURN = "restore"
 FREEZE_FROM, FREEZE_TO = "checkpoint", "restore"
 
 
+def settled_s(transitions: list[dict[str, Any]]) -> float:
+    """The seconds the checkpoint let the container's replies land before its pause (agent/settle.py):
+    inside its stage, outside the freeze."""
+    done = (t for t in transitions if (t["stage"], t["status"]) == (FREEZE_FROM, "done"))
+    return next(((t["detail"] or {}).get("settle_s", 0.0) for t in done), 0.0)
+
+
 def rule_out(name: str, mode: str, can: list[str], found: list[dict[str, Any]]) -> tuple[list[str], str | None]:
     """The modes of `can` left after the preflight's findings that rule out some modes only (a tree that
     forks all the time rules out the lazy ones: agent/preflight.py), and why any were taken out. A mode

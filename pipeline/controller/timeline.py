@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from skyferry.pipeline.controller.journal import Journal
-from skyferry.pipeline.controller.stages import FREEZE_FROM, FREEZE_TO
+from skyferry.pipeline.controller.stages import FREEZE_FROM, FREEZE_TO, settled_s
 
 # Where each stage does its work: the source's agent, the target's, both, or the data between them.
 WHERE = {
@@ -53,7 +53,7 @@ def spans(journal: Journal, mig_id: str) -> list[Span]:
             out += _rounds(start, (t["detail"] or {}).get("rounds", []))
     now = (max((t["at"] for t in transitions), default=t0) - t0) * 1000
     out += [Span(s, WHERE.get(s, ""), at, now, "running", k) for (s, k), at in open_at.items()]
-    freeze = _freeze(out)
+    freeze = _freeze(out, settled_s(transitions) * 1000)
     return sorted(out + ([freeze] if freeze else []), key=lambda s: (s.start_ms, s.kind != "stage"))
 
 
@@ -68,11 +68,13 @@ def _rounds(start: float, rounds: list[dict[str, Any]]) -> list[Span]:
     return out
 
 
-def _freeze(stages: list[Span]) -> Span | None:
-    """From the checkpoint's start to the restore's end; to the last undo while a failed one thaws."""
+def _freeze(stages: list[Span], settled_ms: float = 0.0) -> Span | None:
+    """From the checkpoint's pause (its start, after `settled_ms` letting replies land) to the restore's
+    end; to the last undo while a failed one thaws."""
     start = next((s.start_ms for s in stages if s.label == FREEZE_FROM and s.kind == "stage"), None)
     if start is None:
         return None
+    start += settled_ms
     restored = next((s for s in stages if s.label == FREEZE_TO and s.kind == "stage" and s.status == "done"), None)
     thawed = next((s for s in stages if s.label == f"undo {FREEZE_FROM}"), None)
     if restored:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from kit.browser import chromium, visit
 from kit.runbook import cli
-from skyferry.pipeline.controller import report_html
+from skyferry.pipeline.controller import report_html, timeline
 from skyferry.pipeline.controller.journal import Journal
 
 HOSTILE = '<b id="pwned">owned</b><script>document.title="pwned"</script><img src="x" onerror="alert(1)">'
@@ -110,6 +110,17 @@ def test_each_stage_and_round_is_a_row_and_a_bar_with_the_freeze_marked(state: P
     text = "".join(tree.text)
     assert "freeze min / median / max120.0 ms / 350.0 ms / 580.0 ms" in text
     assert "done 2" in text and "2.95 MB" in text, "outcomes and bytes summed over both"
+
+
+def test_the_freeze_starts_at_the_pause_after_the_replies_landed(state: Path) -> None:
+    """The checkpoint's first moments let the container's replies land before its pause (agent/settle.py):
+    the container still runs then, so the freeze starts after them. Without them (control) it starts with
+    the checkpoint."""
+    settled = [(*t[:3], {"settle_s": 0.1}) if t[:2] == ("checkpoint", "done") else t for t in STORY]
+    for story, start in ((settled, 800), (STORY, 700)):
+        mig = journalled(state, story=story)
+        (freeze,) = [s for s in timeline.spans(Journal(state), mig) if s.kind == "freeze"]
+        assert (round(freeze.start_ms), round(freeze.end_ms)) == (start, 1280)
 
 
 def test_a_rolled_back_migration_shows_its_undo_steps_and_where_the_source_thawed(state: Path) -> None:
