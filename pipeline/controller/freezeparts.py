@@ -19,12 +19,12 @@ def parts(detail: dict[str, dict[str, Any]], freeze_s: float | None) -> dict[str
     if freeze_s is None or any("seconds" not in detail.get(stage, {}) for stage in FREEZE_STAGES):
         return None
     ckpt, restore = detail["checkpoint"], detail["restore"]
-    pause, dump = ckpt.get("pause_s", 0.0), ckpt.get("dump_s", 0.0)
+    pause, dump, settled = ckpt.get("pause_s", 0.0), ckpt.get("dump_s", 0.0), ckpt.get("settle_s", 0.0)
     engine, unlock = restore.get("restore_s", 0.0), restore.get("unlock_s", 0.0)
     out = {
         "pause_and_lock": pause,
         "dump": dump,
-        "checkpoint_call": ckpt["seconds"] - ckpt.get("settle_s", 0.0) - pause - dump,
+        "checkpoint_call": ckpt["seconds"] - settled - pause - dump,
         "cutover": detail["cutover"]["seconds"],
         # A restore carried by the transfer ran inside the transfer's call (its "seconds" is its own work).
         "transfer": detail["transfer"]["seconds"] - (restore["seconds"] if restore.get("with_transfer") else 0.0),
@@ -33,6 +33,7 @@ def parts(detail: dict[str, dict[str, Any]], freeze_s: float | None) -> dict[str
         "restore_call": restore["seconds"] - engine - unlock,
         "between_stages": freeze_s
         - sum(detail[stage]["seconds"] for stage in FREEZE_STAGES)
+        + settled  # inside the checkpoint's call, before the freeze
         + (restore["seconds"] if restore.get("with_transfer") else 0.0),
     }
     return {k: round(max(v, 0.0) * 1000, 1) for k, v in out.items()}
