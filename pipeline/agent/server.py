@@ -63,6 +63,7 @@ import os
 import re
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -133,6 +134,9 @@ _SHAPES = [
     for method, shape, who in ACCESS
 ]
 log = logging.getLogger("skyferry.agent")
+# A first rounds' connection idle longer than this opens anew: TCP restarted its window after an RTO idle
+# anyway, and an agent closes a connection idle for 600 s, once just as a round began to use it.
+BULK_KEEP_S = 30.0
 
 
 class _ChunkedReader:
@@ -178,7 +182,7 @@ class Agent:
         self.recheck: Callable[[], int] = lambda: 0  # cuts open connections of peers revoked since (serve)
         self._peers: dict[tuple[str, int, str, str], AgentClient] = {}  # (address, port, lane, migration)
         self._peers_lock = threading.Lock()
-        self._bulk: dict[tuple[str, int], list[AgentClient]] = {}  # (address, port): idle, most recent last
+        self._bulk: dict[tuple[str, int], list[tuple[AgentClient, float]]] = {}  # idle, most recent last
 
     def authorize(self, caller: tuple[str | None, str], method: str, path: str) -> None:
         """Raise _Forbidden unless `caller` ((role, name) of its certificate) may call `method path`."""
@@ -457,16 +461,18 @@ class Agent:
         key = (target.address, target.port)
         with self._peers_lock:
             idle = self._bulk.setdefault(key, [])
-            kept = idle.pop() if idle else None
+            kept, since = idle.pop() if idle else (None, 0.0)
         if kept is None:
             kept = AgentClient(key[0], key[1], self.live.client(), check=self.live.check)
+        elif time.monotonic() - since > BULK_KEEP_S:
+            kept.close()  # its window is long gone, and its agent may be closing it as idle just now
         kept.context = self.live.client()
         kept.recheck()
         try:
             yield kept
         finally:
             with self._peers_lock:
-                idle.append(kept)
+                idle.append((kept, time.monotonic()))
 
     def _drop_lanes(self, mig: str) -> None:
         """A migration's lanes end with it on the source (confirm or rollback)."""
