@@ -32,7 +32,7 @@ from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller import containers, migration
 from skyferry.pipeline.controller.journal import Journal
 from skyferry.pipeline.controller.registry import Registry
-from skyferry.pipeline.controller.stages import FREEZE_FROM, FREEZE_TO
+from skyferry.pipeline.controller.stages import FREEZE_FROM, FREEZE_TO, settled_s
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi.layout import FREEZE_TIMEOUT
 from skyferry.pipeline.proctree import tree_rss
@@ -305,10 +305,11 @@ def _journalled(state: Path, mig_id: str) -> dict[str, Any]:
     for t in transitions:
         at.setdefault((t["stage"], t["status"]), t["at"])
     frozen, restored = at.get((FREEZE_FROM, "started")), at.get((FREEZE_TO, "done"))
+    freeze = restored - frozen - settled_s(transitions) if frozen and restored else None
     return {
         "migration": mig_id,
         "stages_done": [t["stage"] for t in transitions if t["status"] == "done"],
-        "freeze_ms": round((restored - frozen) * 1000, 1) if frozen and restored else None,
+        "freeze_ms": round(freeze * 1000, 1) if freeze is not None else None,
     }
 
 
