@@ -81,7 +81,7 @@ from skyferry.pipeline.agent.source import Lane, SourceSession, expire
 from skyferry.pipeline.agent.target import TargetSession, stop_unfinished_lazy
 from skyferry.pipeline.errors import CarriedRestore, SkyferryError
 from skyferry.pipeline.hostapi import bodies, faults, pki, privdir
-from skyferry.pipeline.hostapi.client import AgentClient
+from skyferry.pipeline.hostapi.client import HELD_BACK_S, AgentClient
 from skyferry.pipeline.hostapi.execute import ExecRequest, ExecResult
 from skyferry.pipeline.hostapi.layout import AGENT_PORT, IMAGES_TMPFS
 from skyferry.pipeline.hostapi.pki import Identity
@@ -135,7 +135,7 @@ _SHAPES = [
 ]
 log = logging.getLogger("skyferry.agent")
 # A first rounds' connection idle longer than this opens anew: TCP restarted its window after an RTO idle
-# anyway, and an agent closes a connection idle for 600 s, once just as a round began to use it.
+# anyway, and an agent closes a connection idle for 600 s.
 BULK_KEEP_S = 30.0
 
 
@@ -471,6 +471,11 @@ class Agent:
         try:
             yield kept
         finally:
+            if (held := kept.held_back()) >= HELD_BACK_S:
+                # The target read nothing for a while (its file round held the container's lock): with the
+                # kernel's window clock of that wait, this connection's next wait would abort it at once.
+                log.info("not keeping the connection to %s: the target held its sends back %.1f s", key[0], held)
+                kept.close()
             with self._peers_lock:
                 idle.append((kept, time.monotonic()))
 

@@ -5,6 +5,7 @@ import json
 import select
 import socket
 import ssl
+import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -28,6 +29,13 @@ def bound_stalls(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, STALL_TIMEOUT * 1000)
 
+
+# A connection whose sends waited on a closed receive window may keep the kernel's clock of that wait
+# (icsk_probes_tstamp: reset only if the window reopens wide enough for the whole next segment). With
+# TCP_USER_TIMEOUT set, its next wait, STALL_TIMEOUT or more later, then aborts it at the first window probe:
+# ETIMEDOUT at once, no packet on the wire (docs/precopy.md). The first probe comes after TCP_RTO_MIN.
+HELD_BACK_S = 0.2
+_TCPI_RWND_LIMITED = 176  # struct tcp_info: tcpi_rwnd_limited, microseconds (Linux 4.10+)
 
 NOTSENT_LOWAT = 1 << 20  # bytes a socket may hold that it has not sent yet
 SEND_BATCH = 64 << 10  # bytes per piece of an upload: each piece is one TLS write and one send(2)
@@ -147,6 +155,16 @@ class AgentClient:
                 self.check(conn.sock)
             except ssl.SSLError:
                 self.close()
+
+    def held_back(self) -> float:
+        """Seconds the agent's receive window held this connection's sends back since it opened (0 without
+        a connection): one held back HELD_BACK_S or more is closed rather than kept for later (see there)."""
+        with self._lock:
+            conn = self._conn
+            if conn is None or conn.sock is None:
+                return 0.0
+            info = conn.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_RWND_LIMITED + 8)
+            return float(struct.unpack_from("=Q", info, _TCPI_RWND_LIMITED)[0]) / 1e6
 
     def close(self) -> None:
         if self._conn is not None:

@@ -12,22 +12,28 @@ One-shot kinds, each consumed (its line removed) when it fires:
   die:S       the agent kills itself (SIGKILL) on reaching step S, mid-request, as a crash would
   corrupt:S   the agent flips one byte of the stream S it sends (`receive`, `precopy-round`,
               `precopy-final`, `fs-round`) after its checksums were computed, as a bad link or NIC would
+  stall:S     the agent reads nothing of the stream S it receives for STALL_S, as when a file round
+              holds the container's lock meanwhile: the sender waits on a closed window
 """
 
 import os
 import signal
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from skyferry.pipeline.errors import SkyferryError
 
 CRASH_EXIT = 137
+STALL_S = 1.0
 
 
 def check(state_root: Path, step: str) -> None:
     path = state_root / "faults"
     if _consume(path, f"die:{step}"):
         os.kill(os.getpid(), signal.SIGKILL)
+    if _consume(path, f"stall:{step}"):
+        time.sleep(STALL_S)
     if path.exists() and step in path.read_text().split():
         raise SkyferryError(f"injected fault at {step!r}", hint=f"remove {path} to stop injecting")
 
