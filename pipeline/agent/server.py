@@ -137,6 +137,7 @@ log = logging.getLogger("skyferry.agent")
 # A first rounds' connection idle longer than this opens anew: TCP restarted its window after an RTO idle
 # anyway, and an agent closes a connection idle for 600 s.
 BULK_KEEP_S = 30.0
+NO_ROUNDS = ("stop-copy", "postcopy")  # modes without pre-copy rounds: no first round to warm a connection for
 
 
 class _ChunkedReader:
@@ -313,8 +314,11 @@ class Agent:
         match op:
             case "connect":  # at prepare: a migration waiting for its turn to stream is ready to at once
                 lanes = self._lanes(session.mig, req.target, session.name)
-                with ThreadPoolExecutor(len(lanes)) as pool:  # the handshakes' round trips side by side
-                    list(pool.map(lambda lane: lane.warm(), lanes))
+                warm = [lane.warm for lane in lanes]
+                if req.mode not in NO_ROUNDS:
+                    warm.append(lambda: self._warm_bulk(req.target))
+                with ThreadPoolExecutor(len(warm)) as pool:  # the handshakes' round trips side by side
+                    list(pool.map(lambda open_: open_(), warm))
                 return {"ok": True}
             case "precopy":
                 policy = ConvergencePolicy(**req.policy.model_dump(exclude_none=True))
@@ -439,8 +443,6 @@ class Agent:
         def warm() -> None:
             with contextlib.suppress(SkyferryError):  # a cold lane only costs a handshake later
                 peer.connect()
-                with self._bulk_client(target) as kept:
-                    kept.connect()
 
         def bulk(stream: str, chunks: Iterable[bytes], **query: str) -> dict[str, Any]:
             path = f"/v1/migrations/{mig}/{stream}?{urlencode({'name': name, **query}, safe=':')}"
@@ -450,6 +452,11 @@ class Agent:
                 )
 
         return Lane(upload, call, warm, bulk)
+
+    def _warm_bulk(self, target: bodies.Target) -> None:
+        """Open (or keep) the connection for the first round ahead of it, as the lanes are."""
+        with contextlib.suppress(SkyferryError), self._bulk_client(target) as kept:
+            kept.connect()
 
     @contextlib.contextmanager
     def _bulk_client(self, target: bodies.Target) -> Iterator[AgentClient]:

@@ -649,7 +649,7 @@ def test_first_rounds_to_one_target_go_over_the_connection_the_last_one_left_unl
             scenario.start_counter(state, "local-1", name, tmp_path, memory_mib=16, incompressible=True)
         migration.migrate(state, "kept-a", "local-2", mode="precopy")
         kept = agent_connections(m, "local-1", "local-2")
-        assert kept, "a connection stays open after the migration"  # the lanes went; the kept one did not
+        assert len(kept) == 1, f"one connection stays open (the lanes went; one was warmed for round 1): {kept}"
         port = moved_over(state, m, "kept-b")
         assert port in kept, "the second round went over the connection the first left"
         (Path(m.hosts["local-2"].state_root) / "faults").write_text("stall:precopy-round\n")
