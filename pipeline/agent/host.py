@@ -22,6 +22,7 @@ from typing import Any, Protocol, TypeVar
 from skyferry.netplane import attach
 from skyferry.pipeline.agent import dnat, facts, netlock, preflight
 from skyferry.pipeline.agent.bulk import BulkSlots
+from skyferry.pipeline.agent.containerlock import ContainerLock
 from skyferry.pipeline.agent.freeze import Freezes
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.files import wire
@@ -70,7 +71,7 @@ class Host:
         self.bulk = BulkSlots(self.freezes.frozen)  # pre-copy first rounds streaming at once
         self.fork_marks: dict[str, preflight.ForkMark] = {}  # by container: where auto's rounds count forks from
         self.pool = ThreadPoolExecutor(4, thread_name_prefix="pager")  # target sessions start pagers here
-        self._locks: dict[str, threading.Lock] = {}
+        self._locks: dict[str, ContainerLock] = {}
         self._guard = threading.Lock()
 
     def session(self, sessions: dict[str, Session], kind: Callable[[Host, str, str], S], mig: str, name: str) -> S:
@@ -84,10 +85,10 @@ class Host:
             raise SkyferryError(f"migration {mig} moves {session.name!r} here, not {name!r}")
         return session  # type: ignore[return-value]  # `sessions` holds only `kind`'s sessions
 
-    def lock(self, name: str) -> threading.Lock:
-        """One operation at a time per container (and so per migration session)."""
+    def lock(self, name: str) -> ContainerLock:
+        """One operation at a time per container (and so per migration session), or its streams."""
         with self._guard:
-            return self._locks.setdefault(name, threading.Lock())
+            return self._locks.setdefault(name, ContainerLock())
 
     def rt(self, name: str) -> Runtime:
         """The engine that holds container `name` on this host."""

@@ -392,7 +392,7 @@ class Agent:
         )
         reader = metrics.Counted(metrics.TARGET, stream, reader)
         session = TargetSession.of(self.host, mig, q.name)
-        with session.finals.landing(q.transfer, stream), self.host.lock(q.name):
+        with session.finals.landing(q.transfer, stream), self.host.lock(q.name).stream(stream):
             session = TargetSession.of(self.host, mig, q.name)  # again: an abort may have ended that one
             session.refuse_if_restored()
             match stream:
