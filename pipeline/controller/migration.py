@@ -26,7 +26,6 @@ from skyferry.pipeline.controller.stages import (
     AUTO,
     COMPLETION_TIMEOUT,
     ESTIMATE_ROUNDS,
-    FREEZE_FROM,
     FREEZE_TO,
     HYBRID,
     HYBRID_FINISH,
@@ -42,7 +41,7 @@ from skyferry.pipeline.controller.stages import (
     LazyPhaseLost,
     PreCopy,
     Stage,
-    settled_s,
+    freeze_s,
 )
 from skyferry.pipeline.errors import NotRestored, RestoreFailed, SkyferryError
 from skyferry.pipeline.hostapi import faults
@@ -276,7 +275,7 @@ def _context(state: Path, mig: Migration, mesh: Mesh, journal: Journal) -> Conte
             "freeze_deadline": done.get("checkpoint", {}).get("freeze_deadline"),
             # stages a controller began and never finished: a resumed transfer first asks the target
             "unfinished": {t["stage"] for t in transitions} - set(done),
-            "freeze_s": _freeze_s(transitions),
+            "freeze_s": freeze_s(transitions),
             "finishes": done.get("check", {}).get("finishes", []),
             "finish": done.get(PreCopy.name, {}).get("finish"),
         },
@@ -353,7 +352,7 @@ def _drive(ctx: Context, journal: Journal, progress: Progress) -> dict[str, Any]
             statuses[carried.name] = "done"
             _log_carried(carried.name, stage.name, "%s done in %.3f s on %s", carried.name, took, ctx.target)
         if FREEZE_TO in (stage.name, getattr(carried, "name", None)):
-            ctx.notes["freeze_s"] = _freeze_s(journal.transitions(ctx.mig_id))
+            ctx.notes["freeze_s"] = freeze_s(journal.transitions(ctx.mig_id))
         if stage.name == PreCopy.name and ctx.mode == "auto":
             # The rounds have measured the container and the link and chose how to finish (journalled
             # just above, so a resumed migration takes the same way): the rest of the stages follow.
@@ -471,14 +470,6 @@ def _mode_reason(mode: str, precopy: dict[str, Any], check: dict[str, Any]) -> s
     return check.get("mode_reason") or f"--mode {mode}"  # or auto for an engine with one mode
 
 
-def _freeze_s(transitions: list[dict[str, Any]]) -> float | None:
-    """The freeze: the first checkpoint started .. the last restore done (None until then), less the
-    moments the checkpoint let the container's replies land before its pause (agent/settle.py)."""
-    started = next((t["at"] for t in transitions if t["stage"] == FREEZE_FROM and t["status"] == "started"), None)
-    done = [t["at"] for t in transitions if t["stage"] == FREEZE_TO and t["status"] == "done"]
-    return done[-1] - started - settled_s(transitions) if started is not None and done else None
-
-
 def _report(journal: Journal, mig: Migration) -> dict[str, Any]:
     """Freeze = checkpoint started .. restore done; per-stage seconds; pre-copy rounds; bytes on the wire
     (rounds, final delta and payload)."""
@@ -501,8 +492,8 @@ def _report(journal: Journal, mig: Migration) -> dict[str, Any]:
         bytes_wire = (
             transfer["bytes_wire"] + sum(r["bytes_out"] for r in rounds) + sum(r["bytes_wire"] for r in fs_rounds)
         )
-    freeze_s = _freeze_s(transitions)
-    freeze = round(freeze_s * 1000, 1) if freeze_s is not None else None
+    frozen_s = freeze_s(transitions)
+    freeze = round(frozen_s * 1000, 1) if frozen_s is not None else None
     end = max(finished.values()) if finished else mig.updated
     return {
         "id": mig.id,
@@ -536,7 +527,7 @@ def _report(journal: Journal, mig: Migration) -> dict[str, Any]:
         "precopy_method": precopy.get("method", "content") if precopy else None,
         "stages_s": stages,
         # the freeze's parts: each agent's own work, each call's rest, the controller's between stages
-        "freeze_parts_ms": freezeparts.parts(detail, freeze_s),
+        "freeze_parts_ms": freezeparts.parts(detail, frozen_s),
         # post-copy and hybrid: the lazy phase after the restore (hybrid: pages from the store vs the source)
         "lazy": {k: v for k, v in detail.get("lazy", {}).items() if k != "seconds"} or None,
     }

@@ -493,6 +493,14 @@ POINT_OF_NO_RETURN = "restore"
 FREEZE_FROM, FREEZE_TO = "checkpoint", "restore"
 
 
+def freeze_s(transitions: list[dict[str, Any]]) -> float | None:
+    """The freeze: the first checkpoint started .. the last restore done (None until then), less the
+    moments the checkpoint let the container's replies land before its pause (agent/settle.py)."""
+    started = next((t["at"] for t in transitions if t["stage"] == FREEZE_FROM and t["status"] == "started"), None)
+    done = [t["at"] for t in transitions if t["stage"] == FREEZE_TO and t["status"] == "done"]
+    return done[-1] - started - settled_s(transitions) if started is not None and done else None
+
+
 def settled_s(transitions: list[dict[str, Any]]) -> float:
     """The seconds the checkpoint let the container's replies land before its pause (agent/settle.py):
     inside its stage, outside the freeze."""

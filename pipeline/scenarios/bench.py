@@ -32,7 +32,7 @@ from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline.controller import containers, migration
 from skyferry.pipeline.controller.journal import Journal
 from skyferry.pipeline.controller.registry import Registry
-from skyferry.pipeline.controller.stages import FREEZE_FROM, FREEZE_TO, settled_s
+from skyferry.pipeline.controller.stages import freeze_s
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi.layout import FREEZE_TIMEOUT
 from skyferry.pipeline.proctree import tree_rss
@@ -301,11 +301,7 @@ def _journalled(state: Path, mig_id: str) -> dict[str, Any]:
     """What the journal holds of a migration that did not finish in time: the stages it got done, and its
     freeze if the restore was one of them (post-copy freezes briefly, then waits for its lazy pages)."""
     transitions = Journal(state).transitions(mig_id)
-    at: dict[tuple[str, str], float] = {}
-    for t in transitions:
-        at.setdefault((t["stage"], t["status"]), t["at"])
-    frozen, restored = at.get((FREEZE_FROM, "started")), at.get((FREEZE_TO, "done"))
-    freeze = restored - frozen - settled_s(transitions) if frozen and restored else None
+    freeze = freeze_s(transitions)
     return {
         "migration": mig_id,
         "stages_done": [t["stage"] for t in transitions if t["status"] == "done"],
