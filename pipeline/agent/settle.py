@@ -30,38 +30,45 @@ INET_DIAG_INFO = 2  # the tcp_info extension
 Key = tuple[int, str, int, str, int]  # family, source address and port, peer address and port
 
 
-def sockets(netns: str) -> dict[Key, tuple[int, int]]:
-    """The established TCP sockets in `netns`: (new bytes sent, bytes the peer acknowledged) each."""
-    out: dict[Key, tuple[int, int]] = {}
-    with in_netns(netns), DiagSocket() as diag:
-        diag.bind()
-        for family in (socket.AF_INET, socket.AF_INET6):
-            ext = 1 << (INET_DIAG_INFO - 1)
-            for sock in diag.get_sock_stats(family=family, states=1 << TCP_ESTABLISHED, extensions=ext):
-                info = sock.get_attr("INET_DIAG_INFO")
-                if info is None:
-                    continue
-                key = (family, sock["idiag_src"], sock["idiag_sport"], sock["idiag_dst"], sock["idiag_dport"])
-                new = (info.get("tcpi_bytes_sent") or 0) - (info.get("tcpi_bytes_retrans") or 0)
-                out[key] = (new, info.get("tcpi_bytes_acked") or 0)
-    return out
-
-
 def owed(netns: str) -> dict[Key, int]:
     """The sockets in `netns` with bytes in flight: how far each must be acknowledged."""
-    return {key: sent for key, (sent, acked) in sockets(netns).items() if acked < sent}
+    with in_netns(netns), DiagSocket() as diag:
+        diag.bind()
+        return _owed(_read(diag))
 
 
 def settle(netns: str, bound: float = SETTLE_S) -> float:
     """Wait until what the sockets in `netns` had in flight has been acknowledged (what they send
-    meanwhile does not prolong it), at most `bound` seconds; the seconds waited."""
+    meanwhile does not prolong it), at most `bound` seconds; the seconds waited. One netlink socket in
+    the netns serves every poll."""
     start = time.monotonic()
     try:
-        waiting = owed(netns)
-        while waiting and time.monotonic() - start < bound:
-            time.sleep(POLL_S)
-            now = sockets(netns)
-            waiting = {key: sent for key, sent in waiting.items() if key in now and now[key][1] < sent}
+        with in_netns(netns), DiagSocket() as diag:
+            diag.bind()
+            waiting = _owed(_read(diag))
+            while waiting and time.monotonic() - start < bound:
+                time.sleep(POLL_S)
+                now = _read(diag)
+                waiting = {key: sent for key, sent in waiting.items() if key in now and now[key][1] < sent}
     except (OSError, NetlinkError) as exc:  # only a courtesy to the clients: never a reason not to migrate
         log.warning("could not read the TCP sockets in %s (%s); pausing without waiting for replies", netns, exc)
     return time.monotonic() - start
+
+
+def _read(diag: DiagSocket) -> dict[Key, tuple[int, int]]:
+    """The established TCP sockets `diag` sees: (new bytes sent, bytes the peer acknowledged) each."""
+    out: dict[Key, tuple[int, int]] = {}
+    for family in (socket.AF_INET, socket.AF_INET6):
+        ext = 1 << (INET_DIAG_INFO - 1)
+        for sock in diag.get_sock_stats(family=family, states=1 << TCP_ESTABLISHED, extensions=ext):
+            info = sock.get_attr("INET_DIAG_INFO")
+            if info is None:
+                continue
+            key = (family, sock["idiag_src"], sock["idiag_sport"], sock["idiag_dst"], sock["idiag_dport"])
+            new = (info.get("tcpi_bytes_sent") or 0) - (info.get("tcpi_bytes_retrans") or 0)
+            out[key] = (new, info.get("tcpi_bytes_acked") or 0)
+    return out
+
+
+def _owed(found: dict[Key, tuple[int, int]]) -> dict[Key, int]:
+    return {key: sent for key, (sent, acked) in found.items() if acked < sent}
