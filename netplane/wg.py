@@ -22,6 +22,10 @@ USERSPACE = "wireguard-go"
 UDP_BUFFER = 7 << 20  # what wireguard-go sets on its own sockets since 2023 (socketBufferSize)
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # <asm-generic/socket.h>; root may exceed net.core.[rw]mem_max
 SYS_PIDFD_GETFD = 438  # the same on x86_64 and arm64
+# wireguard-go reads what the kernel sends from its TUN device's queue, 500 packets by default (~6 ms at
+# 1 Gbit/s). Starved of CPU for longer, it dropped 5-14 % of a round's segments in an evacuation, and any
+# of a container's packets alike: a client waited a retransmission timeout, 0.3-0.8 s (docs/netplane.md).
+TUN_QUEUE = 2000
 log = logging.getLogger("skyferry.netplane.wg")
 
 
@@ -101,6 +105,8 @@ def start_interface(backend: str, ifname: str, netns_name: str | None, timeout: 
             stop_process(proc.pid, ifname)
             raise NetplaneError(f"wireguard-go did not bring up {ifname} (exit code {proc.returncode})")
         time.sleep(0.005)
+    with IPRoute(netns=netns_name) as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname=ifname)[0], txqlen=TUN_QUEUE)
     return proc.pid
 
 
