@@ -17,6 +17,11 @@ from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponenti
 CONNECT_TIMEOUT = 10.0
 CALL_TIMEOUT = 900.0  # a checkpoint or stream of a large container takes minutes on a slow link
 STALL_TIMEOUT = 30  # seconds a peer may leave our data unacknowledged, or keepalives unanswered
+# 1 Gbit/s between clouds (30-100 ms) has a bandwidth-delay product of 4-12 MB. Asked with SO_SNDBUF or
+# SO_RCVBUF, a buffer is capped at net.core.wmem_max / rmem_max: 208 KiB on a stock Debian 12 host (Linux 6.1),
+# about 100 Mbit/s at 30 ms; newer kernels (this machine's 6.18) cap at 4 MiB. Root may ask past the cap.
+STREAM_BUFFER = 8 << 20  # bytes asked for each agent connection's buffers; the kernel doubles it
+_SO_SNDBUFFORCE, _SO_RCVBUFFORCE = 32, 33  # <asm-generic/socket.h>; not exported by Python's socket
 
 
 def bound_stalls(sock: socket.socket) -> None:
@@ -28,6 +33,17 @@ def bound_stalls(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, STALL_TIMEOUT * 1000)
+
+
+def size_buffers(sock: socket.socket, size: int = STREAM_BUFFER) -> None:
+    """Give `sock` send and receive buffers of `size` past the host's caps if allowed (CAP_NET_ADMIN), else
+    as large as the caps let. A fixed size also stops autotuning, which could not grow past tcp_wmem and
+    tcp_rmem's maximum (4 and 6 MiB on Debian 12). A listening socket passes them to what it accepts."""
+    for force, plain in ((_SO_SNDBUFFORCE, socket.SO_SNDBUF), (_SO_RCVBUFFORCE, socket.SO_RCVBUF)):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, plain, size)
 
 
 # A connection whose sends waited on a closed receive window may keep the kernel's clock of that wait
@@ -55,9 +71,9 @@ class _Connection(http.client.HTTPSConnection):
         sock.settimeout(CALL_TIMEOUT)
         bound_stalls(sock)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # Large send buffer: the bandwidth-delay product of 1 Gbit/s x 30 ms is ~4 MiB. But little of it
-        # unsent: a round that stops to let a freeze through (agent/bulk.py) stops the wire within ms.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+        # Large buffers, but little of them unsent: a round that stops to let a freeze through
+        # (agent/bulk.py) stops the wire within ms.
+        size_buffers(sock)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
         if self.check is not None:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from skyferry.pipeline.hostapi.client import bound_stalls
+from skyferry.pipeline.hostapi.client import bound_stalls, size_buffers
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,10 @@ class TLSServer(ThreadingHTTPServer):
         self.check = check
         self._open: set[ssl.SSLSocket] = set()
         self._open_lock = threading.Lock()
+
+    def server_bind(self) -> None:
+        size_buffers(self.socket)  # before listen(): the window scale it offers depends on the buffer
+        super().server_bind()
 
     def get_request(self) -> tuple[Any, Any]:
         sock, addr = self.socket.accept()
