@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from skyferry.netplane.netns import in_netns
+from skyferry.netplane.wg import SO_RCVBUFFORCE, SO_SNDBUFFORCE
 from skyferry.pipeline.errors import CARRIED, SkyferryError
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponential
 
@@ -21,7 +22,6 @@ STALL_TIMEOUT = 30  # seconds a peer may leave our data unacknowledged, or keepa
 # SO_RCVBUF, a buffer is capped at net.core.wmem_max / rmem_max: 208 KiB on a stock Debian 12 host (Linux 6.1),
 # about 100 Mbit/s at 30 ms; newer kernels (this machine's 6.18) cap at 4 MiB. Root may ask past the cap.
 STREAM_BUFFER = 8 << 20  # bytes asked for each agent connection's buffers; the kernel doubles it
-_SO_SNDBUFFORCE, _SO_RCVBUFFORCE = 32, 33  # <asm-generic/socket.h>; not exported by Python's socket
 
 
 def bound_stalls(sock: socket.socket) -> None:
@@ -39,7 +39,7 @@ def size_buffers(sock: socket.socket, size: int = STREAM_BUFFER) -> None:
     """Give `sock` send and receive buffers of `size` past the host's caps if allowed (CAP_NET_ADMIN), else
     as large as the caps let. A fixed size also stops autotuning, which could not grow past tcp_wmem and
     tcp_rmem's maximum (4 and 6 MiB on Debian 12). A listening socket passes them to what it accepts."""
-    for force, plain in ((_SO_SNDBUFFORCE, socket.SO_SNDBUF), (_SO_RCVBUFFORCE, socket.SO_RCVBUF)):
+    for force, plain in ((SO_SNDBUFFORCE, socket.SO_SNDBUF), (SO_RCVBUFFORCE, socket.SO_RCVBUF)):
         try:
             sock.setsockopt(socket.SOL_SOCKET, force, size)
         except PermissionError:
