@@ -81,7 +81,7 @@ from skyferry.pipeline.agent.source import Lane, SourceSession, expire
 from skyferry.pipeline.agent.target import TargetSession, stop_unfinished_lazy
 from skyferry.pipeline.errors import CarriedRestore, SkyferryError
 from skyferry.pipeline.hostapi import bodies, faults, pki, privdir
-from skyferry.pipeline.hostapi.client import HELD_BACK_S, AgentClient
+from skyferry.pipeline.hostapi.client import AgentClient
 from skyferry.pipeline.hostapi.execute import ExecRequest, ExecResult
 from skyferry.pipeline.hostapi.layout import AGENT_PORT, IMAGES_TMPFS
 from skyferry.pipeline.hostapi.pki import Identity
@@ -324,8 +324,13 @@ class Agent:
                 policy = ConvergencePolicy(**req.policy.model_dump(exclude_none=True))
                 mem, fs, hold = self._lanes(session.mig, req.target, session.name)
                 hold.warm()  # its first request is inside the freeze: no TCP and TLS handshakes there
-                return session.precopy(mem, fs, policy, req.method, req.freeze_timeout, req.completion_timeout,
+                done = session.precopy(mem, fs, policy, req.method, req.freeze_timeout, req.completion_timeout,
                                        req.forks, req.streams)  # fmt: skip
+                # The final deltas go over these inside the freeze: one the target held back during the
+                # rounds (a slow disk, the container's lock) is reopened now, before its next wait cuts it.
+                with ThreadPoolExecutor(2) as pool:
+                    list(pool.map(lambda lane: lane.warm(), (mem, fs)))
+                return done
             case "checkpoint":
                 fence = f"{req.target.address}:{req.target.port}" if req.target else None  # the watchdog's fence
                 done = session.checkpoint(req.lazy, req.freeze_timeout, fence, peer=req.peer,
@@ -441,6 +446,8 @@ class Agent:
             return peer.call("POST", f"/v1/migrations/{mig}/{op}", {"name": name, **body})
 
         def warm() -> None:
+            if (held := peer.drop_if_held_back()) is not None:  # reopened now, not cut inside the freeze
+                log.info("reopening the %s lane to %s: the target held its sends back %.1f s", lane, key[0], held)
             with contextlib.suppress(SkyferryError):  # a cold lane only costs a handshake later
                 peer.connect()
 
@@ -478,11 +485,8 @@ class Agent:
         try:
             yield kept
         finally:
-            if (held := kept.held_back()) >= HELD_BACK_S:
-                # The target read nothing for a while (its file round held the container's lock): with the
-                # kernel's window clock of that wait, this connection's next wait would abort it at once.
+            if (held := kept.drop_if_held_back()) is not None:
                 log.info("not keeping the connection to %s: the target held its sends back %.1f s", key[0], held)
-                kept.close()
             with self._peers_lock:
                 idle.append((kept, time.monotonic()))
 

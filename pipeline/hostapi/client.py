@@ -172,15 +172,20 @@ class AgentClient:
             except ssl.SSLError:
                 self.close()
 
-    def held_back(self) -> float:
-        """Seconds the agent's receive window held this connection's sends back since it opened (0 without
-        a connection): one held back HELD_BACK_S or more is closed rather than kept for later (see there)."""
+    def drop_if_held_back(self) -> float | None:
+        """Close the connection if the agent's receive window held its sends back HELD_BACK_S or more since
+        it opened: its next wait on the window could abort it (see HELD_BACK_S), and the next call opens a
+        new one. Returns the seconds it was held back, if it closed it."""
         with self._lock:
             conn = self._conn
             if conn is None or conn.sock is None:
-                return 0.0
+                return None
             info = conn.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_RWND_LIMITED + 8)
-            return float(struct.unpack_from("=Q", info, _TCPI_RWND_LIMITED)[0]) / 1e6
+            held = float(struct.unpack_from("=Q", info, _TCPI_RWND_LIMITED)[0]) / 1e6
+            if held < HELD_BACK_S:
+                return None
+            self.close()
+            return held
 
     def close(self) -> None:
         if self._conn is not None:

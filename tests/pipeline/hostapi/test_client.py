@@ -14,6 +14,7 @@ from cryptography import x509
 from skyferry.pipeline.errors import SkyferryError
 from skyferry.pipeline.hostapi import pki
 from skyferry.pipeline.hostapi.client import (
+    HELD_BACK_S,
     SEND_BATCH,
     STREAM_BUFFER,
     AgentClient,
@@ -241,3 +242,53 @@ def test_agent_sockets_get_stream_buffers_past_the_hosts_cap(tmp_path: Path) -> 
                     assert accepted.getsockopt(socket.SOL_SOCKET, option) == 2 * STREAM_BUFFER
     finally:
         server.server_close()
+
+
+def test_a_connection_the_agent_held_back_is_reopened_not_kept(tmp_path: Path) -> None:
+    """A connection whose sends waited HELD_BACK_S or more on the agent's closed receive window is closed, so
+    the next call opens a new one: Linux keeps the clock of that wait, and the connection's next wait,
+    STALL_TIMEOUT later, would abort it at once (hostapi/client.py). Positive control: one read at once is
+    kept."""
+    pki.ensure_ca(tmp_path / "ca", "t")
+    server = pki.issue(tmp_path / "ca", tmp_path / "server", "server", ["127.0.0.1"], role=pki.HOST).server_context()
+    client_ctx = pki.issue(
+        tmp_path / "ca", tmp_path / "client", "client", ["127.0.0.1"], role=pki.HOST
+    ).client_context()
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[int] = []
+    reply = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+
+    def serve() -> None:  # reads each chunked upload to its end (its body is zeros), after a second if asked to
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(1)
+            with server.wrap_socket(conn, server_side=True) as tls:
+                tls.settimeout(5)
+                try:
+                    while head := tls.recv(65536):
+                        if b"stall" in head.partition(b"\r\n")[0]:
+                            time.sleep(1.0)
+                        tail = head
+                        while not tail.endswith(b"\r\n0\r\n\r\n"):
+                            tail = tail[-16:] + tls.recv(1 << 20)
+                        tls.sendall(reply)
+                except OSError:
+                    pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    client = AgentClient("127.0.0.1", listener.getsockname()[1], client_ctx)
+    body = [bytes(1 << 20)] * 16
+    try:
+        assert client.upload("/v1/migrations/m/precopy-round", body) == {}
+        assert client.drop_if_held_back() is None, "read at once, it is kept"
+        assert client.upload("/v1/migrations/m/stall", body) == {}
+        held = client.drop_if_held_back()
+        assert held is not None and held >= HELD_BACK_S
+        assert client.upload("/v1/migrations/m/precopy-round", body) == {}
+        assert len(accepted) == 2, "the held-back connection was closed, and the next upload opened a new one"
+    finally:
+        client.close()
+        listener.close()
