@@ -110,6 +110,8 @@ def wg_quick_config(answer: JoinAnswer, private_key: str) -> str:
         f"ListenPort = {answer.listen_port}",
         f"MTU = {answer.mtu}",
         "PostUp = sysctl -qw net.ipv4.ip_forward=1",
+        # Only wireguard-go (no kernel module) has a TUN queue to drop from: netplane/wg.py.
+        f"PostUp = ip link set dev %i txqueuelen {wg.TUN_QUEUE}",
     ]
     for p in answer.peers:
         lines += ["", "[Peer]", f"PublicKey = {p.public_key}", f"AllowedIPs = {', '.join(p.allowed_ips)}"]
