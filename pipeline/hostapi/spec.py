@@ -6,6 +6,9 @@ name is a closed alphabet, never `..` or a slash.
 """
 
 import ipaddress
+import json
+import os
+import pathlib
 import posixpath
 import re
 from dataclasses import asdict, field
@@ -83,6 +86,17 @@ class ContainerSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ContainerSpec":
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+    def save(self, path: pathlib.Path) -> None:
+        """Write it to `path` whole or not at all: an agent lists its containers (a migration's check) while
+        it makes other bundles (an evacuation's prepares), and a half-written file failed that check."""
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: pathlib.Path) -> "ContainerSpec":
+        return cls.from_dict(json.loads(path.read_text()))
 
 
 def parse_user(text: str) -> tuple[int, int]:

@@ -105,7 +105,7 @@ class Docker:
             return ContainerSpec.from_dict(json.loads(info["Config"]["Labels"][engines.LABEL]))
         staged = self._staged(name) / "spec.json"
         if staged.exists():
-            return ContainerSpec.from_dict(json.loads(staged.read_text()))
+            return ContainerSpec.load(staged)
         raise SkyferryError(f"no docker container named {name!r} on this host")
 
     def state(self, name: str) -> dict[str, Any] | None:
@@ -281,7 +281,7 @@ class Docker:
         staged = self._staged(spec.name)
         shutil.rmtree(staged, ignore_errors=True)
         staged.mkdir(parents=True)
-        (staged / "spec.json").write_text(json.dumps(spec.to_dict()))
+        spec.save(staged / "spec.json")
         try:
             self._holder(spec.name, netns_path)
         except SkyferryError:
@@ -292,7 +292,7 @@ class Docker:
         staged = self._staged(name)
         if not (staged / "spec.json").exists():
             raise SkyferryError(f"docker container {name!r} was not prepared on this host")
-        spec = ContainerSpec.from_dict(json.loads((staged / "spec.json").read_text()))
+        spec = ContainerSpec.load(staged / "spec.json")
         if self._app(name) is not None:  # left by a failed attempt
             self._docker("rm", "-f", name, what="rm")
         ref = self.images.receive(

@@ -93,7 +93,7 @@ class Podman:
             return ContainerSpec.from_dict(json.loads(info["Config"]["Labels"][engines.LABEL]))
         staged = self._staged(name) / "spec.json"
         if staged.exists():
-            return ContainerSpec.from_dict(json.loads(staged.read_text()))
+            return ContainerSpec.load(staged)
         raise SkyferryError(f"no podman container named {name!r} on this host")
 
     def state(self, name: str) -> dict[str, Any] | None:
@@ -206,7 +206,7 @@ class Podman:
         staged = self._staged(spec.name)
         shutil.rmtree(staged, ignore_errors=True)
         staged.mkdir(parents=True)
-        (staged / "spec.json").write_text(json.dumps(spec.to_dict()))
+        spec.save(staged / "spec.json")
         (staged / "netns").write_text(netns_path)
 
     def restore(self, name: str, images: Path, work: Path) -> None:

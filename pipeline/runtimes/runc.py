@@ -77,7 +77,7 @@ class Runc:
         path = self.bundle(name) / "spec.json"
         if not path.exists():
             raise SkyferryError(f"no container named {name!r} on this host")
-        return ContainerSpec.from_dict(json.loads(path.read_text()))
+        return ContainerSpec.load(path)
 
     def owns(self, name: str) -> bool:
         return (self.bundle(name) / "spec.json").exists()
@@ -133,7 +133,7 @@ class Runc:
         if spec.seccomp == "unconfined":  # asked for by name, as `docker run --security-opt seccomp=unconfined`
             del config["linux"]["seccomp"]
         (bundle / "config.json").write_text(json.dumps(config, indent=2))
-        (bundle / "spec.json").write_text(json.dumps(spec.to_dict(), indent=2))
+        spec.save(bundle / "spec.json")
         return bundle
 
     def remove_bundle(self, name: str) -> None:
