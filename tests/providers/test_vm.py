@@ -4,6 +4,8 @@ no VM ever writes to.
 """
 
 from kit.vms import Session, vm_integration
+from skyferry.pipeline.hostapi.client import STREAM_BUFFER
+from skyferry.pipeline.hostapi.layout import AGENT_PORT
 from skyferry.providers import vm, vmimage
 
 pytestmark = vm_integration
@@ -33,3 +35,18 @@ def test_golden_image_is_never_written(vms: Session) -> None:
     image = vmimage.ensure_image()
     for rec in vm.records(vms.state):
         assert image.disk.stat().st_mtime < rec.created, "a VM wrote to the golden image"
+
+
+def test_agent_buffers_pass_the_stock_kernels_cap(vms: Session) -> None:
+    """Debian 12's kernel caps SO_SNDBUF and SO_RCVBUF at net.core.wmem_max / rmem_max, 208 KiB: asked that
+    way, the agents' streams had 416 KiB, about 100 Mbit/s across a 30 ms WAN. The agent's listener asks
+    past the cap (hostapi.client.size_buffers), so what it accepts has STREAM_BUFFER. Positive control:
+    asked the plain way in the same guest, a socket gets twice the cap."""
+    cap = int(vms.sh("vm-1", "sysctl -n net.core.wmem_max").stdout)
+    assert cap < STREAM_BUFFER, cap
+    print(f"net.core.wmem_max {cap}")
+    ask = "import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)"
+    plain = vms.sh("vm-1", f"python3 -c '{ask}; print(s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))'")
+    assert plain.stdout.strip() == str(2 * cap), plain.stdout + plain.stderr
+    listening = vms.sh("vm-1", f"ss -ltmnH 'sport = :{AGENT_PORT}'").stdout
+    assert f"rb{2 * STREAM_BUFFER}," in listening and f"tb{2 * STREAM_BUFFER}," in listening, listening
