@@ -322,14 +322,15 @@ class Agent:
                 return {"ok": True}
             case "precopy":
                 policy = ConvergencePolicy(**req.policy.model_dump(exclude_none=True))
-                mem, fs, hold = self._lanes(session.mig, req.target, session.name)
-                hold.warm()  # its first request is inside the freeze: no TCP and TLS handshakes there
+                lanes = self._lanes(session.mig, req.target, session.name)
+                mem, fs, _ = lanes
                 done = session.precopy(mem, fs, policy, req.method, req.freeze_timeout, req.completion_timeout,
                                        req.forks, req.streams)  # fmt: skip
-                # The final deltas go over these inside the freeze: one the target held back during the
-                # rounds (a slow disk, the container's lock) is reopened now, before its next wait cuts it.
-                with ThreadPoolExecutor(2) as pool:
-                    list(pool.map(lambda lane: lane.warm(), (mem, fs)))
+                # The final deltas and the restore order cross these inside the freeze: no handshake may fall
+                # there, and a lane the target held back during the rounds (a slow disk, the container's
+                # lock), or closed as idle during long ones, is reopened now, before its next wait cuts it.
+                with ThreadPoolExecutor(len(lanes)) as pool:
+                    list(pool.map(lambda lane: lane.warm(), lanes))
                 return done
             case "checkpoint":
                 fence = f"{req.target.address}:{req.target.port}" if req.target else None  # the watchdog's fence
