@@ -80,7 +80,7 @@ from skyferry.pipeline.agent.host import Host, HostConfig
 from skyferry.pipeline.agent.source import Lane, SourceSession, expire
 from skyferry.pipeline.agent.target import TargetSession, stop_unfinished_lazy
 from skyferry.pipeline.errors import CarriedRestore, SkyferryError
-from skyferry.pipeline.hostapi import bodies, faults, pki, privdir
+from skyferry.pipeline.hostapi import bodies, compat, faults, pki, privdir
 from skyferry.pipeline.hostapi.client import AgentClient
 from skyferry.pipeline.hostapi.execute import ExecRequest, ExecResult
 from skyferry.pipeline.hostapi.layout import AGENT_PORT, IMAGES_TMPFS
@@ -137,7 +137,6 @@ log = logging.getLogger("skyferry.agent")
 # A first rounds' connection idle longer than this opens anew: TCP restarted its window after an RTO idle
 # anyway, and an agent closes a connection idle for 600 s.
 BULK_KEEP_S = 30.0
-NO_ROUNDS = ("stop-copy", "postcopy")  # modes without pre-copy rounds: no first round to warm a connection for
 
 
 class _ChunkedReader:
@@ -315,7 +314,7 @@ class Agent:
             case "connect":  # at prepare: a migration waiting for its turn to stream is ready to at once
                 lanes = self._lanes(session.mig, req.target, session.name)
                 warm = [lane.warm for lane in lanes]
-                if req.mode not in NO_ROUNDS:
+                if req.mode not in compat.NO_ROUNDS:  # a first round to warm its connection for
                     warm.append(lambda: self._warm_bulk(req.target))
                 with ThreadPoolExecutor(len(warm)) as pool:  # the handshakes' round trips side by side
                     list(pool.map(lambda open_: open_(), warm))

@@ -11,6 +11,7 @@ from typing import Any
 
 ALL_MODES = ("stop-copy", "precopy", "hybrid", "postcopy")
 LAZY_MODES = ("hybrid", "postcopy")  # the target restores with a lazy-pages daemon (userfaultfd)
+NO_ROUNDS = ("stop-copy", "postcopy")  # no pre-copy rounds: the memory moves inside the freeze or after it
 
 # What a side needs, whatever the other one has: feature -> the modes that need it.
 SOURCE_NEEDS: dict[str, tuple[str, ...]] = {"tcp_repair": ALL_MODES}  # every dump takes established TCP

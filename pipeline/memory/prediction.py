@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
+from skyferry.pipeline.hostapi.compat import NO_ROUNDS
+
 GIB = 1 << 30
 PAGE = 4096
 MODES = ("stop-copy", "precopy", "hybrid", "postcopy")
@@ -134,7 +136,7 @@ def predict(mode: str, m: Measured, fixed_ms: Mapping[str, float], method: str =
         mode=mode,
         freeze_ms=freeze_ms,
         fixed_ms=fixed,
-        floor_ms=floor + (inside / bw * 1000 if mode in ("stop-copy", "postcopy") else 0.0),
+        floor_ms=floor + (inside / bw * 1000 if mode in NO_ROUNDS else 0.0),
         total_s=rounds_s + freeze_ms / 1000 + lazy / bw,
         bytes_wire=rounds_wire + inside + lazy,
         bytes_at_freeze=inside,
