@@ -4,8 +4,9 @@ On the bench's mesh of three local hosts. For each count N (1, 4, 8), N counter 
 incompressible memory start on local-1, each with a client on local-3, and `skyferry evacuate --json` (in
 a child process, as a user runs it) empties local-1 onto local-2 with `--parallel` (at most N). iperf3
 measures local-1 -> local-2 over the overlay just before and just after each evacuation; N times the memory
-at the faster rate is the bound no evacuation can beat. Then the Podman baseline (bench_podman) moves one
-such container the way a user would without skyferry.
+at the faster rate is the bound no evacuation can beat. iperf3 also moves the same bytes as one stream:
+what the link gives a transfer of that size, its ramp-up included. Then the Podman baseline
+(bench_podman) moves one such container the way a user would without skyferry.
 """
 
 import contextlib
@@ -79,6 +80,10 @@ def _evacuation(state: Path, mesh: Mesh, workdir: Path, cfg: Config, n: int, pro
             wait_touched(state, name, cfg.memory_mib << 20, cfg.ready_timeout_s)
         progress(f"{n} containers: iperf3 {SOURCE} -> {TARGET} over the overlay")
         run["iperf3"] = iperf3(mesh, SOURCE, TARGET, cfg.iperf_s)
+        # The same bytes as one iperf3 stream: what the link gives a transfer of this size, ramp-up included
+        # (the rate above is a steady one); the evacuation's first rounds share one kept connection.
+        progress(f"{n} containers: iperf3 moving their {n * cfg.memory_mib} MiB as one stream")
+        run["iperf3_bytes"] = iperf3(mesh, SOURCE, TARGET, cfg.iperf_s, nbytes=n * (cfg.memory_mib << 20))
         for name in names:
             ip = Registry(state).get(name).ip
             clients[name] = scenario.CounterClient(mesh.hosts[CLIENTS].netns or "", ip, workdir).start()

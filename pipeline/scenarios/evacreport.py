@@ -60,6 +60,8 @@ def add_ratios(result: dict[str, Any]) -> None:
             r["vs_bound"] = round(r["seconds"] / r["bound_s"], 2)
             if span := (r.get("fairness") or {}).get("span_s"):
                 r["span_vs_bound"] = round(span / r["bound_s"], 2)
+            if (same := (r.get("iperf3_bytes") or {}).get("seconds")) and span:
+                r["span_vs_same_bytes"] = round(span / same, 2)
             if r.get("wire_bytes"):
                 r["wire_mbit_s"] = round(r["wire_bytes"] * 8 / r["seconds"] / 1e6, 1)
     base = result.get("podman") or {}
@@ -74,7 +76,8 @@ def add_ratios(result: dict[str, Any]) -> None:
 
 
 COLUMNS = ["containers", "parallel", "took (first start, span)", "iperf3 bound", "÷ bound (span ÷ bound)",
-           "wire vs iperf3", "completed at (s)", "durations", "freeze max", "client gap max", "ok"]  # fmt: skip
+           "iperf3, same bytes (span ÷ it)", "wire vs iperf3", "completed at (s)", "durations", "freeze max",
+           "client gap max", "ok"]  # fmt: skip
 
 
 def rows(result: dict[str, Any]) -> list[list[str]]:
@@ -92,6 +95,7 @@ def rows(result: dict[str, Any]) -> list[list[str]]:
             f"{r['bound_s']:.1f} s ({mbit:.0f} Mbit/s)" if r.get("bound_s") else "-",
             f"{r['vs_bound']:.2f}" + (f" ({r['span_vs_bound']:.2f})" if r.get("span_vs_bound") else "")
             if r.get("vs_bound") else "-",
+            _same_bytes(r),
             f"{r['wire_mbit_s']:.0f} Mbit/s ({r['wire_mbit_s'] / mbit:.0%})" if r.get("wire_mbit_s") and mbit else "-",
             ", ".join(f"{d:.1f}" for d in fair.get("completed_s", [])) or "-",
             f"{took['min']:.1f}-{took['max']:.1f} s" if took else "-",
@@ -100,6 +104,14 @@ def rows(result: dict[str, Any]) -> list[list[str]]:
             "yes" if r.get("ok") else f"FAILED: {r.get('error') or 'see containers'}",
         ])  # fmt: skip
     return out
+
+
+def _same_bytes(r: dict[str, Any]) -> str:
+    """How long iperf3 took to move the run's memory as one stream, and the span against it."""
+    same = (r.get("iperf3_bytes") or {}).get("seconds")
+    if not same:
+        return "-"
+    return f"{same:.1f} s" + (f" ({r['span_vs_same_bytes']:.2f})" if r.get("span_vs_same_bytes") else "")
 
 
 def _took(r: dict[str, Any]) -> str:

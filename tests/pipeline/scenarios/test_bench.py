@@ -113,6 +113,10 @@ def test_each_count_is_evacuated_on_the_same_mesh_against_its_iperf3_bound(resul
         link = max(run["iperf3"]["mbit_s"], run["iperf3_after"]["mbit_s"])
         assert run["bound_s"] == round(evacreport.bound_s(run["count"], 8, link), 2)
         assert run["vs_bound"] == round(run["seconds"] / run["bound_s"], 2)
+        same = run["iperf3_bytes"]  # the containers' memory as one iperf3 stream
+        assert same["bytes"] == run["count"] * (8 << 20) and 0 < same["received"]["bytes"] <= same["bytes"]
+        assert same["seconds"] == pytest.approx(same["bytes"] * 8 / (same["mbit_s"] * 1e6), abs=0.02)
+        assert run["span_vs_same_bytes"] == round(run["fairness"]["span_s"] / same["seconds"], 2)
         assert len(run["containers"]) == run["count"]
         for c in run["containers"]:
             assert c["state"] == "done" and c["connection_survived"] and c["client_gap_ms"] > 0

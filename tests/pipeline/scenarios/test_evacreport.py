@@ -60,6 +60,7 @@ def _result(podman_ok: bool = True) -> dict[str, Any]:
                 "seconds": 16.2,
                 "iperf3": {"mbit_s": 300.0},
                 "iperf3_after": {"mbit_s": 429.5},
+                "iperf3_bytes": {"mbit_s": 350.0, "seconds": 12.0, "bytes": 8 * (64 << 20)},
                 "containers": [{**one, "container": f"ev8-{i}"} for i in range(8)],
                 "fairness": evacreport.fairness([(0.0, 4.0)] * 4 + [(4.0, 16.2)] * 4, 0.0),
             },
@@ -86,6 +87,8 @@ def test_ratios_against_the_bound_and_the_podman_baseline() -> None:
     one, eight = result["runs"]
     assert eight["bound_s"] == 10.0 and eight["vs_bound"] == round(16.2 / 10.0, 2)
     assert eight["span_vs_bound"] == round(16.2 / 10.0, 2)  # its migrations ran from 0 s to 16.2 s
+    assert eight["span_vs_same_bytes"] == round(16.2 / 12.0, 2)  # iperf3 moved the 512 MiB in 12 s
+    assert "span_vs_same_bytes" not in one  # not measured: no ratio made up
     assert one["wire_mbit_s"] == round(70e6 * 8 / 3.0 / 1e6, 1)
     assert "wire_mbit_s" not in eight  # no wire bytes recorded: no rate made up
     base = result["podman"]
@@ -107,7 +110,8 @@ def test_tables() -> None:
     evacreport.add_ratios(result)
     one, eight = evacreport.rows(result)
     assert one[:5] == ["1 x 64 MiB", "1", "3.0 s (0.0 s, 3.0 s)", "1.3 s (400 Mbit/s)", "2.24 (2.24)"]
-    assert eight[4] == "1.62 (1.62)" and eight[6] == "4.0, 4.0, 4.0, 4.0, 16.2, 16.2, 16.2, 16.2"
+    assert eight[4] == "1.62 (1.62)" and eight[5] == "12.0 s (1.35)" and one[5] == "-"
+    assert eight[7] == "4.0, 4.0, 4.0, 4.0, 16.2, 16.2, 16.2, 16.2"
     assert eight[-1].startswith("FAILED")
     base, sky, ratio = evacreport.podman_rows(result)
     assert base == ["podman --export/--import", "1000 ms", "2000 ms", "1500 ms", "100 ms", "4600 ms", "4800 ms"]
