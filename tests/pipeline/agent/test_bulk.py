@@ -43,6 +43,34 @@ def test_a_first_round_waits_for_a_free_slot_and_measures_the_link_meanwhile() -
     assert 1.0 < out["a"]["streams"] <= 2.0 and out["c"]["waited_s"] >= 0.3
 
 
+def test_waiting_rounds_get_their_slots_in_the_order_they_asked() -> None:
+    slots, out = BulkSlots(), {}
+    entered = {n: threading.Event() for n in "abcde"}
+    go = {n: threading.Event() for n in "abcde"}
+    order: list[str] = []
+
+    def run(name: str) -> None:
+        stream(slots, 1, [b"x"], entered[name], go[name], out, name)
+
+    def start(name: str) -> threading.Thread:
+        thread = threading.Thread(target=run, args=(name,))
+        thread.start()
+        return thread
+
+    threads = {"a": start("a")}
+    assert entered["a"].wait(5)
+    for name in "bcde":  # each asks after the one before it is surely waiting
+        threads[name] = start(name)
+        assert not entered[name].wait(0.1)
+    for name in "abcde":
+        assert entered[name].wait(5), f"{name} got its slot"
+        assert not any(entered[later].is_set() for later in "abcde"[len(order) + 1 :]), "nobody overtook"
+        order.append(name)
+        go[name].set()
+        threads[name].join(5)
+    assert order == list("abcde") and len(out) == 5
+
+
 def test_a_migration_of_its_own_neither_waits_nor_lifts_the_limit() -> None:
     slots = BulkSlots()
     entered, go, out = threading.Event(), threading.Event(), {}
