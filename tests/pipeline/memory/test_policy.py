@@ -126,6 +126,39 @@ def test_rounds_that_stop_shrinking_ask_for_a_throttle() -> None:
     assert limited.decide(shrinking).reason == "round-limit"
 
 
+def test_no_throttle_when_no_freeze_could_fit_and_the_delta_costs_little() -> None:
+    """Auto-converge serves the limit: when even an empty delta cannot fit, a throttle can only shrink the
+    delta's share of the freeze, worth slowing the service for only while that share exceeds the limit."""
+    behind = [*big(6 * MB, 64 << 20, 20 * MB), rnd(3, 12.0, 5.5 * MB, 2.0)]  # the delta does not halve
+    quick = ConvergencePolicy(max_delta_bytes=1 << 20, max_freeze_ms=300, finishes=AUTO, fixed_ms=QUICK, throttle=True)
+    d = quick.decide(behind)
+    assert (d.stop, d.reason) == (False, "throttle"), d.detail  # control: a floor under the limit, so it steps
+    slow = {"precopy": 500.0, "hybrid": 550.0}
+    hopeless = ConvergencePolicy(
+        max_delta_bytes=1 << 20, max_freeze_ms=300, finishes=AUTO, fixed_ms=slow, throttle=True
+    )
+    d = hopeless.decide(behind)
+    assert d.reason != "throttle" and "even with nothing to copy" in d.detail, d.detail
+    assert min(p["floor_ms"] for p in d.predicted.values()) > 300
+    hybrid = d.predicted["hybrid"]  # the finish it would take: its delta's share is the eager pages
+    assert d.finish == "hybrid" and hybrid["freeze_ms"] - hybrid["floor_ms"] <= 300
+    # Precopy alone carries the whole delta in its freeze (seconds here): still worth throttling, as is any
+    # delta for a limit of 1 ms ("as short as it gets").
+    alone = ConvergencePolicy(max_delta_bytes=1 << 20, max_freeze_ms=300, fixed_ms=slow, throttle=True)
+    assert alone.decide(behind).reason == "throttle"
+    shortest = ConvergencePolicy(max_delta_bytes=1 << 20, max_freeze_ms=1, finishes=AUTO, fixed_ms=slow, throttle=True)
+    assert shortest.decide(behind).reason == "throttle"
+    # Without a limit, the throttle follows the rules alone, as before.
+    assert ConvergencePolicy(max_delta_bytes=1 << 20, fixed_ms=slow, throttle=True).decide(behind).reason == "throttle"
+    # The round limit is not held off for steps that will not come.
+    many = [*big(6 * MB, 64 << 20, 20 * MB), rnd(3, 22.0, 5 * MB, 2.0), rnd(4, 34.0, 4.5 * MB, 2.0)]  # slowly shrinking
+    capped = ConvergencePolicy(max_rounds=4, max_freeze_ms=300, finishes=AUTO, fixed_ms=slow, throttle=True)
+    assert capped.decide(many, throttled=0.3).reason == "round-limit"
+    stepping = ConvergencePolicy(max_rounds=4, max_freeze_ms=300, finishes=AUTO, fixed_ms=QUICK, throttle=True)
+    stepped = stepping.decide(many, throttled=0.3)
+    assert stepped.reason == "throttle"  # control: with a floor under the limit, the same rounds step
+
+
 def test_without_a_limit_the_rounds_rules_alone_decide() -> None:
     policy = ConvergencePolicy(max_delta_bytes=1 << 20)
     assert policy.decide(big(500_000)).reason == "converged"
