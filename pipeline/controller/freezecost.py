@@ -6,6 +6,11 @@ that cross inside it over the bandwidth the rounds measured (memory/prediction.p
 before a freeze. So after each migration with pre-copy rounds the controller takes the freeze it
 measured, minus the variable part its prediction had, and keeps a running mean of the last few per
 (source, target, mode). The policy uses its own defaults for a pair that has moved nothing yet.
+
+One freeze counts for at most twice the mean so far: a `make bench` warm-up whose lazy dump wrote every
+page (542 MB inside a 7 s freeze, 2026-12-05) raised the pair's hybrid cost from 220 ms to about 1.9 s, and
+the next migration chose precopy, freezing 918 ms where hybrid froze 300-400. A pair that really got
+slower still moves the mean up by a quarter per migration.
 """
 
 import time
@@ -16,6 +21,7 @@ from skyferry.netplane import store
 from skyferry.pipeline.controller import db
 
 WINDOW = 4  # a running mean over about this many migrations: hosts change (load, upgrades), slowly
+CLIP = 2.0  # one freeze counts for at most this many times the mean so far
 
 
 def fixed_ms(state: Path, source: str, target: str) -> dict[str, float]:
@@ -28,7 +34,7 @@ def fixed_ms(state: Path, source: str, target: str) -> dict[str, float]:
 
 def learn(state: Path, source: str, target: str, mode: str, freeze_ms: float, predicted: dict[str, Any]) -> float:
     """Fold one measured freeze into the pair's estimate; `predicted` is the policy's Prediction (as a dict)
-    for the mode that ran. Returns the fixed cost this freeze showed."""
+    for the mode that ran. Returns the fixed cost this freeze showed (before clipping)."""
     observed = max(0.0, freeze_ms - (predicted["freeze_ms"] - predicted["fixed_ms"]))
     conn = db.connect(state)
     with store.immediate(conn):
@@ -36,7 +42,11 @@ def learn(state: Path, source: str, target: str, mode: str, freeze_ms: float, pr
             "SELECT fixed_ms, samples FROM freeze_costs WHERE source=? AND target=? AND mode=?", (source, target, mode)
         ).fetchone()
         samples = row["samples"] + 1 if row else 1
-        mean = row["fixed_ms"] + (observed - row["fixed_ms"]) / min(samples, WINDOW) if row else observed
+        if row:
+            counted = min(observed, CLIP * row["fixed_ms"])
+            mean = row["fixed_ms"] + (counted - row["fixed_ms"]) / min(samples, WINDOW)
+        else:
+            mean = observed
         conn.execute(
             "INSERT OR REPLACE INTO freeze_costs (source, target, mode, fixed_ms, samples, updated)"
             " VALUES (?,?,?,?,?,?)",

@@ -30,3 +30,16 @@ def test_fixed_costs_are_learned_per_pair_and_mode(tmp_path: Path) -> None:
     assert abs(freezecost.fixed_ms(tmp_path, "a", "b")["hybrid"] - 100.0) < 1.0
     freezecost.learn(tmp_path, "a", "b", "precopy", 10.0, {"freeze_ms": 900.0, "fixed_ms": 500.0})
     assert freezecost.fixed_ms(tmp_path, "a", "b")["precopy"] == 0.0  # never below nothing
+
+
+def test_one_freeze_far_off_moves_the_learned_cost_only_so_far(tmp_path: Path) -> None:
+    for _ in range(4):
+        freezecost.learn(tmp_path, "a", "b", "hybrid", 220.0, {"freeze_ms": 220.0, "fixed_ms": 220.0})
+    # A warm-up whose lazy dump wrote every page: 7 s, against 220 ms predicted.
+    seen = freezecost.learn(tmp_path, "a", "b", "hybrid", 7025.0, {"freeze_ms": 220.0, "fixed_ms": 220.0})
+    assert seen == 7025.0  # what it showed is reported as it was
+    assert freezecost.fixed_ms(tmp_path, "a", "b")["hybrid"] == 220.0 + (440.0 - 220.0) / 4  # counted as 440
+    # A pair that really got slower (every freeze 1 s now) is followed within a few migrations.
+    for _ in range(12):
+        freezecost.learn(tmp_path, "a", "b", "hybrid", 1000.0, {"freeze_ms": 220.0, "fixed_ms": 220.0})
+    assert freezecost.fixed_ms(tmp_path, "a", "b")["hybrid"] > 950.0
