@@ -3,6 +3,7 @@ evacuations against the link, and the Podman baseline; table, JSON, Markdown and
 
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,12 @@ def bench(
     quick: bool = typer.Option(
         False, "--quick", help="Small sizes: the tiny service, 256 MiB, 64 MiB incompressible, 1 and 4 x 32 MiB."
     ),
-    out: Path = typer.Option(Path("bench/out"), "--out", help="Folder for bench.json, bench.md, bench.png."),
+    out: Path = typer.Option(
+        Path("bench/out"),
+        "--out",
+        help="Folder for bench.json, bench.md, bench.png; and logs/ with the CRIU logs of any migration that "
+        "failed or froze far past its prediction.",
+    ),
     wan: str = typer.Option(benchtargets.WAN, "--wan", help="Emulated WAN between the hosts."),
     json_out: bool = typer.Option(False, "--json", help=output.JSON_OPTION_HELP),
     skip: list[str] = typer.Option([], "--skip", help=f"Leave a part out (repeat for more): {', '.join(PARTS)}."),
@@ -74,7 +80,7 @@ def bench(
     def progress(text: str) -> None:  # stderr, so a log of a background run shows where it is
         output.err_console.print(f"[bold cyan]>[/bold cyan] {text}", highlight=False)
 
-    cfg = config(quick, wan, skip, evacuate, parallel)
+    cfg = replace(config(quick, wan, skip, evacuate, parallel), keep_logs=out / "logs")
     for wl in cfg.workloads:
         progress(f"{wl.label}: {', '.join(cfg.mode_order(wl))}")
     if ev := cfg.evacuate:

@@ -67,6 +67,7 @@ class Config:
     # rolled back leaves nothing to compare with. Every other mode keeps the default a user gets.
     baseline_freeze_timeout_s: float = 120.0
     mesh_name: str | None = None  # default: "bn" + 4 hex digits
+    keep_logs: Path | None = None  # where the CRIU logs of failed and outlying migrations are kept (outliers)
     warm_memory_gib: float = 6.0  # touched once before anything runs (benchhosts.warm_memory); 0: not
 
     def mode_order(self, wl: Workload) -> list[str]:
@@ -105,6 +106,9 @@ def run(cfg: Config, progress: Progress = say_nothing) -> dict[str, Any]:
             if cfg.evacuate is not None:
                 evac = result["evacuate"] = bench_evacuate.measure(state, mesh, workdir, cfg.evacuate, progress)
                 result["errors"] += [f"evacuate: {e}" for e in evac["errors"]]
+            if cfg.keep_logs is not None and (odd := benchhosts.outliers(result)):
+                progress(f"keeping the CRIU logs of {len(odd)} failed or outlying migration(s) in {cfg.keep_logs}")
+                result["kept_logs"] = benchhosts.keep_logs(state, odd, cfg.keep_logs)
     except Exception as exc:  # the mesh could not come up: report that (the hosts are torn down)
         result["errors"].append(f"{type(exc).__name__}: {exc}")
     result["seconds"] = round(time.monotonic() - t0, 1)

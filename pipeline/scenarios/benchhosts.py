@@ -71,6 +71,33 @@ def hosts(wan: str | None, name: str, progress: Progress = say_nothing) -> Itera
                 os.environ["SKYFERRY_STATE"] = old_env
 
 
+OUTLIER_X, OUTLIER_MS = 2.0, 500.0  # a freeze past both this many times and this much over its prediction
+
+
+def outliers(result: dict[str, Any]) -> list[str]:
+    """The migrations of a bench result worth their logs: failed ones, and freezes far past their prediction
+    (a hybrid warm-up froze 7 s against 402 ms predicted, and its CRIU logs went with the bench's state)."""
+    found = []
+    for r in [*result.get("warmups", []), *result.get("runs", [])]:
+        report = r.get("report") or {}
+        freeze, predicted = r.get("freeze_ms"), r.get("predicted_freeze_ms")
+        far = bool(freeze and predicted and freeze > max(OUTLIER_X * predicted, predicted + OUTLIER_MS))
+        if report.get("id") and (not r.get("ok") or far):
+            found.append(report["id"])
+    return found
+
+
+def keep_logs(state: Path, migrations: list[str], dest: Path) -> dict[str, str]:
+    """Copy each migration's CRIU logs (every host keeps them in <state_root>/logs/<mig>/: Host.wipe) to
+    dest/<mig>/<host>/ before the bench's state goes; what was kept, by migration."""
+    kept = {}
+    for mig in migrations:
+        for logs in sorted((state / "hosts").glob(f"*/logs/{mig}")):
+            shutil.copytree(logs, dest / mig / logs.parent.parent.name, dirs_exist_ok=True)
+            kept[mig] = str(dest / mig)
+    return kept
+
+
 def iperf3(
     mesh: Mesh, src: str, dst: str, seconds: float, attempts: int = 3, nbytes: int | None = None
 ) -> dict[str, Any]:
