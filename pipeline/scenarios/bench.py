@@ -108,7 +108,10 @@ def run(cfg: Config, progress: Progress = say_nothing) -> dict[str, Any]:
                 result["errors"] += [f"evacuate: {e}" for e in evac["errors"]]
             if cfg.keep_logs is not None and (odd := benchhosts.outliers(result)):
                 progress(f"keeping the CRIU logs of {len(odd)} failed or outlying migration(s) in {cfg.keep_logs}")
-                result["kept_logs"] = benchhosts.keep_logs(state, odd, cfg.keep_logs)
+                try:
+                    result["kept_logs"] = benchhosts.keep_logs(state, odd, cfg.keep_logs)
+                except OSError as exc:  # the measurements stand; only their evidence is missing
+                    result["errors"].append(f"keeping logs in {cfg.keep_logs}: {exc}")
     except Exception as exc:  # the mesh could not come up: report that (the hosts are torn down)
         result["errors"].append(f"{type(exc).__name__}: {exc}")
     result["seconds"] = round(time.monotonic() - t0, 1)
