@@ -178,7 +178,9 @@ def _request(tls: socket.socket) -> bytes:
         time.sleep(1.0)
     if b"transfer-encoding: chunked" in head.lower():
         while not body.endswith(b"\r\n0\r\n\r\n"):
-            body = body[-16:] + tls.recv(1 << 20)
+            if not (chunk := tls.recv(1 << 20)):
+                return b""  # the client hung up mid-upload: not a spin on recv's b"" forever
+            body = body[-16:] + chunk
         return data
     length = next(
         (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")), 0
