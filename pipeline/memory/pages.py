@@ -111,16 +111,9 @@ class HashTable:
 def encode_pages(vpid: int, data_vpns: np.ndarray, data: np.ndarray, zero_vpns: np.ndarray) -> bytes:
     ds, dl = runs_of(data_vpns)
     zs, zl = runs_of(zero_vpns)
-    return b"".join(
-        (
-            PAGES_HEAD.pack(vpid, len(ds), len(zs)),
-            ds.astype("<u8").tobytes(),
-            dl.astype("<u4").tobytes(),
-            zs.astype("<u8").tobytes(),
-            zl.astype("<u4").tobytes(),
-            np.ascontiguousarray(data).tobytes(),
-        )
-    )
+    # join reads the arrays' buffers: the page data is copied once, into the payload
+    parts = (ds.astype("<u8"), dl.astype("<u4"), zs.astype("<u8"), zl.astype("<u4"), np.ascontiguousarray(data))
+    return b"".join((PAGES_HEAD.pack(vpid, len(ds), len(zs)), *(a.reshape(-1).view(np.uint8) for a in parts)))
 
 
 def decode_pages(payload: bytes) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, memoryview]:

@@ -74,12 +74,14 @@ class _Batch:
 
     def take(self) -> bytes:
         cat = np.concatenate
-        payload = encode_pages(
-            self.vpid,
-            cat(self.vpns),
-            cat(self.pages) if self.pages else np.empty((0, PAGE), np.uint8),
-            cat(self.zero),
-        )
+        match self.pages:  # one chunk's pages (the usual frame) go to the payload without a copy of their own
+            case []:
+                pages = np.empty((0, PAGE), np.uint8)
+            case [one]:
+                pages = one
+            case _:
+                pages = cat(self.pages)
+        payload = encode_pages(self.vpid, cat(self.vpns), pages, cat(self.zero))
         self.vpns, self.pages, self.zero, self.count = [], [], [], 0
         return payload
 

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from skyferry.pipeline.files import wire
@@ -64,6 +65,31 @@ def test_payloads_are_compressed_only_when_that_helps() -> None:
     assert len(w.frame(b"DATA", b"z" * 100_000)) < 1000
     noise = os.urandom(100_000)
     assert len(w.frame(b"DATA", noise)) == 24 + len(noise)
+
+
+class _Counting:
+    """The writer's real compressor, counting the bytes it is given."""
+
+    def __init__(self, inner: zstandard.ZstdCompressor) -> None:
+        self.inner, self.fed = inner, 0
+
+    def compress(self, data: bytes) -> bytes:
+        self.fed += len(data)
+        return self.inner.compress(data)
+
+
+def test_a_large_incompressible_payload_is_judged_by_a_sample() -> None:
+    w = FrameWriter(FMT)
+    w._zstd = counting = _Counting(w._zstd)  # type: ignore[assignment]
+    noise = os.urandom(4 << 20)  # one PAGE frame of random memory
+    assert len(w.frame(b"DATA", noise)) == 24 + len(noise)
+    assert counting.fed <= 64 << 10, "zstd ran over more than the sample"
+    # Control: memory that compresses (random half pages beside zeros, as the bench's realistic memory)
+    # still travels compressed, zstd over all of it.
+    pages = b"".join(os.urandom(2048) + bytes(2048) for _ in range(1024))
+    counting.fed = 0
+    assert len(w.frame(b"DATA", pages)) < 0.6 * len(pages)
+    assert counting.fed > len(pages)
 
 
 @settings(max_examples=150, deadline=None)
