@@ -138,9 +138,11 @@ def _evacuate(parallel: int, timeout: float) -> dict[str, Any]:
 def _container(state: Path, result: dict[str, Any]) -> dict[str, Any]:
     """One container's move: its numbers from the report, and when (wall clock) its migration started and
     finished, from the journal."""
-    out: dict[str, Any] = {"container": result["container"], "state": result["state"], "error": result.get("error")}
+    out: dict[str, Any] = {"container": result["container"], "state": result["state"], "error": result.get("error"),
+                           "migration": result.get("migration_id")}  # fmt: skip
     report = result.get("migration") or {}
-    keys = ("mode", "freeze_ms", "total_ms", "bytes_wire", "bytes_at_freeze", "stages_s", "precopy_stop", "bulk")
+    keys = ("mode", "freeze_ms", "predicted_freeze_ms", "total_ms", "bytes_wire", "bytes_at_freeze", "stages_s",
+            "precopy_stop", "bulk")  # fmt: skip
     out.update({k: report.get(k) for k in keys})
     out["rounds"] = [
         {k: r.get(k) for k in ("duration", "pages_changed", "bytes_out")} for r in report.get("rounds") or []

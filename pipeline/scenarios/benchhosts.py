@@ -79,12 +79,18 @@ def outliers(result: dict[str, Any]) -> list[str]:
     (a hybrid warm-up froze 7 s against 402 ms predicted, and its CRIU logs went with the bench's state)."""
     found = []
     for r in [*result.get("warmups", []), *result.get("runs", [])]:
-        report = r.get("report") or {}
-        freeze, predicted = r.get("freeze_ms"), r.get("predicted_freeze_ms")
-        far = bool(freeze and predicted and freeze > max(OUTLIER_X * predicted, predicted + OUTLIER_MS))
-        if report.get("id") and (not r.get("ok") or far):
-            found.append(report["id"])
+        if (mig := (r.get("report") or {}).get("id")) and (not r.get("ok") or _far(r)):
+            found.append(mig)
+    for run in (result.get("evacuate") or {}).get("runs", []):  # each container's move, by its migration
+        for c in run.get("containers", []):
+            if c.get("migration") and (c.get("state") != "done" or _far(c)):
+                found.append(c["migration"])
     return found
+
+
+def _far(r: dict[str, Any]) -> bool:
+    freeze, predicted = r.get("freeze_ms"), r.get("predicted_freeze_ms")
+    return bool(freeze and predicted and freeze > max(OUTLIER_X * predicted, predicted + OUTLIER_MS))
 
 
 def keep_logs(state: Path, migrations: list[str], dest: Path) -> dict[str, str]:

@@ -44,7 +44,6 @@ def test_agent_buffers_pass_the_stock_kernels_cap(vms: Session) -> None:
     asked the plain way in the same guest, a socket gets twice the cap."""
     cap = int(vms.sh("vm-1", "sysctl -n net.core.wmem_max").stdout)
     assert cap < STREAM_BUFFER, cap
-    print(f"net.core.wmem_max {cap}")
     ask = f"import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, {STREAM_BUFFER})"
     plain = vms.sh("vm-1", f"python3 -c '{ask}; print(s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))'")
     assert plain.stdout.strip() == str(2 * cap), plain.stdout + plain.stderr

@@ -53,11 +53,16 @@ def test_the_criu_logs_of_outlying_migrations_outlive_the_bench(result: dict) ->
     predicted = [r for r in [*result["warmups"], *result["runs"]] if r["ok"] and r.get("predicted_freeze_ms")]
     unpredicted = [r for r in result["runs"] if r["ok"] and not r.get("predicted_freeze_ms")]  # stop-copy
     assert predicted and unpredicted
+    moves = [c for run in result["evacuate"]["runs"] for c in run["containers"]]
+    assert moves and all(c["predicted_freeze_ms"] for c in moves)  # an evacuation's moves count as well
     kept = result["kept_logs"]
-    assert set(kept) == {r["report"]["id"] for r in predicted}  # control: stop-copy's had no prediction to miss
-    for r in predicted:
-        where = Path(kept[r["report"]["id"]])
-        source, target = where / r["source"], where / r["target"]
+    # control: stop-copy's runs had no prediction to miss
+    assert set(kept) == {r["report"]["id"] for r in predicted} | {c["migration"] for c in moves}
+    hosts = [(r["report"]["id"], r["source"], r["target"]) for r in predicted]
+    hosts += [(c["migration"], bench_evacuate.SOURCE, bench_evacuate.TARGET) for c in moves]
+    for mig, source_host, target_host in hosts:
+        where = Path(kept[mig])
+        source, target = where / source_host, where / target_host
         assert any(p.name.endswith("dump.log") for p in source.iterdir()), sorted(source.iterdir())
         assert any(p.name.endswith("restore.log") for p in target.iterdir()), sorted(target.iterdir())
         assert "criu" in "".join(p.read_text(errors="replace")[:4000].lower() for p in source.iterdir())
