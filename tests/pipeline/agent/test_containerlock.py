@@ -60,11 +60,29 @@ def test_a_waiting_operation_goes_before_later_streams() -> None:
     """A restore waiting for a round to end is not starved by a stream of the other kind that comes later."""
     lock = ContainerLock()
     log: list[str] = []
-    threads = [in_thread(lambda: lock.stream("precopy-round"), log, "round", hold=0.3)]
-    time.sleep(0.1)
+    release = threading.Event()
+
+    def round_() -> None:
+        with lock.stream("precopy-round"):
+            log.append("round in")
+            release.wait(5)
+            log.append("round out")
+
+    threads = [threading.Thread(target=round_)]
+    threads[0].start()
+    until(lambda: log == ["round in"])
     threads.append(in_thread(lambda: lock, log, "restore", hold=0.1))
-    time.sleep(0.1)
+    until(lambda: lock._waiting == 1)  # the restore waits for the round (nothing else says so)
     threads.append(in_thread(lambda: lock.stream("fs-round"), log, "files"))
+    time.sleep(0.05)  # a lock that let the files in would have by now
+    release.set()
     for thread in threads:
         thread.join(5)
     assert log == ["round in", "round out", "restore in", "restore out", "files in", "files out"]
+
+
+def until(done: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
