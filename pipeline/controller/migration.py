@@ -304,7 +304,8 @@ def _drive(ctx: Context, journal: Journal, progress: Progress) -> dict[str, Any]
             journal.transition(ctx.mig_id, carried.name, "started")
         t0 = time.monotonic()
         try:
-            detail = stage.run(ctx) or {}
+            with faults.crash_during(stage.name):
+                detail = stage.run(ctx) or {}
         except LazyPhaseLost as exc:
             # Past the point of no return, yet the target's copy is down and the frozen source holds every
             # page: the one case where going back is right (and the only way the container runs again).

@@ -295,11 +295,25 @@ class Transfer:
 
     def run(self, ctx: Context) -> dict[str, Any]:
         order = self.carries.order(ctx)
-        if self.name in ctx.notes.get("unfinished", ()) and self.carries.state_on_target(ctx) in ("live", "running"):
-            # Resumed after the target restored and its answer was lost (a controller or source agent
-            # died): no stream goes into a restored copy; the restore, asked again, only opens its netns.
-            return {"resumed_after_restore": True, "restore": ctx.mig_call(ctx.dst, "restore", **order)}
-        return ctx.mig_call(ctx.src, "transfer", target=ctx.target_agent(), restore=order)
+        resumed = self.name in ctx.notes.get("unfinished", ())
+        if resumed and self._restored(ctx):
+            return self._after_restore(ctx, order)
+        try:
+            return ctx.mig_call(ctx.src, "transfer", target=ctx.target_agent(), restore=order)
+        except SkyferryError:
+            # Resumed while the transfer a dead controller asked for still ran: the source agent took the two
+            # in turn, the first one restored the copy, and this one found no stream to send into it.
+            if resumed and self._restored(ctx):
+                return self._after_restore(ctx, order)
+            raise
+
+    def _restored(self, ctx: Context) -> bool:
+        return self.carries.state_on_target(ctx) in ("live", "running")
+
+    def _after_restore(self, ctx: Context, order: dict[str, Any]) -> dict[str, Any]:
+        """Resumed after the target restored and its answer was lost (a controller or source agent died): no
+        stream goes into a restored copy; the restore, asked again, only opens its netns."""
+        return {"resumed_after_restore": True, "restore": ctx.mig_call(ctx.dst, "restore", **order)}
 
     def undo(self, ctx: Context) -> None:
         pass  # the target's received files go with Prepare's undo, a restored copy with Restore's

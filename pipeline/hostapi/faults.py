@@ -1,7 +1,8 @@
 """Fault injection for tests and drills: make a named step fail on purpose.
 
 An agent fails step S when its host's state root holds a file `faults` with a line `S` (for example
-`restore`). The controller crashes (exits 137) right after recording stage S when SKYFERRY_CRASH_AFTER=S.
+`restore`). The controller crashes (exits 137) right after recording stage S when SKYFERRY_CRASH_AFTER=S,
+and SECONDS into stage S, its call to an agent under way, when SKYFERRY_CRASH_DURING=S:SECONDS.
 Both are read at the moment of the step, so a running mesh can be drilled without restarts.
 A listed `stop-task:checkpoint` makes the source agent SIGSTOP the container's last task right before
 the pause: CRIU then hangs, as with a workload that stops a child (the freeze bound's drill). A listed
@@ -16,8 +17,10 @@ One-shot kinds, each consumed (its line removed) when it fires:
               holds the container's lock meanwhile: the sender waits on a closed window
 """
 
+import contextlib
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -87,3 +90,20 @@ def _consume(path: Path, line: str) -> bool:
 def crash_point(stage: str) -> None:
     if os.environ.get("SKYFERRY_CRASH_AFTER") == stage:
         os._exit(CRASH_EXIT)
+
+
+@contextlib.contextmanager
+def crash_during(stage: str) -> Iterator[None]:
+    """Around stage S: with SKYFERRY_CRASH_DURING=S:SECONDS the controller exits that long into it, as one
+    killed mid-stage would, its agents still working for it (a stage that ends first cancels the crash)."""
+    name, _, after = os.environ.get("SKYFERRY_CRASH_DURING", "").partition(":")
+    if name != stage:
+        yield
+        return
+    timer = threading.Timer(float(after or 0), os._exit, (CRASH_EXIT,))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()

@@ -184,6 +184,37 @@ def test_controller_crash_then_rollback(counter: dict, crash_after: str) -> None
     assert again.returncode == 0 and json.loads(again.stdout)["state"] == "rolled-back"
 
 
+@pytest.mark.parametrize(
+    ("stage", "stalled", "then"),
+    [("precopy", "precopy-round", "resume"), ("precopy", "precopy-round", "rollback"),
+     ("transfer", "precopy-final", "resume")],
+)  # fmt: skip
+def test_controller_killed_inside_a_stage(counter: dict, stage: str, stalled: str, then: str) -> None:
+    """The controller dies inside a stage while its agents still work for it (the target holds the stream
+    back a second: the `stall` drill); `migrations resume` or `rollback` then ends it with the container
+    running once, its client's connection alive."""
+    state, name, m = counter["state"], counter["name"], counter["mesh"]
+    faults = Path(m.hosts["local-2"].state_root) / "faults"
+    faults.write_text(f"stall:{stalled}\n")
+    try:
+        proc = cli("migrate", name, "--to", "local-2", env={"SKYFERRY_CRASH_DURING": f"{stage}:0.3"})
+        assert proc.returncode == 137, proc.stderr
+        mig = Journal(state).active_for(name)
+        assert mig is not None and Journal(state).stage_status(mig.id)[stage] == "started", "killed inside it"
+        ended = cli("migrations", then, mig.id, "--json")
+        assert ended.returncode == 0, ended.stderr
+    finally:
+        faults.unlink(missing_ok=True)
+    home = "local-2" if then == "resume" else "local-1"
+    assert json.loads(ended.stdout)["state"] == ("done" if then == "resume" else "rolled-back")
+    now = where(state, name)
+    assert (now["host"], now["state"]) == (home, "running")
+    assert host_containers(state, m, home).count(name) == 1
+    assert name not in host_containers(state, m, "local-1" if home == "local-2" else "local-2")
+    seen = counter["client"].stop()
+    assert seen["survived"], seen["errors"]
+
+
 def test_rollback_is_refused_after_the_point_of_no_return(counter: dict) -> None:
     state, name = counter["state"], counter["name"]
     proc = cli("migrate", name, "--to", "local-2", env={"SKYFERRY_CRASH_AFTER": "restore"})
