@@ -185,16 +185,19 @@ def test_controller_crash_then_rollback(counter: dict, crash_after: str) -> None
 
 
 @pytest.mark.parametrize(
-    ("stage", "stalled", "then"),
-    [("precopy", "precopy-round", "resume"), ("precopy", "precopy-round", "rollback"),
-     ("transfer", "precopy-final", "resume")],
+    ("stage", "host", "stalled", "then"),
+    [("precopy", "local-2", "precopy-round", "resume"), ("precopy", "local-2", "precopy-round", "rollback"),
+     ("checkpoint", "local-1", "checkpoint", "resume"), ("checkpoint", "local-1", "checkpoint", "rollback"),
+     ("transfer", "local-2", "precopy-final", "resume"), ("prepare", "local-2", "prepare", "resume"),
+     ("prepare", "local-2", "prepare", "rollback"), ("confirm", "local-1", "confirm", "resume"),
+     ("cleanup", "local-2", "cleanup", "resume")],
 )  # fmt: skip
-def test_controller_killed_inside_a_stage(counter: dict, stage: str, stalled: str, then: str) -> None:
-    """The controller dies inside a stage while its agents still work for it (the target holds the stream
-    back a second: the `stall` drill); `migrations resume` or `rollback` then ends it with the container
-    running once, its client's connection alive."""
+def test_controller_killed_inside_a_stage(counter: dict, stage: str, host: str, stalled: str, then: str) -> None:
+    """The controller dies inside a stage while its agents still work for it (an agent holds the step or
+    its stream back a second: the `stall` drill); `migrations resume` or `rollback` then ends it with the
+    container running once, its client's connection alive."""
     state, name, m = counter["state"], counter["name"], counter["mesh"]
-    faults = Path(m.hosts["local-2"].state_root) / "faults"
+    faults = Path(m.hosts[host].state_root) / "faults"
     faults.write_text(f"stall:{stalled}\n")
     try:
         proc = cli("migrate", name, "--to", "local-2", env={"SKYFERRY_CRASH_DURING": f"{stage}:0.3"})
