@@ -238,6 +238,28 @@ def test_held_lazy_phase_completes_when_released(service: dict) -> None:
     _memory_ok(m, service["ip"])
 
 
+def test_controller_killed_in_lazy_phase_then_resumed(service: dict) -> None:
+    """The controller dies while the target's copy runs on pages still arriving (the drill holds them):
+    the lazy phase goes on without it; `migrations resume` waits for its end and finishes the move, with
+    every page intact and the container running once, on the target."""
+    state, m, name = service["state"], service["mesh"], service["name"]
+    faults = Path(m.hosts[DST].state_root) / "faults"
+    faults.write_text("hold-pages\n")
+    crashed = subprocess.run([SKYFERRY, "migrate", name, "--to", DST, "--mode", "postcopy"], capture_output=True,
+                             text=True, env={**os.environ, "SKYFERRY_CRASH_DURING": "lazy:0.5"})  # fmt: skip
+    assert crashed.returncode == 137, crashed.stderr
+    mig = Journal(state).active_for(name)
+    assert mig is not None and Journal(state).stage_status(mig.id)["lazy"] == "started", "killed inside it"
+    assert _on(state, m, DST)[name]["state"] == "running"  # live on the target, waiting for pages
+    faults.unlink()
+    resumed = subprocess.run([SKYFERRY, "migrations", "resume", mig.id, "--json"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["state"] == "done"
+    assert _placed(state, name) == (DST, "running")
+    assert name not in _on(state, m, SRC)
+    _memory_ok(m, service["ip"])
+
+
 def test_target_agent_killed_in_lazy_phase_never_leaves_a_corrupt_copy(service: dict) -> None:
     """kill -9 of the target's agent while its copy runs on pages still missing, then a restart: the
     lazy-pages daemon loses its proxy; the guard, holding the copy's uffds, kills the copy before those
