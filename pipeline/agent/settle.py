@@ -11,7 +11,7 @@ container had in flight has been acknowledged (what it sends meanwhile does not 
 reply usually lands within a round trip; a peer that never acknowledges only costs the bound, outside
 the freeze. With it: no client waited more than 79 ms beyond its freeze in twelve such evacuations.
 Later evacuations (ten runs, 130 moves) had 37 clients wait 50-143 ms past the freeze: replies sent after
-this wait ends and before the pause are still in flight at the cutover (bench/README.md, "Clients' gaps
+this wait begins and before the pause are still in flight at the cutover (bench/README.md, "Clients' gaps
 in evacuations").
 """
 
