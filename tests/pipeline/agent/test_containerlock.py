@@ -6,6 +6,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
+from kit.wait import eventually
 from skyferry.pipeline.agent.containerlock import ContainerLock
 
 Holder = Callable[[], AbstractContextManager[Any]]
@@ -70,19 +71,13 @@ def test_a_waiting_operation_goes_before_later_streams() -> None:
 
     threads = [threading.Thread(target=round_)]
     threads[0].start()
-    until(lambda: log == ["round in"])
+    eventually("the round in", lambda: log == ["round in"], timeout=5, poll=0.005)
     threads.append(in_thread(lambda: lock, log, "restore", hold=0.1))
-    until(lambda: lock._waiting == 1)  # the restore waits for the round (nothing else says so)
+    # nothing public says the restore waits for the round
+    eventually("the restore waiting", lambda: lock._waiting == 1, timeout=5, poll=0.005)
     threads.append(in_thread(lambda: lock.stream("fs-round"), log, "files"))
     time.sleep(0.05)  # a lock that let the files in would have by now
     release.set()
     for thread in threads:
         thread.join(5)
     assert log == ["round in", "round out", "restore in", "restore out", "files in", "files out"]
-
-
-def until(done: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)

@@ -30,6 +30,7 @@ import pytest
 import yaml
 from kit.mesh import local_mesh
 from kit.net import http_get
+from kit.wait import eventually
 from skyferry.netplane import netns
 from skyferry.netplane.mesh import Mesh
 from skyferry.netplane.netns import in_netns
@@ -45,16 +46,8 @@ from skyferry.pipeline.scenarios import demo as scenario
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 DOCS = Path(__file__).parents[3] / "docs"
 SRC, DST = "local-1", "local-2"
-EVENTUALLY = 180.0  # seconds: a generous deadline for what must happen, not a measurement
 SCRAPE = "1s"
 RATE_INTERVAL = "4s"  # Grafana's $__rate_interval for a 1 s scrape interval: 4 scrape intervals
-
-
-def eventually(what: str, ok: Callable[[], object]) -> None:
-    deadline = time.monotonic() + EVENTUALLY
-    while not ok():
-        assert time.monotonic() < deadline, f"not within {EVENTUALLY:.0f} s: {what}"
-        time.sleep(0.3)
 
 
 def documented_job() -> dict[str, Any]:

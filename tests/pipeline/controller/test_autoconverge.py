@@ -8,17 +8,18 @@ container ends up: on the target (whose copy never inherits the throttle), or on
 abort. Outcomes only, never timings.
 """
 
+import functools
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kit import wait
 from kit.cpulimit import Sampler
 from kit.mesh import local_mesh
 from skyferry.netplane.mesh import Mesh
@@ -30,9 +31,9 @@ from skyferry.pipeline.runtimes.throttle import CpuFiles
 from skyferry.pipeline.scenarios import demo as scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
+eventually = functools.partial(wait.eventually, timeout=120.0)  # a generous deadline, not a measurement
 SRC, DST = "local-1", "local-2"
 SKYFERRY = str(Path(sys.executable).parent / "skyferry")
-EVENTUALLY = 120.0  # seconds: a generous deadline for what must happen, not a measurement
 
 
 @pytest.fixture(scope="module")
@@ -137,13 +138,6 @@ def test_the_completion_timeout_hands_over_to_a_lazy_finish(churner: dict, mode:
     assert limit(state, m, DST, name) == src_limit
     assert scenario.check_memory(m.hosts[DST].netns or "", c["ip"])["bad"] == 0
     assert no_throttle_records(m)
-
-
-def eventually(what: str, ok: object) -> None:
-    deadline = time.monotonic() + EVENTUALLY
-    while not ok():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"not within {EVENTUALLY:.0f} s: {what}"
-        time.sleep(0.2)
 
 
 def kill_and_reap(pid: int) -> None:

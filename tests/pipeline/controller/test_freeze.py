@@ -9,17 +9,18 @@ source's watchdog must end it within the bound: kill the stuck runc/CRIU, thaw, 
 "eventually, within a generous deadline", never timings.
 """
 
+import functools
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kit import wait
 from kit.mesh import local_mesh
 from skyferry.netplane.mesh import Mesh
 from skyferry.pipeline import proctree
@@ -30,9 +31,9 @@ from skyferry.pipeline.hostapi.spec import HOST_PROGRAMS
 from skyferry.pipeline.scenarios import demo as scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
+eventually = functools.partial(wait.eventually, timeout=90.0)  # a generous deadline, not a measurement
 SKYFERRY = str(Path(sys.executable).parent / "skyferry")
 SRC, DST, CLIENT = "local-1", "local-2", "local-3"
-EVENTUALLY = 90.0  # seconds: a generous deadline for what must happen, not a measurement
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +71,6 @@ def sleep_task(c: dict) -> int:
     tasks = proctree.descendants(init)
     assert len(tasks) == 2, tasks
     return tasks[-1]
-
-
-def eventually(what: str, ok: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + EVENTUALLY
-    while not ok():
-        assert time.monotonic() < deadline, f"not within {EVENTUALLY:.0f} s: {what}"
-        time.sleep(0.2)
 
 
 def running_once_on_source(c: dict) -> None:

@@ -6,6 +6,7 @@ The service is the counter with memory that checksums itself (crc32 of every pag
 it must run exactly once, and its own check must find every page intact.
 """
 
+import functools
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kit import wait
 from kit.mesh import left_in_cgroup, local_mesh
 from skyferry.netplane import netns
 from skyferry.netplane.mesh import Mesh
@@ -32,6 +34,7 @@ from skyferry.pipeline.hostapi.layout import AGENT_PORT
 from skyferry.pipeline.scenarios import demo as scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
+eventually = functools.partial(wait.eventually, timeout=120.0)  # a generous deadline, not a measurement
 SKYFERRY = str(Path(sys.executable).parent / "skyferry")
 SRC, DST, OTHER = "local-1", "local-2", "local-3"
 GET_ONE_PAGE = struct.pack("<I4xQQQ", 7, 1, 0x7F0000000000, 1)  # PS_IOV_GET: 1 page of pid 1
@@ -187,16 +190,8 @@ def _kill_agent(state: Path, host: str) -> int:
     try:
         os.waitpid(pid, 0)
     except ChildProcessError:  # reaped already by subprocess's own clean-up
-        _wait_for(f"agent {pid} to exit", lambda: not Path(f"/proc/{pid}").exists())
+        eventually(f"agent {pid} to exit", lambda: not Path(f"/proc/{pid}").exists())
     return pid
-
-
-def _wait_for(what: str, check: object, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.1)
 
 
 def _in_lazy_phase(state: Path, name: str) -> bool:
@@ -230,7 +225,7 @@ def test_held_lazy_phase_completes_when_released(service: dict) -> None:
     faults = Path(m.hosts[DST].state_root) / "faults"
     faults.write_text("hold-pages\n")
     run = Migrating(state, name)
-    _wait_for("the lazy phase", lambda: _in_lazy_phase(state, name))
+    eventually("the lazy phase", lambda: _in_lazy_phase(state, name))
     faults.unlink()
     result = run.wait()
     assert isinstance(result, dict) and result["state"] == "done", result
@@ -270,10 +265,10 @@ def test_target_agent_killed_in_lazy_phase_never_leaves_a_corrupt_copy(service: 
     faults.write_text("hold-pages\n")
     run = Migrating(state, name)
     try:
-        _wait_for("the lazy phase", lambda: _in_lazy_phase(state, name))
+        eventually("the lazy phase", lambda: _in_lazy_phase(state, name))
         assert _on(state, m, DST)[name]["state"] == "running"  # live on the target, waiting for pages
         _kill_agent(state, DST)
-        _wait_for("the guard to stop the copy", lambda: _runc_state(m, DST, name) != "running")
+        eventually("the guard to stop the copy", lambda: _runc_state(m, DST, name) != "running")
     finally:
         agentctl.start_agents(m, state)  # the restart (it finds the unfinished lazy restore)
     faults.unlink()
@@ -327,7 +322,7 @@ def test_a_frozen_source_serving_pages_is_thawed_once_the_targets_copy_is_gone_a
     assert crashed.returncode == 137, crashed.stderr
     mig = Journal(state).active_for(name)
     assert mig is not None
-    _wait_for(
+    eventually(
         "the source to serve past its freeze bound", lambda: _freeze_record(m, SRC, mig.id).get("phase") == "serving"
     )
     time.sleep(4)  # past the first serving deadline: the copy there is live, so the source stays frozen
@@ -337,7 +332,7 @@ def test_a_frozen_source_serving_pages_is_thawed_once_the_targets_copy_is_gone_a
         _kill_agent(state, DST)
     finally:
         agentctl.start_agents(m, state)  # it stops the copy its predecessor restored lazily
-    _wait_for("the source's watchdog to thaw it", lambda: _freeze_record(m, SRC, mig.id).get("expired"), timeout=60)
+    eventually("the source's watchdog to thaw it", lambda: _freeze_record(m, SRC, mig.id).get("expired"), timeout=60)
     assert "the target's copy was gone" in _freeze_record(m, SRC, mig.id)["expired"]
     assert not _frozen(state, m, name) and _runc_state(m, SRC, name) == "running"
     assert _runc_state(m, DST, name) != "running"

@@ -2,19 +2,21 @@
 holding a real busy process: each step writes a tighter limit, and lifting writes the original back byte
 for byte, also from a new store (an agent that restarted). Waits are "eventually", never timings."""
 
+import functools
 import os
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from kit import wait
 from kit.cgroups import spinning
 from skyferry.pipeline.runtimes import throttle
 from skyferry.pipeline.runtimes.throttle import CpuFiles, Throttle, Throttles
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
+eventually = functools.partial(wait.eventually, timeout=60.0)  # a generous deadline, not a measurement
 CG = throttle.CGROUP
 V2 = "cpu" in (CG / "cgroup.controllers").read_text().split() if (CG / "cgroup.controllers").exists() else False
 
@@ -46,13 +48,6 @@ def busy() -> Iterator[Busy]:
 @pytest.fixture
 def store(tmp_path: Path) -> Throttles:
     return Throttles(tmp_path)
-
-
-def eventually(what: str, ok: object) -> None:
-    deadline = time.monotonic() + 60
-    while not ok():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"not within 60 s: {what}"
-        time.sleep(0.1)
 
 
 def test_the_kernel_names_the_cgroup_the_throttle_writes(busy: Busy) -> None:
