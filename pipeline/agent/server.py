@@ -260,6 +260,7 @@ class Agent:
                     host.remove(name)
                 return {"removed": name}
             case "PUT", ["mesh", "peers"]:
+                faults.check(host.cfg.state_root, "peers")
                 routes.configure(None, host.cfg.wg_interface, routes.PeerUpdate.model_validate(body))
                 return {"ok": True}
             case "POST", ["tls", "csr"]:

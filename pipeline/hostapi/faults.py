@@ -1,7 +1,7 @@
 """Fault injection for tests and drills: make a named step fail on purpose.
 
-An agent fails step S when its host's state root holds a file `faults` with a line `S` (for example
-`restore`). The controller crashes (exits 137) right after recording stage S when SKYFERRY_CRASH_AFTER=S,
+An agent fails step S when its host's state root holds a file `faults` with a line `S` (a migration
+step such as `restore`, or `peers`: a route push to this member). The controller crashes (exits 137) right after recording stage S when SKYFERRY_CRASH_AFTER=S,
 and SECONDS into stage S, its call to an agent under way, when SKYFERRY_CRASH_DURING=S:SECONDS.
 Both are read at the moment of the step, so a running mesh can be drilled without restarts.
 A listed `stop-task:checkpoint` makes the source agent SIGSTOP the container's last task right before
@@ -13,8 +13,8 @@ One-shot kinds, each consumed (its line removed) when it fires:
   die:S       the agent kills itself (SIGKILL) on reaching step S, mid-request, as a crash would
   corrupt:S   the agent flips one byte of the stream S it sends (`receive`, `precopy-round`,
               `precopy-final`, `fs-round`) after its checksums were computed, as a bad link or NIC would
-  stall:S     the agent reads nothing of the stream S it receives for STALL_S, as when a file round
-              holds the container's lock meanwhile: the sender waits on a closed window
+  stall:S     the agent holds step S, or reads nothing of the stream S it receives, for STALL_S, as when
+              a file round holds the container's lock meanwhile: the sender waits on a closed window
 """
 
 import contextlib
