@@ -33,13 +33,6 @@ INET_DIAG_INFO = 2  # the tcp_info extension
 Key = tuple[int, str, int, str, int]  # family, source address and port, peer address and port
 
 
-def owed(netns: str) -> dict[Key, int]:
-    """The sockets in `netns` with bytes in flight: how far each must be acknowledged."""
-    with in_netns(netns), DiagSocket() as diag:
-        diag.bind()
-        return _owed(_read(diag))
-
-
 def settle(netns: str, bound: float = SETTLE_S) -> float:
     """Wait until what the sockets in `netns` had in flight has been acknowledged (what they send
     meanwhile does not prolong it), at most `bound` seconds; the seconds waited. One netlink socket in
