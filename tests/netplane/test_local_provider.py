@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from kit import wait
 from kit.net import leftovers, mesh_up, rtt, state_left
 from pyroute2 import IPRoute
 from skyferry.netplane import netns, wg
@@ -92,6 +93,11 @@ def test_wireguard_go_gets_the_buffers_newer_releases_set_themselves(
         netns.remove(ns)
 
 
+def _has_link(ns: str, ifname: str) -> bool:
+    with IPRoute(netns=ns) as ipr:
+        return bool(ipr.link_lookup(ifname=ifname))
+
+
 def _txqlen(ns: str | None, ifname: str) -> int:
     with IPRoute(netns=ns) as ipr:
         return int(ipr.get_links(ifname=ifname)[0].get_attr("IFLA_TXQLEN"))
@@ -114,11 +120,7 @@ def test_wireguard_go_gets_a_tun_queue_that_rides_out_a_busy_moment(
         assert binary is not None
         proc = subprocess.Popen(netns.command(ns, [binary, ifname]), env={**os.environ, "WG_PROCESS_FOREGROUND": "1"},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        for _ in range(500):
-            with IPRoute(netns=ns) as ipr:
-                if ipr.link_lookup(ifname=ifname):
-                    break
-            time.sleep(0.01)
+        wait.eventually(f"wireguard-go brings up {ifname}", lambda: _has_link(ns, ifname), timeout=10, poll=0.01)
         assert _txqlen(ns, ifname) == 500
     finally:
         if proc is not None:
