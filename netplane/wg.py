@@ -24,8 +24,9 @@ SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # <asm-generic/socket.h>; root may exce
 SYS_PIDFD_GETFD = 438  # the same on x86_64 and arm64
 # wireguard-go reads what the kernel sends from its TUN device's queue, 500 packets by default (~6 ms at
 # 1 Gbit/s). Starved of CPU for longer, it dropped 5-14 % of a round's segments in an evacuation, and any
-# of a container's packets alike: a client waited a retransmission timeout, 0.3-0.8 s (docs/netplane.md).
-TUN_QUEUE = 2000
+# of a container's packets alike: a client waited a retransmission timeout, 0.3-0.8 s. 2000 still
+# overflowed (21,000 drops in two 8-container evacuations); 8000, about 11 MB, none (docs/netplane.md).
+TUN_QUEUE = 8000
 log = logging.getLogger("skyferry.netplane.wg")
 
 

@@ -10,9 +10,9 @@ the pause and while its bulk rounds trickle (agent/bulk.py), until what each est
 container had in flight has been acknowledged (what it sends meanwhile does not prolong the wait). A
 reply usually lands within a round trip; a peer that never acknowledges only costs the bound, outside
 the freeze. With it: no client waited more than 79 ms beyond its freeze in twelve such evacuations.
-Later evacuations (ten runs, 130 moves) had 37 clients wait 50-143 ms past the freeze: replies sent after
-this wait begins and before the pause are still in flight at the cutover (bench/README.md, "Clients' gaps
-in evacuations").
+A reply sent after this wait begins and before the pause can still be in flight at the cutover, and
+the client host's WireGuard then drops it: rare since wireguard-go's deeper queue (bench/README.md,
+"Clients' gaps in evacuations"); a second wait after the pause did not make it rarer.
 """
 
 import logging
