@@ -215,6 +215,7 @@ class Agent:
         host = self.host
         match method, parts:
             case "GET", ["facts"]:
+                faults.check(host.cfg.state_root, "facts")
                 return facts.collect(host.cfg.name, host.runtimes, host.cfg.wg_interface)
             case "GET", ["cpuinfo"]:
                 image = facts.cpuinfo_image()

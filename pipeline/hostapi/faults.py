@@ -1,9 +1,9 @@
 """Fault injection for tests and drills: make a named step fail on purpose.
 
 An agent fails step S when its host's state root holds a file `faults` with a line `S` (a migration
-step such as `restore`, or `peers`: a route push to this member). The controller crashes (exits 137)
-right after recording stage S when SKYFERRY_CRASH_AFTER=S, and SECONDS into stage S, its call to an
-agent under way, when SKYFERRY_CRASH_DURING=S:SECONDS.
+step such as `restore`; `peers`, a route push to this member; `facts`, what a check reads of it). The
+controller crashes (exits 137) right after recording stage S when SKYFERRY_CRASH_AFTER=S, and SECONDS
+into stage S, its call to an agent under way, when SKYFERRY_CRASH_DURING=S:SECONDS.
 Both are read at the moment of the step, so a running mesh can be drilled without restarts.
 A listed `stop-task:checkpoint` makes the source agent SIGSTOP the container's last task right before
 the pause: CRIU then hangs, as with a workload that stops a child (the freeze bound's drill). A listed

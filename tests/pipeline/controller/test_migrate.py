@@ -191,7 +191,8 @@ def test_controller_crash_then_rollback(counter: dict, crash_after: str) -> None
      ("transfer", "local-2", "precopy-final", "resume"), ("prepare", "local-2", "prepare", "resume"),
      ("prepare", "local-2", "prepare", "rollback"), ("confirm", "local-1", "confirm", "resume"),
      ("cleanup", "local-2", "cleanup", "resume"), ("cutover", "local-3", "peers", "resume"),
-     ("cutover", "local-3", "peers", "rollback")],
+     ("cutover", "local-3", "peers", "rollback"), ("check", "local-2", "facts", "resume"),
+     ("check", "local-2", "facts", "rollback")],
 )  # fmt: skip
 def test_controller_killed_inside_a_stage(counter: dict, stage: str, host: str, stalled: str, then: str) -> None:
     """The controller dies inside a stage while its agents still work for it (an agent holds the step or
