@@ -508,11 +508,17 @@ FREEZE_FROM, FREEZE_TO = "checkpoint", "restore"
 
 
 def freeze_s(transitions: list[dict[str, Any]]) -> float | None:
-    """The freeze: the first checkpoint started .. the last restore done (None until then), less the
-    moments the checkpoint let the container's replies land before its pause (agent/settle.py)."""
+    """The freeze's seconds (None until the restore is done)."""
+    wall = frozen_wall(transitions)
+    return wall[1] - wall[0] if wall else None
+
+
+def frozen_wall(transitions: list[dict[str, Any]]) -> tuple[float, float] | None:
+    """When (wall clock) the container was frozen: from the first checkpoint's start, after the moments
+    it let the container's replies land before its pause (agent/settle.py), to the last restore done."""
     started = next((t["at"] for t in transitions if t["stage"] == FREEZE_FROM and t["status"] == "started"), None)
     done = [t["at"] for t in transitions if t["stage"] == FREEZE_TO and t["status"] == "done"]
-    return done[-1] - started - settled_s(transitions) if started is not None and done else None
+    return (started + settled_s(transitions), done[-1]) if started is not None and done else None
 
 
 def settled_s(transitions: list[dict[str, Any]]) -> float:

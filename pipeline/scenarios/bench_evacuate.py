@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from skyferry.netplane.mesh import Mesh
-from skyferry.pipeline.controller import containers
+from skyferry.pipeline.controller import containers, stages
 from skyferry.pipeline.controller.journal import Journal
 from skyferry.pipeline.controller.registry import Registry
 from skyferry.pipeline.errors import SkyferryError
@@ -115,6 +115,7 @@ def _evacuation(state: Path, mesh: Mesh, workdir: Path, cfg: Config, n: int, pro
         client_seen = seen.get(c["container"]) or {}
         c["client_gap_ms"] = client_seen.get("max_gap_ms")
         c["client_gap_wall"] = client_seen.get("max_gap_wall")  # when: to line it up with the journal
+        c["client_past_freeze"] = evacreport.past_freeze(c)
         c["connection_survived"] = bool(client_seen.get("survived"))
         if not c["connection_survived"]:
             run["ok"] = False
@@ -149,6 +150,8 @@ def _container(state: Path, result: dict[str, Any]) -> dict[str, Any]:
     ]
     if mig_id := result.get("migration_id"):
         mig = Journal(state).get(mig_id)
-        ends = [t["at"] for t in Journal(state).transitions(mig_id) if t["status"] == "done"]
+        transitions = Journal(state).transitions(mig_id)
+        ends = [t["at"] for t in transitions if t["status"] == "done"]
         out["started"], out["finished"] = mig.started, max(ends) if ends else None
+        out["frozen_wall"] = stages.frozen_wall(transitions)  # to tell a client's wait in it from one outside
     return out

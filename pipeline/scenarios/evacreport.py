@@ -77,7 +77,18 @@ def add_ratios(result: dict[str, Any]) -> None:
 
 COLUMNS = ["containers", "parallel", "took (first start, span)", "iperf3 bound", "÷ bound (span ÷ bound)",
            "iperf3, same bytes (span ÷ it)", "wire vs iperf3", "completed at (s)", "durations", "freeze max",
-           "client gap max", "ok"]  # fmt: skip
+           "client gap max", "clients > freeze + 50 ms (in it / outside)", "ok"]  # fmt: skip
+PAST_FREEZE_MS = 50.0  # issue 16's target for a client's largest gap: its container's freeze + 50 ms
+
+
+def past_freeze(c: dict[str, Any]) -> str | None:
+    """Whether a container's client waited longer than its freeze + PAST_FREEZE_MS for one answer, and
+    when: "in" (the wait overlapped the freeze) or "outside" (before or after it, while the container ran:
+    the link lost or held a reply). None if it did not, or if the times that tell are missing."""
+    gap, freeze, wall, frozen = (c.get(k) for k in ("client_gap_ms", "freeze_ms", "client_gap_wall", "frozen_wall"))
+    if gap is None or freeze is None or not wall or not frozen or gap <= freeze + PAST_FREEZE_MS:
+        return None
+    return "in" if wall[0] < frozen[1] and frozen[0] < wall[1] else "outside"
 
 
 def rows(result: dict[str, Any]) -> list[list[str]]:
@@ -101,9 +112,18 @@ def rows(result: dict[str, Any]) -> list[list[str]]:
             f"{took['min']:.1f}-{took['max']:.1f} s" if took else "-",
             f"{max(freezes):.0f} ms" if freezes else "-",
             f"{max(gaps):.0f} ms" if gaps else "-",
+            _past_freeze(conts),
             "yes" if r.get("ok") else f"FAILED: {r.get('error') or 'see containers'}",
         ])  # fmt: skip
     return out
+
+
+def _past_freeze(conts: list[dict[str, Any]]) -> str:
+    """How many clients waited past their freeze + 50 ms, in it / outside it ("-": not recorded)."""
+    if not any("client_past_freeze" in c for c in conts):
+        return "-"
+    past = [c.get("client_past_freeze") for c in conts]
+    return f"{past.count('in')} / {past.count('outside')}"
 
 
 def _same_bytes(r: dict[str, Any]) -> str:

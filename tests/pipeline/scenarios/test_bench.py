@@ -146,6 +146,10 @@ def test_each_count_is_evacuated_on_the_same_mesh_against_its_iperf3_bound(resul
             assert c["freeze_ms"] > 0 and c["bytes_wire"] > 8 << 20, "incompressible: no less than the memory"
             assert c["rounds"] and c["rounds"][0]["bytes_out"] > 8 << 20 and c["precopy_stop"]
             assert run["seconds"] > c["finished"] - c["started"] > 0
+            pause, restored = c["frozen_wall"]  # the freeze in wall-clock time, as the report counts it
+            assert c["started"] < pause < restored <= c["finished"]
+            assert (restored - pause) * 1000 == pytest.approx(c["freeze_ms"], abs=0.1)
+            assert c["client_past_freeze"] in (None, "in", "outside")
         fair = run["fairness"]
         assert len(fair["completed_s"]) == run["count"] and fair["completed_s"] == sorted(fair["completed_s"])
         assert 1 <= fair["max_concurrency"] <= run["parallel"]

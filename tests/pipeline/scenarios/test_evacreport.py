@@ -105,6 +105,14 @@ def test_no_podman_ratio_when_the_baseline_failed() -> None:
     ]
 
 
+def test_a_client_past_its_freeze_is_told_in_it_from_outside_it() -> None:
+    frozen = {"freeze_ms": 200.0, "frozen_wall": [100.0, 100.2]}
+    assert evacreport.past_freeze({**frozen, "client_gap_ms": 240.0, "client_gap_wall": [100.0, 100.24]}) is None
+    assert evacreport.past_freeze({**frozen, "client_gap_ms": 300.0, "client_gap_wall": [100.0, 100.3]}) == "in"
+    assert evacreport.past_freeze({**frozen, "client_gap_ms": 300.0, "client_gap_wall": [95.0, 95.3]}) == "outside"
+    assert evacreport.past_freeze({"freeze_ms": 200.0, "client_gap_ms": 300.0, "client_gap_wall": [95.0, 95.3]}) is None
+
+
 def test_tables() -> None:
     result = _result()
     evacreport.add_ratios(result)
@@ -113,6 +121,10 @@ def test_tables() -> None:
     assert eight[4] == "1.62 (1.62)" and eight[5] == "12.0 s (1.35)" and one[5] == "-"
     assert eight[7] == "4.0, 4.0, 4.0, 4.0, 16.2, 16.2, 16.2, 16.2"
     assert eight[-1].startswith("FAILED")
+    assert one[-2] == "-"  # not recorded (a bench before the column): nothing made up
+    inside = {"frozen_wall": [0.1, 0.65], "client_gap_wall": [0.1, 0.7], "client_past_freeze": "in"}
+    result["runs"][0]["containers"][0].update(inside)
+    assert evacreport.rows(result)[0][-2] == "1 / 0"
     base, sky, ratio = evacreport.podman_rows(result)
     assert base == ["podman --export/--import", "1000 ms", "2000 ms", "1500 ms", "100 ms", "4600 ms", "4800 ms"]
     assert sky[5:] == ["3000 ms", "600 ms (freeze 550 ms)"] and ratio[5:] == ["0.65", "0.12"]
