@@ -5,6 +5,8 @@ Pure functions of the result that `bench_evacuate.measure` returns, so they are 
 
 from typing import Any
 
+from skyferry.pipeline.scenarios.benchtargets import GAP_OVER_FREEZE_MS
+
 
 def bound_s(count: int, memory_mib: int, mbit_s: float) -> float:
     """Seconds the link needs for `count` containers' memory at iperf3's rate: no evacuation can beat it
@@ -77,16 +79,15 @@ def add_ratios(result: dict[str, Any]) -> None:
 
 COLUMNS = ["containers", "parallel", "took (first start, span)", "iperf3 bound", "÷ bound (span ÷ bound)",
            "iperf3, same bytes (span ÷ it)", "wire vs iperf3", "completed at (s)", "durations", "freeze max",
-           "client gap max", "clients > freeze + 50 ms (in it / outside)", "ok"]  # fmt: skip
-PAST_FREEZE_MS = 50.0  # issue 16's target for a client's largest gap: its container's freeze + 50 ms
+           "client gap max", f"clients > freeze + {GAP_OVER_FREEZE_MS:.0f} ms (in it / outside)", "ok"]  # fmt: skip
 
 
 def past_freeze(c: dict[str, Any]) -> str | None:
-    """Whether a container's client waited longer than its freeze + PAST_FREEZE_MS for one answer, and
+    """Whether a container's client waited longer than its freeze + GAP_OVER_FREEZE_MS for one answer, and
     when: "in" (the wait overlapped the freeze) or "outside" (before or after it, while the container ran:
     the link lost or held a reply). None if it did not, or if the times that tell are missing."""
     gap, freeze, wall, frozen = (c.get(k) for k in ("client_gap_ms", "freeze_ms", "client_gap_wall", "frozen_wall"))
-    if gap is None or freeze is None or not wall or not frozen or gap <= freeze + PAST_FREEZE_MS:
+    if gap is None or freeze is None or not wall or not frozen or gap <= freeze + GAP_OVER_FREEZE_MS:
         return None
     return "in" if wall[0] < frozen[1] and frozen[0] < wall[1] else "outside"
 
